@@ -1,0 +1,209 @@
+"""The case format of the probe contract (DESIGN.md, "The probe contract").
+
+A case directory holds:
+- `case.json`: `CaseSpec` (model config, dtype, device, world size, batch layout, optimizer and
+  schedule, steps, seed);
+- `weights.safetensors`: initial weights under Hugging Face MiniCPM names, in float32 (float64 for
+  fp64 cases); a stack casts them to its compute dtype itself;
+- `batches.safetensors`: `input_ids` and `labels`, int64, shape (steps, world_size, rows_per_rank, seq).
+  Step t's global batch is all ranks' rows; rank r of a DP=world_size run gets `[:, r]`, and within a
+  rank its rows are split into `grad_accum` micro batches of `micro_batch_size` rows, in order.
+  Labels are the next token (`-100` where ignored: the generator ignores a random number of tokens
+  per rank so that a DP loss that averages per-rank means instead of the global token mean is wrong).
+
+The training loss of a step is sum(token CE over the global batch) / count(labels != -100).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors.torch import load_file, save_file
+
+from gates.model_config import MiniCPMConfig, preset
+
+CASE_FORMAT = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class CaseError(ValueError):
+    """A case directory that is missing, malformed or inconsistent."""
+
+
+class OptimizerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+
+
+class ScheduleSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup_steps: int = Field(1, ge=1)
+    decay_steps: int | None = Field(None, ge=1, description="wsd only; default ceil(10 % of steps)")
+
+
+class CaseSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format: int = CASE_FORMAT
+    model: MiniCPMConfig
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    world_size: int = Field(1, ge=1)
+    micro_batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seq_length: int = Field(16, ge=2)
+    steps: int = Field(4, ge=1)
+    seed: int = 0
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+
+    @model_validator(mode="after")
+    def _check(self) -> "CaseSpec":
+        if self.seq_length > self.model.max_seq_length:
+            raise ValueError(f"seq_length ({self.seq_length}) exceeds model.max_seq_length ({self.model.max_seq_length})")
+        return self
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.micro_batch_size * self.grad_accum
+
+    @property
+    def global_batch_rows(self) -> int:
+        return self.rows_per_rank * self.world_size
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def master_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+
+class Case:
+    """A loaded case: spec, initial weights (master dtype) and batches."""
+
+    def __init__(self, directory: Path, spec: CaseSpec, weights: dict[str, torch.Tensor], batches: dict[str, torch.Tensor]):
+        self.dir, self.spec, self.weights, self.batches = directory, spec, weights, batches
+
+    def global_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) of step `step` (0-based), all ranks' rows concatenated: (rows, seq)."""
+        return self.batches["input_ids"][step].flatten(0, 1), self.batches["labels"][step].flatten(0, 1)
+
+
+def hf_param_shapes(cfg: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
+    """Every trainable parameter by its HF MiniCPM name, in the module order of the model."""
+    h, d, n, g, f = cfg.hidden_size, cfg.dim_head, cfg.num_heads, cfg.num_kv_heads, cfg.ffn_hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (n * d, h),
+            p + "self_attn.k_proj.weight": (g * d, h),
+            p + "self_attn.v_proj.weight": (g * d, h),
+            p + "self_attn.o_proj.weight": (h, n * d),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        }
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def random_weights(cfg: MiniCPMConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Fresh random weights: matrices ~ N(0, 0.02); norm weights 1 + N(0, 0.1) so a stack that ignores
+    a norm's weight is caught."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in hf_param_shapes(cfg).items():
+        if len(shape) == 1:
+            out[name] = (1.0 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+        else:
+            out[name] = (0.02 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+    return out
+
+
+def random_batches(spec: CaseSpec, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed + 1)
+    shape = (spec.steps, spec.world_size, spec.rows_per_rank, spec.seq_length + 1)
+    tokens = torch.randint(0, spec.model.vocab_size, shape, generator=gen)
+    input_ids, labels = tokens[..., :-1].contiguous(), tokens[..., 1:].clone()
+    # Ignore a different number of tokens on each (step, rank): the global token mean then differs
+    # from a mean of per-rank means, so a DP stack that averages wrongly fails M4.
+    flat = labels.view(spec.steps * spec.world_size, -1)
+    for row in flat:
+        k = int(torch.randint(0, max(1, row.numel() // 4), (1,), generator=gen))
+        row[torch.randperm(row.numel(), generator=gen)[:k]] = -100
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def new_case(out: str | Path, spec: CaseSpec, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a case directory. Weights default to `random_weights(spec.model, spec.seed)`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = weights if weights is not None else random_weights(spec.model, spec.seed, spec.master_dtype)
+    save_file({k: v.contiguous() for k, v in weights.items()}, out / "weights.safetensors")
+    save_file(random_batches(spec, spec.seed), out / "batches.safetensors")
+    (out / "case.json").write_text(spec.model_dump_json(indent=2) + "\n")
+    return out
+
+
+def make_spec(model: str | MiniCPMConfig = "tiny", **fields) -> CaseSpec:
+    """A CaseSpec from a preset name (or config) and field overrides; raises CaseError naming the field."""
+    cfg = preset(model) if isinstance(model, str) else model
+    try:
+        return CaseSpec(model=cfg, **fields)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+        raise CaseError("invalid case:\n" + "\n".join(lines)) from None
+
+
+def load_case(directory: str | Path) -> Case:
+    d = Path(directory)
+    for f in ("case.json", "weights.safetensors", "batches.safetensors"):
+        if not (d / f).is_file():
+            raise CaseError(f"case {d}: missing {f}")
+    try:
+        spec = CaseSpec.model_validate_json((d / "case.json").read_text())
+    except ValidationError as e:
+        raise CaseError(f"case {d}: bad case.json: {e}") from None
+    weights = load_file(str(d / "weights.safetensors"))
+    expected = hf_param_shapes(spec.model)
+    if set(weights) != set(expected):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise CaseError(f"case {d}: weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, shape in expected.items():
+        if tuple(weights[k].shape) != shape:
+            raise CaseError(f"case {d}: {k} has shape {tuple(weights[k].shape)}, expected {shape}")
+    batches = load_file(str(d / "batches.safetensors"))
+    want = (spec.steps, spec.world_size, spec.rows_per_rank, spec.seq_length)
+    for k in ("input_ids", "labels"):
+        if k not in batches or tuple(batches[k].shape) != want:
+            raise CaseError(f"case {d}: batches[{k!r}] must have shape {want}")
+    return Case(d, spec, weights, batches)
+
+
+def case_hash(directory: str | Path) -> str:
+    """sha256 over the three case files, recorded in every gate report."""
+    h = hashlib.sha256()
+    for f in ("case.json", "weights.safetensors", "batches.safetensors"):
+        h.update((Path(directory) / f).read_bytes())
+    return h.hexdigest()
+
+
+def describe(spec: CaseSpec) -> dict:
+    return json.loads(spec.model_dump_json())

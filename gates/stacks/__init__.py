@@ -1,0 +1,11 @@
+"""Reference stacks: each answers the probe contract as a subprocess command.
+
+STACKS maps a stack name to the argv prefix that runs it; a gate appends
+`probe NAME --case DIR --out DIR`. An engine is a stack too: its command comes from its export.
+"""
+
+import sys
+
+STACKS: dict[str, list[str]] = {
+    "torch": [sys.executable, "-m", "gates.stacks.torch_ref"],
+}
