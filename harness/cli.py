@@ -1,27 +1,21 @@
 """The CLI behind `bash agent-loop.sh`: one typer app, one sub-app or command per verb.
 
-Verbs not built yet say so and exit 2 (`not_built`); none pretends to succeed.
+Verbs not built yet say so and exit 2 (`harness.commands._common.not_built`); none pretends to succeed.
 """
 
 from __future__ import annotations
+
+import importlib
 
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from harness.commands._common import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="forge: forge, gate, inspect and train LLM pretraining engines.")
 case_app = typer.Typer(no_args_is_help=True, help="Make and inspect probe-contract cases.")
 app.add_typer(case_app, name="case")
-console = Console(stderr=True)
-
-EXIT_NOT_BUILT = 2
-
-
-def not_built(verb: str) -> None:
-    console.print(f"[yellow]`{verb}` is not built yet in this workspace (see the open issues); nothing was run.[/]")
-    raise typer.Exit(EXIT_NOT_BUILT)
 
 
 @case_app.command("new")
@@ -70,40 +64,18 @@ def case_probe(
     raise typer.Exit(rc)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def forge(ctx: typer.Context) -> None:
-    """Forge or improve an engine: stage prompts, agent rounds, gates, commits."""
-    not_built("forge")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def gate(ctx: typer.Context) -> None:
-    """Run one gate (or `all`) on an engine against a reference stack."""
-    not_built("gate")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def inspect(ctx: typer.Context) -> None:
-    """Show what an engine is and what it has proven."""
-    not_built("inspect")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train(ctx: typer.Context) -> None:
-    """Train with an exported engine under torchrun."""
-    not_built("train")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context) -> None:
-    """Benchmark engines against megatron-core, eager and torch.compile in one run."""
-    not_built("bench")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def demo(ctx: typer.Context) -> None:
-    """The main job on a fresh machine: forge the tiny engine offline, train it, inspect it."""
-    not_built("demo")
+# Each verb lives in harness/commands/<verb>.py; this file only wires them up.
+_HELP = {
+    "forge": "Forge or improve an engine: stage prompts, agent rounds, gates, commits.",
+    "gate": "Run one gate (or `all`) on an engine against a reference stack.",
+    "inspect": "Show what an engine is and what it has proven.",
+    "train": "Train with an exported engine under torchrun.",
+    "bench": "Benchmark engines against megatron-core, eager and torch.compile in one run.",
+    "demo": "The main job on a fresh machine: forge the tiny engine offline, train it, inspect it.",
+}
+for _verb, _help in _HELP.items():
+    _mod = importlib.import_module(f"harness.commands.{_verb}")
+    app.command(_verb, help=_help, context_settings=getattr(_mod, "CONTEXT", None))(_mod.main)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""One module per CLI verb; harness/cli.py registers each module's `main` (with its `CONTEXT` settings)."""

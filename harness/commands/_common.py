@@ -1,0 +1,13 @@
+"""Helpers shared by the CLI verbs."""
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+EXIT_NOT_BUILT = 2
+
+
+def not_built(verb: str) -> None:
+    """A verb that is not built says so and exits 2: it never pretends to succeed."""
+    console.print(f"[yellow]`{verb}` is not built yet in this workspace (see the open issues); nothing was run.[/]")
+    raise typer.Exit(EXIT_NOT_BUILT)
