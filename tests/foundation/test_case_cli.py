@@ -1,0 +1,46 @@
+"""`agent-loop.sh case new`: writes a loadable case; rejects bad arguments with a clear message."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gates.case import load_case
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args):
+    return subprocess.run(["bash", str(ROOT / "agent-loop.sh"), *args], capture_output=True, text=True)
+
+
+def test_case_new_writes_a_case(tmp_path):
+    r = run("case", "new", "--model", "tiny", "--steps", "4", "--world-size", "2", "--seed", "0", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    case = load_case(tmp_path)
+    assert case.spec.steps == 4 and case.spec.world_size == 2
+    assert case.batches["input_ids"].shape[:2] == (4, 2)
+    assert (case.batches["labels"] == -100).any()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--world-size", "0"], "world_size"),
+        (["--steps", "0"], "steps"),
+        (["--model", "no-such"], "neither a preset"),
+        (["--dtype", "float16"], "dtype"),
+        (["--seq-length", "5000"], "exceeds model.max_seq_length"),
+    ],
+)
+def test_case_new_rejects_bad_arguments(tmp_path, args, message):
+    r = run("case", "new", "--out", str(tmp_path / "c"), *args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_unbuilt_verbs_never_pretend():
+    r = run("--help")
+    for verb in ("forge", "gate", "inspect", "train", "bench", "case", "demo"):
+        assert verb in r.stdout
