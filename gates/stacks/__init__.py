@@ -8,4 +8,7 @@ import sys
 
 STACKS: dict[str, list[str]] = {
     "torch": [sys.executable, "-m", "gates.stacks.torch_ref"],
+    # megatron-core GPTModel, local (non-TE) spec: as shipped, and with core attention swapped to SDPA.
+    "megatron": [sys.executable, "-m", "gates.stacks.megatron", "--attention", "unfused"],
+    "megatron-sdpa": [sys.executable, "-m", "gates.stacks.megatron", "--attention", "sdpa"],
 }
