@@ -1,0 +1,175 @@
+"""The run's memory on disk: the ledger (one JSONL line per round or event) and the run state.
+
+State dir of a run (default `<repo>/.forge/<spec name>/`):
+
+    run.json        RunState: run id, spec path + sha256, forge branch, engine      (atomic writes)
+    inflight.json   the round in progress, with its agent pids (absent between rounds)
+    ledger.jsonl    append-only; fsync'd; a torn last line (kill -9 mid-write) is skipped on read
+    rounds/<key>-rNN/   prompt.md, agent logs, changes.patch, gate reports
+    worktrees/<key>-rNN/  the round's git worktree (removed when the round ends)
+    lock            flock'd by the live run
+
+The ledger is the source of truth for resume: a stage passed iff a `round` line says so with a commit.
+Nothing written here ever holds an API key: every line goes through harness.agents._env.redact.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from harness.agents._env import redact
+
+VERDICTS = ("passed", "failed", "rejected", "interrupted", "agent_unavailable", "tampered")
+
+
+class GateLine(BaseModel):
+    name: str
+    verdict: str
+    metrics: dict[str, Any] = Field(default_factory=dict)  # the key numbers only
+    time_s: float | None = None
+    report: str | None = None
+
+
+class RoundRecord(BaseModel):
+    """One ledger line per round."""
+
+    kind: str = "round"
+    ts: float = Field(default_factory=time.time)
+    run_id: str
+    stage: str
+    op: str | None = None
+    round: int
+    backend: str
+    model: str | None = None
+    prompt_sha256: str | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    cost_usd: float | None = None
+    wall_s: float = 0.0
+    agent_s: float | None = None
+    gate_s: float | None = None
+    diff: dict[str, int] = Field(default_factory=dict)  # files, insertions, deletions
+    changed: list[str] = Field(default_factory=list)
+    forbidden: list[str] = Field(default_factory=list)
+    verdict: str
+    gates: list[GateLine] = Field(default_factory=list)
+    agent_error: str | None = None
+    timing: float | None = None      # ops stages: the candidate's metric value
+    elected: bool | None = None      # ops stages: the candidate became the op's best
+    base: str | None = None
+    commit: str | None = None        # the commit holding the code the gates passed
+    tip: str | None = None           # the branch tip after the round (commit + manifest)
+    counted: bool = True             # counts against the stage's round budget
+    note: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.stage if self.op is None else f"{self.stage}-{self.op}"
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def append(self, record: BaseModel | dict[str, Any]) -> None:
+        data = record.model_dump(mode="json") if isinstance(record, BaseModel) else record
+        line = redact(json.dumps(data, sort_keys=True, default=str))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":       # a torn line from a killed writer: end it, skip it on read
+                    f.write(b"\n")
+            f.write(line.encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def event(self, run_id: str, event: str, **data: Any) -> None:
+        self.append({"kind": "event", "ts": time.time(), "run_id": run_id, "event": event, **data})
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+    def rounds(self) -> list[RoundRecord]:
+        return [RoundRecord.model_validate(r) for r in self.records() if r.get("kind") == "round"]
+
+    def totals(self) -> dict[str, float]:
+        rs = self.rounds()
+        return {"rounds": len(rs), "tokens_in": sum(r.tokens_in or 0 for r in rs),
+                "tokens_out": sum(r.tokens_out or 0 for r in rs), "cost_usd": sum(r.cost_usd or 0.0 for r in rs),
+                "wall_s": sum(r.wall_s for r in rs)}
+
+
+class RunState(BaseModel):
+    run_id: str
+    spec_name: str
+    spec_path: str
+    spec_sha256: str
+    branch: str
+    engine: str
+    created: float = Field(default_factory=time.time)
+
+
+class Inflight(BaseModel):
+    key: str
+    stage: str
+    op: str | None = None
+    round: int
+    worktree: str
+    pids: list[int] = Field(default_factory=list)
+    started: float = Field(default_factory=time.time)
+    prompt_sha256: str | None = None
+    backend: str = ""
+
+
+def write_json_atomic(path: Path, data: BaseModel | dict[str, Any]) -> None:
+    payload = data.model_dump_json(indent=2) if isinstance(data, BaseModel) else json.dumps(data, indent=2, default=str)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(payload + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLock:
+    """flock on `<state>/lock`: one live run per state dir (released by the kernel even on kill -9)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise RuntimeError(f"another forge run holds {self.path}") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
