@@ -1,13 +1,18 @@
-"""`bash agent-loop.sh bench`: not built yet (its issue is open)."""
+"""`bash agent-loop.sh bench ...`: the side-by-side benchmark driver (benchmarks/compare.py).
+
+Every argument is handed to `python -m benchmarks.compare` unchanged, e.g.
+`bench --model minicpm4-0.5b --seq-length 4096 --micro-batch-size 8 --steps 8 --out DIR`,
+`bench --dry-run`, `bench --smoke --out DIR`; `bench --help` shows the driver's options.
+"""
 
 import typer
 
-from harness.commands._common import not_built
-
 
 def main(ctx: typer.Context) -> None:
-    """(not built yet)"""
-    not_built("bench")
+    """Benchmark engines against megatron-core, eager and torch.compile in one run (args: benchmarks.compare)."""
+    from benchmarks.compare import main as compare
+
+    raise typer.Exit(compare(list(ctx.args)))
 
 
-CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
