@@ -1,0 +1,233 @@
+"""AdamW over every parameter tensor in ONE Triton launch, with the gradient norm in one more.
+
+    adamw(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decays,
+          param_copies=None, clip_coef=None)          the registry signature (reference.py), plus:
+    - param_copies: the compute-dtype (bf16) parameters, written from the updated fp32 masters in the
+      same pass (no separate copy kernel);
+    - clip_coef: a 0-dim fp32 device tensor multiplying every gradient as it is read (gradient
+      clipping without a pass that rewrites the gradients).
+    grad_sq_sum(grads) -> 0-dim fp32: the sum of squares of all gradients, one read (all-reduce it
+    across ranks when the gradients are sharded); clip_coefficient(total_norm, max_norm) -> 0-dim.
+
+The tensors stay where they are (separate allocations, or views of one flat buffer: a flat master
+buffer with per-range decay is passed as its views). A launch plan, built once per set of tensors and
+cached, lists work items (tensor, start, end, decay slot); the kernel finds each tensor through device
+tables of data pointers, so one launch covers every parameter, and norm weights (weight decay 0) sit in
+the same launch as the matrices.
+
+Math: torch.optim.AdamW's (gates/stacks/torch_ref/optim.py), per element, fp32:
+    g = grad * clip;  p *= 1 - lr*wd;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g
+    p -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
+with IEEE-rounded division and square root (as torch's), coefficients computed in fp64 then rounded to
+fp32. `lr` and `step` may be 0-dim device tensors instead of numbers (fp64 for the same bits): then
+nothing is read on the host and the step can be captured in a CUDA graph.
+
+Requirements: masters and moments fp32; all grads one dtype (fp32 or bf16/fp16); all copies one dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from train_engine_0_5b.ops.adamw.reference import adamw as _reference_adamw
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the engine imports without Triton; launching a kernel then raises
+    from types import SimpleNamespace
+
+    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
+    HAS_TRITON = False
+
+_BLOCK = 1024  # elements per loop iteration: 8 fp32 per thread at 4 warps
+_CHUNK = 16 * _BLOCK  # elements per work item: ~30k items for 0.5B parameters, a few waves of programs
+
+
+@triton.jit
+def _table_ptr(table, i, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = tl.load(table + i).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # the host checked 16-byte alignment: lets the loads go 16 bytes wide
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _work_item(plan_ptr, ALIGNED: tl.constexpr):
+    item = plan_ptr + tl.program_id(0).to(tl.int64) * 4
+    t, start, end, slot = tl.load(item), tl.load(item + 1), tl.load(item + 2), tl.load(item + 3)
+    if ALIGNED:  # starts are multiples of the chunk, ends of 8 (checked on the host)
+        start = tl.multiple_of(start, 16)
+        end = tl.multiple_of(end, 8)
+    return t, start, end, slot
+
+
+@triton.jit
+def _adamw_kernel(
+    plan_ptr, p_table, g_table, m_table, v_table, c_table, coef_ptr, clip_ptr,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    G_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_CLIP: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    t, start, end, slot = _work_item(plan_ptr, ALIGNED)
+    p_ptr = _table_ptr(p_table, t, tl.float32, ALIGNED)
+    g_ptr = _table_ptr(g_table, t, G_DTYPE, ALIGNED)
+    m_ptr = _table_ptr(m_table, t, tl.float32, ALIGNED)
+    v_ptr = _table_ptr(v_table, t, tl.float32, ALIGNED)
+    c_ptr = _table_ptr(c_table, t, C_DTYPE, ALIGNED)  # without copies the table is p_table: a valid read
+    step_size = tl.load(coef_ptr)  # lr / (1 - b1^t)
+    bc2 = tl.load(coef_ptr + 1)  # 1 - b2^t
+    keep = tl.load(coef_ptr + 2 + slot)  # 1 - lr * wd of this tensor (1 for no decay)
+    clip = 1.0
+    if HAS_CLIP:
+        clip = tl.load(clip_ptr)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < end
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * clip
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0) * keep
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0) * beta1 + one_minus_beta1 * g
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0) * beta2 + one_minus_beta2 * g * g
+        denom = tl.sqrt_rn(tl.div_rn(v, bc2)) + eps
+        p = p - step_size * tl.div_rn(m, denom)
+        tl.store(p_ptr + offs, p, mask=mask)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        if HAS_COPY:
+            tl.store(c_ptr + offs, p.to(C_DTYPE), mask=mask)
+
+
+@triton.jit
+def _sq_sum_kernel(plan_ptr, g_table, partial_ptr, G_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, end, _ = _work_item(plan_ptr, ALIGNED)
+    g_ptr = _table_ptr(g_table, t, G_DTYPE, ALIGNED)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + offs, mask=offs < end, other=0.0).to(tl.float32)
+        acc += g * g
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+# ---- host side ------------------------------------------------------------------------------------
+
+_TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_PLANS: dict[tuple, tuple[Tensor, Tensor, bool]] = {}  # cache key -> (plan, pointer tables, aligned)
+
+
+def _tl_dtype(dtype: torch.dtype):
+    if dtype not in _TL_DTYPES:
+        raise ValueError(f"the Triton AdamW takes fp32 / bf16 / fp16 gradients and copies, not {dtype}")
+    return getattr(tl, _TL_DTYPES[dtype])
+
+
+def _plan(tensor_lists: list[list[Tensor]], slots: list[int]) -> tuple[Tensor, Tensor, bool]:
+    """Work items (K, 4) int64 [tensor, start, end, decay slot] and pointer tables (lists, n) int64,
+    cached by the tensors' addresses, sizes and slots (which is all the plan depends on)."""
+    first = tensor_lists[0]
+    key = (tuple(tuple(t.data_ptr() for t in ts) for ts in tensor_lists), tuple(t.numel() for t in first), tuple(slots))
+    if key not in _PLANS:
+        if len(_PLANS) >= 16:  # a new set of tensors each step would be a caller bug; stay bounded anyway
+            _PLANS.clear()
+        items = [(i, s, min(s + _CHUNK, t.numel()), slot) for i, (t, slot) in enumerate(zip(first, slots)) for s in range(0, t.numel(), _CHUNK)]
+        device = first[0].device
+        plan = torch.tensor(items, dtype=torch.int64).reshape(-1, 4).to(device)
+        tables = torch.tensor([[t.data_ptr() for t in ts] for ts in tensor_lists], dtype=torch.int64).to(device)
+        aligned = all(t.data_ptr() % 16 == 0 for ts in tensor_lists for t in ts) and all(t.numel() % 8 == 0 for t in first)
+        _PLANS[key] = (plan, tables, aligned)
+    return _PLANS[key]
+
+
+def _check(params: list[Tensor], others: list[list[Tensor]]) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("the Triton AdamW needs `triton` (pip install triton); the reference runs without it")
+    for ts in [params, *others]:
+        if len(ts) != len(params):
+            raise ValueError("AdamW: every tensor list must have one tensor per parameter")
+        for t, p in zip(ts, params):
+            if t.numel() != p.numel() or not t.is_contiguous() or t.device != p.device:
+                raise ValueError("AdamW: tensors must be contiguous, on one device, sized like their parameter")
+    if len({t.dtype for t in others[0]}) > 1:
+        raise ValueError("AdamW: all gradients must share one dtype")
+
+
+def _coefficients(lr, step, beta1: float, beta2: float, decays: list[float], device) -> Tensor:
+    """[lr / bc1, bc2, 1, 1 - lr*wd_1, ...] as fp32, computed in fp64 (numbers on the host, tensors on
+    the device: no host read either way)."""
+    if isinstance(lr, Tensor) or isinstance(step, Tensor):
+        lr = torch.as_tensor(lr, dtype=torch.float64, device=device)
+        step = torch.as_tensor(step, dtype=torch.float64, device=device)
+        bc1, bc2 = 1 - torch.pow(beta1, step), 1 - torch.pow(beta2, step)
+        return torch.stack([lr / bc1, bc2, torch.ones_like(lr), *(1 - lr * wd for wd in decays)]).float()
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    return torch.tensor([lr / bc1, bc2, 1.0, *(1 - lr * wd for wd in decays)], dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def adamw(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
+    step, lr, beta1: float, beta2: float, eps: float, weight_decays: list[float],
+    param_copies: list[Tensor] | None = None, clip_coef: Tensor | None = None,
+) -> None:  # fmt: skip
+    """One AdamW step, in place on params (fp32 masters), exp_avgs and exp_avg_sqs; see the module doc."""
+    if not params:
+        return
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([param_copies] if param_copies is not None else [])
+    _check(params, lists[1:])
+    if any(t.dtype != torch.float32 for ts in (params, exp_avgs, exp_avg_sqs) for t in ts):
+        raise ValueError("the Triton AdamW keeps masters and moments in fp32")
+    decays = sorted({float(wd) for wd in weight_decays if wd})
+    slots = [decays.index(float(wd)) + 1 if wd else 0 for wd in weight_decays]
+    plan, tables, aligned = _plan(lists, slots)
+    coefs = _coefficients(lr, step, beta1, beta2, decays, params[0].device)
+    clip = clip_coef.to(device=params[0].device, dtype=torch.float32).reshape(()) if clip_coef is not None else coefs
+    _adamw_kernel[(plan.shape[0],)](
+        plan, tables[0], tables[1], tables[2], tables[3], tables[4] if param_copies is not None else tables[0],
+        coefs, clip, beta1, 1 - beta1, beta2, 1 - beta2, eps,
+        G_DTYPE=_tl_dtype(grads[0].dtype), C_DTYPE=_tl_dtype(param_copies[0].dtype if param_copies else torch.float32),
+        HAS_COPY=param_copies is not None, HAS_CLIP=clip_coef is not None, ALIGNED=aligned, BLOCK=_BLOCK, num_warps=4,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def grad_sq_sum(grads: list[Tensor]) -> Tensor:
+    """sum(g^2) over every element of every gradient, 0-dim fp32 (per-item fp32 partials, then a
+    deterministic sum)."""
+    if not grads:
+        return torch.zeros(())
+    _check(grads, [grads])
+    plan, tables, aligned = _plan([grads], [0] * len(grads))
+    partial = torch.empty(plan.shape[0], dtype=torch.float32, device=grads[0].device)
+    _sq_sum_kernel[(plan.shape[0],)](
+        plan, tables[0], partial, G_DTYPE=_tl_dtype(grads[0].dtype), ALIGNED=aligned, BLOCK=_BLOCK, num_warps=4
+    )
+    return partial.sum()
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
+    """min(1, max_norm / (total_norm + 1e-6)), as torch's clip_grad_norm_ (a 0-dim device tensor)."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+def adamw_reference(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
+    step, lr, beta1: float, beta2: float, eps: float, weight_decays: list[float],
+    param_copies: list[Tensor] | None = None, clip_coef: Tensor | None = None,
+) -> None:  # fmt: skip
+    """The same signature in plain torch: ops/adamw/reference.py on the clipped gradients (upcast to the
+    masters' dtype), then the copies."""
+    with torch.no_grad():
+        grads = [g.to(p.dtype) * clip_coef if clip_coef is not None else g.to(p.dtype) for g, p in zip(grads, params)]
+        _reference_adamw(params, grads, exp_avgs, exp_avg_sqs, step=int(step), lr=float(lr), beta1=beta1,
+                         beta2=beta2, eps=eps, weight_decays=weight_decays)  # fmt: skip
+        for c, p in zip(param_copies or [], params):
+            c.copy_(p)
+
+
+def grad_sq_sum_reference(grads: list[Tensor]) -> Tensor:
+    """sum(g^2) in >= fp32 (fp64 gradients stay fp64)."""
+    dtype = torch.promote_types(grads[0].dtype, torch.float32)
+    return sum((g.to(dtype).pow(2).sum() for g in grads), torch.zeros((), dtype=dtype, device=grads[0].device))

@@ -1,0 +1,285 @@
+"""Token cross-entropy in Triton, alone and fused with the output projection (chunked over tokens).
+
+Two public ops share the row kernels:
+
+- `cross_entropy(logits, labels)`: the registry op (same signature as reference.py): the summed
+  loss over labels != -100, in fp32, without the reference's fp32 copy of the logits. Forward: one read
+  of the logits (online logsumexp + the label's logit); backward: one read and one write (the gradient
+  of the logits, from the saved logsumexp).
+- `fused_linear_cross_entropy(hidden, weight, labels, logit_scale)`: logits = hidden @ weight^T /
+  logit_scale, then the summed loss and the valid-token count, never holding more than `chunk_size`
+  rows of logits. Per chunk: the logits GEMM (cuBLAS) writes a (chunk, V) buffer; one kernel computes
+  each row's loss and overwrites the row with its gradient in place (two reads, one write); two more
+  GEMMs give d_hidden = dlogits @ W and d_weight += dlogits^T @ hidden (fp32 accumulation). The
+  gradients are therefore computed during the forward (which is why the backward only scales them by
+  the incoming gradient of the loss): the full (T, V) logits, 4.8 GB in bf16 at 32k tokens x 73448,
+  never exist, and neither does any fp32 copy of them.
+
+Numerics: logits are rounded to the input dtype by the GEMM, as the reference's bf16 GEMM does; the
+softmax, the loss and the logit gradient are fp32, the gradient stored in the logits' dtype (as the
+reference's autograd does). 1 / logit_scale multiplies the logits in fp32; for MiniCPM4 (hidden /
+dim_model_base = 4, a power of two) this equals the reference's rounding of hidden / 4. The loss is the
+sum of per-row fp32 losses (deterministic). Labels must be -100 or in [0, V) (not checked: that would
+cost a host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the engine imports without Triton; launching a kernel then raises
+    from types import SimpleNamespace
+
+    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
+    HAS_TRITON = False
+
+IGNORE_INDEX = -100
+
+
+@triton.jit
+def _row_lse(row_ptr, V, scale, BLOCK_V: tl.constexpr):
+    """log(sum(exp(scale * row))) in fp32, online over blocks: one read of the row."""
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((), -float("inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        z = tl.load(row_ptr + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32) * scale
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    return m + tl.log(s)
+
+
+@triton.jit
+def _row_grad(row_ptr, grad_ptr, V, label, lse, scale, mult, BLOCK_V: tl.constexpr):
+    """grad = mult * (softmax(scale * row) - onehot(label)), stored in grad_ptr's dtype (may be row_ptr:
+    each block is read before it is overwritten, and the row belongs to this program alone)."""
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        z = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32) * scale
+        g = tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)
+        tl.store(grad_ptr + start + cols, (g * mult).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    logits_ptr, labels_ptr, loss_ptr, lse_ptr, grad_scale_ptr, V, stride, scale, ignore_index,
+    WRITE_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # One program per row (token). With WRITE_GRAD the row is overwritten by d(loss)/d(logits).
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    lse = _row_lse(row_ptr, V, scale, BLOCK_V)
+    z_label = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32) * scale
+    tl.store(loss_ptr + row, tl.where(valid, lse - z_label, 0.0))
+    tl.store(lse_ptr + row, lse)
+    if WRITE_GRAD:
+        # d loss / d logit = scale * (softmax - onehot); ignored rows get zeros (they still enter the GEMMs)
+        mult = tl.where(valid, scale, 0.0)
+        if HAS_GRAD_SCALE:
+            mult = mult * tl.load(grad_scale_ptr)
+        _row_grad(row_ptr, row_ptr, V, label, lse, scale, mult, BLOCK_V)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    logits_ptr, labels_ptr, lse_ptr, dloss_ptr, grad_ptr, V, stride, grad_stride, scale, ignore_index,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    mult = tl.where(label != ignore_index, scale, 0.0) * tl.load(dloss_ptr)
+    lse = tl.load(lse_ptr + row)
+    _row_grad(logits_ptr + row * stride, grad_ptr + row * grad_stride, V, label, lse, scale, mult, BLOCK_V)
+
+
+def _require_triton(*tensors: Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("the Triton cross-entropy needs `triton` (pip install triton); the reference runs without it")
+    if any(t.stride(-1) != 1 for t in tensors):
+        raise ValueError("cross-entropy kernels need a contiguous last dimension")
+
+
+def _launch_config(V: int) -> dict:
+    block = min(4096, triton.next_power_of_2(V))
+    return dict(BLOCK_V=block, num_warps=8 if block >= 4096 else 4)
+
+
+def cross_entropy_fwd(
+    logits: Tensor, labels: Tensor, *, scale: float = 1.0, write_grad: bool = False, grad_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-row losses (rows,) fp32 and logsumexps (rows,) fp32 of scale * logits (rows, V). With
+    `write_grad`, logits is overwritten by (grad_scale *) d(sum of losses)/d(logits)."""
+    rows, V = logits.shape
+    _require_triton(logits)
+    assert labels.shape == (rows,) and labels.is_contiguous(), "labels: (rows,) contiguous"
+    losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows:
+        _ce_fwd_kernel[(rows,)](
+            logits, labels, losses, lse, grad_scale if grad_scale is not None else lse, V, logits.stride(0), scale,
+            IGNORE_INDEX, WRITE_GRAD=write_grad, HAS_GRAD_SCALE=grad_scale is not None, **_launch_config(V),
+        )  # fmt: skip
+    return losses, lse
+
+
+def cross_entropy_bwd(
+    logits: Tensor, labels: Tensor, lse: Tensor, dloss: Tensor, *, scale: float = 1.0, grad: Tensor | None = None
+) -> Tensor:
+    """d(dloss * sum of losses)/d(logits) into `grad` (rows, V) (new when not given); dloss is a 0-dim
+    device tensor (read by the kernel: no host sync)."""
+    rows, V = logits.shape
+    grad = torch.empty_like(logits) if grad is None else grad
+    _require_triton(logits, grad)
+    dloss = dloss.to(device=logits.device, dtype=torch.float32).reshape(())
+    if rows:
+        _ce_bwd_kernel[(rows,)](
+            logits, labels, lse, dloss, grad, V, logits.stride(0), grad.stride(0), scale, IGNORE_INDEX, **_launch_config(V)
+        )  # fmt: skip
+    return grad
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
+        logits2, labels1 = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).contiguous()
+        logits2 = logits2 if logits2.stride(-1) == 1 else logits2.contiguous()
+        losses, lse = cross_entropy_fwd(logits2, labels1)
+        ctx.save_for_backward(logits2, labels1, lse)
+        ctx.shape = logits.shape
+        return losses.sum()
+
+    @staticmethod
+    def backward(ctx, dloss: Tensor):
+        logits2, labels1, lse = ctx.saved_tensors
+        return cross_entropy_bwd(logits2, labels1, lse, dloss).view(ctx.shape), None
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed token cross-entropy (0-dim fp32) over labels != -100; logits (..., V), labels (...)."""
+    return _CrossEntropy.apply(logits, labels)
+
+
+def cross_entropy_reference(logits: Tensor, labels: Tensor) -> Tensor:
+    """The reference math (ops/cross_entropy/reference.py)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# ---- fused with the output projection ------------------------------------------------------------
+
+_FP32_ADDMM: dict[torch.device, bool] = {}  # device -> cuBLAS takes bf16/fp16 inputs with an fp32 output
+
+
+def _fp32_addmm_works(device: torch.device) -> bool:
+    """torch >= 2.8 has addmm(out_dtype=float32) on CUDA: dW accumulates each chunk's product in fp32
+    without rounding it to bf16 first. Probed once per device (a tiny product against fp32 math)."""
+    if device not in _FP32_ADDMM:
+        try:
+            a = torch.randn(8, 16, device=device, dtype=torch.bfloat16)
+            b = torch.randn(16, 4, device=device, dtype=torch.bfloat16)
+            acc = torch.ones(8, 4, device=device)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _FP32_ADDMM[device] = bool(torch.allclose(acc, 1 + a.float() @ b.float(), rtol=1e-3, atol=1e-3))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_ADDMM[device] = False
+    return _FP32_ADDMM[device]
+
+
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32) += a @ b."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _fp32_addmm_works(a.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:  # the product rounds to a's dtype once per chunk before the fp32 sum
+        acc.add_(a @ b)
+
+
+def fused_linear_cross_entropy_fwd_bwd(
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, logit_scale: float = 1.0, chunk_size: int = 4096,
+    compute_dx: bool = True, compute_dw: bool = True, grad_scale: Tensor | None = None,
+    dx_out: Tensor | None = None, dw_accum: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+    """Loss and gradients of sum(CE(hidden @ weight^T / logit_scale, labels)) in one chunked pass.
+
+    hidden (T, h), weight (V, h), labels (T,). Returns (loss_sum 0-dim fp32, n_valid 0-dim int64,
+    dx (T, h) in hidden's dtype or None, dw (V, h) fp32 or None). Gradients are multiplied by
+    `grad_scale` (a 0-dim device tensor, e.g. 1 / global token count) when given. dx goes into `dx_out`
+    when given; dw is ADDED into `dw_accum` (fp32) when given (a main-grad buffer), else into zeros."""
+    T, h = hidden.shape
+    V = weight.shape[0]
+    _require_triton(hidden, weight)
+    assert labels.shape == (T,) and labels.is_contiguous(), "labels: (T,) contiguous"
+    need_grad = compute_dx or compute_dw
+    chunk = max(1, min(chunk_size, T))
+    logits = torch.empty(chunk, V, dtype=hidden.dtype, device=hidden.device)  # reused by every chunk
+    losses = torch.empty(T, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(chunk, dtype=torch.float32, device=hidden.device)  # written, not needed after
+    dx = (dx_out if dx_out is not None else torch.empty_like(hidden)) if compute_dx else None
+    dw = (dw_accum if dw_accum is not None else torch.zeros(V, h, dtype=torch.float32, device=hidden.device)) if compute_dw else None
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(device=hidden.device, dtype=torch.float32).reshape(())
+    for r0 in range(0, T, chunk):
+        r1 = min(r0 + chunk, T)
+        x, z = hidden[r0:r1], logits[: r1 - r0]
+        torch.mm(x, weight.t(), out=z)  # (c, V) in hidden's dtype
+        _ce_fwd_kernel[(r1 - r0,)](
+            z, labels[r0:r1], losses[r0:r1], lse, grad_scale if grad_scale is not None else lse, V,
+            z.stride(0), 1.0 / logit_scale, IGNORE_INDEX,
+            WRITE_GRAD=need_grad, HAS_GRAD_SCALE=grad_scale is not None, **_launch_config(V),
+        )  # fmt: skip
+        if compute_dx:
+            torch.mm(z, weight, out=dx[r0:r1])  # (c, h)
+        if compute_dw:
+            _accumulate_mm(dw, z.t(), x)  # (V, h)
+    return losses.sum(), (labels != IGNORE_INDEX).sum(), dx, dw
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int):
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
+        loss, count, dx, dw = fused_linear_cross_entropy_fwd_bwd(
+            h2, weight, labels.reshape(-1).contiguous(), logit_scale=logit_scale, chunk_size=chunk_size,
+            compute_dx=ctx.needs_input_grad[0], compute_dw=ctx.needs_input_grad[1],
+        )  # fmt: skip
+        ctx.save_for_backward(dx, dw)
+        ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
+        ctx.mark_non_differentiable(count)
+        return loss, count
+
+    @staticmethod
+    def backward(ctx, dloss: Tensor, _dcount):
+        dx, dw = ctx.saved_tensors
+        dx = (dx * dloss).view(ctx.hidden_shape) if dx is not None else None
+        dw = (dw * dloss).to(ctx.weight_dtype) if dw is not None else None
+        return dx, dw, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float = 1.0, chunk_size: int = 4096
+) -> tuple[Tensor, Tensor]:
+    """(sum of CE(hidden @ weight^T / logit_scale, labels) over labels != -100 as fp32, count of those
+    labels as int64), both 0-dim; hidden (..., h), weight (V, h), labels (...). Differentiable in hidden
+    and weight; at most `chunk_size` rows of logits exist at once."""
+    return _LinearCrossEntropy.apply(hidden, weight, labels, logit_scale, chunk_size)
+
+
+def fused_linear_cross_entropy_reference(
+    hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float = 1.0, chunk_size: int = 4096
+) -> tuple[Tensor, Tensor]:
+    """The reference math: the whole logits, then the reference loss (`chunk_size` is ignored)."""
+    logits = (hidden / logit_scale) @ weight.t()
+    return cross_entropy_reference(logits, labels), (labels != IGNORE_INDEX).sum()

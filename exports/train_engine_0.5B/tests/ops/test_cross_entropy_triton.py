@@ -1,0 +1,190 @@
+"""Triton cross-entropy (ops/cross_entropy/triton_fused.py) against an fp64 reference: the registry op
+on materialized logits, and the chunked fusion with the output projection; losses, counts, and the
+gradients of logits / hidden / weight; ignored labels, partial blocks and chunks, poisoned buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from train_engine_0_5b.ops.cross_entropy.triton_fused import (  # noqa: E402
+    IGNORE_INDEX,
+    cross_entropy,
+    cross_entropy_bwd,
+    cross_entropy_fwd,
+    cross_entropy_reference,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_fwd_bwd,
+    fused_linear_cross_entropy_reference,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="bf16 kernels need a CUDA device")]
+# Bounds against fp64 on the same inputs, relative to the largest reference element (the loss is one
+# number; gradients are compared as whole tensors). bf16: the logits themselves are rounded to bf16
+# (as in the reference's bf16 GEMM), and so is the stored logit gradient.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+LOSS_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=GPU)]
+V_FULL = 73448  # MiniCPM4's vocabulary: 17 full 4096-blocks and a partial one
+
+
+def _labels(shape, V, gen, ignore_every=5):
+    labels = torch.randint(0, V, shape, generator=gen)
+    labels.view(-1)[::ignore_every] = IGNORE_INDEX  # some ignored tokens, including the first
+    return labels.to(DEVICE)
+
+
+def _close(actual, expected, tol):
+    assert actual.shape == expected.shape
+    err = (actual.double() - expected).abs().max().item()
+    bound = tol * expected.abs().max().item()
+    assert err <= bound, f"max error {err:.3e} > {bound:.3e}"
+
+
+# ---- the registry op: cross_entropy(logits, labels) ----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 517), (2, 63, 517), (1, 3, V_FULL), (3, 5, 2)], ids=str)
+def test_cross_entropy_matches_fp64(shape, dtype):
+    gen = torch.Generator().manual_seed(sum(shape))
+    logits = (torch.randn(shape, generator=gen) * 4).to(DEVICE, dtype).requires_grad_()
+    labels = _labels(shape[:-1], shape[-1], gen)
+    loss = cross_entropy(logits, labels)
+    (loss * 0.37).backward()  # a grad_output other than 1
+    l64 = logits.detach().double().requires_grad_()
+    ref = cross_entropy_reference(l64, labels)
+    (ref * 0.37).backward()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    _close(loss, ref.detach(), LOSS_TOL[dtype])
+    assert logits.grad.dtype == dtype
+    _close(logits.grad, l64.grad, TOL[dtype])
+
+
+def test_cross_entropy_all_ignored_is_zero_with_zero_grad():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 300, generator=gen).to(DEVICE).requires_grad_()
+    labels = torch.full((4,), IGNORE_INDEX, device=DEVICE)
+    loss = cross_entropy(logits, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_cross_entropy_poisoned_grad_buffer():
+    gen = torch.Generator().manual_seed(2)
+    logits = (torch.randn(9, 1000, generator=gen) * 3).to(DEVICE)
+    labels = _labels((9,), 1000, gen)
+    losses, lse = cross_entropy_fwd(logits, labels)
+    grad = torch.full_like(logits, float("nan"))
+    cross_entropy_bwd(logits, labels, lse, torch.tensor(1.5, device=DEVICE), grad=grad)
+    l64 = logits.double().requires_grad_()
+    (cross_entropy_reference(l64, labels) * 1.5).backward()
+    assert torch.isfinite(grad).all()
+    _close(grad, l64.grad, TOL[torch.float32])
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double(), -1), rtol=1e-6, atol=0)
+    per_row = torch.nn.functional.cross_entropy(l64.detach(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(losses.double(), per_row, rtol=1e-5, atol=1e-6)
+
+
+# ---- fused with the output projection --------------------------------------------------------------
+
+
+def _linear_inputs(T, h, V, dtype, seed, logit_scale):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(T, h, generator=gen) * logit_scale).to(DEVICE, dtype)
+    weight = (torch.randn(V, h, generator=gen) * h**-0.5 * 3).to(DEVICE, dtype)  # logits of a few units
+    return hidden, weight, _labels((T,), V, gen)
+
+
+def _linear_ref(hidden, weight, labels, logit_scale, grad_out):
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    loss, count = fused_linear_cross_entropy_reference(h64, w64, labels, logit_scale)
+    (loss * grad_out).backward()
+    return loss.detach(), count, h64.grad, w64.grad
+
+
+# (T, h, V, chunk_size, logit_scale): one token; T not a multiple of the chunk (partial last chunk);
+# h not a power of two; the full vocabulary at small T; MiniCPM4's logit scale 4
+CASES = [(1, 64, 517, 4096, 1.0), (127, 100, 517, 32, 4.0), (70, 64, 129, 64, 4.0), (3, 64, V_FULL, 2, 4.0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fused_linear_cross_entropy_matches_fp64(case, dtype):
+    T, h, V, chunk, scale = case
+    hidden, weight, labels = _linear_inputs(T, h, V, dtype, seed=T + V, logit_scale=scale)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    loss, count = fused_linear_cross_entropy(hidden, weight, labels, scale, chunk)
+    grad_out = 1.0 / max(int(count), 1)  # the training loss: sum / token count
+    (loss * grad_out).backward()
+    ref_loss, ref_count, ref_dx, ref_dw = _linear_ref(hidden, weight, labels, scale, grad_out)
+    assert loss.dtype == torch.float32 and count.dtype == torch.int64 and int(count) == int(ref_count)
+    _close(loss, ref_loss, LOSS_TOL[dtype])
+    assert hidden.grad.dtype == dtype and weight.grad.dtype == dtype
+    _close(hidden.grad, ref_dx, TOL[dtype])
+    _close(weight.grad, ref_dw, TOL[dtype])
+
+
+def test_fused_linear_3d_inputs_and_partial_grads():
+    """(B, S, h) hidden; only the weight needs a gradient, then only the hidden; no gradient at all."""
+    hidden, weight, labels = _linear_inputs(2 * 9, 48, 300, torch.float32, seed=5, logit_scale=4.0)
+    hidden, labels = hidden.view(2, 9, 48), labels.view(2, 9)
+    ref_loss, _, ref_dx, ref_dw = _linear_ref(hidden.view(18, 48), weight, labels.view(18), 4.0, 1.0)
+    w = weight.clone().requires_grad_()
+    fused_linear_cross_entropy(hidden, w, labels, 4.0, 8)[0].backward()
+    _close(w.grad, ref_dw, TOL[torch.float32])
+    x = hidden.clone().requires_grad_()
+    fused_linear_cross_entropy(x, weight, labels, 4.0, 8)[0].backward()
+    assert x.grad.shape == (2, 9, 48)
+    _close(x.grad.view(18, 48), ref_dx, TOL[torch.float32])
+    with torch.no_grad():
+        loss, _ = fused_linear_cross_entropy(hidden, weight, labels, 4.0, 8)
+    _close(loss, ref_loss, LOSS_TOL[torch.float32])
+
+
+def test_fwd_bwd_writes_dx_and_accumulates_dw_with_grad_scale():
+    """dx lands in a poisoned buffer (every element overwritten); dw is added to an existing fp32
+    main-grad buffer; the gradients carry `grad_scale` (read on the device)."""
+    T, h, V = 45, 40, 211
+    hidden, weight, labels = _linear_inputs(T, h, V, torch.float32, seed=8, logit_scale=4.0)
+    dx = torch.full_like(hidden, float("nan"))
+    dw0 = torch.randn(V, h, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    dw = dw0.clone()
+    scale = torch.tensor(0.25, device=DEVICE)
+    loss, count, _, _ = fused_linear_cross_entropy_fwd_bwd(
+        hidden, weight, labels, logit_scale=4.0, chunk_size=16, grad_scale=scale, dx_out=dx, dw_accum=dw
+    )
+    ref_loss, ref_count, ref_dx, ref_dw = _linear_ref(hidden, weight, labels, 4.0, 0.25)
+    assert torch.isfinite(dx).all() and int(count) == int(ref_count)
+    _close(loss, ref_loss, LOSS_TOL[torch.float32])
+    _close(dx, ref_dx, TOL[torch.float32])
+    _close(dw - dw0, ref_dw, TOL[torch.float32])
+
+
+def test_fused_linear_all_ignored():
+    hidden, weight, _ = _linear_inputs(6, 32, 100, torch.float32, seed=3, logit_scale=1.0)
+    labels = torch.full((6,), IGNORE_INDEX, device=DEVICE)
+    loss, count, dx, dw = fused_linear_cross_entropy_fwd_bwd(hidden, weight, labels, chunk_size=4)
+    assert loss.item() == 0.0 and count.item() == 0
+    assert torch.equal(dx, torch.zeros_like(dx)) and torch.equal(dw, torch.zeros_like(dw))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="bf16 kernels need a CUDA device")
+def test_bf16_production_vocab_and_hidden():
+    """4096 tokens x h 1024 x V 73448 in bf16 with the default chunk (one full chunk) and a chunk of
+    1000 (a partial last chunk): loss and gradients against fp64."""
+    hidden, weight, labels = _linear_inputs(4096, 1024, V_FULL, torch.bfloat16, seed=17, logit_scale=4.0)
+    ref_loss, ref_count, ref_dx, ref_dw = _linear_ref(hidden, weight, labels, 4.0, 1.0)
+    for chunk in (4096, 1000):
+        x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, count = fused_linear_cross_entropy(x, w, labels, 4.0, chunk)
+        loss.backward()
+        assert int(count) == int(ref_count)
+        _close(loss, ref_loss, LOSS_TOL[torch.bfloat16])
+        _close(x.grad, ref_dx, TOL[torch.bfloat16])
+        _close(w.grad, ref_dw, TOL[torch.bfloat16])
