@@ -1,0 +1,320 @@
+"""What every gate does the same way: build its case, run the engine then the reference, check and
+compare outputs, and fill the report. A gate module only says which probes, which case, and how to
+localize.
+
+Flow control: a helper that hits a verdict before the comparison (the engine says unsupported, it
+crashes, it breaks the contract) raises `GateStop`; the runner turns it, and `GateTimeout`, into the
+report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gates import case as case_mod
+from gates.case import Case, CaseError, case_hash, load_case, make_spec
+from gates.checks import check_outputs, layer_of, layer_order
+from gates.launch import (Deadline, Engine, GateTimeout, Proc, Sandbox, engine_argv, engine_env, reference_env,
+                          run_process)
+from gates.model_config import PRESETS
+from gates.options import GateOptions
+from gates.policies import Diff, Policy, compare, compare_series, resolve_policy
+from gates.probe import EXIT_UNSUPPORTED, METRICS_FILE, TENSORS_FILE
+from gates.report import Command, GateReport, Localization, Part, Verdict, now_iso
+
+
+class GateStop(Exception):
+    """A verdict reached before (or instead of) the comparison."""
+
+    def __init__(self, verdict: Verdict, message: str, error_type: str | None = None,
+                 localization: Localization | None = None):
+        super().__init__(message)
+        self.verdict, self.message, self.error_type, self.localization = verdict, message, error_type, localization
+
+
+class GateRun:
+    """One gate's run: options, deadline, the report being filled, temporary directories."""
+
+    def __init__(self, gate: str, engine: Engine, options: GateOptions):
+        self.gate, self.engine, self.options = gate, engine, options
+        self.deadline = Deadline(options.timeout_s)
+        self.t0 = time.monotonic()
+        self.report = GateReport(gate=gate, verdict="error", engine=str(engine.root), engine_package=engine.package,
+                                 reference=options.reference, started_at=now_iso())
+        self.policy: Policy | None = None
+        self._tmp: list[Path] = []
+
+    # ----- cases -----------------------------------------------------------------------------
+    def is_preset(self) -> bool:
+        return self.options.case in PRESETS
+
+    def make_case(self, label: str = "case", **fields) -> Case:
+        """A preset: a fresh random case with `fields` (seed from the options). A directory: a private
+        copy of it (fields ignored). The first case made is the report's `case`; later ones are listed
+        under `case.derived`."""
+        o = self.options
+        d = self.tmpdir("forge-case-")
+        try:
+            if self.is_preset():
+                base = dict(world_size=1, micro_batch_size=o.micro_batch_size, seq_length=o.seq_length,
+                            dtype=o.case_dtype, device=o.device, seed=o.seed if o.seed is not None else 0)
+                spec = make_spec(o.case, **(base | fields))
+                case_mod.new_case(d, spec)
+            else:
+                src = Path(o.case)
+                if not src.is_dir():
+                    raise CaseError(f"--case {o.case!r} is neither a preset ({', '.join(PRESETS)}) nor a case directory")
+                shutil.rmtree(d)
+                shutil.copytree(src, d)
+            case = load_case(d)
+        except CaseError as e:
+            raise GateStop("error", str(e), "case") from None
+        return self.record_case(case, label)
+
+    def record_case(self, case: Case, label: str = "case") -> Case:
+        spec = case.spec
+        info = {"label": label, "source": f"preset {self.options.case}" if self.is_preset() else str(Path(self.options.case).resolve()),
+                "hash": case_hash(case.dir), "seed": spec.seed, "model": spec.model.name, "dtype": spec.dtype,
+                "device": spec.device, "world_size": spec.world_size, "steps": spec.steps,
+                "global_rows": spec.global_batch_rows, "micro_batch_size": spec.micro_batch_size,
+                "grad_accum": spec.grad_accum, "seq_length": spec.seq_length}
+        if not self.report.case:
+            self.report.case = info
+            self.policy = resolve_policy(self.options.policy, spec.dtype, self.options.rel_bound, self.options.max_bound)
+            self.report.policy = self.policy.model_dump() | {"describe": self.policy.describe()}
+        else:
+            self.report.case.setdefault("derived", []).append(info)
+        return case
+
+    def write_case(self, spec, batches: dict[str, torch.Tensor] | None = None,
+                   weights: dict[str, torch.Tensor] | None = None, label: str = "derived") -> Case:
+        """Write a gate-made case (derived from another, or with corpus batches) and record it."""
+        from safetensors.torch import save_file
+
+        d = self.tmpdir("forge-case-")
+        case_mod.new_case(d, spec, weights)
+        if batches is not None:
+            save_file({k: v.contiguous() for k, v in batches.items()}, str(d / "batches.safetensors"))
+        try:
+            return self.record_case(load_case(d), label)
+        except CaseError as e:
+            raise GateStop("error", str(e), "case") from None
+
+    # ----- running stacks ----------------------------------------------------------------------
+    def tmpdir(self, prefix: str) -> Path:
+        d = Path(tempfile.mkdtemp(prefix=prefix))
+        self._tmp.append(d)
+        return d
+
+    def sandbox(self, case_dir: Path | None, prefix: str = "forge-engine-") -> Sandbox:
+        """A fresh sandbox, removed by `cleanup` (or earlier by the caller)."""
+        box = Sandbox(case_dir, prefix)
+        self._tmp.append(box.root)
+        return box
+
+    def _record(self, role: str, proc: Proc) -> None:
+        self.report.commands.append(Command(role=role, argv=proc.argv, cwd=str(proc.cwd), env=proc.env_set, rc=proc.rc,
+                                            time_s=round(proc.time_s, 3), timed_out=proc.timed_out))
+        if proc.stderr.strip():
+            self.report.artifacts[f"{role} stderr"] = proc.stderr
+        if proc.timed_out:
+            raise GateTimeout(f"{role} ran past the gate budget of {self.options.timeout_s:.0f}s")
+
+    def run_engine(self, args: list[str], sandbox: Sandbox, role: str, nproc: int = 1) -> Proc:
+        """Any engine command (probe, export-hf, bench) in `sandbox`; raises GateStop on exit 77 / crash."""
+        proc = run_process(engine_argv(self.engine, args, nproc), sandbox.root, engine_env(self.engine), self.deadline)
+        self._record(role, proc)
+        if proc.rc == EXIT_UNSUPPORTED:
+            raise GateStop("unsupported", f"the engine says it cannot do `{' '.join(args[:2])}` (exit {EXIT_UNSUPPORTED})")
+        if proc.rc != 0:
+            rank = _failed_rank(proc.stderr + proc.stdout) if nproc > 1 else None
+            where = f" (rank {rank})" if rank is not None else ""
+            raise GateStop("error", f"{role} exited {proc.rc}{where}: {_last_line(proc.stderr)}", "engine_crash",
+                           Localization(what=f"{role} crashed{where}", rank=rank) if rank is not None else None)
+        return proc
+
+    def engine_probe(self, probe: str, case: Case, nproc: int = 1, role: str | None = None,
+                     keep: bool = False) -> tuple[dict[str, torch.Tensor], dict, Sandbox]:
+        """Run the engine's probe on a sandboxed copy of `case`; read only the contract's two files.
+        The sandbox is removed unless `keep` (the caller removes it then)."""
+        role = role or f"engine probe {probe}"
+        sandbox = self.sandbox(case.dir)
+        try:
+            self.run_engine(["probe", probe, "--case", str(sandbox.case), "--out", str(sandbox.out)], sandbox, role, nproc)
+            tensors, metrics = self._read(sandbox.out, role, engine=True)
+        finally:
+            if not keep and not self.options.keep_workdirs:
+                sandbox.remove()
+        return tensors, metrics, sandbox
+
+    def reference_probe(self, probe: str, case: Case) -> dict[str, torch.Tensor]:
+        """The reference's answer; run after the engine's, read, and deleted at once."""
+        from gates.stacks import STACKS
+
+        ref = self.options.reference
+        if ref not in STACKS:
+            raise GateStop("unsupported", f"reference stack {ref!r} is not available here (gates.stacks.STACKS has "
+                           f"{', '.join(STACKS)})")
+        cache = self._cache_dir(ref, probe, case)
+        if cache is not None and (cache / TENSORS_FILE).is_file():
+            self.report.artifacts[f"reference {probe}"] = f"from the reference cache {cache}"
+            return self._read(cache, f"reference probe {probe}", engine=False)[0]
+        sandbox = self.sandbox(case.dir, prefix="forge-ref-")
+        try:
+            argv = [*STACKS[ref], "probe", probe, "--case", str(sandbox.case), "--out", str(sandbox.out)]
+            proc = run_process(argv, sandbox.root, reference_env(), self.deadline)
+            self._record(f"reference probe {probe}", proc)
+            if proc.rc == EXIT_UNSUPPORTED:
+                raise GateStop("unsupported", f"reference {ref!r} cannot do probe {probe!r}")
+            if proc.rc != 0:
+                raise GateStop("error", f"reference {ref!r} probe {probe} exited {proc.rc}: {_last_line(proc.stderr)}",
+                               "reference_crash")
+            tensors = self._read(sandbox.out, f"reference probe {probe}", engine=False)[0]
+            if cache is not None:
+                _store(cache, sandbox.out)
+        finally:
+            if not self.options.keep_workdirs:
+                sandbox.remove()
+        bad = check_outputs(probe, tensors, case, lr_positive=False)
+        if bad is not None:
+            raise GateStop("error", f"the reference's own output breaks the contract: {bad.what}", "reference_crash")
+        return tensors
+
+    def _cache_dir(self, ref: str, probe: str, case: Case) -> Path | None:
+        if self.options.reference_cache is None:
+            return None
+        return Path(self.options.reference_cache) / f"{ref}-{probe}-{case_hash(case.dir)[:24]}"
+
+    def _read(self, out: Path, role: str, engine: bool) -> tuple[dict[str, torch.Tensor], dict]:
+        from safetensors.torch import load_file
+
+        verdict: Verdict = "failed" if engine else "error"
+        etype = None if engine else "reference_crash"
+        for f in (TENSORS_FILE, METRICS_FILE):
+            if not (out / f).is_file():
+                raise GateStop(verdict, f"{role} exited 0 but wrote no {f} (the probe contract names it)", etype,
+                               Localization(what=f"{role}: {f} missing") if engine else None)
+        try:
+            tensors = load_file(str(out / TENSORS_FILE))
+            metrics = json.loads((out / METRICS_FILE).read_text())
+        except Exception as e:  # noqa: BLE001 - any unreadable output is the stack's fault
+            raise GateStop(verdict, f"{role}: unreadable output: {e}", etype) from None
+        return tensors, metrics
+
+    def check(self, probe: str, tensors: dict[str, torch.Tensor], case: Case) -> None:
+        """Contract checks on engine outputs; GateStop(failed) at the first problem."""
+        lr_positive = case.spec.optimizer.lr > 0
+        bad = check_outputs(probe, tensors, case, lr_positive)
+        if bad is not None:
+            raise GateStop("failed", f"engine {probe} output breaks the contract: {bad.what}", localization=bad)
+
+    # ----- comparing -----------------------------------------------------------------------------
+    def compare_names(self, names: list[str], eng: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
+                      case: Case, policy: Policy | None = None, prefix: str = "") -> list[Diff]:
+        """Compare `names` in layer order; per-step series element by element. Adds to the report."""
+        policy = policy or self.policy
+        diffs: list[Diff] = []
+        for n in layer_order(names, case):
+            if n in ("losses", "grad_norms", "lrs"):
+                diffs += compare_series(prefix + n, eng[n], ref[n], policy)
+            else:
+                diffs.append(compare(prefix + n, eng[n], ref[n], policy))
+        self.report.tensors += diffs
+        return diffs
+
+    def finish(self, verdict: Verdict, message: str = "", localization: Localization | None = None,
+               error_type: str | None = None) -> GateReport:
+        r = self.report
+        r.verdict, r.message, r.localization, r.error_type = verdict, message, localization, error_type
+        r.time_s = round(time.monotonic() - self.t0, 3)
+        return r
+
+    def cleanup(self) -> None:
+        if self.options.keep_workdirs:
+            self.report.artifacts["workdirs"] = " ".join(map(str, self._tmp))
+            return
+        for d in self._tmp:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def localize(diffs: list[Diff], what_prefix: str = "") -> Localization | None:
+    """The first failing diff (the list is in layer / step order), with the worst one named too."""
+    bad = [d for d in diffs if not d.ok]
+    if not bad:
+        return None
+    first = bad[0]
+    worst = max(bad, key=lambda d: d.rel if d.rel == d.rel else float("inf"))
+    step = _step_of(first.name)
+    base = first.name.split("[")[0].split(":", 1)[-1]
+    layer = layer_of(base)
+    where = f"layer {layer}" if layer is not None and layer >= 0 else ("embedding" if layer == -1 else "")
+    what = f"{what_prefix}{first.name}{' (' + where + ')' if where else ''}: {first.figures()}; {first.note}"
+    return Localization(what=what, layer=layer, tensor=base, step=step, rel=first.rel, max_abs=first.max_abs,
+                        max_rel=first.max_rel, worst=None if worst is first else f"{worst.name}: {worst.figures()}")
+
+
+def verdict_of(diffs: list[Diff]) -> Verdict:
+    return "passed" if all(d.ok for d in diffs) else "failed"
+
+
+def part(name: str, diffs: list[Diff], message: str = "") -> Part:
+    bad = sum(not d.ok for d in diffs)
+    msg = message or (f"{len(diffs)} compared, all within bounds" if not bad else f"{bad} of {len(diffs)} out of bounds")
+    return Part(name=name, verdict=verdict_of(diffs), message=msg)
+
+
+def _store(cache: Path, out: Path) -> None:
+    """Atomic: the entry appears complete or not at all (concurrent gate runs may share a cache)."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
+    for f in (TENSORS_FILE, METRICS_FILE):
+        shutil.copy(out / f, tmp / f)
+    try:
+        tmp.rename(cache)
+    except OSError:  # another run stored the same entry first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _step_of(name: str) -> int | None:
+    if name.endswith("]") and "[" in name:
+        return int(name.rsplit("[", 1)[1][:-1])
+    return None
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "(no stderr)"
+
+
+def _failed_rank(text: str) -> int | None:
+    """torchrun's failure summary names the first failing rank: `rank      : 1 (local_rank: 1)`."""
+    import re
+
+    m = re.search(r"rank\s*:\s*(\d+)\s*\(local_rank", text)
+    return int(m.group(1)) if m else None
+
+
+def localize_training(series: list[Diff], weights: list[Diff], prefix: str = "") -> Localization | None:
+    """Steps-probe localization: the first step whose loss / grad norm / lr diverges, and the first final
+    weight (layer order) out of bounds; one line naming both."""
+    s_loc, w_loc = localize(series), localize(weights)
+    if s_loc is None and w_loc is None:
+        return None
+    if s_loc is None:
+        w_loc.what = f"{prefix}per-step losses, grad norms and lrs within bounds; final {w_loc.what}"
+        return w_loc
+    first_step = min(_step_of(d.name) for d in series if not d.ok)
+    at_step = [d for d in series if not d.ok and _step_of(d.name) == first_step]
+    s_loc = localize(at_step)
+    what = f"{prefix}step {first_step}: {s_loc.what}"
+    if w_loc is not None:
+        what += f" | final {w_loc.what}"
+    return Localization(what=what, step=first_step, tensor=w_loc.tensor if w_loc else s_loc.tensor,
+                        layer=w_loc.layer if w_loc else None, rel=s_loc.rel, max_abs=s_loc.max_abs,
+                        max_rel=s_loc.max_rel, worst=w_loc.worst if w_loc else s_loc.worst)

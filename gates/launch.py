@@ -1,0 +1,149 @@
+"""How gates start stacks: engine discovery, isolated sandboxes, subprocesses under a deadline.
+
+Engine: a directory ENGINE with exactly one package `ENGINE/src/<pkg>/` holding `__main__.py`. It runs
+as `python -m <pkg> ...` (under torchrun for more than one process) with PYTHONPATH=ENGINE/src and
+nothing else from the gate's environment on PYTHONPATH, in a fresh temporary directory that holds
+only a copy of the case and the output directory. The engine always runs before the reference on a
+case, and reference outputs are deleted once compared, so no reference output of the case exists
+anywhere while the engine runs (a guessed path finds nothing).
+
+Reference: the argv of `gates.stacks.STACKS[name]`, with PYTHONPATH = this workspace (gate code always
+comes from here, never from the engine), in its own temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+WORKSPACE = Path(__file__).resolve().parent.parent
+TAIL_CHARS = 4000
+# Variables that would put the gate's (or anyone's) code on the engine's import path.
+_SCRUB = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONSAFEPATH", "PYTHONUSERBASE")
+
+
+class EngineLayoutError(ValueError):
+    """ENGINE is not a directory with exactly one src/<pkg>/__main__.py."""
+
+
+class GateTimeout(Exception):
+    """The gate's wall-clock budget ran out (the runner turns it into verdict `error`, timeout)."""
+
+
+@dataclass(frozen=True)
+class Engine:
+    root: Path
+    package: str
+
+    @property
+    def src(self) -> Path:
+        return self.root / "src"
+
+
+def discover_engine(path: str | Path) -> Engine:
+    root = Path(path).resolve()
+    src = root / "src"
+    if not src.is_dir():
+        raise EngineLayoutError(f"engine {root}: no src/ directory (expected src/<pkg>/__main__.py)")
+    pkgs = sorted(p.name for p in src.iterdir() if p.is_dir() and (p / "__main__.py").is_file())
+    if len(pkgs) != 1:
+        raise EngineLayoutError(f"engine {root}: expected exactly one src/<pkg>/__main__.py, found {pkgs or 'none'}")
+    return Engine(root, pkgs[0])
+
+
+class Deadline:
+    """The gate's remaining wall-clock budget."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.total = seconds
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise GateTimeout(f"gate budget of {self.total:.0f}s exhausted")
+        return left
+
+
+@dataclass
+class Proc:
+    argv: list[str]
+    cwd: Path
+    env_set: dict[str, str]
+    rc: int | None
+    time_s: float
+    timed_out: bool
+    stdout: str
+    stderr: str
+
+
+def _tail(path: Path) -> str:
+    data = path.read_bytes()[-TAIL_CHARS:] if path.exists() else b""
+    return data.decode("utf-8", "replace")
+
+
+def run_process(argv: list[str], cwd: Path, env_set: dict[str, str], deadline: Deadline, scrub: bool = True) -> Proc:
+    """Run `argv` in its own process group; on deadline kill the whole group. Never raises on a
+    timeout: `Proc.timed_out` says so (the caller decides)."""
+    env = {k: v for k, v in os.environ.items() if not (scrub and k in _SCRUB)}
+    env.update(env_set)
+    logs = Path(tempfile.mkdtemp(prefix="forge-gate-log-"))
+    t0 = time.monotonic()
+    timed_out = False
+    with open(logs / "out", "wb") as out, open(logs / "err", "wb") as err:
+        p = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            rc: int | None = p.wait(timeout=max(0.1, deadline.end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(p)
+            rc = None
+    proc = Proc(argv, cwd, env_set, rc, time.monotonic() - t0, timed_out, _tail(logs / "out"), _tail(logs / "err"))
+    shutil.rmtree(logs, ignore_errors=True)
+    return proc
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+def engine_argv(engine: Engine, args: list[str], nproc: int = 1) -> list[str]:
+    """`python -m <pkg> ARGS`, or torchrun's `--standalone --nproc-per-node N -m <pkg> ARGS` (torchrun is
+    the console name of `torch.distributed.run`; running it as a module pins the same interpreter)."""
+    if nproc == 1:
+        return [sys.executable, "-m", engine.package, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", engine.package, *args]
+
+
+def engine_env(engine: Engine) -> dict[str, str]:
+    return {"PYTHONPATH": str(engine.src), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def reference_env() -> dict[str, str]:
+    return {"PYTHONPATH": str(WORKSPACE), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+class Sandbox:
+    """A fresh temporary directory holding only `case/` (a copy; absent for None) and, after the run, `out/`."""
+
+    def __init__(self, case_dir: Path | None, prefix: str = "forge-engine-"):
+        self.root = Path(tempfile.mkdtemp(prefix=prefix))
+        self.case = self.root / "case"
+        if case_dir is not None:
+            shutil.copytree(case_dir, self.case)
+        self.out = self.root / "out"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

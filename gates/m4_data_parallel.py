@@ -1,0 +1,54 @@
+"""M4 data parallel: the engine at DP=N (torchrun) equals itself at DP=1 on the same global batch, and
+the reference, over several optimizer steps.
+
+Launch: `torchrun --standalone --nproc-per-node N -m <pkg> probe steps ...` (gloo on CPU, NCCL on GPU:
+the engine picks the backend from the case's device). The DP=1 case holds the same weights and the
+same global batch per step: world size 1, N x the micro batches, rows in rank order.
+
+Parts: `vs_dp1` (engine DP=N against engine DP=1) and `vs_reference` (engine DP=N against the
+reference), both under the policy. The verdict is the worse of the two. Localization comes from
+`vs_dp1` when it fails (a DP bug shows there first: wrong loss averaging, a missing all-reduce),
+else from `vs_reference`: the first diverging step and the first final weight out of bounds. A rank
+is named when one rank crashes (torchrun's failure summary).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gates.case import hf_param_shapes
+from gates.context import GateRun, GateStop, localize_training, part
+from gates.report import GateReport, worst
+
+SERIES = ["losses", "grad_norms", "lrs"]
+
+
+def run(g: GateRun) -> GateReport:
+    n = g.options.world_size
+    case = g.make_case(world_size=n, steps=g.options.steps)
+    spec = case.spec
+    n = spec.world_size
+    if n < 2:
+        raise GateStop("unsupported", f"the case has world size {n}; M4 needs a case with world size >= 2")
+    if spec.device == "cuda" and torch.cuda.device_count() < n:
+        raise GateStop("unsupported", f"DP={n} on cuda needs {n} GPUs; this machine has {torch.cuda.device_count()}")
+    batches = {k: v.reshape(spec.steps, 1, n * spec.rows_per_rank, spec.seq_length) for k, v in case.batches.items()}
+    dp1_spec = spec.model_copy(update={"world_size": 1, "grad_accum": n * spec.grad_accum})
+    dp1 = g.write_case(dp1_spec, batches=batches, weights=case.weights, label="dp1 (same global batch)")
+
+    eng_n, _, _ = g.engine_probe("steps", case, nproc=n, role=f"engine probe steps DP={n}")
+    g.check("steps", eng_n, case)
+    eng_1, _, _ = g.engine_probe("steps", dp1, role="engine probe steps DP=1")
+    g.check("steps", eng_1, dp1)
+    ref = g.reference_probe("steps", case)
+
+    weights = [f"weight.{k}" for k in hf_param_shapes(spec.model)]
+    s1, w1 = (g.compare_names(x, eng_n, eng_1, case, prefix="vs_dp1:") for x in (SERIES, weights))
+    sr, wr = (g.compare_names(x, eng_n, ref, case, prefix="vs_reference:") for x in (SERIES, weights))
+    parts = [part("vs_dp1", s1 + w1), part("vs_reference", sr + wr)]
+    g.report.parts = parts
+    verdict = worst([p.verdict for p in parts])
+    if verdict == "passed":
+        return g.finish("passed", f"DP={n} over {spec.steps} steps equals DP=1 and the reference within {g.policy.describe()}")
+    loc = localize_training(s1, w1, f"DP={n} vs DP=1: ") or localize_training(sr, wr, f"DP={n} vs reference: ")
+    return g.finish(verdict, f"DP={n} diverges ({', '.join(p.name for p in parts if p.verdict != 'passed')})", loc)

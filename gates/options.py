@@ -1,0 +1,46 @@
+"""`GateOptions`: everything a gate run is parameterized by (re-exported by gates.runner)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GateOptions(BaseModel):
+    """How to run a gate. `case` is a preset name (the gate then writes a fresh random case shaped
+    for its check, from `seed`) or a case directory (used as is; its seed is recorded)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference: str = Field("torch", description="a gates.stacks.STACKS name: torch | megatron")
+    case: str = Field("tiny", description="model preset name (gates.model_config.PRESETS) or a case directory")
+    world_size: int = Field(2, ge=2, description="M4's data-parallel size")
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float64"] | None = Field(
+        None, description="compute dtype of generated cases; default float32 on cpu, bfloat16 on cuda")
+    policy: str = Field("dtype", description="bitwise | dtype | rel=X,max=Y (see gates/policies.py)")
+    rel_bound: float | None = Field(None, gt=0, description="overrides the policy's rel bound")
+    max_bound: float | None = Field(None, gt=0, description="overrides the policy's max_rel bound")
+    seed: int | None = Field(None, description="None: a fresh random seed per run (recorded in the report)")
+    steps: int = Field(4, ge=2, description="optimizer steps of M3 / M4 / M6 cases")
+    micro_batch_size: int = Field(2, ge=1, description="rows per micro batch of generated cases")
+    seq_length: int = Field(16, ge=2, description="sequence length of generated cases")
+    long_train_steps: int = Field(40, ge=2, description="M5: K steps of training on the default corpus")
+    long_train_window: int = Field(10, ge=1, description="M5: trailing window (steps) of the loss statistic")
+    long_train_threshold: float = Field(0.01, gt=0, description="M5: bound on the window's mean relative loss difference")
+    mfu_threshold: float = Field(0.36, ge=0, description="M5: MFU the engine's bench must reach (GPU only)")
+    bench_seq_length: int = Field(4096, ge=2, description="M5: bench --seq-length")
+    bench_micro_batch_size: int = Field(4, ge=1, description="M5: bench --micro-batch-size")
+    bench_steps: int = Field(20, ge=1, description="M5: bench --steps")
+    timeout_s: float = Field(1800.0, gt=0, description="wall-clock budget of one gate; exceeding it is verdict `error` (timeout)")
+    out_dir: Path | None = Field(None, description="where reports (<gate>.json) are written; None: not written")
+    reference_cache: Path | None = Field(
+        None, description="test suites only: reuse reference outputs per (stack, probe, case hash). Off by "
+        "default: files on disk are files an engine could look for")
+    keep_workdirs: bool = Field(False, description="debugging: keep the sandboxes instead of deleting them")
+
+    @property
+    def case_dtype(self) -> str:
+        return self.dtype or ("bfloat16" if self.device == "cuda" else "float32")

@@ -1,0 +1,155 @@
+"""Tolerance policies: when an engine's tensor counts as equal to the reference's.
+
+Two figures per tensor, both recorded in every report:
+- `rel`: ||a - b||_2 / ||b||_2 over the whole tensor (the norm-wise relative error);
+- `max_rel`: max|a - b| / max|b| (the worst single element, relative to the reference's largest
+  magnitude, so one bound works for logits ~1 and gradients ~1e-4 alike). `max_abs` = max|a - b|
+  is recorded too.
+
+Policies:
+- `bitwise`: every element equal (values compared exactly after promotion to a common dtype; a NaN
+  is never equal). For an engine that runs the reference's own kernels, and for the engine against
+  itself (M6's resume check).
+- `dtype`: the per-dtype bounds below, from the case's compute dtype; either bound can be replaced
+  (`rel=...,max=...` or GateOptions.rel_bound / max_bound).
+
+Default bounds (`DTYPE_BOUNDS`) and why:
+- float64: rel 1e-9, max_rel 1e-8. Reordered fp64 reductions differ by ~1e-15 per op; a few AdamW
+  steps and the HF weight fold keep that below 1e-12. A wrong constant anywhere moves it to >1e-4.
+- float32: rel 2e-5, max_rel 1e-4. A correct engine whose kernels differ from the eager reference
+  (SDPA attention, fused QKV, torch's AdamW arithmetic order, different micro-batch accumulation)
+  lands at rel ~1e-7..1e-6 on forward and backward and ~1e-6 on weights after a few AdamW steps
+  (measured on the tiny preset, tests/gates); 2e-5 leaves a >10x margin for larger shapes while the
+  red-team bugs sit at 1e-4 (a skipped weight decay over 4 steps) and far above.
+- bfloat16: rel 3e-2, max_rel 1e-1. bf16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3);
+  every matmul output, norm and residual add rounds once, so two correct bf16 implementations drift
+  by a few roundoffs per layer: ~1e-2 relative on logits at 0.5B scale (24 layers), a little more on
+  gradients. The single worst element of a large tensor can sit at several roundoffs of the
+  largest magnitude, hence the looser max bound. Structural bugs (wrong RoPE theta, a non-causal
+  mask, a wrong residual scale) are far above (>1e-1 in the first affected layer). This is a
+  parameter: GPU runs with other kernels may need a different one, and the report records it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+DTYPE_BOUNDS: dict[str, tuple[float, float]] = {
+    "float64": (1e-9, 1e-8),
+    "float32": (2e-5, 1e-4),
+    "bfloat16": (3e-2, 1e-1),
+}
+POLICY_NAMES = ("dtype", "bitwise")
+_CHUNK = 1 << 24  # elements per chunk when reducing big tensors (0.5B logits are ~1.5e8 elements)
+
+
+class Policy(BaseModel):
+    """A resolved tolerance policy; `rel`/`max_rel` are None for bitwise."""
+
+    model_config = ConfigDict(frozen=True)
+    name: Literal["dtype", "bitwise"]
+    dtype: str
+    rel: float | None = Field(None, ge=0)
+    max_rel: float | None = Field(None, ge=0)
+
+    @property
+    def bitwise(self) -> bool:
+        return self.name == "bitwise"
+
+    def describe(self) -> str:
+        if self.bitwise:
+            return "bitwise (every element equal)"
+        return f"{self.dtype} bounds: rel <= {self.rel:g}, max_rel <= {self.max_rel:g}"
+
+
+def resolve_policy(spec: str, dtype: str, rel: float | None = None, max_rel: float | None = None) -> Policy:
+    """`spec` is `bitwise`, `dtype`, or `rel=X,max=Y` (either part optional, the rest from the dtype)."""
+    spec = spec.strip()
+    if spec == "bitwise":
+        return Policy(name="bitwise", dtype=dtype)
+    if dtype not in DTYPE_BOUNDS:
+        raise ValueError(f"no default bounds for dtype {dtype!r}; one of {', '.join(DTYPE_BOUNDS)}")
+    d_rel, d_max = DTYPE_BOUNDS[dtype]
+    if spec != "dtype":
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            key, _, value = part.partition("=")
+            if key not in ("rel", "max") or not value:
+                raise ValueError(f"bad policy {spec!r}: expected `bitwise`, `dtype` or `rel=X,max=Y`")
+            if key == "rel":
+                d_rel = float(value)
+            else:
+                d_max = float(value)
+    return Policy(name="dtype", dtype=dtype, rel=d_rel if rel is None else rel, max_rel=d_max if max_rel is None else max_rel)
+
+
+class Diff(BaseModel):
+    """One tensor compared: both error figures, the bound it was held to, and the verdict."""
+
+    name: str
+    shape: list[int]
+    rel: float
+    max_abs: float
+    max_rel: float
+    ok: bool
+    note: str = ""
+
+    def figures(self) -> str:
+        return f"rel {self.rel:.3e}, max_abs {self.max_abs:.3e} (max_rel {self.max_rel:.3e})"
+
+
+def _stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float, float, bool]:
+    """(||a-b||^2, ||b||^2, max|a-b|, max|b|, bit-equal), chunked in float64."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    sq_d = sq_b = max_d = max_b = 0.0
+    equal = True
+    for i in range(0, max(1, fa.numel()), _CHUNK):
+        ca, cb = fa[i : i + _CHUNK].double(), fb[i : i + _CHUNK].double()
+        if ca.numel() == 0:
+            break
+        d = ca - cb
+        sq_d += float(d.square().sum())
+        sq_b += float(cb.square().sum())
+        max_d = max(max_d, float(d.abs().max()))
+        max_b = max(max_b, float(cb.abs().max()))
+        equal = equal and bool(torch.equal(ca, cb))
+    return sq_d, sq_b, max_d, max_b, equal
+
+
+def _ratio(num: float, den: float) -> float:
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den
+
+
+def compare(name: str, a: torch.Tensor, b: torch.Tensor, policy: Policy) -> Diff:
+    """Engine tensor `a` against reference tensor `b` under `policy`."""
+    if tuple(a.shape) != tuple(b.shape):
+        return Diff(name=name, shape=list(b.shape), rel=float("inf"), max_abs=float("inf"), max_rel=float("inf"),
+                    ok=False, note=f"shape {list(a.shape)} != reference {list(b.shape)}")
+    sq_d, sq_b, max_d, max_b, equal = _stats(a, b)
+    rel, max_rel = _ratio(sq_d**0.5, sq_b**0.5), _ratio(max_d, max_b)
+    if any(x != x for x in (rel, max_d)):  # NaN anywhere
+        return Diff(name=name, shape=list(b.shape), rel=float("nan"), max_abs=float("nan"), max_rel=float("nan"),
+                    ok=False, note="NaN")
+    ok = equal if policy.bitwise else (rel <= policy.rel and max_rel <= policy.max_rel)
+    note = "" if ok else ("not bit-identical" if policy.bitwise else _which_bound(rel, max_rel, policy))
+    return Diff(name=name, shape=list(b.shape), rel=rel, max_abs=max_d, max_rel=max_rel, ok=ok, note=note)
+
+
+def _which_bound(rel: float, max_rel: float, policy: Policy) -> str:
+    parts = []
+    if rel > policy.rel:
+        parts.append(f"rel {rel:.3e} > {policy.rel:g}")
+    if max_rel > policy.max_rel:
+        parts.append(f"max_rel {max_rel:.3e} > {policy.max_rel:g}")
+    return "; ".join(parts)
+
+
+def compare_series(name: str, a: torch.Tensor, b: torch.Tensor, policy: Policy) -> list[Diff]:
+    """Per-step scalars (losses, grad norms, lrs): one Diff per step, named `name[t]`."""
+    if a.shape != b.shape:
+        return [compare(name, a, b, policy)]
+    return [compare(f"{name}[{t}]", a[t], b[t], policy) for t in range(b.shape[0])]
