@@ -47,13 +47,33 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_probe(stack: str, probe: str, case: Path, out: Path, timeout: float) -> dict:
+    """One probe of one stack through its CLI (what a gate runs); never raises for the stack's failures."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in [str(REPO), os.environ.get("PYTHONPATH")] if x))
     t0 = time.perf_counter()
-    proc = subprocess.run([*STACKS[stack], "probe", probe, "--case", str(case), "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([*STACKS[stack], "probe", probe, "--case", str(case), "--out", str(out)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:  # subprocess.run has killed the child
+        return {"stack": stack, "probe": probe, "status": "timeout", "message": f"no answer within {timeout:.0f} s",
+                "wall_s": time.perf_counter() - t0}
     status = "ok" if proc.returncode == 0 else "unsupported" if proc.returncode == EXIT_UNSUPPORTED else "error"
     msg = (proc.stderr.strip().splitlines() or [""])[-1][:400] if status != "ok" else ""
     return {"stack": stack, "probe": probe, "status": status, "message": msg, "wall_s": time.perf_counter() - t0}
+
+
+def run_reference_inprocess(probe: str, case: Path, out: Path) -> dict:
+    """The `torch` stack's probe in this process (its CLI does exactly this; saves a process start per probe)."""
+    from gates.case import load_case
+    from gates.probe import write_outputs
+    from gates.stacks.torch_ref.probes import run_probe as ref_probe
+
+    t0 = time.perf_counter()
+    tensors, metrics = ref_probe(probe, load_case(case), out)
+    write_outputs(out, tensors, metrics)
+    del tensors
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"stack": "torch", "probe": probe, "status": "ok", "message": "", "wall_s": time.perf_counter() - t0}
 
 
 def compare_probe(cand: Path, ref16: Path, ref32: Path, probe: str) -> list[dict]:
@@ -115,6 +135,13 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(doc: dict, out: Path) -> None:
+    doc["agree"] = bool(doc["stacks"]) and all(pr.get("summary", {}).get("agree", False)
+                                              for res in doc["stacks"].values() for pr in res.values())
+    (out / "agreement.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "agreement.md").write_text(markdown(doc))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.agreement", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minicpm4-0.5b")
@@ -127,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stacks", default="megatron,megatron-sdpa", help="candidate stacks (names in gates.stacks.STACKS)")
     p.add_argument("--probes", default=",".join(PROBES))
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per probe run")
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole report; probes past it are skipped")
+    p.add_argument("--reference-subprocess", action="store_true",
+                   help="run the torch reference through its CLI too (default: in this process, same code)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     cfg = load(args.model)
@@ -140,14 +170,27 @@ def main(argv: list[str] | None = None) -> int:
                  "git_commit": os.environ.get("FORGE_GIT_COMMIT") or "unknown",
                  "settings": {"model": cfg.name, **common, "stacks": args.stacks, "factor": FACTOR, "floor": FLOOR},
                  "torch": torch.__version__, "stacks": {}, "runs": runs}
+    deadline = None if args.budget is None else time.monotonic() + args.budget
+
+    def left() -> float:
+        return args.timeout if deadline is None else min(args.timeout, deadline - time.monotonic())
+
     for probe in probes:
-        for label, stack, case in [("torch-fp32", "torch", "float32"), ("torch-bf16", "torch", "bfloat16")]:
-            runs.append(run_probe(stack, probe, cases[case], out / "probes" / label / probe, args.timeout) | {"label": label})
+        for label, case in [("torch-fp32", "float32"), ("torch-bf16", "bfloat16")]:
+            where = out / "probes" / label / probe
+            if args.reference_subprocess:
+                r = run_probe("torch", probe, cases[case], where, left())
+            else:
+                r = run_reference_inprocess(probe, cases[case], where)
+            runs.append(r | {"label": label})
     ok = {(r["label"], r["probe"]) for r in runs if r["status"] == "ok"}
     for stack in [s for s in args.stacks.split(",") if s]:
         res = doc["stacks"][stack] = {}
         for probe in probes:
-            r = run_probe(stack, probe, cases["bfloat16"], out / "probes" / stack / probe, args.timeout)
+            if left() < 20:
+                res[probe] = {"status": "skipped", "message": "report budget (--budget) spent"}
+                continue
+            r = run_probe(stack, probe, cases["bfloat16"], out / "probes" / stack / probe, left())
             runs.append(r | {"label": stack})
             res[probe] = {"status": r["status"], "message": r["message"]}
             if r["status"] == "ok" and {("torch-fp32", probe), ("torch-bf16", probe)} <= ok:
@@ -157,10 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[agreement] {stack} {probe}: {r['status']}"
                   + (f", agree={res[probe]['summary']['agree']}" if "summary" in res[probe] else f" {r['message']}"),
                   file=sys.stderr, flush=True)
-    doc["agree"] = bool(doc["stacks"]) and all(pr.get("summary", {}).get("agree", False)
-                                              for res in doc["stacks"].values() for pr in res.values())
-    (out / "agreement.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "agreement.md").write_text(markdown(doc))
+            write_report(doc, out)  # after every probe: a run cut short still leaves its report
+    write_report(doc, out)
     print(markdown(doc))
     return 0 if doc["agree"] else 1
 

@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--oom-fallback", action=argparse.BooleanOptionalAction, default=True,
                    help="after out of memory, retry the stack at half the micro batch (down to 1)")
     p.add_argument("--timeout", type=float, default=420.0, help="seconds per stack attempt")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole run: attempts get at most what is left; stacks past it are recorded as skipped")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile-backend", default="inductor")
@@ -87,7 +89,7 @@ def command(stack: Stack, args: argparse.Namespace, mbs: int, result: Path) -> l
     return cmd
 
 
-def run_attempt(stack: Stack, args: argparse.Namespace, mbs: int, out: Path) -> dict:
+def run_attempt(stack: Stack, args: argparse.Namespace, mbs: int, out: Path, timeout: float) -> dict:
     """One subprocess; its result file, or a result made from its exit and log."""
     tag = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stack.name)}-mb{mbs}"
     result, log = out / "raw" / f"{tag}.json", out / "logs" / f"{tag}.log"
@@ -101,7 +103,7 @@ def run_attempt(stack: Stack, args: argparse.Namespace, mbs: int, out: Path) -> 
         proc = subprocess.Popen(command(stack, args, mbs, result), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            rc = proc.wait(timeout=args.timeout)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the group we started: the runner and its compile workers
             proc.wait()
@@ -109,7 +111,7 @@ def run_attempt(stack: Stack, args: argparse.Namespace, mbs: int, out: Path) -> 
     wall = time.perf_counter() - t0
     tail = log.read_text(errors="replace")[-1500:]
     if rc is None:
-        r = {"status": "timeout", "message": f"no result within {args.timeout:.0f} s"}
+        r = {"status": "timeout", "message": f"no result within {timeout:.0f} s"}
     elif result.is_file():
         r = json.loads(result.read_text())
         r.setdefault("status", "ok" if rc == 0 else "error")
@@ -124,12 +126,16 @@ def run_attempt(stack: Stack, args: argparse.Namespace, mbs: int, out: Path) -> 
     return r
 
 
-def run_stack(stack: Stack, args: argparse.Namespace, mbs: int, out: Path, flops_per_token: float) -> dict:
+def run_stack(stack: Stack, args: argparse.Namespace, mbs: int, out: Path, flops_per_token: float,
+              deadline: float | None = None) -> dict:
     row: dict = {"stack": stack.name, "kind": stack.kind, "note": stack.note, "attempts": []}
     if stack.argv is None:
         return row | {"status": "unsupported" if stack.kind != "engine" else "skipped", "message": stack.skip_reason}
     while True:
-        r = run_attempt(stack, args, mbs, out)
+        timeout = args.timeout if deadline is None else min(args.timeout, deadline - time.monotonic())
+        if timeout < 20:
+            return row | {"status": "skipped", "message": "run budget (--budget) spent before this stack", "micro_batch_size": mbs}
+        r = run_attempt(stack, args, mbs, out, timeout)
         row["attempts"].append({k: r.get(k) for k in ("micro_batch_size", "status", "message", "wall_s")})
         print(f"[compare] {stack.name} micro batch {mbs}: {r['status']}"
               + (f", {r['tokens_per_s']:,.0f} tokens/s" if r["status"] == "ok" else f" ({r.get('message', '')})"),
@@ -202,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = args.out or REPO / "runs" / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
-    rows = [run_stack(s, args, per_mbs.get(s.name, args.micro_batch_size), out, flops) for s in stacks]
+    deadline = None if args.budget is None else time.monotonic() + args.budget
+    rows = [run_stack(s, args, per_mbs.get(s.name, args.micro_batch_size), out, flops, deadline) for s in stacks]
     add_ratios(rows)
     commit = os.environ.get("FORGE_GIT_COMMIT") or _git("rev-parse", "HEAD") or "unknown"
     doc = {
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                      "micro_batch_size": args.micro_batch_size, "stack_micro_batch_size": per_mbs,
                      "warmup": args.warmup, "steps": args.steps, "seed": args.seed, "device": args.device,
                      "stacks": [s.name for s in stacks], "oom_fallback": args.oom_fallback, "timeout_s": args.timeout,
-                     "compile_backend": args.compile_backend, "flops_per_token": flops, "peak_tflops": PEAK_TFLOPS_BF16,
+                     "budget_s": args.budget, "compile_backend": args.compile_backend, "flops_per_token": flops, "peak_tflops": PEAK_TFLOPS_BF16,
                      "mfu_formula": "6*(L*(2*h*n*d + 2*h*g*d + 3*h*f + s*n*d) + h*V) per token / peak",
                      "gpus": 1},
         "results": rows,
