@@ -26,9 +26,19 @@ class GateOutcome:
     localization: str | None = None     # where engine and reference first diverge, as text
     time_s: float | None = None
     report: Path | None = None          # the full JSON report
+    parts: dict[str, str] = field(default_factory=dict)  # part name -> verdict (M4, M5, M6 have parts)
 
     def accepted(self, gate: GateCheck) -> bool:
-        return self.verdict == "passed" or (self.verdict == "unsupported" and gate.allow_unsupported)
+        """`passed`; or `unsupported` where the spec allows exactly the unsupported parts (and the rest passed)."""
+        if self.verdict == "passed":
+            return True
+        if self.verdict != "unsupported" or not gate.allow_unsupported:
+            return False
+        if "*" in gate.allow_unsupported:
+            return True
+        unsupported = {p for p, v in self.parts.items() if v == "unsupported"}
+        others = {v for p, v in self.parts.items() if v != "unsupported"}
+        return bool(unsupported) and unsupported <= set(gate.allow_unsupported) and others <= {"passed"} and bool(others)
 
     def key_numbers(self, limit: int = 12) -> dict[str, Any]:
         """The scalar metrics (for the ledger line and the commit message)."""
@@ -54,46 +64,74 @@ def runner_available() -> bool:
     return True
 
 
-def localization_text(loc: Any) -> str | None:
-    if loc in (None, "", {}, []):
-        return None
-    if isinstance(loc, str):
-        return loc
-    if isinstance(loc, dict):
-        return "\n".join(f"{k}: {json.dumps(v, default=str) if not isinstance(v, str) else v}" for k, v in loc.items())
-    return json.dumps(loc, indent=2, default=str)
-
-
-def _options(gate: GateCheck, spec: ForgeSpec, out_dir: Path) -> dict[str, Any]:
-    return {"reference": spec.reference, "case": gate.case, "world_size": gate.world_size,
-            "device": gate.device or spec.hardware.device, "dtype": gate.dtype, "policy": gate.policy,
-            "bounds": gate.bounds or None, "seed": gate.seed, "long_train_steps": gate.long_train_steps,
-            "loss_rel_tol": gate.loss_rel_tol, "mfu_threshold": gate.mfu_threshold, "timeout_s": gate.timeout_s,
+def runner_options(gate: GateCheck, spec: ForgeSpec, out_dir: Path) -> dict[str, Any]:
+    return {"reference": spec.reference, "device": gate.device or spec.hardware.device, **gate.runner_options(),
             "out_dir": out_dir}
 
 
-def _accepted_fields(cls: Any) -> set[str] | None:
-    fields = getattr(cls, "model_fields", None) or getattr(cls, "__dataclass_fields__", None)
-    return set(fields) if fields else None
+def report_numbers(data: dict[str, Any]) -> dict[str, Any]:
+    """The key numbers of a gates.report.GateReport (as JSON): worst tensor, parts' numbers, seed."""
+    out: dict[str, Any] = {}
+    tensors = data.get("tensors") or []
+    if tensors:
+        worst = max(tensors, key=lambda t: (not t.get("ok", True), _num(t.get("rel"))))
+        out |= {"tensors": len(tensors), "worst_tensor": worst.get("name"), "worst_rel": worst.get("rel"),
+                "worst_max_rel": worst.get("max_rel")}
+    for part in data.get("parts") or []:
+        for k, v in (part.get("numbers") or {}).items():
+            out[f"{part.get('name')}.{k}"] = v
+    seed = (data.get("case") or {}).get("seed")
+    if seed is not None:
+        out["seed"] = seed
+    if data.get("error_type"):
+        out["error_type"] = data["error_type"]
+    return out
+
+
+def _num(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return float("inf")
+    return f if f == f else float("inf")
+
+
+def report_localization(data: dict[str, Any]) -> str | None:
+    """Where it diverged first, else the message, else the failing parts' messages."""
+    loc = data.get("localization")
+    lines = []
+    if isinstance(loc, dict) and loc:
+        lines.append(str(loc.get("what", "")))
+        lines += [f"{k}: {v}" for k, v in loc.items() if k != "what" and v is not None]
+    elif loc:
+        lines.append(str(loc))
+    if data.get("message"):
+        lines.append(str(data["message"]))
+    lines += [f"part {p.get('name')}: {p.get('verdict')} {p.get('message', '')}".rstrip()
+              for p in data.get("parts") or [] if p.get("verdict") != "passed"]
+    tail = (data.get("artifacts") or {}).get("stderr_tail") or (data.get("artifacts") or {}).get("traceback")
+    if tail and data.get("verdict") == "error":
+        lines.append("--- tail\n" + str(tail)[-1500:])
+    return "\n".join(x for x in lines if x) or None
 
 
 def run_real_gate(gate: GateCheck, engine_dir: Path, spec: ForgeSpec, out_dir: Path) -> GateOutcome:
-    """One gate through gates.runner.run_gate; a crash of the runner is an `error` verdict, not an exception."""
+    """One gate through gates.runner.run_gate (the workspace's copy); a crash is an `error` verdict."""
     from gates.runner import GateOptions, run_gate  # type: ignore[import-not-found]
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    opts = {k: v for k, v in _options(gate, spec, out_dir).items() if v is not None}
-    allowed = _accepted_fields(GateOptions)
-    if allowed is not None:
-        opts = {k: v for k, v in opts.items() if k in allowed}
+    opts = runner_options(gate, spec, out_dir)
+    known = set(getattr(GateOptions, "model_fields", {}) or opts)
     try:
-        report = run_gate(gate.name, engine_dir, GateOptions(**opts))
+        report = run_gate(gate.name, engine_dir, GateOptions(**{k: v for k, v in opts.items() if k in known}))
     except Exception as e:  # noqa: BLE001 - the round reports it
         return GateOutcome(gate.name, "error", localization=f"gate runner raised {type(e).__name__}: {e}\n"
                            + "".join(traceback.format_exc().splitlines(True)[-6:]))
-    data = report.model_dump(mode="json") if hasattr(report, "model_dump") else dict(report)
+    data = json.loads(report.model_dump_json()) if hasattr(report, "model_dump_json") else dict(report)
     path = out_dir / f"{gate.name}.json"
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    if not path.is_file():
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     verdict = str(data.get("verdict", "error"))
-    return GateOutcome(gate.name, verdict if verdict in GATE_VERDICTS else "error", dict(data.get("metrics") or {}),
-                       localization_text(data.get("localization")), data.get("time_s"), path)
+    return GateOutcome(gate.name, verdict if verdict in GATE_VERDICTS else "error", report_numbers(data),
+                       report_localization(data), data.get("time_s"), path,
+                       {str(p.get("name")): str(p.get("verdict")) for p in data.get("parts") or []})

@@ -24,7 +24,7 @@ from harness import manifest as mf
 from harness.agents import AgentBackend, AgentResult, AgentTask, AgentUnavailable, get_backend
 from harness.agents._env import agent_env
 from harness.agents._proc import kill_group
-from harness.gating import GateFn, GateOutcome, run_real_gate
+from harness.gating import GateFn, GateOutcome, report_localization, run_real_gate
 from harness.ledger import GateLine, Inflight, Ledger, RoundRecord, RunLock, RunState, write_json_atomic
 from harness.prompts import PROMPTS_DIR, WORKSPACE_ROOT, Feedback, OpContext, render
 from harness.spec import ForgeSpec, GateCheck, StageSpec, spec_sha256
@@ -85,6 +85,10 @@ class ForgeLoop:
 
     # -- entry ---------------------------------------------------------------------------------------
     def run(self, resume: bool = False, only: list[str] | None = None) -> RunOutcome:
+        if self.backend_override is None:  # bad backend options fail here, before any state is written
+            for st in self.spec.stages:
+                a = self.spec.agent_for(st)
+                get_backend(a.backend, a.options, a.model)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.state_dir):
             self._start(resume)
@@ -269,9 +273,7 @@ class ForgeLoop:
             data = json.loads(Path(report).read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        from harness.gating import localization_text
-
-        return localization_text(data.get("localization"))
+        return report_localization(data)
 
     def _record_pid(self, pid: int) -> None:
         if self._inflight is not None:

@@ -15,7 +15,6 @@ from typing import Any
 import jinja2
 
 from gates.model_config import preset
-from gates.probe import EXIT_UNSUPPORTED
 from harness.spec import ForgeSpec, GateCheck, StageSpec
 
 WORKSPACE_ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +33,15 @@ def stage_templates(prompts_dir: Path = PROMPTS_DIR) -> list[str]:
 
 def gate_command(spec: ForgeSpec, gate: GateCheck, engine_dir: Path) -> str:
     """The command an agent runs to check its own work with the gate runner (`agent-loop.sh gate`)."""
+    o = gate.runner_options()
     parts = ["bash", str(WORKSPACE_ROOT / "agent-loop.sh"), "gate", gate.name, "--engine", str(engine_dir),
-             "--reference", spec.reference, "--case", gate.case, "--world-size", str(gate.world_size),
-             "--device", gate.device or spec.hardware.device]
+             "--reference", spec.reference, "--device", gate.device or spec.hardware.device]
+    flags = {"case": "--case", "dtype": "--dtype", "policy": "--policy", "world_size": "--world-size",
+             "steps": "--steps", "seq_length": "--seq-length", "long_train_steps": "--long-train-steps",
+             "mfu_threshold": "--mfu-threshold", "timeout_s": "--timeout"}
+    for key, flag in flags.items():
+        if key in o:
+            parts += [flag, str(o[key])]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -64,6 +69,8 @@ class OpContext:
 
 def context(spec: ForgeSpec, stage: StageSpec, *, round_no: int, max_rounds: int, engine_dir: Path,
             feedback: Feedback | None = None, op: OpContext | None = None) -> dict[str, Any]:
+    from gates.probe import EXIT_UNSUPPORTED  # imports torch: only when a prompt is rendered
+
     cfg = preset(spec.model.preset)
     model = cfg.model_dump() | {"dim_head": cfg.dim_head}
     gates = [g.model_dump() | {"command": gate_command(spec, g, engine_dir)} for g in stage.gates]

@@ -55,23 +55,30 @@ def known_gates() -> tuple[str, ...]:
 
 
 class GateCheck(_Strict):
-    """One gate run inside a stage, with the options the gate runner takes (gates.runner.GateOptions)."""
+    """One gate run inside a stage. Fields mirror gates.options.GateOptions (left unset: the runner's
+    default); `allow_unsupported` is the harness's own: which parts may be `unsupported`."""
 
     name: str = Field(description="a gate of gates/runner.py, e.g. m1_forward")
-    case: str = Field("tiny", description="model preset or case directory the gate builds its inputs from")
-    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    case: str = Field("tiny", description="model preset (a fresh random case each run) or a case directory")
+    dtype: Literal["float32", "bfloat16", "float64"] | None = Field(None, description="default: fp32 cpu, bf16 cuda")
     device: Literal["cpu", "cuda"] | None = Field(None, description="default: the spec's hardware.device")
-    world_size: int = Field(1, ge=1)
-    policy: Literal["bitwise", "bounds", "auto"] = Field(
-        "auto", description="bitwise, per-dtype bounds, or auto: bitwise where the engine runs the reference's kernels")
-    bounds: dict[str, float] = Field(default_factory=dict, description="e.g. {rel = 1e-5, max_abs = 1e-4}")
+    world_size: int | None = Field(None, ge=2, description="M4's data-parallel size")
+    policy: str = Field("dtype", description="bitwise | dtype (per-dtype bounds) | rel=X,max=Y")
     seed: int | None = Field(None, description="None: a fresh random seed each run (recorded in the report)")
-    long_train_steps: int | None = Field(None, ge=1, description="m5: steps of the long run")
-    loss_rel_tol: float | None = Field(None, gt=0, description="m5: loss-curve relative difference bound")
-    mfu_threshold: float | None = Field(None, ge=0, le=1, description="m5: MFU the engine must reach (GPU)")
-    timeout_s: float = Field(900.0, gt=0)
-    allow_unsupported: bool = Field(
-        False, description="accept an `unsupported` verdict (e.g. MFU on a CPU); recorded as such, never as passed")
+    steps: int | None = Field(None, ge=2, description="optimizer steps of M3 / M4 / M6 cases")
+    seq_length: int | None = Field(None, ge=2)
+    micro_batch_size: int | None = Field(None, ge=1)
+    long_train_steps: int | None = Field(None, ge=2, description="M5: steps of the long run")
+    long_train_window: int | None = Field(None, ge=1, description="M5: trailing window of the loss statistic")
+    long_train_threshold: float | None = Field(None, gt=0, description="M5: bound on the window's mean relative loss difference")
+    mfu_threshold: float | None = Field(None, ge=0, le=1, description="M5: MFU the engine must reach (GPU)")
+    bench_seq_length: int | None = Field(None, ge=2)
+    bench_micro_batch_size: int | None = Field(None, ge=1)
+    bench_steps: int | None = Field(None, ge=1)
+    timeout_s: float | None = Field(None, gt=0, description="a gate over time is verdict `error` (timeout)")
+    allow_unsupported: list[str] = Field(
+        default_factory=list, description="parts (e.g. 'mfu' on a CPU) whose `unsupported` verdict is accepted, "
+        "when every other part passed; '*' accepts a wholly unsupported gate. Recorded as unsupported, never as passed")
 
     @field_validator("name")
     @classmethod
@@ -80,6 +87,26 @@ class GateCheck(_Strict):
         if v not in names:
             raise ValueError(f"unknown gate {v!r}; one of {', '.join(names)}")
         return v
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        if v in ("bitwise", "dtype"):
+            return v
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            key, _, value = part.partition("=")
+            try:
+                ok = key in ("rel", "max") and float(value) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"bad policy {v!r}: expected bitwise, dtype or rel=X,max=Y")
+        return v
+
+    def runner_options(self) -> dict[str, Any]:
+        """The GateOptions fields this check sets (everything else: the runner's default)."""
+        skip = {"name", "allow_unsupported"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
 
 
 class TimingSpec(_Strict):

@@ -57,6 +57,8 @@ def get_backend(name: str, options: dict[str, Any] | None = None, model: str | N
         lines = [f"  agent.options.{'.'.join(map(str, err['loc']))}: "
                  f"{'unknown option' if err['type'] == 'extra_forbidden' else err['msg']}" for err in e.errors()]
         raise BackendError(f"invalid options for backend {name!r}:\n" + "\n".join(lines)) from None
+    except ValueError as e:
+        raise BackendError(str(e)) from None
 
 
 __all__ = ["BACKENDS", "AgentBackend", "AgentResult", "AgentTask", "AgentUnavailable", "BackendError", "get_backend"]

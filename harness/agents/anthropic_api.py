@@ -8,15 +8,17 @@ harness/agents/_retry.py retries 429 / 5xx / timeouts with backoff, visibly.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from typing import Any
-
-import anthropic
 
 from harness.agents import _tools
 from harness.agents._api import ApiOptions, Transcript, api_key
 from harness.agents._retry import call_with_retries
 from harness.agents.base import AgentBackend, AgentResult, AgentTask, cost_from_prices
+
+if importlib.util.find_spec("anthropic") is None:  # registered only where the SDK is installed
+    raise ImportError("the anthropic backend needs the `anthropic` package")
 
 
 def _block_to_param(block: Any) -> dict[str, Any]:
@@ -31,7 +33,14 @@ class AnthropicBackend(AgentBackend):
     name = "anthropic"
     Options = ApiOptions
 
+    def __init__(self, options: dict[str, Any] | None = None, model: str | None = None) -> None:
+        super().__init__(options, model)
+        if not model:
+            raise ValueError(f"the {self.name} backend needs agent.model (the service's model name)")
+
     def run(self, task: AgentTask) -> AgentResult:
+        import anthropic  # imported here: the SDK costs seconds to import, and most runs never use it
+
         o = self.options
         client = anthropic.Anthropic(api_key=api_key(o, "ANTHROPIC_API_KEY"), base_url=o.base_url, max_retries=0,
                                      timeout=o.request_timeout_s)
@@ -50,7 +59,7 @@ class AnthropicBackend(AgentBackend):
                 error = "timeout"
                 break
             resp = call_with_retries(
-                lambda: client.messages.create(model=self.model or "claude-sonnet-4-5", max_tokens=o.max_tokens,
+                lambda: client.messages.create(model=self.model, max_tokens=o.max_tokens,
                                                system=o.system, messages=messages, tools=tools),
                 retries=o.retries, base_s=o.retry_base_s,
                 on_retry=lambda n, e, s: log.write("retry", attempt=n, error=type(e).__name__, wait_s=round(s, 2)))

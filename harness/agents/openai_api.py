@@ -8,22 +8,31 @@ speaks Chat Completions at `base_url`. Retries as in the anthropic backend.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from typing import Any
-
-import openai
 
 from harness.agents import _tools
 from harness.agents._api import ApiOptions, Transcript, api_key
 from harness.agents._retry import call_with_retries
 from harness.agents.base import AgentBackend, AgentResult, AgentTask, cost_from_prices
 
+if importlib.util.find_spec("openai") is None:  # registered only where the SDK is installed
+    raise ImportError("the openai backend needs the `openai` package")
+
 
 class OpenAIBackend(AgentBackend):
     name = "openai"
     Options = ApiOptions
 
+    def __init__(self, options: dict[str, Any] | None = None, model: str | None = None) -> None:
+        super().__init__(options, model)
+        if not model:
+            raise ValueError(f"the {self.name} backend needs agent.model (the service's model name)")
+
     def run(self, task: AgentTask) -> AgentResult:
+        import openai  # imported here: the SDK costs seconds to import, and most runs never use it
+
         o = self.options
         client = openai.OpenAI(api_key=api_key(o, "OPENAI_API_KEY"), base_url=o.base_url, max_retries=0,
                                timeout=o.request_timeout_s)
@@ -42,7 +51,7 @@ class OpenAIBackend(AgentBackend):
                 error = "timeout"
                 break
             resp = call_with_retries(
-                lambda: client.chat.completions.create(model=self.model or "gpt-5", messages=messages, tools=tools,
+                lambda: client.chat.completions.create(model=self.model, messages=messages, tools=tools,
                                                        max_completion_tokens=o.max_tokens),
                 retries=o.retries, base_s=o.retry_base_s,
                 on_retry=lambda n, e, s: log.write("retry", attempt=n, error=type(e).__name__, wait_s=round(s, 2)))

@@ -1,0 +1,100 @@
+"""Local HTTP servers on 127.0.0.1 that speak the Anthropic Messages API and the OpenAI Chat Completions
+API well enough for the official SDKs: each replays a script of replies (an HTTP error or a message) and
+records every request (path, headers, JSON body) for the test to check."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class Script:
+    def __init__(self, replies: list[tuple[int, dict[str, Any]]]) -> None:
+        self.replies = list(replies)
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def next(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        with self.lock:
+            self.requests.append({"path": path, "headers": headers, "body": body})
+            if not self.replies:
+                return 500, {"type": "error", "error": {"type": "api_error", "message": "script exhausted"}}
+            return self.replies.pop(0)
+
+
+def _handler(script: Script, route: str) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # quiet
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802
+            length = int(self.headers.get("content-length", 0))
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if not self.path.endswith(route):
+                status, payload = 404, {"error": {"message": f"no route {self.path}"}}
+            else:
+                status, payload = script.next(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            if status == 429:
+                self.send_header("retry-after", "0")
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Handler
+
+
+@contextmanager
+def serve(script: Script, route: str) -> Iterator[str]:
+    """Serve `script` on 127.0.0.1 (a free port); yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(script, route))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- Anthropic Messages API ----------------------------------------------------------------------------
+def anthropic_message(content: list[dict[str, Any]], stop_reason: str, tokens: tuple[int, int]) -> tuple[int, dict]:
+    return 200, {"id": "msg_test", "type": "message", "role": "assistant", "model": "claude-test", "content": content,
+                 "stop_reason": stop_reason, "stop_sequence": None,
+                 "usage": {"input_tokens": tokens[0], "output_tokens": tokens[1]}}
+
+
+def anthropic_tool_use(call_id: str, name: str, args: dict[str, Any], tokens: tuple[int, int] = (100, 20)) -> tuple[int, dict]:
+    return anthropic_message([{"type": "text", "text": f"calling {name}"},
+                              {"type": "tool_use", "id": call_id, "name": name, "input": args}], "tool_use", tokens)
+
+
+def anthropic_error(status: int) -> tuple[int, dict]:
+    kind = {429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error")
+    return status, {"type": "error", "error": {"type": kind, "message": f"scripted {status}"}}
+
+
+# -- OpenAI Chat Completions ---------------------------------------------------------------------------
+def openai_reply(content: str | None, tool_calls: list[dict[str, Any]] | None, tokens: tuple[int, int]) -> tuple[int, dict]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return 200, {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "gpt-test",
+                 "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tool_calls else "stop"}],
+                 "usage": {"prompt_tokens": tokens[0], "completion_tokens": tokens[1],
+                           "total_tokens": tokens[0] + tokens[1]}}
+
+
+def openai_tool_call(call_id: str, name: str, args: dict[str, Any], tokens: tuple[int, int] = (100, 20)) -> tuple[int, dict]:
+    return openai_reply(None, [{"id": call_id, "type": "function",
+                                "function": {"name": name, "arguments": json.dumps(args)}}], tokens)
+
+
+def openai_error(status: int) -> tuple[int, dict]:
+    return status, {"error": {"message": f"scripted {status}", "type": "server_error", "code": None}}
