@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 from train_engine_0_5b.ops.rope.triton_fused import (  # noqa: E402
-    apply_rope,
-    apply_rope_reference,
+    rope,
+    rope_reference,
     rope_rotate,
     rope_tables,
 )
@@ -37,7 +37,7 @@ def _inputs(B, S, n, g, d, dtype, seed):
 def _ref(q, k, dq, dk, S, d):
     cos, sin = rope_tables(S, d, device=DEVICE, dtype=torch.float64)
     q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
-    qo, ko = apply_rope_reference(q64, k64, cos, sin)
+    qo, ko = rope_reference(q64, k64, cos, sin)
     torch.autograd.backward([qo, ko], [dq.double(), dk.double()])
     return qo.detach(), ko.detach(), q64.grad, k64.grad
 
@@ -55,7 +55,7 @@ def test_rope_matches_fp64(shape, dtype):
     cos, sin = rope_tables(S + 3, d, device=DEVICE)  # a longer table than S: rows are indexed by position
     q.requires_grad_()
     k.requires_grad_()
-    qo, ko = apply_rope(q, k, cos, sin)
+    qo, ko = rope(q, k, cos, sin)
     torch.autograd.backward([qo, ko], [dq, dk])
     ref = _ref(q, k, dq, dk, S, d)
     for got, want in zip([qo, ko, q.grad, k.grad], ref):
@@ -94,7 +94,7 @@ def test_gradient_of_one_output_only():
     cos, sin = rope_tables(6, 8, device=DEVICE)
     q.requires_grad_()
     k.requires_grad_()
-    qo, _ = apply_rope(q, k, cos, sin)
+    qo, _ = rope(q, k, cos, sin)
     qo.backward(dq)
     _, _, ref_dq, _ = _ref(q, k, dq, torch.zeros_like(k), 6, 8)
     _close(q.grad, ref_dq, torch.float32)
@@ -117,7 +117,7 @@ def test_bf16_at_sequence_4096():
     cos, sin = rope_tables(4096, 64, device=DEVICE)
     q.requires_grad_()
     k.requires_grad_()
-    qo, ko = apply_rope(q, k, cos, sin)
+    qo, ko = rope(q, k, cos, sin)
     torch.autograd.backward([qo, ko], [dq, dk])
     for got, want in zip([qo, ko, q.grad, k.grad], _ref(q, k, dq, dk, 4096, 64)):
         _close(got, want, torch.bfloat16)

@@ -71,10 +71,13 @@ def _row_grad(row_ptr, grad_ptr, V, label, lse, scale, mult, BLOCK_V: tl.constex
 
 @triton.jit
 def _ce_fwd_kernel(
-    logits_ptr, labels_ptr, loss_ptr, lse_ptr, grad_scale_ptr, V, stride, scale, ignore_index,
-    WRITE_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr, labels_ptr, loss_ptr, lse_ptr, grad_scale_ptr, V_units, stride_units, scale, ignore_index,
+    WRITE_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, UNIT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     # One program per row (token). With WRITE_GRAD the row is overwritten by d(loss)/d(logits).
+    # V and the row stride arrive in UNITs of 8 when the host found them so: 73448 is not a multiple of
+    # 16, so Triton would not assume the 16-byte alignment that makes the loads vectorize.
+    V, stride = V_units * UNIT, stride_units * UNIT
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -93,9 +96,10 @@ def _ce_fwd_kernel(
 
 @triton.jit
 def _ce_bwd_kernel(
-    logits_ptr, labels_ptr, lse_ptr, dloss_ptr, grad_ptr, V, stride, grad_stride, scale, ignore_index,
-    BLOCK_V: tl.constexpr,
+    logits_ptr, labels_ptr, lse_ptr, dloss_ptr, grad_ptr, V_units, stride_units, grad_stride_units, scale,
+    ignore_index, UNIT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
+    V, stride, grad_stride = V_units * UNIT, stride_units * UNIT, grad_stride_units * UNIT
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
     mult = tl.where(label != ignore_index, scale, 0.0) * tl.load(dloss_ptr)
@@ -115,6 +119,12 @@ def _launch_config(V: int) -> dict:
     return dict(BLOCK_V=block, num_warps=8 if block >= 4096 else 4)
 
 
+def _unit(V: int, *tensors: Tensor) -> int:
+    """8 when V, every row stride and every base address keep rows 16-byte aligned, else 1."""
+    ok = V % 8 == 0 and all(t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
+    return 8 if ok else 1
+
+
 def cross_entropy_fwd(
     logits: Tensor, labels: Tensor, *, scale: float = 1.0, write_grad: bool = False, grad_scale: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -126,9 +136,11 @@ def cross_entropy_fwd(
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
+        u = _unit(V, logits)
         _ce_fwd_kernel[(rows,)](
-            logits, labels, losses, lse, grad_scale if grad_scale is not None else lse, V, logits.stride(0), scale,
-            IGNORE_INDEX, WRITE_GRAD=write_grad, HAS_GRAD_SCALE=grad_scale is not None, **_launch_config(V),
+            logits, labels, losses, lse, grad_scale if grad_scale is not None else lse, V // u, logits.stride(0) // u,
+            scale, IGNORE_INDEX, WRITE_GRAD=write_grad, HAS_GRAD_SCALE=grad_scale is not None, UNIT=u,
+            **_launch_config(V),
         )  # fmt: skip
     return losses, lse
 
@@ -143,8 +155,10 @@ def cross_entropy_bwd(
     _require_triton(logits, grad)
     dloss = dloss.to(device=logits.device, dtype=torch.float32).reshape(())
     if rows:
+        u = _unit(V, logits, grad)
         _ce_bwd_kernel[(rows,)](
-            logits, labels, lse, dloss, grad, V, logits.stride(0), grad.stride(0), scale, IGNORE_INDEX, **_launch_config(V)
+            logits, labels, lse, dloss, grad, V // u, logits.stride(0) // u, grad.stride(0) // u, scale, IGNORE_INDEX,
+            UNIT=u, **_launch_config(V),
         )  # fmt: skip
     return grad
 
@@ -230,14 +244,15 @@ def fused_linear_cross_entropy_fwd_bwd(
     dw = (dw_accum if dw_accum is not None else torch.zeros(V, h, dtype=torch.float32, device=hidden.device)) if compute_dw else None
     if grad_scale is not None:
         grad_scale = grad_scale.to(device=hidden.device, dtype=torch.float32).reshape(())
+    u = _unit(V, logits)
     for r0 in range(0, T, chunk):
         r1 = min(r0 + chunk, T)
         x, z = hidden[r0:r1], logits[: r1 - r0]
         torch.mm(x, weight.t(), out=z)  # (c, V) in hidden's dtype
         _ce_fwd_kernel[(r1 - r0,)](
-            z, labels[r0:r1], losses[r0:r1], lse, grad_scale if grad_scale is not None else lse, V,
-            z.stride(0), 1.0 / logit_scale, IGNORE_INDEX,
-            WRITE_GRAD=need_grad, HAS_GRAD_SCALE=grad_scale is not None, **_launch_config(V),
+            z, labels[r0:r1], losses[r0:r1], lse, grad_scale if grad_scale is not None else lse, V // u,
+            z.stride(0) // u, 1.0 / logit_scale, IGNORE_INDEX,
+            WRITE_GRAD=need_grad, HAS_GRAD_SCALE=grad_scale is not None, UNIT=u, **_launch_config(V),
         )  # fmt: skip
         if compute_dx:
             torch.mm(z, weight, out=dx[r0:r1])  # (c, h)

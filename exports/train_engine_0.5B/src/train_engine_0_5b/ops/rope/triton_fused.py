@@ -122,8 +122,8 @@ class _RoPE(torch.autograd.Function):
         return dq_in, dk_in, None, None
 
 
-def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """(rope(q), rope(k)) for q (B, S, n, d), k (B, S, g, d); differentiable in q and k."""
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """(rope(q), rope(k)) for q (B, S, n, d), k (B, S, g, d); differentiable in q and k (the registry op)."""
     return _RoPE.apply(q, k, cos, sin)
 
 
@@ -137,7 +137,7 @@ def rope_tables(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+def rope_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """The reference's rotate-half math (gates/stacks/torch_ref/model.py apply_rope) in the (B, S, heads, d)
     layout; computed in the promoted dtype of x and the tables, returned in x's dtype."""
 
