@@ -8,11 +8,12 @@ never elected.
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from harness.agents._proc import fill_placeholders
 
 
 def run_timing(command: str, *, engine_dir: Path, env: dict[str, str], package: str, op: str | None,
@@ -20,8 +21,7 @@ def run_timing(command: str, *, engine_dir: Path, env: dict[str, str], package: 
     """(metric value or None, a one-line note on what happened)."""
     with tempfile.TemporaryDirectory(prefix="forge-timing-") as tmp:
         out = Path(tmp) / "timing.json"
-        fields = {"python": shlex.quote(sys.executable), "package": package, "op": op or "", "out": shlex.quote(str(out))}
-        cmd = command.format(**fields)
+        cmd = fill_placeholders(command, {"python": sys.executable, "package": package, "op": op or "", "out": out})
         run_env = dict(env)
         src = str(engine_dir / "src")
         run_env["PYTHONPATH"] = src + (":" + run_env["PYTHONPATH"] if run_env.get("PYTHONPATH") else "")

@@ -54,3 +54,14 @@ def run_process(argv: list[str], *, cwd: Path, env: dict[str, str], timeout_s: f
             kill_group(proc.pid)  # leave no stray grandchildren behind
     return ProcResult(None if timed_out else proc.returncode, out_path.read_text(errors="replace"),
                       err_path.read_text(errors="replace"), timed_out, time.monotonic() - t0)
+
+
+def fill_placeholders(template: str, fields: dict[str, object], quote: bool = True) -> str:
+    """`template` with `{name}` replaced for the names in `fields` only (shell-quoted); any other brace
+    (`${VAR}`, JSON) is left alone, unlike str.format."""
+    import re
+    import shlex
+
+    names = "|".join(re.escape(k) for k in fields)
+    return re.sub(r"\{(" + names + r")\}",
+                  lambda m: shlex.quote(str(fields[m.group(1)])) if quote else str(fields[m.group(1)]), template)

@@ -5,11 +5,10 @@ tokens_out, cost_usd)."""
 from __future__ import annotations
 
 import json
-import shlex
 
 from pydantic import BaseModel, ConfigDict
 
-from harness.agents._proc import run_process
+from harness.agents._proc import fill_placeholders, run_process
 from harness.agents.base import AgentBackend, AgentResult, AgentTask
 
 
@@ -26,7 +25,7 @@ class ShellBackend(AgentBackend):
         usage_file = task.log_dir / "usage.json"
         fields = {"prompt_file": task.prompt_file, "worktree": task.worktree, "engine_dir": task.engine_dir,
                   "stage": task.stage, "round": task.round, "op": task.op or ""}
-        cmd = self.options.command.format(**{k: shlex.quote(str(v)) for k, v in fields.items()})
+        cmd = fill_placeholders(self.options.command, fields)
         env = dict(task.env) | {f"FORGE_{k.upper()}": str(v) for k, v in fields.items()}
         env["FORGE_USAGE_FILE"] = str(usage_file)
         r = run_process(["bash", "-c", cmd], cwd=task.worktree, env=env, timeout_s=task.timeout_s,

@@ -127,15 +127,19 @@ class TuneBackend(AgentBackend):
                         if score(cand) < score(best):
                             best, improved = cand, True
         best_value = score(best) if keys else math.inf
+        task.log_dir.mkdir(parents=True, exist_ok=True)
+        (task.log_dir / "tune_trials.json").write_text(json.dumps(
+            [{"point": p, metric: v, "note": n} for p, v, n in trials], indent=2) + "\n")
         if math.isinf(best_value):
-            _save(path, base) if base else path.unlink(missing_ok=True)
+            if base:
+                _save(path, base)
+            else:
+                path.unlink(missing_ok=True)
             return AgentResult(summary="tune: no candidate produced a time", error="no timed candidate",
                                tokens_in=0, tokens_out=0, cost_usd=0.0, turns=len(trials))
         final = json.loads(json.dumps(base))
         for k, v in best.items():
             _set(final, k, v)
         _save(path, final)
-        (task.log_dir / "tune_trials.json").write_text(json.dumps(
-            [{"point": p, metric: v, "note": n} for p, v, n in trials], indent=2) + "\n")
         return AgentResult(summary=f"tune: {len(trials)} trials; best {best} with {metric}={sign * best_value:.6g}",
                            tokens_in=0, tokens_out=0, cost_usd=0.0, turns=len(trials))
