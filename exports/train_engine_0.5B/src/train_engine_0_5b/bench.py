@@ -1,0 +1,65 @@
+"""`bench`: time training steps of this engine on random tokens: warm-up steps, then the median of
+the timed ones (each step synchronized). Under torchrun every rank trains; tokens are global."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+from train_engine_0_5b import runtime
+from train_engine_0_5b.dist import DistContext
+from train_engine_0_5b.metrics import mfu
+from train_engine_0_5b.model import build_model, init_weights
+from train_engine_0_5b.model_config import MiniCPMConfig
+from train_engine_0_5b.ops.registry import OpSelection, resolve
+from train_engine_0_5b.optim import AdamW, Schedule
+from train_engine_0_5b.trainer import Trainer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, grad_accum: int, steps: int, warmup: int,
+        device: str, dtype: torch.dtype, ops_selection: OpSelection, deterministic: bool, seed: int = 0) -> dict:
+    runtime.setup(device, deterministic)
+    ctx = DistContext.start(device)
+    try:
+        ops = resolve(ops_selection, ctx.device.type)
+        model = build_model(model_cfg, ops, ctx.device, dtype)
+        optimizer = AdamW(dict(model.named_parameters()), init_weights(model, 0.1, seed), adamw_op=ops.adamw,
+                          betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
+        schedule = Schedule("constant", 1e-4, 1e-4, 1, warmup + steps)
+        trainer = Trainer(model, optimizer, schedule, ctx, micro_batch_size=micro_batch_size, grad_clip=1.0,
+                          master_dtype=torch.float32)
+        gen = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
+        rows = micro_batch_size * grad_accum
+        times = []
+        for i in range(warmup + steps):
+            tokens = torch.randint(0, model_cfg.vocab_size, (rows, seq_length + 1), generator=gen, device=ctx.device)
+            _sync(ctx.device)
+            t0 = time.perf_counter()
+            res = trainer.train_step(tokens[:, :-1], tokens[:, 1:])
+            float(res.loss)  # waits for the step
+            _sync(ctx.device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        step_time = statistics.median(times)
+        global_tokens = rows * seq_length * ctx.world
+        peak = max(ctx.all_gather_object(runtime.peak_memory_gib(ctx.device)))
+        device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else (platform.processor() or "cpu")
+        return {
+            "tokens_per_s": global_tokens / step_time, "step_time_s": step_time,
+            "mfu": mfu(model_cfg, seq_length, global_tokens, step_time, ctx.world), "peak_mem_gib": peak,
+            "device": device_name, "torch": torch.__version__, "world_size": ctx.world, "step_times_s": times,
+            "config": {"model": model_cfg.name, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
+                       "grad_accum": grad_accum, "global_batch_size": rows * ctx.world, "dtype": str(dtype).removeprefix("torch."),
+                       "steps": steps, "warmup": warmup, "deterministic": deterministic, "ops": ops.names},
+            "is_main": ctx.is_main,
+        }
+    finally:
+        ctx.close()

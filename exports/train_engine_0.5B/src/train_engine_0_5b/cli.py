@@ -1,0 +1,183 @@
+"""The engine's command line (typer): pretrain, bench, probe, export-hf, info. Thin: each command maps
+its options to a config or call and turns EngineError into a message and a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from train_engine_0_5b.errors import EXIT_ERROR, EXIT_UNSUPPORTED, EngineError, Unsupported
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="MiniCPM4-0.5B pretraining engine (data parallel; run under torchrun for more than one process).")
+err = Console(stderr=True, highlight=False)
+DEFAULT_MODEL = "minicpm4-0.5b"  # model_spec.toml's [model]; `tiny` runs the same math on a CPU
+
+
+def _guard(fn):
+    """EngineError -> 'error: ...' on stderr and exit 1 (Unsupported: exit 77, the probe contract)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from train_engine_0_5b.model_config import ConfigError
+
+        try:
+            return fn(*args, **kwargs)
+        except (EngineError, ConfigError) as e:
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            who = f" (rank {os.environ.get('RANK', 0)})" if world > 1 else ""
+            label = "unsupported" if isinstance(e, Unsupported) else "error"
+            err.print(f"{label}{who}: {e}", markup=False)
+            raise typer.Exit(EXIT_UNSUPPORTED if isinstance(e, Unsupported) else EXIT_ERROR) from None
+
+    return wrapper
+
+
+def _model(spec: str):
+    from train_engine_0_5b.model_config import load
+
+    return load(spec)
+
+
+def _ops(text: str):
+    from train_engine_0_5b.ops.registry import OpSelection
+
+    return OpSelection.parse(text)
+
+
+@app.command()
+@_guard
+def pretrain(
+    num_steps: int = typer.Option(100, "--num-steps", help="optimizer steps of the whole run"),
+    global_batch_size: int = typer.Option(8, "--global-batch-size", help="sequences per step over all ranks"),
+    micro_batch_size: int = typer.Option(4, "--micro-batch-size", help="sequences per forward/backward per rank"),
+    seq_length: int = typer.Option(4096, "--seq-length", help="tokens per sequence"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="preset (minicpm4-0.5b, tiny), model .toml or HF config.json"),
+    hf_dataset: Optional[str] = typer.Option(None, "--hf-dataset", help="local file/dir (Parquet, Arrow, JSON/JSONL, text) or Hub name; default: the shipped corpus"),
+    hf_dataset_config: Optional[str] = typer.Option(None, "--hf-dataset-config", help="Hub dataset configuration"),
+    hf_dataset_split: str = typer.Option("train", "--hf-dataset-split", help="split of a Hub / save_to_disk dataset"),
+    hf_text_template: Optional[str] = typer.Option(None, "--hf-text-template", help='e.g. "Question: {question}\\nAnswer: {answer}"; default: the text column'),
+    tokenizer_path: Optional[str] = typer.Option(None, "--tokenizer-path", help="HF tokenizer directory; default: the shipped tokenizer"),
+    shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="shuffle documents each epoch"),
+    save_dir: Optional[Path] = typer.Option(None, "--save-dir", help="checkpoint directory"),
+    save_interval: int = typer.Option(0, "--save-interval", help="save every N steps (0: at the end only)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from --save-dir's latest checkpoint"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    min_lr: float = typer.Option(1e-4, "--min-lr"),
+    warmup_steps: int = typer.Option(100, "--warmup-steps"),
+    lr_schedule: str = typer.Option("wsd", "--lr-schedule", help="wsd | cosine | constant"),
+    decay_steps: Optional[int] = typer.Option(None, "--decay-steps", help="wsd decay length (default 10 % of the steps)"),
+    weight_decay: float = typer.Option(0.1, "--weight-decay"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="global-norm clip (0: off)"),
+    seed: int = typer.Option(0, "--seed"),
+    init_std: float = typer.Option(0.1, "--init-std"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"),
+    ops: str = typer.Option("", "--ops", help="op=implementation,... e.g. attention=sdpa,gemm.qkv=concat"),
+    deterministic: bool = typer.Option(True, "--deterministic/--no-deterministic"),
+    bucket_mb: float = typer.Option(25.0, "--bucket-mb", help="gradient all-reduce bucket (MiB)"),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", help="JSONL step log"),
+    summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="write the run summary here (rank 0)"),
+) -> None:
+    """Train (and with --resume, continue bit-identically from the latest checkpoint)."""
+    from train_engine_0_5b import config, pretrain as pretrain_mod
+
+    cfg = config.build(
+        model=_model(model), ops=_ops(ops),
+        train=dict(num_steps=num_steps, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+                   seq_length=seq_length, seed=seed, init_std=init_std, bucket_mb=bucket_mb),
+        optim=dict(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, lr_schedule=lr_schedule, decay_steps=decay_steps,
+                   weight_decay=weight_decay, grad_clip=grad_clip),
+        data=dict(hf_dataset=hf_dataset, hf_dataset_config=hf_dataset_config, hf_dataset_split=hf_dataset_split,
+                  hf_text_template=hf_text_template, tokenizer_path=tokenizer_path, shuffle=shuffle),
+        checkpoint=dict(save_dir=save_dir, save_interval=save_interval, resume=resume),
+        runtime=dict(device=device, dtype=dtype, deterministic=deterministic, log_file=log_file),
+    )
+    summary = pretrain_mod.run(cfg)
+    if summary_json is not None and int(os.environ.get("RANK", 0)) == 0:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+@app.command()
+@_guard
+def bench(
+    seq_length: int = typer.Option(4096, "--seq-length"),
+    micro_batch_size: int = typer.Option(4, "--micro-batch-size"),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    steps: int = typer.Option(10, "--steps", help="timed steps"),
+    warmup: int = typer.Option(3, "--warmup", help="untimed steps first"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model"),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    ops: str = typer.Option("", "--ops"),
+    deterministic: bool = typer.Option(True, "--deterministic/--no-deterministic"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here (rank 0)"),
+) -> None:
+    """Time training steps on random tokens (median after warm-up): tokens/s, step time, MFU, peak memory."""
+    from train_engine_0_5b import bench as bench_mod
+    from train_engine_0_5b.config import RuntimeConfig
+
+    rt = RuntimeConfig(device=device, dtype=dtype)
+    cfg = _model(model)
+    if seq_length > cfg.max_seq_length:
+        raise EngineError(f"--seq-length {seq_length} exceeds the model's max_seq_length ({cfg.max_seq_length})")
+    result = bench_mod.run(cfg, seq_length=seq_length, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
+                           steps=steps, warmup=warmup, device=rt.resolved_device(), dtype=rt.resolved_dtype(),
+                           ops_selection=_ops(ops), deterministic=deterministic)
+    if result.pop("is_main"):
+        text = json.dumps(result, indent=2)
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(text + "\n")
+        typer.echo(text)
+
+
+@app.command()
+@_guard
+def probe(
+    name: str = typer.Argument(..., help="forward | backward | steps | checkpoint"),
+    case: Path = typer.Option(..., "--case", help="case directory"),
+    out: Path = typer.Option(..., "--out", help="output directory"),
+    ops: str = typer.Option("", "--ops", help="op=implementation,... (default: the device's defaults)"),
+) -> None:
+    """Answer one probe of the probe contract on a case (exit 77 when unsupported)."""
+    from train_engine_0_5b.probe import run_probe
+
+    run_probe(name, case, out, _ops(ops))
+
+
+@app.command("export-hf")
+@_guard
+def export_hf(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint directory, or a save dir (its latest)"),
+    out: Path = typer.Option(..., "--out", help="output directory (replaced)"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16"),
+) -> None:
+    """Write a Llama-layout Hugging Face checkpoint (MiniCPM scales folded) plus the tokenizer files."""
+    from train_engine_0_5b.export_hf import export
+
+    path = export(checkpoint, out, dtype)
+    typer.echo(f"exported {path}")
+
+
+@app.command()
+def info() -> None:
+    """Presets, the op registry (with unavailable implementations and why), environment switches."""
+    from train_engine_0_5b import env
+    from train_engine_0_5b.model_config import PRESETS
+    from train_engine_0_5b.ops.registry import DEVICE_DEFAULTS, OPS, UNAVAILABLE
+
+    typer.echo(f"presets: {', '.join(PRESETS)} (default {DEFAULT_MODEL})")
+    for op, impls in OPS.items():
+        typer.echo(f"op {op}: {', '.join(impls)}")
+    for (op, impl), why in sorted(UNAVAILABLE.items()):
+        typer.echo(f"  unavailable {op}.{impl}: {why}")
+    typer.echo(f"device defaults: {DEVICE_DEFAULTS}")
+    typer.echo((env.__doc__ or "").strip())

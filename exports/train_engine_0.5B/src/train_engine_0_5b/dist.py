@@ -1,0 +1,156 @@
+"""Data parallelism over torch.distributed: the process context and the bucketed gradient reducer.
+
+Why our own reducer and not DDP: the model computes in bf16 but gradients must be accumulated over
+micro batches, reduced and clipped in fp32 (as the reference does: `grads += p.grad.float()` per
+micro batch). DDP reduces `param.grad` in the parameter dtype and needs `no_sync` bookkeeping for
+accumulation; here a post-accumulate hook per parameter adds its grad into an fp32 buffer
+(`main_grad`, Megatron's name) and frees it at once, and on the last micro batch each bucket is
+all-reduced (async) as soon as all its parameters are in, overlapping communication with the rest
+of the backward. Buckets launch in a fixed order on every rank, as collectives must.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from train_engine_0_5b import env
+
+
+@dataclass
+class DistContext:
+    """Who this process is; no process group lives in a module global."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, device_kind: str, timeout_s: float = 600.0) -> "DistContext":
+        """Join torchrun's process group (gloo on CPU, NCCL on GPU); a single process needs none."""
+        rank, world, local_rank = env.torchrun_world()
+        if device_kind == "cuda":
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group(
+                backend="nccl" if device_kind == "cuda" else "gloo",
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=device if device_kind == "cuda" else None,
+            )
+        return cls(rank, world, local_rank, device)
+
+    def all_reduce_sum_(self, t: Tensor) -> Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def all_gather(self, t: Tensor) -> list[Tensor]:
+        """Every rank's `t` (same shape on all ranks), in rank order."""
+        if self.world == 1:
+            return [t]
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t.contiguous())
+        return out
+
+    def all_gather_object(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@dataclass
+class _Bucket:
+    buffer: Tensor  # flat fp32 gradients of its parameters
+    size: int  # parameters in it
+    pending: int = 0  # parameters whose last-micro-batch grad has not arrived yet
+
+
+class GradReducer:
+    """fp32 gradient buffers for `params`, filled by backward hooks, summed over ranks in buckets.
+
+    Per step: `zero()`, then one backward per micro batch with `sync` True only for the last one,
+    then `finish()`; `grads` (model order) then holds the rank-summed gradients."""
+
+    def __init__(self, params: dict[str, nn.Parameter], ctx: DistContext, dtype: torch.dtype, bucket_mb: float = 25.0):
+        self.ctx, self.sync = ctx, False
+        self.buckets: list[_Bucket] = []
+        views: dict[str, Tensor] = {}
+        limit = max(1, int(bucket_mb * 2**20) // (torch.finfo(dtype).bits // 8))  # elements per bucket
+        group: list[tuple[str, nn.Parameter]] = []
+        filled = 0
+        for name, p in reversed(list(params.items())):  # backward meets the last layers first
+            group.append((name, p))
+            filled += p.numel()
+            if filled >= limit:
+                self._add_bucket(group, dtype, views)
+                group, filled = [], 0
+        if group:
+            self._add_bucket(group, dtype, views)
+        self.grads: dict[str, Tensor] = {n: views[n] for n in params}  # model order
+        self._handles: list = []
+        self._next = 0
+
+    def _add_bucket(self, group: list[tuple[str, nn.Parameter]], dtype: torch.dtype, views: dict[str, Tensor]) -> None:
+        total = sum(p.numel() for _, p in group)
+        bucket = _Bucket(torch.zeros(total, dtype=dtype, device=group[0][1].device), len(group))
+        offset = 0
+        for name, p in group:
+            view = bucket.buffer[offset : offset + p.numel()].view(p.shape)
+            views[name] = view
+            p.register_post_accumulate_grad_hook(self._hook(bucket, view))
+            offset += p.numel()
+        self.buckets.append(bucket)
+
+    def _hook(self, bucket: _Bucket, view: Tensor):
+        def on_grad(p: Tensor) -> None:
+            view.add_(p.grad)  # upcast into fp32: the sum over micro batches stays fp32
+            p.grad = None  # free the compute-dtype grad now
+            if self.sync and self.ctx.world > 1:
+                bucket.pending -= 1
+                if bucket.pending == 0:
+                    self._launch_ready()
+
+        return on_grad
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets) and self.buckets[self._next].pending == 0:
+            self._handles.append(dist.all_reduce(self.buckets[self._next].buffer, async_op=True))
+            self._next += 1
+
+    def zero(self) -> None:
+        for b in self.buckets:
+            b.buffer.zero_()
+            b.pending = b.size
+        self._handles, self._next = [], 0
+
+    def finish(self) -> None:
+        """Wait for every bucket's all-reduce (after the last micro batch's backward)."""
+        if self.ctx.world == 1:
+            return
+        if self._next < len(self.buckets):
+            raise RuntimeError("gradient reducer: some parameters got no gradient on the last micro batch")
+        for h in self._handles:
+            h.wait()
+        self._handles = []

@@ -1,0 +1,52 @@
+"""`export-hf`: a checkpoint -> a Llama-layout Hugging Face directory (MiniCPM scales folded into the
+weights, hf_fold.py) that `transformers.AutoModelForCausalLM.from_pretrained` loads without remote
+code, plus the tokenizer files the run trained with."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from train_engine_0_5b import checkpoint as ckpt
+from train_engine_0_5b.config import DTYPES
+from train_engine_0_5b.data.tokenizer import TextTokenizer
+from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.hf_fold import fold_to_llama, llama_config_dict
+from train_engine_0_5b.model_config import MiniCPMConfig
+
+
+def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
+    """Write the HF directory `out` (replaced atomically if it exists); returns it."""
+    if dtype not in ("float32", "bfloat16"):
+        raise EngineError(f"--dtype {dtype!r}: choose float32 or bfloat16")
+    loaded = ckpt.load(checkpoint)
+    if "config" not in loaded.state or not (loaded.path / ckpt.TOKENIZER_DIR).is_dir():
+        raise EngineError(f"{loaded.path} is not a pretrain checkpoint (no config or tokenizer in it)")
+    cfg = MiniCPMConfig(**loaded.state["config"]["model"])
+    tokenizer = TextTokenizer(loaded.path / ckpt.TOKENIZER_DIR)
+    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in fold_to_llama(cfg, loaded.master).items()}
+    config = llama_config_dict(cfg, bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+    config["torch_dtype"] = dtype
+
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}, indent=2) + "\n")
+        tokenizer.save(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,61 @@
+"""Fold MiniCPM's scales into a plain Llama checkpoint that `transformers` loads without remote code.
+
+MiniCPM differs from Llama only by three scalar scales, each of which commutes with a linear map:
+- `scale_emb` multiplies the embedding output        -> folded into `embed_tokens`;
+- `scale_depth / sqrt(L)` multiplies each attention and MLP output before the residual add
+                                                      -> folded into `o_proj` and `down_proj`;
+- the final hidden state is divided by `hidden / dim_model_base`
+                                                      -> folded into an untied `lm_head`.
+With a tied embedding, the folded input embedding and output head differ, so the Llama checkpoint
+is always untied.
+
+Vendored from the workspace's gates/hf_fold.py (the engine imports nothing from the workspace).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from train_engine_0_5b.model_config import MiniCPMConfig
+
+
+def fold_to_llama(cfg: MiniCPMConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF MiniCPM-named weights (as in a case's weights.safetensors) -> LlamaForCausalLM weights."""
+    out: dict[str, torch.Tensor] = {}
+    head = state["model.embed_tokens.weight"] if cfg.tie_word_embeddings else state["lm_head.weight"]
+    for name, w in state.items():
+        if name == "model.embed_tokens.weight":
+            w = w * cfg.scale_emb
+        elif name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            w = w * cfg.residual_scale
+        elif name == "lm_head.weight":
+            continue
+        out[name] = w.clone()
+    out["lm_head.weight"] = head / cfg.logit_scale
+    return out
+
+
+def llama_config_dict(cfg: MiniCPMConfig, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict[str, Any]:
+    """Keyword arguments for `transformers.LlamaConfig` (also a valid config.json body)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.dim_head,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_length,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+    }

@@ -1,0 +1,178 @@
+"""MiniCPM4 in this engine: every op through the registry (`Ops`), parameters under HF MiniCPM names.
+
+    h0 = embed(ids) * scale_emb
+    per layer: h = h + attn(rms_norm(h)) * r;  h = h + mlp(rms_norm(h)) * r     r = scale_depth / sqrt(L)
+    logits = (rms_norm(h) / (hidden / dim_model_base)) @ W_out^T                W_out tied to the embedding
+
+The residual add and the norm after it are one op (`add_rms_norm`), so the loop carries the residual
+stream `h` and its normalized form `x` from one sublayer to the next. The parameters are the compute
+copy (the case / training dtype); fp32 master weights live in the optimizer (optim.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from train_engine_0_5b.model_config import MiniCPMConfig, hf_param_shapes
+from train_engine_0_5b.ops.registry import Ops
+
+
+class Weight(nn.Module):
+    """Holds one parameter named `weight`, so module paths give HF names (`...q_proj.weight`)."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(*shape))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MiniCPMConfig):
+        super().__init__()
+        h, d, n, g = cfg.hidden_size, cfg.dim_head, cfg.num_heads, cfg.num_kv_heads
+        self.n, self.g, self.d = n, g, d
+        self.q_proj, self.k_proj, self.v_proj = Weight(n * d, h), Weight(g * d, h), Weight(g * d, h)
+        self.o_proj = Weight(h, n * d)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ops: Ops) -> Tensor:
+        B, S, _ = x.shape
+        q, k, v = ops.gemm_qkv(x, (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        q = q.view(B, S, self.n, self.d)  # (B, S, n, d)
+        k, v = k.view(B, S, self.g, self.d), v.view(B, S, self.g, self.d)  # (B, S, g, d)
+        q, k = ops.rope(q, k, cos, sin)
+        o = ops.attention(q, k, v).reshape(B, S, self.n * self.d)  # (B, S, n*d)
+        return ops.gemm_attn_out(o, (self.o_proj.weight,))[0]  # (B, S, h)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: MiniCPMConfig):
+        super().__init__()
+        h, f = cfg.hidden_size, cfg.ffn_hidden_size
+        self.gate_proj, self.up_proj, self.down_proj = Weight(f, h), Weight(f, h), Weight(h, f)
+
+    def forward(self, x: Tensor, ops: Ops) -> Tensor:
+        gate, up = ops.gemm_fc1(x, (self.gate_proj.weight, self.up_proj.weight))  # (B, S, f) each
+        return ops.gemm_fc2(ops.swiglu(gate, up), (self.down_proj.weight,))[0]  # (B, S, h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MiniCPMConfig):
+        super().__init__()
+        self.input_layernorm = Weight(cfg.hidden_size)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = Weight(cfg.hidden_size)
+        self.mlp = MLP(cfg)
+
+
+class Body(nn.Module):
+    """Holds the `model.*` parameters (HF MiniCPM's module tree)."""
+
+    def __init__(self, cfg: MiniCPMConfig):
+        super().__init__()
+        self.embed_tokens = Weight(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = Weight(cfg.hidden_size)
+
+
+def rope_cos_sin(seq_len: int, dim: int, theta: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos / sin tables (seq, dim), rotate-half layout; angles in float64, then cast."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
+    emb = torch.cat([angles, angles], dim=-1)  # (S, d)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class MiniCPM(nn.Module):
+    def __init__(self, cfg: MiniCPMConfig, ops: Ops):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        self.model = Body(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else Weight(cfg.vocab_size, cfg.hidden_size)
+        self._rope: dict[tuple, tuple[Tensor, Tensor]] = {}  # (seq, device, dtype) -> tables
+
+    def output_weight(self) -> Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def rope_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (seq_len, device, dtype)
+        if key not in self._rope:
+            self._rope[key] = rope_cos_sin(seq_len, self.cfg.dim_head, self.cfg.rope_theta, device, dtype)
+        return self._rope[key]
+
+    def forward(self, input_ids: Tensor, hidden_states: list[Tensor] | None = None) -> Tensor:
+        """input_ids (B, S) -> logits (B, S, V). With a list, appends the residual stream after the
+        embedding and after each layer (L + 1 tensors, the probe contract's hidden_states)."""
+        return self._output(self.final_hidden(input_ids, hidden_states))
+
+    def final_hidden(self, input_ids: Tensor, hidden_states: list[Tensor] | None = None) -> Tensor:
+        """The normalized, 1/logit_scale-scaled last hidden state (B, S, h): the output GEMM's input."""
+        cfg, ops, layers = self.cfg, self.ops, self.model.layers
+        eps, r = cfg.rms_norm_eps, cfg.residual_scale
+        h = F.embedding(input_ids, self.model.embed_tokens.weight) * cfg.scale_emb  # (B, S, h)
+        cos, sin = self.rope_tables(input_ids.shape[1], h.device, h.dtype)
+        if hidden_states is not None:
+            hidden_states.append(h)
+        x = ops.rms_norm(h, layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(layers):
+            a = layer.self_attn(x, cos, sin, ops)
+            x, h = ops.add_rms_norm(h, a, layer.post_attention_layernorm.weight, eps, r)
+            m = layer.mlp(x, ops)
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x, h = ops.add_rms_norm(h, m, next_norm.weight, eps, r)
+            if hidden_states is not None:
+                hidden_states.append(h)
+        return x / cfg.logit_scale
+
+    def _output(self, x: Tensor) -> Tensor:
+        return self.ops.gemm_output(x, (self.output_weight(),))[0]  # (B, S, V)
+
+    def loss_sum(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """Summed token cross-entropy over labels != -100 (>= float32); the caller divides by the
+        global count."""
+        return self.ops.cross_entropy(self(input_ids), labels)
+
+
+def build_model(cfg: MiniCPMConfig, ops: Ops, device: torch.device | str, dtype: torch.dtype) -> MiniCPM:
+    """An uninitialized model (weights come from `load_weights` or `init_weights`)."""
+    with torch.device("meta"):
+        model = MiniCPM(cfg, ops)
+    return model.to_empty(device=device).to(dtype)
+
+
+def check_names(cfg: MiniCPMConfig, model: MiniCPM) -> None:
+    """The engine's parameter names and shapes are HF MiniCPM's, in the same order."""
+    got = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    assert list(got.items()) == list(hf_param_shapes(cfg).items()), "model parameters drifted from HF names"
+
+
+@torch.no_grad()
+def init_weights(model: MiniCPM, init_std: float, seed: int) -> dict[str, Tensor]:
+    """Fresh fp32 weights (HF names), the same on every rank for a seed: norms 1; the embedding
+    N(0, init_std); hidden matrices N(0, init_std / sqrt(hidden / dim_model_base)) (muP's width scaling)."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    hidden_std = init_std / math.sqrt(cfg.hidden_size / cfg.dim_model_base)
+    out: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            out[name] = torch.ones(p.shape)
+        else:
+            std = init_std if name in ("model.embed_tokens.weight", "lm_head.weight") else hidden_std
+            out[name] = torch.randn(p.shape, generator=gen) * std
+    return out
+
+
+@torch.no_grad()
+def load_weights(model: MiniCPM, weights: dict[str, Tensor]) -> None:
+    """Copy HF-named weights (any float dtype) into the model's compute copy."""
+    params = dict(model.named_parameters())
+    if set(params) != set(weights):
+        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+        raise ValueError(f"weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, p in params.items():
+        if tuple(weights[name].shape) != tuple(p.shape):
+            raise ValueError(f"{name}: shape {tuple(weights[name].shape)}, model has {tuple(p.shape)}")
+        p.copy_(weights[name])

@@ -1,0 +1,168 @@
+"""The op registry: `OPS[op][implementation] -> callable`, and the typed selection that picks one per op.
+
+Ops and their signatures (every implementation of an op has the same one; see each reference.py):
+    attention(q, k, v) -> o                          causal GQA; q (B,S,n,d), k/v (B,S,g,d), o (B,S,n,d)
+    gemm(x, weights) -> tuple of outputs             one per weight; per site: qkv, attn_out, fc1, fc2, output
+    rms_norm(x, weight, eps) -> y
+    add_rms_norm(x, y, weight, eps, residual_scale) -> (rms_norm(h), h),  h = x + y * residual_scale
+    rope(q, k, cos, sin) -> (q, k)                   rotate-half, tables (S, d)
+    swiglu(gate, up) -> silu(gate) * up
+    cross_entropy(logits, labels) -> sum of token CE over labels != -100 (>= float32)
+    adamw(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decays) -> None (in place)
+
+An implementation lives in `ops/<folder>/<impl>.py` and defines functions named after the ops of its
+folder (rmsnorm/ provides `rms_norm` and `add_rms_norm`). Built-in implementations are imported below;
+the optional ones (`OPTIONAL_MODULES`, e.g. Triton kernels) are imported when present: a missing
+module or a missing `triton` leaves them out and `UNAVAILABLE` says why, so selecting one fails
+with that reason instead of an ImportError at import time.
+
+Selection: `OpSelection` (in the engine config) names an implementation per op ("auto" = the
+device's default, `DEVICE_DEFAULTS`); `resolve` turns it into `Ops`, once, when the model is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.ops.adamw import foreach as adamw_foreach, reference as adamw_reference
+from train_engine_0_5b.ops.attention import reference as attention_reference, sdpa as attention_sdpa
+from train_engine_0_5b.ops.cross_entropy import reference as cross_entropy_reference
+from train_engine_0_5b.ops.gemm import concat as gemm_concat, reference as gemm_reference
+from train_engine_0_5b.ops.rmsnorm import reference as rmsnorm_reference
+from train_engine_0_5b.ops.rope import reference as rope_reference
+from train_engine_0_5b.ops.swiglu import reference as swiglu_reference
+
+OPS: dict[str, dict[str, Callable]] = {
+    "attention": {"reference": attention_reference.attention, "sdpa": attention_sdpa.attention},
+    "gemm": {"reference": gemm_reference.gemm, "concat": gemm_concat.gemm},
+    "rms_norm": {"reference": rmsnorm_reference.rms_norm},
+    "add_rms_norm": {"reference": rmsnorm_reference.add_rms_norm},
+    "rope": {"reference": rope_reference.rope},
+    "swiglu": {"reference": swiglu_reference.swiglu},
+    "cross_entropy": {"reference": cross_entropy_reference.cross_entropy},
+    "adamw": {"reference": adamw_reference.adamw, "foreach": adamw_foreach.adamw},
+}
+FOLDER_OPS: dict[str, tuple[str, ...]] = {  # op folder -> the registry ops its modules define
+    "attention": ("attention",), "gemm": ("gemm",), "rmsnorm": ("rms_norm", "add_rms_norm"), "rope": ("rope",),
+    "swiglu": ("swiglu",), "cross_entropy": ("cross_entropy",), "adamw": ("adamw",),
+}
+OPTIONAL_MODULES: tuple[str, ...] = ("triton_fused",)  # ops/<folder>/<name>.py, registered as <name> when importable
+UNAVAILABLE: dict[tuple[str, str], str] = {}  # (op, implementation) -> why it is not registered
+GEMM_SITES: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2", "output")
+DEVICE_DEFAULTS: dict[str, dict[str, str]] = {  # what "auto" means; ops not named default to "reference"
+    "cpu": {},
+    "cuda": {"attention": "sdpa", "adamw": "foreach"},
+}
+
+
+def _register_optional() -> None:
+    for folder, ops in FOLDER_OPS.items():
+        for name in OPTIONAL_MODULES:
+            try:
+                module = importlib.import_module(f"{__package__}.{folder}.{name}")
+            except ImportError as e:  # not written yet, or its toolchain (triton) is missing
+                for op in ops:
+                    UNAVAILABLE[(op, name)] = f"{type(e).__name__}: {e}"
+                continue
+            if getattr(module, "HAS_TRITON", True) is False:  # importable, but its kernels cannot launch
+                for op in ops:
+                    UNAVAILABLE[(op, name)] = f"ops/{folder}/{name}.py: triton is not installed"
+                continue
+            for op in ops:
+                fn = getattr(module, op, None)
+                if callable(fn):
+                    OPS[op][name] = fn
+                else:
+                    UNAVAILABLE[(op, name)] = f"ops/{folder}/{name}.py defines no `{op}`"
+
+
+_register_optional()
+
+
+class GemmSites(BaseModel):
+    """One implementation name per GEMM site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    qkv: str = "auto"
+    attn_out: str = "auto"
+    fc1: str = "auto"
+    fc2: str = "auto"
+    output: str = "auto"
+
+
+class OpSelection(BaseModel):
+    """Which implementation runs each op: a name in OPS[op], or "auto" (the device's default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    attention: str = "auto"
+    gemm: GemmSites = GemmSites()
+    rms_norm: str = "auto"
+    add_rms_norm: str = "auto"
+    rope: str = "auto"
+    swiglu: str = "auto"
+    cross_entropy: str = "auto"
+    adamw: str = "auto"
+
+    @classmethod
+    def parse(cls, text: str) -> "OpSelection":
+        """From `op=impl,...` (CLI form): `gemm=impl` sets every GEMM site, `gemm.qkv=impl` one site."""
+        values: dict = {}
+        gemm: dict[str, str] = {}
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            key, sep, impl = item.partition("=")
+            if not sep or not impl:
+                raise EngineError(f"--ops: {item!r} is not op=implementation")
+            if key == "gemm":
+                gemm |= dict.fromkeys(GEMM_SITES, impl)
+            elif key.startswith("gemm."):
+                gemm[key.removeprefix("gemm.")] = impl
+            else:
+                values[key] = impl
+        try:
+            return cls(**values, gemm=GemmSites(**gemm))
+        except ValueError as e:
+            raise EngineError(f"--ops: {e}") from None
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The resolved callables the model and optimizer call; `names` records the choice for logs."""
+
+    attention: Callable
+    gemm_qkv: Callable
+    gemm_attn_out: Callable
+    gemm_fc1: Callable
+    gemm_fc2: Callable
+    gemm_output: Callable
+    rms_norm: Callable
+    add_rms_norm: Callable
+    rope: Callable
+    swiglu: Callable
+    cross_entropy: Callable
+    adamw: Callable
+    names: dict[str, str] = field(default_factory=dict)
+
+
+def _pick(op: str, choice: str, device: str, label: str) -> tuple[str, Callable]:
+    name = DEVICE_DEFAULTS.get(device, {}).get(op, "reference") if choice == "auto" else choice
+    if name in OPS[op]:
+        return name, OPS[op][name]
+    if (op, name) in UNAVAILABLE:
+        raise EngineError(f"ops.{label}: implementation {name!r} is unavailable ({UNAVAILABLE[(op, name)]})")
+    raise EngineError(f"ops.{label}: unknown implementation {name!r}; registered: {', '.join(sorted(OPS[op]))}")
+
+
+def resolve(selection: OpSelection, device: str) -> Ops:
+    """The callables for `selection` on `device` ("cpu" or "cuda"); raises EngineError naming the op."""
+    chosen: dict[str, Callable] = {}
+    names: dict[str, str] = {}
+    for op in ("attention", "rms_norm", "add_rms_norm", "rope", "swiglu", "cross_entropy", "adamw"):
+        names[op], chosen[op] = _pick(op, getattr(selection, op), device, op)
+    for site in GEMM_SITES:
+        names[f"gemm.{site}"], chosen[f"gemm_{site}"] = _pick("gemm", getattr(selection.gemm, site), device, f"gemm.{site}")
+    return Ops(**chosen, names=names)

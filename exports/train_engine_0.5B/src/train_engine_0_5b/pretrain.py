@@ -1,0 +1,150 @@
+"""`pretrain`: build everything from an EngineConfig, train, log, checkpoint, resume.
+
+Order matters for bad input: options, data, tokenizer and the checkpoint to resume are all checked
+before the first byte is written, so a run that fails on its input leaves no checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+from train_engine_0_5b import checkpoint as ckpt
+from train_engine_0_5b import runtime
+from train_engine_0_5b.config import EngineConfig
+from train_engine_0_5b.data import Data, Loader, prepare
+from train_engine_0_5b.dist import DistContext
+from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.metrics import StepLog, mfu
+from train_engine_0_5b.model import build_model, init_weights
+from train_engine_0_5b.ops.registry import resolve
+from train_engine_0_5b.optim import AdamW, Schedule
+from train_engine_0_5b.trainer import Trainer
+
+# Settings a resumed run must share with its checkpoint (anything else, e.g. num_steps, may change).
+RESUME_KEYS = ("model", "seq_length", "global_batch_size", "data_fingerprint", "tokenizer_fingerprint")
+
+
+def _identity(cfg: EngineConfig, data: Data) -> dict:
+    return {"model": json.loads(cfg.model.model_dump_json()), "seq_length": cfg.train.seq_length,
+            "global_batch_size": cfg.train.global_batch_size, "data_fingerprint": data.fingerprint,
+            "tokenizer_fingerprint": data.tokenizer.fingerprint}
+
+
+def _checkpoint_to_resume(cfg: EngineConfig, data: Data) -> ckpt.Checkpoint | None:
+    save_dir = cfg.checkpoint.save_dir
+    if save_dir is None:
+        return None
+    latest = ckpt.find_latest(save_dir)
+    if latest is None:
+        return None
+    if not cfg.checkpoint.resume:
+        raise EngineError(f"--save-dir {save_dir} already holds checkpoints (latest: {latest.name}); "
+                          "pass --resume to continue from it, or choose another --save-dir")
+    loaded = ckpt.load(latest)
+    saved = {k: loaded.state.get("identity", {}).get(k) for k in RESUME_KEYS}
+    diff = ckpt.mismatches(saved, _identity(cfg, data))
+    if diff:
+        raise EngineError(f"checkpoint {latest} was written by a different configuration; it cannot be resumed "
+                          "with these options:\n  " + "\n  ".join(diff[:12]))
+    return loaded
+
+
+def _save(cfg: EngineConfig, ctx: DistContext, step: int, optimizer: AdamW, loader: Loader, data: Data, log: StepLog) -> None:
+    rng = ctx.all_gather_object({k: v.cpu() for k, v in runtime.rng_tensors(ctx.device).items()})
+    py_rng = ctx.all_gather_object(runtime.python_rng_state())
+    if ctx.is_main:
+        state = {"identity": _identity(cfg, data), "config": json.loads(cfg.model_dump_json()),
+                 "data": loader.cursor(step), "schedule": {"next_step": step + 1, "kind": cfg.optim.lr_schedule},
+                 "world_size": ctx.world, "python_rng": py_rng, "torch": torch.__version__}
+        rng_flat = {f"rank{r}.{k}": v for r, states in enumerate(rng) for k, v in states.items()}
+        path = ckpt.save(cfg.checkpoint.save_dir, step, optimizer.master_weights(), optimizer.state_tensors(),
+                         rng_flat, state, data.tokenizer)
+        log.print(f"saved checkpoint {path}")
+    ctx.barrier()
+
+
+def _restore(loaded: ckpt.Checkpoint, optimizer: AdamW, ctx: DistContext, log: StepLog) -> None:
+    optimizer.load(loaded.master, loaded.optim, loaded.step)
+    if loaded.state.get("world_size") == ctx.world:
+        mine = {k.split(".", 1)[1]: v for k, v in loaded.rng.items() if k.startswith(f"rank{ctx.rank}.")}
+        runtime.restore_rng(mine, loaded.state["python_rng"][ctx.rank], ctx.device)
+    else:
+        log.print(f"note: checkpoint written with {loaded.state.get('world_size')} ranks, resuming on {ctx.world}: "
+                  "same data order, but not bit-identical (reduction order and RNG streams differ)")
+    log.print(f"resumed from {loaded.path} at step {loaded.step}")
+
+
+def run(cfg: EngineConfig) -> dict:
+    """Train per `cfg`; returns a summary (rank 0's view). Raises EngineError on bad input."""
+    device, dtype = cfg.runtime.resolved_device(), cfg.runtime.resolved_dtype()
+    runtime.setup(device, cfg.runtime.deterministic)
+    ctx = DistContext.start(device)
+    try:
+        return _train(cfg, ctx, dtype)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
+    t, o = cfg.train, cfg.optim
+    accum = cfg.grad_accum(ctx.world)
+    ops = resolve(cfg.ops, ctx.device.type)
+    d = cfg.data
+    data = prepare(d.hf_dataset, d.hf_dataset_config, d.hf_dataset_split, d.hf_text_template, d.tokenizer_path,
+                   t.seq_length, t.seed, d.shuffle, cfg.model.vocab_size)
+    loaded = _checkpoint_to_resume(cfg, data)
+    start = loaded.step if loaded is not None else 0
+    if start >= t.num_steps:
+        raise EngineError(f"checkpoint {loaded.path} is at step {start}; --num-steps {t.num_steps} leaves nothing to train")
+
+    model = build_model(cfg.model, ops, ctx.device, dtype)
+    master_dtype = torch.float32
+    fresh = None if loaded is not None else init_weights(model, t.init_std, t.seed)
+    optimizer = AdamW(dict(model.named_parameters()), loaded.master if loaded else fresh, adamw_op=ops.adamw,
+                      betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, master_dtype=master_dtype)
+    log = StepLog(cfg.runtime.log_file, ctx.is_main, t.num_steps, start)
+    try:
+        if loaded is not None:
+            _restore(loaded, optimizer, ctx, log)
+        schedule = Schedule(o.lr_schedule, o.lr, o.min_lr, o.warmup_steps, t.num_steps, o.decay_steps)
+        trainer = Trainer(model, optimizer, schedule, ctx, micro_batch_size=t.micro_batch_size, grad_clip=o.grad_clip,
+                          master_dtype=master_dtype, bucket_mb=t.bucket_mb)
+        loader = Loader(data.rows, t.global_batch_size, ctx.rank, ctx.world)
+        log.print(f"model {cfg.model.name} ({cfg.model.num_params() / 1e6:.1f} M params) on {ctx.world} x {ctx.device.type} "
+                  f"{str(dtype).removeprefix('torch.')}; data: {data.source_name} ({data.rows.tokens_per_epoch:,} tokens/epoch); "
+                  f"global batch {t.global_batch_size} x {t.seq_length} = micro {t.micro_batch_size} x accum {accum} x DP {ctx.world}; "
+                  f"ops {ops.names}")
+        return _loop(cfg, ctx, trainer, loader, data, log, start)
+    finally:
+        log.close()
+
+
+def _loop(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, loader: Loader, data: Data, log: StepLog, start: int) -> dict:
+    t, c = cfg.train, cfg.checkpoint
+    tokens = t.global_batch_size * t.seq_length
+    times, losses = [], []
+    for step in range(start, t.num_steps):
+        t0 = time.perf_counter()
+        ids, labels = (x.to(ctx.device, non_blocking=True) for x in loader.batch(step))
+        res = trainer.train_step(ids, labels)
+        loss, norm = float(res.loss), float(res.grad_norm)  # waits for the step (one sync per step)
+        dt = time.perf_counter() - t0
+        m = mfu(cfg.model, t.seq_length, tokens, dt, ctx.world)
+        record = {"step": step + 1, "loss": loss, "grad_norm": norm, "lr": res.lr, "tokens": tokens,
+                  "valid_tokens": res.valid_tokens, "step_time_s": dt, "tokens_per_s": tokens / dt, "mfu": m,
+                  "tflops_per_gpu": cfg.model.flops_per_token(t.seq_length) * tokens / dt / ctx.world / 1e12}
+        log.step(record)
+        times.append(dt)
+        losses.append(loss)
+        last = step + 1 == t.num_steps
+        if c.save_dir is not None and (last or (c.save_interval and (step + 1) % c.save_interval == 0)):
+            _save(cfg, ctx, step + 1, trainer.optimizer, loader, data, log)
+    timed = times[1:] or times  # the first step pays one-time costs
+    median = statistics.median(timed)
+    return {"steps": t.num_steps, "first_step": start + 1, "losses": losses, "step_time_s": median,
+            "tokens_per_s": tokens / median, "mfu": mfu(cfg.model, t.seq_length, tokens, median, ctx.world),
+            "peak_mem_gib": runtime.peak_memory_gib(ctx.device)}

@@ -1,0 +1,57 @@
+"""Helpers for the engine's tests (CPU, tiny model); imported as `engine_testlib` (a name no other
+test folder uses, so the repository-wide pytest run cannot confuse it with another module).
+
+Importing it puts the engine's src/ on sys.path (the tests run without installing the engine) and the
+workspace root (some tests compare against the workspace's torch reference, `gates`; the engine
+itself never imports `gates`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ENGINE = Path(__file__).resolve().parents[1]
+SRC = ENGINE / "src"
+ROOT = ENGINE.parents[1]
+for p in (SRC, ROOT):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+# Small enough for a slow 2-core CPU: the tiny preset (vocab 4096 = the shipped tokenizer's size).
+TINY = ["--model", "tiny", "--device", "cpu", "--seq-length", "32", "--warmup-steps", "2", "--lr", "3e-3"]
+
+
+def engine_env(**extra: str) -> dict[str, str]:
+    """Environment for engine subprocesses: src + workspace on PYTHONPATH, one thread per process
+    (several processes share this machine's cores)."""
+    path = os.pathsep.join(filter(None, [str(SRC), str(ROOT), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", FORGE_ENGINE_PROGRESS="0", **extra)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "train_engine_0_5b", *map(str, args)]
+    return subprocess.run(cmd, env=engine_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |a| (normwise relative error; 0 for two zero tensors)."""
+    a, b = a.double(), b.double()
+    scale = a.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
