@@ -1,0 +1,117 @@
+"""The benchmark driver: the CPU smoke run writes a well-formed report; out of memory is a recorded result
+(with the micro-batch fallback); engines are found and run through their `bench` contract; the `bench`
+verb hands its arguments to the driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare
+from benchmarks.stacks import Stack, discover_engines, resolve
+from gates.model_config import preset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def test_cpu_smoke_run_writes_a_well_formed_report(tmp_path) -> None:
+    out = tmp_path / "smoke"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--smoke", "--out", str(out), "--no-results-copy"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["settings"]["model"] == "tiny" and doc["settings"]["device"] == "cpu"
+    assert {"torch", "megatron_core", "triton"} <= set(doc["versions"]) and doc["git_commit"]
+    flops = preset("tiny").flops_per_token(64)
+    assert doc["settings"]["flops_per_token"] == flops
+    rows = {row["stack"]: row for row in doc["results"]}
+    assert list(rows) == ["torch-eager", "torch-compile"]
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert len(row["step_times_s"]) == 3 and all(t > 0 for t in row["step_times_s"])
+        assert row["step_time_s"] == pytest.approx(sum(row["step_times_s"][1:]) / 2)  # median of 2 measured steps
+        assert row["tokens_per_s"] == pytest.approx(2 * 64 / row["step_time_s"])
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * flops / 989.4e12)
+        assert all(x == x for x in row["losses"])  # finite, not NaN
+    assert rows["torch-compile"]["vs"]["torch-compile"] == pytest.approx(1.0)
+    assert rows["torch-eager"]["vs"]["torch-compile"] == pytest.approx(rows["torch-eager"]["tokens_per_s"] / rows["torch-compile"]["tokens_per_s"])
+    md = (out / "compare.md").read_text()
+    assert "| stack | micro batch | status | tokens/s |" in md and "| torch-compile | 2 | ok |" in md
+
+
+def test_out_of_memory_is_a_result_and_halves_the_micro_batch(tmp_path) -> None:
+    script = "import sys; print('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 9 GiB'); sys.exit(1)"
+    stack = Stack("fake", "torch", [sys.executable, "-c", script])
+    args = compare.parse_args(["--model", "tiny", "--seq-length", "16", "--timeout", "60"])
+    row = compare.run_stack(stack, args, 8, tmp_path, preset("tiny").flops_per_token(16))
+    assert row["status"] == "oom"
+    assert [a["micro_batch_size"] for a in row["attempts"]] == [8, 4, 2, 1]
+    assert all(a["status"] == "oom" for a in row["attempts"])
+    args = compare.parse_args(["--model", "tiny", "--no-oom-fallback"])
+    assert len(compare.run_stack(stack, args, 8, tmp_path, 1.0)["attempts"]) == 1
+
+
+def _fake_engine(root: Path, name: str, model: str | None, with_main: bool = True) -> Path:
+    pkg = root / name / "src" / name.replace("-", "_")
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    if with_main:  # a stand-in engine obeying the bench contract of exports/README.md
+        (pkg / "__main__.py").write_text(
+            "import json, sys\n"
+            "a = sys.argv[1:]\n"
+            "assert a[0] == 'bench'\n"
+            "opt = dict(zip(a[1::2], a[2::2]))\n"
+            "mb, s = int(opt['--micro-batch-size']), int(opt['--seq-length'])\n"
+            "json.dump({'tokens_per_s': mb * s / 0.5, 'step_time_s': 0.5, 'mfu': 0.123, 'peak_mem_gib': 1.5,\n"
+            "           'device': 'fake', 'torch': 'x'}, open(opt['--json'], 'w'))\n")
+    if model is not None:
+        (root / name / "model_spec.toml").write_text(f'[model]\npreset = "{model}"\n')
+    return root / name
+
+
+def test_engines_are_discovered_and_run_through_their_bench_contract(tmp_path) -> None:
+    exports = tmp_path / "exports"
+    _fake_engine(exports, "good", "tiny")
+    _fake_engine(exports, "other", "minicpm4-8b")
+    _fake_engine(exports, "nocli", None, with_main=False)
+    stacks = {s.name: s for s in discover_engines(exports, "tiny")}
+    assert stacks["engine:nocli"].argv is None and "no CLI" in stacks["engine:nocli"].skip_reason
+    assert stacks["engine:other"].argv is None and "minicpm4-8b" in stacks["engine:other"].skip_reason
+    good = stacks["engine:good"]
+    assert good.engine_contract and good.argv[-2:] == ["good", "bench"]
+    args = compare.parse_args(["--model", "tiny", "--seq-length", "32", "--steps", "2"])
+    flops = preset("tiny").flops_per_token(32)
+    row = compare.run_stack(good, args, 4, tmp_path / "out", flops)
+    assert row["status"] == "ok" and row["tokens_per_s"] == 4 * 32 / 0.5
+    assert row["reported_mfu"] == 0.123 and row["mfu"] == pytest.approx(row["tokens_per_s"] * flops / 989.4e12)
+    skipped = compare.run_stack(stacks["engine:nocli"], args, 4, tmp_path / "out", flops)
+    assert skipped["status"] == "skipped" and skipped["attempts"] == []
+    with pytest.raises(ValueError):
+        resolve(["no-such-stack"], "tiny", exports)
+
+
+def test_dry_run_plan_and_megatron_default_micro_batch() -> None:
+    r = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--dry-run", "--micro-batch-size", "8"], cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    plan = {p["stack"]: p for p in json.loads(r.stdout)["plan"]}
+    assert plan["megatron"]["micro_batch_size"] == 1 and plan["megatron-sdpa"]["micro_batch_size"] == 8
+    assert plan["torchtitan"]["command"] is None and "torchtitan" in plan["torchtitan"]["skip_reason"]
+    assert "--seq-length" in plan["torch-compile"]["command"]
+
+
+def test_bench_verb_runs_the_driver() -> None:
+    r = subprocess.run(["bash", "agent-loop.sh", "bench", "--dry-run", "--stacks", "torch-eager", "--seq-length", "128"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["seq_length"] == 128 and [p["stack"] for p in doc["plan"]] == ["torch-eager"]

@@ -1,0 +1,97 @@
+"""The megatron stack's model and gradient path on the CPU (fp32), against the torch reference.
+
+megatron-core's own GPTModel runs here through the test-only shims of megatron_cpu.py: the conversion
+into the live model, the MiniCPM hooks and the DDP grad buffers are checked end to end; a run with the
+hooks removed shows the comparison can fail. (Megatron's optimizer needs CUDA: the `steps` probe is
+checked on the GPU by benchmarks/agreement.py.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from gates.case import load_case, make_spec, new_case
+from gates.model_config import MiniCPMConfig
+from megatron_cpu import apply_cpu_shims, needs_megatron
+
+pytestmark = needs_megatron
+
+GQA = MiniCPMConfig(name="gqa", hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=8,
+                    ffn_hidden_size=96, vocab_size=257, max_seq_length=64, tie_word_embeddings=True)
+UNTIED = GQA.model_copy(update={"name": "gqa-untied", "num_kv_heads": 4, "tie_word_embeddings": False})
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _leave_no_process_group():
+    """init_parallel sets rendezvous variables and a gloo group in this process: undo both afterwards so
+    later tests (and the torchrun children they start) see the environment they had."""
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def shims(monkeypatch: pytest.MonkeyPatch):
+    apply_cpu_shims(monkeypatch)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def _case(tmp_path, cfg: MiniCPMConfig):
+    spec = make_spec(cfg, steps=1, micro_batch_size=2, grad_accum=2, seq_length=24, dtype="float32", seed=7)
+    return load_case(new_case(tmp_path / cfg.name, spec))
+
+
+@pytest.mark.parametrize("attention", ["unfused", "sdpa"])
+@pytest.mark.parametrize("cfg", [GQA, UNTIED], ids=lambda c: c.name)
+def test_forward_and_backward_match_the_reference(tmp_path, shims, cfg: MiniCPMConfig, attention: str) -> None:
+    from gates.stacks.megatron.probes import run_probe as mg_probe
+    from gates.stacks.torch_ref.probes import run_probe as ref_probe
+
+    case = _case(tmp_path, cfg)
+    for probe in ("forward", "backward"):
+        ref, _ = ref_probe(probe, case, tmp_path)
+        torch.use_deterministic_algorithms(False)
+        got, metrics = mg_probe(probe, case, attention, torch.device("cpu"), backend="gloo")
+        assert set(got) == set(ref)
+        for name in ref:
+            assert _rel(got[name], ref[name]) < 2e-5, (probe, name, _rel(got[name], ref[name]))
+        assert metrics["stack"] == ("megatron" if attention == "unfused" else "megatron-sdpa")
+
+
+def test_without_the_minicpm_hooks_the_logits_differ(tmp_path, shims) -> None:
+    from gates.stacks.megatron.model import build_gpt, causal_mask, init_parallel, position_ids
+    from gates.stacks.torch_ref.probes import forward as ref_forward
+
+    case = _case(tmp_path, GQA)
+    ref = ref_forward(case)["logits"]
+    torch.use_deterministic_algorithms(False)
+    init_parallel(0, backend="gloo")
+    model, _, scaling = build_gpt(GQA, "unfused", torch.float32, "cpu", case.weights)
+    ids, _ = case.global_batch(0)
+    args = (ids, position_ids(*ids.shape, "cpu"), causal_mask(ids.shape[1], "cpu"))
+    with torch.no_grad():
+        hooked = model(*args)
+        scaling.remove()
+        bare = model(*args)
+    assert _rel(hooked, ref) < 2e-5
+    assert _rel(bare, ref) > 1e-2
