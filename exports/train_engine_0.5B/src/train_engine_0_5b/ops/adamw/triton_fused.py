@@ -58,7 +58,10 @@ def _table_ptr(table, i, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 @triton.jit
 def _work_item(plan_ptr, ALIGNED: tl.constexpr):
     item = plan_ptr + tl.program_id(0).to(tl.int64) * 4
-    t, start, end, slot = tl.load(item), tl.load(item + 1), tl.load(item + 2), tl.load(item + 3)
+    t = tl.load(item)
+    start = tl.load(item + 1)
+    end = tl.load(item + 2)
+    slot = tl.load(item + 3)
     if ALIGNED:  # starts are multiples of the chunk, ends of 8 (checked on the host)
         start = tl.multiple_of(start, 16)
         end = tl.multiple_of(end, 8)
@@ -79,7 +82,7 @@ def _adamw_kernel(
     v_ptr = _table_ptr(v_table, t, tl.float32, ALIGNED)
     c_ptr = _table_ptr(c_table, t, C_DTYPE, ALIGNED)  # without copies the table is p_table: a valid read
     step_size = tl.load(coef_ptr)  # lr / (1 - b1^t)
-    bc2 = tl.load(coef_ptr + 1)  # 1 - b2^t
+    bc2 = tl.full((BLOCK,), 1.0, tl.float32) * tl.load(coef_ptr + 1)  # 1 - b2^t, as a block: div_rn does not broadcast
     keep = tl.load(coef_ptr + 2 + slot)  # 1 - lr * wd of this tensor (1 for no decay)
     clip = 1.0
     if HAS_CLIP:

@@ -77,7 +77,8 @@ def _ce_fwd_kernel(
     # One program per row (token). With WRITE_GRAD the row is overwritten by d(loss)/d(logits).
     # V and the row stride arrive in UNITs of 8 when the host found them so: 73448 is not a multiple of
     # 16, so Triton would not assume the 16-byte alignment that makes the loads vectorize.
-    V, stride = V_units * UNIT, stride_units * UNIT
+    V = V_units * UNIT
+    stride = stride_units * UNIT
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -99,7 +100,9 @@ def _ce_bwd_kernel(
     logits_ptr, labels_ptr, lse_ptr, dloss_ptr, grad_ptr, V_units, stride_units, grad_stride_units, scale,
     ignore_index, UNIT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    V, stride, grad_stride = V_units * UNIT, stride_units * UNIT, grad_stride_units * UNIT
+    V = V_units * UNIT
+    stride = stride_units * UNIT
+    grad_stride = grad_stride_units * UNIT
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
     mult = tl.where(label != ignore_index, scale, 0.0) * tl.load(dloss_ptr)
