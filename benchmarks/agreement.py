@@ -68,12 +68,16 @@ def run_reference_inprocess(probe: str, case: Path, out: Path) -> dict:
     from gates.stacks.torch_ref.probes import run_probe as ref_probe
 
     t0 = time.perf_counter()
-    tensors, metrics = ref_probe(probe, load_case(case), out)
-    write_outputs(out, tensors, metrics)
-    del tensors
+    try:
+        tensors, metrics = ref_probe(probe, load_case(case), out)
+        write_outputs(out, tensors, metrics)
+        del tensors
+        status, msg = "ok", ""
+    except Exception as e:  # noqa: BLE001 - recorded: the candidates then have nothing to be compared with
+        status, msg = "error", f"{type(e).__name__}: {str(e)[:300]}"
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"stack": "torch", "probe": probe, "status": "ok", "message": "", "wall_s": time.perf_counter() - t0}
+    return {"stack": "torch", "probe": probe, "status": status, "message": msg, "wall_s": time.perf_counter() - t0}
 
 
 def compare_probe(cand: Path, ref16: Path, ref32: Path, probe: str) -> list[dict]:
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             r = run_probe(stack, probe, cases["bfloat16"], out / "probes" / stack / probe, left())
             runs.append(r | {"label": stack})
             res[probe] = {"status": r["status"], "message": r["message"]}
+            if r["status"] == "ok" and not {("torch-fp32", probe), ("torch-bf16", probe)} <= ok:
+                res[probe]["message"] = "the torch reference failed on this probe: nothing to compare with"
             if r["status"] == "ok" and {("torch-fp32", probe), ("torch-bf16", probe)} <= ok:
                 rows = compare_probe(out / "probes" / stack / probe, out / "probes" / "torch-bf16" / probe,
                                      out / "probes" / "torch-fp32" / probe, probe)

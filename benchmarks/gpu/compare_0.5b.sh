@@ -6,10 +6,16 @@
 #   annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0 typer==0.29.2 click==8.5.1 \
 #   rich==15.0.0 shellingham==1.5.4 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.20.0 safetensors==0.8.0 \
 #   pytest==9.0.3 pluggy==1.6.0 iniconfig==2.3.0
-# Run (device tool), carry [".whl"]:
+# Run (device tool, kind nvidia-h100-x1), carry [".whl"]:
 #   FORGE_GIT_COMMIT=<sha of HEAD> bash benchmarks/gpu/compare_0.5b.sh
+# Engines whose kernels need CuTeDSL's big part: first a call with carry [".gpu-big"] running
+#   mkdir -p /tmp/cut && xz -dc .gpu-big/cutlass_cu13.tar.xz | tar xf - -C /tmp/cut
+# then this script within ~30 s (the machine stays warm); it adds /tmp/cut when it finds it.
+# Results: $OUT/agreement/agreement.{json,md}, $OUT/compare/compare.{json,md} (+ raw/, logs/), and
+# $OUT/results/<date>-h100-minicpm4-0.5b.{json,md}: copy those into benchmarks/results/ and commit.
 # Knobs (environment): MBS (default 8), WARMUP (3), STEPS (8), BUDGET_S (510: the whole script), PART (all |
-#   agreement | compare), STACKS (run order = table order), AGREEMENT_STACKS (megatron,megatron-sdpa).
+#   agreement | compare), STACKS (run order = table order), AGREEMENT_STACKS (megatron,megatron-sdpa),
+#   MODEL / SEQ / AGREEMENT_SEQ (minicpm4-0.5b / 4096 / 1024; `MODEL=tiny SEQ=64 AGREEMENT_SEQ=32` rehearses it on a CPU).
 # Each part has a time budget and writes its report with whatever finished in it (the rest is marked skipped).
 set -uo pipefail
 : "${OUT:?set OUT to the output folder (the device machine sets it)}"
@@ -23,6 +29,10 @@ log "installing carried wheels into /tmp/site"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   > "$OUT/install.log" 2>&1 || log "pip install reported errors (see install.log); going on with what installed"
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d /tmp/cut/nvidia_cutlass_dsl ]; then  # CuTeDSL's big part, unpacked by an earlier call (engines may need it)
+  cp -r /tmp/cut/nvidia_cutlass_dsl /tmp/site/ && export PYTHONPATH="$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages"
+  log "CuTeDSL big part found in /tmp/cut: added"
+fi
 export FORGE_GIT_COMMIT="${FORGE_GIT_COMMIT:-unknown}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 - > "$OUT/versions.json" 2>&1 <<'PY'
@@ -38,14 +48,14 @@ PY
 cat "$OUT/versions.json"
 
 log "conversion + megatron CPU-model tests"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/stacks > "$OUT/tests_stacks.log" 2>&1
+timeout 120 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/stacks > "$OUT/tests_stacks.log" 2>&1
 log "tests/stacks exit $? ($(tail -n 1 "$OUT/tests_stacks.log"))"
 
 PART=${PART:-all}  # all | agreement | compare: rerun one part alone if the other already came back
 if [ "$PART" != compare ]; then
   ab=$(( $(left) < 460 ? $(left) / 2 : 230 ))
   log "agreement report, torch vs megatron, 0.5B bf16 (budget ${ab}s)"
-  timeout $(( ab + 20 )) python3 -m benchmarks.agreement --model minicpm4-0.5b --seq-length 1024 \
+  timeout $(( ab + 20 )) python3 -m benchmarks.agreement --model "${MODEL:-minicpm4-0.5b}" --seq-length "${AGREEMENT_SEQ:-1024}" \
     --micro-batch-size 1 --grad-accum 2 --steps 3 --stacks "${AGREEMENT_STACKS:-megatron,megatron-sdpa}" \
     --budget "$ab" --timeout 120 --out "$OUT/agreement" > "$OUT/agreement.log" 2>&1
   log "agreement exit $? (0: agree, 1: disagree or incomplete)"
@@ -54,7 +64,7 @@ fi
 if [ "$PART" != agreement ]; then
   cb=$(( $(left) - 10 ))
   log "side-by-side comparison, seq 4096 (budget ${cb}s)"
-  timeout $(( cb + 5 )) python3 -m benchmarks.compare --model minicpm4-0.5b --seq-length 4096 \
+  timeout $(( cb + 5 )) python3 -m benchmarks.compare --model "${MODEL:-minicpm4-0.5b}" --seq-length "${SEQ:-4096}" \
     --micro-batch-size "${MBS:-8}" --warmup "${WARMUP:-3}" --steps "${STEPS:-8}" \
     --stacks "${STACKS:-megatron-sdpa,torch-compile,engines,torch-eager,megatron,torchtitan}" \
     --budget "$cb" --timeout 200 --out "$OUT/compare" --results-dir "$OUT/results" > "$OUT/compare.log" 2>&1
