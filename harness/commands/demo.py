@@ -1,13 +1,36 @@
-"""`bash agent-loop.sh demo`: not built yet (its issue is open)."""
+"""`bash agent-loop.sh demo`: forge the tiny engine offline from a broken start, train it, inspect it.
+
+See harness/demo.py for the steps. Exit 0 when every step did what it should (a round failed, its
+report fed the next, the fix passed and landed, the loss fell), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from harness.commands._common import not_built
+from harness.commands._common import console
 
 
-def main(ctx: typer.Context) -> None:
-    """(not built yet)"""
-    not_built("demo")
+def main(
+    out: Optional[Path] = typer.Option(None, "--out", help="scratch directory (default runs/demo-<time>/)"),
+    steps: int = typer.Option(40, "--steps", min=10, help="training steps after the forge"),
+) -> None:
+    """The main job on a fresh machine: offline, CPU, a few minutes."""
+    from harness.demo import SOURCE_ENGINE, run, summary
+    from harness.gating import runner_available
+    from harness.prompts import WORKSPACE_ROOT
 
-
-CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+    if not runner_available() or not (SOURCE_ENGINE / "src").is_dir():
+        console.print("[red]error:[/] the demo needs gates/runner.py and exports/train_engine_0.5B")
+        raise typer.Exit(2)
+    scratch = out or WORKSPACE_ROOT / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    if scratch.exists() and any(scratch.iterdir()):
+        console.print(f"[red]error:[/] {scratch} is not empty")
+        raise typer.Exit(2)
+    res = run(scratch, steps=steps, console=console)
+    summary(res, console)
+    raise typer.Exit(0 if res.ok else 1)

@@ -1,13 +1,94 @@
-"""`bash agent-loop.sh forge`: not built yet (its issue is open)."""
+"""`bash agent-loop.sh forge --spec specs/X.toml [--agent BACKEND] [--resume] [--engine PATH]`.
+
+Runs the forge loop (harness/loop.py) with the workspace's own gates. State lives in
+`<repo>/.git/forge/<spec name>/` unless --state-dir says otherwise (inside .git: never in anyone's
+`git status`, and the round worktrees stay out of the working tree).
+
+Exit codes: 0 every stage passed; 1 a budget stopped the run; 2 usage, spec or state error;
+3 the agent's service kept failing (resume later); 4 the workspace's own code changed during a round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from harness.commands._common import not_built
+from harness.commands._common import console
+
+EXIT = {"passed": 0, "budget": 1, "agent_unavailable": 3, "tampered": 4}
 
 
-def main(ctx: typer.Context) -> None:
-    """(not built yet)"""
-    not_built("forge")
+def default_state_dir(engine: Path, spec_name: str) -> Path:
+    import git
+
+    repo = git.Repo(engine, search_parent_directories=True)
+    return Path(repo.git.rev_parse("--git-common-dir")).resolve() / "forge" / spec_name
 
 
-CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+def resolve_engine(path: str, base: Path) -> Path:
+    p = Path(path)
+    return p.resolve() if p.is_absolute() else (base / p).resolve()
+
+
+def _parse_options(items: list[str]) -> dict:
+    import json
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--agent-option {item!r} is not key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(
+    spec_path: Path = typer.Option(..., "--spec", help="forge spec (specs/*.toml)"),
+    agent: Optional[str] = typer.Option(None, "--agent", help="backend for every stage (overrides the spec)"),
+    agent_option: list[str] = typer.Option([], "--agent-option", help="backend option key=value (JSON values), repeatable"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in the state dir where it stopped"),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="the export to forge (default: the spec's engine.path)"),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="default: <repo>/.git/forge/<spec name>"),
+    stage: list[str] = typer.Option([], "--stage", help="run only these stages (repeatable)"),
+    land: Optional[bool] = typer.Option(None, "--land/--no-land", help="fast-forward the checked-out branch on each pass"),
+) -> None:
+    """Forge or improve an engine: stage prompts, agent rounds in worktrees, gates, commits, ledger."""
+    from harness.agents import BackendError
+    from harness.gating import runner_available
+    from harness.loop import ForgeError, ForgeLoop
+    from harness.prompts import WORKSPACE_ROOT
+    from harness.spec import SpecError, load_spec, with_overrides
+    from harness.workspace import WorkspaceError
+
+    try:
+        spec = load_spec(spec_path)
+        spec = with_overrides(spec, engine_path=str(engine.resolve()) if engine else None, backend=agent,
+                              options=_parse_options(agent_option) or None)
+        unknown = [s for s in stage if s not in {st.name for st in spec.stages}]
+        if unknown:
+            raise SpecError(f"--stage {', '.join(unknown)}: not a stage of {spec.name}")
+        eng = resolve_engine(spec.engine.path, WORKSPACE_ROOT)
+        if not eng.is_dir():
+            raise SpecError(f"engine.path: {eng} is not a directory")
+        if not runner_available():
+            console.print("[red]error:[/] gates/runner.py is not importable here: the loop needs the gates")
+            raise typer.Exit(2)
+        state = state_dir.resolve() if state_dir else default_state_dir(eng, spec.name)
+        loop = ForgeLoop(spec, spec_path.resolve(), engine=eng, state_dir=state, console=console, land=land)
+        outcome = loop.run(resume=resume, only=stage or None)
+    except (SpecError, BackendError, ForgeError, WorkspaceError, RuntimeError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    color = "green" if outcome.ok else "red"
+    console.print(f"[{color}]{outcome.status}[/]: {outcome.message}")
+    console.print(f"stages: {', '.join(f'{k}={v}' for k, v in outcome.stages.items())}")
+    console.print(f"branch {outcome.branch} at {outcome.tip[:10] if outcome.tip else '-'}; state {outcome.state_dir}")
+    if outcome.status in ("budget", "agent_unavailable"):
+        console.print(f"continue with: bash agent-loop.sh forge --spec {spec_path} --resume"
+                      + (f" --state-dir {state}" if state_dir else ""))
+    raise typer.Exit(EXIT.get(outcome.status, 1))

@@ -1,0 +1,230 @@
+"""`demo`: the main job on a fresh machine, offline, on a CPU.
+
+1. copy exports/train_engine_0.5B into a scratch git repository (runs/demo-<time>/ by default);
+2. break it on purpose (a MiniCPM-specific bug: the residual scale without its 1/sqrt(L)), commit that;
+3. forge it through the stage-1 gates of specs/tiny-cpu.toml with the `replay` backend. The recording
+   is made here, from the break: round 1 replays a plausible but wrong fix (scale_depth / L), which the
+   M1 gate fails with a localization that goes into round 2's prompt; round 2 replays the right fix,
+   which passes and is committed (with manifest.json) and lands on the scratch repo's branch; the
+   later stages need no edit and pass on the fixed engine;
+4. train the forged engine on the default corpus with the tiny preset (`train` verb), loss falling;
+5. `inspect` it (report + loss/MFU plot) and print a summary.
+
+The recorded patches are scripted, and the summary says so: the demo shows the loop, the gates, the
+feedback and the commits working, not a model's coding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from harness.prompts import WORKSPACE_ROOT
+
+SOURCE_ENGINE = WORKSPACE_ROOT / "exports" / "train_engine_0.5B"
+SPEC = WORKSPACE_ROOT / "specs" / "tiny-cpu.toml"
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "runs", "forge")
+
+
+@dataclass(frozen=True)
+class Sabotage:
+    what: str
+    pattern: str       # regex, first match in the engine's model code
+    broken: str
+    wrong_fix: str
+
+
+SABOTAGES = (
+    Sabotage("residual branches scaled by scale_depth instead of scale_depth / sqrt(L)",
+             r"\bcfg\.residual_scale\b", "cfg.scale_depth", "cfg.scale_depth / cfg.num_layers"),
+    Sabotage("embedding output not multiplied by scale_emb",
+             r"\s*\*\s*cfg\.scale_emb\b", "", " * cfg.scale_depth"),
+)
+
+
+@dataclass
+class DemoResult:
+    scratch: Path
+    engine: Path
+    sabotage: str = ""
+    file: str = ""
+    forge_status: str = ""
+    rounds: list[dict] = field(default_factory=list)
+    landed_commit: str = ""
+    train_first: float | None = None
+    train_last: float | None = None
+    train_steps: int = 0
+    report: Path | None = None
+    plot: Path | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=forge-demo", "-c", "user.email=demo@localhost", *args], cwd=cwd,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def prepare(scratch: Path, source: Path = SOURCE_ENGINE) -> Path:
+    """A git repository whose root is a copy of the export."""
+    eng = scratch / source.name
+    shutil.copytree(source, eng, ignore=IGNORE)
+    (eng / ".gitignore").write_text("__pycache__/\n*.egg-info/\n")
+    _git(eng, "init", "-q", "-b", "main")
+    _git(eng, "add", "-A")
+    _git(eng, "commit", "-q", "-m", f"pristine copy of {source.relative_to(WORKSPACE_ROOT)}")
+    return eng
+
+
+def break_engine(eng: Path) -> tuple[Sabotage, Path]:
+    """Apply the first sabotage whose pattern the engine's source has; commit the broken engine."""
+    files = sorted((eng / "src").rglob("*.py"), key=lambda p: (p.name != "model.py", str(p)))
+    for sab in SABOTAGES:
+        for f in files:
+            text = f.read_text()
+            if re.search(sab.pattern, text):
+                f.write_text(re.sub(sab.pattern, sab.broken, text, count=1))
+                _git(eng, "commit", "-q", "-am", f"demo: deliberately broken ({sab.what})")
+                return sab, f
+    raise RuntimeError("demo: found nothing to break in the engine's source (its model code changed shape)")
+
+
+def record(eng: Path, sab: Sabotage, target: Path, recording: Path) -> None:
+    """The replay recording: m1 round 1 = a wrong fix, round 2 = the right one (patches vs the broken commit)."""
+    recording.mkdir(parents=True, exist_ok=True)
+    broken = target.read_text()
+    pristine = _git(eng, "show", f"HEAD~1:{target.relative_to(eng).as_posix()}") + "\n"
+    wrong = re.sub(sab.pattern, sab.wrong_fix, pristine, count=1)
+    for name, content in (("m1-r1.patch", wrong), ("m1-r2.patch", pristine)):
+        target.write_text(content)
+        (recording / name).write_text(_git(eng, "diff") + "\n")
+    target.write_text(broken)
+
+
+def train(eng: Path, out: Path, steps: int, console: Console) -> list[dict]:
+    """Train the forged engine with the `train` verb (torchrun, 1 process, CPU, tiny, default corpus)."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "train_log.jsonl"
+    cmd = [sys.executable, "-m", "harness", "train", "--engine", str(eng), "--",
+           "--model", "tiny", "--num-steps", str(steps), "--seq-length", "64", "--global-batch-size", "8",
+           "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "5", "--device", "cpu",
+           "--log-file", str(log), "--save-dir", str(out / "ckpt")]
+    env = {"PYTHONPATH": str(WORKSPACE_ROOT), "PATH": "/usr/local/bin:/usr/bin:/bin",
+           "HOME": str(Path.home()), "FORGE_ENGINE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
+    (out / "train.stdout").write_text(r.stdout + r.stderr)
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("[STEP")]
+    for line in lines[:2] + (["..."] if len(lines) > 4 else []) + lines[-2:]:
+        console.print(f"  {line}", markup=False, highlight=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"training exited {r.returncode}: {(r.stderr or r.stdout)[-800:]}")
+    return [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+
+
+def run(scratch: Path, *, steps: int = 40, console: Console | None = None) -> DemoResult:
+    from harness.inspection import collect, write
+    from harness.loop import ForgeLoop
+    from harness.spec import load_spec, with_overrides
+
+    console = console or Console(stderr=True)
+    scratch = scratch.resolve()
+    scratch.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    eng = prepare(scratch)
+    res = DemoResult(scratch=scratch, engine=eng)
+    sab, target = break_engine(eng)
+    res.sabotage, res.file = sab.what, str(target.relative_to(eng))
+    console.rule("1. scratch copy, broken on purpose")
+    console.print(f"{eng}\nbroke {res.file}: {sab.what}")
+    record(eng, sab, target, scratch / "recording")
+
+    console.rule("2. forge through the stage-1 gates (specs/tiny-cpu.toml, replay backend)")
+    t = time.monotonic()
+    spec = with_overrides(load_spec(SPEC), engine_path=str(eng), backend="replay",
+                          options={"recording": str(scratch / "recording")})
+    outcome = ForgeLoop(spec, SPEC, engine=eng, state_dir=scratch / "state", console=console).run()
+    res.seconds["forge"] = time.monotonic() - t
+    res.forge_status = outcome.status
+    from harness.ledger import Ledger
+
+    res.rounds = [r.model_dump() for r in Ledger(scratch / "state" / "ledger.jsonl").rounds()]
+    res.landed_commit = _git(eng, "rev-parse", "HEAD")
+    if not outcome.ok:
+        res.problems.append(f"forge ended {outcome.status}: {outcome.message}")
+    m1 = [r for r in res.rounds if r["stage"] == "m1"]
+    if not (len(m1) >= 2 and m1[0]["verdict"] == "failed" and m1[-1]["verdict"] == "passed"):
+        res.problems.append("expected m1 to fail in round 1 and pass later")
+    if _git(eng, "rev-parse", "HEAD") != outcome.tip:
+        res.problems.append("the forged commit did not land on the scratch repo's branch")
+
+    if outcome.ok:
+        console.rule("3. train the forged engine (tiny preset, default corpus)")
+        t = time.monotonic()
+        try:
+            recs = train(eng, scratch / "train", steps, console)
+            res.train_steps = len(recs)
+            k = max(1, min(5, len(recs) // 4))
+            res.train_first = sum(r["loss"] for r in recs[:k]) / k
+            res.train_last = sum(r["loss"] for r in recs[-k:]) / k
+            if not res.train_last < res.train_first:
+                res.problems.append(f"loss did not fall ({res.train_first:.3f} -> {res.train_last:.3f})")
+        except RuntimeError as e:
+            res.problems.append(str(e))
+        res.seconds["train"] = time.monotonic() - t
+
+    console.rule("4. inspect")
+    logs = [scratch / "train" / "train_log.jsonl"] if (scratch / "train" / "train_log.jsonl").is_file() else []
+    ins = collect(eng, ledgers=[scratch / "state" / "ledger.jsonl"], logs=logs, bench_dir=WORKSPACE_ROOT / "benchmarks" / "results")
+    from harness.commands.inspect import show
+
+    show(ins, console)
+    paths = write(ins, scratch / "inspect")
+    res.report, res.plot = paths["md"], paths["png"]
+    res.seconds["total"] = time.monotonic() - t0
+    return res
+
+
+PREFERRED = ("worst_tensor", "worst_rel", "loss.window_mean_rel_diff", "mfu.mfu", "error_type")
+
+
+def key_numbers(metrics: dict, n: int = 2) -> list[tuple[str, object]]:
+    """The numbers a reader wants first (the worst tensor and its error, M5's loss statistic)."""
+    first = [(k, metrics[k]) for k in PREFERRED if k in metrics]
+    return (first + [(k, v) for k, v in metrics.items() if k not in PREFERRED])[:n]
+
+
+def summary(res: DemoResult, console: Console) -> None:
+    console.rule("demo summary")
+    console.print(f"scratch repo: {res.engine}  (HEAD {res.landed_commit[:10]})")
+    console.print(f"deliberate break: {res.sabotage} in {res.file}")
+    t = Table(title="forge rounds (replay backend: recorded patches, scripted by the demo)")
+    for c in ("stage", "round", "verdict", "gates", "key numbers", "commit"):
+        t.add_column(c)
+    for r in res.rounds:
+        gates = ", ".join(f"{g['name']} {g['verdict']}" for g in r["gates"]) or "-"
+        nums = "; ".join(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in key_numbers(g["metrics"])) for g in r["gates"][:1])
+        t.add_row(r["stage"], str(r["round"]), r["verdict"], gates, nums, (r.get("commit") or "-")[:10])
+    console.print(t)
+    if res.train_first is not None:
+        console.print(f"training: {res.train_steps} steps, mean loss of the first steps {res.train_first:.3f} -> "
+                      f"last steps {res.train_last:.3f}")
+    console.print(f"inspect report: {res.report}\nplot: {res.plot}")
+    console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in res.seconds.items()))
+    if res.ok:
+        console.print("[bold green]demo passed[/]")
+    for p in res.problems:
+        console.print(f"[bold red]demo problem:[/] {p}")
