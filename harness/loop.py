@@ -22,7 +22,7 @@ from rich.console import Console
 
 from harness import manifest as mf
 from harness.agents import AgentBackend, AgentResult, AgentTask, AgentUnavailable, get_backend
-from harness.agents._env import agent_env
+from harness.agents._env import agent_env, redact
 from harness.agents._proc import kill_group
 from harness.gating import GateFn, GateOutcome, report_localization, run_real_gate
 from harness.ledger import GateLine, Inflight, Ledger, RoundRecord, RunLock, RunState, write_json_atomic
@@ -166,8 +166,9 @@ class ForgeLoop:
         if stale:
             self.console.print(f"resume: removed stale worktrees {', '.join(stale)}")
         tips = [r.tip for r in self.ledger.rounds() if r.tip]
-        if tips and self.ws.branch_tip() != tips[-1]:
-            self.ws.force_branch(tips[-1])
+        tip = self.ws.branch_tip()
+        if tips and tip != tips[-1] and not (tip and self.ws.is_ancestor(tips[-1], tip)):
+            self.ws.force_branch(tips[-1])  # killed between the ledger line and the ref update
             self.console.print(f"resume: branch {self.ws.branch} set to {tips[-1][:10]} (the ledger's last pass)")
         if tips and self.land:
             self.ws.land()
@@ -411,8 +412,7 @@ class ForgeLoop:
         msg = (f"forge({what}): {verdicts} (round {rec.round}, {rec.backend})\n\n{numbers}\n"
                + (f"{op} {stage.timing.metric if stage.timing else ''}={rec.timing}\n" if op else "")
                + f"\nForge-Run: {self.state.run_id}\nForge-Stage: {stage.name}\nForge-Round: {rec.round}\n")
-        base_tree = self.ws._git("rev-parse", f"{rt.base}^{{tree}}")
-        commit = rt.base if tree == base_tree else self.ws.commit_tree(tree, rt.base, msg)
+        commit = rt.base if tree == self.ws.tree_of(rt.base) else self.ws.commit_tree(tree, rt.base, msg)
         rec.commit = commit
         if self._hardware is None:
             self._hardware = mf.hardware_info()
@@ -457,5 +457,5 @@ class ForgeLoop:
             os.unlink(inflight)
         self._inflight = None
         if rec.verdict != "passed":
-            self.console.print(f"  round {rec.round}: [red]{rec.verdict}[/]" + (f" ({rec.note})" if rec.note else ""))
+            self.console.print(f"  round {rec.round}: [red]{rec.verdict}[/]" + (f" ({redact(rec.note)})" if rec.note else ""))
         return rec

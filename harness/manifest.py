@@ -6,6 +6,7 @@
       "gates": {"m1_forward": {"verdict", "metrics", "time_s", "stage", "round", "commit", "hardware",
                                "reference", "case", "dtype", "world_size", "policy", "report"}},
       "ops": {"rmsnorm": {"metric", "value", "baseline", "commit", "round"}},
+      "hardware": where the newest gates ran,
       "forge": {"run_id", "branch", "backend", "updated"},
       "commit": the newest commit whose code the gates judged
     }
@@ -72,6 +73,7 @@ def record_gates(manifest: dict[str, Any], *, spec: ForgeSpec, spec_path: str, s
             "report": str(out.report) if out.report else None,
         }
     m["gates"] = gates
+    m["hardware"] = hardware
     m["commit"] = commit
     m["forge"] = {"run_id": run_id, "branch": branch, "backend": backend, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return m

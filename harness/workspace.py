@@ -135,6 +135,9 @@ class Workspace:
         """Resume: point the branch at the commit the ledger says passed last."""
         self._git("update-ref", "-m", "forge: resume", self.ref, sha)
 
+    def tree_of(self, commit: str) -> str:
+        return self._git("rev-parse", f"{commit}^{{tree}}")
+
     def is_ancestor(self, a: str, b: str) -> bool:
         try:
             self._git("merge-base", "--is-ancestor", a, b)
