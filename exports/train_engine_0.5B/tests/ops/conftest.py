@@ -32,14 +32,17 @@ def _old_interpreter() -> str | None:
         import triton
     except ImportError:
         return None  # the test modules skip themselves (importorskip)
-    version = tuple(int(p) for p in triton.__version__.split(".")[:2])
-    return f"the Triton interpreter of triton {triton.__version__} is too old (needs >= 3.9)" if version < (3, 9) else None
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+        return f"the Triton interpreter of triton {triton.__version__} is too old (needs >= 3.9)"
+    return None
 
 
 def pytest_collection_modifyitems(config, items):
+    """Skips this folder's Triton tests (test_*_triton.py) under an interpreter that cannot run them."""
     reason = _old_interpreter() if _INTERPRETED else None
     if reason:
         here = Path(__file__).parent
         for item in items:
-            if here in Path(item.fspath).parents:
+            path = Path(item.fspath)
+            if path.parent == here and path.name.startswith("test_") and path.name.endswith("_triton.py"):
                 item.add_marker(pytest.mark.skip(reason=reason))

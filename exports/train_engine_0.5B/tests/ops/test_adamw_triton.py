@@ -144,7 +144,7 @@ def test_device_tensor_lr_and_step_match_numbers():
     p2, m2, v2 = ([t.clone() for t in ts] for ts in (p, m, v))
     decays = [0.1, 0.0, 0.1, 0.1]
     adamw(p, grads, m, v, step=5, lr=3e-4, **HP, weight_decays=decays)
-    adamw(p2, grads, m2, v2, step=torch.tensor(5, device=DEVICE), lr=torch.tensor(3e-4, dtype=torch.float64, device=DEVICE), **HP,
-          weight_decays=decays)  # fmt: skip
+    step, lr = torch.tensor(5, device=DEVICE), torch.tensor(3e-4, dtype=torch.float64, device=DEVICE)
+    adamw(p2, grads, m2, v2, step=step, lr=lr, **HP, weight_decays=decays)
     for a, b in zip(p + m + v, p2 + m2 + v2):
         assert torch.equal(a, b)

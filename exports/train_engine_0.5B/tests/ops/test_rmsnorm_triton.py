@@ -101,7 +101,8 @@ def test_poisoned_buffers_are_overwritten():
     x64, y64, w64 = _fp64(x, y, w)
     ref_out, ref_new = add_rms_norm_reference(x64, y64, w64, EPS, SCALE)
     torch.autograd.backward([ref_out, ref_new], [dout.double(), dnew.double()])
-    for got, ref in [(out, ref_out.detach()), (new_x, ref_new.detach()), (dx, x64.grad), (dy, y64.grad), (dw, w64.grad)]:
+    pairs = [(out, ref_out.detach()), (new_x, ref_new.detach()), (dx, x64.grad), (dy, y64.grad), (dw, w64.grad)]
+    for got, ref in pairs:
         assert torch.isfinite(got).all()
         _close(got, ref, torch.float32)
     ref_rstd = torch.rsqrt(ref_new.detach().pow(2).mean(-1) + EPS)

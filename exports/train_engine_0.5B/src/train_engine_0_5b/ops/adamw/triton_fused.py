@@ -135,11 +135,16 @@ def _plan(tensor_lists: list[list[Tensor]], slots: list[int]) -> tuple[Tensor, T
     if key not in _PLANS:
         if len(_PLANS) >= 16:  # a new set of tensors each step would be a caller bug; stay bounded anyway
             _PLANS.clear()
-        items = [(i, s, min(s + _CHUNK, t.numel()), slot) for i, (t, slot) in enumerate(zip(first, slots)) for s in range(0, t.numel(), _CHUNK)]
+        items = [
+            (i, start, min(start + _CHUNK, t.numel()), slot)
+            for i, (t, slot) in enumerate(zip(first, slots))
+            for start in range(0, t.numel(), _CHUNK)
+        ]
         device = first[0].device
         plan = torch.tensor(items, dtype=torch.int64).reshape(-1, 4).to(device)
         tables = torch.tensor([[t.data_ptr() for t in ts] for ts in tensor_lists], dtype=torch.int64).to(device)
-        aligned = all(t.data_ptr() % 16 == 0 for ts in tensor_lists for t in ts) and all(t.numel() % 8 == 0 for t in first)
+        aligned = all(t.data_ptr() % 16 == 0 for ts in tensor_lists for t in ts)
+        aligned = aligned and all(t.numel() % 8 == 0 for t in first)
         _PLANS[key] = (plan, tables, aligned)
     return _PLANS[key]
 

@@ -112,7 +112,7 @@ def _ce_bwd_kernel(
 
 def _require_triton(*tensors: Tensor) -> None:
     if not HAS_TRITON:
-        raise RuntimeError("the Triton cross-entropy needs `triton` (pip install triton); the reference runs without it")
+        raise RuntimeError("the Triton cross-entropy needs `triton` (pip install triton); the reference does not")
     if any(t.stride(-1) != 1 for t in tensors):
         raise ValueError("cross-entropy kernels need a contiguous last dimension")
 
@@ -244,7 +244,9 @@ def fused_linear_cross_entropy_fwd_bwd(
     losses = torch.empty(T, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(chunk, dtype=torch.float32, device=hidden.device)  # written, not needed after
     dx = (dx_out if dx_out is not None else torch.empty_like(hidden)) if compute_dx else None
-    dw = (dw_accum if dw_accum is not None else torch.zeros(V, h, dtype=torch.float32, device=hidden.device)) if compute_dw else None
+    dw = None
+    if compute_dw:
+        dw = dw_accum if dw_accum is not None else torch.zeros(V, h, dtype=torch.float32, device=hidden.device)
     if grad_scale is not None:
         grad_scale = grad_scale.to(device=hidden.device, dtype=torch.float32).reshape(())
     u = _unit(V, logits)
