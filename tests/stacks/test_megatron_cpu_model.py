@@ -61,8 +61,8 @@ def _case(tmp_path, cfg: MiniCPMConfig):
     return load_case(new_case(tmp_path / cfg.name, spec))
 
 
-@pytest.mark.parametrize("attention", ["unfused", "sdpa"])
-@pytest.mark.parametrize("cfg", [GQA, UNTIED], ids=lambda c: c.name)
+@pytest.mark.parametrize(("cfg", "attention"), [(GQA, "unfused"), (GQA, "sdpa"), (UNTIED, "unfused")],
+                         ids=["gqa-unfused", "gqa-sdpa", "untied-unfused"])
 def test_forward_and_backward_match_the_reference(tmp_path, shims, cfg: MiniCPMConfig, attention: str) -> None:
     from gates.stacks.megatron.probes import run_probe as mg_probe
     from gates.stacks.torch_ref.probes import run_probe as ref_probe
