@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from forge_toy import FIXED, MODEL_PY, fake_gate, make_repo, toy_spec, write_spec_file
 from wire_servers import (Script, anthropic_error, anthropic_message, anthropic_tool_use, openai_error, openai_reply,
-                          openai_tool_call, serve)
+                          openai_tool_call, serve, slow)
 
 from harness.agents import AgentTask, AgentUnavailable, get_backend
 from harness.agents._env import agent_env
@@ -103,6 +103,22 @@ def test_persistent_faults_stop_without_spending_the_round(service: str, tmp_pat
     (rec,) = Ledger(tmp_path / "s/ledger.jsonl").rounds()
     assert rec.verdict == "agent_unavailable" and rec.counted is False and not rec.gates
     assert len(script.requests) == 4
+
+
+@pytest.mark.parametrize("service", ["anthropic", "openai"])
+def test_request_timeout_is_retried(service: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY" if service == "anthropic" else "OPENAI_API_KEY", KEY)
+    wt = make_repo(tmp_path / "wt").parents[1]
+    done = (anthropic_message([{"type": "text", "text": "ok"}], "end_turn", (7, 3)) if service == "anthropic"
+            else openai_reply("ok", None, (7, 3)))
+    script = Script([slow(done, 2.0), done])
+    with serve(script, "/v1/messages" if service == "anthropic" else "/chat/completions") as url:
+        backend = get_backend(service, {"base_url": url if service == "anthropic" else url + "/v1",
+                                        "request_timeout_s": 0.5, "retry_base_s": 0.01}, "test-model")
+        res = backend.run(_task(tmp_path, wt))
+    assert res.error is None and res.summary == "ok" and (res.tokens_in, res.tokens_out) == (7, 3)
+    assert len(script.requests) == 2
+    assert '"error": "APITimeoutError"' in (tmp_path / "logs/transcript.jsonl").read_text()
 
 
 def test_bad_request_is_not_retried(tmp_path: Path, monkeypatch) -> None:

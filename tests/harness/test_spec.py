@@ -74,3 +74,16 @@ def test_backend_options_errors_name_the_option() -> None:
         get_backend("shell", {})
     with pytest.raises(BackendError, match="needs agent.model"):
         get_backend("openai", {})
+
+
+def test_forge_cli_reports_spec_errors(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[model]\npreset = "tiny"\n[engine]\npath = "."\npackage = "p"\n'
+                   '[[stages]]\nname = "m1"\n[[stages.gates]]\nname = "m1_forward"\npolicy = "close-enough"\n')
+    r = CliRunner().invoke(app, ["forge", "--spec", str(bad)])
+    assert r.exit_code == 2
+    assert "stages.0.gates.0.policy: bad policy 'close-enough'" in r.output

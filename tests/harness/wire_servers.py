@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,17 +14,19 @@ from typing import Any
 
 
 class Script:
-    def __init__(self, replies: list[tuple[int, dict[str, Any]]]) -> None:
+    def __init__(self, replies: list[tuple]) -> None:
         self.replies = list(replies)
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
 
-    def next(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def next(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any], float]:
+        """(status, payload, seconds to wait before answering: a slow reply makes the client time out)."""
         with self.lock:
             self.requests.append({"path": path, "headers": headers, "body": body})
             if not self.replies:
-                return 500, {"type": "error", "error": {"type": "api_error", "message": "script exhausted"}}
-            return self.replies.pop(0)
+                return 500, {"type": "error", "error": {"type": "api_error", "message": "script exhausted"}}, 0.0
+            reply = self.replies.pop(0)
+            return (reply[0], reply[1], reply[2] if len(reply) > 2 else 0.0)
 
 
 def _handler(script: Script, route: str) -> type[BaseHTTPRequestHandler]:
@@ -34,10 +37,12 @@ def _handler(script: Script, route: str) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("content-length", 0))
             body = json.loads(self.rfile.read(length) or b"{}")
+            delay = 0.0
             if not self.path.endswith(route):
                 status, payload = 404, {"error": {"message": f"no route {self.path}"}}
             else:
-                status, payload = script.next(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                status, payload, delay = script.next(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+            time.sleep(delay)
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("content-type", "application/json")
@@ -73,6 +78,11 @@ def anthropic_message(content: list[dict[str, Any]], stop_reason: str, tokens: t
 def anthropic_tool_use(call_id: str, name: str, args: dict[str, Any], tokens: tuple[int, int] = (100, 20)) -> tuple[int, dict]:
     return anthropic_message([{"type": "text", "text": f"calling {name}"},
                               {"type": "tool_use", "id": call_id, "name": name, "input": args}], "tool_use", tokens)
+
+
+def slow(reply: tuple[int, dict], seconds: float) -> tuple[int, dict, float]:
+    """The same reply, sent only after `seconds` (longer than the client's timeout: a timeout fault)."""
+    return (reply[0], reply[1], seconds)
 
 
 def anthropic_error(status: int) -> tuple[int, dict]:
