@@ -16,7 +16,7 @@ from train_engine_0_5b.errors import EXIT_ERROR, EXIT_UNSUPPORTED, EngineError, 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MiniCPM4-0.5B pretraining engine (data parallel; run under torchrun for more than one process).")
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay one line per line
 DEFAULT_MODEL = "minicpm4-0.5b"  # model_spec.toml's [model]; `tiny` runs the same math on a CPU
 
 
@@ -82,6 +82,7 @@ def pretrain(
     ops: str = typer.Option("", "--ops", help="op=implementation,... e.g. attention=sdpa,gemm.qkv=concat"),
     deterministic: bool = typer.Option(True, "--deterministic/--no-deterministic"),
     bucket_mb: float = typer.Option(25.0, "--bucket-mb", help="gradient all-reduce bucket (MiB)"),
+    exit_after_steps: Optional[int] = typer.Option(None, "--exit-after-steps", help="stop (with a checkpoint) after N steps of this run"),
     log_file: Optional[Path] = typer.Option(None, "--log-file", help="JSONL step log"),
     summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="write the run summary here (rank 0)"),
 ) -> None:
@@ -91,7 +92,8 @@ def pretrain(
     cfg = config.build(
         model=_model(model), ops=_ops(ops),
         train=dict(num_steps=num_steps, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                   seq_length=seq_length, seed=seed, init_std=init_std, bucket_mb=bucket_mb),
+                   seq_length=seq_length, seed=seed, init_std=init_std, bucket_mb=bucket_mb,
+                   exit_after_steps=exit_after_steps),
         optim=dict(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, lr_schedule=lr_schedule, decay_steps=decay_steps,
                    weight_decay=weight_decay, grad_clip=grad_clip),
         data=dict(hf_dataset=hf_dataset, hf_dataset_config=hf_dataset_config, hf_dataset_split=hf_dataset_split,

@@ -39,6 +39,8 @@ class TrainConfig(_Section):
     seed: int = Field(0, description="weights init and document order")
     init_std: float = Field(0.1, gt=0, description="embedding init std; hidden matrices use init_std / sqrt(hidden / dim_model_base)")
     bucket_mb: float = Field(25.0, gt=0, description="gradient all-reduce bucket size (MiB of fp32)")
+    exit_after_steps: int | None = Field(None, gt=0, description="stop (saving a checkpoint) after this many steps of this "
+                                         "invocation, e.g. to fit a time-limited allocation; continue with resume")
 
 
 class OptimConfig(_Section):
@@ -116,6 +118,7 @@ def build(**sections) -> EngineConfig:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "config"
-            lines.append(f"  {field}: {err['msg'].removeprefix('Value error, ')}")
+            msg = err["msg"].removeprefix("Value error, ")
+            field = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {field}: {msg}" if field else f"  {msg}")  # cross-field checks name their fields
         raise EngineError("invalid engine config:\n" + "\n".join(lines)) from None

@@ -140,11 +140,15 @@ def _loop(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, loader: Loader,
         log.step(record)
         times.append(dt)
         losses.append(loss)
-        last = step + 1 == t.num_steps
+        stop = t.exit_after_steps is not None and step + 1 - start >= t.exit_after_steps
+        last = step + 1 == t.num_steps or stop
         if c.save_dir is not None and (last or (c.save_interval and (step + 1) % c.save_interval == 0)):
             _save(cfg, ctx, step + 1, trainer.optimizer, loader, data, log)
+        if stop:
+            log.print(f"stopping after {t.exit_after_steps} steps (--exit-after-steps); continue with --resume")
+            break
     timed = times[1:] or times  # the first step pays one-time costs
     median = statistics.median(timed)
-    return {"steps": t.num_steps, "first_step": start + 1, "losses": losses, "step_time_s": median,
+    return {"steps": start + len(losses), "first_step": start + 1, "losses": losses, "step_time_s": median,
             "tokens_per_s": tokens / median, "mfu": mfu(cfg.model, t.seq_length, tokens, median, ctx.world),
             "peak_mem_gib": runtime.peak_memory_gib(ctx.device)}

@@ -65,8 +65,17 @@ def _from_dataset(name: str, ds) -> Source:
     return Source(name, list(ds.column_names), ds.num_rows, lambda: ds.iter(batch_size=BATCH))
 
 
-def _local(path: Path, split: str) -> Source:
+def _datasets():
+    """`datasets`, imported on first use (the default corpus does not need it), quiet on ranks > 0."""
     import datasets
+
+    if env.torchrun_world()[0] > 0:
+        datasets.disable_progress_bars()
+    return datasets
+
+
+def _local(path: Path, split: str) -> Source:
+    datasets = _datasets()
 
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         ds = datasets.load_from_disk(str(path))
@@ -140,10 +149,8 @@ def open_source(spec: str | None, config: str | None = None, split: str = "train
         raise EngineError(f"dataset path {spec} does not exist")
     else:
         _check_hub(spec)
-        import datasets
-
         try:
-            source = _from_dataset(spec, datasets.load_dataset(spec, config, split=split))
+            source = _from_dataset(spec, _datasets().load_dataset(spec, config, split=split))
         except Exception as e:
             raise EngineError(f"cannot load Hub dataset {spec!r}: {type(e).__name__}: {e}; {LOCAL_HINT}") from None
     if source.num_rows == 0:

@@ -1,0 +1,120 @@
+"""Checkpoints: 6 straight steps == 3 steps + resume + 3 steps, bitwise (losses, grad norms, weights,
+optimizer state); the Hugging Face export reproduces the engine's logits in `transformers`; an
+interrupted save leaves the last good checkpoint and pointer untouched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from engine_testlib import TINY, read_jsonl, rel_err
+from safetensors.torch import load_file
+
+from train_engine_0_5b import checkpoint as ckpt
+
+TRAIN = [*TINY, "--num-steps", "6", "--global-batch-size", "4", "--micro-batch-size", "2", "--lr-schedule", "cosine"]
+HF_REL_TOL = 1e-5  # the fold rescales weights instead of activations: fp32 rounding only
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One straight 6-step run and one run stopped after 3 steps then resumed, with the same options."""
+    from typer.testing import CliRunner
+
+    from train_engine_0_5b.cli import app
+
+    root = tmp_path_factory.mktemp("ckpt")
+    seed = str(int(torch.randint(0, 2**31 - 1, (1,))))
+    runner = CliRunner()
+
+    def pretrain(name: str, *extra: str):
+        res = runner.invoke(app, ["pretrain", *TRAIN, "--seed", seed, "--save-dir", str(root / name),
+                                  "--log-file", str(root / f"{name}.jsonl"), *extra])
+        assert res.exit_code == 0, res.output + res.stderr
+        return res
+
+    pretrain("straight", "--save-interval", "3")
+    pretrain("split", "--exit-after-steps", "3")
+    resumed = pretrain("split", "--resume")
+    return root, resumed
+
+
+def test_resume_is_bit_identical(runs):
+    root, resumed = runs
+    assert "resumed from" in resumed.output and "step_00000003" in resumed.output
+    straight, split = read_jsonl(root / "straight.jsonl"), read_jsonl(root / "split.jsonl")
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]  # the resumed run appended to the log
+    for key in ("loss", "grad_norm", "lr", "valid_tokens"):
+        assert [r[key] for r in straight] == [r[key] for r in split], key
+    assert len({r["loss"] for r in straight}) == 6  # it trained: six different losses
+    a, b = ckpt.load(root / "straight"), ckpt.load(root / "split")
+    assert a.step == b.step == 6
+    for part in ("master", "optim"):
+        ta, tb = getattr(a, part), getattr(b, part)
+        assert set(ta) == set(tb)
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), part
+    assert a.state["data"] == b.state["data"] and a.state["data"]["rows_consumed"] == 24
+
+
+def test_checkpoint_layout_and_latest_pointer(runs):
+    root, _ = runs
+    save = root / "straight"
+    assert (save / "latest").read_text().strip() == "step_00000006"
+    assert sorted(p.name for p in save.iterdir()) == ["latest", "step_00000003", "step_00000006"]
+    step = save / "step_00000006"
+    state = json.loads((step / "state.json").read_text())
+    assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "tokenizer/tokenizer.json"} <= set(state["files"])
+    assert state["config"]["train"]["num_steps"] == 6 and state["world_size"] == 1
+    weights = load_file(str(step / "model.safetensors"))
+    assert "model.layers.1.mlp.down_proj.weight" in weights and all(w.dtype == torch.float32 for w in weights.values())
+
+
+def test_interrupted_save_keeps_the_last_good_checkpoint(runs, tmp_path, monkeypatch):
+    root, _ = runs
+    save = tmp_path / "save"
+    good = ckpt.load(root / "straight")
+    ckpt.save(save, 6, good.master, good.optim, good.rng, {"identity": {}})
+    before = sorted(p.name for p in save.iterdir())
+
+    class Boom(RuntimeError):
+        pass
+
+    def fail(*_args, **_kwargs):
+        raise Boom("disk full")
+
+    monkeypatch.setattr(ckpt, "_fsync", fail)  # dies after the files are written, before the rename
+    with pytest.raises(Boom):
+        ckpt.save(save, 7, good.master, good.optim, good.rng, {"identity": {}})
+    assert sorted(p.name for p in save.iterdir()) == before  # no step_00000007, no leftover .tmp-*
+    assert ckpt.find_latest(save).name == "step_00000006"
+
+
+def test_hf_export_reproduces_the_engine_logits(runs, cli, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from train_engine_0_5b.model import build_model, load_weights
+    from train_engine_0_5b.model_config import MiniCPMConfig
+    from train_engine_0_5b.ops.registry import OpSelection, resolve
+
+    root, _ = runs
+    out = tmp_path / "hf"
+    res = cli(["export-hf", "--checkpoint", root / "straight", "--out", out])
+    assert res.exit_code == 0, res.output + res.stderr
+    loaded = ckpt.load(root / "straight")
+    cfg = MiniCPMConfig(**loaded.state["config"]["model"])
+    engine = build_model(cfg, resolve(OpSelection(), "cpu"), "cpu", torch.float32)
+    load_weights(engine, loaded.master)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        want, got = engine(ids), hf(input_ids=ids).logits
+    assert got.shape == want.shape
+    assert rel_err(want, got) <= HF_REL_TOL, rel_err(want, got)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    from train_engine_0_5b.data.tokenizer import TextTokenizer
+
+    text = "def f(x):\n    return x  # MiniCPM"
+    assert tok(text, add_special_tokens=False)["input_ids"] == TextTokenizer(Path(out)).encode_batch([text])[0]
+    assert tok.eos_token_id == TextTokenizer(Path(out)).eos_id

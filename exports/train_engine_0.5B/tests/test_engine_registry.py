@@ -1,0 +1,74 @@
+"""The op registry: the config selects implementations, the model calls every op through it, and
+bad selections fail naming the op."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.model import build_model, init_weights, load_weights
+from train_engine_0_5b.model_config import preset
+from train_engine_0_5b.ops import registry
+from train_engine_0_5b.ops.registry import OPS, OpSelection, resolve
+from train_engine_0_5b.optim import AdamW
+
+
+def test_device_defaults():
+    cpu, cuda = resolve(OpSelection(), "cpu").names, resolve(OpSelection(), "cuda").names
+    assert set(cpu.values()) == {"reference"}
+    assert cuda["attention"] == "sdpa" and cuda["adamw"] == "foreach" and cuda["gemm.qkv"] == "reference"
+    chosen = resolve(OpSelection.parse("attention=reference,gemm=concat,gemm.output=reference"), "cuda").names
+    assert chosen["attention"] == "reference" and chosen["gemm.fc1"] == "concat" and chosen["gemm.output"] == "reference"
+    assert resolve(OpSelection.parse("gemm.qkv=concat"), "cpu").gemm_qkv is OPS["gemm"]["concat"]
+
+
+def test_bad_selections_name_the_op():
+    with pytest.raises(EngineError, match=r"ops.rope: unknown implementation 'cutlass'; registered: reference"):
+        resolve(OpSelection(rope="cutlass"), "cpu")
+    with pytest.raises(EngineError, match="--ops"):
+        OpSelection.parse("attention")
+    with pytest.raises(EngineError, match="--ops"):
+        OpSelection.parse("flash=on")  # not an op
+    registry.UNAVAILABLE[("rope", "missing_kernel")] = "ModuleNotFoundError: No module named 'triton'"
+    try:
+        with pytest.raises(EngineError, match="ops.rope: implementation 'missing_kernel' is unavailable .*triton"):
+            resolve(OpSelection(rope="missing_kernel"), "cpu")
+    finally:
+        del registry.UNAVAILABLE[("rope", "missing_kernel")]
+
+
+def test_every_op_is_called_through_the_registry(monkeypatch):
+    """Register a counting wrapper of each reference op as implementation "spy", select it everywhere,
+    run forward + backward + an AdamW step: every op is counted as often as the model has sites, and
+    the result is bitwise the reference selection's."""
+    calls: Counter = Counter()
+    for op, impls in OPS.items():
+        def spy(*args, _op=op, _fn=impls["reference"], **kwargs):
+            calls[_op] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setitem(impls, "spy", spy)
+    spy_sel = OpSelection.parse(",".join(f"{op}=spy" for op in OPS))
+    cfg = preset("tiny")
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    labels = torch.randint(0, cfg.vocab_size, (2, 12))
+    results = []
+    for sel in (spy_sel, OpSelection()):
+        ops = resolve(sel, "cpu")
+        model = build_model(cfg, ops, "cpu", torch.float32)
+        weights = init_weights(model, 0.1, seed=7)
+        load_weights(model, weights)
+        opt = AdamW(dict(model.named_parameters()), weights, adamw_op=ops.adamw, betas=(0.9, 0.95), eps=1e-8,
+                    weight_decay=0.1, master_dtype=torch.float32)
+        loss = model.loss_sum(ids, labels)
+        loss.backward()
+        opt.step([p.grad for p in model.parameters()], lr=1e-3)
+        results.append((loss.detach(), [p.detach().clone() for p in model.parameters()]))
+    L = cfg.num_layers
+    assert calls == Counter(attention=L, gemm=4 * L + 1, rms_norm=1, add_rms_norm=2 * L, rope=L, swiglu=L,
+                            cross_entropy=1, adamw=1)
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
