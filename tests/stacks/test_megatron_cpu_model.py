@@ -95,3 +95,24 @@ def test_without_the_minicpm_hooks_the_logits_differ(tmp_path, shims) -> None:
         bare = model(*args)
     assert _rel(hooked, ref) < 2e-5
     assert _rel(bare, ref) > 1e-2
+
+
+def test_bf16_through_float16module_is_within_bf16_noise(tmp_path, shims) -> None:
+    """bf16 as the GPU runs it (Megatron's Float16Module): no further from fp32 than the bf16 reference
+    is, by the agreement report's rule (benchmarks/agreement.py)."""
+    from benchmarks.agreement import FACTOR, FLOOR
+    from gates.stacks.megatron.probes import run_probe as mg_probe
+    from gates.stacks.torch_ref.probes import run_probe as ref_probe
+
+    cases = {}
+    for dtype in ("bfloat16", "float32"):
+        spec = make_spec(GQA, steps=1, micro_batch_size=2, grad_accum=2, seq_length=24, dtype=dtype, seed=7)
+        cases[dtype] = load_case(new_case(tmp_path / dtype, spec))
+    for probe in ("forward", "backward"):
+        r32, _ = ref_probe(probe, cases["float32"], tmp_path)
+        r16, _ = ref_probe(probe, cases["bfloat16"], tmp_path)
+        torch.use_deterministic_algorithms(False)
+        got, _ = mg_probe(probe, cases["bfloat16"], "unfused", torch.device("cpu"), backend="gloo")
+        for name in r32:
+            bound = max(FACTOR * _rel(r16[name], r32[name]), FLOOR[probe])
+            assert _rel(got[name], r32[name]) <= bound, (probe, name)
