@@ -28,6 +28,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from harness.inspection import key_numbers
 from harness.prompts import WORKSPACE_ROOT
 
 SOURCE_ENGINE = WORKSPACE_ROOT / "exports" / "train_engine_0.5B"
@@ -197,15 +198,6 @@ def run(scratch: Path, *, steps: int = 40, console: Console | None = None) -> De
     return res
 
 
-PREFERRED = ("worst_tensor", "worst_rel", "loss.window_mean_rel_diff", "mfu.mfu", "error_type")
-
-
-def key_numbers(metrics: dict, n: int = 2) -> list[tuple[str, object]]:
-    """The numbers a reader wants first (the worst tensor and its error, M5's loss statistic)."""
-    first = [(k, metrics[k]) for k in PREFERRED if k in metrics]
-    return (first + [(k, v) for k, v in metrics.items() if k not in PREFERRED])[:n]
-
-
 def summary(res: DemoResult, console: Console) -> None:
     console.rule("demo summary")
     console.print(f"scratch repo: {res.engine}  (HEAD {res.landed_commit[:10]})")
@@ -216,7 +208,7 @@ def summary(res: DemoResult, console: Console) -> None:
     for r in res.rounds:
         gates = ", ".join(f"{g['name']} {g['verdict']}" for g in r["gates"]) or "-"
         nums = "; ".join(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in key_numbers(g["metrics"])) for g in r["gates"][:1])
+                                   for k, v in key_numbers(g["metrics"], 2)) for g in r["gates"][:1])
         t.add_row(r["stage"], str(r["round"]), r["verdict"], gates, nums, (r.get("commit") or "-")[:10])
     console.print(t)
     if res.train_first is not None:

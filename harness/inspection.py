@@ -151,7 +151,7 @@ def collect(engine: Path, *, ledgers: list[Path] = (), logs: list[Path] = (), be
         except json.JSONDecodeError:
             ins.notes.append("manifest.json is not valid JSON")
     seen = set()
-    for path in [engine / "forge" / "ledger.jsonl", *_state_ledgers(engine), *ledgers]:
+    for path in [*_state_ledgers(engine), *ledgers, engine / "forge" / "ledger.jsonl"]:  # full records first
         if not Path(path).is_file():
             continue
         for rec in _read_jsonl(Path(path)):
@@ -172,6 +172,15 @@ def collect(engine: Path, *, ledgers: list[Path] = (), logs: list[Path] = (), be
         else:
             ins.notes.append(f"{log}: no step/loss lines")
     return ins
+
+
+PREFERRED = ("worst_tensor", "worst_rel", "worst_max_rel", "loss.window_mean_rel_diff", "mfu.mfu", "error_type")
+
+
+def key_numbers(metrics: dict[str, Any], n: int = 3) -> list[tuple[str, Any]]:
+    """The numbers a reader wants first: the worst tensor and its errors, M5's loss statistic and MFU."""
+    first = [(k, metrics[k]) for k in PREFERRED if k in metrics]
+    return (first + [(k, v) for k, v in metrics.items() if k not in PREFERRED])[:n]
 
 
 def _fmt(v: Any) -> str:
@@ -201,7 +210,7 @@ def markdown(ins: Inspection) -> str:
         lines += ["| gate | verdict | key numbers | hardware | commit |", "|---|---|---|---|---|"]
         for name, g in gates.items():
             hw = g.get("hardware") or {}
-            nums = ", ".join(f"{k}={_fmt(v)}" for k, v in list((g.get("metrics") or {}).items())[:5])
+            nums = ", ".join(f"{k}={_fmt(v)}" for k, v in key_numbers(g.get("metrics") or {}, 5))
             lines.append(f"| {name} | {g.get('verdict')} | {nums} | {hw.get('gpu') or hw.get('cpu') or '-'} | "
                          f"{str(g.get('commit', '-'))[:10]} |")
     else:
@@ -243,6 +252,7 @@ def plot(ins: Inspection, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_mfu) = plt.subplots(1, 2, figsize=(11, 4))
+    peak = 0.0
     for log, recs in ins.train_logs.items():
         steps = [r["step"] for r in recs]
         ax_loss.plot(steps, [r["loss"] for r in recs], label=Path(log).name)
@@ -250,11 +260,23 @@ def plot(ins: Inspection, path: Path) -> bool:
         if any(isinstance(x, (int, float)) for x in mfu):
             ax_mfu.plot(steps, [100 * x if isinstance(x, (int, float)) else float("nan") for x in mfu],
                         label=Path(log).name)
-    for b in ins.benchmarks[:8]:
-        if isinstance(b.get("mfu"), (int, float)):
+            peak = max([peak] + [x for x in mfu if isinstance(x, (int, float))])
+    bench = sorted((b for b in ins.benchmarks if isinstance(b.get("mfu"), (int, float))), key=lambda b: -b["mfu"])[:8]
+    if peak >= 0.01:      # GPU-scale training MFU: the benchmarks' MFUs are reference lines on the same axis
+        for b in bench:
             ax_mfu.axhline(100 * b["mfu"], linestyle=":", linewidth=0.8, color="gray")
+        mfu_title = "MFU per step (%; dotted: benchmark results)"
+    elif bench:           # CPU training (MFU ~0): show the benchmark results on their own
+        ax_mfu.cla()
+        ax_mfu.barh([b["stack"][-28:] for b in bench], [100 * b["mfu"] for b in bench], color="tab:gray")
+        ax_mfu.invert_yaxis()
+        ax_mfu.tick_params(axis="y", labelsize=7)
+        mfu_title = "MFU of benchmark results (%)" + (" (training MFU ~0: CPU)" if peak else "")
+    else:
+        mfu_title = "MFU per step (%)"
     ax_loss.set(title="loss", xlabel="step", ylabel="loss")
-    ax_mfu.set(title="MFU (%; dotted: benchmark results)", xlabel="step", ylabel="MFU %")
+    ax_mfu.set(title=mfu_title, xlabel="MFU %" if bench and peak < 0.01 else "step",
+               ylabel="" if bench and peak < 0.01 else "MFU %")
     for ax in (ax_loss, ax_mfu):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -433,6 +433,7 @@ class ForgeLoop:
                              if e.get("event") == "op_baseline" and e.get("key") == rec.key), None)
             m = mf.record_op(m, op=op, metric=stage.timing.metric, value=rec.timing, baseline=baseline, commit=commit,
                              round_no=rec.round)
+        rec.wall_s = round(time.monotonic() - t_start, 3)
         ledger_lines = [json.dumps(r, sort_keys=True) for r in self.ledger.records()]
         files[mf.MANIFEST] = mf.dumps(m)
         files["forge/ledger.jsonl"] = ("\n".join(ledger_lines + [rec.model_dump_json()]) + "\n").encode()

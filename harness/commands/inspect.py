@@ -18,7 +18,7 @@ from harness.commands._common import console
 
 
 def show(ins, out: Console) -> None:  # noqa: ANN001 - harness.inspection.Inspection
-    from harness.inspection import _fmt
+    from harness.inspection import _fmt, key_numbers
 
     out.print(f"[bold]{Path(ins.engine).name}[/]  {ins.engine}")
     if ins.model:
@@ -39,7 +39,7 @@ def show(ins, out: Console) -> None:  # noqa: ANN001 - harness.inspection.Inspec
         t.add_column(c)
     for name, g in (m.get("gates") or {}).items():
         hw = g.get("hardware") or {}
-        nums = ", ".join(f"{k}={_fmt(v)}" for k, v in list((g.get("metrics") or {}).items())[:4])
+        nums = ", ".join(f"{k}={_fmt(v)}" for k, v in key_numbers(g.get("metrics") or {}, 3))
         t.add_row(name, g.get("verdict", "-"), nums, str(hw.get("gpu") or hw.get("cpu") or "-"),
                   str(g.get("commit") or "-")[:10])
     out.print(t)
