@@ -43,3 +43,18 @@ def test_forward_without_cuda_exits_77_saying_why(tmp_path) -> None:
     assert r.returncode == EXIT_UNSUPPORTED, r.stderr
     assert "CUDA" in r.stderr
     assert not (tmp_path / "out" / "tensors.safetensors").exists()
+
+
+def test_reason_names_megatron_core_when_it_is_missing(monkeypatch) -> None:
+    import sys
+
+    from gates.stacks.megatron.model import unavailable_reason
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for mod in [m for m in sys.modules if m == "megatron" or m.startswith("megatron.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "megatron", None)  # `import megatron.core` now raises ImportError
+    reason = unavailable_reason()
+    assert reason is not None and "megatron-core" in reason
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "CUDA" in unavailable_reason()
