@@ -10,17 +10,19 @@
     across ranks when the gradients are sharded); clip_coefficient(total_norm, max_norm) -> 0-dim.
 
 The tensors stay where they are (separate allocations, or views of one flat buffer: a flat master
-buffer with per-range decay is passed as its views). A launch plan, built once per set of tensors and
-cached, lists work items (tensor, start, end, decay slot); the kernel finds each tensor through device
-tables of data pointers, so one launch covers every parameter, and norm weights (weight decay 0) sit in
-the same launch as the matrices.
+buffer with per-range decay is passed as its views). A launch plan lists work items (tensor, start,
+end, decays?), cached by the tensors' sizes; the kernel finds each tensor through device tables of data
+pointers, cached by address, so one launch covers every parameter, norm weights (weight decay 0) in the
+same launch as the matrices (one launch per distinct nonzero decay value beyond the first). An eager
+step copies nothing to the device: the coefficients are kernel arguments.
 
 Math: torch.optim.AdamW's (gates/stacks/torch_ref/optim.py), per element, fp32:
     g = grad * clip;  p *= 1 - lr*wd;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g
     p -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
 with IEEE-rounded division and square root (as torch's), coefficients computed in fp64 then rounded to
-fp32. `lr` and `step` may be 0-dim device tensors instead of numbers (fp64 for the same bits): then
-nothing is read on the host and the step can be captured in a CUDA graph.
+fp32. `lr` and `step` may be 0-dim device tensors instead of numbers (fp64 for the same bits): the
+coefficients are then computed on the device and the step can be captured in a CUDA graph (after one
+eager step has built the cached tables).
 
 Requirements: masters and moments fp32; all grads one dtype (fp32 or bf16/fp16); all copies one dtype.
 """
@@ -61,29 +63,34 @@ def _work_item(plan_ptr, ALIGNED: tl.constexpr):
     t = tl.load(item)
     start = tl.load(item + 1)
     end = tl.load(item + 2)
-    slot = tl.load(item + 3)
+    decays = tl.load(item + 3)
     if ALIGNED:  # starts are multiples of the chunk, ends of 8 (checked on the host)
         start = tl.multiple_of(start, 16)
         end = tl.multiple_of(end, 8)
-    return t, start, end, slot
+    return t, start, end, decays
 
 
 @triton.jit
 def _adamw_kernel(
     plan_ptr, p_table, g_table, m_table, v_table, c_table, coef_ptr, clip_ptr,
-    beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    step_size, bc2, keep_decayed, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     G_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_CLIP: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    COEFS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    t, start, end, slot = _work_item(plan_ptr, ALIGNED)
+    # step_size = lr / (1 - b1^t), bc2 = 1 - b2^t, keep_decayed = 1 - lr * wd: arguments, or read from
+    # coef_ptr when lr / step live on the device (CUDA graphs)
+    if COEFS_ON_DEVICE:
+        step_size = tl.load(coef_ptr)
+        bc2 = tl.load(coef_ptr + 1)
+        keep_decayed = tl.load(coef_ptr + 2)
+    t, start, end, decays = _work_item(plan_ptr, ALIGNED)
     p_ptr = _table_ptr(p_table, t, tl.float32, ALIGNED)
     g_ptr = _table_ptr(g_table, t, G_DTYPE, ALIGNED)
     m_ptr = _table_ptr(m_table, t, tl.float32, ALIGNED)
     v_ptr = _table_ptr(v_table, t, tl.float32, ALIGNED)
     c_ptr = _table_ptr(c_table, t, C_DTYPE, ALIGNED)  # without copies the table is p_table: a valid read
-    step_size = tl.load(coef_ptr)  # lr / (1 - b1^t)
-    bc2 = tl.full((BLOCK,), 1.0, tl.float32) * tl.load(coef_ptr + 1)  # 1 - b2^t, as a block: div_rn does not broadcast
-    keep = tl.load(coef_ptr + 2 + slot)  # 1 - lr * wd of this tensor (1 for no decay)
+    bc2_block = tl.full((BLOCK,), 1.0, tl.float32) * bc2  # div_rn does not broadcast a scalar
+    keep = tl.where(decays != 0, keep_decayed, 1.0)
     clip = 1.0
     if HAS_CLIP:
         clip = tl.load(clip_ptr)
@@ -94,7 +101,7 @@ def _adamw_kernel(
         p = tl.load(p_ptr + offs, mask=mask, other=0.0) * keep
         m = tl.load(m_ptr + offs, mask=mask, other=0.0) * beta1 + one_minus_beta1 * g
         v = tl.load(v_ptr + offs, mask=mask, other=0.0) * beta2 + one_minus_beta2 * g * g
-        denom = tl.sqrt_rn(tl.div_rn(v, bc2)) + eps
+        denom = tl.sqrt_rn(tl.div_rn(v, bc2_block)) + eps
         p = p - step_size * tl.div_rn(m, denom)
         tl.store(p_ptr + offs, p, mask=mask)
         tl.store(m_ptr + offs, m, mask=mask)
@@ -118,7 +125,8 @@ def _sq_sum_kernel(plan_ptr, g_table, partial_ptr, G_DTYPE: tl.constexpr, ALIGNE
 # ---- host side ------------------------------------------------------------------------------------
 
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_PLANS: dict[tuple, tuple[Tensor, Tensor, bool]] = {}  # cache key -> (plan, pointer tables, aligned)
+_PLANS: dict[tuple, Tensor] = {}  # (device, sizes, decay flags) -> work items
+_TABLES: dict[tuple, Tensor] = {}  # (device, addresses) -> pointer tables
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -127,26 +135,34 @@ def _tl_dtype(dtype: torch.dtype):
     return getattr(tl, _TL_DTYPES[dtype])
 
 
-def _plan(tensor_lists: list[list[Tensor]], slots: list[int]) -> tuple[Tensor, Tensor, bool]:
-    """Work items (K, 4) int64 [tensor, start, end, decay slot] and pointer tables (lists, n) int64,
-    cached by the tensors' addresses, sizes and slots (which is all the plan depends on)."""
-    first = tensor_lists[0]
-    key = (tuple(tuple(t.data_ptr() for t in ts) for ts in tensor_lists), tuple(t.numel() for t in first), tuple(slots))
-    if key not in _PLANS:
-        if len(_PLANS) >= 16:  # a new set of tensors each step would be a caller bug; stay bounded anyway
-            _PLANS.clear()
-        items = [
-            (i, start, min(start + _CHUNK, t.numel()), slot)
-            for i, (t, slot) in enumerate(zip(first, slots))
-            for start in range(0, t.numel(), _CHUNK)
-        ]
-        device = first[0].device
-        plan = torch.tensor(items, dtype=torch.int64).reshape(-1, 4).to(device)
-        tables = torch.tensor([[t.data_ptr() for t in ts] for ts in tensor_lists], dtype=torch.int64).to(device)
-        aligned = all(t.data_ptr() % 16 == 0 for ts in tensor_lists for t in ts)
-        aligned = aligned and all(t.numel() % 8 == 0 for t in first)
-        _PLANS[key] = (plan, tables, aligned)
-    return _PLANS[key]
+def _to_device(rows: list, device: torch.device) -> Tensor:
+    """A small int64 table on the device; from pinned memory without a host sync on CUDA."""
+    host = torch.tensor(rows, dtype=torch.int64)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
+def _cached(cache: dict, key: tuple, build) -> Tensor:
+    if key not in cache:
+        if len(cache) >= 64:  # new tensors every step (grads freed and reallocated): stay bounded
+            cache.clear()
+        cache[key] = build()
+    return cache[key]
+
+
+def _launch_tables(tensor_lists: list[list[Tensor]], decay_flags: list[int]) -> tuple[Tensor, Tensor, bool]:
+    """(work items (K, 4) int64 [tensor, start, end, decays], pointer tables (lists, n) int64, aligned)."""
+    first, device = tensor_lists[0], tensor_lists[0][0].device
+    sizes = tuple(t.numel() for t in first)
+    addresses = tuple(tuple(t.data_ptr() for t in ts) for ts in tensor_lists)
+    items = lambda: [  # noqa: E731
+        (i, start, min(start + _CHUNK, n), flag)
+        for i, (n, flag) in enumerate(zip(sizes, decay_flags))
+        for start in range(0, n, _CHUNK)
+    ]
+    plan = _cached(_PLANS, (device, sizes, tuple(decay_flags)), lambda: _to_device(items(), device).reshape(-1, 4))
+    tables = _cached(_TABLES, (device, addresses), lambda: _to_device([list(a) for a in addresses], device))
+    aligned = all(a % 16 == 0 for a_list in addresses for a in a_list) and all(n % 8 == 0 for n in sizes)
+    return plan, tables, aligned
 
 
 def _check(params: list[Tensor], others: list[list[Tensor]]) -> None:
@@ -162,16 +178,15 @@ def _check(params: list[Tensor], others: list[list[Tensor]]) -> None:
         raise ValueError("AdamW: all gradients must share one dtype")
 
 
-def _coefficients(lr, step, beta1: float, beta2: float, decays: list[float], device) -> Tensor:
-    """[lr / bc1, bc2, 1, 1 - lr*wd_1, ...] as fp32, computed in fp64 (numbers on the host, tensors on
-    the device: no host read either way)."""
+def _coefficients(lr, step, beta1: float, beta2: float, wd: float, device) -> tuple[float, float, float, Tensor | None]:
+    """(lr / bc1, bc2, 1 - lr*wd, None) in fp64 from numbers; from device tensors the same three as an
+    fp32 device tensor (and placeholders): nothing is read on the host either way."""
     if isinstance(lr, Tensor) or isinstance(step, Tensor):
         lr = torch.as_tensor(lr, dtype=torch.float64, device=device)
         step = torch.as_tensor(step, dtype=torch.float64, device=device)
         bc1, bc2 = 1 - torch.pow(beta1, step), 1 - torch.pow(beta2, step)
-        return torch.stack([lr / bc1, bc2, torch.ones_like(lr), *(1 - lr * wd for wd in decays)]).float()
-    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    return torch.tensor([lr / bc1, bc2, 1.0, *(1 - lr * wd for wd in decays)], dtype=torch.float32, device=device)
+        return 1.0, 1.0, 1.0, torch.stack([lr / bc1, bc2, 1 - lr * wd]).float()
+    return lr / (1 - beta1**step), 1 - beta2**step, 1 - lr * wd, None
 
 
 @torch.no_grad()
@@ -187,17 +202,24 @@ def adamw(
     _check(params, lists[1:])
     if any(t.dtype != torch.float32 for ts in (params, exp_avgs, exp_avg_sqs) for t in ts):
         raise ValueError("the Triton AdamW keeps masters and moments in fp32")
-    decays = sorted({float(wd) for wd in weight_decays if wd})
-    slots = [decays.index(float(wd)) + 1 if wd else 0 for wd in weight_decays]
-    plan, tables, aligned = _plan(lists, slots)
-    coefs = _coefficients(lr, step, beta1, beta2, decays, params[0].device)
-    clip = clip_coef.to(device=params[0].device, dtype=torch.float32).reshape(()) if clip_coef is not None else coefs
-    _adamw_kernel[(plan.shape[0],)](
-        plan, tables[0], tables[1], tables[2], tables[3], tables[4] if param_copies is not None else tables[0],
-        coefs, clip, beta1, 1 - beta1, beta2, 1 - beta2, eps,
-        G_DTYPE=_tl_dtype(grads[0].dtype), C_DTYPE=_tl_dtype(param_copies[0].dtype if param_copies else torch.float32),
-        HAS_COPY=param_copies is not None, HAS_CLIP=clip_coef is not None, ALIGNED=aligned, BLOCK=_BLOCK, num_warps=4,
-    )  # fmt: skip
+    device = params[0].device
+    clip = clip_coef.to(device=device, dtype=torch.float32).reshape(()) if clip_coef is not None else None
+    # one launch per distinct nonzero decay value (usually one); undecayed tensors ride with the first
+    values = sorted({float(wd) for wd in weight_decays if wd}) or [0.0]
+    for j, wd in enumerate(values):
+        idx = [i for i, w in enumerate(weight_decays) if float(w) == wd or (j == 0 and not w)]
+        flags = [int(bool(weight_decays[i])) for i in idx]
+        plan, tables, aligned = _launch_tables([[ts[i] for i in idx] for ts in lists], flags)
+        step_size, bc2, keep, coefs = _coefficients(lr, step, beta1, beta2, wd, device)
+        copy_dtype = param_copies[0].dtype if param_copies else torch.float32
+        _adamw_kernel[(plan.shape[0],)](
+            plan, tables[0], tables[1], tables[2], tables[3], tables[4] if param_copies is not None else tables[0],
+            coefs if coefs is not None else plan, clip if clip is not None else plan,
+            step_size, bc2, keep, beta1, 1 - beta1, beta2, 1 - beta2, eps,
+            G_DTYPE=_tl_dtype(grads[0].dtype), C_DTYPE=_tl_dtype(copy_dtype),
+            HAS_COPY=param_copies is not None, HAS_CLIP=clip is not None, COEFS_ON_DEVICE=coefs is not None,
+            ALIGNED=aligned, BLOCK=_BLOCK, num_warps=4,
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -207,7 +229,7 @@ def grad_sq_sum(grads: list[Tensor]) -> Tensor:
     if not grads:
         return torch.zeros(())
     _check(grads, [grads])
-    plan, tables, aligned = _plan([grads], [0] * len(grads))
+    plan, tables, aligned = _launch_tables([grads], [0] * len(grads))
     partial = torch.empty(plan.shape[0], dtype=torch.float32, device=grads[0].device)
     _sq_sum_kernel[(plan.shape[0],)](
         plan, tables[0], partial, G_DTYPE=_tl_dtype(grads[0].dtype), ALIGNED=aligned, BLOCK=_BLOCK, num_warps=4
