@@ -22,7 +22,7 @@ from rich.console import Console
 
 from harness import manifest as mf
 from harness.agents import AgentBackend, AgentResult, AgentTask, AgentUnavailable, get_backend
-from harness.agents._env import agent_env, redact
+from harness.agents._env import agent_env, redact, secrets_withheld
 from harness.agents._proc import kill_group
 from harness.gating import GateFn, GateOutcome, report_localization, run_real_gate
 from harness.ledger import GateLine, Inflight, Ledger, RoundRecord, RunLock, RunState, write_json_atomic
@@ -362,7 +362,8 @@ class ForgeLoop:
         results = []
         t0 = time.monotonic()
         for i, gate in enumerate(self._gates_for(stage)):
-            out = self.gate_fn(gate, rt.engine_dir, self.spec, out_dir / f"{i:02d}-{gate.name}")
+            with secrets_withheld():  # the engine under test is agent-written code: no keys in its environment
+                out = self.gate_fn(gate, rt.engine_dir, self.spec, out_dir / f"{i:02d}-{gate.name}")
             results.append((gate, out))
             rec.gates.append(GateLine(name=gate.name, verdict=out.verdict, metrics=out.key_numbers(), time_s=out.time_s,
                                       report=str(out.report) if out.report else None))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|AUTH)", re.IGNORECASE)
 
@@ -31,3 +32,15 @@ def redact(text: str, secrets: Sequence[str] | None = None) -> str:
     for s in secrets if secrets is not None else secret_values():
         text = text.replace(s, "[redacted]")
     return text
+
+
+@contextmanager
+def secrets_withheld() -> Iterator[list[str]]:
+    """Remove secret-looking variables from os.environ for the duration (restored after). The gates run
+    agent-written engine code in subprocesses that inherit the harness's environment: keys must not be
+    in it then."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if SECRET_NAME.search(k)}
+    try:
+        yield sorted(saved)
+    finally:
+        os.environ.update(saved)

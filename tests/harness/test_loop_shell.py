@@ -40,8 +40,17 @@ def test_shell_agent_fixes_engine_from_feedback(tmp_path: Path, monkeypatch) -> 
                     agent={"backend": "shell", "options": {"command": f"bash {script}"},
                            "env": {"ENV_DUMP": str(dump), "FIX": str(fix)}, "timeout_s": 60})
     state = tmp_path / "state"
-    out = ForgeLoop(spec, write_spec_file(tmp_path / "toy.toml"), engine=eng, state_dir=state, gate_fn=fake_gate).run()
+    gate_envs: list[dict] = []
+
+    def env_recording_gate(gate, engine_dir, spec, out_dir):    # gates run agent-written engine code
+        gate_envs.append(dict(os.environ))
+        return fake_gate(gate, engine_dir, spec, out_dir)
+
+    out = ForgeLoop(spec, write_spec_file(tmp_path / "toy.toml"), engine=eng, state_dir=state,
+                    gate_fn=env_recording_gate).run()
     assert out.ok
+    assert gate_envs and not any("SECRET" in v for env in gate_envs for v in env.values())
+    assert os.environ["ANTHROPIC_API_KEY"] == "sk-ant-test-SECRET-0123456789"   # restored after each gate
     rounds = Ledger(state / "ledger.jsonl").rounds()
     assert [r.verdict for r in rounds] == ["failed", "passed"]
     assert all(r.tokens_in == 1200 and r.tokens_out == 340 and r.cost_usd == 0.0123 for r in rounds)
