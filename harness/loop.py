@@ -145,6 +145,9 @@ class ForgeLoop:
         assert self.state is not None and self.ws is not None
         run_id = self.state.run_id
         self.ledger.event(run_id, "run_resumed", spec_sha256=sha, spec_changed=sha != self.state.spec_sha256)
+        if sha != self.state.spec_sha256:
+            self.console.print("[yellow]resume: the spec file changed since the run started (recorded in the ledger); "
+                               "budgets and gates are read from the new one[/]")
         inflight_file = self.state_dir / "inflight.json"
         if inflight_file.is_file():
             try:
