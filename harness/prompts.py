@@ -6,6 +6,8 @@ StrictUndefined, so a template that names a missing variable fails loudly instea
 
 from __future__ import annotations
 
+import ast
+import functools
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -45,6 +47,19 @@ def gate_command(spec: ForgeSpec, gate: GateCheck, engine_dir: Path) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+@functools.cache
+def exit_unsupported() -> int:
+    """gates/probe.py's EXIT_UNSUPPORTED, read from its source: importing that module imports torch
+    (seconds), and a prompt needs only this number."""
+    tree = ast.parse((WORKSPACE_ROOT / "gates" / "probe.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "EXIT_UNSUPPORTED" for t in node.targets):
+            return int(ast.literal_eval(node.value))
+    from gates.probe import EXIT_UNSUPPORTED  # the constant moved: fall back to importing it
+
+    return EXIT_UNSUPPORTED
+
+
 @dataclass
 class Feedback:
     """What the next round reads about the last one."""
@@ -69,15 +84,13 @@ class OpContext:
 
 def context(spec: ForgeSpec, stage: StageSpec, *, round_no: int, max_rounds: int, engine_dir: Path,
             feedback: Feedback | None = None, op: OpContext | None = None) -> dict[str, Any]:
-    from gates.probe import EXIT_UNSUPPORTED  # imports torch: only when a prompt is rendered
-
     cfg = preset(spec.model.preset)
     model = cfg.model_dump() | {"dim_head": cfg.dim_head}
     gates = [g.model_dump() | {"command": gate_command(spec, g, engine_dir)} for g in stage.gates]
     return {
         "spec": spec, "stage": stage, "model": model, "gates": gates, "round": round_no, "max_rounds": max_rounds,
         "engine": {"dir": str(engine_dir), "package": spec.engine.package, "allowed_paths": spec.engine.allowed_paths},
-        "feedback": feedback, "op": op, "exit_unsupported": EXIT_UNSUPPORTED,
+        "feedback": feedback, "op": op, "exit_unsupported": exit_unsupported(),
     }
 
 
