@@ -2,15 +2,17 @@
 
     python exports/train_engine_0.5B/scripts/gpu_kernels.py [--tests all|gpu|none] [--no-compile] [--budget S]
 
-On one H100 (torch 2.11, triton 3.6): first the op tests (tests/ops/test_*_triton.py) through pytest, on
-the GPU (compiled kernels, bf16 cases included); then, per op, in bf16 at T = 8 x 4096 tokens, h 1024,
-f 4096, V 73448, 16 q / 2 kv heads of 64, and AdamW over the 0.5B parameter list:
+On one H100 (torch 2.11, triton 3.6): first the gpu-marked op tests (tests/ops, bf16, production-sized)
+through pytest; then, per op, in bf16 at T = 8 x 4096 tokens, h 1024, f 4096, V 73448, 16 q / 2 kv heads
+of 64, and AdamW over the 0.5B parameter list:
   - error against an fp64 reference (norm-wise relative error, ||x - ref|| / ||ref||), beside the error of
     the plain-torch bf16 reference itself, so the two can be compared;
   - time: triton.testing.do_bench median (L2 flushed between runs) of the Triton version, of the eager
     torch reference and of torch.compile of it; achieved GB/s (or TFLOP/s for the fused output GEMMs).
-Writes $OUT/kernels.json (or --out) and prints a table. Stays inside --budget seconds (default 225):
-torch.compile baselines are skipped, and say so, when too little time is left.
+then a few launch settings around the defaults (tuning hints); last, with the time left, the other op
+tests (fp32 edge shapes) through the compiled kernels. Writes $OUT/kernels.json (or --out) and prints a
+table. Stays inside --budget seconds (default 225): torch.compile baselines and the last tests are
+skipped, and say so, when too little time is left.
 `--smoke` runs the same code on a CPU (Triton interpreter, tiny shapes, wall-clock timing): it checks the
 script, not the kernels' speed.
 """
@@ -370,30 +372,50 @@ def adamw() -> None:
     ROWS.append(dict(op="adamw+clip+copy", note=f"{numel / 1e6:.1f} M parameters in {len(shapes)} tensors"))
 
 
-def run_tests() -> dict:
-    """tests/ops through pytest on the GPU: the gpu-marked (bf16, production-sized) tests first, then the
-    rest (fp32 edge shapes, now through the compiled kernels), each within what the budget leaves."""
-    if ARGS.tests == "none":
-        return dict(skipped=True)
-    runs = {}
-    for marker in ["gpu"] + (["not gpu"] if ARGS.tests == "all" else []):
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, "tests/ops"]
-        timeout = min(100.0, left() - 100)
-        if timeout < 20:
-            runs[marker] = dict(cmd=" ".join(cmd), rc=None, tail=["skipped: out of time"])
-            continue
-        try:
-            res = subprocess.run(cmd, cwd=ENGINE, capture_output=True, text=True, timeout=timeout)
-            tail = (res.stdout + res.stderr).strip().splitlines()[-12:]
-            runs[marker] = dict(cmd=" ".join(cmd), rc=res.returncode, tail=tail)
-        except subprocess.TimeoutExpired:
-            runs[marker] = dict(cmd=" ".join(cmd), rc=None, tail=[f"timed out after {timeout:.0f} s"])
-    return runs
+def tuning() -> None:
+    """A few launch settings around the defaults, for whoever tunes next (the defaults are not changed)."""
+    if left() < 45:
+        ROWS.append(dict(op="tuning", note="skipped: out of time"))
+        return
+    logits, labels = randn(T // 4, V, seed=18, scale=3), _labels(T // 4, seed=19)
+    default = ce_t._launch_config
+    try:
+        for block, warps in [(2048, 4), (4096, 8), (8192, 8), (8192, 16)]:
+            ce_t._launch_config = lambda V_, b=block, w=warps: dict(BLOCK_V=min(b, triton.next_power_of_2(V_)), num_warps=w)
+            fwd = lambda: ce_t.cross_entropy_fwd(logits, labels)  # noqa: E731
+            record("tune: ce fwd T/4", "fwd", f"BLOCK_V {block}, {warps} warps", fwd, bytes_=logits.numel() * 2)
+    finally:
+        ce_t._launch_config = default
+    del logits
+    x, dout = randn(T, H, seed=20), randn(T, H, seed=21)
+    w = randn(H, seed=22)
+    _, _, rstd = norm_t.rms_norm_fwd(x, w, EPS)
+    default_programs = norm_t._PROGRAMS_PER_SM
+    try:
+        for per_sm in (4, 8, 16):
+            norm_t._PROGRAMS_PER_SM = per_sm
+            bwd = lambda: norm_t.rms_norm_bwd(dout, x, w, rstd)  # noqa: E731
+            record("tune: rms_norm bwd", "bwd", f"{per_sm} programs per SM", bwd, bytes_=3 * T * H * 2)
+    finally:
+        norm_t._PROGRAMS_PER_SM = default_programs
+
+
+def run_tests(marker: str, reserve: float) -> dict:
+    """pytest -m MARKER tests/ops on this device, within the budget less `reserve` seconds."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, "tests/ops"]
+    timeout = min(110.0, left() - reserve)
+    if timeout < 20:
+        return dict(cmd=" ".join(cmd), rc=None, tail=["skipped: out of time"])
+    try:
+        res = subprocess.run(cmd, cwd=ENGINE, capture_output=True, text=True, timeout=timeout)
+        return dict(cmd=" ".join(cmd), rc=res.returncode, tail=(res.stdout + res.stderr).strip().splitlines()[-12:])
+    except subprocess.TimeoutExpired:
+        return dict(cmd=" ".join(cmd), rc=None, tail=[f"timed out after {timeout:.0f} s"])
 
 
 def print_table(tests: dict) -> None:
     print("\n== op tests (pytest tests/ops on this device) ==")
-    for marker, run in tests.items() if not tests.get("skipped") else []:
+    for marker, run in tests.items():
         print(f"-m '{marker}': rc {run['rc']}\n  " + "\n  ".join(run["tail"]))
     print("\n== errors vs fp64 (norm-wise relative; torch_bf16 = the plain torch reference run in bf16) ==")
     for e in ERRORS:
@@ -420,10 +442,12 @@ def print_table(tests: dict) -> None:
 def main() -> None:
     if not ARGS.smoke and not torch.cuda.is_available():
         sys.exit("gpu_kernels.py needs a CUDA device (or --smoke for a CPU dry run)")
-    tests = run_tests()
+    # the gpu-marked tests (bf16, production-sized) first; the fp32 edge-shape tests, now through the
+    # compiled kernels, last, with the time that is left
+    tests = {"gpu": run_tests("gpu", reserve=100)} if ARGS.tests != "none" else {}
     sections = {}
     for name, fn in [("swiglu", swiglu), ("rmsnorm", rmsnorm), ("rope", rope), ("cross_entropy", cross_entropy),
-                     ("fused_linear_ce", fused_linear_cross_entropy), ("adamw", adamw)]:  # fmt: skip
+                     ("fused_linear_ce", fused_linear_cross_entropy), ("adamw", adamw), ("tuning", tuning)]:  # fmt: skip
         t0 = time.monotonic()
         try:
             fn()
@@ -432,6 +456,8 @@ def main() -> None:
             sections[name] = dict(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
             print(f"!! {name}: {type(e).__name__}: {e}", file=sys.stderr)
         free()
+    if ARGS.tests == "all":
+        tests["not gpu"] = run_tests("not gpu", reserve=5)
     report = dict(
         device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", torch=torch.__version__,
         triton=triton.__version__, shapes=dict(tokens=T, hidden=H, ffn=FF, vocab=V, heads=NQ, kv_heads=NKV, head_dim=D),

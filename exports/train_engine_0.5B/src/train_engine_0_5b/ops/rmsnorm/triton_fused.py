@@ -108,9 +108,12 @@ def _launch_config(h: int) -> tuple[int, int]:
     return block, min(16, max(1, block // 256))  # 8 bf16 per thread at h = 1024 (4 warps)
 
 
+_PROGRAMS_PER_SM = 8  # backward: enough row loops in flight per SM to hide their load latency
+
+
 def _num_programs(device: torch.device, rows: int) -> int:
     if device.type == "cuda":
-        return min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+        return min(rows, _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
     return min(rows, 4)  # the interpreter: a few programs still exercise the row split
 
 
