@@ -133,6 +133,7 @@ class GateRun:
         if proc.rc == EXIT_UNSUPPORTED:
             raise GateStop("unsupported", f"the engine says it cannot do `{' '.join(args[:2])}` (exit {EXIT_UNSUPPORTED})")
         if proc.rc != 0:
+            self.report.artifacts["stderr_tail"] = proc.stderr
             rank = _failed_rank(proc.stderr + proc.stdout) if nproc > 1 else None
             where = f" (rank {rank})" if rank is not None else ""
             raise GateStop("error", f"{role} exited {proc.rc}{where}: {_last_line(proc.stderr)}", "engine_crash",
@@ -173,6 +174,7 @@ class GateRun:
             if proc.rc == EXIT_UNSUPPORTED:
                 raise GateStop("unsupported", f"reference {ref!r} cannot do probe {probe!r}")
             if proc.rc != 0:
+                self.report.artifacts["stderr_tail"] = proc.stderr
                 raise GateStop("error", f"reference {ref!r} probe {probe} exited {proc.rc}: {_last_line(proc.stderr)}",
                                "reference_crash")
             tensors = self._read(sandbox.out, f"reference probe {probe}", engine=False)[0]

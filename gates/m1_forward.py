@@ -4,12 +4,15 @@ Case (preset): one step, `micro_batch_size` rows, world size 1. The engine's `fo
 checked against the contract (names, shapes, finite, no input copies), then compared with the
 reference's under the policy. Localization: the first layer whose output exceeds the bound
 (`hidden_states.0` is the embedding output, `hidden_states.i` layer i-1's); if every layer is within
-bounds but the logits or loss are not, the final norm / output head.
+bounds but the logits or loss are not, the final norm / output head. The line also names the layer
+where the relative error grows most (under a loose bf16 bound the first layer over it can lie
+downstream of the one that went wrong).
 """
 
 from __future__ import annotations
 
 from gates.context import GateRun, localize, verdict_of
+from gates.policies import Diff
 from gates.report import GateReport
 
 
@@ -26,4 +29,17 @@ def run(g: GateRun) -> GateReport:
     if verdict == "passed":
         return g.finish("passed", f"logits, loss and {L + 1} hidden states within {g.policy.describe()}")
     loc = localize(hidden) or localize(head, "every layer within bounds; final norm / output head: ")
+    if loc is not None:
+        loc.what += growth_hint(hidden)
     return g.finish("failed", f"{sum(not d.ok for d in diffs)} of {len(diffs)} forward tensors out of bounds", loc)
+
+
+def growth_hint(hidden: list[Diff]) -> str:
+    """Where the relative error grows most from one layer to the next: under a loose (bf16) bound the
+    first layer over it can lie downstream of the layer that went wrong."""
+    rels = [d.rel if d.rel == d.rel else float("inf") for d in hidden]
+    if len(rels) < 2:
+        return ""
+    jumps = [(rels[i] - rels[i - 1], i - 1) for i in range(1, len(rels))]
+    jump, layer = max(jumps)
+    return f" | largest growth of rel at layer {layer} (+{jump:.3e})"

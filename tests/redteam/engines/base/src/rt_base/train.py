@@ -59,18 +59,47 @@ def lr_at(t: int, total: int, opt: dict, sched: dict) -> float:
     return lr if t <= start else lr + (opt["min_lr"] - lr) * min(1.0, (t - start) / decay)
 
 
+class AdamW:
+    """torch.optim.AdamW's arithmetic (decoupled decay on matrices), without torch.optim: building a
+    torch.optim optimizer imports torch._dynamo, seconds per process."""
+
+    def __init__(self, params: dict[str, torch.Tensor], opt: dict, skip: str | None = None):
+        self.params, self.o = params, opt
+        self.decay = {k for k, v in params.items() if v.ndim >= 2 and k != skip}
+        self.m = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.v = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        (b1, b2), eps, wd = self.o["betas"], self.o["eps"], self.o["weight_decay"]
+        self.t += 1
+        bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
+        for k, p in self.params.items():
+            if k in self.decay:
+                p.mul_(1 - lr * wd)
+            self.m[k].lerp_(p.grad, 1 - b1)
+            self.v[k].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (self.v[k].sqrt() / math.sqrt(bc2)).add_(eps)
+            p.addcdiv_(self.m[k], denom, value=-lr / bc1)
+
+    def state_dict(self) -> dict:
+        return {"m": self.m, "v": self.v, "t": self.t}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k in self.params:
+            self.m[k].copy_(sd["m"][k])
+            self.v[k].copy_(sd["v"][k])
+        self.t = sd["t"]
+
+
 class Trainer:
     def __init__(self, case: Case, flaws: Flaws, dist_: Dist):
         self.case, self.flaws, self.dist = case, flaws, dist_
         self.model = Model(case.cfg, flaws, case.dtype, case.device)
         self.model.load(case.weights)
         self.master = {k: v.to(case.device, case.master).clone().requires_grad_(False) for k, v in case.weights.items()}
-        opt = case.spec["optimizer"]
-        decay = [v for k, v in self.master.items() if v.ndim >= 2 and k != flaws.skip_weight_decay]
-        no_decay = [v for k, v in self.master.items() if not (v.ndim >= 2 and k != flaws.skip_weight_decay)]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": opt["weight_decay"]},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"], foreach=False)
+        self.opt = AdamW(self.master, case.spec["optimizer"], skip=flaws.skip_weight_decay)
         self.rng = torch.Generator().manual_seed(case.spec["seed"] + 1234)  # micro-batch order
         self.step = 0
         self.history: dict[str, list[float]] = {"losses": [], "grad_norms": [], "lrs": []}
@@ -113,9 +142,7 @@ class Trainer:
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
         lr = lr_at(self.step + 1, spec["steps"], spec["optimizer"], spec["schedule"])
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.step()
+        self.opt.step(lr)
         with torch.no_grad():
             for k, p in self.model.p.items():
                 p.copy_(self.master[k])
