@@ -37,6 +37,8 @@ def runs(tmp_path_factory):
 
     pretrain("straight", "--save-interval", "3")
     pretrain("split", "--exit-after-steps", "3")
+    with (root / "split.jsonl").open("a") as f:  # as if the run had crashed after logging past its checkpoint
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n" + '{"step": 5, "lo')
     resumed = pretrain("split", "--resume")
     return root, resumed
 
@@ -45,7 +47,7 @@ def test_resume_is_bit_identical(runs):
     root, resumed = runs
     assert "resumed from" in resumed.output and "step_00000003" in resumed.output
     straight, split = read_jsonl(root / "straight.jsonl"), read_jsonl(root / "split.jsonl")
-    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]  # the resumed run appended to the log
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]  # continued the log, dropping lines past step 3
     for key in ("loss", "grad_norm", "lr", "valid_tokens"):
         assert [r[key] for r in straight] == [r[key] for r in split], key
     assert len({r["loss"] for r in straight}) == 6  # it trained: six different losses

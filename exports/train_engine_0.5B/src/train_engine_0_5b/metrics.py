@@ -27,6 +27,20 @@ def console_line(step: int, loss: float, step_time_s: float, tokens_per_s: float
             f"tokens/s={tokens_per_s:,.0f} | mfu={mfu_value * 100:.2f}%")
 
 
+def _records_until(log_file: Path, step: int) -> list[str]:
+    """Lines of an existing JSONL log up to `step` (a crashed run may have logged past its checkpoint)."""
+    if not log_file.is_file():
+        return []
+    kept = []
+    for line in log_file.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by the crash
+    return kept
+
+
 class StepLog:
     """Rank 0's step output; other ranks construct it with enabled=False and it does nothing."""
 
@@ -39,7 +53,9 @@ class StepLog:
             return
         if log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            self._file = log_file.open("a" if first_step > 0 else "w", encoding="utf-8")  # a resume appends
+            kept = _records_until(log_file, first_step) if first_step > 0 else []
+            self._file = log_file.open("w", encoding="utf-8")
+            self._file.writelines(kept)  # a resume continues the log; steps past the checkpoint are dropped
         if env.progress_bar(sys.stdout.isatty()):
             self._progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                       console=self.console, transient=True)

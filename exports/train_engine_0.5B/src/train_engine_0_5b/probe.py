@@ -200,7 +200,7 @@ def run_probe(name: str, case_dir: Path, out: Path, ops_selection: OpSelection =
     s = case.spec
     if s.device == "cuda" and not torch.cuda.is_available():
         raise Unsupported("the case runs on cuda, and this machine has no CUDA device")
-    runtime.setup(s.device, deterministic=True)
+    runtime.setup(s.device, deterministic=True, reference_numerics=True)
     ctx = DistContext.start(s.device)
     try:
         if s.world_size % ctx.world:

@@ -11,9 +11,10 @@ import torch
 from train_engine_0_5b.errors import EngineError
 
 
-def setup(device: str, deterministic: bool) -> None:
+def setup(device: str, deterministic: bool, reference_numerics: bool = False) -> None:
     """Check the device and pin the numerics: deterministic kernels and no TF32, so a resumed run
-    repeats the straight one bit for bit on the same hardware."""
+    repeats the straight one bit for bit on the same hardware. `reference_numerics` (the probes)
+    also keeps bf16 GEMM reductions in full precision, as the torch reference stack does."""
     if device == "cuda" and not torch.cuda.is_available():
         raise EngineError("--device cuda was asked for, but torch sees no CUDA device")
     if deterministic:
@@ -22,6 +23,8 @@ def setup(device: str, deterministic: bool) -> None:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+        if reference_numerics:
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
 
 def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:

@@ -1,0 +1,22 @@
+"""`bench` on the CPU: the JSON the benchmark driver reads, with MFU by DESIGN.md's formula."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+from train_engine_0_5b.model_config import preset
+
+
+def test_bench_json(cli, tmp_path):
+    res = cli(["bench", "--model", "tiny", "--device", "cpu", "--seq-length", "32", "--micro-batch-size", "2",
+               "--grad-accum", "2", "--steps", "2", "--warmup", "1", "--json", tmp_path / "b.json"])
+    assert res.exit_code == 0, res.output + res.stderr
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert {"tokens_per_s", "step_time_s", "mfu", "peak_mem_gib", "device", "torch", "config"} <= set(r)
+    assert len(r["step_times_s"]) == 2 and r["step_time_s"] == statistics.median(r["step_times_s"])
+    tokens = 2 * 2 * 32
+    assert abs(r["tokens_per_s"] - tokens / r["step_time_s"]) < 1e-6 * r["tokens_per_s"]
+    flops = preset("tiny").flops_per_token(32) * tokens
+    assert abs(r["mfu"] - flops / (r["step_time_s"] * 989.4e12)) < 1e-9
+    assert r["config"]["global_batch_size"] == 4 and r["config"]["dtype"] == "float32"
