@@ -135,7 +135,7 @@ def train(eng: Path, out: Path, steps: int, console: Console) -> list[dict]:
     return [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
 
 
-def run(scratch: Path, *, steps: int = 40, console: Console | None = None) -> DemoResult:
+def run(scratch: Path, *, steps: int = 40, only: list[str] | None = None, console: Console | None = None) -> DemoResult:
     from harness.inspection import collect, write
     from harness.loop import ForgeLoop
     from harness.spec import load_spec, with_overrides
@@ -156,7 +156,7 @@ def run(scratch: Path, *, steps: int = 40, console: Console | None = None) -> De
     t = time.monotonic()
     spec = with_overrides(load_spec(SPEC), engine_path=str(eng), backend="replay",
                           options={"recording": str(scratch / "recording")})
-    outcome = ForgeLoop(spec, SPEC, engine=eng, state_dir=scratch / "state", console=console).run()
+    outcome = ForgeLoop(spec, SPEC, engine=eng, state_dir=scratch / "state", console=console).run(only=only)
     res.seconds["forge"] = time.monotonic() - t
     res.forge_status = outcome.status
     from harness.ledger import Ledger

@@ -105,8 +105,11 @@ class ForgeLoop:
                 if status != "passed":
                     self.ledger.event(self.state.run_id, "run_stopped", stage=stage.name, status=status, message=message)
                     return self._outcome(status, message, statuses)
-            self.ledger.event(self.state.run_id, "run_passed", tip=self.ws.branch_tip())
-            return self._outcome("passed", "every stage passed", statuses)
+            pending = [k for k, v in statuses.items() if v != "passed"]
+            self.ledger.event(self.state.run_id, "run_passed", tip=self.ws.branch_tip(), not_run=pending)
+            message = "every stage passed" if not pending else (
+                f"the stages run passed; not run: {', '.join(pending)}")
+            return self._outcome("passed", message, statuses)
 
     def _outcome(self, status: str, message: str, stages: dict[str, str]) -> RunOutcome:
         assert self.ws is not None

@@ -18,6 +18,8 @@ from harness.commands._common import console
 def main(
     out: Optional[Path] = typer.Option(None, "--out", help="scratch directory (default runs/demo-<time>/)"),
     steps: int = typer.Option(40, "--steps", min=10, help="training steps after the forge"),
+    stage: list[str] = typer.Option([], "--stage", help="forge only these stages (default: all of stage 1; m1 is the "
+                                    "one that fails first)"),
 ) -> None:
     """The main job on a fresh machine: offline, CPU, a few minutes."""
     from harness.demo import SOURCE_ENGINE, run, summary
@@ -31,6 +33,6 @@ def main(
     if scratch.exists() and any(scratch.iterdir()):
         console.print(f"[red]error:[/] {scratch} is not empty")
         raise typer.Exit(2)
-    res = run(scratch, steps=steps, console=console)
+    res = run(scratch, steps=steps, only=stage or None, console=console)
     summary(res, console)
     raise typer.Exit(0 if res.ok else 1)
