@@ -25,7 +25,8 @@ def _sync(device: torch.device) -> None:
 
 
 def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, grad_accum: int, steps: int, warmup: int,
-        device: str, dtype: torch.dtype, ops_selection: OpSelection, deterministic: bool, seed: int = 0) -> dict:
+        device: str, dtype: torch.dtype, ops_selection: OpSelection, deterministic: bool, seed: int = 0) -> tuple[dict, bool]:
+    """(the result JSON, whether this process is rank 0)."""
     runtime.setup(device, deterministic)
     ctx = DistContext.start(device)
     try:
@@ -59,7 +60,6 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
             "config": {"model": model_cfg.name, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
                        "grad_accum": grad_accum, "global_batch_size": rows * ctx.world, "dtype": str(dtype).removeprefix("torch."),
                        "steps": steps, "warmup": warmup, "deterministic": deterministic, "ops": ops.names},
-            "is_main": ctx.is_main,
-        }
+        }, ctx.is_main
     finally:
         ctx.close()

@@ -130,10 +130,10 @@ def bench(
     cfg = _model(model)
     if seq_length > cfg.max_seq_length:
         raise EngineError(f"--seq-length {seq_length} exceeds the model's max_seq_length ({cfg.max_seq_length})")
-    result = bench_mod.run(cfg, seq_length=seq_length, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
-                           steps=steps, warmup=warmup, device=rt.resolved_device(), dtype=rt.resolved_dtype(),
-                           ops_selection=_ops(ops), deterministic=deterministic)
-    if result.pop("is_main"):
+    result, is_main = bench_mod.run(cfg, seq_length=seq_length, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
+                                    steps=steps, warmup=warmup, device=rt.resolved_device(), dtype=rt.resolved_dtype(),
+                                    ops_selection=_ops(ops), deterministic=deterministic)
+    if is_main:
         text = json.dumps(result, indent=2)
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,15 +54,13 @@ def _checkpoint_to_resume(cfg: EngineConfig, data: Data) -> ckpt.Checkpoint | No
 
 
 def _save(cfg: EngineConfig, ctx: DistContext, step: int, optimizer: AdamW, loader: Loader, data: Data, log: StepLog) -> None:
-    rng = ctx.all_gather_object({k: v.cpu() for k, v in runtime.rng_tensors(ctx.device).items()})
-    py_rng = ctx.all_gather_object(runtime.python_rng_state())
+    rng, py_rng = runtime.gather_rng(ctx)
     if ctx.is_main:
         state = {"identity": _identity(cfg, data), "config": json.loads(cfg.model_dump_json()),
                  "data": loader.cursor(step), "schedule": {"next_step": step + 1, "kind": cfg.optim.lr_schedule},
                  "world_size": ctx.world, "python_rng": py_rng, "torch": torch.__version__}
-        rng_flat = {f"rank{r}.{k}": v for r, states in enumerate(rng) for k, v in states.items()}
         path = ckpt.save(cfg.checkpoint.save_dir, step, optimizer.master_weights(), optimizer.state_tensors(),
-                         rng_flat, state, data.tokenizer)
+                         rng, state, data.tokenizer)
         log.print(f"saved checkpoint {path}")
     ctx.barrier()
 
@@ -70,8 +68,7 @@ def _save(cfg: EngineConfig, ctx: DistContext, step: int, optimizer: AdamW, load
 def _restore(loaded: ckpt.Checkpoint, optimizer: AdamW, ctx: DistContext, log: StepLog) -> None:
     optimizer.load(loaded.master, loaded.optim, loaded.step)
     if loaded.state.get("world_size") == ctx.world:
-        mine = {k.split(".", 1)[1]: v for k, v in loaded.rng.items() if k.startswith(f"rank{ctx.rank}.")}
-        runtime.restore_rng(mine, loaded.state["python_rng"][ctx.rank], ctx.device)
+        runtime.restore_rank_rng(loaded.rng, loaded.state["python_rng"], ctx)
     else:
         log.print(f"note: checkpoint written with {loaded.state.get('world_size')} ranks, resuming on {ctx.world}: "
                   "same data order, but not bit-identical (reduction order and RNG streams differ)")

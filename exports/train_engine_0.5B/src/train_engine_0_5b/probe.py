@@ -30,7 +30,7 @@ from train_engine_0_5b.model import build_model, load_weights
 from train_engine_0_5b.model_config import MiniCPMConfig, hf_param_shapes
 from train_engine_0_5b.ops.registry import OpSelection, Ops, resolve
 from train_engine_0_5b.optim import AdamW, Schedule
-from train_engine_0_5b.trainer import Trainer
+from train_engine_0_5b.trainer import IGNORE_INDEX, Trainer
 
 PROBES = ("forward", "backward", "steps", "checkpoint")
 CASE_FORMAT = 1
@@ -152,7 +152,7 @@ def _forward(case: Case, ctx: DistContext, ops: Ops) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         logits = model(ids, hidden_states=hidden)
         total = ops.cross_entropy(logits, labels)
-    count = ctx.all_reduce_sum_((labels != -100).sum())
+    count = ctx.all_reduce_sum_((labels != IGNORE_INDEX).sum())
     total = ctx.all_reduce_sum_(total.clone())
     out = {"logits": torch.cat(ctx.all_gather(logits)), "loss": total / count}
     return out | {f"hidden_states.{i}": torch.cat(ctx.all_gather(h)) for i, h in enumerate(hidden)}
@@ -175,19 +175,17 @@ def _checkpoint(case: Case, ctx: DistContext, ops: Ops, out: Path) -> dict[str, 
     half = case.spec.steps // 2
     first = _Run(case, ctx, ops)
     first.train_until(half)
-    rng = ctx.all_gather_object({k: v.cpu() for k, v in runtime.rng_tensors(ctx.device).items()})
+    rng, py_rng = runtime.gather_rng(ctx)
     if ctx.is_main:
-        ckpt.save(out / "ckpt", half, first.optimizer.master_weights(), first.optimizer.state_tensors(),
-                  {f"rank{r}.{k}": v for r, s in enumerate(rng) for k, v in s.items()},
-                  {"world_size": ctx.world, "data": {"next_step": half}, "python_rng": [runtime.python_rng_state()] * ctx.world})
+        ckpt.save(out / "ckpt", half, first.optimizer.master_weights(), first.optimizer.state_tensors(), rng,
+                  {"world_size": ctx.world, "data": {"next_step": half}, "python_rng": py_rng})
     ctx.barrier()
     history = (first.losses, first.norms, first.lrs)
     del first
     loaded = ckpt.load(out / "ckpt")
     second = _Run(case, ctx, ops)
     second.optimizer.load(loaded.master, loaded.optim, loaded.step)
-    mine = {k.split(".", 1)[1]: v for k, v in loaded.rng.items() if k.startswith(f"rank{ctx.rank}.")}
-    runtime.restore_rng(mine, loaded.state["python_rng"][ctx.rank], ctx.device)
+    runtime.restore_rank_rng(loaded.rng, loaded.state["python_rng"], ctx)
     second.train_until(case.spec.steps)
     return second.outputs(history[0] + second.losses, history[1] + second.norms, history[2] + second.lrs)
 

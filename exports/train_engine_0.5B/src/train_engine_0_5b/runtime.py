@@ -8,6 +8,7 @@ import resource
 
 import torch
 
+from train_engine_0_5b.dist import DistContext
 from train_engine_0_5b.errors import EngineError
 
 
@@ -47,6 +48,19 @@ def restore_rng(tensors: dict[str, torch.Tensor], python_state: list | None, dev
 def python_rng_state() -> list:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
+
+
+def gather_rng(ctx: DistContext) -> tuple[dict[str, torch.Tensor], list]:
+    """Every rank's generators, for rank 0 to save: ({"rank{r}.{name}": state}, [python state per rank])."""
+    tensors = ctx.all_gather_object({k: v.cpu() for k, v in rng_tensors(ctx.device).items()})
+    flat = {f"rank{r}.{k}": v for r, states in enumerate(tensors) for k, v in states.items()}
+    return flat, ctx.all_gather_object(python_rng_state())
+
+
+def restore_rank_rng(flat: dict[str, torch.Tensor], python_states: list, ctx: DistContext) -> None:
+    """This rank's part of what `gather_rng` saved."""
+    prefix = f"rank{ctx.rank}."
+    restore_rng({k.removeprefix(prefix): v for k, v in flat.items() if k.startswith(prefix)}, python_states[ctx.rank], ctx.device)
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -32,4 +32,4 @@ def prepare(dataset: str | None, dataset_config: str | None, split: str, templat
     return Data(tokenizer, rows, source.name, fingerprint)
 
 
-__all__ = ["Data", "Loader", "PackedRows", "TokenStream", "TextTokenizer", "prepare", "EngineError"]
+__all__ = ["Data", "Loader", "PackedRows", "TokenStream", "TextTokenizer", "prepare"]
