@@ -120,3 +120,13 @@ def test_hf_export_reproduces_the_engine_logits(runs, cli, tmp_path):
     text = "def f(x):\n    return x  # MiniCPM"
     assert tok(text, add_special_tokens=False)["input_ids"] == TextTokenizer(Path(out)).encode_batch([text])[0]
     assert tok.eos_token_id == TextTokenizer(Path(out)).eos_id
+
+
+def test_resuming_a_finished_run_does_nothing(runs, cli):
+    root, _ = runs
+    save = root / "straight"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in save.rglob("*"))
+    seed = ckpt.load(save).state["config"]["train"]["seed"]
+    res = cli(["pretrain", *TRAIN, "--seed", seed, "--save-dir", save, "--resume"])
+    assert res.exit_code == 0 and "nothing to train" in res.output
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in save.rglob("*")) == before

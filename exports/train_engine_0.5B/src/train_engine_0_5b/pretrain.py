@@ -95,8 +95,10 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
                    t.seq_length, t.seed, d.shuffle, cfg.model.vocab_size)
     loaded = _checkpoint_to_resume(cfg, data)
     start = loaded.step if loaded is not None else 0
-    if start >= t.num_steps:
-        raise EngineError(f"checkpoint {loaded.path} is at step {start}; --num-steps {t.num_steps} leaves nothing to train")
+    if start >= t.num_steps:  # e.g. a requeued job that had finished: nothing to do
+        if ctx.is_main:
+            print(f"checkpoint {loaded.path} is at step {start} >= --num-steps {t.num_steps}: nothing to train")
+        return {"steps": start, "first_step": start + 1, "losses": []}
 
     model = build_model(cfg.model, ops, ctx.device, dtype)
     master_dtype = torch.float32
