@@ -9,12 +9,14 @@
 #              fp32 master weights / grads / AdamW state, SDPA attention; JSONL log + summary; a checkpoint at
 #              the end (under $CKPT, default /tmp: 5 GB), exported to HF and reloaded in transformers
 # 3. pytest:   the engine's suite on the GPU machine (the GPU tests run instead of being skipped)
-# Writes into $OUT: gpu_check_summary.json (the numbers to quote), train_0.5b_seq4096.jsonl,
-# train_summary.json, bench_0.5b_seq4096.json, hf_check.json, pytest.txt and each step's log.
+# Writes into $OUT: gpu_check_summary.json (the numbers to quote), train.jsonl (the step log),
+# train_summary.json, bench.json, hf_check.json, pytest.txt and each step's log.
 # Takes about 5 minutes; each step runs even if an earlier one failed, and the summary records every exit code.
+# A plumbing check of this script on a CPU: OUT=/tmp/x MODEL=tiny STEPS=3 SEQ=64 MB=2 GBS=4 PYTEST=0 bash ...
 set -uo pipefail
 OUT=${OUT:?set OUT to the results directory}
 CKPT=${CKPT:-/tmp/forge_gpu_check_ckpt}
+MODEL=${MODEL:-minicpm4-0.5b} STEPS=${STEPS:-200} SEQ=${SEQ:-4096} MB=${MB:-4} GBS=${GBS:-8} PYTEST=${PYTEST:-1}
 engine=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 root=$(cd "$engine/../.." && pwd)
 mkdir -p "$OUT"
@@ -36,17 +38,17 @@ run() {  # run NAME CMD...: stdout+stderr to $OUT/NAME.log, exit code to rc[NAME
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/nvidia_smi.txt" 2>&1
 
-run bench "$py" -m train_engine_0_5b bench --model minicpm4-0.5b --seq-length 4096 --micro-batch-size 4 \
-  --steps 10 --warmup 3 --json "$OUT/bench_0.5b_seq4096.json"
+run bench "$py" -m train_engine_0_5b bench --model "$MODEL" --seq-length "$SEQ" --micro-batch-size "$MB" \
+  --steps 10 --warmup 3 --json "$OUT/bench.json"
 
-run pretrain "$py" -m train_engine_0_5b pretrain --model minicpm4-0.5b --num-steps 200 --global-batch-size 8 \
-  --micro-batch-size 4 --seq-length 4096 --lr 1e-3 --min-lr 1e-4 --warmup-steps 20 --lr-schedule wsd \
-  --ops attention=sdpa --save-dir "$CKPT" --log-file "$OUT/train_0.5b_seq4096.jsonl" --summary-json "$OUT/train_summary.json"
+run pretrain "$py" -m train_engine_0_5b pretrain --model "$MODEL" --num-steps "$STEPS" --global-batch-size "$GBS" \
+  --micro-batch-size "$MB" --seq-length "$SEQ" --lr 1e-3 --min-lr 1e-4 --warmup-steps 20 --lr-schedule wsd \
+  --ops attention=sdpa --save-dir "$CKPT" --log-file "$OUT/train.jsonl" --summary-json "$OUT/train_summary.json"
 
 if "$py" -c "import transformers" 2>/dev/null; then
   run export_hf "$py" -m train_engine_0_5b export-hf --checkpoint "$CKPT" --out "$CKPT.hf"
   run hf_check "$py" - "$CKPT" "$CKPT.hf" "$OUT/hf_check.json" <<'PY'
-"""The exported checkpoint reproduces the engine's logits in transformers (fp32, on the GPU)."""
+"""The exported checkpoint reproduces the engine's logits in transformers (fp32, TF32 off)."""
 import json, sys
 from pathlib import Path
 import torch, transformers
@@ -57,13 +59,14 @@ from train_engine_0_5b.ops.registry import OpSelection, resolve
 torch.backends.cuda.matmul.allow_tf32 = False
 loaded = ckpt.load(Path(sys.argv[1]))
 cfg = MiniCPMConfig(**loaded.state["config"]["model"])
-engine = build_model(cfg, resolve(OpSelection(attention="reference"), "cuda"), "cuda", torch.float32)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+engine = build_model(cfg, resolve(OpSelection(attention="reference"), device), device, torch.float32)
 load_weights(engine, loaded.master)
-ids = torch.randint(0, 4096, (2, 256), device="cuda")
+ids = torch.randint(0, 4096, (2, 256), device=device)
 with torch.no_grad():
     want = engine(ids)
 del engine
-hf = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32).cuda()
+hf = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32).to(device)
 with torch.no_grad():
     got = hf(input_ids=ids).logits
 rel = ((got - want).abs().max() / want.abs().max()).item()
@@ -77,28 +80,31 @@ else
 fi
 rm -rf "$CKPT" "$CKPT.hf"
 
-run pytest "$py" -m pytest exports/train_engine_0.5B/tests -q -p no:cacheprovider -rs
-cp "$OUT/pytest.log" "$OUT/pytest.txt"
+if [ "$PYTEST" = 1 ]; then
+  run pytest "$py" -m pytest exports/train_engine_0.5B/tests -q -p no:cacheprovider -rs
+  cp "$OUT/pytest.log" "$OUT/pytest.txt"
+fi
 
 rcs=""
 for k in "${!rc[@]}"; do rcs+="\"$k\": ${rc[$k]}, "; done
-"$py" - "$OUT" "{${rcs%, }}" <<'PY'
+"$py" - "$OUT" "{${rcs%, }}" "$MODEL" "$SEQ" "$GBS" "$MB" <<'PY'
 """gpu_check_summary.json: the numbers the issue's closing note quotes."""
 import json, platform, statistics, sys
 from pathlib import Path
 import torch
 out, rcs = Path(sys.argv[1]), json.loads(sys.argv[2])
+model, seq, gbs, mb = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 def read(name):
     p = out / name
     return json.loads(p.read_text()) if p.is_file() else None
-log = [json.loads(l) for l in (out / "train_0.5b_seq4096.jsonl").read_text().splitlines()] if (out / "train_0.5b_seq4096.jsonl").is_file() else []
+log = [json.loads(l) for l in (out / "train.jsonl").read_text().splitlines()] if (out / "train.jsonl").is_file() else []
 timed = [r for r in log if r["step"] > 10] or log  # past the first steps' one-time costs
 summary = {
     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     "torch": torch.__version__, "python": platform.python_version(), "exit_codes": rcs,
-    "bench": read("bench_0.5b_seq4096.json"),
+    "bench": read("bench.json"),
     "train": None if not log else {
-        "model": "minicpm4-0.5b", "seq_length": 4096, "global_batch_size": 8, "micro_batch_size": 4, "dtype": "bfloat16",
+        "model": model, "seq_length": seq, "global_batch_size": gbs, "micro_batch_size": mb,
         "steps": len(log), "loss_first": log[0]["loss"], "loss_last": log[-1]["loss"],
         "loss_min": min(r["loss"] for r in log),
         "loss_mean_first_10": statistics.mean(r["loss"] for r in log[:10]),
@@ -106,7 +112,7 @@ summary = {
         "step_time_s_median": statistics.median(r["step_time_s"] for r in timed),
         "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in timed),
         "mfu_median": statistics.median(r["mfu"] for r in timed),
-        "peak_mem_gib": (read("train_summary.json") or {}).get("peak_mem_gib"),
+        **{k: (read("train_summary.json") or {}).get(k) for k in ("peak_mem_gib", "dtype", "device", "world_size")},
         "mfu_formula": "DESIGN.md (Megatron-LM v0.15 FLOPs, causal halving, true vocab), peak 989.4 TFLOP/s",
     },
     "hf_check": read("hf_check.json"),
