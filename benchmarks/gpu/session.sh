@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call = one or more parts, each writing into $OUT/<part>/, then bundled into $OUT/<part>.tgz
+# (the device tool brings back at most 8 files). Parts: kernels, engine, gates, compare.
+#   bash benchmarks/gpu/session.sh kernels engine
+# Carry [".whl", ".whl-base"]: wheels the GPU image lacks (pack-gpu-wheels.sh; datasets for the engine).
+set -uo pipefail
+: "${OUT:?}"
+cd "$(dirname "$0")/../.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl-base/*.whl \
+  > /tmp/install.log 2>&1 || echo "pip install reported errors"
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export FORGE_GIT_COMMIT="${FORGE_GIT_COMMIT:-unknown}"
+for part in "$@"; do
+  dir="$OUT/$part"; mkdir -p "$dir"; t0=$(date +%s)
+  case "$part" in
+    kernels) timeout 260 python3 exports/train_engine_0.5B/scripts/gpu_kernels.py --budget 220 --out "$dir" > "$dir/log.txt" 2>&1 ;;
+    engine)  OUT="$dir" timeout 330 bash exports/train_engine_0.5B/scripts/gpu_check.sh > "$dir/log.txt" 2>&1 ;;
+    gates)   OUT="$dir" timeout 300 bash benchmarks/gpu/gates_0.5b.sh > "$dir/log.txt" 2>&1 ;;
+    compare) OUT="$dir" PART=compare BUDGET_S=${BUDGET_S:-300} STACKS=${STACKS:-} timeout 360 bash benchmarks/gpu/compare_0.5b.sh > "$dir/log.txt" 2>&1 ;;
+    *) echo "unknown part $part"; continue ;;
+  esac
+  echo "[$part] exit $? in $(( $(date +%s) - t0 ))s"; tail -n 25 "$dir/log.txt"
+  tar czf "$OUT/$part.tgz" -C "$OUT" "$part" && rm -rf "$dir"
+done
+ls -la "$OUT"
