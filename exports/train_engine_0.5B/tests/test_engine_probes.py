@@ -50,6 +50,7 @@ def answers(tmp_path_factory):
             eng_dir = root / label / name
             run_probe(name, case_dir, eng_dir, OpSelection.parse(ops))
             out[name][label] = read_outputs(eng_dir)
+        out[name]["dir"] = root / "engine" / name
     return spec, out
 
 
@@ -85,11 +86,18 @@ def test_alternative_implementations_match_within_fp32_rounding(answers, probe):
         assert rel_err(r, alt[name]) <= tol, (probe, name, rel_err(r, alt[name]))
 
 
-def test_checkpoint_probe_writes_a_real_checkpoint(answers, tmp_path):
-    _, out = answers
+def test_checkpoint_probe_resumes_bitwise_and_exports(answers, cli, tmp_path):
+    spec, out = answers
     # The checkpoint probe resumed from disk and still equals the straight run.
-    steps, ckpt = out["steps"]["engine"][0], out["checkpoint"]["engine"][0]
-    assert all(torch.equal(steps[n], ckpt[n]) for n in steps)
+    steps, resumed = out["steps"]["engine"][0], out["checkpoint"]["engine"][0]
+    assert all(torch.equal(steps[n], resumed[n]) for n in steps)
+    # Its checkpoint is a real one: export-hf turns it into a checkpoint transformers loads (gate M6).
+    transformers = pytest.importorskip("transformers")
+    res = cli(["export-hf", "--checkpoint", out["checkpoint"]["dir"] / "ckpt", "--out", tmp_path / "hf"])
+    assert res.exit_code == 0, res.output + res.stderr
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    assert model.config.vocab_size == spec.model.vocab_size
+    assert len(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))) <= spec.model.vocab_size
 
 
 def test_unknown_probe_and_unknown_case_field_exit_77(cli, tmp_path):

@@ -1,6 +1,6 @@
 """`export-hf`: a checkpoint -> a Llama-layout Hugging Face directory (MiniCPM scales folded into the
 weights, hf_fold.py) that `transformers.AutoModelForCausalLM.from_pretrained` loads without remote
-code, plus the tokenizer files the run trained with."""
+code, plus the tokenizer files the checkpoint carries (the run's; the shipped one for a probe's)."""
 
 from __future__ import annotations
 
@@ -26,12 +26,14 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
     if dtype not in ("float32", "bfloat16"):
         raise EngineError(f"--dtype {dtype!r}: choose float32 or bfloat16")
     loaded = ckpt.load(checkpoint)
-    if "config" not in loaded.state or not (loaded.path / ckpt.TOKENIZER_DIR).is_dir():
-        raise EngineError(f"{loaded.path} is not a pretrain checkpoint (no config or tokenizer in it)")
+    if "model" not in loaded.state.get("config", {}):
+        raise EngineError(f"checkpoint {loaded.path} records no model config; it was not written by this engine")
     cfg = MiniCPMConfig(**loaded.state["config"]["model"])
-    tokenizer = TextTokenizer(loaded.path / ckpt.TOKENIZER_DIR)
+    has_tokenizer = (loaded.path / ckpt.TOKENIZER_DIR).is_dir()
+    tokenizer = TextTokenizer(loaded.path / ckpt.TOKENIZER_DIR) if has_tokenizer else None
+    eos = tokenizer.eos_id if tokenizer is not None else None
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in fold_to_llama(cfg, loaded.master).items()}
-    config = llama_config_dict(cfg, bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+    config = llama_config_dict(cfg, bos_token_id=eos, eos_token_id=eos)
     config["torch_dtype"] = dtype
 
     out = out.resolve()
@@ -40,9 +42,11 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
     try:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}, indent=2) + "\n")
-        tokenizer.save(tmp)
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": eos}, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        else:
+            print(f"note: checkpoint {loaded.path} carries no tokenizer; the export has none either")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

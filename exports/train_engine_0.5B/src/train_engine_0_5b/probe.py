@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from train_engine_0_5b import checkpoint as ckpt
 from train_engine_0_5b import runtime
 from train_engine_0_5b.config import DTYPES
+from train_engine_0_5b.data.tokenizer import TextTokenizer
 from train_engine_0_5b.dist import DistContext
 from train_engine_0_5b.errors import EngineError, Unsupported
 from train_engine_0_5b.model import build_model, load_weights
@@ -172,13 +173,19 @@ def _steps(case: Case, ctx: DistContext, ops: Ops) -> dict[str, torch.Tensor]:
 
 def _checkpoint(case: Case, ctx: DistContext, ops: Ops, out: Path) -> dict[str, torch.Tensor]:
     """Half the steps, a real engine checkpoint under out/ckpt, a fresh run resumed from it, the rest."""
-    half = case.spec.steps // 2
+    s = case.spec
+    half = s.steps // 2
     first = _Run(case, ctx, ops)
     first.train_until(half)
     rng, py_rng = runtime.gather_rng(ctx)
     if ctx.is_main:
-        ckpt.save(out / "ckpt", half, first.optimizer.master_weights(), first.optimizer.state_tensors(), rng,
-                  {"world_size": ctx.world, "data": {"next_step": half}, "python_rng": py_rng})
+        # The model config and (when it fits the vocabulary) the shipped tokenizer go along, so that
+        # `export-hf --checkpoint OUT/ckpt` works on this checkpoint as on a pretrain one (gate M6).
+        tokenizer = TextTokenizer()
+        state = {"world_size": ctx.world, "data": {"next_step": half}, "python_rng": py_rng,
+                 "config": {"model": json.loads(s.model.model_dump_json())}}
+        ckpt.save(out / "ckpt", half, first.optimizer.master_weights(), first.optimizer.state_tensors(), rng, state,
+                  tokenizer if tokenizer.vocab_size <= s.model.vocab_size else None)
     ctx.barrier()
     history = (first.losses, first.norms, first.lrs)
     del first
