@@ -17,6 +17,13 @@ for part in "$@"; do
     engine)  OUT="$dir" timeout 330 bash exports/train_engine_0.5B/scripts/gpu_check.sh > "$dir/log.txt" 2>&1 ;;
     gates)   OUT="$dir" timeout 300 bash benchmarks/gpu/gates_0.5b.sh > "$dir/log.txt" 2>&1 ;;
     compare) OUT="$dir" PART=compare BUDGET_S=${BUDGET_S:-300} STACKS=${STACKS:-} timeout 360 bash benchmarks/gpu/compare_0.5b.sh > "$dir/log.txt" 2>&1 ;;
+    variants)  # engine bench variants beyond its default (compile + SDPA + Triton AdamW)
+      e="python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3"
+      triton_all="rms_norm=triton_fused,add_rms_norm=triton_fused,rope=triton_fused,swiglu=triton_fused,cross_entropy=triton_fused,adamw=triton_fused,gemm=concat"
+      export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
+      { timeout 150 $e --micro-batch-size 8 --no-compile --ops "$triton_all" --json "$dir/eager_triton_mb8.json"
+        timeout 150 $e --micro-batch-size 8 --no-compile --json "$dir/eager_default_mb8.json"
+        timeout 200 $e --micro-batch-size 12 --compile --json "$dir/compile_mb12.json"; } > "$dir/log.txt" 2>&1 ;;
     *) echo "unknown part $part"; continue ;;
   esac
   echo "[$part] exit $? in $(( $(date +%s) - t0 ))s"; tail -n 25 "$dir/log.txt"

@@ -12,7 +12,7 @@ import torch
 from train_engine_0_5b import runtime
 from train_engine_0_5b.dist import DistContext
 from train_engine_0_5b.metrics import mfu
-from train_engine_0_5b.model import build_model, init_weights
+from train_engine_0_5b.model import build_model, compile_loss, init_weights
 from train_engine_0_5b.model_config import MiniCPMConfig
 from train_engine_0_5b.ops.registry import OpSelection, resolve
 from train_engine_0_5b.optim import AdamW, Schedule
@@ -25,13 +25,16 @@ def _sync(device: torch.device) -> None:
 
 
 def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, grad_accum: int, steps: int, warmup: int,
-        device: str, dtype: torch.dtype, ops_selection: OpSelection, deterministic: bool, seed: int = 0) -> tuple[dict, bool]:
+        device: str, dtype: torch.dtype, ops_selection: OpSelection, deterministic: bool, compile: bool = False,
+        seed: int = 0) -> tuple[dict, bool]:
     """(the result JSON, whether this process is rank 0)."""
     runtime.setup(device, deterministic)
     ctx = DistContext.start(device)
     try:
         ops = resolve(ops_selection, ctx.device.type)
         model = build_model(model_cfg, ops, ctx.device, dtype)
+        if compile:
+            compile_loss(model)
         optimizer = AdamW(dict(model.named_parameters()), init_weights(model, 0.1, seed), adamw_op=ops.adamw,
                           betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
         schedule = Schedule("constant", 1e-4, 1e-4, 1, warmup + steps)
@@ -59,7 +62,7 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
             "device": device_name, "torch": torch.__version__, "world_size": ctx.world, "step_times_s": times,
             "config": {"model": model_cfg.name, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
                        "grad_accum": grad_accum, "global_batch_size": rows * ctx.world, "dtype": str(dtype).removeprefix("torch."),
-                       "steps": steps, "warmup": warmup, "deterministic": deterministic, "ops": ops.names},
+                       "steps": steps, "warmup": warmup, "deterministic": deterministic, "compile": compile, "ops": ops.names},
         }, ctx.is_main
     finally:
         ctx.close()

@@ -81,6 +81,7 @@ def pretrain(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"),
     ops: str = typer.Option("", "--ops", help="op=implementation,... e.g. attention=sdpa,gemm.qkv=concat"),
     deterministic: bool = typer.Option(True, "--deterministic/--no-deterministic"),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the forward + loss (the fast GPU path)"),
     bucket_mb: float = typer.Option(25.0, "--bucket-mb", help="gradient all-reduce bucket (MiB)"),
     exit_after_steps: Optional[int] = typer.Option(None, "--exit-after-steps", help="stop (with a checkpoint) after N steps of this run"),
     log_file: Optional[Path] = typer.Option(None, "--log-file", help="JSONL step log"),
@@ -99,7 +100,7 @@ def pretrain(
         data=dict(hf_dataset=hf_dataset, hf_dataset_config=hf_dataset_config, hf_dataset_split=hf_dataset_split,
                   hf_text_template=hf_text_template, tokenizer_path=tokenizer_path, shuffle=shuffle),
         checkpoint=dict(save_dir=save_dir, save_interval=save_interval, resume=resume),
-        runtime=dict(device=device, dtype=dtype, deterministic=deterministic, log_file=log_file),
+        runtime=dict(device=device, dtype=dtype, deterministic=deterministic, compile=compile, log_file=log_file),
     )
     summary = pretrain_mod.run(cfg)
     if summary_json is not None and int(os.environ.get("RANK", 0)) == 0:
@@ -119,7 +120,8 @@ def bench(
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     ops: str = typer.Option("", "--ops"),
-    deterministic: bool = typer.Option(True, "--deterministic/--no-deterministic"),
+    deterministic: bool = typer.Option(False, "--deterministic/--no-deterministic", help="off by default: timing needs no bit-exact replay"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="default: on with CUDA, off on a CPU"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here (rank 0)"),
 ) -> None:
     """Time training steps on random tokens (median after warm-up): tokens/s, step time, MFU, peak memory."""
@@ -132,7 +134,8 @@ def bench(
         raise EngineError(f"--seq-length {seq_length} exceeds the model's max_seq_length ({cfg.max_seq_length})")
     result, is_main = bench_mod.run(cfg, seq_length=seq_length, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
                                     steps=steps, warmup=warmup, device=rt.resolved_device(), dtype=rt.resolved_dtype(),
-                                    ops_selection=_ops(ops), deterministic=deterministic)
+                                    ops_selection=_ops(ops), deterministic=deterministic,
+                                    compile=rt.resolved_device() == "cuda" if compile is None else compile)
     if is_main:
         text = json.dumps(result, indent=2)
         if json_path is not None:

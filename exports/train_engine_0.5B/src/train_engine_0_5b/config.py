@@ -65,6 +65,8 @@ class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype; auto: bf16 on GPU, fp32 on CPU")
     deterministic: bool = Field(True, description="torch deterministic algorithms (bit-identical resume)")
+    compile: bool = Field(False, description="torch.compile the forward + loss (model.compile_loss); the registry's "
+                          "reference ops are then fused by inductor, Triton ops with host-side code break the graph")
     log_file: Path | None = Field(None, description="JSONL, one line per step (rank 0)")
 
     def resolved_device(self) -> str:

@@ -19,7 +19,7 @@ from train_engine_0_5b.data import Data, Loader, prepare
 from train_engine_0_5b.dist import DistContext
 from train_engine_0_5b.errors import EngineError
 from train_engine_0_5b.metrics import StepLog, mfu
-from train_engine_0_5b.model import build_model, init_weights
+from train_engine_0_5b.model import build_model, compile_loss, init_weights
 from train_engine_0_5b.ops.registry import resolve
 from train_engine_0_5b.optim import AdamW, Schedule
 from train_engine_0_5b.trainer import Trainer
@@ -101,6 +101,8 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
         return {"steps": start, "first_step": start + 1, "losses": []}
 
     model = build_model(cfg.model, ops, ctx.device, dtype)
+    if cfg.runtime.compile:
+        compile_loss(model)
     master_dtype = torch.float32
     fresh = None if loaded is not None else init_weights(model, t.init_std, t.seed)
     optimizer = AdamW(dict(model.named_parameters()), loaded.master if loaded else fresh, adamw_op=ops.adamw,
