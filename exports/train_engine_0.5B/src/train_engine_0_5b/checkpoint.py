@@ -19,8 +19,10 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -62,13 +64,35 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yields a hidden temporary sibling of `final` to fill; on success it is fsynced and renamed to
+    `final` (replacing an older one), on any failure it is removed: `final` is never half written."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            _fsync(f)
+        _fsync(tmp)
+        if final.exists():  # e.g. a resumed run saving its last step again: swap the old one out
+            old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save(save_dir: Path, step: int, master: dict[str, torch.Tensor], optim: dict[str, torch.Tensor],
          rng: dict[str, torch.Tensor], state: dict, tokenizer=None) -> Path:
-    """Write step `step` atomically; returns its directory. Called by one rank."""
-    save_dir.mkdir(parents=True, exist_ok=True)
+    """Write step `step` atomically, then point `latest` at it; returns its directory. Called by one rank."""
     final = save_dir / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=save_dir))
-    try:
+    with atomic_directory(final) as tmp:
         save_file(_cpu(master), str(tmp / MODEL_FILE), metadata={"format": "pt"})
         save_file(_cpu(optim), str(tmp / OPTIM_FILE), metadata={"format": "pt"})
         save_file(_cpu(rng), str(tmp / RNG_FILE))
@@ -77,25 +101,11 @@ def save(save_dir: Path, step: int, master: dict[str, torch.Tensor], optim: dict
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         body = {"format": FORMAT, "step": step, **state, "files": files}
         (tmp / STATE_FILE).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-        for f in tmp.rglob("*"):
-            _fsync(f)
-        _fsync(tmp)
-        if final.exists():  # saving a step again (e.g. a resumed run's last step): swap the old one out
-            old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=save_dir))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync(save_dir)
-        pointer = save_dir / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        _fsync(pointer)
-        os.replace(pointer, save_dir / LATEST)
-        _fsync(save_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    pointer = save_dir / f".{LATEST}.tmp"
+    pointer.write_text(final.name + "\n")
+    _fsync(pointer)
+    os.replace(pointer, save_dir / LATEST)
+    _fsync(save_dir)
     return final
 
 

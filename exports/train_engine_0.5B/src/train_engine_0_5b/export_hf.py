@@ -5,12 +5,8 @@ code, plus the tokenizer files the checkpoint carries (the run's; the shipped on
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from train_engine_0_5b import checkpoint as ckpt
@@ -22,7 +18,7 @@ from train_engine_0_5b.model_config import MiniCPMConfig
 
 
 def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
-    """Write the HF directory `out` (replaced atomically if it exists); returns it."""
+    """Write the HF directory `out` (atomically; an existing one is replaced); returns it."""
     if dtype not in ("float32", "bfloat16"):
         raise EngineError(f"--dtype {dtype!r}: choose float32 or bfloat16")
     loaded = ckpt.load(checkpoint)
@@ -37,9 +33,7 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
     config["torch_dtype"] = dtype
 
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with ckpt.atomic_directory(out) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": eos}, indent=2) + "\n")
@@ -47,10 +41,4 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
             tokenizer.save(tmp)
         else:
             print(f"note: checkpoint {loaded.path} carries no tokenizer; the export has none either")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
