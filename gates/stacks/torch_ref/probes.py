@@ -30,9 +30,11 @@ def make_deterministic() -> None:
 
 def build_model(case: Case, weights: dict[str, torch.Tensor] | None = None) -> MiniCPM:
     spec = case.spec
-    model = MiniCPM(spec.model)
+    # Cast before loading: loading float64 weights into the default float32 parameters first would
+    # round them to float32 (fp64 cases); for float32 / bfloat16 the result is the same either way.
+    model = MiniCPM(spec.model).to(dtype=spec.torch_dtype)
     model.load_state_dict(weights if weights is not None else case.weights, strict=True)
-    return model.to(device=spec.device, dtype=spec.torch_dtype)
+    return model.to(device=spec.device)
 
 
 def _chunks(ids: torch.Tensor, labels: torch.Tensor, rows: int):
