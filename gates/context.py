@@ -86,7 +86,10 @@ class GateRun:
                 "grad_accum": spec.grad_accum, "seq_length": spec.seq_length}
         if not self.report.case:
             self.report.case = info
-            self.policy = resolve_policy(self.options.policy, spec.dtype, self.options.rel_bound, self.options.max_bound)
+            try:
+                self.policy = resolve_policy(self.options.policy, spec.dtype, self.options.rel_bound, self.options.max_bound)
+            except ValueError as e:
+                raise GateStop("error", str(e), "policy") from None
             self.report.policy = self.policy.model_dump() | {"describe": self.policy.describe()}
         else:
             self.report.case.setdefault("derived", []).append(info)

@@ -13,21 +13,24 @@ Policies:
 - `dtype`: the per-dtype bounds below, from the case's compute dtype; either bound can be replaced
   (`rel=...,max=...` or GateOptions.rel_bound / max_bound).
 
-Default bounds (`DTYPE_BOUNDS`) and why:
+Default bounds (`DTYPE_BOUNDS`) and why (numbers measured with tests/redteam/engines/base, a correct
+engine whose kernels differ from the eager reference: SDPA attention, one fused QKV GEMM, F.rms_norm,
+torch's AdamW arithmetic order, an RNG-drawn micro-batch accumulation order):
 - float64: rel 1e-9, max_rel 1e-8. Reordered fp64 reductions differ by ~1e-15 per op; a few AdamW
-  steps and the HF weight fold keep that below 1e-12. A wrong constant anywhere moves it to >1e-4.
-- float32: rel 2e-5, max_rel 1e-4. A correct engine whose kernels differ from the eager reference
-  (SDPA attention, fused QKV, torch's AdamW arithmetic order, different micro-batch accumulation)
-  lands at rel ~1e-7..1e-6 on forward and backward and ~1e-6 on weights after a few AdamW steps
-  (measured on the tiny preset, tests/gates); 2e-5 leaves a >10x margin for larger shapes while the
-  red-team bugs sit at 1e-4 (a skipped weight decay over 4 steps) and far above.
-- bfloat16: rel 3e-2, max_rel 1e-1. bf16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3);
-  every matmul output, norm and residual add rounds once, so two correct bf16 implementations drift
-  by a few roundoffs per layer: ~1e-2 relative on logits at 0.5B scale (24 layers), a little more on
-  gradients. The single worst element of a large tensor can sit at several roundoffs of the
-  largest magnitude, hence the looser max bound. Structural bugs (wrong RoPE theta, a non-causal
-  mask, a wrong residual scale) are far above (>1e-1 in the first affected layer). This is a
-  parameter: GPU runs with other kernels may need a different one, and the report records it.
+  steps and the HF weight fold keep that far below 1e-12. A wrong constant anywhere is >1e-4.
+- float32: rel 2e-5, max_rel 1e-4. Measured on the tiny preset (CPU): logits 1e-7, gradients
+  3e-7, final weights after 4 AdamW steps rel 4e-7 / max_rel 1e-5 (an Adam update of an element
+  whose gradient is ~0 can flip sign), DP=2 vs DP=1 1e-6 / 2e-5. The red-team bugs sit at 1.9e-4
+  (RoPE theta 1e6 at seq 16), 2.6e-4 (weight decay skipped on one matrix for 4 steps) and above.
+- bfloat16: rel 5e-2, max_rel 1e-1. bf16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3) and
+  the residual stream is rounded to bf16 after every add, so two correct implementations random-walk
+  apart by ~u per layer. Measured (CPU): full MiniCPM4-0.5B (24 layers, hidden 1024), seq 128:
+  logits rel 2.0e-2, last hidden state 1.9e-2 (max_rel 2.3e-2); the same depth at hidden 256:
+  logits 6.5e-3, gradients 1.35e-2 (gradients ~2x the forward). 5e-2 is the smallest round bound
+  above the 0.5B forward with room for its gradients. It cannot see sub-percent bugs (a skipped
+  weight decay); those are the fp32 gates' job (the tiny preset on CPU); structural bugs (a wrong
+  RoPE theta at seq 2048, a non-causal mask, a wrong residual scale) are far above it. The bound is a
+  parameter (`rel=X,max=Y`, GateOptions.rel_bound / max_bound) and every report records the one used.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 DTYPE_BOUNDS: dict[str, tuple[float, float]] = {
     "float64": (1e-9, 1e-8),
     "float32": (2e-5, 1e-4),
-    "bfloat16": (3e-2, 1e-1),
+    "bfloat16": (5e-2, 1e-1),
 }
 POLICY_NAMES = ("dtype", "bitwise")
 _CHUNK = 1 << 24  # elements per chunk when reducing big tensors (0.5B logits are ~1.5e8 elements)

@@ -68,7 +68,7 @@ class Command(BaseModel):
 class GateReport(BaseModel):
     gate: str
     verdict: Verdict
-    error_type: str | None = Field(None, description="timeout | engine_crash | reference_crash | layout | case | internal")
+    error_type: str | None = Field(None, description="timeout | engine_crash | reference_crash | layout | case | policy | internal")
     message: str = ""
     engine: str = ""
     engine_package: str = ""

@@ -42,7 +42,6 @@ def main(
     from gates.report import print_summary
     from gates.runner import GateOptions, resolve_name, run_all, run_gate, stage_verdict
 
-    out = out or Path(tempfile.mkdtemp(prefix="forge-gate-reports-"))
     try:
         options = GateOptions(reference=reference, case=case, world_size=world_size, device=device, dtype=dtype,
                               policy=policy, seed=seed, seq_length=seq_length, micro_batch_size=micro_batch_size,
@@ -52,6 +51,8 @@ def main(
     except (ValidationError, KeyError) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
+    if options.out_dir is None:
+        options.out_dir = out = Path(tempfile.mkdtemp(prefix="forge-gate-reports-"))
     reports = run_all(engine, options) if gate is None else [run_gate(gate, engine, options)]
     print_summary(reports)
     verdict = stage_verdict(reports) if gate is None else reports[0].verdict
