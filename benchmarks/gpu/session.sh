@@ -9,6 +9,9 @@ cd "$(dirname "$0")/../.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl-base/*.whl \
   > /tmp/install.log 2>&1 || echo "pip install reported errors"
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Gates scrub PYTHONPATH from the stacks they launch (isolation); a .pth file makes the carried wheels
+# visible to every interpreter run there without it (appended after the image's own site-packages).
+python3 -c "import site; open(site.getsitepackages()[0] + '/zz_forge_carried.pth', 'w').write('/tmp/site\n')"
 export FORGE_GIT_COMMIT="${FORGE_GIT_COMMIT:-unknown}"
 for part in "$@"; do
   dir="$OUT/$part"; mkdir -p "$dir"; t0=$(date +%s)
