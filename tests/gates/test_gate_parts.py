@@ -73,3 +73,20 @@ def test_truncated_schedule_keeps_every_lr(steps, sched, cut):
     if half is not None:
         assert [lr_at(t, half.steps, half.optimizer, half.schedule) for t in range(1, steps // 2 + 1)] == \
                [lr_at(t, steps, spec.optimizer, spec.schedule) for t in range(1, steps // 2 + 1)]
+
+
+def test_mfu_part_runs_the_engine_bench_and_recomputes_mfu(monkeypatch):
+    """The GPU path end to end, with `cuda` faked in the gate process: the base engine's bench runs on
+    CPU, so the measured MFU is tiny and the part fails with its numbers (never passes by default)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    g = GateRun("m5_long_train", Engine(BASE, "rt_base"),
+                GateOptions(device="cuda", bench_seq_length=32, bench_micro_batch_size=1, bench_steps=2))
+    try:
+        part = mfu_part(g, preset("minicpm4-0.5b"))
+    finally:
+        g.cleanup()
+    assert part.verdict == "failed", part.message
+    n = part.numbers
+    assert n["model"] == "tiny" and n["model_source"] == "model_spec.toml" and n["tokens_per_s"] > 0
+    assert n["mfu"] == pytest.approx(preset("tiny").flops_per_token(32) * n["tokens_per_s"] / 989.4e12)
+    assert [c.role for c in g.report.commands] == ["engine bench"]
