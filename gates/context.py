@@ -133,7 +133,7 @@ class GateRun:
         """Any engine command (probe, export-hf, bench) in `sandbox`; raises GateStop on exit 77 / crash."""
         proc = run_process(engine_argv(self.engine, args, nproc), sandbox.root, engine_env(self.engine), self.deadline)
         self._record(role, proc)
-        if proc.rc == EXIT_UNSUPPORTED:
+        if proc.rc == EXIT_UNSUPPORTED or (proc.rc != 0 and nproc > 1 and _all_ranks_unsupported(proc.stderr)):
             raise GateStop("unsupported", f"the engine says it cannot do `{' '.join(args[:2])}` (exit {EXIT_UNSUPPORTED})")
         if proc.rc != 0:
             self.report.artifacts["stderr_tail"] = proc.stderr
@@ -298,11 +298,21 @@ def _last_line(text: str) -> str:
 
 
 def _failed_rank(text: str) -> int | None:
-    """torchrun's failure summary names the first failing rank: `rank      : 1 (local_rank: 1)`."""
+    """The root-cause rank of torchrun's failure summary (`Root Cause ... rank : 1 (local_rank: 1)`)."""
     import re
 
+    text = text[text.find("Root Cause"):] if "Root Cause" in text else text
     m = re.search(r"rank\s*:\s*(\d+)\s*\(local_rank", text)
     return int(m.group(1)) if m else None
+
+
+def _all_ranks_unsupported(text: str) -> bool:
+    """torchrun exits 1 when workers fail. `unsupported` when some worker exited 77 and every other failed
+    worker was only killed by a signal (torchrun stops the rest after the first failure)."""
+    import re
+
+    codes = [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", text)]
+    return EXIT_UNSUPPORTED in codes and all(c == EXIT_UNSUPPORTED or c < 0 for c in codes)
 
 
 def localize_training(series: list[Diff], weights: list[Diff], prefix: str = "") -> Localization | None:

@@ -115,3 +115,16 @@ def test_cli_exit_codes(tmp_path):
     assert cli.invoke(app, ["gate", "m9", "--engine", str(tmp_path)]).exit_code == 2
     lazy = fake_engine(tmp_path / "lazy", "pass")
     assert cli.invoke(app, ["gate", "all", "--engine", str(lazy), "--out", str(tmp_path / "r2")]).exit_code == 1
+
+
+def test_torchrun_failures_are_read_per_rank(tmp_path):
+    """Under torchrun every rank exiting 77 is `unsupported`; one rank crashing is an error naming it."""
+    unsupported = fake_engine(tmp_path / "u", "raise SystemExit(77)")
+    r = run_gate("m4", unsupported, GateOptions())
+    assert r.verdict == "unsupported", r.message
+    crash = fake_engine(tmp_path / "c", """
+        import os, sys
+        sys.exit(3 if os.environ.get("RANK") == "1" else 0)
+    """)
+    r = run_gate("m4", crash, GateOptions())
+    assert (r.verdict, r.error_type, r.localization.rank) == ("error", "engine_crash", 1)
