@@ -14,6 +14,7 @@ comes from here, never from the engine), in its own temporary directory.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,8 @@ WORKSPACE = Path(__file__).resolve().parent.parent
 TAIL_CHARS = 4000
 # Variables that would put the gate's (or anyone's) code on the engine's import path.
 _SCRUB = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONSAFEPATH", "PYTHONUSERBASE")
+# Engines are agent-written code: API keys and other credentials never reach them.
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|AUTH)", re.IGNORECASE)
 
 
 class EngineLayoutError(ValueError):
@@ -92,7 +95,7 @@ def _tail(path: Path) -> str:
 def run_process(argv: list[str], cwd: Path, env_set: dict[str, str], deadline: Deadline, scrub: bool = True) -> Proc:
     """Run `argv` in its own process group; on deadline kill the whole group. Never raises on a
     timeout: `Proc.timed_out` says so (the caller decides)."""
-    env = {k: v for k, v in os.environ.items() if not (scrub and k in _SCRUB)}
+    env = {k: v for k, v in os.environ.items() if not (scrub and (k in _SCRUB or _SECRET_NAME.search(k)))}
     env.update(env_set)
     logs = Path(tempfile.mkdtemp(prefix="forge-gate-log-"))
     t0 = time.monotonic()
