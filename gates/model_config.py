@@ -136,13 +136,13 @@ def from_toml(path: str | Path) -> MiniCPMConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    data = data.get("model", data)
+    data = dict(data.get("model", data))
     base = data.pop("preset", None)
+    name = data.pop("name", base or str(path))
     if base is not None:
-        values = preset(base).model_dump() | data
-        values.pop("name")
-        return _build(data.get("name", base), {k: v for k, v in values.items() if k != "name"})
-    return _build(str(path), data)
+        values = preset(base).model_dump(exclude={"name"}) | data
+        return _build(name, values)
+    return _build(name, data)
 
 
 # HF MiniCPM config.json key -> our field. Keys not here are ignored (reported by from_hf_config).

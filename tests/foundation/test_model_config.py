@@ -41,6 +41,14 @@ def test_bad_values_name_the_field(tmp_path, override, field):
         from_toml(path)
 
 
+def test_toml_with_a_name_and_no_preset(tmp_path):
+    values = preset("tiny").model_dump(exclude={"name", "head_dim"})
+    path = tmp_path / "m.toml"
+    path.write_text('name = "mine"\n' + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + "\n")
+    cfg = from_toml(path)
+    assert cfg.name == "mine" and cfg.hidden_size == 64
+
+
 def test_toml_preset_override(tmp_path):
     path = tmp_path / "m.toml"
     path.write_text('[model]\npreset = "tiny"\nnum_layers = 3\n')
