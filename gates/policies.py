@@ -26,8 +26,11 @@ torch's AdamW arithmetic order, an RNG-drawn micro-batch accumulation order):
   the residual stream is rounded to bf16 after every add, so two correct implementations random-walk
   apart by ~u per layer. Measured (CPU): full MiniCPM4-0.5B (24 layers, hidden 1024), seq 128:
   logits rel 2.0e-2, last hidden state 1.9e-2 (max_rel 2.3e-2); the same depth at hidden 256:
-  logits 6.5e-3, gradients 1.35e-2 (gradients ~2x the forward). 5e-2 is the smallest round bound
-  above the 0.5B forward with room for its gradients. It cannot see sub-percent bugs (a skipped
+  logits 6.5e-3, gradients 1.35e-2 (gradients ~2x the forward). On one H100 (seq 2048,
+  benchmarks/results/gates/2026-11-23-h100-minicpm4-0.5b-bf16), both train_engine_0.5B and the base
+  engine: logits 1.87e-2, worst gradient 3.4e-2, worst final weight after 4 steps max_rel 5.0e-2 (an
+  Adam step of a near-zero gradient can flip sign: ~2 lr / max|w|). 5e-2 / 1e-1 is the smallest round
+  pair above those (margins 1.5x on gradients, 2x on weights: deeper models may need more). It cannot see sub-percent bugs (a skipped
   weight decay); those are the fp32 gates' job (the tiny preset on CPU); structural bugs (a wrong
   RoPE theta at seq 2048, a non-causal mask, a wrong residual scale) are far above it. The bound is a
   parameter (`rel=X,max=Y`, GateOptions.rel_bound / max_bound) and every report records the one used.
