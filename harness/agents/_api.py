@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.agents._env import redact
-from harness.agents.base import AgentUnavailable
+from harness.agents.base import AgentBackend, AgentUnavailable
 
 SYSTEM = ("You are a coding agent working in a git worktree of an LLM pretraining engine. Use the tools to "
           "read, write and run; paths are relative to the worktree root. Finish with a short summary of "
@@ -31,6 +31,17 @@ class ApiOptions(BaseModel):
     price_in_per_mtok: float | None = None
     price_out_per_mtok: float | None = None
     system: str = SYSTEM
+
+
+class ApiBackend(AgentBackend):
+    """Shared by the API backends: their options, and the model name they cannot run without."""
+
+    Options = ApiOptions
+
+    def __init__(self, options: dict[str, Any] | None = None, model: str | None = None) -> None:
+        super().__init__(options, model)
+        if not model:
+            raise ValueError(f"the {self.name} backend needs agent.model (the service's model name)")
 
 
 def api_key(options: ApiOptions, default_env: str) -> str:

@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 from harness.agents import _tools
-from harness.agents._api import ApiOptions, Transcript, api_key
+from harness.agents._api import ApiBackend, Transcript, api_key
 from harness.agents._retry import call_with_retries
-from harness.agents.base import AgentBackend, AgentResult, AgentTask, cost_from_prices
+from harness.agents.base import AgentResult, AgentTask, cost_from_prices
 
 if importlib.util.find_spec("anthropic") is None:  # registered only where the SDK is installed
     raise ImportError("the anthropic backend needs the `anthropic` package")
@@ -29,15 +29,8 @@ def _block_to_param(block: Any) -> dict[str, Any]:
     return block.model_dump(exclude_none=True)
 
 
-class AnthropicBackend(AgentBackend):
+class AnthropicBackend(ApiBackend):
     name = "anthropic"
-    Options = ApiOptions
-
-    def __init__(self, options: dict[str, Any] | None = None, model: str | None = None) -> None:
-        super().__init__(options, model)
-        if not model:
-            raise ValueError(f"the {self.name} backend needs agent.model (the service's model name)")
-
     def run(self, task: AgentTask) -> AgentResult:
         import anthropic  # imported here: the SDK costs seconds to import, and most runs never use it
 

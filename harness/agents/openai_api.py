@@ -13,23 +13,16 @@ import time
 from typing import Any
 
 from harness.agents import _tools
-from harness.agents._api import ApiOptions, Transcript, api_key
+from harness.agents._api import ApiBackend, Transcript, api_key
 from harness.agents._retry import call_with_retries
-from harness.agents.base import AgentBackend, AgentResult, AgentTask, cost_from_prices
+from harness.agents.base import AgentResult, AgentTask, cost_from_prices
 
 if importlib.util.find_spec("openai") is None:  # registered only where the SDK is installed
     raise ImportError("the openai backend needs the `openai` package")
 
 
-class OpenAIBackend(AgentBackend):
+class OpenAIBackend(ApiBackend):
     name = "openai"
-    Options = ApiOptions
-
-    def __init__(self, options: dict[str, Any] | None = None, model: str | None = None) -> None:
-        super().__init__(options, model)
-        if not model:
-            raise ValueError(f"the {self.name} backend needs agent.model (the service's model name)")
-
     def run(self, task: AgentTask) -> AgentResult:
         import openai  # imported here: the SDK costs seconds to import, and most runs never use it
 
