@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 
-from gates.model_config import MiniCPMConfig, preset
+from gates.model_config import MiniCPMConfig, preset, validation_lines
 
 CASE_FORMAT = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -168,8 +168,7 @@ def make_spec(model: str | MiniCPMConfig = "tiny", **fields) -> CaseSpec:
     try:
         return CaseSpec(model=cfg, **fields)
     except ValidationError as e:
-        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
-        raise CaseError("invalid case:\n" + "\n".join(lines)) from None
+        raise CaseError("\n".join(["invalid case:", *validation_lines(e, "(case)")])) from None
 
 
 def load_case(directory: str | Path) -> Case:

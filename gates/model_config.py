@@ -92,15 +92,23 @@ def _build(name: str, values: dict[str, Any]) -> MiniCPMConfig:
         raise ConfigError(_describe(e, source=name)) from None
 
 
-def _describe(e: ValidationError, source: str) -> str:
-    lines = [f"invalid model config ({source}):"]
+def validation_lines(e: ValidationError, whole: str = "(config)") -> list[str]:
+    """One `  field.path: message` line per pydantic error; shared by every typed config in the workspace
+    (model, case, forge spec) so each names the offending field the same way."""
+    lines = []
     for err in e.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(config)"
+        field = ".".join(str(p) for p in err["loc"]) or whole
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key missing"
         lines.append(f"  {field}: {msg}")
-    return "\n".join(lines)
+    return lines
+
+
+def _describe(e: ValidationError, source: str) -> str:
+    return "\n".join([f"invalid model config ({source}):", *validation_lines(e)])
 
 
 PRESETS: dict[str, MiniCPMConfig] = {

@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gates.model_config import validation_lines
+
 # Stage-1 gates (gates/runner.py's GATES; DESIGN.md, "Gates"). Kept here so a spec validates without
 # importing the gates; `known_gates()` adds whatever the runner registers once it exists.
 STAGE1_GATES = ("m1_forward", "m2_backward", "m3_optimizer", "m4_data_parallel", "m5_long_train", "m6_checkpoint")
@@ -272,16 +274,7 @@ class ForgeSpec(_Strict):
 
 
 def _describe(e: ValidationError, source: str) -> str:
-    lines = [f"invalid forge spec ({source}):"]
-    for err in e.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(spec)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key missing"
-        lines.append(f"  {field}: {msg}")
-    return "\n".join(lines)
+    return "\n".join([f"invalid forge spec ({source}):", *validation_lines(e, "(spec)")])
 
 
 def parse_spec(data: dict[str, Any], source: str = "<dict>") -> ForgeSpec:
