@@ -8,6 +8,13 @@ backward, steps) runs as a subprocess of `gates.stacks.STACKS`: `torch` on the f
 ||a - b|| / ||b|| of candidate vs torch-bf16, of candidate vs torch-fp32, and of torch-bf16 vs torch-fp32
 (what bf16 itself costs). A tensor agrees when the candidate is no further from fp32 than
 `FACTOR` x torch-bf16's own distance (or `FLOOR[probe]`, whichever is larger): bf16 noise, not a bug.
+
+bf16 alone cannot tell a small systematic difference from noise, and Adam makes noise grow: its first
+step moves every weight by ~lr in the sign of its gradient, so elements whose bf16 gradients differ in
+sign move apart by 2 lr. So each candidate also runs the probes named by `--fp32-probes` on the float32
+case, judged against torch-fp32 with the fp32 gate bound (gates.policies: rel 2e-5): same math, only
+summation order differs, so a real difference in the update rule (weight decay, bias correction, clipping,
+the master-weight copy) shows there at >=1e-4 while rounding stays near 1e-6.
 Writes DIR/agreement.json and DIR/agreement.md.
 """
 
@@ -27,6 +34,7 @@ from safetensors import safe_open
 
 from gates.case import make_spec, new_case
 from gates.model_config import load
+from gates.policies import DTYPE_BOUNDS
 from gates.probe import EXIT_UNSUPPORTED, TENSORS_FILE
 from gates.stacks import STACKS
 
@@ -34,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROBES = ("forward", "backward", "steps")
 FACTOR = 3.0
 FLOOR = {"forward": 1e-3, "backward": 1e-3, "steps": 1e-3}
+FP32_REL = DTYPE_BOUNDS["float32"][0]  # the fp32 gates' norm-wise bound
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,12 +106,24 @@ def compare_probe(cand: Path, ref16: Path, ref32: Path, probe: str) -> list[dict
     return rows
 
 
+def compare_fp32(cand: Path, ref32: Path) -> list[dict]:
+    """Candidate on the float32 case vs torch on the same case: one row per tensor, bound FP32_REL."""
+    rows = []
+    with safe_open(str(cand / TENSORS_FILE), "pt") as c, safe_open(str(ref32 / TENSORS_FILE), "pt") as r32:
+        for name in sorted(set(r32.keys()) - set(c.keys())):
+            rows.append({"tensor": name, "agree": False, "error": "missing from the candidate's output"})
+        for name in sorted(set(r32.keys()) & set(c.keys())):
+            e = rel_err(c.get_tensor(name), r32.get_tensor(name))
+            rows.append({"tensor": name, "vs_torch_fp32": e, "bound": FP32_REL, "agree": e <= FP32_REL})
+    return rows
+
+
 def summarize(rows: list[dict]) -> dict:
     good = [r for r in rows if "vs_torch_fp32" in r]
     worst = max(good, key=lambda r: r["vs_torch_fp32"] / r["bound"], default=None)
     return {"tensors": len(rows), "agree": all(r["agree"] for r in rows) and bool(rows),
             "failing": [r["tensor"] for r in rows if not r["agree"]][:20],
-            "max_vs_torch_bf16": max((r["vs_torch_bf16"] for r in good), default=None),
+            "max_vs_torch_bf16": max((r.get("vs_torch_bf16", 0.0) for r in good), default=None),
             "max_vs_torch_fp32": max((r["vs_torch_fp32"] for r in good), default=None),
             "worst": worst}
 
@@ -113,6 +134,7 @@ def markdown(doc: dict) -> str:
              f"Case: seq {s['seq_length']}, micro batch {s['micro_batch_size']} x grad accum {s['grad_accum']}, "
              f"{s['steps']} steps, seed {s['seed']}, device {s['device']}; {doc['created']}, commit {doc['git_commit'][:12]}.",
              f"Relative error ||a-b||/||b||. A tensor agrees when candidate-vs-fp32 <= max({FACTOR} x torch-bf16-vs-fp32, floor).",
+             f"Rows `PROBE@fp32`: the candidate on the float32 case vs torch on it, bound {FP32_REL:g} (the fp32 gates').",
              ""]
     for stack, res in doc["stacks"].items():
         lines += [f"## {stack}", "", "| probe | status | tensors | agree | max vs torch-bf16 | max vs torch-fp32 | worst tensor (vs fp32 / bound) |",
@@ -123,8 +145,9 @@ def markdown(doc: dict) -> str:
                 lines.append(f"| {probe} | {pr['status']} | — | — | — | — | {pr.get('message', '')} |")
                 continue
             w = sm["worst"]
+            vs16 = "— (fp32 case)" if probe.endswith("@fp32") else f"{sm['max_vs_torch_bf16']:.2e}"
             lines.append(f"| {probe} | {pr['status']} | {sm['tensors']} | {'yes' if sm['agree'] else 'NO'} | "
-                         f"{sm['max_vs_torch_bf16']:.2e} | {sm['max_vs_torch_fp32']:.2e} | "
+                         f"{vs16} | {sm['max_vs_torch_fp32']:.2e} | "
                          f"{w['tensor']} ({w['vs_torch_fp32']:.2e} / {w['bound']:.2e}) |")
         fwd = res.get("forward", {}).get("rows") or []
         layers = [r for r in fwd if r["tensor"].startswith("hidden_states.")]
@@ -157,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--stacks", default="megatron,megatron-sdpa", help="candidate stacks (names in gates.stacks.STACKS)")
     p.add_argument("--probes", default=",".join(PROBES))
+    p.add_argument("--fp32-probes", default="steps",
+                   help="probes each candidate also runs on the float32 case (vs torch-fp32, fp32 bound); '' for none")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per probe run")
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole report; probes past it are skipped")
     p.add_argument("--reference-subprocess", action="store_true",
@@ -179,14 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     def left() -> float:
         return args.timeout if deadline is None else min(args.timeout, deadline - time.monotonic())
 
-    for probe in probes:
-        for label, case in [("torch-fp32", "float32"), ("torch-bf16", "bfloat16")]:
-            where = out / "probes" / label / probe
-            if args.reference_subprocess:
-                r = run_probe("torch", probe, cases[case], where, left())
-            else:
-                r = run_reference_inprocess(probe, cases[case], where)
-            runs.append(r | {"label": label})
+    fp32_probes = [x for x in args.fp32_probes.split(",") if x]
+    ref_jobs = [(probe, label, case) for probe in probes for label, case in [("torch-fp32", "float32"), ("torch-bf16", "bfloat16")]]
+    ref_jobs += [(probe, "torch-fp32", "float32") for probe in fp32_probes if probe not in probes]
+    for probe, label, case in ref_jobs:
+        where = out / "probes" / label / probe
+        if args.reference_subprocess:
+            r = run_probe("torch", probe, cases[case], where, left())
+        else:
+            r = run_reference_inprocess(probe, cases[case], where)
+        runs.append(r | {"label": label})
     ok = {(r["label"], r["probe"]) for r in runs if r["status"] == "ok"}
     for stack in [s for s in args.stacks.split(",") if s]:
         res = doc["stacks"][stack] = {}
@@ -207,6 +234,24 @@ def main(argv: list[str] | None = None) -> int:
                   + (f", agree={res[probe]['summary']['agree']}" if "summary" in res[probe] else f" {r['message']}"),
                   file=sys.stderr, flush=True)
             write_report(doc, out)  # after every probe: a run cut short still leaves its report
+        for probe in fp32_probes:
+            key = f"{probe}@fp32"
+            if left() < 20:
+                res[key] = {"status": "skipped", "message": "report budget (--budget) spent"}
+                continue
+            where = out / "probes" / stack / key
+            r = run_probe(stack, probe, cases["float32"], where, left())
+            runs.append(r | {"label": f"{stack} fp32"})
+            res[key] = {"status": r["status"], "message": r["message"]}
+            if r["status"] == "ok" and ("torch-fp32", probe) in ok:
+                rows = compare_fp32(where, out / "probes" / "torch-fp32" / probe)
+                res[key] |= {"summary": summarize(rows), "rows": rows}
+            elif r["status"] == "ok":
+                res[key]["message"] = "the torch reference failed on this probe: nothing to compare with"
+            print(f"[agreement] {stack} {key}: {r['status']}"
+                  + (f", agree={res[key]['summary']['agree']}" if "summary" in res[key] else f" {r['message']}"),
+                  file=sys.stderr, flush=True)
+            write_report(doc, out)
     write_report(doc, out)
     print(markdown(doc))
     return 0 if doc["agree"] else 1

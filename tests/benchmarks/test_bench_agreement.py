@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.agreement import FACTOR, compare_probe, rel_err, summarize
+from benchmarks.agreement import FACTOR, FP32_REL, compare_fp32, compare_probe, rel_err, summarize
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,10 +51,26 @@ def test_bound_is_relative_to_bf16_noise(tmp_path) -> None:
     assert not summarize(rows)["agree"]
 
 
+def test_fp32_rows_use_the_fp32_gate_bound(tmp_path) -> None:
+    """Summation-order noise (1e-7) agrees; a skipped weight decay on one matrix (lr * wd = 1e-4 relative per
+    step) does not, although it would hide under bf16 noise."""
+    g = torch.Generator().manual_seed(1)
+    truth = {"weight.a": torch.randn(64, 64, generator=g), "grad_norms": torch.rand(3, generator=g) + 0.5}
+    reordered = {k: v * (1 + 1e-7 * torch.randn(v.shape, generator=g)) for k, v in truth.items()}
+    no_decay = dict(reordered, **{"weight.a": truth["weight.a"] * (1 + 1e-4)})
+    ref = _write(tmp_path / "ref", truth)
+    rows = compare_fp32(_write(tmp_path / "ok", reordered), ref)
+    assert summarize(rows)["agree"] and all(r["bound"] == FP32_REL for r in rows)
+    rows = compare_fp32(_write(tmp_path / "bad", no_decay), ref)
+    assert summarize(rows)["failing"] == ["weight.a"]
+    rows = compare_fp32(_write(tmp_path / "partial", {"weight.a": truth["weight.a"]}), ref)
+    assert summarize(rows)["failing"] == ["grad_norms"]
+
+
 def test_end_to_end_on_cpu(tmp_path) -> None:
     out = tmp_path / "agr"
     r = subprocess.run([sys.executable, "-m", "benchmarks.agreement", "--model", "tiny", "--seq-length", "16",
-                        "--steps", "2", "--device", "cpu", "--stacks", "torch", "--probes", "forward", "--out", str(out)],
+                        "--steps", "2", "--device", "cpu", "--stacks", "torch", "--probes", "forward", "--fp32-probes", "forward", "--out", str(out)],
                        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads((out / "agreement.json").read_text())
@@ -63,3 +79,5 @@ def test_end_to_end_on_cpu(tmp_path) -> None:
     assert fwd["summary"]["max_vs_torch_bf16"] == 0.0  # the candidate is the bf16 reference itself
     assert 0 < fwd["summary"]["max_vs_torch_fp32"] < 0.05  # and bf16 costs something vs fp32
     assert "| forward | ok | 5 | yes |" in (out / "agreement.md").read_text()
+    fp32 = doc["stacks"]["torch"]["forward@fp32"]["summary"]  # the fp32 case, torch against itself
+    assert fp32["agree"] and fp32["tensors"] == 5 and fp32["max_vs_torch_fp32"] == 0.0
