@@ -12,6 +12,11 @@ export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Gates scrub PYTHONPATH from the stacks they launch (isolation); a .pth file makes the carried wheels
 # visible to every interpreter run there without it (appended after the image's own site-packages).
 python3 -c "import site; open(site.getsitepackages()[0] + '/zz_forge_carried.pth', 'w').write('/tmp/site\n')"
+if [ -d /tmp/cut/nvidia_cutlass_dsl ]; then  # CuTeDSL's big part (FA4, quack), unpacked by an earlier call:
+  cp -r /tmp/cut/nvidia_cutlass_dsl /tmp/site/ 2>/dev/null  #   mkdir -p /tmp/cut && xz -dc .gpu-big/cutlass_cu13.tar.xz | tar xf - -C /tmp/cut
+  export PYTHONPATH="$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages"
+  echo /tmp/site/nvidia_cutlass_dsl/dsl_packages >> "$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz_forge_carried.pth"
+fi
 export FORGE_GIT_COMMIT="${FORGE_GIT_COMMIT:-unknown}"
 for part in "$@"; do
   dir="$OUT/$part"; mkdir -p "$dir"; t0=$(date +%s)
@@ -27,6 +32,15 @@ for part in "$@"; do
       { timeout 150 $e --micro-batch-size 8 --no-compile --ops "$triton_all" --json "$dir/eager_triton_mb8.json"
         timeout 150 $e --micro-batch-size 8 --no-compile --json "$dir/eager_default_mb8.json"
         timeout 200 $e --micro-batch-size 12 --compile --json "$dir/compile_mb12.json"; } > "$dir/log.txt" 2>&1 ;;
+    attention)  # FA4 op tests on the real kernel, the attention table, and the compiled engine step with each
+      export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
+      e="python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size 8 --compile"
+      { timeout 240 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_attention_flash4.py exports/train_engine_0.5B/tests/ops/test_attention_sdpa.py
+        timeout 150 python3 exports/train_engine_0.5B/scripts/gpu_attention.py --out "$dir"
+        timeout 200 $e --ops attention=flash4 ${BENCH_EXTRA:-} --json "$dir/compile_flash4_mb8.json"
+        timeout 200 $e --ops attention=sdpa ${BENCH_EXTRA:-} --json "$dir/compile_sdpa_mb8.json"; } > "$dir/log.txt" 2>&1 ;;
+    agreement)  # torch vs megatron stacks: bf16 probes and the fp32 steps probe
+      OUT="$dir" PART=agreement BUDGET_S=${BUDGET_S:-330} timeout 360 bash benchmarks/gpu/compare_0.5b.sh > "$dir/log.txt" 2>&1 ;;
     *) echo "unknown part $part"; continue ;;
   esac
   echo "[$part] exit $? in $(( $(date +%s) - t0 ))s"; tail -n 25 "$dir/log.txt"

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(stack: str, probe: str, case: Path, out: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # keep the caller's PYTHONPATH: on the GPU machine megatron-core comes from carried wheels found through it
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     return subprocess.run([*STACKS[stack], "probe", probe, "--case", str(case), "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=180)
 

@@ -23,6 +23,7 @@ device's default, `DEVICE_DEFAULTS`); `resolve` turns it into `Ops`, once, when 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -51,7 +52,8 @@ FOLDER_OPS: dict[str, tuple[str, ...]] = {  # op folder -> the registry ops its 
     "attention": ("attention",), "gemm": ("gemm",), "rmsnorm": ("rms_norm", "add_rms_norm"), "rope": ("rope",),
     "swiglu": ("swiglu",), "cross_entropy": ("cross_entropy",), "adamw": ("adamw",),
 }
-OPTIONAL_MODULES: tuple[str, ...] = ("triton_fused",)  # ops/<folder>/<name>.py, registered as <name> when importable
+# ops/<folder>/<name>.py, registered as <name> when importable and its UNAVAILABLE_REASON is None
+OPTIONAL_MODULES: tuple[str, ...] = ("triton_fused", "flash4")
 UNAVAILABLE: dict[tuple[str, str], str] = {}  # (op, implementation) -> why it is not registered
 GEMM_SITES: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2", "output")
 DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first registered; else "reference"
@@ -65,6 +67,8 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
 def _register_optional() -> None:
     for folder, ops in FOLDER_OPS.items():
         for name in OPTIONAL_MODULES:
+            if importlib.util.find_spec(f"{__package__}.{folder}.{name}") is None:
+                continue  # this folder has no such implementation
             try:
                 module = importlib.import_module(f"{__package__}.{folder}.{name}")
             except ImportError as e:  # not written yet, or its toolchain (triton) is missing
@@ -74,6 +78,10 @@ def _register_optional() -> None:
             if getattr(module, "HAS_TRITON", True) is False:  # importable, but its kernels cannot launch
                 for op in ops:
                     UNAVAILABLE[(op, name)] = f"ops/{folder}/{name}.py: triton is not installed"
+                continue
+            if getattr(module, "UNAVAILABLE_REASON", None):  # importable, but its toolchain is missing
+                for op in ops:
+                    UNAVAILABLE[(op, name)] = f"ops/{folder}/{name}.py: {module.UNAVAILABLE_REASON}"
                 continue
             for op in ops:
                 fn = getattr(module, op, None)
