@@ -20,10 +20,19 @@ def test_device_defaults():
     cpu, cuda = resolve(OpSelection(), "cpu").names, resolve(OpSelection(), "cuda").names
     assert set(cpu.values()) == {"reference"}
     fastest_adamw = "triton_fused" if "triton_fused" in OPS["adamw"] else "foreach"  # first registered preference
-    assert cuda["attention"] == "sdpa" and cuda["adamw"] == fastest_adamw and cuda["gemm.qkv"] == "reference"
+    fastest_attention = "flash4" if "flash4" in OPS["attention"] else "sdpa"
+    assert cuda["attention"] == fastest_attention and cuda["adamw"] == fastest_adamw and cuda["gemm.qkv"] == "reference"
     chosen = resolve(OpSelection.parse("attention=reference,gemm=concat,gemm.output=reference"), "cuda").names
     assert chosen["attention"] == "reference" and chosen["gemm.fc1"] == "concat" and chosen["gemm.output"] == "reference"
     assert resolve(OpSelection.parse("gemm.qkv=concat"), "cpu").gemm_qkv is OPS["gemm"]["concat"]
+
+
+def test_auto_skips_implementations_that_cannot_run_the_dtype(monkeypatch):
+    """FA4 is bf16/fp16 only: auto picks it for bf16 and falls to SDPA for fp32 (an fp32 GPU gate case)."""
+    monkeypatch.setitem(OPS["attention"], "flash4", OPS["attention"]["sdpa"])  # registered, as on an H100
+    assert resolve(OpSelection(), "cuda", torch.bfloat16).names["attention"] == "flash4"
+    assert resolve(OpSelection(), "cuda", torch.float32).names["attention"] == "sdpa"
+    assert resolve(OpSelection(attention="flash4"), "cuda", torch.float32).names["attention"] == "flash4"  # explicit
 
 
 def test_bad_selections_name_the_op():

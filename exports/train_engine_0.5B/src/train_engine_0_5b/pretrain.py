@@ -89,7 +89,7 @@ def run(cfg: EngineConfig) -> dict:
 def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
     t, o = cfg.train, cfg.optim
     accum = cfg.grad_accum(ctx.world)
-    ops = resolve(cfg.ops, ctx.device.type)
+    ops = resolve(cfg.ops, ctx.device.type, dtype)
     d = cfg.data
     data = prepare(d.hf_dataset, d.hf_dataset_config, d.hf_dataset_split, d.hf_text_template, d.tokenizer_path,
                    t.seq_length, t.seed, d.shuffle, cfg.model.vocab_size)

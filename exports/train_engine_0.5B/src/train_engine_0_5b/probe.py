@@ -210,7 +210,7 @@ def run_probe(name: str, case_dir: Path, out: Path, ops_selection: OpSelection =
     try:
         if s.world_size % ctx.world:
             raise Unsupported(f"the case has world_size {s.world_size}, which {ctx.world} processes cannot split")
-        ops = resolve(ops_selection, s.device)
+        ops = resolve(ops_selection, s.device, case.compute_dtype)
         t0 = time.perf_counter()
         if name == "forward":
             tensors = _forward(case, ctx, ops)

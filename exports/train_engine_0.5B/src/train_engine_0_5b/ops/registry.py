@@ -27,6 +27,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from train_engine_0_5b.errors import EngineError
@@ -60,8 +61,12 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
     "cpu": {},
     # Triton AdamW: one launch, 4.5 ms vs foreach's 17 ms for the 0.43B-parameter step on an H100
     # (benchmarks/results/2026-11-23-h100-triton-kernels.json); foreach where triton is missing.
-    "cuda": {"attention": ("sdpa",), "adamw": ("triton_fused", "foreach")},
+    # FA4 attention: 441 vs cuDNN SDPA's 376 TFLOP/s fwd+bwd; compiled step 45.7 % vs 43.4 % MFU
+    # (benchmarks/results/2026-11-23-h100-attention.json); SDPA where FA4 cannot run (fp32, pre-Hopper).
+    "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach")},
 }
+# implementation -> the compute dtypes it runs; "auto" skips it for others (an explicit choice then fails in it)
+DTYPES: dict[str, tuple[torch.dtype, ...]] = {"flash4": (torch.bfloat16, torch.float16)}
 
 
 def _register_optional() -> None:
@@ -158,10 +163,11 @@ class Ops:
     names: dict[str, str] = field(default_factory=dict)
 
 
-def _pick(op: str, choice: str, device: str, label: str) -> tuple[str, Callable]:
+def _pick(op: str, choice: str, device: str, label: str, dtype: torch.dtype | None) -> tuple[str, Callable]:
     if choice == "auto":
         preferred = DEVICE_DEFAULTS.get(device, {}).get(op, ())
-        name = next((n for n in preferred if n in OPS[op]), "reference")
+        runs = lambda n: dtype is None or dtype in DTYPES.get(n, (dtype,))  # noqa: E731
+        name = next((n for n in preferred if n in OPS[op] and runs(n)), "reference")
     else:
         name = choice
     if name in OPS[op]:
@@ -171,12 +177,14 @@ def _pick(op: str, choice: str, device: str, label: str) -> tuple[str, Callable]
     raise EngineError(f"ops.{label}: unknown implementation {name!r}; registered: {', '.join(sorted(OPS[op]))}")
 
 
-def resolve(selection: OpSelection, device: str) -> Ops:
-    """The callables for `selection` on `device` ("cpu" or "cuda"); raises EngineError naming the op."""
+def resolve(selection: OpSelection, device: str, dtype: torch.dtype | None = None) -> Ops:
+    """The callables for `selection` on `device` ("cpu" or "cuda") computing in `dtype` (None: any);
+    raises EngineError naming the op."""
     chosen: dict[str, Callable] = {}
     names: dict[str, str] = {}
     for op in ("attention", "rms_norm", "add_rms_norm", "rope", "swiglu", "cross_entropy", "adamw"):
-        names[op], chosen[op] = _pick(op, getattr(selection, op), device, op)
+        names[op], chosen[op] = _pick(op, getattr(selection, op), device, op, dtype)
     for site in GEMM_SITES:
-        names[f"gemm.{site}"], chosen[f"gemm_{site}"] = _pick("gemm", getattr(selection.gemm, site), device, f"gemm.{site}")
+        names[f"gemm.{site}"], chosen[f"gemm_{site}"] = _pick("gemm", getattr(selection.gemm, site), device,
+                                                              f"gemm.{site}", dtype)
     return Ops(**chosen, names=names)

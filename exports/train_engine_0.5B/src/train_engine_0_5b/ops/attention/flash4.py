@@ -44,6 +44,8 @@ def _load() -> tuple[Kernels | None, str | None]:
         from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
     except Exception as e:  # noqa: BLE001 - missing package, or CuTeDSL / CUDA libraries it cannot load
         return None, f"flash-attn-4 is not importable ({type(e).__name__}: {str(e)[:200]})"
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
+        return None, f"FA4 needs compute capability >= 9.0; this GPU has {torch.cuda.get_device_capability()}"
 
     def fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         _check(q)
@@ -51,7 +53,9 @@ def _load() -> tuple[Kernels | None, str | None]:
         return out.contiguous(), lse.contiguous()
 
     def bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dq, dk, dv = _flash_attn_bwd(q, k, v, o, do.contiguous(), lse, causal=True)[:3]
+        # deterministic (semaphore-ordered dq accumulation) when torch is asked for it, as the probes do
+        dq, dk, dv = _flash_attn_bwd(q, k, v, o, do.contiguous(), lse, causal=True,
+                                     deterministic=torch.are_deterministic_algorithms_enabled())[:3]
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
     return Kernels(fwd, bwd), None
