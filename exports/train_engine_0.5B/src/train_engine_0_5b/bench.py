@@ -1,5 +1,8 @@
 """`bench`: time training steps of this engine on random tokens: warm-up steps, then the median of
-the timed ones (each step synchronized). Under torchrun every rank trains; tokens are global."""
+the timed ones (each step synchronized). Under torchrun every rank trains; tokens are global.
+
+With `op_table`, after the timed steps (which it leaves alone): torch.profiler over 2 more steps, then,
+the model freed, each op timed alone at the run's shapes (op_table.py); the result gets "op_table"."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import time
 
 import torch
 
-from train_engine_0_5b import runtime
+from train_engine_0_5b import op_table as op_table_mod, runtime
 from train_engine_0_5b.dist import DistContext
 from train_engine_0_5b.metrics import mfu
 from train_engine_0_5b.model import build_model, compile_loss, init_weights
@@ -26,7 +29,7 @@ def _sync(device: torch.device) -> None:
 
 def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, grad_accum: int, steps: int, warmup: int,
         device: str, dtype: torch.dtype, ops_selection: OpSelection, deterministic: bool, compile: bool = False,
-        seed: int = 0) -> tuple[dict, bool]:
+        seed: int = 0, op_table: bool = False) -> tuple[dict, bool]:
     """(the result JSON, whether this process is rank 0)."""
     runtime.setup(device, deterministic)
     ctx = DistContext.start(device)
@@ -43,26 +46,44 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
         gen = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
         rows = micro_batch_size * grad_accum
         times = []
-        for i in range(warmup + steps):
-            tokens = torch.randint(0, model_cfg.vocab_size, (rows, seq_length + 1), generator=gen, device=ctx.device)
-            _sync(ctx.device)
-            t0 = time.perf_counter()
+
+        def batch() -> torch.Tensor:
+            return torch.randint(0, model_cfg.vocab_size, (rows, seq_length + 1), generator=gen, device=ctx.device)
+
+        def step(tokens: torch.Tensor) -> None:
             res = trainer.train_step(tokens[:, :-1], tokens[:, 1:])
             float(res.loss)  # waits for the step
             _sync(ctx.device)
+
+        for i in range(warmup + steps):
+            tokens = batch()
+            _sync(ctx.device)
+            t0 = time.perf_counter()
+            step(tokens)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         step_time = statistics.median(times)
         global_tokens = rows * seq_length * ctx.world
         peak = max(ctx.all_gather_object(runtime.peak_memory_gib(ctx.device)))
         device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else (platform.processor() or "cpu")
-        return {
+        result = {
             "tokens_per_s": global_tokens / step_time, "step_time_s": step_time,
             "mfu": mfu(model_cfg, seq_length, global_tokens, step_time, ctx.world), "peak_mem_gib": peak,
             "device": device_name, "torch": torch.__version__, "world_size": ctx.world, "step_times_s": times,
             "config": {"model": model_cfg.name, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
                        "grad_accum": grad_accum, "global_batch_size": rows * ctx.world, "dtype": str(dtype).removeprefix("torch."),
                        "steps": steps, "warmup": warmup, "deterministic": deterministic, "compile": compile, "ops": ops.names},
-        }, ctx.is_main
+        }
+        if op_table:
+            batches = iter([batch() for _ in range(2)])
+            profile = op_table_mod.profile_steps(lambda: step(next(batches)), ctx.device, steps=2)
+            param_shapes = [tuple(p.shape) for p in model.parameters()]
+            del trainer, optimizer, model, step  # the per-op inputs need the memory (0.5B: GB-sized logits)
+            op_table_mod.free_memory(ctx.device)
+            shapes = dict(micro_batch_size=micro_batch_size, seq_length=seq_length, grad_accum=grad_accum, dtype=dtype,
+                          param_shapes=param_shapes)
+            op_rows = op_table_mod.microbench(model_cfg, ops, device=ctx.device, **shapes)
+            result["op_table"] = op_table_mod.table(model_cfg, op_rows, profile, **shapes)
+        return result, ctx.is_main
     finally:
         ctx.close()

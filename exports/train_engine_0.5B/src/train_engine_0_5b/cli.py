@@ -123,6 +123,7 @@ def bench(
     deterministic: bool = typer.Option(False, "--deterministic/--no-deterministic", help="off by default: timing needs no bit-exact replay"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="default: on with CUDA, off on a CPU"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here (rank 0)"),
+    op_table: bool = typer.Option(False, "--op-table", help="also: each op timed alone vs its reference, and a profiler breakdown of 2 steps (JSON key op_table; tables on stderr)"),
 ) -> None:
     """Time training steps on random tokens (median after warm-up): tokens/s, step time, MFU, peak memory."""
     from train_engine_0_5b import bench as bench_mod
@@ -135,13 +136,20 @@ def bench(
     result, is_main = bench_mod.run(cfg, seq_length=seq_length, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
                                     steps=steps, warmup=warmup, device=rt.resolved_device(), dtype=rt.resolved_dtype(),
                                     ops_selection=_ops(ops), deterministic=deterministic,
-                                    compile=rt.resolved_device() == "cuda" if compile is None else compile)
+                                    compile=rt.resolved_device() == "cuda" if compile is None else compile,
+                                    op_table=op_table)
     if is_main:
         text = json.dumps(result, indent=2)
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(text + "\n")
         typer.echo(text)
+        if op_table:  # stderr: stdout stays one JSON document; 120 columns unless a terminal says otherwise
+            from train_engine_0_5b.op_table import render
+
+            out = err if err.is_terminal else Console(stderr=True, highlight=False, width=120)
+            for table in render(result["op_table"]):
+                out.print(table)
 
 
 @app.command()
