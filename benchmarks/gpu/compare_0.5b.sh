@@ -15,6 +15,7 @@
 # $OUT/results/<date>-h100-minicpm4-0.5b.{json,md}: copy those into benchmarks/results/ and commit.
 # Knobs (environment): MBS (default 8), WARMUP (3), STEPS (8), BUDGET_S (510: the whole script), PART (all |
 #   agreement | compare), STACKS (run order = table order), AGREEMENT_STACKS (megatron,megatron-sdpa),
+#   AGREEMENT_PROBES (forward,backward,steps: bf16), AGREEMENT_FP32_PROBES (steps; each megatron probe ~40 s on an H100),
 #   MODEL / SEQ / AGREEMENT_SEQ (minicpm4-0.5b / 4096 / 1024; `MODEL=tiny SEQ=64 AGREEMENT_SEQ=32` rehearses it on a CPU).
 # Each part has a time budget and writes its report with whatever finished in it (the rest is marked skipped).
 set -uo pipefail
@@ -57,6 +58,7 @@ if [ "$PART" != compare ]; then
   log "agreement report, torch vs megatron, 0.5B bf16 (budget ${ab}s)"
   timeout $(( ab + 20 )) python3 -m benchmarks.agreement --model "${MODEL:-minicpm4-0.5b}" --seq-length "${AGREEMENT_SEQ:-1024}" \
     --micro-batch-size 1 --grad-accum 2 --steps 3 --stacks "${AGREEMENT_STACKS:-megatron,megatron-sdpa}" \
+    --probes "${AGREEMENT_PROBES:-forward,backward,steps}" --fp32-probes "${AGREEMENT_FP32_PROBES:-steps}" \
     --budget "$ab" --timeout 120 --out "$OUT/agreement" > "$OUT/agreement.log" 2>&1
   log "agreement exit $? (0: agree, 1: disagree or incomplete)"
   rm -rf "$OUT/agreement/cases" "$OUT/agreement/probes"  # GiBs of tensors: the report keeps the numbers
