@@ -48,7 +48,7 @@ class Schedule:
 
 def clip_grads_(grads: list[Tensor], max_norm: float) -> Tensor:
     """In place; returns the total norm before clipping (0-dim)."""
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # multi-tensor: a few launches, not one per grad
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coef)

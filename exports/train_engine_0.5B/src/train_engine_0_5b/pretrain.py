@@ -136,7 +136,7 @@ def _loop(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, loader: Loader,
         dt = time.perf_counter() - t0
         m = mfu(cfg.model, t.seq_length, tokens, dt, ctx.world)
         record = {"step": step + 1, "loss": loss, "grad_norm": norm, "lr": res.lr, "tokens": tokens,
-                  "valid_tokens": res.valid_tokens, "step_time_s": dt, "tokens_per_s": tokens / dt, "mfu": m,
+                  "valid_tokens": int(res.valid_tokens), "step_time_s": dt, "tokens_per_s": tokens / dt, "mfu": m,
                   "tflops_per_gpu": cfg.model.flops_per_token(t.seq_length) * tokens / dt / ctx.world / 1e12}
         log.step(record)
         times.append(dt)

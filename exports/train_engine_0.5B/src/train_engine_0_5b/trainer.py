@@ -26,7 +26,7 @@ class StepResult:
     loss: Tensor  # 0-dim, master dtype: the global training loss
     grad_norm: Tensor  # 0-dim, before clipping
     lr: float
-    valid_tokens: int  # global count of labels != -100
+    valid_tokens: Tensor  # 0-dim int64: global count of labels != -100 (a tensor: reading it would sync)
 
 
 class Trainer:
@@ -43,13 +43,14 @@ class Trainer:
         """Optimizer steps taken so far."""
         return self.optimizer.step_count
 
-    def compute_grads(self, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, int]:
-        """This rank's rows (rows, seq) -> (global loss, global valid count); `reducer.grads` then
-        holds the gradient of the global loss, summed over ranks."""
+    def compute_grads(self, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """This rank's rows (rows, seq) -> (global loss, global valid count, 0-dim tensors); `reducer.grads`
+        then holds the gradient of the global loss, summed over ranks. No host sync: the count stays on
+        the device, so the CPU queues this step while the GPU still runs the last one."""
         rows, mb = input_ids.shape[0], self.micro_batch_size
         if rows % mb:
             raise ValueError(f"{rows} rows per rank do not split into micro batches of {mb}")
-        count = int(self.ctx.all_reduce_sum_((labels != IGNORE_INDEX).sum().to(self.ctx.device)).item())
+        count = self.ctx.all_reduce_sum_((labels != IGNORE_INDEX).sum().to(self.ctx.device))
         loss = torch.zeros((), dtype=self.master_dtype, device=self.ctx.device)
         self.reducer.zero()
         for i in range(0, rows, mb):
