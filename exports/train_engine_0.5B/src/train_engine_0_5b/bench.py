@@ -34,7 +34,7 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
     runtime.setup(device, deterministic)
     ctx = DistContext.start(device)
     try:
-        ops = resolve(ops_selection, ctx.device.type)
+        ops = resolve(ops_selection, ctx.device.type, dtype)
         model = build_model(model_cfg, ops, ctx.device, dtype)
         if compile:
             compile_loss(model)
