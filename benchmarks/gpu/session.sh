@@ -23,7 +23,7 @@ for part in "$@"; do
   case "$part" in
     kernels) timeout 260 python3 exports/train_engine_0.5B/scripts/gpu_kernels.py --budget 220 --out "$dir" > "$dir/log.txt" 2>&1 ;;
     engine)  OUT="$dir" timeout 330 bash exports/train_engine_0.5B/scripts/gpu_check.sh > "$dir/log.txt" 2>&1 ;;
-    gates)   OUT="$dir" timeout 300 bash benchmarks/gpu/gates_0.5b.sh > "$dir/log.txt" 2>&1 ;;
+    gates)   OUT="$dir" timeout ${GATES_S:-300} bash benchmarks/gpu/gates_0.5b.sh > "$dir/log.txt" 2>&1 ;;
     compare) OUT="$dir" PART=compare BUDGET_S=${BUDGET_S:-300} STACKS=${STACKS:-} timeout 360 bash benchmarks/gpu/compare_0.5b.sh > "$dir/log.txt" 2>&1 ;;
     variants)  # engine bench variants beyond its default (compile + SDPA + Triton AdamW)
       e="python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3"
@@ -39,6 +39,10 @@ for part in "$@"; do
         timeout 150 python3 exports/train_engine_0.5B/scripts/gpu_attention.py --out "$dir"
         timeout 200 $e --ops attention=flash4 ${BENCH_EXTRA:-} --json "$dir/compile_flash4_mb8.json"
         timeout 200 $e --ops attention=sdpa ${BENCH_EXTRA:-} --json "$dir/compile_sdpa_mb8.json"; } > "$dir/log.txt" 2>&1 ;;
+    optable)  # the engine's default compiled step with the per-op table and the profiler breakdown
+      export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
+      timeout 400 python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size ${MBS:-8} \
+        --compile --op-table ${BENCH_EXTRA:-} --json "$dir/optable_mb${MBS:-8}.json" > "$dir/log.txt" 2>&1 ;;
     agreement)  # torch vs megatron stacks: bf16 probes and the fp32 steps probe
       OUT="$dir" PART=agreement BUDGET_S=${BUDGET_S:-330} timeout 360 bash benchmarks/gpu/compare_0.5b.sh > "$dir/log.txt" 2>&1 ;;
     *) echo "unknown part $part"; continue ;;
