@@ -30,6 +30,7 @@ import math
 import re
 import statistics
 import time
+import warnings
 from collections import defaultdict
 from typing import Callable
 
@@ -257,11 +258,13 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int = 2
 
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        wall_ms = (time.perf_counter() - t0) * 1e3
+    with warnings.catch_warnings():  # torch 2.11 on CUDA warns that events are cleared per cycle; one cycle here
+        warnings.filterwarnings("ignore", message=".*Profiler clears events")
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            wall_ms = (time.perf_counter() - t0) * 1e3
     if on_gpu:
         kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
     else:
