@@ -29,6 +29,7 @@ class Inspection:
     engine_info: dict[str, Any] = field(default_factory=dict)
     ops: list[dict[str, Any]] = field(default_factory=list)
     manifest: dict[str, Any] = field(default_factory=dict)
+    gate_reports: list[dict[str, Any]] = field(default_factory=list)  # committed runs, benchmarks/results/gates
     rounds: list[dict[str, Any]] = field(default_factory=list)
     benchmarks: list[dict[str, Any]] = field(default_factory=list)
     train_logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -165,6 +166,7 @@ def collect(engine: Path, *, ledgers: list[Path] = (), logs: list[Path] = (), be
     if bench_dir and bench_dir.is_dir():
         for f in sorted(bench_dir.glob("*.json")):
             ins.benchmarks += benchmark_rows(f)
+        ins.gate_reports = gate_report_rows(bench_dir / "gates", engine.name)
     for log in logs:
         recs = [r for r in _read_jsonl(Path(log)) if "step" in r and "loss" in r]
         if recs:
@@ -172,6 +174,24 @@ def collect(engine: Path, *, ledgers: list[Path] = (), logs: list[Path] = (), be
         else:
             ins.notes.append(f"{log}: no step/loss lines")
     return ins
+
+
+def gate_report_rows(gates_dir: Path, engine_name: str) -> list[dict[str, Any]]:
+    """One row per committed gate report of this engine: `gates_dir/<run>/<engine_name>/<gate>.json`
+    (what `gate ... --out` writes, e.g. the GPU runs of benchmarks/gpu/gates_0.5b.sh); bad files are skipped."""
+    rows = []
+    for f in sorted(gates_dir.glob(f"*/{engine_name}/*.json")):
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(r, dict) or "gate" not in r or "verdict" not in r:
+            continue
+        hw, case = r.get("hardware") or {}, r.get("case") or {}
+        rows.append({"run": f.parent.parent.name, "gate": r["gate"], "verdict": r["verdict"],
+                     "message": str(r.get("message") or "")[:160], "hardware": hw.get("gpu") or hw.get("cpu") or "-",
+                     "case": case.get("source") or case.get("label") or "-", "reference": r.get("reference", "-")})
+    return rows
 
 
 PREFERRED = ("worst_tensor", "worst_rel", "worst_max_rel", "loss.window_mean_rel_diff", "mfu.mfu", "error_type")
@@ -215,6 +235,11 @@ def markdown(ins: Inspection) -> str:
                          f"{str(g.get('commit', '-'))[:10]} |")
     else:
         lines.append("no gate recorded")
+    if ins.gate_reports:
+        lines += ["", "## Gate reports committed under benchmarks/results/gates", "",
+                  "| run | gate | verdict | reference | hardware | message |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['gate']} | {r['verdict']} | {r['reference']} | {r['hardware']} | {r['message']} |"
+                  for r in ins.gate_reports]
     for op, o in (m.get("ops") or {}).items():
         lines.append(f"- op {op}: {o.get('metric')} {_fmt(o.get('value'))} (baseline {_fmt(o.get('baseline'))})")
     lines += ["", "## Forge history", ""]

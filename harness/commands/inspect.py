@@ -43,6 +43,13 @@ def show(ins, out: Console) -> None:  # noqa: ANN001 - harness.inspection.Inspec
         t.add_row(name, g.get("verdict", "-"), nums, str(hw.get("gpu") or hw.get("cpu") or "-"),
                   str(g.get("commit") or "-")[:10])
     out.print(t)
+    if ins.gate_reports:
+        t = Table(title="gate reports (benchmarks/results/gates)")
+        for c in ("run", "gate", "verdict", "reference", "hardware", "message"):
+            t.add_column(c)
+        for r in ins.gate_reports:
+            t.add_row(r["run"], r["gate"], r["verdict"], str(r["reference"]), r["hardware"], r["message"])
+        out.print(t)
     if ins.rounds:
         t = Table(title="forge history")
         for c in ("stage", "round", "backend", "verdict", "tokens", "cost $", "wall s", "commit"):

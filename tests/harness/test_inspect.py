@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.inspection import benchmark_rows, collect
+from harness.inspection import benchmark_rows, collect, gate_report_rows
 
 
 def _engine(tmp_path: Path) -> Path:
@@ -32,6 +32,16 @@ def _engine(tmp_path: Path) -> Path:
                                                            "step_time_s": 0.1, "peak_mem_gib": 30}]}))
     (bench / "b.json").write_text(json.dumps({"device": "H100", "cudnn_mb8": {"tokens_per_s": 900, "step_s": 0.2, "mfu": 0.42}}))
     (bench / "c.json").write_text("not json")
+    run = bench / "gates/2026-01-01-h100-run/eng"
+    run.mkdir(parents=True)
+    (run / "m2_backward.json").write_text(json.dumps({"gate": "m2_backward", "verdict": "passed", "reference": "torch",
+        "message": "218 gradients within bounds", "hardware": {"gpu": "NVIDIA H100"}, "case": {"source": "preset x"}}))
+    (run / "m3_optimizer.json").write_text(json.dumps({"gate": "m3_optimizer", "verdict": "failed", "message": "weights",
+                                                       "hardware": {"cpu": "x86_64"}}))
+    (run / "broken.json").write_text("{")
+    other = bench / "gates/2026-01-01-h100-run/other_engine"
+    other.mkdir(parents=True)
+    (other / "m1_forward.json").write_text(json.dumps({"gate": "m1_forward", "verdict": "passed"}))
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps({"step": i, "loss": 10 - i * 0.1, "mfu": 0.3 + i * 0.001}) for i in range(1, 30)))
     return eng
@@ -57,6 +67,22 @@ def test_inspect_cli_writes_report_and_plot(tmp_path: Path) -> None:
     png = (out / "loss_mfu.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert json.loads((out / "report.json").read_text())["manifest"]["commit"] == "abc1234567"
+
+
+def test_committed_gate_reports_of_this_engine_only(tmp_path: Path) -> None:
+    eng = _engine(tmp_path)
+    rows = gate_report_rows(tmp_path / "benchmarks/results/gates", eng.name)
+    assert [(r["run"], r["gate"], r["verdict"], r["hardware"]) for r in rows] == [
+        ("2026-01-01-h100-run", "m2_backward", "passed", "NVIDIA H100"), ("2026-01-01-h100-run", "m3_optimizer", "failed", "x86_64")]
+    ins = collect(eng, bench_dir=tmp_path / "benchmarks/results", probe_ops=False)
+    assert ins.gate_reports == rows
+    import git
+
+    git.Repo.init(tmp_path)  # the CLI finds benchmarks/results from the engine's repository root
+    r = CliRunner().invoke(app, ["inspect", str(eng), "--no-ops", "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| 2026-01-01-h100-run | m3_optimizer | failed |" in md and "other_engine" not in md
 
 
 def test_benchmark_rows_ignore_bad_files(tmp_path: Path) -> None:
