@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.ledger import read_jsonl
+
 
 @dataclass
 class Inspection:
@@ -34,18 +36,6 @@ class Inspection:
     benchmarks: list[dict[str, Any]] = field(default_factory=list)
     train_logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def repo_root(engine: Path) -> Path | None:
@@ -155,7 +145,7 @@ def collect(engine: Path, *, ledgers: list[Path] = (), logs: list[Path] = (), be
     for path in [*_state_ledgers(engine), *ledgers, engine / "forge" / "ledger.jsonl"]:  # full records first
         if not Path(path).is_file():
             continue
-        for rec in _read_jsonl(Path(path)):
+        for rec in read_jsonl(Path(path)):
             key = (rec.get("run_id"), rec.get("stage"), rec.get("op"), rec.get("round"))
             if rec.get("kind") == "round" and key not in seen:
                 seen.add(key)
@@ -168,7 +158,7 @@ def collect(engine: Path, *, ledgers: list[Path] = (), logs: list[Path] = (), be
             ins.benchmarks += benchmark_rows(f)
         ins.gate_reports = gate_report_rows(bench_dir / "gates", engine.name)
     for log in logs:
-        recs = [r for r in _read_jsonl(Path(log)) if "step" in r and "loss" in r]
+        recs = [r for r in read_jsonl(Path(log)) if "step" in r and "loss" in r]
         if recs:
             ins.train_logs[str(log)] = recs
         else:

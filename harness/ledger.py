@@ -74,6 +74,19 @@ class RoundRecord(BaseModel):
         return self.stage if self.op is None else f"{self.stage}-{self.op}"
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file; torn or non-object lines (a crash mid-write) are skipped."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -96,17 +109,7 @@ class Ledger:
         self.append({"kind": "event", "ts": time.time(), "run_id": run_id, "event": event, **data})
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
+        return read_jsonl(self.path) if self.path.is_file() else []
 
     def rounds(self) -> list[RoundRecord]:
         return [RoundRecord.model_validate(r) for r in self.records() if r.get("kind") == "round"]
