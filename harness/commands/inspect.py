@@ -17,6 +17,15 @@ from rich.table import Table
 from harness.commands._common import console
 
 
+def _print_table(out: Console, title: str, columns: list[str], rows: list[list[str]]) -> None:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*r)
+    out.print(t)
+
+
 def show(ins, out: Console) -> None:  # noqa: ANN001 - harness.inspection.Inspection
     from harness.inspection import _fmt, key_numbers
 
@@ -26,48 +35,37 @@ def show(ins, out: Console) -> None:  # noqa: ANN001 - harness.inspection.Inspec
     if ins.engine_info:
         out.print("engine: " + ", ".join(f"{k}={v}" for k, v in ins.engine_info.items() if not isinstance(v, dict)))
     if ins.ops:
-        t = Table(title="ops")
         cols = sorted({k for r in ins.ops for k in r} - {"op"})
-        for c in ["op", *cols]:
-            t.add_column(c)
-        for r in ins.ops:
-            t.add_row(r["op"], *[", ".join(r[c]) if isinstance(r.get(c), list) else _fmt(r.get(c)) for c in cols])
-        out.print(t)
+        _print_table(out, "ops", ["op", *cols],
+                     [[r["op"], *[", ".join(r[c]) if isinstance(r.get(c), list) else _fmt(r.get(c)) for c in cols]]
+                      for r in ins.ops])
     m = ins.manifest
-    t = Table(title=f"gates (manifest.json; commit {_fmt(m.get('commit'))[:10]})")
-    for c in ("gate", "verdict", "key numbers", "hardware", "commit"):
-        t.add_column(c)
+    rows = []
     for name, g in (m.get("gates") or {}).items():
         hw = g.get("hardware") or {}
         nums = ", ".join(f"{k}={_fmt(v)}" for k, v in key_numbers(g.get("metrics") or {}, 3))
-        t.add_row(name, g.get("verdict", "-"), nums, str(hw.get("gpu") or hw.get("cpu") or "-"),
-                  str(g.get("commit") or "-")[:10])
-    out.print(t)
+        rows.append([name, g.get("verdict", "-"), nums, str(hw.get("gpu") or hw.get("cpu") or "-"),
+                     str(g.get("commit") or "-")[:10]])
+    _print_table(out, f"gates (manifest.json; commit {_fmt(m.get('commit'))[:10]})",
+                 ["gate", "verdict", "key numbers", "hardware", "commit"], rows)  # printed even when empty
     if ins.gate_reports:
-        t = Table(title="gate reports (benchmarks/results/gates)")
-        for c in ("run", "gate", "verdict", "reference", "hardware", "message"):
-            t.add_column(c)
-        for r in ins.gate_reports:
-            t.add_row(r["run"], r["gate"], r["verdict"], str(r["reference"]), r["hardware"], r["message"])
-        out.print(t)
+        _print_table(out, "gate reports (benchmarks/results/gates)",
+                     ["run", "gate", "verdict", "reference", "hardware", "message"],
+                     [[r["run"], r["gate"], r["verdict"], str(r["reference"]), r["hardware"], r["message"]]
+                      for r in ins.gate_reports])
     if ins.rounds:
-        t = Table(title="forge history")
-        for c in ("stage", "round", "backend", "verdict", "tokens", "cost $", "wall s", "commit"):
-            t.add_column(c)
+        rows = []
         for r in ins.rounds:
             key = r.get("stage", "") + (f"-{r['op']}" if r.get("op") else "")
             tokens = (r.get("tokens_in") or 0) + (r.get("tokens_out") or 0)
-            t.add_row(key, str(r.get("round")), str(r.get("backend")), str(r.get("verdict")), str(tokens),
-                      _fmt(r.get("cost_usd")), _fmt(r.get("wall_s")), str(r.get("commit") or "-")[:10])
-        out.print(t)
+            rows.append([key, str(r.get("round")), str(r.get("backend")), str(r.get("verdict")), str(tokens),
+                         _fmt(r.get("cost_usd")), _fmt(r.get("wall_s")), str(r.get("commit") or "-")[:10]])
+        _print_table(out, "forge history", ["stage", "round", "backend", "verdict", "tokens", "cost $", "wall s", "commit"],
+                     rows)
     if ins.benchmarks:
-        t = Table(title="benchmarks (benchmarks/results)")
-        for c in ("file", "stack", "tokens/s", "MFU", "step s", "peak GiB"):
-            t.add_column(c)
-        for b in ins.benchmarks:
-            t.add_row(b["file"], b["stack"], _fmt(b["tokens_per_s"]), _fmt(b["mfu"]), _fmt(b["step_time_s"]),
-                      _fmt(b["peak_mem_gib"]))
-        out.print(t)
+        _print_table(out, "benchmarks (benchmarks/results)", ["file", "stack", "tokens/s", "MFU", "step s", "peak GiB"],
+                     [[b["file"], b["stack"], _fmt(b["tokens_per_s"]), _fmt(b["mfu"]), _fmt(b["step_time_s"]),
+                       _fmt(b["peak_mem_gib"])] for b in ins.benchmarks])
     for log, recs in ins.train_logs.items():
         out.print(f"training log {log}: {len(recs)} steps, loss {_fmt(recs[0]['loss'])} -> {_fmt(recs[-1]['loss'])}")
     for n in ins.notes:
