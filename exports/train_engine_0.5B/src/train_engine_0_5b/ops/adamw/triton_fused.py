@@ -34,16 +34,7 @@ from torch import Tensor
 
 from train_engine_0_5b.ops.adamw.reference import adamw as _reference_adamw
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the engine imports without Triton; launching a kernel then raises
-    from types import SimpleNamespace
-
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
-    HAS_TRITON = False
+from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 
 _BLOCK = 1024  # elements per loop iteration: 8 fp32 per thread at 4 warps
 _CHUNK = 16 * _BLOCK  # elements per work item: ~30k items for 0.5B parameters, a few waves of programs
@@ -166,8 +157,7 @@ def _launch_tables(tensor_lists: list[list[Tensor]], decay_flags: list[int]) -> 
 
 
 def _check(params: list[Tensor], others: list[list[Tensor]]) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("the Triton AdamW needs `triton` (pip install triton); the reference runs without it")
+    require_triton("AdamW")
     for ts in [params, *others]:
         if len(ts) != len(params):
             raise ValueError("AdamW: every tensor list must have one tensor per parameter")

@@ -29,16 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the engine imports without Triton; launching a kernel then raises
-    from types import SimpleNamespace
-
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
-    HAS_TRITON = False
+from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 
 IGNORE_INDEX = -100
 
@@ -111,8 +102,7 @@ def _ce_bwd_kernel(
 
 
 def _require_triton(*tensors: Tensor) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("the Triton cross-entropy needs `triton` (pip install triton); the reference does not")
+    require_triton("cross-entropy")
     if any(t.stride(-1) != 1 for t in tensors):
         raise ValueError("cross-entropy kernels need a contiguous last dimension")
 

@@ -22,16 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the engine imports without Triton; launching a kernel then raises
-    from types import SimpleNamespace
-
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
-    HAS_TRITON = False
+from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 
 
 @triton.jit
@@ -91,8 +82,7 @@ def _rmsnorm_bwd_kernel(
 
 
 def _require_triton(*tensors: Tensor) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("the Triton RMSNorm needs `triton` (pip install triton); the reference runs without it")
+    require_triton("RMSNorm")
     if any(t is not None and t.stride(-1) != 1 for t in tensors):
         raise ValueError("RMSNorm kernels need a contiguous last dimension")
 

@@ -20,16 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the engine imports without Triton; launching a kernel then raises
-    from types import SimpleNamespace
-
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
-    HAS_TRITON = False
+from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 
 
 @triton.jit
@@ -67,8 +58,7 @@ def _rope_kernel(
 
 
 def _check(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("the Triton RoPE needs `triton` (pip install triton); the reference runs without it")
+    require_triton("RoPE")
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"RoPE takes q (B, S, n, d) and k (B, S, g, d), got {tuple(q.shape)} and {tuple(k.shape)}")
     d = q.shape[-1]

@@ -19,16 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the engine imports without Triton; launching a kernel then raises
-    from types import SimpleNamespace
-
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
-    HAS_TRITON = False
+from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 
 _BLOCK = 1024  # columns per program: 8 bf16 (16 bytes) per thread at 4 warps
 
@@ -68,8 +59,7 @@ def _swiglu_bwd_kernel(
 
 
 def _require_triton(*tensors: Tensor) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("the Triton SwiGLU needs `triton` (pip install triton); the reference runs without it")
+    require_triton("SwiGLU")
     if any(t.stride(-1) != 1 for t in tensors):
         raise ValueError("SwiGLU kernels need a contiguous last dimension")
 
