@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
+from benchmarks.gpu.step_variants import make_attention
 from gates.model_config import preset
 from gates.stacks.torch_ref import model as ref
 
@@ -64,19 +65,9 @@ def part1():
     return rows
 
 
-class SdpaAttention(ref.Attention):
-    def forward(self, x, cos, sin):
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n, self.d).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.g, self.d).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.g, self.d).transpose(1, 2)
-        q, k = ref.apply_rope(q, cos, sin), ref.apply_rope(k, cos, sin)
-        return self.o_proj(sdpa(q, k, v).transpose(1, 2).reshape(b, s, self.n * self.d))
-
-
 def part2(mb=8, steps=8, warm=3):
     cfg = preset("minicpm4-0.5b")
-    ref.Attention = SdpaAttention  # reference math, attention through SDPA
+    ref.Attention = make_attention(None)  # reference math, attention through SDPA (torch picks the backend)
     out = {}
     for label, backends in [("default", None), ("cudnn", [SDPBackend.CUDNN_ATTENTION]), ("flash", [SDPBackend.FLASH_ATTENTION])]:
         torch.manual_seed(0)

@@ -7,6 +7,7 @@ chunked (no full logits), micro batch 8 vs 12.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -23,7 +24,8 @@ CFG = preset("minicpm4-0.5b")
 BACKEND = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def make_attention(backend):
+def make_attention(backend: str | None):
+    """The reference attention through SDPA, with `backend` forced inside it (None: torch's own choice)."""
     class A(ref.Attention):
         def forward(self, x, cos, sin):
             b, s, _ = x.shape
@@ -31,7 +33,7 @@ def make_attention(backend):
             k = self.k_proj(x).view(b, s, self.g, self.d).transpose(1, 2)
             v = self.v_proj(x).view(b, s, self.g, self.d).transpose(1, 2)
             q, k = ref.apply_rope(q, cos, sin), ref.apply_rope(k, cos, sin)
-            with sdpa_kernel([BACKEND[backend]]):
+            with sdpa_kernel([BACKEND[backend]]) if backend else contextlib.nullcontext():
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             return self.o_proj(o.transpose(1, 2).reshape(b, s, self.n * self.d))
     return A
