@@ -1,0 +1,40 @@
+"""The engine vendors workspace code so it installs alone (model_config.py from gates/model_config.py and
+gates/case.py's hf_param_shapes; hf_fold.py from gates/hf_fold.py). The copies must stay faithful: same
+presets, FLOP count, parameter layout, HF config and fold, checked on every preset and fresh random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_testlib import ROOT  # noqa: F401 - puts the workspace on sys.path
+
+from gates import case as ws_case, hf_fold as ws_fold, model_config as ws_cfg
+from train_engine_0_5b import hf_fold as eng_fold, model_config as eng_cfg
+
+
+def test_engine_presets_are_workspace_presets():
+    assert set(eng_cfg.PRESETS) <= set(ws_cfg.PRESETS)  # its own model and the tiny one, not the 8B
+
+
+@pytest.mark.parametrize("name", list(eng_cfg.PRESETS))
+def test_same_config_math(name):
+    ws, eng = ws_cfg.preset(name), eng_cfg.preset(name)
+    assert eng.model_dump() == ws.model_dump()
+    assert (eng.dim_head, eng.residual_scale, eng.logit_scale, eng.num_params()) == \
+        (ws.dim_head, ws.residual_scale, ws.logit_scale, ws.num_params())
+    for seq in (1, 4096, 32768):
+        assert eng.flops_per_token(seq) == ws.flops_per_token(seq)
+    assert eng_cfg.hf_param_shapes(eng) == ws_case.hf_param_shapes(ws)
+    assert eng_cfg.to_hf_minicpm_config(eng) == ws_cfg.to_hf_minicpm_config(ws)
+    assert eng_fold.llama_config_dict(eng, 1, 2) == ws_fold.llama_config_dict(ws, 1, 2)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_same_fold(tied):
+    ws = ws_cfg.preset("tiny").model_copy(update={"tie_word_embeddings": tied})
+    eng = eng_cfg.MiniCPMConfig(**ws.model_dump())
+    weights = ws_case.random_weights(ws, seed=int(torch.randint(0, 2**31, ())))
+    a, b = eng_fold.fold_to_llama(eng, weights), ws_fold.fold_to_llama(ws, weights)
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
