@@ -123,7 +123,7 @@ def summarize(rows: list[dict]) -> dict:
     worst = max(good, key=lambda r: r["vs_torch_fp32"] / r["bound"], default=None)
     return {"tensors": len(rows), "agree": all(r["agree"] for r in rows) and bool(rows),
             "failing": [r["tensor"] for r in rows if not r["agree"]][:20],
-            "max_vs_torch_bf16": max((r.get("vs_torch_bf16", 0.0) for r in good), default=None),
+            "max_vs_torch_bf16": max((r["vs_torch_bf16"] for r in good if "vs_torch_bf16" in r), default=None),
             "max_vs_torch_fp32": max((r["vs_torch_fp32"] for r in good), default=None),
             "worst": worst}
 
