@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call = one or more parts, each writing into $OUT/<part>/, then bundled into $OUT/<part>.tgz
-# (the device tool brings back at most 8 files). Parts: kernels, engine, gates, compare.
+# (the device tool brings back at most 8 files). Parts: see the case below (kernels, engine, gates, compare, ...).
 #   bash benchmarks/gpu/session.sh kernels engine
 # Carry [".whl", ".whl-base"]: wheels the GPU image lacks (pack-gpu-wheels.sh; datasets for the engine).
 set -uo pipefail
@@ -39,6 +39,13 @@ for part in "$@"; do
         timeout 150 python3 exports/train_engine_0.5B/scripts/gpu_attention.py --out "$dir"
         timeout 200 $e --ops attention=flash4 ${BENCH_EXTRA:-} --json "$dir/compile_flash4_mb8.json"
         timeout 200 $e --ops attention=sdpa ${BENCH_EXTRA:-} --json "$dir/compile_sdpa_mb8.json"; } > "$dir/log.txt" 2>&1 ;;
+    mlp)  # quack gated-GEMM MLP: its tests on the real kernels, the MLP table, the compiled step with each
+      export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
+      e="python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size 8 --compile"
+      { timeout 240 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_mlp_quack.py
+        timeout 200 $e --ops mlp=quack_gated ${BENCH_EXTRA:-} --json "$dir/compile_quack_gated_mb8.json"
+        timeout 200 $e --ops mlp=unfused ${BENCH_EXTRA:-} --json "$dir/compile_unfused_mb8.json"
+        timeout ${MLP_TABLE_S:-150} python3 exports/train_engine_0.5B/scripts/gpu_mlp.py --out "$dir"; } > "$dir/log.txt" 2>&1 ;;
     optable)  # the engine's default compiled step with the per-op table and the profiler breakdown
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
       timeout 400 python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size ${MBS:-8} \

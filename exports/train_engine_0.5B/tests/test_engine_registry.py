@@ -18,7 +18,7 @@ from train_engine_0_5b.optim import AdamW
 
 def test_device_defaults():
     cpu, cuda = resolve(OpSelection(), "cpu").names, resolve(OpSelection(), "cuda").names
-    assert set(cpu.values()) == {"reference"}
+    assert set(cpu.values()) == {"reference", "unfused"} and cpu["mlp"] == "unfused"
     fastest_adamw = "triton_fused" if "triton_fused" in OPS["adamw"] else "foreach"  # first registered preference
     fastest_attention = "flash4" if "flash4" in OPS["attention"] else "sdpa"
     assert cuda["attention"] == fastest_attention and cuda["adamw"] == fastest_adamw and cuda["gemm.qkv"] == "reference"
@@ -33,6 +33,14 @@ def test_auto_skips_implementations_that_cannot_run_the_dtype(monkeypatch):
     assert resolve(OpSelection(), "cuda", torch.bfloat16).names["attention"] == "flash4"
     assert resolve(OpSelection(), "cuda", torch.float32).names["attention"] == "sdpa"
     assert resolve(OpSelection(attention="flash4"), "cuda", torch.float32).names["attention"] == "flash4"  # explicit
+
+
+def test_fused_mlp_selection_is_logged_for_the_ops_it_replaces():
+    names = resolve(OpSelection(mlp="reference"), "cpu").names
+    assert names["mlp"] == "reference"
+    assert names["gemm.fc1"] == names["swiglu"] == names["gemm.fc2"] == "(in mlp=reference)"
+    with pytest.raises(EngineError, match=r"ops.mlp: unknown implementation 'fast'; registered: .*reference.*unfused"):
+        resolve(OpSelection(mlp="fast"), "cpu")
 
 
 def test_bad_selections_name_the_op():
@@ -50,10 +58,11 @@ def test_bad_selections_name_the_op():
         del registry.UNAVAILABLE[("rope", "missing_kernel")]
 
 
-def test_every_op_is_called_through_the_registry(monkeypatch):
+@pytest.mark.parametrize("mlp", ["unfused", "spy"])
+def test_every_op_is_called_through_the_registry(monkeypatch, mlp):
     """Register a counting wrapper of each reference op as implementation "spy", select it everywhere,
     run forward + backward + an AdamW step: every op is counted as often as the model has sites, and
-    the result is bitwise the reference selection's."""
+    the result is bitwise the reference selection's. A fused mlp replaces the fc1 / fc2 GEMMs and swiglu."""
     calls: Counter = Counter()
     for op, impls in OPS.items():
         def spy(*args, _op=op, _fn=impls["reference"], **kwargs):
@@ -61,7 +70,7 @@ def test_every_op_is_called_through_the_registry(monkeypatch):
             return _fn(*args, **kwargs)
 
         monkeypatch.setitem(impls, "spy", spy)
-    spy_sel = OpSelection.parse(",".join(f"{op}=spy" for op in OPS))
+    spy_sel = OpSelection.parse(",".join(f"{op}=spy" for op in OPS if op != "mlp") + f",mlp={mlp}")
     cfg = preset("tiny")
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     labels = torch.randint(0, cfg.vocab_size, (2, 12))
@@ -78,7 +87,8 @@ def test_every_op_is_called_through_the_registry(monkeypatch):
         opt.step([p.grad for p in model.parameters()], lr=1e-3)
         results.append((loss.detach(), [p.detach().clone() for p in model.parameters()]))
     L = cfg.num_layers
-    assert calls == Counter(attention=L, gemm=4 * L + 1, rms_norm=1, add_rms_norm=2 * L, rope=L, swiglu=L,
-                            cross_entropy=1, adamw=1)
+    mlp_calls = dict(gemm=2 * L, swiglu=L) if mlp == "unfused" else dict(mlp=L)
+    assert calls == Counter(attention=L, gemm=2 * L + 1, rms_norm=1, add_rms_norm=2 * L, rope=L,
+                            cross_entropy=1, adamw=1) + Counter(mlp_calls)
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

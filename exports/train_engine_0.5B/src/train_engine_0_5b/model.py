@@ -54,6 +54,8 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = Weight(f, h), Weight(f, h), Weight(h, f)
 
     def forward(self, x: Tensor, ops: Ops) -> Tensor:
+        if ops.mlp is not None:  # one fused op for fc1 -> swiglu -> fc2
+            return ops.mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         gate, up = ops.gemm_fc1(x, (self.gate_proj.weight, self.up_proj.weight))  # (B, S, f) each
         return ops.gemm_fc2(ops.swiglu(gate, up), (self.down_proj.weight,))[0]  # (B, S, h)
 

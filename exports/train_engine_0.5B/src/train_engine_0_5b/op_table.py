@@ -42,7 +42,7 @@ from train_engine_0_5b.model_config import MiniCPMConfig
 from train_engine_0_5b.ops.registry import OPS, Ops
 
 CATEGORIES: tuple[str, ...] = ("gemm", "attention", "triton", "optimizer", "communication", "other")
-TOP_KERNELS = 15
+TOP_KERNELS = 30
 NAME_CHARS = 120
 # First match wins (lower-cased substrings). Optimizer before triton (our `_adamw_kernel` is Triton);
 # triton before attention/gemm: a generated kernel's prefix is certain, keywords are guesses.
@@ -66,14 +66,15 @@ def classify(name: str) -> str:
     return "other"
 
 
-def calls_per_step(num_layers: int, grad_accum: int) -> dict[str, int]:
+def calls_per_step(num_layers: int, grad_accum: int, fused_mlp: bool = False) -> dict[str, int]:
     """Calls of each op per optimizer step, in the order the model calls them (model.py): per micro
     batch one rms_norm, per layer the qkv GEMM, rope, attention, attn_out GEMM, add_rms_norm, fc1 GEMM,
-    swiglu, fc2 GEMM, add_rms_norm, then the output GEMM and cross_entropy; AdamW once per step."""
+    swiglu, fc2 GEMM (or, fused, one mlp), add_rms_norm, then the output GEMM and cross_entropy; AdamW
+    once per step."""
     L = num_layers
+    mlp = {"mlp": L} if fused_mlp else {"gemm.fc1": L, "swiglu": L, "gemm.fc2": L}
     per_micro_batch = {"rms_norm": 1, "gemm.qkv": L, "rope": L, "attention": L, "gemm.attn_out": L,
-                       "add_rms_norm": 2 * L, "gemm.fc1": L, "swiglu": L, "gemm.fc2": L, "gemm.output": 1,
-                       "cross_entropy": 1}  # fmt: skip
+                       "add_rms_norm": 2 * L, **mlp, "gemm.output": 1, "cross_entropy": 1}  # fmt: skip
     return {op: n * grad_accum for op, n in per_micro_batch.items()} | {"adamw": 1}
 
 
@@ -168,6 +169,8 @@ def _case(op: str, fn: Callable, cfg: MiniCPMConfig, batch: int, seq: int, dtype
                                 rope_cos_sin(seq, d, cfg.rope_theta, device, dtype)),
         "attention": lambda: _FwdBwd(fn, [rand(batch, seq, n, d), rand(batch, seq, g, d), rand(batch, seq, g, d)]),
         "swiglu": lambda: _FwdBwd(fn, [rand(batch, seq, f), rand(batch, seq, f)]),
+        "mlp": lambda: _FwdBwd(fn, [rand(batch, seq, h), rand(f, h, scale=h**-0.5), rand(f, h, scale=h**-0.5),
+                                    rand(h, f, scale=f**-0.5)]),
         "cross_entropy": lambda: _FwdBwd(
             fn, [rand(batch, seq, V, scale=3.0)], (torch.randint(0, V, (batch, seq), generator=gen, device=device),)),
     }  # fmt: skip
@@ -192,7 +195,7 @@ def microbench(cfg: MiniCPMConfig, ops: Ops, *, micro_batch_size: int, seq_lengt
     """One row per op (see the module doc): the selected implementation (`ops.names`) and `reference`."""
     args = (cfg, micro_batch_size, seq_length, dtype, device, param_shapes)
     rows = []
-    for op, calls in calls_per_step(cfg.num_layers, grad_accum).items():
+    for op, calls in calls_per_step(cfg.num_layers, grad_accum, fused_mlp=ops.mlp is not None).items():
         impl = ops.names[op]
         ms, error = _time_op(op, getattr(ops, op.replace(".", "_")), args, warmup, reps)
         if impl == "reference":

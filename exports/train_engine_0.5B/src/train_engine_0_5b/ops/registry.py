@@ -7,6 +7,8 @@ Ops and their signatures (every implementation of an op has the same one; see ea
     add_rms_norm(x, y, weight, eps, residual_scale) -> (rms_norm(h), h),  h = x + y * residual_scale
     rope(q, k, cos, sin) -> (q, k)                   rotate-half, tables (S, d)
     swiglu(gate, up) -> silu(gate) * up
+    mlp(x, gate_w, up_w, down_w) -> y                the SwiGLU MLP as one op, for fusions across fc1 / swiglu /
+                                                     fc2; "unfused" = those three ops as selected (ops.mlp None)
     cross_entropy(logits, labels) -> sum of token CE over labels != -100 (>= float32)
     adamw(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decays) -> None (in place)
 
@@ -35,6 +37,7 @@ from train_engine_0_5b.ops.adamw import foreach as adamw_foreach, reference as a
 from train_engine_0_5b.ops.attention import reference as attention_reference, sdpa as attention_sdpa
 from train_engine_0_5b.ops.cross_entropy import reference as cross_entropy_reference
 from train_engine_0_5b.ops.gemm import concat as gemm_concat, reference as gemm_reference
+from train_engine_0_5b.ops.mlp import reference as mlp_reference
 from train_engine_0_5b.ops.rmsnorm import reference as rmsnorm_reference
 from train_engine_0_5b.ops.rope import reference as rope_reference
 from train_engine_0_5b.ops.swiglu import reference as swiglu_reference
@@ -46,27 +49,32 @@ OPS: dict[str, dict[str, Callable]] = {
     "add_rms_norm": {"reference": rmsnorm_reference.add_rms_norm},
     "rope": {"reference": rope_reference.rope},
     "swiglu": {"reference": swiglu_reference.swiglu},
+    "mlp": {"reference": mlp_reference.mlp},
     "cross_entropy": {"reference": cross_entropy_reference.cross_entropy},
     "adamw": {"reference": adamw_reference.adamw, "foreach": adamw_foreach.adamw},
 }
 FOLDER_OPS: dict[str, tuple[str, ...]] = {  # op folder -> the registry ops its modules define
     "attention": ("attention",), "gemm": ("gemm",), "rmsnorm": ("rms_norm", "add_rms_norm"), "rope": ("rope",),
-    "swiglu": ("swiglu",), "cross_entropy": ("cross_entropy",), "adamw": ("adamw",),
+    "swiglu": ("swiglu",), "mlp": ("mlp",), "cross_entropy": ("cross_entropy",), "adamw": ("adamw",),
 }
 # ops/<folder>/<name>.py, registered as <name> when importable and its UNAVAILABLE_REASON is None
-OPTIONAL_MODULES: tuple[str, ...] = ("triton_fused", "flash4")
+OPTIONAL_MODULES: tuple[str, ...] = ("triton_fused", "flash4", "quack_gated")
 UNAVAILABLE: dict[tuple[str, str], str] = {}  # (op, implementation) -> why it is not registered
 GEMM_SITES: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2", "output")
+UNFUSED = "unfused"  # mlp's fallback: the model calls gemm.fc1 -> swiglu -> gemm.fc2 (ops.mlp is None)
+MLP_PARTS: tuple[str, ...] = ("gemm.fc1", "swiglu", "gemm.fc2")  # what a fused mlp replaces
 DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first registered; else "reference"
     "cpu": {},
     # Triton AdamW: one launch, 4.5 ms vs foreach's 17 ms for the 0.43B-parameter step on an H100
     # (benchmarks/results/2026-11-23-h100-triton-kernels.json); foreach where triton is missing.
     # FA4 attention: 441 vs cuDNN SDPA's 376 TFLOP/s fwd+bwd; compiled step 45.7 % vs 43.4 % MFU
     # (benchmarks/results/2026-11-23-h100-attention.json); SDPA where FA4 cannot run (fp32, pre-Hopper).
-    "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach")},
+    # quack's gated GEMMs (SwiGLU in the fc1 / fc2-dgrad epilogues): see ops/mlp/quack_gated.py
+    "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach"), "mlp": ("quack_gated",)},
 }
 # implementation -> the compute dtypes it runs; "auto" skips it for others (an explicit choice then fails in it)
-DTYPES: dict[str, tuple[torch.dtype, ...]] = {"flash4": (torch.bfloat16, torch.float16)}
+DTYPES: dict[str, tuple[torch.dtype, ...]] = {"flash4": (torch.bfloat16, torch.float16),
+                                              "quack_gated": (torch.bfloat16, torch.float16)}
 
 
 def _register_optional() -> None:
@@ -120,6 +128,7 @@ class OpSelection(BaseModel):
     add_rms_norm: str = "auto"
     rope: str = "auto"
     swiglu: str = "auto"
+    mlp: str = "auto"
     cross_entropy: str = "auto"
     adamw: str = "auto"
 
@@ -158,23 +167,28 @@ class Ops:
     add_rms_norm: Callable
     rope: Callable
     swiglu: Callable
+    mlp: Callable | None  # None: "unfused"
     cross_entropy: Callable
     adamw: Callable
     names: dict[str, str] = field(default_factory=dict)
 
 
-def _pick(op: str, choice: str, device: str, label: str, dtype: torch.dtype | None) -> tuple[str, Callable]:
+def _pick(op: str, choice: str, device: str, label: str, dtype: torch.dtype | None) -> tuple[str, Callable | None]:
+    fallback = UNFUSED if op == "mlp" else "reference"
     if choice == "auto":
         preferred = DEVICE_DEFAULTS.get(device, {}).get(op, ())
         runs = lambda n: dtype is None or dtype in DTYPES.get(n, (dtype,))  # noqa: E731
-        name = next((n for n in preferred if n in OPS[op] and runs(n)), "reference")
+        name = next((n for n in preferred if n in OPS[op] and runs(n)), fallback)
     else:
         name = choice
+    if op == "mlp" and name == UNFUSED:
+        return name, None
     if name in OPS[op]:
         return name, OPS[op][name]
     if (op, name) in UNAVAILABLE:
         raise EngineError(f"ops.{label}: implementation {name!r} is unavailable ({UNAVAILABLE[(op, name)]})")
-    raise EngineError(f"ops.{label}: unknown implementation {name!r}; registered: {', '.join(sorted(OPS[op]))}")
+    known = sorted(OPS[op]) + ([UNFUSED] if op == "mlp" else [])
+    raise EngineError(f"ops.{label}: unknown implementation {name!r}; registered: {', '.join(known)}")
 
 
 def resolve(selection: OpSelection, device: str, dtype: torch.dtype | None = None) -> Ops:
@@ -182,9 +196,11 @@ def resolve(selection: OpSelection, device: str, dtype: torch.dtype | None = Non
     raises EngineError naming the op."""
     chosen: dict[str, Callable] = {}
     names: dict[str, str] = {}
-    for op in ("attention", "rms_norm", "add_rms_norm", "rope", "swiglu", "cross_entropy", "adamw"):
+    for op in ("attention", "rms_norm", "add_rms_norm", "rope", "swiglu", "mlp", "cross_entropy", "adamw"):
         names[op], chosen[op] = _pick(op, getattr(selection, op), device, op, dtype)
     for site in GEMM_SITES:
         names[f"gemm.{site}"], chosen[f"gemm_{site}"] = _pick("gemm", getattr(selection.gemm, site), device,
                                                               f"gemm.{site}", dtype)
+    if chosen["mlp"] is not None:  # a fused mlp runs instead of these: the logs say so
+        names.update(dict.fromkeys(MLP_PARTS, f"(in mlp={names['mlp']})"))
     return Ops(**chosen, names=names)
