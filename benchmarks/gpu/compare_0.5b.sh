@@ -26,12 +26,12 @@ left() { echo $(( BUDGET_S - ($(date +%s) - t0) )); }
 log() { echo "[compare_0.5b +$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/script.log"; }
 mkdir -p "$OUT"
 
-log "installing carried wheels into /tmp/site"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+log "installing carried wheels into /tmp/carried/site-packages"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/carried/site-packages .whl/*.whl \
   > "$OUT/install.log" 2>&1 || log "pip install reported errors (see install.log); going on with what installed"
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="/tmp/carried/site-packages:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d /tmp/cut/nvidia_cutlass_dsl ]; then  # CuTeDSL's big part, unpacked by an earlier call (engines may need it)
-  cp -r /tmp/cut/nvidia_cutlass_dsl /tmp/site/ && export PYTHONPATH="$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages"
+  cp -r /tmp/cut/nvidia_cutlass_dsl /tmp/carried/site-packages/ && export PYTHONPATH="$PYTHONPATH:/tmp/carried/site-packages/nvidia_cutlass_dsl/dsl_packages"
   log "CuTeDSL big part found in /tmp/cut: added"
 fi
 export FORGE_GIT_COMMIT="${FORGE_GIT_COMMIT:-unknown}"

@@ -1,6 +1,6 @@
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl-base/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/carried/site-packages .whl/*.whl .whl-base/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/carried/site-packages:$PWD
 bash agent-loop.sh case new --model minicpm4-0.5b --dtype bfloat16 --device cuda --seq-length 1024 --micro-batch-size 1 --grad-accum 2 --steps 2 --seed 3 --out /tmp/c
 for s in torch megatron; do
   for p in backward steps; do

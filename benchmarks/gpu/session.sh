@@ -3,19 +3,22 @@
 # (the device tool brings back at most 8 files). Parts: see the case below (kernels, engine, gates, compare, ...).
 #   bash benchmarks/gpu/session.sh kernels engine
 # Carry [".whl", ".whl-base"]: wheels the GPU image lacks (pack-gpu-wheels.sh; datasets for the engine).
+# They install under a path with a `site-packages` component: quack fingerprints its GEMM epilogues by
+# source and treats functions from files under site-packages as library code; from any other path it
+# recurses into CuTeDSL's internals and fails (quack-kernels 0.6.5: "no fail-closed semantic key").
 set -uo pipefail
 : "${OUT:?}"
 cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl-base/*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/carried/site-packages .whl/*.whl .whl-base/*.whl \
   > /tmp/install.log 2>&1 || echo "pip install reported errors"
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="/tmp/carried/site-packages:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Gates scrub PYTHONPATH from the stacks they launch (isolation); a .pth file makes the carried wheels
 # visible to every interpreter run there without it (appended after the image's own site-packages).
-python3 -c "import site; open(site.getsitepackages()[0] + '/zz_forge_carried.pth', 'w').write('/tmp/site\n')"
+python3 -c "import site; open(site.getsitepackages()[0] + '/zz_forge_carried.pth', 'w').write('/tmp/carried/site-packages\n')"
 if [ -d /tmp/cut/nvidia_cutlass_dsl ]; then  # CuTeDSL's big part (FA4, quack), unpacked by an earlier call:
-  cp -r /tmp/cut/nvidia_cutlass_dsl /tmp/site/ 2>/dev/null  #   mkdir -p /tmp/cut && xz -dc .gpu-big/cutlass_cu13.tar.xz | tar xf - -C /tmp/cut
-  export PYTHONPATH="$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages"
-  echo /tmp/site/nvidia_cutlass_dsl/dsl_packages >> "$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz_forge_carried.pth"
+  cp -r /tmp/cut/nvidia_cutlass_dsl /tmp/carried/site-packages/ 2>/dev/null  #   mkdir -p /tmp/cut && xz -dc .gpu-big/cutlass_cu13.tar.xz | tar xf - -C /tmp/cut
+  export PYTHONPATH="$PYTHONPATH:/tmp/carried/site-packages/nvidia_cutlass_dsl/dsl_packages"
+  echo /tmp/carried/site-packages/nvidia_cutlass_dsl/dsl_packages >> "$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz_forge_carried.pth"
 fi
 export FORGE_GIT_COMMIT="${FORGE_GIT_COMMIT:-unknown}"
 for part in "$@"; do
