@@ -42,7 +42,7 @@ for part in "$@"; do
         timeout 150 python3 exports/train_engine_0.5B/scripts/gpu_attention.py --out "$dir"
         timeout 200 $e --ops attention=flash4 ${BENCH_EXTRA:-} --json "$dir/compile_flash4_mb8.json"
         timeout 200 $e --ops attention=sdpa ${BENCH_EXTRA:-} --json "$dir/compile_sdpa_mb8.json"; } > "$dir/log.txt" 2>&1 ;;
-    mlp)  # quack gated-GEMM MLP: its tests on the real kernels, the MLP table, the compiled step with each
+    mlp)  # ops.mlp=quack_gated: its tests on the real kernel, the compiled step with it and unfused, the MLP table
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
       e="python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size 8 --compile"
       { timeout 240 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_mlp_quack.py

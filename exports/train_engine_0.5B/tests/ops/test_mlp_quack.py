@@ -1,12 +1,12 @@
-"""ops/mlp/quack_gated.py: the custom-op wrapper around quack's gated GEMMs, and the kernels themselves.
+"""ops/mlp/quack_gated.py: quack's gated fc1 GEMM as a custom op, the backward in torch, and the kernel itself.
 
 CPU (always): the wrapper's logic with `_kernels` replaced by plain math that follows quack's contract as
-this engine reads it (interleaved preact; `concat_layout` "B" reads a [gate; up] operand as interleaved,
-"out" writes interleaved rows as [gate; up]): output and every gradient against reference.py, a compiled
-region traced without a graph break, a poisoned kernel output caught, a missing package reported.
-GPU (sm90+, quack-kernels installed): the real kernels in bf16 against an fp64 reference at the
-production shape and at odd token counts (1, 333, 4097: a final partial tile), beside the unfused
-bf16 path's own error. The GPU test is what checks that quack's contract is the one assumed here.
+this engine reads it (an interleaved W1, so preact's columns pair gate_j, up_j and postact = silu(gate) * up):
+output and every gradient against reference.py, gate and up not swapped, a compiled region traced without
+a graph break, a poisoned kernel output caught, a wrong output shape refused, a missing package reported.
+GPU (sm90+, quack-kernels installed): the real kernel in bf16 against an fp64 reference at the production
+shape and at odd token counts (1, 333, 4097: a final partial tile), beside the unfused bf16 path's own
+error. The GPU test is what checks that quack's contract is the one assumed here.
 """
 
 from __future__ import annotations
@@ -22,39 +22,12 @@ from train_engine_0_5b.ops.mlp import quack_gated, reference
 SHAPES = [(1, 1, 8, 16), (2, 37, 16, 24), (3, 5, 32, 8)]  # (B, S, h, f)
 
 
-def _concat_dim(t: torch.Tensor) -> int:
-    return -2 if t.stride(-1) == 1 else -1  # quack's rule: the non-contiguous dim carries [gate; up]
-
-
-def _interleave(t: torch.Tensor, dim: int) -> torch.Tensor:
-    a, b = t.chunk(2, dim)
-    return torch.stack((a, b), dim=dim % t.ndim + 1).flatten(dim % t.ndim, dim % t.ndim + 1)
-
-
-def _math_gemm(a, b, concat_layout=None):
-    if concat_layout == ("B",):
-        b = _interleave(b, _concat_dim(b))
-    out = a @ b
-    if concat_layout == ("out",):  # interleaved rows -> [gate; up]
-        out = torch.cat((out[0::2], out[1::2]))
-    return out
-
-
-def _math_gemm_gated(x, w1t):
-    preact = x @ _interleave(w1t, _concat_dim(w1t))
+def _math_gemm_gated(x, w1it):
+    preact = x @ w1it
     return preact, F.silu(preact[:, 0::2]) * preact[:, 1::2]
 
 
-def _math_gemm_dgated(dout, w2, preact):
-    g, u = preact[:, 0::2], preact[:, 1::2]
-    dpost = dout @ w2
-    sig = torch.sigmoid(g)
-    dg = dpost * u * sig * (1 + g * (1 - sig))
-    du = dpost * F.silu(g)
-    return torch.stack((dg, du), dim=-1).flatten(-2), F.silu(g) * u
-
-
-MATH = quack_gated.Kernels(_math_gemm, _math_gemm_gated, _math_gemm_dgated)
+MATH = quack_gated.Kernels(_math_gemm_gated)
 
 
 @pytest.fixture
@@ -102,16 +75,23 @@ def test_compiled_region_has_no_graph_break(math_kernels):
 
 
 def test_poisoned_kernel_output_is_visible(monkeypatch):
-    """A backward kernel that leaves half of dpreact unwritten (NaN-filled) must show in the gradients."""
-    def half_written(dout, w2, preact):
-        dpre, post = _math_gemm_dgated(dout, w2, preact)
-        dpre[: dpre.shape[0] // 2] = float("nan")
-        return dpre, post
+    """A kernel that leaves half of postact unwritten (NaN-filled) must show in the output."""
+    def half_written(x, w1it):
+        preact, post = _math_gemm_gated(x, w1it)
+        post[: post.shape[0] // 2] = float("nan")
+        return preact, post
 
-    monkeypatch.setattr(quack_gated, "_kernels", MATH._replace(gemm_dgated=half_written))
-    x, gate, up, down, dout = _inputs(1, 6, 8, 16)
-    dx = _run(quack_gated.mlp, x, gate, up, down, dout)[1]
-    assert torch.isnan(dx).any()
+    monkeypatch.setattr(quack_gated, "_kernels", quack_gated.Kernels(half_written))
+    x, gate, up, down, _ = _inputs(1, 6, 8, 16)
+    assert torch.isnan(quack_gated.mlp(x, gate, up, down)).any()
+
+
+def test_wrong_output_shape_is_refused(monkeypatch):
+    """The fake promises (M, 2f) and (M, f) to the compiler; a kernel returning another shape is an error."""
+    monkeypatch.setattr(quack_gated, "_kernels", quack_gated.Kernels(lambda x, w: (x @ w, x @ w)))
+    x, gate, up, down, _ = _inputs(1, 4, 8, 16)
+    with pytest.raises(EngineError, match="kernel returned"):
+        quack_gated.mlp(x, gate, up, down)
 
 
 def test_missing_package_names_the_reason(monkeypatch):
