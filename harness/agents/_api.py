@@ -1,17 +1,21 @@
-"""What the two API backends (anthropic, openai) share: options, the key lookup, the transcript."""
+"""What the two API backends (anthropic, openai) share: options, the key lookup, the transcript, and the
+tool loop itself. A provider supplies only its wire format (`ApiBackend`'s four hooks)."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from harness.agents import _tools
 from harness.agents._env import redact
-from harness.agents.base import AgentBackend, AgentUnavailable
+from harness.agents._retry import call_with_retries
+from harness.agents.base import AgentBackend, AgentResult, AgentTask, AgentUnavailable, cost_from_prices
 
 SYSTEM = ("You are a coding agent working in a git worktree of an LLM pretraining engine. Use the tools to "
           "read, write and run; paths are relative to the worktree root. Finish with a short summary of "
@@ -33,15 +37,86 @@ class ApiOptions(BaseModel):
     system: str = SYSTEM
 
 
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: Any  # as the service sent them: a dict (anthropic) or a JSON string (openai)
+
+
+@dataclass
+class Reply:
+    """One model turn, provider-neutral."""
+
+    text: str  # "" when the reply has no text
+    calls: list[ToolCall]  # the tools it asks for; none ends the round
+    tokens_in: int
+    tokens_out: int
+
+
 class ApiBackend(AgentBackend):
-    """Shared by the API backends: their options, and the model name they cannot run without."""
+    """The tool loop of the API backends: each turn sends the conversation and the four tools
+    (harness/agents/_tools.py), runs the tools the reply asks for in the worktree and sends their output
+    back, until a reply asks for none, `max_turns`, or the round's time is up. The SDKs' own retries are
+    off: harness/agents/_retry.py retries 429 / 5xx / timeouts with backoff, visibly in the transcript.
+
+    A provider implements `_client`, `_messages` (the opening conversation), `_send` (one request,
+    appending the assistant's message to the conversation and returning it as a `Reply`) and
+    `_add_results` (the tools' outputs, in its wire format)."""
 
     Options = ApiOptions
+    key_env: str  # the environment variable holding the key, unless options.api_key_env names another
 
     def __init__(self, options: dict[str, Any] | None = None, model: str | None = None) -> None:
         super().__init__(options, model)
         if not model:
             raise ValueError(f"the {self.name} backend needs agent.model (the service's model name)")
+
+    def _client(self, key: str) -> Any:
+        raise NotImplementedError
+
+    def _messages(self, task: AgentTask) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _send(self, client: Any, messages: list[dict[str, Any]], log: "Transcript") -> Reply:
+        raise NotImplementedError
+
+    def _add_results(self, messages: list[dict[str, Any]], results: list[tuple[ToolCall, str]]) -> None:
+        raise NotImplementedError
+
+    def run(self, task: AgentTask) -> AgentResult:
+        o = self.options
+        client = self._client(api_key(o, self.key_env))
+        messages = self._messages(task)
+        log = Transcript(task.log_dir)
+        deadline = time.monotonic() + task.timeout_s
+        tokens_in = tokens_out = turns = 0
+        summary, error = "", None
+        while True:
+            if turns >= o.max_turns:
+                error = f"max_turns ({o.max_turns}) reached"
+                break
+            if time.monotonic() > deadline:
+                error = "timeout"
+                break
+            reply = call_with_retries(
+                lambda: self._send(client, messages, log), retries=o.retries, base_s=o.retry_base_s,
+                on_retry=lambda n, e, s: log.write("retry", attempt=n, error=type(e).__name__, wait_s=round(s, 2)))
+            turns += 1
+            tokens_in += reply.tokens_in
+            tokens_out += reply.tokens_out
+            summary = reply.text or summary
+            if not reply.calls:
+                break
+            results = []
+            for c in reply.calls:
+                out = _tools.execute(c.name, _tools.parse_args(c.arguments), root=task.worktree, env=task.env,
+                                     max_timeout_s=min(o.command_timeout_s, max(1.0, deadline - time.monotonic())))
+                log.write("tool", name=c.name, input=c.arguments, output=out[:2000])
+                results.append((c, out))
+            self._add_results(messages, results)
+        return AgentResult(summary=summary[:2000], error=error, tokens_in=tokens_in, tokens_out=tokens_out, turns=turns,
+                           cost_usd=cost_from_prices(tokens_in, tokens_out, o.price_in_per_mtok, o.price_out_per_mtok))
 
 
 def api_key(options: ApiOptions, default_env: str) -> str:
