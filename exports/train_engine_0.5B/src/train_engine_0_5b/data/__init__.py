@@ -1,10 +1,12 @@
-"""Training data: sources (default corpus, local files, Hub) -> tokenizer -> packed rows -> per-rank loader."""
+"""Training data: sources (default corpus, local files, Hub) -> tokenizer -> packed rows -> per-rank loader
+-> prefetcher (the next steps' batches, built and pinned on a background thread)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from train_engine_0_5b.data.packing import Loader, PackedRows, TokenStream
+from train_engine_0_5b.data.prefetch import Prefetcher
 from train_engine_0_5b.data.sources import open_source, renderer
 from train_engine_0_5b.data.tokenizer import TextTokenizer
 from train_engine_0_5b.errors import EngineError
@@ -32,4 +34,4 @@ def prepare(dataset: str | None, dataset_config: str | None, split: str, templat
     return Data(tokenizer, rows, source.name, fingerprint)
 
 
-__all__ = ["Data", "Loader", "PackedRows", "TokenStream", "TextTokenizer", "prepare"]
+__all__ = ["Data", "Loader", "PackedRows", "Prefetcher", "TokenStream", "TextTokenizer", "prepare"]
