@@ -6,6 +6,7 @@ before the first byte is written, so a run that fails on its input leaves no che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -15,14 +16,14 @@ import torch
 from train_engine_0_5b import checkpoint as ckpt
 from train_engine_0_5b import runtime
 from train_engine_0_5b.config import EngineConfig
-from train_engine_0_5b.data import Data, Loader, prepare
+from train_engine_0_5b.data import Data, Loader, Prefetcher, prepare
 from train_engine_0_5b.dist import DistContext
 from train_engine_0_5b.errors import EngineError
 from train_engine_0_5b.metrics import StepLog, mfu
 from train_engine_0_5b.model import build_model, compile_loss, init_weights
 from train_engine_0_5b.ops.registry import resolve
 from train_engine_0_5b.optim import AdamW, Schedule
-from train_engine_0_5b.trainer import Trainer
+from train_engine_0_5b.trainer import StepResult, Trainer
 
 # Settings a resumed run must share with its checkpoint (anything else, e.g. num_steps, may change).
 RESUME_KEYS = ("model", "seq_length", "global_batch_size", "data_fingerprint", "tokenizer_fingerprint")
@@ -124,30 +125,77 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
         log.close()
 
 
+class _StepReports:
+    """Reads a step's scalars one step late and logs them: the loop queues step N+1 before it reads step
+    N, so on a GPU the host never waits for an idle device (the read is the one host sync per step).
+
+    step_time_s is the wall time between consecutive step completions (the first: from the start of the
+    loop, or from the end of a checkpoint save). A GPU step's completion is observed when its scalars are
+    read: the read waits for it while the next step is already queued. A CPU step runs inside train_step,
+    so it completes when train_step returns; its late read would count the next step's compute too."""
+
+    def __init__(self, cfg: EngineConfig, ctx: DistContext, log: StepLog):
+        self.cfg, self.ctx, self.log = cfg, ctx, log
+        self.tokens = cfg.train.global_batch_size * cfg.train.seq_length
+        self.sync_device = ctx.device.type == "cpu"  # train_step returns when the step is done
+        self.pending: tuple[int, StepResult, float] | None = None  # step, its result, when train_step returned
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.mark = time.perf_counter()  # the last completion (or the loop's start)
+
+    def hold(self, step: int, res: StepResult) -> None:
+        """Call right after queueing `step`: reports the step before it, then keeps this one."""
+        returned = time.perf_counter()
+        self.flush()
+        self.pending = (step, res, returned)
+
+    def flush(self) -> None:
+        """Read and log the held step (before a checkpoint, a stop, the end, an error)."""
+        if self.pending is None:
+            return
+        (step, res, returned), self.pending = self.pending, None
+        loss, norm, valid = float(res.loss), float(res.grad_norm), int(res.valid_tokens)  # wait for the step
+        done = returned if self.sync_device else time.perf_counter()
+        dt, self.mark = done - self.mark, done
+        cfg, t, tokens = self.cfg, self.cfg.train, self.tokens
+        self.log.step({"step": step + 1, "loss": loss, "grad_norm": norm, "lr": res.lr, "tokens": tokens,
+                       "valid_tokens": valid, "step_time_s": dt, "tokens_per_s": tokens / dt,
+                       "mfu": mfu(cfg.model, t.seq_length, tokens, dt, self.ctx.world),
+                       "tflops_per_gpu": cfg.model.flops_per_token(t.seq_length) * tokens / dt / self.ctx.world / 1e12})
+        self.times.append(dt)
+        self.losses.append(loss)
+
+    def restart_clock(self) -> None:
+        """After a checkpoint save: the save's time is no step's."""
+        self.mark = time.perf_counter()
+
+
 def _loop(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, loader: Loader, data: Data, log: StepLog, start: int) -> dict:
     t, c = cfg.train, cfg.checkpoint
+    stop = t.num_steps if t.exit_after_steps is None else min(t.num_steps, start + t.exit_after_steps)
+    reports = _StepReports(cfg, ctx, log)
+    with Prefetcher(loader.batch, start, stop, ctx.device) as batches:  # builds (and pins) the next steps' batches
+        try:
+            for step in range(start, stop):
+                ids, labels = (x.to(ctx.device, non_blocking=True) for x in batches.get(step))
+                reports.hold(step, trainer.train_step(ids, labels))  # queue this step, then read the last one
+                if c.save_dir is not None and (step + 1 == stop or (c.save_interval and (step + 1) % c.save_interval == 0)):
+                    reports.flush()  # the log reaches the checkpoint's step before the checkpoint exists
+                    _save(cfg, ctx, step + 1, trainer.optimizer, loader, data, log)
+                    reports.restart_clock()
+        except Exception:
+            with contextlib.suppress(Exception):  # log the last good step, as the synchronous loop had
+                reports.flush()
+            raise
+        reports.flush()
+    if t.exit_after_steps is not None and stop == start + t.exit_after_steps:
+        log.print(f"stopping after {t.exit_after_steps} steps (--exit-after-steps); continue with --resume")
+    return _summary(cfg, ctx, trainer, start, reports.times, reports.losses)
+
+
+def _summary(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, start: int, times: list[float], losses: list[float]) -> dict:
+    t = cfg.train
     tokens = t.global_batch_size * t.seq_length
-    times, losses = [], []
-    for step in range(start, t.num_steps):
-        t0 = time.perf_counter()
-        ids, labels = (x.to(ctx.device, non_blocking=True) for x in loader.batch(step))
-        res = trainer.train_step(ids, labels)
-        loss, norm = float(res.loss), float(res.grad_norm)  # waits for the step (one sync per step)
-        dt = time.perf_counter() - t0
-        m = mfu(cfg.model, t.seq_length, tokens, dt, ctx.world)
-        record = {"step": step + 1, "loss": loss, "grad_norm": norm, "lr": res.lr, "tokens": tokens,
-                  "valid_tokens": int(res.valid_tokens), "step_time_s": dt, "tokens_per_s": tokens / dt, "mfu": m,
-                  "tflops_per_gpu": cfg.model.flops_per_token(t.seq_length) * tokens / dt / ctx.world / 1e12}
-        log.step(record)
-        times.append(dt)
-        losses.append(loss)
-        stop = t.exit_after_steps is not None and step + 1 - start >= t.exit_after_steps
-        last = step + 1 == t.num_steps or stop
-        if c.save_dir is not None and (last or (c.save_interval and (step + 1) % c.save_interval == 0)):
-            _save(cfg, ctx, step + 1, trainer.optimizer, loader, data, log)
-        if stop:
-            log.print(f"stopping after {t.exit_after_steps} steps (--exit-after-steps); continue with --resume")
-            break
     timed = times[1:] or times  # the first step pays one-time costs
     median = statistics.median(timed)
     return {"steps": start + len(losses), "first_step": start + 1, "losses": losses, "step_time_s": median,
