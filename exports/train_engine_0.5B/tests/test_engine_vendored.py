@@ -1,6 +1,7 @@
 """The engine vendors workspace code so it installs alone (model_config.py from gates/model_config.py and
-gates/case.py's hf_param_shapes; hf_fold.py from gates/hf_fold.py). The copies must stay faithful: same
-presets, FLOP count, parameter layout, HF config and fold, checked on every preset and fresh random weights."""
+gates/case.py's hf_param_shapes; hf_fold.py from gates/hf_fold.py; probe.py's case.json schema from
+gates/case.py). The copies must stay faithful: same presets, FLOP count, parameter layout, HF config and
+fold, checked on every preset and fresh random weights, and the same case fields, types, defaults and bounds."""
 
 from __future__ import annotations
 
@@ -9,7 +10,21 @@ import torch
 from engine_testlib import ROOT  # noqa: F401 - puts the workspace on sys.path
 
 from gates import case as ws_case, hf_fold as ws_fold, model_config as ws_cfg
-from train_engine_0_5b import hf_fold as eng_fold, model_config as eng_cfg
+from train_engine_0_5b import hf_fold as eng_fold, model_config as eng_cfg, probe as eng_probe
+
+
+def _schema(model) -> dict:
+    """A pydantic model's JSON schema without its prose (titles, descriptions): fields, types, defaults, bounds."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in ("title", "description")}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+    return strip(model.model_json_schema())
+
+
+def test_probe_reads_the_case_schema_the_gates_write():
+    assert _schema(eng_probe.CaseSpec) == _schema(ws_case.CaseSpec)
+    assert eng_probe.CASE_FORMAT == ws_case.CASE_FORMAT
 
 
 def test_engine_presets_are_workspace_presets():
