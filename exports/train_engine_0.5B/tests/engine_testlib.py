@@ -55,3 +55,10 @@ def rel_err(a, b) -> float:
     scale = a.abs().max().item()
     diff = (a - b).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def sm90() -> bool:
+    """A Hopper (or newer) GPU is here: what the flash4 and quack_gated kernel tests need."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from engine_testlib import rel_err
+from engine_testlib import rel_err, sm90
 
 from train_engine_0_5b.errors import EngineError
 from train_engine_0_5b.ops.attention import flash4, reference, sdpa
@@ -138,15 +138,11 @@ def test_registry_lists_flash4_only_when_it_can_run():
 
 
 # ---- the real kernels (GPU) -------------------------------------------------------------------------
-def _sm90() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
-
-
 GPU_SHAPES = [(2, 4096, 16, 2, 64), (1, 1, 16, 2, 64), (2, 333, 16, 2, 64), (1, 1000, 16, 2, 64), (1, 4097, 8, 8, 64)]
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _sm90() or flash4.UNAVAILABLE_REASON is not None,
+@pytest.mark.skipif(not sm90() or flash4.UNAVAILABLE_REASON is not None,
                     reason=f"needs an sm90+ GPU and flash-attn-4 ({flash4.UNAVAILABLE_REASON})")
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_kernel_bf16_against_fp64(shape):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_testlib import rel_err
+from engine_testlib import rel_err, sm90
 
 from train_engine_0_5b.errors import EngineError
 from train_engine_0_5b.ops.mlp import quack_gated, reference
@@ -113,15 +113,11 @@ def test_registry_lists_quack_gated_only_when_it_can_run():
 
 
 # ---- the real kernels (GPU) -------------------------------------------------------------------------
-def _sm90() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
-
-
 GPU_SHAPES = [(8, 4096, 1024, 4096), (1, 1, 1024, 4096), (1, 333, 1024, 4096), (1, 4097, 1024, 4096), (2, 100, 64, 128)]
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _sm90() or quack_gated.UNAVAILABLE_REASON is not None,
+@pytest.mark.skipif(not sm90() or quack_gated.UNAVAILABLE_REASON is not None,
                     reason=f"needs an sm90+ GPU and quack-kernels ({quack_gated.UNAVAILABLE_REASON})")
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_kernel_bf16_against_fp64(shape):

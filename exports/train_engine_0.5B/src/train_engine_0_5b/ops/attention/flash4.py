@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.ops._hopper import gpu_too_old, require_hopper_half
 
 
 class Kernels(NamedTuple):
@@ -32,23 +33,16 @@ class Kernels(NamedTuple):
     bwd: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
-def _check(q: Tensor) -> None:
-    if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
-        raise EngineError(f"ops.attention=flash4 needs bf16/fp16 CUDA tensors, got {q.dtype} on {q.device.type}")
-    if torch.cuda.get_device_capability(q.device) < (9, 0):
-        raise EngineError("ops.attention=flash4 needs compute capability >= 9.0 (H100 or newer); use sdpa")
-
-
 def _load() -> tuple[Kernels | None, str | None]:
     try:
         from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
     except Exception as e:  # noqa: BLE001 - missing package, or CuTeDSL / CUDA libraries it cannot load
         return None, f"flash-attn-4 is not importable ({type(e).__name__}: {str(e)[:200]})"
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
-        return None, f"FA4 needs compute capability >= 9.0; this GPU has {torch.cuda.get_device_capability()}"
+    if reason := gpu_too_old("FA4"):
+        return None, reason
 
     def fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        _check(q)
+        require_hopper_half(q, "attention=flash4", "sdpa")
         out, lse = _flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
         return out.contiguous(), lse.contiguous()
 

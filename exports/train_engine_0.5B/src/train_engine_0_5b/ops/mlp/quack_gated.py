@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.ops._hopper import gpu_too_old, require_hopper_half
 
 
 class Kernels(NamedTuple):
@@ -44,23 +45,16 @@ class Kernels(NamedTuple):
     gemm_gated: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def _check(x: Tensor) -> None:
-    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
-        raise EngineError(f"ops.mlp=quack_gated needs bf16/fp16 CUDA tensors, got {x.dtype} on {x.device.type}")
-    if torch.cuda.get_device_capability(x.device) < (9, 0):
-        raise EngineError("ops.mlp=quack_gated needs compute capability >= 9.0 (H100 or newer); use unfused")
-
-
 def _load() -> tuple[Kernels | None, str | None]:
     try:
         from quack.gemm_interface import gemm_gated
     except Exception as e:  # noqa: BLE001 - missing package, or CuTeDSL / CUDA libraries it cannot load
         return None, f"quack-kernels is not importable ({type(e).__name__}: {str(e)[:200]})"
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
-        return None, f"quack's gated GEMM needs compute capability >= 9.0; this GPU has {torch.cuda.get_device_capability()}"
+    if reason := gpu_too_old("quack's gated GEMM"):
+        return None, reason
 
     def k_gemm_gated(x: Tensor, w1it: Tensor) -> tuple[Tensor, Tensor]:
-        _check(x)
+        require_hopper_half(x, "mlp=quack_gated", "unfused")
         # heuristic config: the autotuner's was under 1 % faster here and took 212 s to find on first use
         return gemm_gated(x, w1it, activation="swiglu", tuned=False)
 
