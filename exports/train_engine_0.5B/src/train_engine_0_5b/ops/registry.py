@@ -42,14 +42,15 @@ from train_engine_0_5b.ops.rmsnorm import reference as rmsnorm_reference
 from train_engine_0_5b.ops.rope import reference as rope_reference
 from train_engine_0_5b.ops.swiglu import reference as swiglu_reference
 
-OPS: dict[str, dict[str, Callable]] = {
+UNFUSED = "unfused"  # mlp's default: no fused op; the model calls gemm.fc1 -> swiglu -> gemm.fc2 (ops.mlp is None)
+OPS: dict[str, dict[str, Callable | None]] = {
     "attention": {"reference": attention_reference.attention, "sdpa": attention_sdpa.attention},
     "gemm": {"reference": gemm_reference.gemm, "concat": gemm_concat.gemm},
     "rms_norm": {"reference": rmsnorm_reference.rms_norm},
     "add_rms_norm": {"reference": rmsnorm_reference.add_rms_norm},
     "rope": {"reference": rope_reference.rope},
     "swiglu": {"reference": swiglu_reference.swiglu},
-    "mlp": {"reference": mlp_reference.mlp},
+    "mlp": {UNFUSED: None, "reference": mlp_reference.mlp},
     "cross_entropy": {"reference": cross_entropy_reference.cross_entropy},
     "adamw": {"reference": adamw_reference.adamw, "foreach": adamw_foreach.adamw},
 }
@@ -61,9 +62,9 @@ FOLDER_OPS: dict[str, tuple[str, ...]] = {  # op folder -> the registry ops its 
 OPTIONAL_MODULES: tuple[str, ...] = ("triton_fused", "flash4", "quack_gated")
 UNAVAILABLE: dict[tuple[str, str], str] = {}  # (op, implementation) -> why it is not registered
 GEMM_SITES: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2", "output")
-UNFUSED = "unfused"  # mlp's fallback: the model calls gemm.fc1 -> swiglu -> gemm.fc2 (ops.mlp is None)
+FALLBACK: dict[str, str] = {"mlp": UNFUSED}  # what "auto" picks when no device default applies, else "reference"
 MLP_PARTS: tuple[str, ...] = ("gemm.fc1", "swiglu", "gemm.fc2")  # what a fused mlp replaces
-DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first registered; else "reference"
+DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first registered; else FALLBACK's
     "cpu": {},
     # Triton AdamW: one launch, 4.5 ms vs foreach's 17 ms for the 0.43B-parameter step on an H100
     # (benchmarks/results/2026-11-23-h100-triton-kernels.json); foreach where triton is missing.
@@ -175,21 +176,17 @@ class Ops:
 
 
 def _pick(op: str, choice: str, device: str, label: str, dtype: torch.dtype | None) -> tuple[str, Callable | None]:
-    fallback = UNFUSED if op == "mlp" else "reference"
     if choice == "auto":
         preferred = DEVICE_DEFAULTS.get(device, {}).get(op, ())
         runs = lambda n: dtype is None or dtype in DTYPES.get(n, (dtype,))  # noqa: E731
-        name = next((n for n in preferred if n in OPS[op] and runs(n)), fallback)
+        name = next((n for n in preferred if n in OPS[op] and runs(n)), FALLBACK.get(op, "reference"))
     else:
         name = choice
-    if op == "mlp" and name == UNFUSED:
-        return name, None
     if name in OPS[op]:
         return name, OPS[op][name]
     if (op, name) in UNAVAILABLE:
         raise EngineError(f"ops.{label}: implementation {name!r} is unavailable ({UNAVAILABLE[(op, name)]})")
-    known = sorted(OPS[op]) + ([UNFUSED] if op == "mlp" else [])
-    raise EngineError(f"ops.{label}: unknown implementation {name!r}; registered: {', '.join(known)}")
+    raise EngineError(f"ops.{label}: unknown implementation {name!r}; registered: {', '.join(sorted(OPS[op]))}")
 
 
 def resolve(selection: OpSelection, device: str, dtype: torch.dtype | None = None) -> Ops:
