@@ -2,9 +2,12 @@
 global-norm clipping, the case's LR schedule): per-step losses, grad norms (before clipping), lrs,
 and the final master weights.
 
-Case (preset): `options.steps` steps, two micro batches per step, warmup 2 then WSD decay, so warmup,
-the stable phase and the decay are all exercised. Localization: the first step whose loss / grad norm
-/ lr diverges, and the first final weight out of bounds in layer order.
+Case (preset): `options.steps` steps, one micro batch per step, warmup 2 then WSD decay, so warmup,
+the stable phase and the decay are all exercised. One micro batch on one rank is the step the benchmarks
+time, where an engine may hand the backward's own (bf16) gradients straight to a fused optimizer; summing
+micro batches is checked by M2 (gradients) and M6 (four per step, against the reference's weights).
+Localization: the first step whose loss / grad norm / lr diverges, and the first final weight out of
+bounds in layer order.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ SERIES = ["losses", "grad_norms", "lrs"]
 
 
 def run(g: GateRun) -> GateReport:
-    case = g.make_case(steps=g.options.steps, grad_accum=2, schedule=ScheduleSpec(kind="wsd", warmup_steps=2))
+    case = g.make_case(steps=g.options.steps, grad_accum=1, schedule=ScheduleSpec(kind="wsd", warmup_steps=2))
     eng, _, _ = g.engine_probe("steps", case)
     g.check("steps", eng, case)
     ref = g.reference_probe("steps", case)

@@ -6,7 +6,7 @@
 #   OUT=/path/to/out bash benchmarks/gpu/gates_0.5b.sh
 #
 # Cases: fresh random weights (seed $SEED, recorded), seq $SEQ, $ROWS row(s) per micro batch (M1: 1
-# global batch of ROWS rows; M2: 2 micro batches; M3: 4 steps x 2 micro batches). Logits of one
+# global batch of ROWS rows; M2: 2 micro batches; M3: 4 steps x 1 micro batch). Logits of one
 # 2048-token row are 2048 x 73448 bf16 (~300 MB) per stack. Engines: exports/train_engine_0.5B when
 # present, and the red-team base engine (a second, eager implementation: SDPA + fused QKV) as a
 # calibration point for the bf16 bound. A few minutes in all.

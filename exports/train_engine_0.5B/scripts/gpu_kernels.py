@@ -56,6 +56,7 @@ from train_engine_0_5b.ops.cross_entropy import triton_fused as ce_t  # noqa: E4
 from train_engine_0_5b.ops.rmsnorm import triton_fused as norm_t  # noqa: E402
 from train_engine_0_5b.ops.rope import triton_fused as rope_t  # noqa: E402
 from train_engine_0_5b.ops.swiglu import triton_fused as swiglu_t  # noqa: E402
+from train_engine_0_5b.optim import clip_coefficient  # noqa: E402
 
 START = time.monotonic()
 DEV = "cpu" if ARGS.smoke else "cuda"
@@ -321,7 +322,7 @@ def adamw() -> None:
     def ours(step: int = 1):
         norm = adamw_t.grad_sq_sum(grads).sqrt()
         adamw_t.adamw(master, grads, m, v, step=step, lr=1e-3, **hp, weight_decays=decays, param_copies=copies,
-                      clip_coef=adamw_t.clip_coefficient(norm, 1.0))  # fmt: skip
+                      clip_coef=clip_coefficient(norm, 1.0))  # fmt: skip
         return norm
 
     # correctness: one step against fp64 on the embedding and the first layer (the norm on all grads)
@@ -332,7 +333,7 @@ def adamw() -> None:
     norm = ours()
     norm64 = adamw_t.grad_sq_sum_reference(g64).sqrt()
     adamw_t.adamw_reference(p64, g64[:k], m64, v64, step=1, lr=1e-3, **hp, weight_decays=decays[:k],
-                            clip_coef=adamw_t.clip_coefficient(norm64, 1.0))  # fmt: skip
+                            clip_coef=clip_coefficient(norm64, 1.0))  # fmt: skip
     ERRORS.append(dict(op="adamw", output="grad_norm", rel_err=abs(norm.item() - norm64.item()) / norm64.item()))
     cat = lambda ts: torch.cat([t.reshape(-1).double() for t in ts])  # noqa: E731
     check("adamw", "exp_avg", cat(m[:k]), cat(m64))

@@ -162,7 +162,7 @@ def _forward(case: Case, ctx: DistContext, ops: Ops) -> dict[str, torch.Tensor]:
 def _backward(case: Case, ctx: DistContext, ops: Ops) -> dict[str, torch.Tensor]:
     run = _Run(case, ctx, ops)
     loss, _ = run.trainer.compute_grads(*case.local_batch(0, ctx))
-    return {"loss": loss} | {f"grad.{k}": g for k, g in run.trainer.reducer.grads.items()}
+    return {"loss": loss} | {f"grad.{k}": g.to(case.master_dtype) for k, g in run.trainer.grads.items()}
 
 
 def _steps(case: Case, ctx: DistContext, ops: Ops) -> dict[str, torch.Tensor]:

@@ -13,10 +13,10 @@ from train_engine_0_5b.ops.adamw.triton_fused import (  # noqa: E402
     _CHUNK,
     adamw,
     adamw_reference,
-    clip_coefficient,
     grad_sq_sum,
     grad_sq_sum_reference,
 )
+from train_engine_0_5b.optim import clip_coefficient  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

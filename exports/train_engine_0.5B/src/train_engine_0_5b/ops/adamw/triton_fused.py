@@ -7,7 +7,7 @@
     - clip_coef: a 0-dim fp32 device tensor multiplying every gradient as it is read (gradient
       clipping without a pass that rewrites the gradients).
     grad_sq_sum(grads) -> 0-dim fp32: the sum of squares of all gradients, one read (all-reduce it
-    across ranks when the gradients are sharded); clip_coefficient(total_norm, max_norm) -> 0-dim.
+    across ranks when the gradients are sharded). The clip factor: optim.clip_coefficient.
 
 The tensors stay where they are (separate allocations, or views of one flat buffer: a flat master
 buffer with per-range decay is passed as its views). A launch plan lists work items (tensor, start,
@@ -225,11 +225,6 @@ def grad_sq_sum(grads: list[Tensor]) -> Tensor:
         plan, tables[0], partial, G_DTYPE=_tl_dtype(grads[0].dtype), ALIGNED=aligned, BLOCK=_BLOCK, num_warps=4
     )
     return partial.sum()
-
-
-def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
-    """min(1, max_norm / (total_norm + 1e-6)), as torch's clip_grad_norm_ (a 0-dim device tensor)."""
-    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
 def adamw_reference(
