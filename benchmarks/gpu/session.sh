@@ -45,7 +45,7 @@ for part in "$@"; do
     mlp)  # ops.mlp=quack_gated: its tests on the real kernel, the compiled step with it and unfused, the MLP table
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
       e="python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size 8 --compile"
-      { timeout 240 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_mlp_quack.py exports/train_engine_0.5B/tests/ops/test_dswiglu_triton.py \
+      { timeout 240 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_mlp_quack.py \
           exports/train_engine_0.5B/tests/test_trainer_direct_grads.py exports/train_engine_0.5B/tests/ops/test_adamw_triton.py
         timeout 200 $e --ops mlp=quack_gated ${BENCH_EXTRA:-} --json "$dir/compile_quack_gated_mb8.json"
         timeout 200 $e --ops mlp=unfused ${BENCH_EXTRA:-} --json "$dir/compile_unfused_mb8.json"
