@@ -29,13 +29,13 @@ def _sync(device: torch.device) -> None:
 
 def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, grad_accum: int, steps: int, warmup: int,
         device: str, dtype: torch.dtype, ops_selection: OpSelection, deterministic: bool, compile: bool = False,
-        seed: int = 0, op_table: bool = False) -> tuple[dict, bool]:
+        seed: int = 0, op_table: bool = False, recompute: str = "none") -> tuple[dict, bool]:
     """(the result JSON, whether this process is rank 0)."""
     runtime.setup(device, deterministic)
     ctx = DistContext.start(device)
     try:
         ops = resolve(ops_selection, ctx.device.type, dtype)
-        model = build_model(model_cfg, ops, ctx.device, dtype)
+        model = build_model(model_cfg, ops, ctx.device, dtype, recompute)
         if compile:
             compile_loss(model)
         optimizer = AdamW(dict(model.named_parameters()), init_weights(model, 0.1, seed), adamw_op=ops.adamw,
@@ -72,7 +72,8 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
             "device": device_name, "torch": torch.__version__, "world_size": ctx.world, "step_times_s": times,
             "config": {"model": model_cfg.name, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
                        "grad_accum": grad_accum, "global_batch_size": rows * ctx.world, "dtype": str(dtype).removeprefix("torch."),
-                       "steps": steps, "warmup": warmup, "deterministic": deterministic, "compile": compile, "ops": ops.names},
+                       "steps": steps, "warmup": warmup, "deterministic": deterministic, "compile": compile, "recompute": recompute,
+                       "ops": ops.names},
         }
         if op_table:
             batches = iter([batch() for _ in range(2)])

@@ -82,6 +82,7 @@ def pretrain(
     ops: str = typer.Option("", "--ops", help="op=implementation,... e.g. attention=sdpa,gemm.qkv=concat"),
     deterministic: bool = typer.Option(True, "--deterministic/--no-deterministic"),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the forward + loss (the fast GPU path)"),
+    recompute: str = typer.Option("none", "--recompute", help="activation recomputation per layer: none | mlp | attention | layer (memory for compute)"),
     bucket_mb: float = typer.Option(25.0, "--bucket-mb", help="gradient all-reduce bucket (MiB)"),
     exit_after_steps: Optional[int] = typer.Option(None, "--exit-after-steps", help="stop (with a checkpoint) after N steps of this run"),
     log_file: Optional[Path] = typer.Option(None, "--log-file", help="JSONL step log"),
@@ -100,7 +101,8 @@ def pretrain(
         data=dict(hf_dataset=hf_dataset, hf_dataset_config=hf_dataset_config, hf_dataset_split=hf_dataset_split,
                   hf_text_template=hf_text_template, tokenizer_path=tokenizer_path, shuffle=shuffle),
         checkpoint=dict(save_dir=save_dir, save_interval=save_interval, resume=resume),
-        runtime=dict(device=device, dtype=dtype, deterministic=deterministic, compile=compile, log_file=log_file),
+        runtime=dict(device=device, dtype=dtype, deterministic=deterministic, compile=compile, recompute=recompute,
+                     log_file=log_file),
     )
     summary = pretrain_mod.run(cfg)
     if summary_json is not None and int(os.environ.get("RANK", 0)) == 0:
@@ -122,14 +124,15 @@ def bench(
     ops: str = typer.Option("", "--ops"),
     deterministic: bool = typer.Option(False, "--deterministic/--no-deterministic", help="off by default: timing needs no bit-exact replay"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="default: on with CUDA, off on a CPU"),
+    recompute: str = typer.Option("none", "--recompute", help="activation recomputation per layer: none | mlp | attention | layer"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here (rank 0)"),
     op_table: bool = typer.Option(False, "--op-table", help="also: each op timed alone vs its reference, and a profiler breakdown of 2 steps (JSON key op_table; tables on stderr)"),
 ) -> None:
     """Time training steps on random tokens (median after warm-up): tokens/s, step time, MFU, peak memory."""
-    from train_engine_0_5b import bench as bench_mod
+    from train_engine_0_5b import bench as bench_mod, config
     from train_engine_0_5b.config import RuntimeConfig
 
-    rt = RuntimeConfig(device=device, dtype=dtype)
+    rt = config.build_section(RuntimeConfig, device=device, dtype=dtype, recompute=recompute)
     cfg = _model(model)
     if seq_length > cfg.max_seq_length:
         raise EngineError(f"--seq-length {seq_length} exceeds the model's max_seq_length ({cfg.max_seq_length})")
@@ -137,7 +140,7 @@ def bench(
                                     steps=steps, warmup=warmup, device=rt.resolved_device(), dtype=rt.resolved_dtype(),
                                     ops_selection=_ops(ops), deterministic=deterministic,
                                     compile=rt.resolved_device() == "cuda" if compile is None else compile,
-                                    op_table=op_table)
+                                    op_table=op_table, recompute=rt.recompute)
     if is_main:
         text = json.dumps(result, indent=2)
         if json_path is not None:

@@ -67,6 +67,8 @@ class RuntimeConfig(_Section):
     deterministic: bool = Field(True, description="torch deterministic algorithms (bit-identical resume)")
     compile: bool = Field(False, description="torch.compile the forward + loss (model.compile_loss); the registry's "
                           "reference ops are then fused by inductor, Triton ops with host-side code break the graph")
+    recompute: Literal["none", "mlp", "attention", "layer"] = Field(
+        "none", description="activation recomputation per layer (model.RECOMPUTE): none | mlp | attention | layer")
     log_file: Path | None = Field(None, description="JSONL, one line per step (rank 0)")
 
     def resolved_device(self) -> str:
@@ -115,8 +117,14 @@ class EngineConfig(_Section):
 
 def build(**sections) -> EngineConfig:
     """EngineConfig from section values; validation errors become one EngineError naming each field."""
+    return build_section(EngineConfig, **sections)
+
+
+def build_section(cls: type[BaseModel], **values):
+    """One config model (a section, or the whole EngineConfig) from values; validation errors become one
+    EngineError naming each field (`bench` builds its RuntimeConfig alone)."""
     try:
-        return EngineConfig(**sections)
+        return cls(**values)
     except ValidationError as e:
         lines = []
         for err in e.errors():

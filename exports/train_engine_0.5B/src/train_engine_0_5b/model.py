@@ -7,6 +7,13 @@
 The residual add and the norm after it are one op (`add_rms_norm`), so the loop carries the residual
 stream `h` and its normalized form `x` from one sublayer to the next. The parameters are the compute
 copy (the case / training dtype); fp32 master weights live in the optimizer (optim.py).
+
+Activation recomputation (`recompute`, RECOMPUTE): the named part of every layer keeps only its inputs
+for backward and runs its forward again there (torch.utils.checkpoint, non-reentrant, so it composes with
+torch.compile and the custom ops). "mlp": fc1 -> SwiGLU -> fc2, whose (tokens, 2 x ffn) fc1 output and
+(tokens, ffn) SwiGLU output are the largest activations; "attention": QKV -> RoPE -> attention -> out
+projection; "layer": the whole layer, only the residual stream and its norm kept between layers. Same
+math, so the same values: it trades one more forward of that part for memory.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from train_engine_0_5b.model_config import MiniCPMConfig, hf_param_shapes
 from train_engine_0_5b.ops.registry import Ops
@@ -87,10 +95,22 @@ def rope_cos_sin(seq_len: int, dim: int, theta: float, device: torch.device, dty
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+RECOMPUTE: tuple[str, ...] = ("none", "mlp", "attention", "layer")  # what each layer recomputes in backward
+
+
+def _maybe_recompute(on: bool, fn, *args):
+    """fn(*args), keeping only the inputs for backward when `on` and autograd records."""
+    if on and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class MiniCPM(nn.Module):
-    def __init__(self, cfg: MiniCPMConfig, ops: Ops):
+    def __init__(self, cfg: MiniCPMConfig, ops: Ops, recompute: str = "none"):
         super().__init__()
-        self.cfg, self.ops = cfg, ops
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute {recompute!r}: choose one of {', '.join(RECOMPUTE)}")
+        self.cfg, self.ops, self.recompute = cfg, ops, recompute
         self.model = Body(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else Weight(cfg.vocab_size, cfg.hidden_size)
         self._rope: dict[tuple, tuple[Tensor, Tensor]] = {}  # (seq, device, dtype) -> tables
@@ -112,21 +132,25 @@ class MiniCPM(nn.Module):
     def final_hidden(self, input_ids: Tensor, hidden_states: list[Tensor] | None = None) -> Tensor:
         """The normalized, 1/logit_scale-scaled last hidden state (B, S, h): the output GEMM's input."""
         cfg, ops, layers = self.cfg, self.ops, self.model.layers
-        eps, r = cfg.rms_norm_eps, cfg.residual_scale
         h = F.embedding(input_ids, self.model.embed_tokens.weight) * cfg.scale_emb  # (B, S, h)
         cos, sin = self.rope_tables(input_ids.shape[1], h.device, h.dtype)
         if hidden_states is not None:
             hidden_states.append(h)
-        x = ops.rms_norm(h, layers[0].input_layernorm.weight, eps)
+        x = ops.rms_norm(h, layers[0].input_layernorm.weight, cfg.rms_norm_eps)
         for i, layer in enumerate(layers):
-            a = layer.self_attn(x, cos, sin, ops)
-            x, h = ops.add_rms_norm(h, a, layer.post_attention_layernorm.weight, eps, r)
-            m = layer.mlp(x, ops)
             next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            x, h = ops.add_rms_norm(h, m, next_norm.weight, eps, r)
+            x, h = _maybe_recompute(self.recompute == "layer", self._layer, layer, x, h, cos, sin, next_norm.weight)
             if hidden_states is not None:
                 hidden_states.append(h)
         return x / cfg.logit_scale
+
+    def _layer(self, layer: DecoderLayer, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, next_norm: Tensor):
+        """One decoder layer: (normed input, residual stream) -> (the next sublayer's normed input, stream)."""
+        ops, eps, r = self.ops, self.cfg.rms_norm_eps, self.cfg.residual_scale
+        a = _maybe_recompute(self.recompute == "attention", layer.self_attn, x, cos, sin, ops)
+        x, h = ops.add_rms_norm(h, a, layer.post_attention_layernorm.weight, eps, r)
+        m = _maybe_recompute(self.recompute == "mlp", layer.mlp, x, ops)
+        return ops.add_rms_norm(h, m, next_norm, eps, r)
 
     def _output(self, x: Tensor) -> Tensor:
         return self.ops.gemm_output(x, (self.output_weight(),))[0]  # (B, S, V)
@@ -145,10 +169,11 @@ def compile_loss(model: MiniCPM) -> MiniCPM:
     return model
 
 
-def build_model(cfg: MiniCPMConfig, ops: Ops, device: torch.device | str, dtype: torch.dtype) -> MiniCPM:
-    """An uninitialized model (weights come from `load_weights` or `init_weights`)."""
+def build_model(cfg: MiniCPMConfig, ops: Ops, device: torch.device | str, dtype: torch.dtype,
+                recompute: str = "none") -> MiniCPM:
+    """An uninitialized model (weights come from `load_weights` or `init_weights`); `recompute`: RECOMPUTE."""
     with torch.device("meta"):
-        model = MiniCPM(cfg, ops)
+        model = MiniCPM(cfg, ops, recompute)
     return model.to_empty(device=device).to(dtype)
 
 

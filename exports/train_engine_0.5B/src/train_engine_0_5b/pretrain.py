@@ -101,7 +101,7 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
             print(f"checkpoint {loaded.path} is at step {start} >= --num-steps {t.num_steps}: nothing to train")
         return {"steps": start, "first_step": start + 1, "losses": []}
 
-    model = build_model(cfg.model, ops, ctx.device, dtype)
+    model = build_model(cfg.model, ops, ctx.device, dtype, cfg.runtime.recompute)
     if cfg.runtime.compile:
         compile_loss(model)
     master_dtype = torch.float32
