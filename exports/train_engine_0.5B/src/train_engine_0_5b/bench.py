@@ -29,7 +29,7 @@ def _sync(device: torch.device) -> None:
 
 def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, grad_accum: int, steps: int, warmup: int,
         device: str, dtype: torch.dtype, ops_selection: OpSelection, deterministic: bool, compile: bool = False,
-        seed: int = 0, op_table: bool = False, recompute: str = "none") -> tuple[dict, bool]:
+        seed: int = 0, op_table: bool = False, recompute: str = "none", zero1: bool = False) -> tuple[dict, bool]:
     """(the result JSON, whether this process is rank 0)."""
     runtime.setup(device, deterministic)
     ctx = DistContext.start(device)
@@ -42,7 +42,7 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
                           betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
         schedule = Schedule("constant", 1e-4, 1e-4, 1, warmup + steps)
         trainer = Trainer(model, optimizer, schedule, ctx, micro_batch_size=micro_batch_size, grad_clip=1.0,
-                          master_dtype=torch.float32)
+                          master_dtype=torch.float32, zero1=zero1)
         gen = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
         rows = micro_batch_size * grad_accum
         times = []
@@ -72,7 +72,7 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
             "device": device_name, "torch": torch.__version__, "world_size": ctx.world, "step_times_s": times,
             "config": {"model": model_cfg.name, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
                        "grad_accum": grad_accum, "global_batch_size": rows * ctx.world, "dtype": str(dtype).removeprefix("torch."),
-                       "steps": steps, "warmup": warmup, "deterministic": deterministic, "compile": compile, "recompute": recompute,
+                       "steps": steps, "warmup": warmup, "deterministic": deterministic, "compile": compile, "recompute": recompute, "zero1": zero1,
                        "ops": ops.names},
         }
         if op_table:

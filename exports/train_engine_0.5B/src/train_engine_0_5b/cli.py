@@ -75,6 +75,7 @@ def pretrain(
     decay_steps: Optional[int] = typer.Option(None, "--decay-steps", help="wsd decay length (default 10 % of the steps)"),
     weight_decay: float = typer.Option(0.1, "--weight-decay"),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="global-norm clip (0: off)"),
+    zero1: bool = typer.Option(False, "--zero1/--no-zero1", help="shard optimizer state over data-parallel ranks (ZeRO-1)"),
     seed: int = typer.Option(0, "--seed"),
     init_std: float = typer.Option(0.1, "--init-std"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
@@ -97,7 +98,7 @@ def pretrain(
                    seq_length=seq_length, seed=seed, init_std=init_std, bucket_mb=bucket_mb,
                    exit_after_steps=exit_after_steps),
         optim=dict(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, lr_schedule=lr_schedule, decay_steps=decay_steps,
-                   weight_decay=weight_decay, grad_clip=grad_clip),
+                   weight_decay=weight_decay, grad_clip=grad_clip, zero1=zero1),
         data=dict(hf_dataset=hf_dataset, hf_dataset_config=hf_dataset_config, hf_dataset_split=hf_dataset_split,
                   hf_text_template=hf_text_template, tokenizer_path=tokenizer_path, shuffle=shuffle),
         checkpoint=dict(save_dir=save_dir, save_interval=save_interval, resume=resume),
@@ -125,6 +126,7 @@ def bench(
     deterministic: bool = typer.Option(False, "--deterministic/--no-deterministic", help="off by default: timing needs no bit-exact replay"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="default: on with CUDA, off on a CPU"),
     recompute: str = typer.Option("none", "--recompute", help="activation recomputation per layer: none | mlp | attention | layer"),
+    zero1: bool = typer.Option(False, "--zero1/--no-zero1", help="shard optimizer state over data-parallel ranks (ZeRO-1)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here (rank 0)"),
     op_table: bool = typer.Option(False, "--op-table", help="also: each op timed alone vs its reference, and a profiler breakdown of 2 steps (JSON key op_table; tables on stderr)"),
 ) -> None:
@@ -140,7 +142,7 @@ def bench(
                                     steps=steps, warmup=warmup, device=rt.resolved_device(), dtype=rt.resolved_dtype(),
                                     ops_selection=_ops(ops), deterministic=deterministic,
                                     compile=rt.resolved_device() == "cuda" if compile is None else compile,
-                                    op_table=op_table, recompute=rt.recompute)
+                                    op_table=op_table, recompute=rt.recompute, zero1=zero1)
     if is_main:
         text = json.dumps(result, indent=2)
         if json_path is not None:

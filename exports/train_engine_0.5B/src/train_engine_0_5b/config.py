@@ -53,6 +53,8 @@ class OptimConfig(_Section):
     grad_clip: float = Field(1.0, ge=0, description="global-norm clip; 0 disables it")
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
+    zero1: bool = Field(False, description="shard fp32 masters and AdamW moments over the data-parallel ranks (ZeRO-1: "
+                        "reduce-scatter gradients, all-gather parameters); checkpoints stay whole")
 
 
 class CheckpointConfig(_Section):

@@ -59,14 +59,6 @@ def clip_coefficient(total: Tensor, max_norm: float) -> Tensor:
     return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
-def clip_grads_(grads: list[Tensor], max_norm: float) -> Tensor:
-    """In place; returns the total norm before clipping (0-dim)."""
-    total = global_norm(grads)
-    if max_norm > 0:
-        torch._foreach_mul_(grads, clip_coefficient(total, max_norm))
-    return total
-
-
 def fuses_clip_and_copy(adamw_op: Callable) -> bool:
     """Whether an `adamw` implementation takes `clip_coef` and `param_copies` (ops/adamw/triton_fused.py):
     it then scales the gradients as it reads them and writes the compute-dtype parameters in its own
@@ -81,7 +73,12 @@ class AdamW:
     Where the model computes in the master dtype (fp32 on a CPU) the master weight IS the parameter;
     otherwise (bf16 on a GPU) the master is a separate fp32 copy, written back after every step.
     `step` clips and updates: with an op that `fuses_clip_and_copy` that is one norm and one AdamW pass
-    (the clip factor and the bf16 write-back inside it); otherwise clip pass, AdamW, copy pass."""
+    (the clip factor and the bf16 write-back inside it); otherwise clip pass, AdamW, copy pass.
+
+    After `shard` (ZeRO-1) it keeps masters and moments only for this rank's pieces of the parameters
+    (dist.Piece), takes those pieces' gradients, and writes those pieces of the parameters; the norm is
+    summed over ranks. `master_weights` / `state_tensors` / `load` still speak whole tensors (a checkpoint
+    does not depend on sharding), assembling them across ranks: every rank must call them."""
 
     def __init__(
         self, params: dict[str, nn.Parameter], master: dict[str, Tensor], *, adamw_op: Callable, betas: tuple[float, float],
@@ -90,6 +87,7 @@ class AdamW:
         self.names = list(params)
         self.params = [params[n] for n in self.names]
         self.shared = all(p.dtype == master_dtype for p in self.params)
+        self.master_dtype = master_dtype
         with torch.no_grad():
             if self.shared:
                 for p, n in zip(self.params, self.names):
@@ -98,46 +96,94 @@ class AdamW:
             else:
                 self.master = [master[n].to(p.device, master_dtype, copy=True) for p, n in zip(self.params, self.names)]
                 torch._foreach_copy_(self.params, self.master)
+        # The update's units: whole parameters, or (sharded) this rank's pieces; `copies` are the units'
+        # compute-dtype targets, `units` their (name, start, end) in the flattened parameter.
         self.exp_avg = [torch.zeros_like(m) for m in self.master]
         self.exp_avg_sq = [torch.zeros_like(m) for m in self.master]
-        self.weight_decays = [weight_decay if p.ndim >= 2 else 0.0 for p in self.params]
+        self._decay = {n: weight_decay if p.ndim >= 2 else 0.0 for n, p in zip(self.names, self.params)}
+        self.weight_decays = [self._decay[n] for n in self.names]
+        self.units: list[tuple[str, int, int]] | None = None  # None: whole parameters
+        self.ctx = None
         self.betas, self.eps, self.op = betas, eps, adamw_op
         self.fused = fuses_clip_and_copy(adamw_op)
         self.step_count = 0
 
+    def _copies(self) -> list[Tensor]:
+        if self.units is None:
+            return [p.data for p in self.params]
+        return self._piece_params
+
+    @torch.no_grad()
+    def shard(self, pieces: list, ctx) -> None:
+        """ZeRO-1: from now on update only `pieces` (dist.Piece, this rank's, their parameters already
+        re-pointed at the reducer's flat buffers); masters and moments are cut down to them."""
+        index = {n: i for i, n in enumerate(self.names)}
+        cut = lambda ts: [ts[index[pc.name]].reshape(-1)[pc.start : pc.end].clone() for pc in pieces]  # noqa: E731
+        self._piece_params = [pc.param for pc in pieces]
+        self.master = list(self._piece_params) if self.shared else cut(self.master)
+        self.exp_avg, self.exp_avg_sq = cut(self.exp_avg), cut(self.exp_avg_sq)
+        self.weight_decays = [self._decay[pc.name] for pc in pieces]
+        self.units = [(pc.name, pc.start, pc.end) for pc in pieces]
+        self.ctx = ctx
+
+    def _norm(self, grads: list[Tensor]) -> Tensor:
+        if self.units is None:
+            return global_norm(grads)
+        acc = torch.promote_types(grads[0].dtype, torch.float32) if grads else self.master_dtype
+        sq = torch.stack(torch._foreach_norm(grads, 2, dtype=acc)).square().sum() if grads else None
+        device = self.params[0].device
+        return self.ctx.all_reduce_sum_(sq if sq is not None else torch.zeros((), dtype=acc, device=device)).sqrt()
+
     @torch.no_grad()
     def step(self, grads: list[Tensor], lr: float, max_norm: float) -> Tensor:
-        """Clip `grads` to global norm `max_norm` (0: no clipping), one AdamW step at `lr`; returns the
-        norm before clipping (0-dim, on the device). With a fused op the gradients are left unchanged and
-        may be in the compute dtype; otherwise they are clipped in place and must be in the master dtype."""
+        """Clip `grads` (one per unit) to global norm `max_norm` (0: no clipping), one AdamW step at `lr`;
+        returns the norm before clipping (0-dim, on the device). With a fused op the gradients are left
+        unchanged and may be in the compute dtype; otherwise they are clipped in place and must be in the
+        master dtype."""
         self.step_count += 1
         kw = dict(step=self.step_count, lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
                   weight_decays=self.weight_decays)
+        norm = self._norm(grads)
+        coef = clip_coefficient(norm, max_norm) if max_norm > 0 else None
         if self.fused:
-            norm = global_norm(grads)
-            coef = clip_coefficient(norm, max_norm) if max_norm > 0 else None
             self.op(self.master, grads, self.exp_avg, self.exp_avg_sq, **kw, clip_coef=coef,
-                    param_copies=None if self.shared else [p.data for p in self.params])
+                    param_copies=None if self.shared else self._copies())
             return norm
-        norm = clip_grads_(grads, max_norm)
+        if coef is not None and grads:
+            torch._foreach_mul_(grads, coef)
         self.op(self.master, grads, self.exp_avg, self.exp_avg_sq, **kw)
         if not self.shared:
-            torch._foreach_copy_(self.params, self.master)
+            torch._foreach_copy_(self._copies(), self.master)
         return norm
 
+    def _whole(self, parts: list[Tensor]) -> dict[str, Tensor]:
+        """Unit tensors -> whole tensors by name (sharded: assembled by a sum over ranks, each element
+        being nonzero on the one rank that owns it)."""
+        if self.units is None:
+            return dict(zip(self.names, parts))
+        out = {n: torch.zeros(p.shape, dtype=self.master_dtype, device=p.device) for n, p in zip(self.names, self.params)}
+        for (n, a, b), t in zip(self.units, parts):
+            out[n].view(-1)[a:b] = t
+        for t in out.values():
+            self.ctx.all_reduce_sum_(t)
+        return out
+
     def master_weights(self) -> dict[str, Tensor]:
-        return dict(zip(self.names, self.master))
+        return self._whole(self.master)
 
     def state_tensors(self) -> dict[str, Tensor]:
-        out = {f"exp_avg.{n}": t for n, t in zip(self.names, self.exp_avg)}
-        return out | {f"exp_avg_sq.{n}": t for n, t in zip(self.names, self.exp_avg_sq)}
+        out = {f"exp_avg.{n}": t for n, t in self._whole(self.exp_avg).items()}
+        return out | {f"exp_avg_sq.{n}": t for n, t in self._whole(self.exp_avg_sq).items()}
 
     @torch.no_grad()
     def load(self, master: dict[str, Tensor], state: dict[str, Tensor], step_count: int) -> None:
-        for n, m, a, s in zip(self.names, self.master, self.exp_avg, self.exp_avg_sq):
-            m.copy_(master[n])
-            a.copy_(state[f"exp_avg.{n}"])
-            s.copy_(state[f"exp_avg_sq.{n}"])
-        if not self.shared:
-            torch._foreach_copy_(self.params, self.master)
+        units = self.units or [(n, 0, p.numel()) for n, p in zip(self.names, self.params)]
+        part = lambda t, a, b: t.reshape(-1)[a:b]  # noqa: E731
+        for (n, a, b), m, ea, es in zip(units, self.master, self.exp_avg, self.exp_avg_sq):
+            m.view(-1).copy_(part(master[n], a, b))
+            ea.view(-1).copy_(part(state[f"exp_avg.{n}"], a, b))
+            es.view(-1).copy_(part(state[f"exp_avg_sq.{n}"], a, b))
+        if not self.shared or self.units is not None:  # every rank holds the whole parameters
+            for p, n in zip(self.params, self.names):
+                p.data.copy_(master[n])
         self.step_count = step_count

@@ -56,12 +56,12 @@ def _checkpoint_to_resume(cfg: EngineConfig, data: Data) -> ckpt.Checkpoint | No
 
 def _save(cfg: EngineConfig, ctx: DistContext, step: int, optimizer: AdamW, loader: Loader, data: Data, log: StepLog) -> None:
     rng, py_rng = runtime.gather_rng(ctx)
+    master, optim_state = optimizer.master_weights(), optimizer.state_tensors()  # collective under ZeRO-1
     if ctx.is_main:
         state = {"identity": _identity(cfg, data), "config": json.loads(cfg.model_dump_json()),
                  "data": loader.cursor(step), "schedule": {"next_step": step + 1, "kind": cfg.optim.lr_schedule},
                  "world_size": ctx.world, "python_rng": py_rng, "torch": torch.__version__}
-        path = ckpt.save(cfg.checkpoint.save_dir, step, optimizer.master_weights(), optimizer.state_tensors(),
-                         rng, state, data.tokenizer)
+        path = ckpt.save(cfg.checkpoint.save_dir, step, master, optim_state, rng, state, data.tokenizer)
         log.print(f"saved checkpoint {path}")
     ctx.barrier()
 
@@ -114,7 +114,7 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
             _restore(loaded, optimizer, ctx, log)
         schedule = Schedule(o.lr_schedule, o.lr, o.min_lr, o.warmup_steps, t.num_steps, o.decay_steps)
         trainer = Trainer(model, optimizer, schedule, ctx, micro_batch_size=t.micro_batch_size, grad_clip=o.grad_clip,
-                          master_dtype=master_dtype, bucket_mb=t.bucket_mb)
+                          master_dtype=master_dtype, bucket_mb=t.bucket_mb, zero1=o.zero1)
         loader = Loader(data.rows, t.global_batch_size, ctx.rank, ctx.world)
         log.print(f"model {cfg.model.name} ({cfg.model.num_params() / 1e6:.1f} M params) on {ctx.world} x {ctx.device.type} "
                   f"{str(dtype).removeprefix('torch.')}; data: {data.source_name} ({data.rows.tokens_per_epoch:,} tokens/epoch); "
