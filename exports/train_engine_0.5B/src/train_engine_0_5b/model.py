@@ -146,7 +146,8 @@ class MiniCPM(nn.Module):
 
     def _layer(self, layer: DecoderLayer, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, next_norm: Tensor):
         """One decoder layer: (normed input, residual stream) -> (the next sublayer's normed input, stream)."""
-        ops, eps, r = self.ops, self.cfg.rms_norm_eps, self.cfg.residual_scale
+        cfg, ops = self.cfg, self.ops
+        eps, r = cfg.rms_norm_eps, cfg.residual_scale
         a = _maybe_recompute(self.recompute == "attention", layer.self_attn, x, cos, sin, ops)
         x, h = ops.add_rms_norm(h, a, layer.post_attention_layernorm.weight, eps, r)
         m = _maybe_recompute(self.recompute == "mlp", layer.mlp, x, ops)

@@ -96,8 +96,8 @@ class AdamW:
             else:
                 self.master = [master[n].to(p.device, master_dtype, copy=True) for p, n in zip(self.params, self.names)]
                 torch._foreach_copy_(self.params, self.master)
-        # The update's units: whole parameters, or (sharded) this rank's pieces; `copies` are the units'
-        # compute-dtype targets, `units` their (name, start, end) in the flattened parameter.
+        # The update's units: whole parameters, or after `shard` this rank's pieces, `units` then naming
+        # each one's (name, start, end) in the flattened parameter; `_copies()` are their compute-dtype targets.
         self.exp_avg = [torch.zeros_like(m) for m in self.master]
         self.exp_avg_sq = [torch.zeros_like(m) for m in self.master]
         self._decay = {n: weight_decay if p.ndim >= 2 else 0.0 for n, p in zip(self.names, self.params)}
