@@ -34,15 +34,22 @@ def _train(adamw_op, device: str, rows: int, mb: int, steps: int = 3):
                       micro_batch_size=mb, grad_clip=0.05, master_dtype=torch.float32)  # small: clipping engages
     gen = torch.Generator().manual_seed(1)
     losses, norms, grad_dtypes = [], [], set()
+    step = opt.step
+
+    def recording_step(grads, lr, max_norm):  # the dtypes of the gradients the optimizer is handed
+        grad_dtypes.update(g.dtype for g in grads)
+        return step(grads, lr, max_norm)
+
+    opt.step = recording_step
     for _ in range(steps):
         ids = torch.randint(0, cfg.vocab_size, (rows, 17), generator=gen).to(device)
         labels = torch.roll(ids, -1, 1)
         labels[0, :5] = -100  # some ignored labels
         res = trainer.train_step(ids, labels)
-        grad_dtypes |= {g.dtype for g in trainer.grads.values()}
         losses.append(res.loss.item())
         norms.append(res.grad_norm.item())
         assert all(p.grad is None for p in model.parameters())  # nothing left to add into the next step
+        assert trainer.grads is trainer.reducer.grads  # and no reference keeps the direct ones alive
     weights = [w.clone() for w in opt.master]
     params = [p.detach().clone() for p in model.parameters()]
     return losses, norms, weights, params, grad_dtypes

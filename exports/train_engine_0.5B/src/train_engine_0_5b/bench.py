@@ -72,8 +72,8 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
             "device": device_name, "torch": torch.__version__, "world_size": ctx.world, "step_times_s": times,
             "config": {"model": model_cfg.name, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
                        "grad_accum": grad_accum, "global_batch_size": rows * ctx.world, "dtype": str(dtype).removeprefix("torch."),
-                       "steps": steps, "warmup": warmup, "deterministic": deterministic, "compile": compile, "recompute": recompute, "zero1": zero1,
-                       "ops": ops.names},
+                       "steps": steps, "warmup": warmup, "deterministic": deterministic, "compile": compile,
+                       "recompute": recompute, "zero1": zero1, "ops": ops.names},
         }
         if op_table:
             batches = iter([batch() for _ in range(2)])

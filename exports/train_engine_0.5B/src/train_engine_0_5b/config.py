@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.model import Recompute
 from train_engine_0_5b.model_config import MiniCPMConfig
 from train_engine_0_5b.ops.registry import OpSelection
 
@@ -69,7 +70,7 @@ class RuntimeConfig(_Section):
     deterministic: bool = Field(True, description="torch deterministic algorithms (bit-identical resume)")
     compile: bool = Field(False, description="torch.compile the forward + loss (model.compile_loss); the registry's "
                           "reference ops are then fused by inductor, Triton ops with host-side code break the graph")
-    recompute: Literal["none", "mlp", "attention", "layer"] = Field(
+    recompute: Recompute = Field(
         "none", description="activation recomputation per layer (model.RECOMPUTE): none | mlp | attention | layer")
     log_file: Path | None = Field(None, description="JSONL, one line per step (rank 0)")
 

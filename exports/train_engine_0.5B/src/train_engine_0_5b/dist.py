@@ -168,7 +168,8 @@ class GradReducer:
                 p.data = storage.view(p.shape)  # the parameter now lives in the gathered buffer
                 lo, hi = max(offset, bucket.own.start), min(offset + n, bucket.own.stop)
                 if lo < hi:
-                    self.pieces.append(Piece(name, lo - offset, hi - offset, bucket.buffer[lo:hi], storage[lo - offset : hi - offset]))
+                    start, end = lo - offset, hi - offset
+                    self.pieces.append(Piece(name, start, end, bucket.buffer[lo:hi], storage[start:end]))
             offset += n
         self.buckets.append(bucket)
 

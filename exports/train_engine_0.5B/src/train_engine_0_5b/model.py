@@ -19,6 +19,7 @@ math, so the same values: it trades one more forward of that part for memory.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,8 @@ def rope_cos_sin(seq_len: int, dim: int, theta: float, device: torch.device, dty
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-RECOMPUTE: tuple[str, ...] = ("none", "mlp", "attention", "layer")  # what each layer recomputes in backward
+Recompute = Literal["none", "mlp", "attention", "layer"]  # what each layer recomputes in backward
+RECOMPUTE: tuple[str, ...] = get_args(Recompute)
 
 
 def _maybe_recompute(on: bool, fn, *args):

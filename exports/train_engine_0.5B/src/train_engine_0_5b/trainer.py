@@ -88,5 +88,6 @@ class Trainer:
         else:
             norm = self.optimizer.step(list(self.grads.values()), lr, self.grad_clip)
         for p in self.params.values():
-            p.grad = None  # direct gradients: freed, and the next backward must not add to them
+            p.grad = None  # direct gradients: the next backward must not add to them
+        self.grads = self.reducer.grads  # nor may `grads` keep them alive through the next step
         return StepResult(loss, norm, lr, count)
