@@ -5,9 +5,9 @@ Why: the compiled reference step spent 6.3 ms of 233 on the standalone SwiGLU fo
 
     forward   preact, postact = gemm_gated(x, W1i^T)     quack: fc1 with silu(gate) * up in the epilogue
               out = postact @ W2^T                       torch (cuBLAS)
-    backward  dpost = dout @ W2                          torch, all of it: cuBLAS GEMMs, and under
-              dpreact = dSwiGLU(preact, dpost)           torch.compile the elementwise dSwiGLU is one
-              dx = dpreact @ W1i; dW1i = dpreact^T @ x   fused Inductor kernel
+    backward  dpost = dout @ W2                          torch (cuBLAS)
+              dpreact = dSwiGLU(preact, dpost)           dswiglu.py: one Triton pass over the pairs
+              dx = dpreact @ W1i; dW1i = dpreact^T @ x   torch (cuBLAS)
 
 Only the forward uses quack, by measurement on an H100 (benchmarks/results/engine-0.5b-mlp-quack-full-
 2026-11-23-h100/): quack's `gemm_dgated` (dSwiGLU in the dgrad epilogue) ran at 0.83 ms per call, no
@@ -22,8 +22,8 @@ W1i (2f, h) interleaves the rows of gate and up (gate_0, up_0, gate_1, ...), the
 epilogue pairs; it is built from the HF-named parameters each call (one 16 MB copy per layer; its gradient
 is two strided views), so checkpoints and exports are unchanged. `preact` (M, 2f) is interleaved the same way.
 
-The forward is a `torch.library` custom op with a fake and a registered autograd formula (plain torch,
-which torch.compile traces and fuses). bf16 / fp16 CUDA tensors on compute capability 9.0+. When quack is
+The forward is a `torch.library` custom op with a fake and a registered autograd formula (torch code,
+which torch.compile traces). bf16 / fp16 CUDA tensors on compute capability 9.0+. When quack is
 missing this module still imports and `UNAVAILABLE_REASON` says why. `_kernels.gemm_gated` is the one seam
 the CPU tests replace with plain math following quack's contract.
 """
@@ -38,6 +38,7 @@ from torch import Tensor
 
 from train_engine_0_5b.errors import EngineError
 from train_engine_0_5b.ops._hopper import gpu_too_old, require_hopper_half
+from train_engine_0_5b.ops.mlp.dswiglu import dswiglu
 
 
 class Kernels(NamedTuple):
@@ -90,12 +91,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
 
 def _backward(ctx, _dpreact: Tensor | None, dpost: Tensor) -> tuple[Tensor, Tensor]:
     x, w1i, preact = ctx.saved_tensors
-    acc = torch.promote_types(preact.dtype, torch.float32)  # at least fp32 for the elementwise math
-    g, u, dpost = preact[:, 0::2].to(acc), preact[:, 1::2].to(acc), dpost.to(acc)
-    sig = torch.sigmoid(g)
-    dg = dpost * u * sig * (1 + g * (1 - sig))  # d silu(g) = sig * (1 + g * (1 - sig))
-    du = dpost * g * sig
-    dpreact = torch.stack((dg, du), dim=-1).flatten(-2).to(preact.dtype)  # interleaved, as preact
+    dpreact = dswiglu(preact, dpost)  # interleaved, as preact
     return dpreact @ w1i, dpreact.T @ x
 
 
