@@ -72,7 +72,7 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
     # (benchmarks/results/2026-11-23-h100-attention.json); SDPA where FA4 cannot run (fp32, pre-Hopper).
     # mlp stays unfused: quack_gated measured +0.6 % on the compiled step (noise level; its MLP alone 1.6 %
     # faster) and has not run the GPU gates (benchmarks/results/engine-0.5b-mlp-quack-hybrid-2026-11-23-h100/).
-    "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach")},
+    "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach"), "mlp": ("quack_gated", UNFUSED)},
 }
 # implementation -> the compute dtypes it runs; "auto" skips it for others (an explicit choice then fails in it)
 DTYPES: dict[str, tuple[torch.dtype, ...]] = {"flash4": (torch.bfloat16, torch.float16),
