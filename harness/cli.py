@@ -30,13 +30,15 @@ def case_new(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float64"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     seed: int = typer.Option(0, "--seed"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default: the case default)"),
 ) -> None:
     """Write a case directory (case.json, weights.safetensors, batches.safetensors)."""
     from gates.case import CaseError, make_spec, new_case
     from gates.model_config import ConfigError, load
 
     try:
-        spec = make_spec(load(model), steps=steps, world_size=world_size, micro_batch_size=micro_batch_size,
+        optimizer = {} if lr is None else {"lr": lr, "min_lr": lr / 10}  # validated with the spec
+        spec = make_spec(load(model), optimizer=optimizer, steps=steps, world_size=world_size, micro_batch_size=micro_batch_size,
                          grad_accum=grad_accum, seq_length=seq_length, dtype=dtype, device=device, seed=seed)
     except (CaseError, ConfigError) as e:
         console.print(f"[red]error:[/] {e}")

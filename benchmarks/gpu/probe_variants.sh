@@ -2,14 +2,14 @@
 # One steps case, the torch reference (twice: its own run-to-run spread) and the 0.5B engine under several
 # op selections; prints and writes ($OUT/probe_variants.json) each run's per-step losses and grad norms and
 # their relative difference from the first reference run. For locating which op or path moves a gate metric.
-#   OUT=dir [SEQ=2048 ROWS=1 STEPS=4 SEED=1234] bash benchmarks/gpu/probe_variants.sh "" "adamw=foreach" ...
+#   OUT=dir [SEQ=2048 ROWS=1 STEPS=4 SEED=1234 LR=peak] bash benchmarks/gpu/probe_variants.sh "" "adamw=foreach" ...
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:?}"
 SEQ="${SEQ:-2048}"; ROWS="${ROWS:-1}"; STEPS="${STEPS:-4}"; SEED="${SEED:-1234}"
 work=$(mktemp -d)
 bash agent-loop.sh case new --out "$work/case" --model minicpm4-0.5b --steps "$STEPS" --micro-batch-size "$ROWS" \
-  --seq-length "$SEQ" --dtype bfloat16 --device cuda --seed "$SEED" || exit 1
+  --seq-length "$SEQ" --dtype bfloat16 --device cuda --seed "$SEED" ${LR:+--lr "$LR"} || exit 1
 runs=()
 for i in 1 2; do
   bash agent-loop.sh case probe steps --case "$work/case" --out "$work/ref$i" --stack torch && runs+=("ref$i=$work/ref$i")
