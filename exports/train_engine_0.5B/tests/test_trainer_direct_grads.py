@@ -55,12 +55,12 @@ def _train(adamw_op, device: str, rows: int, mb: int, steps: int = 3):
     return losses, norms, weights, params, grad_dtypes
 
 
-def _assert_same(a, b):
+def _assert_same(a, b, weight_tol: dict | None = None):
     torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=0)
     assert min(a[1]) > 0.05  # the norms were above grad_clip: the clip factor was applied
     for x, y in zip(a[2], b[2]):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(x, y, **(weight_tol or dict(rtol=1e-5, atol=1e-7)))
     for p, w in zip(a[3], a[2]):  # the compute-dtype parameters are the masters rounded
         assert torch.equal(p, w.to(p.dtype))
 
@@ -85,4 +85,6 @@ def test_triton_step_matches_foreach_on_gpu():
     fused = _train(triton_fused.adamw, "cuda", 2, 2)
     plain = _train(foreach.adamw, "cuda", 2, 2)
     assert fused[4] == {torch.bfloat16}
-    _assert_same(fused, plain)
+    # two kernels: fp32 Adam math in another order (sqrt, division) differs in the last bits, which three
+    # steps' sqrt(v) can lift to ~6e-5 relative on a few elements (H100: 6 of 262144 at rtol 1e-5)
+    _assert_same(fused, plain, weight_tol=dict(rtol=2e-4, atol=1e-5))
