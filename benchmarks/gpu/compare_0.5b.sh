@@ -14,7 +14,7 @@
 # Results: $OUT/agreement/agreement.{json,md}, $OUT/compare/compare.{json,md} (+ raw/, logs/), and
 # $OUT/results/<date>-h100-minicpm4-0.5b.{json,md}: copy those into benchmarks/results/ and commit.
 # Knobs (environment): MBS (default 8), WARMUP (3), STEPS (8), BUDGET_S (510: the whole script), PART (all |
-#   agreement | compare), STACKS (run order = table order), AGREEMENT_STACKS (megatron,megatron-sdpa),
+#   agreement | compare), STACK_TESTS (1; 0 skips tests/stacks when device time is short), STACKS (run order = table order), AGREEMENT_STACKS (megatron,megatron-sdpa),
 #   AGREEMENT_PROBES (forward,backward,steps: bf16), AGREEMENT_FP32_PROBES (steps; each megatron probe ~40 s on an H100),
 #   MODEL / SEQ / AGREEMENT_SEQ (minicpm4-0.5b / 4096 / 1024; `MODEL=tiny SEQ=64 AGREEMENT_SEQ=32` rehearses it on a CPU).
 # Each part has a time budget and writes its report with whatever finished in it (the rest is marked skipped).
@@ -48,9 +48,11 @@ print(json.dumps({n: v(n) for n in names} | {"cuda": torch.version.cuda, "gpu": 
 PY
 cat "$OUT/versions.json"
 
-log "conversion + megatron CPU-model tests"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/stacks > "$OUT/tests_stacks.log" 2>&1
-log "tests/stacks exit $? ($(tail -n 1 "$OUT/tests_stacks.log"))"
+if [ "${STACK_TESTS:-1}" = 1 ]; then
+  log "conversion + megatron CPU-model tests"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/stacks > "$OUT/tests_stacks.log" 2>&1
+  log "tests/stacks exit $? ($(tail -n 1 "$OUT/tests_stacks.log"))"
+fi
 
 PART=${PART:-all}  # all | agreement | compare: rerun one part alone if the other already came back
 if [ "$PART" != compare ]; then
