@@ -21,6 +21,14 @@ def test_case_new_writes_a_case(tmp_path):
     assert case.spec.steps == 4 and case.spec.world_size == 2
     assert case.batches["input_ids"].shape[:2] == (4, 2)
     assert (case.batches["labels"] == -100).any()
+    assert case.spec.optimizer.lr == 1e-3  # the default
+
+
+def test_case_new_sets_the_peak_lr(tmp_path):
+    r = run("case", "new", "--model", "tiny", "--lr", "1e-4", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    opt = load_case(tmp_path).spec.optimizer
+    assert opt.lr == 1e-4 and opt.min_lr == pytest.approx(1e-5)
 
 
 @pytest.mark.parametrize(
@@ -31,6 +39,7 @@ def test_case_new_writes_a_case(tmp_path):
         (["--model", "no-such"], "neither a preset"),
         (["--dtype", "float16"], "dtype"),
         (["--seq-length", "5000"], "exceeds model.max_seq_length"),
+        (["--lr", "0"], "optimizer.lr"),
     ],
 )
 def test_case_new_rejects_bad_arguments(tmp_path, args, message):

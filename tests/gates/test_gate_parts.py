@@ -90,3 +90,22 @@ def test_mfu_part_runs_the_engine_bench_and_recomputes_mfu(monkeypatch):
     assert n["model"] == "tiny" and n["model_source"] == "model_spec.toml" and n["tokens_per_s"] > 0
     assert n["mfu"] == pytest.approx(preset("tiny").flops_per_token(32) * n["tokens_per_s"] / 989.4e12)
     assert [c.role for c in g.report.commands] == ["engine bench"]
+
+
+@pytest.mark.parametrize("dtype, lr", [("float32", 1e-3), ("float64", 1e-3), ("bfloat16", 1e-4)])
+def test_m3_runs_low_precision_cases_at_the_low_lr(monkeypatch, dtype, lr):
+    """bf16 M3 cases use peak LR 1e-4 (at 1e-3 the 0.5B's step-4 grad norm is chaotic: gates/m3_optimizer.py)."""
+    from gates import m3_optimizer
+
+    seen = {}
+
+    def fake_make_case(self, label="case", **fields):
+        seen.update(fields)
+        raise RuntimeError("stop after the case spec")
+
+    monkeypatch.setattr(GateRun, "make_case", fake_make_case)
+    g = GateRun("m3_optimizer", Engine(BASE, "rt_base"), GateOptions(dtype=dtype))
+    with pytest.raises(RuntimeError, match="stop after"):
+        m3_optimizer.run(g)
+    spec = make_spec("tiny", dtype=dtype, **seen)
+    assert spec.optimizer.lr == lr and spec.grad_accum == 1 and spec.schedule.warmup_steps == 2

@@ -22,6 +22,7 @@ def test_device_defaults():
     fastest_adamw = "triton_fused" if "triton_fused" in OPS["adamw"] else "foreach"  # first registered preference
     fastest_attention = "flash4" if "flash4" in OPS["attention"] else "sdpa"
     assert cuda["attention"] == fastest_attention and cuda["adamw"] == fastest_adamw and cuda["gemm.qkv"] == "reference"
+    assert cuda["mlp"] == ("quack_gated" if "quack_gated" in OPS["mlp"] else "unfused")
     chosen = resolve(OpSelection.parse("attention=reference,gemm=concat,gemm.output=reference"), "cuda").names
     assert chosen["attention"] == "reference" and chosen["gemm.fc1"] == "concat" and chosen["gemm.output"] == "reference"
     assert resolve(OpSelection.parse("gemm.qkv=concat"), "cpu").gemm_qkv is OPS["gemm"]["concat"]
@@ -33,6 +34,14 @@ def test_auto_skips_implementations_that_cannot_run_the_dtype(monkeypatch):
     assert resolve(OpSelection(), "cuda", torch.bfloat16).names["attention"] == "flash4"
     assert resolve(OpSelection(), "cuda", torch.float32).names["attention"] == "sdpa"
     assert resolve(OpSelection(attention="flash4"), "cuda", torch.float32).names["attention"] == "flash4"  # explicit
+
+
+def test_auto_mlp_is_quack_gated_in_half_precision_only(monkeypatch):
+    monkeypatch.setitem(OPS["mlp"], "quack_gated", OPS["mlp"]["reference"])  # registered, as on an H100
+    bf16 = resolve(OpSelection(), "cuda", torch.bfloat16).names
+    assert bf16["mlp"] == "quack_gated" and bf16["gemm.fc1"] == "(in mlp=quack_gated)"
+    assert resolve(OpSelection(), "cuda", torch.float32).names["mlp"] == "unfused"
+    assert resolve(OpSelection(), "cpu", torch.bfloat16).names["mlp"] == "unfused"
 
 
 def test_fused_mlp_selection_is_logged_for_the_ops_it_replaces():
