@@ -46,7 +46,7 @@ for part in "$@"; do
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
       e="python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size 8 --compile"
       { timeout 240 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_mlp_quack.py \
-          exports/train_engine_0.5B/tests/test_trainer_direct_grads.py exports/train_engine_0.5B/tests/ops/test_adamw_triton.py
+          exports/train_engine_0.5B/tests/ops/test_dswiglu_triton.py exports/train_engine_0.5B/tests/test_trainer_direct_grads.py exports/train_engine_0.5B/tests/ops/test_adamw_triton.py
         timeout 200 $e --ops mlp=quack_gated ${BENCH_EXTRA:-} --json "$dir/compile_quack_gated_mb8.json"
         timeout 200 $e --ops mlp=unfused ${BENCH_EXTRA:-} --json "$dir/compile_unfused_mb8.json"
         timeout ${MLP_TABLE_S:-150} python3 exports/train_engine_0.5B/scripts/gpu_mlp.py --out "$dir"; } > "$dir/log.txt" 2>&1 ;;

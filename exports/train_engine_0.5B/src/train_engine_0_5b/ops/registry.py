@@ -71,7 +71,8 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
     # FA4 attention: 441 vs cuDNN SDPA's 376 TFLOP/s fwd+bwd; compiled step 45.7 % vs 43.4 % MFU
     # (benchmarks/results/2026-11-23-h100-attention.json); SDPA where FA4 cannot run (fp32, pre-Hopper).
     # quack_gated MLP (quack fc1 forward, Triton dSwiGLU): compiled step 149,269 vs 146,023 tokens/s unfused,
-    # gates M1-M3 pass (benchmarks/results/engine-0.5b-quack-dswiglu-2026-11-23-h100/); unfused without quack.
+    # (benchmarks/results/engine-0.5b-quack-dswiglu-2026-11-23-h100/), gates M1-M3 pass (benchmarks/results/
+    # gates/2026-11-23-h100-minicpm4-0.5b-bf16-quack/); unfused without quack.
     "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach"), "mlp": ("quack_gated", UNFUSED)},
 }
 # implementation -> the compute dtypes it runs; "auto" skips it for others (an explicit choice then fails in it)
