@@ -36,9 +36,9 @@ def _train(adamw_op, device: str, rows: int, mb: int, steps: int = 3):
     losses, norms, grad_dtypes = [], [], set()
     step = opt.step
 
-    def recording_step(grads, lr, max_norm):  # the dtypes of the gradients the optimizer is handed
+    def recording_step(grads, lr, max_norm, **kw):  # the dtypes of the gradients the optimizer is handed
         grad_dtypes.update(g.dtype for g in grads)
-        return step(grads, lr, max_norm)
+        return step(grads, lr, max_norm, **kw)
 
     opt.step = recording_step
     for _ in range(steps):

@@ -12,8 +12,9 @@ import time
 
 import torch
 
-from train_engine_0_5b import op_table as op_table_mod, runtime
+from train_engine_0_5b import cuda_graph as cuda_graph_mod, op_table as op_table_mod, runtime
 from train_engine_0_5b.dist import DistContext
+from train_engine_0_5b.errors import EngineError
 from train_engine_0_5b.metrics import mfu
 from train_engine_0_5b.model import build_model, compile_loss, init_weights
 from train_engine_0_5b.model_config import MiniCPMConfig
@@ -29,8 +30,12 @@ def _sync(device: torch.device) -> None:
 
 def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, grad_accum: int, steps: int, warmup: int,
         device: str, dtype: torch.dtype, ops_selection: OpSelection, deterministic: bool, compile: bool = False,
-        seed: int = 0, op_table: bool = False, recompute: str = "none", zero1: bool = False) -> tuple[dict, bool]:
-    """(the result JSON, whether this process is rank 0)."""
+        seed: int = 0, op_table: bool = False, recompute: str = "none", zero1: bool = False,
+        cuda_graph: bool | None = False) -> tuple[dict, bool]:
+    """(the result JSON, whether this process is rank 0). `cuda_graph`: the step is captured at the last
+    warm-up step (cuda_graph.py), so every timed step is a replay; None: wherever cuda_graph.check allows."""
+    if cuda_graph and warmup < 2:
+        raise EngineError(f"--cuda-graph needs --warmup >= 2 (eager steps, then the capture; got {warmup})")
     runtime.setup(device, deterministic)
     ctx = DistContext.start(device)
     try:
@@ -43,6 +48,12 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
         schedule = Schedule("constant", 1e-4, 1e-4, 1, warmup + steps)
         trainer = Trainer(model, optimizer, schedule, ctx, micro_batch_size=micro_batch_size, grad_clip=1.0,
                           master_dtype=torch.float32, zero1=zero1)
+        train_step = trainer.train_step
+        if cuda_graph is None:
+            cuda_graph = warmup >= 2 and cuda_graph_mod.supported(trainer, micro_batch_size * grad_accum)
+        if cuda_graph:
+            cuda_graph_mod.check(trainer, micro_batch_size * grad_accum)
+            train_step = cuda_graph_mod.GraphedStep(trainer, warmup=warmup - 1)
         gen = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
         rows = micro_batch_size * grad_accum
         times = []
@@ -51,7 +62,7 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
             return torch.randint(0, model_cfg.vocab_size, (rows, seq_length + 1), generator=gen, device=ctx.device)
 
         def step(tokens: torch.Tensor) -> None:
-            res = trainer.train_step(tokens[:, :-1], tokens[:, 1:])
+            res = train_step(tokens[:, :-1], tokens[:, 1:])
             float(res.loss)  # waits for the step
             _sync(ctx.device)
 
@@ -73,13 +84,13 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
             "config": {"model": model_cfg.name, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
                        "grad_accum": grad_accum, "global_batch_size": rows * ctx.world, "dtype": str(dtype).removeprefix("torch."),
                        "steps": steps, "warmup": warmup, "deterministic": deterministic, "compile": compile,
-                       "recompute": recompute, "zero1": zero1, "ops": ops.names},
+                       "recompute": recompute, "zero1": zero1, "cuda_graph": cuda_graph, "ops": ops.names},
         }
         if op_table:
             batches = iter([batch() for _ in range(2)])
             profile = op_table_mod.profile_steps(lambda: step(next(batches)), ctx.device, steps=2)
             param_shapes = [tuple(p.shape) for p in model.parameters()]
-            del trainer, optimizer, model, step  # the per-op inputs need the memory (0.5B: GB-sized logits)
+            del trainer, optimizer, model, step, train_step  # the per-op inputs need the memory (0.5B: GB-sized logits)
             op_table_mod.free_memory(ctx.device)
             shapes = dict(micro_batch_size=micro_batch_size, seq_length=seq_length, grad_accum=grad_accum, dtype=dtype,
                           param_shapes=param_shapes)

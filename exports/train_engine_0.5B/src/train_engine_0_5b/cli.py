@@ -84,6 +84,7 @@ def pretrain(
     deterministic: bool = typer.Option(True, "--deterministic/--no-deterministic"),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the forward + loss (the fast GPU path)"),
     recompute: str = typer.Option("none", "--recompute", help="activation recomputation per layer: none | mlp | attention | layer (memory for compute)"),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph/--no-cuda-graph", help="replay the whole step as one CUDA graph (CUDA, one rank, one micro batch per step)"),
     bucket_mb: float = typer.Option(25.0, "--bucket-mb", help="gradient all-reduce bucket (MiB)"),
     exit_after_steps: Optional[int] = typer.Option(None, "--exit-after-steps", help="stop (with a checkpoint) after N steps of this run"),
     log_file: Optional[Path] = typer.Option(None, "--log-file", help="JSONL step log"),
@@ -103,7 +104,7 @@ def pretrain(
                   hf_text_template=hf_text_template, tokenizer_path=tokenizer_path, shuffle=shuffle),
         checkpoint=dict(save_dir=save_dir, save_interval=save_interval, resume=resume),
         runtime=dict(device=device, dtype=dtype, deterministic=deterministic, compile=compile, recompute=recompute,
-                     log_file=log_file),
+                     cuda_graph=cuda_graph, log_file=log_file),
     )
     summary = pretrain_mod.run(cfg)
     if summary_json is not None and int(os.environ.get("RANK", 0)) == 0:
@@ -127,6 +128,7 @@ def bench(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="default: on with CUDA, off on a CPU"),
     recompute: str = typer.Option("none", "--recompute", help="activation recomputation per layer: none | mlp | attention | layer"),
     zero1: bool = typer.Option(False, "--zero1/--no-zero1", help="shard optimizer state over data-parallel ranks (ZeRO-1)"),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="time replays of the step captured as one CUDA graph; default: on where it can be (CUDA, one rank, one micro batch, adamw=triton_fused, --warmup >= 2)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here (rank 0)"),
     op_table: bool = typer.Option(False, "--op-table", help="also: each op timed alone vs its reference, and a profiler breakdown of 2 steps (JSON key op_table; tables on stderr)"),
 ) -> None:
@@ -142,7 +144,7 @@ def bench(
                                     steps=steps, warmup=warmup, device=rt.resolved_device(), dtype=rt.resolved_dtype(),
                                     ops_selection=_ops(ops), deterministic=deterministic,
                                     compile=rt.resolved_device() == "cuda" if compile is None else compile,
-                                    op_table=op_table, recompute=rt.recompute, zero1=zero1)
+                                    op_table=op_table, recompute=rt.recompute, zero1=zero1, cuda_graph=cuda_graph)
     if is_main:
         text = json.dumps(result, indent=2)
         if json_path is not None:

@@ -70,6 +70,8 @@ class RuntimeConfig(_Section):
     deterministic: bool = Field(True, description="torch deterministic algorithms (bit-identical resume)")
     compile: bool = Field(False, description="torch.compile the forward + loss (model.compile_loss); the registry's "
                           "reference ops are then fused by inductor, Triton ops with host-side code break the graph")
+    cuda_graph: bool = Field(False, description="capture the whole step (forward, backward, clipped AdamW) as one CUDA "
+                             "graph after two eager steps (cuda_graph.py): CUDA, one rank, one micro batch per step")
     recompute: Recompute = Field(
         "none", description="activation recomputation per layer (model.RECOMPUTE): none | mlp | attention | layer")
     log_file: Path | None = Field(None, description="JSONL, one line per step (rank 0)")

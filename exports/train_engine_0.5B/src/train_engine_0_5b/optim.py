@@ -135,14 +135,18 @@ class AdamW:
         return self.ctx.all_reduce_sum_(sq if sq is not None else torch.zeros((), dtype=acc, device=device)).sqrt()
 
     @torch.no_grad()
-    def step(self, grads: list[Tensor], lr: float, max_norm: float) -> Tensor:
+    def step(self, grads: list[Tensor], lr: float | Tensor, max_norm: float, *, step: Tensor | None = None) -> Tensor:
         """Clip `grads` (one per unit) to global norm `max_norm` (0: no clipping), one AdamW step at `lr`;
         returns the norm before clipping (0-dim, on the device). With a fused op the gradients are left
         unchanged and may be in the compute dtype; otherwise they are clipped in place and must be in the
-        master dtype."""
+        master dtype. A fused op also takes `lr` and `step` (this step's count, from 1) as 0-dim fp64
+        device tensors that the caller keeps current, so that nothing of the step is read on the host (a
+        CUDA graph replays it: cuda_graph.py); `step_count` still counts on the host."""
         self.step_count += 1
-        kw = dict(step=self.step_count, lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-                  weight_decays=self.weight_decays)
+        if (isinstance(lr, Tensor) or step is not None) and not self.fused:
+            raise ValueError("device-tensor lr / step need an adamw op that fuses clipping and the copy (triton_fused)")
+        kw = dict(step=self.step_count if step is None else step, lr=lr, beta1=self.betas[0], beta2=self.betas[1],
+                  eps=self.eps, weight_decays=self.weight_decays)
         norm = self._norm(grads)
         coef = clip_coefficient(norm, max_norm) if max_norm > 0 else None
         if self.fused:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from train_engine_0_5b import checkpoint as ckpt
-from train_engine_0_5b import runtime
+from train_engine_0_5b import cuda_graph, runtime
 from train_engine_0_5b.config import EngineConfig
 from train_engine_0_5b.data import Data, Loader, Prefetcher, prepare
 from train_engine_0_5b.dist import DistContext
@@ -115,6 +115,8 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
         schedule = Schedule(o.lr_schedule, o.lr, o.min_lr, o.warmup_steps, t.num_steps, o.decay_steps)
         trainer = Trainer(model, optimizer, schedule, ctx, micro_batch_size=t.micro_batch_size, grad_clip=o.grad_clip,
                           master_dtype=master_dtype, bucket_mb=t.bucket_mb, zero1=o.zero1)
+        if cfg.runtime.cuda_graph:  # refused before any step or checkpoint
+            cuda_graph.check(trainer, t.global_batch_size // ctx.world)
         loader = Loader(data.rows, t.global_batch_size, ctx.rank, ctx.world)
         log.print(f"model {cfg.model.name} ({cfg.model.num_params() / 1e6:.1f} M params) on {ctx.world} x {ctx.device.type} "
                   f"{str(dtype).removeprefix('torch.')}; data: {data.source_name} ({data.rows.tokens_per_epoch:,} tokens/epoch); "
@@ -174,11 +176,12 @@ def _loop(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, loader: Loader,
     t, c = cfg.train, cfg.checkpoint
     stop = t.num_steps if t.exit_after_steps is None else min(t.num_steps, start + t.exit_after_steps)
     reports = _StepReports(cfg, ctx, log)
+    train_step = cuda_graph.GraphedStep(trainer) if cfg.runtime.cuda_graph else trainer.train_step
     with Prefetcher(loader.batch, start, stop, ctx.device) as batches:  # builds (and pins) the next steps' batches
         try:
             for step in range(start, stop):
                 ids, labels = (x.to(ctx.device, non_blocking=True) for x in batches.get(step))
-                reports.hold(step, trainer.train_step(ids, labels))  # queue this step, then read the last one
+                reports.hold(step, train_step(ids, labels))  # queue this step, then read the last one
                 if c.save_dir is not None and (step + 1 == stop or (c.save_interval and (step + 1) % c.save_interval == 0)):
                     reports.flush()  # the log reaches the checkpoint's step before the checkpoint exists
                     _save(cfg, ctx, step + 1, trainer.optimizer, loader, data, log)

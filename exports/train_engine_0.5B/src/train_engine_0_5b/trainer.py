@@ -79,14 +79,17 @@ class Trainer:
             self.grads = self.reducer.grads
         return self.ctx.all_reduce_sum_(loss), count
 
-    def train_step(self, input_ids: Tensor, labels: Tensor) -> StepResult:
+    def train_step(self, input_ids: Tensor, labels: Tensor, coefs: tuple[Tensor, Tensor] | None = None) -> StepResult:
+        """One optimizer step on this rank's rows. `coefs`: (lr, step count) as 0-dim fp64 device tensors
+        the caller has set for this step, passed to the optimizer instead of host numbers (cuda_graph.py)."""
         loss, count = self.compute_grads(input_ids, labels)
         lr = self.schedule.lr_at(self.step + 1)
+        lr_arg, step_arg = (lr, None) if coefs is None else coefs
         if self.reducer.shard:
-            norm = self.optimizer.step([pc.grad for pc in self.reducer.pieces], lr, self.grad_clip)
+            norm = self.optimizer.step([pc.grad for pc in self.reducer.pieces], lr_arg, self.grad_clip, step=step_arg)
             self.reducer.gather_params()
         else:
-            norm = self.optimizer.step(list(self.grads.values()), lr, self.grad_clip)
+            norm = self.optimizer.step(list(self.grads.values()), lr_arg, self.grad_clip, step=step_arg)
         for p in self.params.values():
             p.grad = None  # direct gradients: the next backward must not add to them
         self.grads = self.reducer.grads  # nor may `grads` keep them alive through the next step

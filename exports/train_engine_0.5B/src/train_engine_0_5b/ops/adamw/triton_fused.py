@@ -29,6 +29,9 @@ Requirements: masters and moments fp32; all grads one dtype (fp32 or bf16/fp16);
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import Tensor
 
@@ -126,10 +129,38 @@ def _tl_dtype(dtype: torch.dtype):
     return getattr(tl, _TL_DTYPES[dtype])
 
 
+_DEFERRED: list[tuple[Tensor, Tensor]] | None = None  # inside `deferred_tables`: (device table, its host rows)
+
+
 def _to_device(rows: list, device: torch.device) -> Tensor:
-    """A small int64 table on the device; from pinned memory without a host sync on CUDA."""
+    """A small int64 table on the device; from pinned memory without a host sync on CUDA. Inside
+    `deferred_tables` the table is allocated now and filled when the context exits."""
     host = torch.tensor(rows, dtype=torch.int64)
+    if _DEFERRED is not None:
+        table = torch.empty(host.shape, dtype=torch.int64, device=device)
+        _DEFERRED.append((table, host))
+        return table
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
+@contextlib.contextmanager
+def deferred_tables() -> Iterator[list[Tensor]]:
+    """Capture-safe launches (cuda_graph.py): a stream capture records a kernel's arguments, not what
+    its tables hold, and may not copy from host memory. Inside this context a table the caches miss
+    (the graph's own gradient buffers have new addresses) is an uninitialized device tensor; on exit
+    (after the capture ended) each is filled from its host rows. Yields the list of those tables: the
+    caller keeps them alive as long as the graph that reads them."""
+    global _DEFERRED
+    if _DEFERRED is not None:
+        raise RuntimeError("deferred_tables does not nest")
+    _DEFERRED, kept = [], []
+    try:
+        yield kept
+    finally:
+        pending, _DEFERRED = _DEFERRED, None
+        for table, host in pending:
+            table.copy_(host)
+            kept.append(table)
 
 
 def _cached(cache: dict, key: tuple, build) -> Tensor:

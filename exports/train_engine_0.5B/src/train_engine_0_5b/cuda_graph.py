@@ -1,0 +1,122 @@
+"""The whole training step as one CUDA graph: forward, backward, gradient norm, clipped AdamW and the
+bf16 parameter write-back, replayed with one launch per step (`--cuda-graph`).
+
+Why: the compiled 0.5B step launches ~1,500 kernels; between them the GPU idles ~6 ms of a ~218 ms step
+(the profile in benchmarks/results/engine-0.5b-quack-dswiglu-2026-11-23-h100/optable_mb8.json). A replay
+has no Python, no launch overhead and no host-side gaps.
+
+Where it applies: CUDA, one rank, one micro batch per step, and an AdamW op that fuses clipping and
+the copy (the trainer's direct-gradient path: the backward's own gradient buffers feed the optimizer).
+`check` refuses anything else with a message that names the option to change.
+
+How (torch.cuda.graphs' whole-network capture):
+1. the first `warmup` steps run eagerly, on the capture's side stream, with the LR and the step count
+   as device tensors (the path the graph takes): torch.compile, Triton, FA4 and quack compile outside it;
+2. the next step is captured (a capture runs nothing) and then replayed. The AdamW op's pointer tables
+   for the graph's own gradient buffers are filled after the capture ends (triton_fused.deferred_tables);
+3. every later step copies its batch into the graph's input buffers, writes the LR and step count into
+   their device tensors, and replays.
+A step's scalars are cloned out of the graph's outputs, which the next replay overwrites. The optimizer
+state (masters, moments) and the parameters live outside the graph, so checkpoints read and load them as
+in an eager run. A different batch shape after the capture is an error: the graph has fixed shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.ops.adamw import triton_fused
+from train_engine_0_5b.trainer import StepResult, Trainer
+
+
+def check(trainer: Trainer, rows: int | None = None) -> None:
+    """Raise EngineError unless `trainer` (with `rows` rows per step, when known) can run as one graph."""
+    ctx = trainer.ctx
+    if ctx.device.type != "cuda":
+        raise EngineError(f"--cuda-graph needs a CUDA device (this run is on {ctx.device.type})")
+    if ctx.world != 1:
+        raise EngineError(f"--cuda-graph runs one rank for now ({ctx.world} here): the bucketed all-reduce is not captured")
+    if not trainer.optimizer.fused:
+        raise EngineError("--cuda-graph needs --ops adamw=triton_fused (the AdamW that takes the LR and step on the device)")
+    if rows is not None and rows != trainer.micro_batch_size:
+        raise EngineError(f"--cuda-graph needs one micro batch per step: {rows} rows per step, micro batch "
+                          f"{trainer.micro_batch_size} (set --micro-batch-size to the global batch)")
+
+
+def supported(trainer: Trainer, rows: int) -> bool:
+    """Whether `check` passes (bench's default)."""
+    try:
+        check(trainer, rows)
+    except EngineError:
+        return False
+    return True
+
+
+class GraphedStep:
+    """`Trainer.train_step` as a CUDA graph after `warmup` eager steps; call it as train_step."""
+
+    def __init__(self, trainer: Trainer, warmup: int = 2):
+        check(trainer)
+        if warmup < 1:
+            raise ValueError("GraphedStep needs at least one eager warm-up step (compilation, table caches)")
+        self.trainer, self.warmup = trainer, warmup
+        device = trainer.ctx.device
+        self.lr = torch.zeros((), dtype=torch.float64, device=device)
+        self.step_count = torch.zeros((), dtype=torch.float64, device=device)
+        self.stream = torch.cuda.Stream(device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0
+        self._inputs: tuple[Tensor, Tensor] | None = None
+        self._out: StepResult | None = None
+        self._tables: list[Tensor] = []  # the AdamW pointer tables the graph reads
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, input_ids: Tensor, labels: Tensor) -> StepResult:
+        tr = self.trainer
+        check(tr, input_ids.shape[0])
+        lr = tr.schedule.lr_at(tr.step + 1)
+        self.lr.fill_(lr)  # a kernel with the value as its argument: no host sync
+        self.step_count.fill_(tr.step + 1)
+        if self.graph is None and self.eager_steps >= self.warmup:
+            self._capture(input_ids, labels)
+        if self.graph is None:
+            return self._eager(input_ids, labels)
+        ids, lab = self._inputs
+        if ids.shape != input_ids.shape or lab.shape != labels.shape:
+            raise EngineError(f"--cuda-graph: the batch shape changed from {tuple(ids.shape)} to "
+                              f"{tuple(input_ids.shape)} after the capture")
+        ids.copy_(input_ids, non_blocking=True)
+        lab.copy_(labels, non_blocking=True)
+        self.graph.replay()
+        tr.optimizer.step_count += 1  # the replayed optimizer step counts on the device only
+        out = self._out
+        return StepResult(out.loss.clone(), out.grad_norm.clone(), lr, out.valid_tokens.clone())
+
+    def _eager(self, input_ids: Tensor, labels: Tensor) -> StepResult:
+        """One eager step on the capture stream (what torch.cuda.graphs asks of warm-up iterations)."""
+        main = torch.cuda.current_stream()
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            res = self.trainer.train_step(input_ids, labels, coefs=(self.lr, self.step_count))
+        main.wait_stream(self.stream)
+        self.eager_steps += 1
+        return res
+
+    def _capture(self, input_ids: Tensor, labels: Tensor) -> None:
+        tr = self.trainer
+        self._inputs = (input_ids.clone(), labels.clone())
+        for p in tr.params.values():  # the graph allocates its own gradient buffers
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        count = tr.optimizer.step_count
+        # thread_local: the data prefetcher's thread may pin host memory while this thread captures
+        with triton_fused.deferred_tables() as self._tables:
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                self._out = tr.train_step(*self._inputs, coefs=(self.lr, self.step_count))
+        tr.optimizer.step_count = count  # the capture ran nothing; each replay counts its step
+        self.graph = graph

@@ -1,0 +1,154 @@
+"""The step as one CUDA graph (cuda_graph.py, `--cuda-graph`).
+
+CPU: what is refused and how (a CPU run, a bad warm-up, an op that cannot take the LR on the device),
+the deferred pointer tables of the Triton AdamW (allocated inside the context, filled on exit, equal to
+the eager ones). GPU: a graphed run against the eager run of the same model, data and LR schedule, with
+the default CUDA ops (FA4, quack MLP, Triton AdamW) and torch.compile: the same losses, norms and
+weights, every step's result still readable after later replays, and a changed batch shape refused."""
+
+from __future__ import annotations
+
+import engine_testlib  # noqa: F401 - puts the engine's src on sys.path
+import pytest
+import torch
+
+from train_engine_0_5b.cuda_graph import GraphedStep
+from train_engine_0_5b.dist import DistContext
+from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.model import build_model, compile_loss, init_weights
+from train_engine_0_5b.model_config import MiniCPMConfig, preset
+from train_engine_0_5b.ops.adamw import reference
+from train_engine_0_5b.ops.registry import OpSelection, resolve
+from train_engine_0_5b.optim import AdamW, Schedule
+from train_engine_0_5b.trainer import Trainer
+
+triton_fused = pytest.importorskip("train_engine_0_5b.ops.adamw.triton_fused")
+
+RUN = ["--num-steps", "1", "--global-batch-size", "2", "--micro-batch-size", "2"]
+
+
+def _trainer(cfg: MiniCPMConfig, device: str, dtype: torch.dtype, adamw_op, *, compile: bool = False,
+             schedule: Schedule | None = None, mb: int = 2) -> Trainer:
+    ops = resolve(OpSelection(), device, dtype) if device == "cuda" else resolve(OpSelection.parse("attention=sdpa"), device, dtype)
+    model = build_model(cfg, ops, device, dtype)
+    if compile:
+        compile_loss(model)
+    opt = AdamW(dict(model.named_parameters()), init_weights(model, 0.1, seed=3), adamw_op=adamw_op,
+                betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
+    schedule = schedule or Schedule("constant", 1e-3, 1e-3, 1, 10)
+    return Trainer(model, opt, schedule, DistContext(device=torch.device(device)), micro_batch_size=mb,
+                   grad_clip=0.05, master_dtype=torch.float32)
+
+
+# ---- CPU: refusals ----------------------------------------------------------------------------------
+
+def test_graphed_step_refuses_a_cpu_trainer():
+    trainer = _trainer(preset("tiny"), "cpu", torch.float32, triton_fused.adamw_reference)
+    with pytest.raises(EngineError, match="needs a CUDA device"):
+        GraphedStep(trainer)
+
+
+def test_pretrain_with_cuda_graph_on_a_cpu_fails_before_any_checkpoint(cli, tmp_path):
+    from engine_testlib import TINY
+
+    save = tmp_path / "s"
+    res = cli(["pretrain", *TINY, *RUN, "--save-dir", save, "--cuda-graph"])
+    assert res.exit_code != 0, res.output
+    assert "--cuda-graph needs a CUDA device" in res.stderr, res.stderr
+    assert not save.exists() or not any(save.iterdir())
+
+
+def test_bench_with_cuda_graph_needs_two_warmup_steps(cli):
+    res = cli(["bench", "--model", "tiny", "--device", "cpu", "--seq-length", "16", "--micro-batch-size", "2",
+               "--steps", "1", "--warmup", "1", "--cuda-graph"])
+    assert res.exit_code != 0, res.output
+    assert "--warmup >= 2" in res.stderr, res.stderr
+
+
+def test_device_lr_needs_the_fused_op():
+    trainer = _trainer(preset("tiny"), "cpu", torch.float32, reference.adamw)
+    opt = trainer.optimizer
+    grads = [torch.randn_like(p) for p in opt.params]
+    with pytest.raises(ValueError, match="triton_fused"):
+        opt.step(grads, torch.tensor(1e-3, dtype=torch.float64), 1.0)
+
+
+# ---- CPU: the AdamW's deferred pointer tables ------------------------------------------------------
+
+def test_deferred_tables_are_filled_on_exit_and_equal_the_eager_ones():
+    gen = torch.Generator().manual_seed(0)
+    lists = [[torch.randn(n, generator=gen) for n in (40, 8, 24)] for _ in range(3)]
+    flags = [1, 0, 1]
+    triton_fused._TABLES.clear()
+    eager_plan, eager_tables, aligned = triton_fused._launch_tables(lists, flags)
+    triton_fused._TABLES.clear()  # a miss again: inside the context it must defer
+    with triton_fused.deferred_tables() as kept:
+        plan, tables, aligned2 = triton_fused._launch_tables(lists, flags)
+        tables.fill_(-7)  # poison: what a capture would have seen; the exit must overwrite every entry
+        assert kept == []  # nothing filled before the exit
+    assert torch.equal(plan, eager_plan) and aligned == aligned2  # the plan (sizes only) was a cache hit
+    assert torch.equal(tables, eager_tables)
+    assert len(kept) == 1 and kept[0] is tables
+    assert torch.equal(tables[0], torch.tensor([t.data_ptr() for t in lists[0]]))
+
+
+def test_deferred_tables_do_not_nest():
+    with triton_fused.deferred_tables():
+        with pytest.raises(RuntimeError, match="nest"):
+            with triton_fused.deferred_tables():
+                pass
+
+
+# ---- GPU: graphed == eager -------------------------------------------------------------------------
+
+GPU_CFG = MiniCPMConfig(  # head dim 64 and bf16: FA4 and the quack MLP run where installed
+    name="graph-test", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=512,
+    vocab_size=4096, max_seq_length=1024, tie_word_embeddings=True,
+)
+
+
+def _run_gpu(graphed: bool, steps: int = 7):
+    torch._dynamo.reset()
+    # warm-up over 10 steps: the LR changes every step, so a graph that baked it in would drift
+    trainer = _trainer(GPU_CFG, "cuda", torch.bfloat16, triton_fused.adamw, compile=True,
+                       schedule=Schedule("constant", 3e-4, 3e-4, 10, 20))
+    start = [m.clone() for m in trainer.optimizer.master]
+    step = GraphedStep(trainer, warmup=2) if graphed else trainer.train_step
+    gen = torch.Generator().manual_seed(1)
+    results = []
+    for _ in range(steps):
+        ids = torch.randint(0, GPU_CFG.vocab_size, (2, 256), generator=gen)
+        labels = torch.roll(ids, -1, 1)
+        labels[0, :7] = -100
+        results.append(step(ids.cuda(), labels.cuda()))
+    torch.cuda.synchronize()
+    # read only now: each step's scalars must have survived every later replay
+    losses = [r.loss.item() for r in results]
+    norms = [r.grad_norm.item() for r in results]
+    counts = [int(r.valid_tokens) for r in results]
+    return dict(losses=losses, norms=norms, counts=counts, start=start, trainer=trainer, step=step,
+                lrs=[r.lr for r in results], master=[m.clone() for m in trainer.optimizer.master])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graphed_run_matches_the_eager_run():
+    eager = _run_gpu(graphed=False)
+    graphed = _run_gpu(graphed=True)
+    assert graphed["step"].captured  # steps 3..7 were replays
+    assert graphed["trainer"].optimizer.step_count == eager["trainer"].optimizer.step_count == 7
+    assert graphed["lrs"] == eager["lrs"] and len(set(eager["lrs"])) == 7
+    assert graphed["counts"] == eager["counts"] == [2 * 256 - 7] * 7
+    assert len(set(graphed["losses"])) == 7  # distinct batches gave distinct losses: inputs were re-read
+    # FA4's backward accumulates dQ with atomics: runs agree closely, not bit for bit
+    torch.testing.assert_close(graphed["losses"], eager["losses"], rtol=2e-3, atol=0)
+    torch.testing.assert_close(graphed["norms"], eager["norms"], rtol=2e-2, atol=0)
+    assert min(eager["norms"]) > 0.05  # clipping engaged every step
+    moved = sum((m - s).abs().sum() for m, s in zip(eager["master"], eager["start"]))
+    apart = sum((g - e).abs().sum() for g, e in zip(graphed["master"], eager["master"]))
+    assert apart < 0.05 * moved, (float(apart), float(moved))  # the graph's updates are the eager ones
+    for p, m in zip(graphed["trainer"].model.parameters(), graphed["master"]):  # bf16 copies written back
+        assert torch.equal(p.detach(), m.to(p.dtype))
+    with pytest.raises(EngineError, match="batch shape changed"):
+        graphed["step"](torch.zeros(2, 128, dtype=torch.long, device="cuda"),
+                        torch.zeros(2, 128, dtype=torch.long, device="cuda"))
