@@ -3,7 +3,8 @@
 CPU: what is refused and how (a CPU run, a bad warm-up, an op that cannot take the LR on the device),
 the deferred pointer tables of the Triton AdamW (allocated inside the context, filled on exit, equal to
 the eager ones). GPU: a graphed run against the eager run of the same model, data and LR schedule, with
-the default CUDA ops (FA4, quack MLP, Triton AdamW) and torch.compile: the same losses, norms and
+each of the CUDA ops that the graph must hold (SDPA or FA4 attention, unfused or quack MLP; Triton
+AdamW), eager and compiled: the same losses, norms and
 weights, every step's result still readable after later replays, and a changed batch shape refused."""
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ RUN = ["--num-steps", "1", "--global-batch-size", "2", "--micro-batch-size", "2"
 
 
 def _trainer(cfg: MiniCPMConfig, device: str, dtype: torch.dtype, adamw_op, *, compile: bool = False,
-             schedule: Schedule | None = None, mb: int = 2) -> Trainer:
-    ops = resolve(OpSelection(), device, dtype) if device == "cuda" else resolve(OpSelection.parse("attention=sdpa"), device, dtype)
+             schedule: Schedule | None = None, mb: int = 2, ops: str | None = None) -> Trainer:
+    ops = resolve(OpSelection.parse(ops if ops is not None else "attention=sdpa"), device, dtype)
     model = build_model(cfg, ops, device, dtype)
     if compile:
         compile_loss(model)
@@ -107,11 +108,11 @@ GPU_CFG = MiniCPMConfig(  # head dim 64 and bf16: FA4 and the quack MLP run wher
 )
 
 
-def _run_gpu(graphed: bool, steps: int = 7):
+def _run_gpu(graphed: bool, ops: str, compile: bool, steps: int = 7):
     torch._dynamo.reset()
     # warm-up over 10 steps: the LR changes every step, so a graph that baked it in would drift
-    trainer = _trainer(GPU_CFG, "cuda", torch.bfloat16, triton_fused.adamw, compile=True,
-                       schedule=Schedule("constant", 3e-4, 3e-4, 10, 20))
+    trainer = _trainer(GPU_CFG, "cuda", torch.bfloat16, triton_fused.adamw, compile=compile,
+                       schedule=Schedule("constant", 3e-4, 3e-4, 10, 20), ops=ops)
     start = [m.clone() for m in trainer.optimizer.master]
     step = GraphedStep(trainer, warmup=2) if graphed else trainer.train_step
     gen = torch.Generator().manual_seed(1)
@@ -130,11 +131,26 @@ def _run_gpu(graphed: bool, steps: int = 7):
                 lrs=[r.lr for r in results], master=[m.clone() for m in trainer.optimizer.master])
 
 
+GPU_VARIANTS = {  # id: (ops, compile); "default": the CUDA defaults (FA4, quack MLP where installed)
+    "plain-eager": ("attention=sdpa,mlp=unfused", False),
+    "plain-compiled": ("attention=sdpa,mlp=unfused", True),
+    "flash4": ("attention=flash4,mlp=unfused", True),
+    "quack": ("attention=sdpa,mlp=quack_gated", True),
+    "default": ("", True),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_graphed_run_matches_the_eager_run():
-    eager = _run_gpu(graphed=False)
-    graphed = _run_gpu(graphed=True)
+@pytest.mark.parametrize("variant", list(GPU_VARIANTS))
+def test_graphed_run_matches_the_eager_run(variant):
+    ops, compile = GPU_VARIANTS[variant]
+    try:
+        resolve(OpSelection.parse(ops), "cuda", torch.bfloat16)
+    except EngineError as e:  # FA4 / quack not installed here
+        pytest.skip(str(e))
+    eager = _run_gpu(False, ops, compile)
+    graphed = _run_gpu(True, ops, compile)
     assert graphed["step"].captured  # steps 3..7 were replays
     assert graphed["trainer"].optimizer.step_count == eager["trainer"].optimizer.step_count == 7
     assert graphed["lrs"] == eager["lrs"] and len(set(eager["lrs"])) == 7

@@ -68,7 +68,7 @@ class GraphedStep:
         self.stream = torch.cuda.Stream(device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
-        self._inputs: tuple[Tensor, Tensor] | None = None
+        self._inputs: tuple[Tensor, Tensor] | None = None  # the batch buffers every step reads
         self._out: StepResult | None = None
         self._tables: list[Tensor] = []  # the AdamW pointer tables the graph reads
 
@@ -82,34 +82,36 @@ class GraphedStep:
         lr = tr.schedule.lr_at(tr.step + 1)
         self.lr.fill_(lr)  # a kernel with the value as its argument: no host sync
         self.step_count.fill_(tr.step + 1)
-        if self.graph is None and self.eager_steps >= self.warmup:
-            self._capture(input_ids, labels)
-        if self.graph is None:
-            return self._eager(input_ids, labels)
+        if self._inputs is None:  # every step reads its batch from these: the compiled code sees one layout
+            self._inputs = (torch.empty_like(input_ids, memory_format=torch.contiguous_format),
+                            torch.empty_like(labels, memory_format=torch.contiguous_format))
         ids, lab = self._inputs
         if ids.shape != input_ids.shape or lab.shape != labels.shape:
             raise EngineError(f"--cuda-graph: the batch shape changed from {tuple(ids.shape)} to "
-                              f"{tuple(input_ids.shape)} after the capture")
+                              f"{tuple(input_ids.shape)}; a captured step has fixed shapes")
         ids.copy_(input_ids, non_blocking=True)
         lab.copy_(labels, non_blocking=True)
+        if self.graph is None and self.eager_steps >= self.warmup:
+            self._capture()
+        if self.graph is None:
+            return self._eager()
         self.graph.replay()
         tr.optimizer.step_count += 1  # the replayed optimizer step counts on the device only
         out = self._out
         return StepResult(out.loss.clone(), out.grad_norm.clone(), lr, out.valid_tokens.clone())
 
-    def _eager(self, input_ids: Tensor, labels: Tensor) -> StepResult:
+    def _eager(self) -> StepResult:
         """One eager step on the capture stream (what torch.cuda.graphs asks of warm-up iterations)."""
         main = torch.cuda.current_stream()
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
-            res = self.trainer.train_step(input_ids, labels, coefs=(self.lr, self.step_count))
+            res = self.trainer.train_step(*self._inputs, coefs=(self.lr, self.step_count))
         main.wait_stream(self.stream)
         self.eager_steps += 1
-        return res
+        return StepResult(res.loss.clone(), res.grad_norm.clone(), res.lr, res.valid_tokens.clone())
 
-    def _capture(self, input_ids: Tensor, labels: Tensor) -> None:
+    def _capture(self) -> None:
         tr = self.trainer
-        self._inputs = (input_ids.clone(), labels.clone())
         for p in tr.params.values():  # the graph allocates its own gradient buffers
             p.grad = None
         graph = torch.cuda.CUDAGraph()
