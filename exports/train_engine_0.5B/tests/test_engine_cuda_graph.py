@@ -1,11 +1,11 @@
 """The step as one CUDA graph (cuda_graph.py, `--cuda-graph`).
 
 CPU: what is refused and how (a CPU run, a bad warm-up, an op that cannot take the LR on the device),
-the deferred pointer tables of the Triton AdamW (allocated inside the context, filled on exit, equal to
-the eager ones). GPU: a graphed run against the eager run of the same model, data and LR schedule, with
+the deferred pointer tables of the Triton AdamW (carved from a reserve inside the context, filled on
+exit, equal to the eager ones). GPU: a graphed run against the eager run of the same model, data and LR schedule, with
 each of the CUDA ops that the graph must hold (SDPA or FA4 attention, unfused or quack MLP; Triton
-AdamW), eager and compiled: the same losses, norms and
-weights, every step's result still readable after later replays, and a changed batch shape refused."""
+AdamW), eager and compiled: the same losses, norms and weights, every step's result still readable
+after later replays, and a changed batch shape refused."""
 
 from __future__ import annotations
 
@@ -83,20 +83,26 @@ def test_deferred_tables_are_filled_on_exit_and_equal_the_eager_ones():
     triton_fused._TABLES.clear()
     eager_plan, eager_tables, aligned = triton_fused._launch_tables(lists, flags)
     triton_fused._TABLES.clear()  # a miss again: inside the context it must defer
-    with triton_fused.deferred_tables() as kept:
+    reserve = torch.full((64,), -7, dtype=torch.int64)  # poison: what a capture would have seen
+    with triton_fused.deferred_tables(reserve) as kept:
         plan, tables, aligned2 = triton_fused._launch_tables(lists, flags)
-        tables.fill_(-7)  # poison: what a capture would have seen; the exit must overwrite every entry
-        assert kept == []  # nothing filled before the exit
+        assert kept == [] and (tables == -7).all()  # nothing filled before the exit
     assert torch.equal(plan, eager_plan) and aligned == aligned2  # the plan (sizes only) was a cache hit
     assert torch.equal(tables, eager_tables)
     assert len(kept) == 1 and kept[0] is tables
+    assert tables.data_ptr() == reserve.data_ptr()  # carved from the reserve, not allocated
     assert torch.equal(tables[0], torch.tensor([t.data_ptr() for t in lists[0]]))
 
 
-def test_deferred_tables_do_not_nest():
-    with triton_fused.deferred_tables():
+def test_deferred_tables_refuse_a_reserve_too_small_and_nesting():
+    lists = [[torch.randn(4)] for _ in range(3)]
+    triton_fused._TABLES.clear()
+    with pytest.raises(RuntimeError, match="reserve holds 2 entries"):
+        with triton_fused.deferred_tables(torch.empty(2, dtype=torch.int64)):
+            triton_fused._launch_tables(lists, [0])
+    with triton_fused.deferred_tables(torch.empty(8, dtype=torch.int64)):
         with pytest.raises(RuntimeError, match="nest"):
-            with triton_fused.deferred_tables():
+            with triton_fused.deferred_tables(torch.empty(8, dtype=torch.int64)):
                 pass
 
 

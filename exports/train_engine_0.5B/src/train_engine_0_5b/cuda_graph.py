@@ -13,7 +13,9 @@ How (torch.cuda.graphs' whole-network capture):
 1. the first `warmup` steps run eagerly, on the capture's side stream, with the LR and the step count
    as device tensors (the path the graph takes): torch.compile, Triton, FA4 and quack compile outside it;
 2. the next step is captured (a capture runs nothing) and then replayed. The AdamW op's pointer tables
-   for the graph's own gradient buffers are filled after the capture ends (triton_fused.deferred_tables);
+   for the graph's own gradient buffers live in a reserve allocated before the capture and are filled
+   after it ends (triton_fused.deferred_tables: memory the capture allocates may be shared with an
+   earlier temporary of the same replay, which is how the first version read garbage pointers on an H100);
 3. every later step copies its batch into the graph's input buffers, writes the LR and step count into
    their device tensors, and replays.
 A step's scalars are cloned out of the graph's outputs, which the next replay overwrites. The optimizer
@@ -29,6 +31,11 @@ from torch import Tensor
 from train_engine_0_5b.errors import EngineError
 from train_engine_0_5b.ops.adamw import triton_fused
 from train_engine_0_5b.trainer import StepResult, Trainer
+
+
+# int64 entries set aside (outside the graph's memory) for the AdamW tables the capture misses: the pointer
+# tables of 5 lists x the parameters (0.5B: 218), and a work plan (4 per 16k elements) should it miss too
+TABLE_RESERVE = 1 << 17
 
 
 def check(trainer: Trainer, rows: int | None = None) -> None:
@@ -70,7 +77,8 @@ class GraphedStep:
         self.eager_steps = 0
         self._inputs: tuple[Tensor, Tensor] | None = None  # the batch buffers every step reads
         self._out: StepResult | None = None
-        self._tables: list[Tensor] = []  # the AdamW pointer tables the graph reads
+        self._tables: list[Tensor] = []  # the AdamW pointer tables the graph reads, views of:
+        self._table_reserve = torch.empty(TABLE_RESERVE, dtype=torch.int64, device=device)
 
     @property
     def captured(self) -> bool:
@@ -117,7 +125,7 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         count = tr.optimizer.step_count
         # thread_local: the data prefetcher's thread may pin host memory while this thread captures
-        with triton_fused.deferred_tables() as self._tables:
+        with triton_fused.deferred_tables(self._table_reserve) as self._tables:
             with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 self._out = tr.train_step(*self._inputs, coefs=(self.lr, self.step_count))
         tr.optimizer.step_count = count  # the capture ran nothing; each replay counts its step

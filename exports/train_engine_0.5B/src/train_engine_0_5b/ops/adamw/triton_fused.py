@@ -129,36 +129,53 @@ def _tl_dtype(dtype: torch.dtype):
     return getattr(tl, _TL_DTYPES[dtype])
 
 
-_DEFERRED: list[tuple[Tensor, Tensor]] | None = None  # inside `deferred_tables`: (device table, its host rows)
+class _Deferred:
+    """Inside `deferred_tables`: where missed tables are carved from, and what fills them on exit."""
+
+    def __init__(self, reserve: Tensor):
+        self.reserve, self.used, self.pending = reserve, 0, []
+
+    def take(self, host: Tensor) -> Tensor:
+        n = host.numel()
+        if self.used + n > self.reserve.numel():
+            raise RuntimeError(f"deferred_tables: the reserve holds {self.reserve.numel()} entries, the tables "
+                               f"need more than {self.used + n}")
+        table = self.reserve[self.used : self.used + n].view(host.shape)
+        self.used += n
+        self.pending.append((table, host))
+        return table
+
+
+_DEFERRED: _Deferred | None = None
 
 
 def _to_device(rows: list, device: torch.device) -> Tensor:
     """A small int64 table on the device; from pinned memory without a host sync on CUDA. Inside
-    `deferred_tables` the table is allocated now and filled when the context exits."""
+    `deferred_tables` the table is a piece of the reserve, filled when the context exits."""
     host = torch.tensor(rows, dtype=torch.int64)
     if _DEFERRED is not None:
-        table = torch.empty(host.shape, dtype=torch.int64, device=device)
-        _DEFERRED.append((table, host))
-        return table
+        return _DEFERRED.take(host)
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 @contextlib.contextmanager
-def deferred_tables() -> Iterator[list[Tensor]]:
-    """Capture-safe launches (cuda_graph.py): a stream capture records a kernel's arguments, not what
-    its tables hold, and may not copy from host memory. Inside this context a table the caches miss
-    (the graph's own gradient buffers have new addresses) is an uninitialized device tensor; on exit
-    (after the capture ended) each is filled from its host rows. Yields the list of those tables: the
-    caller keeps them alive as long as the graph that reads them."""
+def deferred_tables(reserve: Tensor) -> Iterator[list[Tensor]]:
+    """Capture-safe launches (cuda_graph.py). A stream capture records a kernel's arguments, not what its
+    tables hold, and may not copy from host memory; the gradient buffers a capture allocates have new
+    addresses, so their tables miss the caches. Inside this context a missed table is a piece of `reserve`
+    (int64, on the device, allocated before the capture and kept as long as the graph): not memory the
+    capture allocates, which belongs to the graph and may be shared with a temporary that runs earlier
+    in the same replay. On exit (after the capture ended) each is filled from its host rows. Yields the
+    list of those tables."""
     global _DEFERRED
     if _DEFERRED is not None:
         raise RuntimeError("deferred_tables does not nest")
-    _DEFERRED, kept = [], []
+    _DEFERRED, kept = _Deferred(reserve.view(-1)), []
     try:
         yield kept
     finally:
-        pending, _DEFERRED = _DEFERRED, None
-        for table, host in pending:
+        state, _DEFERRED = _DEFERRED, None
+        for table, host in state.pending:
             table.copy_(host)
             kept.append(table)
 
