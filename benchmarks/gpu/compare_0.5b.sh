@@ -8,9 +8,8 @@
 #   pytest==9.0.3 pluggy==1.6.0 iniconfig==2.3.0
 # Run (device tool, kind nvidia-h100-x1), carry [".whl"]:
 #   FORGE_GIT_COMMIT=<sha of HEAD> bash benchmarks/gpu/compare_0.5b.sh
-# Engines whose kernels need CuTeDSL's big part: first a call with carry [".gpu-big"] running
-#   mkdir -p /tmp/cut && xz -dc .gpu-big/cutlass_cu13.tar.xz | tar xf - -C /tmp/cut
-# then this script within ~30 s (the machine stays warm); it adds /tmp/cut when it finds it.
+# Engines whose kernels need CuTeDSL's big part: unpack it into /tmp/cut first (two calls within ~30 s,
+# the machine staying warm: benchmarks/gpu/split_big_carry.sh says how); this script adds /tmp/cut when it finds it.
 # Results: $OUT/agreement/agreement.{json,md}, $OUT/compare/compare.{json,md} (+ raw/, logs/), and
 # $OUT/results/<date>-h100-minicpm4-0.5b.{json,md}: copy those into benchmarks/results/ and commit.
 # Knobs (environment): MBS (default 8), WARMUP (3), STEPS (8), BUDGET_S (510: the whole script), PART (all |

@@ -3,6 +3,8 @@
 # (the device tool brings back at most 8 files). Parts: see the case below (kernels, engine, gates, compare, ...).
 #   bash benchmarks/gpu/session.sh kernels engine
 # Carry [".whl", ".whl-base"]: wheels the GPU image lacks (pack-gpu-wheels.sh; datasets for the engine).
+# FA4 / quack also need CuTeDSL's big part in /tmp/cut, unpacked by the same call from two halves carried by
+# two calls (split_big_carry.sh says how: the whole file no longer fits one call beside the tree).
 # They install under a path with a `site-packages` component: quack fingerprints its GEMM epilogues by
 # source and treats functions from files under site-packages as library code; from any other path it
 # recurses into CuTeDSL's internals and fails (quack-kernels 0.6.5: "no fail-closed semantic key").
@@ -16,7 +18,7 @@ export PYTHONPATH="/tmp/carried/site-packages:$PWD${PYTHONPATH:+:$PYTHONPATH}" P
 # visible to every interpreter run there without it (appended after the image's own site-packages).
 python3 -c "import site; open(site.getsitepackages()[0] + '/zz_forge_carried.pth', 'w').write('/tmp/carried/site-packages\n')"
 if [ -d /tmp/cut/nvidia_cutlass_dsl ]; then  # CuTeDSL's big part (FA4, quack), unpacked by an earlier call:
-  cp -r /tmp/cut/nvidia_cutlass_dsl /tmp/carried/site-packages/ 2>/dev/null  #   mkdir -p /tmp/cut && xz -dc .gpu-big/cutlass_cu13.tar.xz | tar xf - -C /tmp/cut
+  cp -r /tmp/cut/nvidia_cutlass_dsl /tmp/carried/site-packages/ 2>/dev/null  # see split_big_carry.sh
   export PYTHONPATH="$PYTHONPATH:/tmp/carried/site-packages/nvidia_cutlass_dsl/dsl_packages"
   echo /tmp/carried/site-packages/nvidia_cutlass_dsl/dsl_packages >> "$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz_forge_carried.pth"
 fi
