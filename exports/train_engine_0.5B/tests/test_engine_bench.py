@@ -20,3 +20,4 @@ def test_bench_json(cli, tmp_path):
     flops = preset("tiny").flops_per_token(32) * tokens
     assert abs(r["mfu"] - flops / (r["step_time_s"] * 989.4e12)) < 1e-9
     assert r["config"]["global_batch_size"] == 4 and r["config"]["dtype"] == "float32"
+    assert r["config"]["cuda_graph"] is False  # bench's default: only where cuda_graph.check passes (CUDA)
