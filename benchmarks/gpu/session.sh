@@ -52,12 +52,11 @@ for part in "$@"; do
         timeout 200 $e --ops mlp=quack_gated ${BENCH_EXTRA:-} --json "$dir/compile_quack_gated_mb8.json"
         timeout 200 $e --ops mlp=unfused ${BENCH_EXTRA:-} --json "$dir/compile_unfused_mb8.json"
         timeout ${MLP_TABLE_S:-150} python3 exports/train_engine_0.5B/scripts/gpu_mlp.py --out "$dir"; } > "$dir/log.txt" 2>&1 ;;
-    graph)  # --cuda-graph: the compiled step replayed as one graph and launched op by op, then its GPU test
+    graph)  # --cuda-graph: graph_check.sh (its GPU test per op variant, the graphed step), then the step without it
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
-      e="python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size ${MBS:-8} --compile"
-      { timeout 200 $e --cuda-graph ${BENCH_EXTRA:-} --json "$dir/compile_cuda_graph_mb${MBS:-8}.json"
-        timeout 200 $e --no-cuda-graph ${BENCH_EXTRA:-} --json "$dir/compile_no_graph_mb${MBS:-8}.json"
-        timeout 240 python3 -m pytest -p no:cacheprovider -rfEs exports/train_engine_0.5B/tests/test_engine_cuda_graph.py; } > "$dir/log.txt" 2>&1 ;;
+      { OUT="$dir" bash benchmarks/gpu/graph_check.sh
+        timeout 200 python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size ${MBS:-8} \
+          --compile --no-cuda-graph ${BENCH_EXTRA:-} --json "$dir/compile_no_graph_mb${MBS:-8}.json"; } > "$dir/log.txt" 2>&1 ;;
     optable)  # the engine's default compiled step with the per-op table and the profiler breakdown
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
       timeout 400 python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size ${MBS:-8} \

@@ -51,8 +51,7 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
         train_step = trainer.train_step
         if cuda_graph is None:
             cuda_graph = warmup >= 2 and cuda_graph_mod.supported(trainer, micro_batch_size * grad_accum)
-        if cuda_graph:
-            cuda_graph_mod.check(trainer, micro_batch_size * grad_accum)
+        if cuda_graph:  # its first call checks the rows per step
             train_step = cuda_graph_mod.GraphedStep(trainer, warmup=warmup - 1)
         gen = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
         rows = micro_batch_size * grad_accum

@@ -87,11 +87,11 @@ class GraphedStep:
 
     def __call__(self, input_ids: Tensor, labels: Tensor) -> StepResult:
         tr = self.trainer
-        check(tr, input_ids.shape[0])
         lr = tr.schedule.lr_at(tr.step + 1)
         self.lr.fill_(lr)  # a kernel with the value as its argument: no host sync
         self.step_count.fill_(tr.step + 1)
         if self._inputs is None:  # every step reads its batch from these: the compiled code sees one layout
+            check(tr, input_ids.shape[0])  # the rows per step; later batches must keep this shape
             self._inputs = (torch.empty_like(input_ids, memory_format=torch.contiguous_format),
                             torch.empty_like(labels, memory_format=torch.contiguous_format))
         ids, lab = self._inputs
@@ -106,8 +106,7 @@ class GraphedStep:
             return self._eager()
         self.graph.replay()
         tr.optimizer.step_count += 1  # the replayed optimizer step counts on the device only
-        out = self._out
-        return StepResult(out.loss.clone(), out.grad_norm.clone(), lr, out.valid_tokens.clone())
+        return _kept(self._out)
 
     def _eager(self) -> StepResult:
         """One eager step on the capture stream (what torch.cuda.graphs asks of warm-up iterations)."""
@@ -117,12 +116,11 @@ class GraphedStep:
             res = self.trainer.train_step(*self._inputs, coefs=(self.lr, self.step_count))
         main.wait_stream(self.stream)
         self.eager_steps += 1
-        return StepResult(res.loss.clone(), res.grad_norm.clone(), res.lr, res.valid_tokens.clone())
+        return _kept(res)
 
     def _capture(self) -> None:
+        # the warm-up's train_step left every p.grad None: the graph allocates its own gradient buffers
         tr = self.trainer
-        for p in tr.params.values():  # the graph allocates its own gradient buffers
-            p.grad = None
         graph = torch.cuda.CUDAGraph()
         count = tr.optimizer.step_count
         # thread_local: the data prefetcher's thread may pin host memory while this thread captures
@@ -131,3 +129,9 @@ class GraphedStep:
                 self._out = tr.train_step(*self._inputs, coefs=(self.lr, self.step_count))
         tr.optimizer.step_count = count  # the capture ran nothing; each replay counts its step
         self.graph = graph
+
+
+def _kept(res: StepResult) -> StepResult:
+    """`res` with its tensors cloned on the caller's stream: a replay overwrites the graph's outputs, and a
+    warm-up step's were allocated on the capture stream."""
+    return StepResult(res.loss.clone(), res.grad_norm.clone(), res.lr, res.valid_tokens.clone())
