@@ -57,6 +57,23 @@ for part in "$@"; do
       { OUT="$dir" bash benchmarks/gpu/graph_check.sh
         timeout 200 python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size ${MBS:-8} \
           --compile --no-cuda-graph ${BENCH_EXTRA:-} --json "$dir/compile_no_graph_mb${MBS:-8}.json"; } > "$dir/log.txt" 2>&1 ;;
+    ab)  # the compiled step (graphed where it can be) per op choice, ROUNDS alternations:
+         # AB="name:ops;name:ops" (empty ops: the defaults); AB_CODE=1: the first run also dumps Inductor's code
+      export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
+      e="python3 -m train_engine_0_5b bench --seq-length 4096 --steps ${AB_STEPS:-8} --warmup 3 --micro-batch-size ${MBS:-8} --compile"
+      IFS=';' read -ra abs <<< "${AB:?AB=name:ops;...}"
+      { for r in $(seq "${ROUNDS:-1}"); do for v in "${abs[@]}"; do n="${v%%:*}"; o="${v#*:}"
+          if [ "${AB_CODE:-0}" = 1 ] && [ ! -f "$dir/output_code.txt" ]; then
+            TORCH_LOGS=output_code timeout 240 $e ${o:+--ops "$o"} --json "$dir/${n}_r$r.json" 2> "$dir/output_code.txt"
+          else timeout 200 $e ${o:+--ops "$o"} --json "$dir/${n}_r$r.json"; fi
+          echo "[ab] $n round $r: exit $?"; grep -h '"tokens_per_s"' "$dir/${n}_r$r.json" 2>/dev/null | head -1; done; done
+        [ -f "$dir/output_code.txt" ] && gzip "$dir/output_code.txt"; } > "$dir/log.txt" 2>&1 ;;
+    fa4fwd)  # FA4 forward launch options at the step's attention shape
+      timeout ${FA4_S:-200} python3 benchmarks/gpu/fa4_fwd_configs.py --out "$dir" > "$dir/log.txt" 2>&1 ;;
+    graphpre)  # pretrain --cuda-graph end to end: stop + checkpoint + resume vs straight vs no graph
+      OUT="$dir" timeout ${GRAPHPRE_S:-560} bash benchmarks/gpu/graph_pretrain.sh > "$dir/log.txt" 2>&1 ;;
+    graphtest)  # graph_check.sh's per-variant GPU tests alone (VARIANTS), no bench
+      OUT="$dir" BENCH=0 timeout ${GRAPHTEST_S:-400} bash benchmarks/gpu/graph_check.sh > "$dir/log.txt" 2>&1 ;;
     optable)  # the engine's default compiled step with the per-op table and the profiler breakdown
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
       timeout 400 python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size ${MBS:-8} \

@@ -29,9 +29,9 @@ RUN = ["--num-steps", "1", "--global-batch-size", "2", "--micro-batch-size", "2"
 
 
 def _trainer(cfg: MiniCPMConfig, device: str, dtype: torch.dtype, adamw_op, *, compile: bool = False,
-             schedule: Schedule | None = None, mb: int = 2, ops: str | None = None) -> Trainer:
+             schedule: Schedule | None = None, mb: int = 2, ops: str | None = None, recompute: str = "none") -> Trainer:
     ops = resolve(OpSelection.parse(ops if ops is not None else "attention=sdpa"), device, dtype)
-    model = build_model(cfg, ops, device, dtype)
+    model = build_model(cfg, ops, device, dtype, recompute)
     if compile:
         compile_loss(model)
     opt = AdamW(dict(model.named_parameters()), init_weights(model, 0.1, seed=3), adamw_op=adamw_op,
@@ -114,11 +114,11 @@ GPU_CFG = MiniCPMConfig(  # head dim 64 and bf16: FA4 and the quack MLP run wher
 )
 
 
-def _run_gpu(graphed: bool, ops: str, compile: bool, steps: int = 7):
+def _run_gpu(graphed: bool, ops: str, compile: bool, recompute: str = "none", steps: int = 7):
     torch._dynamo.reset()
     # warm-up over 10 steps: the LR changes every step, so a graph that baked it in would drift
     trainer = _trainer(GPU_CFG, "cuda", torch.bfloat16, triton_fused.adamw, compile=compile,
-                       schedule=Schedule("constant", 3e-4, 3e-4, 10, 20), ops=ops)
+                       schedule=Schedule("constant", 3e-4, 3e-4, 10, 20), ops=ops, recompute=recompute)
     start = [m.clone() for m in trainer.optimizer.master]
     step = GraphedStep(trainer, warmup=2) if graphed else trainer.train_step
     gen = torch.Generator().manual_seed(1)
@@ -137,12 +137,14 @@ def _run_gpu(graphed: bool, ops: str, compile: bool, steps: int = 7):
                 lrs=[r.lr for r in results], master=[m.clone() for m in trainer.optimizer.master])
 
 
-GPU_VARIANTS = {  # id: (ops, compile); "default": the CUDA defaults (FA4, quack MLP where installed)
-    "plain-eager": ("attention=sdpa,mlp=unfused", False),
-    "plain-compiled": ("attention=sdpa,mlp=unfused", True),
-    "flash4": ("attention=flash4,mlp=unfused", True),
-    "quack": ("attention=sdpa,mlp=quack_gated", True),
-    "default": ("", True),
+GPU_VARIANTS = {  # id: (ops, compile, recompute); "default": the CUDA defaults (FA4, quack MLP where installed)
+    "plain-eager": ("attention=sdpa,mlp=unfused", False, "none"),
+    "plain-compiled": ("attention=sdpa,mlp=unfused", True, "none"),
+    "flash4": ("attention=flash4,mlp=unfused", True, "none"),
+    "quack": ("attention=sdpa,mlp=quack_gated", True, "none"),
+    "triton-ce": ("cross_entropy=triton_fused", True, "none"),
+    "recompute-layer": ("", True, "layer"),  # the recomputed forward runs inside the captured backward
+    "default": ("", True, "none"),
 }
 
 
@@ -150,13 +152,13 @@ GPU_VARIANTS = {  # id: (ops, compile); "default": the CUDA defaults (FA4, quack
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("variant", list(GPU_VARIANTS))
 def test_graphed_run_matches_the_eager_run(variant):
-    ops, compile = GPU_VARIANTS[variant]
+    ops, compile, recompute = GPU_VARIANTS[variant]
     try:
         resolve(OpSelection.parse(ops), "cuda", torch.bfloat16)
     except EngineError as e:  # FA4 / quack not installed here
         pytest.skip(str(e))
-    eager = _run_gpu(False, ops, compile)
-    graphed = _run_gpu(True, ops, compile)
+    eager = _run_gpu(False, ops, compile, recompute)
+    graphed = _run_gpu(True, ops, compile, recompute)
     assert graphed["step"].captured  # steps 3..7 were replays
     assert graphed["trainer"].optimizer.step_count == eager["trainer"].optimizer.step_count == 7
     assert graphed["lrs"] == eager["lrs"] and len(set(eager["lrs"])) == 7

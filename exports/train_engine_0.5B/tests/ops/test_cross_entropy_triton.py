@@ -64,6 +64,26 @@ def test_cross_entropy_matches_fp64(shape, dtype):
     _close(logits.grad, l64.grad, TOL[dtype])
 
 
+def test_cross_entropy_compiles_as_one_node_per_direction():
+    """Under torch.compile(fullgraph=True) the op is the custom-op pair (no graph break) and gives the
+    eager values, with the code around it (a scale before, a division after) compiled."""
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(2, 17, 300, generator=gen) * 3).to(DEVICE).requires_grad_()
+    labels = _labels((2, 17), 300, gen)
+
+    def step(z, y):
+        return cross_entropy(z * 1.5, y) / 7
+
+    compiled = torch.compile(step, fullgraph=True)(logits, labels)
+    compiled.backward()
+    grad = logits.grad.clone()
+    l64 = logits.detach().double().requires_grad_()
+    ref = cross_entropy_reference(l64 * 1.5, labels) / 7
+    ref.backward()
+    _close(compiled.detach(), ref.detach(), LOSS_TOL[torch.float32])
+    _close(grad, l64.grad, TOL[torch.float32])
+
+
 def test_cross_entropy_all_ignored_is_zero_with_zero_grad():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 300, generator=gen).to(DEVICE).requires_grad_()

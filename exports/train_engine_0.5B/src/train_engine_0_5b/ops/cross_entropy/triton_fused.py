@@ -156,25 +156,50 @@ def cross_entropy_bwd(
     return grad
 
 
-class _CrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
-        logits2, labels1 = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).contiguous()
-        logits2 = logits2 if logits2.stride(-1) == 1 else logits2.contiguous()
-        losses, lse = cross_entropy_fwd(logits2, labels1)
-        ctx.save_for_backward(logits2, labels1, lse)
-        ctx.shape = logits.shape
-        return losses.sum()
+# The registry op is a pair of `torch.library` custom ops (forward, backward) with fake implementations and
+# a registered autograd formula, as flash4.py does: torch.compile keeps each as one opaque node and fuses
+# the code around it. (Tracing the Triton launches instead fails: `_unit` reads data pointers.)
+@torch.library.custom_op("train_engine_0_5b::triton_ce_fwd", mutates_args=())
+def triton_ce_fwd(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """logits (rows, V), labels (rows,) -> (sum of row losses 0-dim fp32, logsumexps (rows,) fp32)."""
+    losses, lse = cross_entropy_fwd(logits, labels)
+    return losses.sum(), lse
 
-    @staticmethod
-    def backward(ctx, dloss: Tensor):
-        logits2, labels1, lse = ctx.saved_tensors
-        return cross_entropy_bwd(logits2, labels1, lse, dloss).view(ctx.shape), None
+
+@triton_ce_fwd.register_fake
+def _(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("train_engine_0_5b::triton_ce_bwd", mutates_args=())
+def triton_ce_bwd(logits: Tensor, labels: Tensor, lse: Tensor, dloss: Tensor) -> Tensor:
+    """d(dloss * loss sum)/d(logits), (rows, V) in logits' dtype."""
+    return cross_entropy_bwd(logits, labels, lse, dloss)
+
+
+@triton_ce_bwd.register_fake
+def _(logits: Tensor, labels: Tensor, lse: Tensor, dloss: Tensor) -> Tensor:
+    return torch.empty_like(logits)
+
+
+def _ce_setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+
+
+def _ce_backward(ctx, dloss: Tensor, _dlse: Tensor | None) -> tuple[Tensor, None]:
+    logits, labels, lse = ctx.saved_tensors
+    return triton_ce_bwd(logits, labels, lse, dloss), None
+
+
+triton_ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Summed token cross-entropy (0-dim fp32) over labels != -100; logits (..., V), labels (...)."""
-    return _CrossEntropy.apply(logits, labels)
+    logits2 = logits.reshape(-1, logits.shape[-1])
+    logits2 = logits2 if logits2.stride(-1) == 1 else logits2.contiguous()
+    return triton_ce_fwd(logits2, labels.reshape(-1).contiguous())[0]
 
 
 def cross_entropy_reference(logits: Tensor, labels: Tensor) -> Tensor:

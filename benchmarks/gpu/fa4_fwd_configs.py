@@ -1,0 +1,96 @@
+"""Time FA4's forward at the 0.5B step's attention shape under the launch options its entry point takes
+(pack_gqa, tile_mn, mma_pv_is_rs, intra_wg_overlap), against the default it picks, to decide whether
+ops/attention/flash4.py should pass any of them. The backward's SM90 tiles are fixed inside FA4 (its
+arguments are overridden on SM90), so only the forward is searched; the backward is timed once for scale.
+Each variant's output is compared with the default's (same math: differences are summation order).
+
+    python benchmarks/gpu/fa4_fwd_configs.py --out DIR [--batch 8 --seq 4096 --heads 16 --kv-heads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _time(fn, iters: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+VARIANTS: dict[str, dict] = {  # name -> keyword arguments of _flash_attn_fwd beyond causal / return_lse
+    "default": {},
+    "pack_gqa=False": {"pack_gqa": False},
+    "tile 128x128": {"tile_mn": (128, 128)},
+    "tile 128x176": {"tile_mn": (128, 176)},
+    "tile 192x128 no-RS": {"tile_mn": (192, 128), "mma_pv_is_rs": False},
+    "tile 192x128 no-overlap": {"tile_mn": (192, 128), "intra_wg_overlap": False},
+    "tile 192x160": {"tile_mn": (192, 160)},
+    "tile 128x192": {"tile_mn": (128, 192)},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--budget-s", type=float, default=150.0)
+    args = ap.parse_args()
+    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+    B, S, n, g, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(B, S, n, d, device=dev, dtype=dt, generator=gen)
+    k = torch.randn(B, S, g, d, device=dev, dtype=dt, generator=gen)
+    v = torch.randn(B, S, g, d, device=dev, dtype=dt, generator=gen)
+    flop = 4.0 * B * n * S * S * d / 2  # causal: half the square
+    t0 = time.monotonic()
+    base_out, base_lse = _flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
+    rows = []
+    for name, kw in VARIANTS.items():
+        if time.monotonic() - t0 > args.budget_s:
+            rows.append({"variant": name, "skipped": "time budget"})
+            continue
+        try:
+            fn = lambda kw=kw: _flash_attn_fwd(q, k, v, causal=True, return_lse=True, **kw)  # noqa: E731
+            out, lse = fn()[:2]
+            diff = (out.float() - base_out.float()).abs().max().item()
+            lse_diff = (lse - base_lse).abs().max().item()
+            ms = _time(fn)
+            rows.append({"variant": name, "kwargs": {k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in kw.items()},
+                         "ms": ms, "tflops": flop / ms / 1e9, "max_abs_diff_vs_default": diff, "lse_max_diff": lse_diff})
+            print(f"fwd {name:26s} {ms:7.3f} ms {flop / ms / 1e9:6.1f} TFLOP/s  |out-default| {diff:.2e}", flush=True)
+        except Exception as e:  # noqa: BLE001 - a variant the kernel does not support is recorded, not fatal
+            rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(f"fwd {name:26s} error {type(e).__name__}: {str(e)[:160]}", flush=True)
+    do = torch.randn_like(base_out)
+    bwd_ms = _time(lambda: _flash_attn_bwd(q, k, v, base_out, do, base_lse, causal=True))
+    print(f"bwd default {bwd_ms:7.3f} ms {2.5 * flop / bwd_ms / 1e9:6.1f} TFLOP/s", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "shape": {"batch": B, "seq": S, "heads": n, "kv_heads": g, "head_dim": d, "causal": True, "dtype": "bfloat16"},
+              "fwd": rows, "bwd_default_ms": bwd_ms, "bwd_tflops": 2.5 * flop / bwd_ms / 1e9}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fa4_fwd_configs.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
