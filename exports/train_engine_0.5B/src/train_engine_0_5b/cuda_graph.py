@@ -106,7 +106,7 @@ class GraphedStep:
             return self._eager()
         self.graph.replay()
         tr.optimizer.step_count += 1  # the replayed optimizer step counts on the device only
-        return _kept(self._out)
+        return _kept(self._out, lr)  # the captured result's lr is the capture step's Python float
 
     def _eager(self) -> StepResult:
         """One eager step on the capture stream (what torch.cuda.graphs asks of warm-up iterations)."""
@@ -116,7 +116,7 @@ class GraphedStep:
             res = self.trainer.train_step(*self._inputs, coefs=(self.lr, self.step_count))
         main.wait_stream(self.stream)
         self.eager_steps += 1
-        return _kept(res)
+        return _kept(res, res.lr)
 
     def _capture(self) -> None:
         # the warm-up's train_step left every p.grad None: the graph allocates its own gradient buffers
@@ -131,7 +131,7 @@ class GraphedStep:
         self.graph = graph
 
 
-def _kept(res: StepResult) -> StepResult:
-    """`res` with its tensors cloned on the caller's stream: a replay overwrites the graph's outputs, and a
-    warm-up step's were allocated on the capture stream."""
-    return StepResult(res.loss.clone(), res.grad_norm.clone(), res.lr, res.valid_tokens.clone())
+def _kept(res: StepResult, lr: float) -> StepResult:
+    """`res` with its tensors cloned on the caller's stream (a replay overwrites the graph's outputs, and a
+    warm-up step's were allocated on the capture stream) and this step's `lr`."""
+    return StepResult(res.loss.clone(), res.grad_norm.clone(), lr, res.valid_tokens.clone())

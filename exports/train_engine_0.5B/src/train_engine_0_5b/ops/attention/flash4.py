@@ -28,6 +28,11 @@ from train_engine_0_5b.errors import EngineError
 from train_engine_0_5b.ops._hopper import gpu_too_old, require_hopper_half
 
 
+# Extra keyword arguments of FA4's forward launch (tile_mn, intra_wg_overlap, pack_gqa, ...): {} = the
+# configuration FA4 picks. benchmarks/gpu/fa4_fwd_configs.py times the alternatives at the step's shape.
+FWD_LAUNCH: dict = {}
+
+
 class Kernels(NamedTuple):
     fwd: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]  # (q, k, v) -> (o, lse)
     bwd: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
@@ -43,7 +48,7 @@ def _load() -> tuple[Kernels | None, str | None]:
 
     def fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         require_hopper_half(q, "attention=flash4", "sdpa")
-        out, lse = _flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
+        out, lse = _flash_attn_fwd(q, k, v, causal=True, return_lse=True, **FWD_LAUNCH)[:2]
         return out.contiguous(), lse.contiguous()
 
     def bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
