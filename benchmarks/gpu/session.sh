@@ -69,7 +69,7 @@ for part in "$@"; do
           elif [[ "$n" == fa4_* ]]; then timeout 200 python3 benchmarks/gpu/bench_fa4_launch.py "${FA4_LAUNCH:?}" ${e#python3 -m train_engine_0_5b bench} ${o:+--ops "$o"} --json "$dir/${n}_r$r.json"
           else timeout 200 $e ${o:+--ops "$o"} --json "$dir/${n}_r$r.json"; fi
           echo "[ab] $n round $r: exit $?"; grep -h '"tokens_per_s"' "$dir/${n}_r$r.json" 2>/dev/null | head -1; done; done
-        [ -f "$dir/output_code.txt" ] && gzip "$dir/output_code.txt"; } > "$dir/log.txt" 2>&1 ;;
+        if [ -f "$dir/output_code.txt" ]; then gzip "$dir/output_code.txt"; fi; } > "$dir/log.txt" 2>&1 ;;
     fa4fwd)  # FA4 forward launch options at the step's attention shape
       timeout ${FA4_S:-200} python3 benchmarks/gpu/fa4_fwd_configs.py --out "$dir" > "$dir/log.txt" 2>&1 ;;
     graphpre)  # pretrain --cuda-graph end to end: stop + checkpoint + resume vs straight vs no graph

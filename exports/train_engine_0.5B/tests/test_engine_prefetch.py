@@ -185,3 +185,28 @@ def test_a_failing_step_still_logs_the_steps_before_it(cli, tmp_path, monkeypatc
     assert isinstance(res.exception, FloatingPointError)
     assert [r["step"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2]  # step 2 was held when step 3 failed
     assert not [t for t in threading.enumerate() if t.name == "batch-prefetch"]
+
+
+def _result(device: str, loss: float, norm: float, valid: int):
+    from train_engine_0_5b.trainer import StepResult
+
+    return StepResult(torch.tensor(loss, device=device), torch.tensor(norm, device=device), 1e-3,
+                      torch.tensor(valid, device=device))
+
+
+def test_staged_scalars_on_the_cpu_are_the_step_values():
+    staged = pretrain_mod._Staged(_result("cpu", 2.375, 0.5, 77))
+    assert staged.event is None and staged.read() == (2.375, 0.5, 77)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_staged_read_waits_for_its_own_step_only():
+    """Step N's scalars are read while step N+1 (here: ~1 s of spinning queued after it) still runs: the
+    completion time logged for step N is step N's, and the last step's is not ~0 ms."""
+    torch.cuda.synchronize()
+    staged = pretrain_mod._Staged(_result("cuda", 2.375, 0.5, 77))
+    torch.cuda._sleep(2_000_000_000)  # "step N+1", queued behind the copy (~1 s at ~2 GHz)
+    assert staged.read() == (2.375, 0.5, 77)
+    assert not torch.cuda.current_stream().query()  # the read did not wait for step N+1
+    torch.cuda.synchronize()

@@ -127,36 +127,64 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
         log.close()
 
 
+class _Staged:
+    """A step's (loss, grad norm, valid tokens), copied to the host behind the step's own work: on CUDA an
+    asynchronous copy into pinned memory and an event recorded after it, so `read` waits for this step
+    only; elsewhere the tensors themselves (reading them is synchronous there anyway)."""
+
+    def __init__(self, res: StepResult):
+        self.res, self.host, self.event = res, None, None
+        if res.loss.is_cuda:
+            values = torch.stack([res.loss.double(), res.grad_norm.double(), res.valid_tokens.double()])
+            self.host = torch.empty(3, dtype=torch.float64, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def read(self) -> tuple[float, float, int]:
+        if self.event is None:
+            return float(self.res.loss), float(self.res.grad_norm), int(self.res.valid_tokens)
+        self.event.synchronize()
+        loss, norm, valid = self.host.tolist()
+        return loss, norm, int(valid)
+
+
 class _StepReports:
     """Reads a step's scalars one step late and logs them: the loop queues step N+1 before it reads step
-    N, so on a GPU the host never waits for an idle device (the read is the one host sync per step).
+    N, so on a GPU the host never waits for an idle device.
+
+    On a GPU, `hold` queues a copy of step N's scalars into pinned host memory and records an event right
+    after step N, before step N+1 is queued; `flush` waits for that event alone. (Reading the device
+    tensors instead, `.item()`, would wait for everything queued on the stream, step N+1 included: each
+    step's time would then be observed one step late, and the last one as ~0 ms.)
 
     step_time_s is the wall time between consecutive step completions (the first: from the start of the
-    loop, or from the end of a checkpoint save). A GPU step's completion is observed when its scalars are
-    read: the read waits for it while the next step is already queued. A CPU step runs inside train_step,
-    so it completes when train_step returns; its late read would count the next step's compute too."""
+    loop, or from the end of a checkpoint save). A GPU step's completion is observed when its event is
+    reached. A CPU step runs inside train_step, so it completes when train_step returns; its late read
+    would count the next step's compute too."""
 
     def __init__(self, cfg: EngineConfig, ctx: DistContext, log: StepLog):
         self.cfg, self.ctx, self.log = cfg, ctx, log
         self.tokens = cfg.train.global_batch_size * cfg.train.seq_length
         self.sync_device = ctx.device.type == "cpu"  # train_step returns when the step is done
-        self.pending: tuple[int, StepResult, float] | None = None  # step, its result, when train_step returned
+        self.pending: tuple[int, StepResult, _Staged, float] | None = None  # step, result, its scalars, returned
         self.times: list[float] = []
         self.losses: list[float] = []
         self.mark = time.perf_counter()  # the last completion (or the loop's start)
 
     def hold(self, step: int, res: StepResult) -> None:
-        """Call right after queueing `step`: reports the step before it, then keeps this one."""
+        """Call right after queueing `step`: stages its scalars, reports the step before it, keeps this one."""
         returned = time.perf_counter()
+        staged = _Staged(res)
         self.flush()
-        self.pending = (step, res, returned)
+        self.pending = (step, res, staged, returned)
 
     def flush(self) -> None:
         """Read and log the held step (before a checkpoint, a stop, the end, an error)."""
         if self.pending is None:
             return
-        (step, res, returned), self.pending = self.pending, None
-        loss, norm, valid = float(res.loss), float(res.grad_norm), int(res.valid_tokens)  # wait for the step
+        (step, res, staged, returned), self.pending = self.pending, None
+        loss, norm, valid = staged.read()  # waits for this step (and what was queued before it) only
         done = returned if self.sync_device else time.perf_counter()
         dt, self.mark = done - self.mark, done
         cfg, t, tokens = self.cfg, self.cfg.train, self.tokens
