@@ -73,6 +73,8 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
     # quack_gated MLP (quack fc1 forward, Triton dSwiGLU): compiled step 149,269 vs 146,023 tokens/s unfused,
     # (benchmarks/results/engine-0.5b-quack-dswiglu-2026-11-23-h100/), gates M1-M3 pass (benchmarks/results/
     # gates/2026-11-23-h100-minicpm4-0.5b-bf16-quack/); unfused without quack.
+    # Left at "reference" by measurement in the compiled, graphed step (benchmarks/results/engine-0.5b-graphfix-ab-
+    # 2026-11-23-h100/): cross_entropy=triton_fused 147,371 vs 149,746 tokens/s and +4 GiB; gemm.qkv=concat 148,635.
     "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach"), "mlp": ("quack_gated", UNFUSED)},
 }
 # implementation -> the compute dtypes it runs; "auto" skips it for others (an explicit choice then fails in it)

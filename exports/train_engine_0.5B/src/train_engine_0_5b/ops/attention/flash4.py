@@ -29,7 +29,9 @@ from train_engine_0_5b.ops._hopper import gpu_too_old, require_hopper_half
 
 
 # Extra keyword arguments of FA4's forward launch (tile_mn, intra_wg_overlap, pack_gqa, ...): {} = the
-# configuration FA4 picks. benchmarks/gpu/fa4_fwd_configs.py times the alternatives at the step's shape.
+# configuration FA4 picks, the fastest at the 0.5B step's shape on an H100 (0.703 ms against 0.736-0.783 for the
+# others, interleaved rounds: benchmarks/results/engine-0.5b-graphfix-ab-2026-11-23-h100/). Set by
+# benchmarks/gpu/bench_fa4_launch.py for step-level A/Bs; fa4_fwd_configs.py times the alternatives.
 FWD_LAUNCH: dict = {}
 
 
