@@ -16,20 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def _time(fn, iters: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+from cuda_timer import median_ms  # beside this script
 
 
 VARIANTS: dict[str, dict] = {  # name -> keyword arguments of _flash_attn_fwd beyond causal / return_lse
@@ -83,7 +70,7 @@ def main() -> None:
     by_name = {r["variant"]: r for r in rows}
     for _ in range(args.rounds):  # interleaved: every variant sees the same clock and temperature drift
         for name, fn in fns.items():
-            by_name[name]["ms_rounds"].append(_time(fn))
+            by_name[name]["ms_rounds"].append(median_ms(fn, warmup=3))
     for name in fns:
         r = by_name[name]
         r["ms"] = statistics.median(r["ms_rounds"])
@@ -91,7 +78,7 @@ def main() -> None:
         print(f"fwd {name:26s} {r['ms']:7.3f} ms {r['tflops']:6.1f} TFLOP/s  rounds {[round(x, 3) for x in r['ms_rounds']]}"
               f"  |out-default| {r['max_abs_diff_vs_default']:.2e}", flush=True)
     do = torch.randn_like(base_out)
-    bwd_ms = _time(lambda: _flash_attn_bwd(q, k, v, base_out, do, base_lse, causal=True))
+    bwd_ms = median_ms(lambda: _flash_attn_bwd(q, k, v, base_out, do, base_lse, causal=True), warmup=3)
     print(f"bwd default {bwd_ms:7.3f} ms {2.5 * flop / bwd_ms / 1e9:6.1f} TFLOP/s", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": {"batch": B, "seq": S, "heads": n, "kv_heads": g, "head_dim": d, "causal": True, "dtype": "bfloat16"},

@@ -10,24 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
-
-
-def _time(fn, iters: int = 20, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+from cuda_timer import median_ms  # beside this script
 
 
 def main() -> None:
@@ -55,7 +41,7 @@ def main() -> None:
             "d_weight acc + dz^T @ x": lambda: torch.addmm(acc, dz.t(), x),
         }
         for name, fn in variants.items():
-            ms = _time(fn)
+            ms = median_ms(fn)
             rows.append({"vocab": V, "gemm": name, "ms": ms, "tflops": flop / ms / 1e9})
             print(f"V={V:6d} {name:28s} {ms:7.3f} ms {flop / ms / 1e9:7.1f} TFLOP/s", flush=True)
         del w, dz, acc

@@ -64,10 +64,11 @@ for part in "$@"; do
       e="python3 -m train_engine_0_5b bench --seq-length 4096 --steps ${AB_STEPS:-8} --warmup 3 --micro-batch-size ${MBS:-8} --compile"
       IFS=';' read -ra abs <<< "${AB:?AB=name:ops;...}"
       { for r in $(seq "${ROUNDS:-1}"); do for v in "${abs[@]}"; do n="${v%%:*}"; o="${v#*:}"
+          cmd=($e ${o:+--ops "$o"} --json "$dir/${n}_r$r.json")
+          [[ "$n" == fa4_* ]] && cmd=(python3 benchmarks/gpu/bench_fa4_launch.py "${FA4_LAUNCH:?}" "${cmd[@]:4}")
           if [ "${AB_CODE:-0}" = 1 ] && [ ! -f "$dir/output_code.txt" ]; then
-            TORCH_LOGS=output_code timeout 240 $e ${o:+--ops "$o"} --json "$dir/${n}_r$r.json" 2> "$dir/output_code.txt"
-          elif [[ "$n" == fa4_* ]]; then timeout 200 python3 benchmarks/gpu/bench_fa4_launch.py "${FA4_LAUNCH:?}" ${e#python3 -m train_engine_0_5b bench} ${o:+--ops "$o"} --json "$dir/${n}_r$r.json"
-          else timeout 200 $e ${o:+--ops "$o"} --json "$dir/${n}_r$r.json"; fi
+            TORCH_LOGS=output_code timeout 240 "${cmd[@]}" 2> "$dir/output_code.txt"
+          else timeout 200 "${cmd[@]}"; fi
           echo "[ab] $n round $r: exit $?"; grep -h '"tokens_per_s"' "$dir/${n}_r$r.json" 2>/dev/null | head -1; done; done
         if [ -f "$dir/output_code.txt" ]; then gzip "$dir/output_code.txt"; fi; } > "$dir/log.txt" 2>&1 ;;
     fa4fwd)  # FA4 forward launch options at the step's attention shape

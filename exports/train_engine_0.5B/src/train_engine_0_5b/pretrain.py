@@ -167,7 +167,7 @@ class _StepReports:
         self.cfg, self.ctx, self.log = cfg, ctx, log
         self.tokens = cfg.train.global_batch_size * cfg.train.seq_length
         self.sync_device = ctx.device.type == "cpu"  # train_step returns when the step is done
-        self.pending: tuple[int, StepResult, _Staged, float] | None = None  # step, result, its scalars, returned
+        self.pending: tuple[int, _Staged, float] | None = None  # step, its result staged, when train_step returned
         self.times: list[float] = []
         self.losses: list[float] = []
         self.mark = time.perf_counter()  # the last completion (or the loop's start)
@@ -177,14 +177,15 @@ class _StepReports:
         returned = time.perf_counter()
         staged = _Staged(res)
         self.flush()
-        self.pending = (step, res, staged, returned)
+        self.pending = (step, staged, returned)
 
     def flush(self) -> None:
         """Read and log the held step (before a checkpoint, a stop, the end, an error)."""
         if self.pending is None:
             return
-        (step, res, staged, returned), self.pending = self.pending, None
+        (step, staged, returned), self.pending = self.pending, None
         loss, norm, valid = staged.read()  # waits for this step (and what was queued before it) only
+        res = staged.res
         done = returned if self.sync_device else time.perf_counter()
         dt, self.mark = done - self.mark, done
         cfg, t, tokens = self.cfg, self.cfg.train, self.tokens
