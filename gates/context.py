@@ -221,15 +221,17 @@ class GateRun:
 
     # ----- comparing -----------------------------------------------------------------------------
     def compare_names(self, names: list[str], eng: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
-                      case: Case, policy: Policy | None = None, prefix: str = "") -> list[Diff]:
-        """Compare `names` in layer order; per-step series element by element. Adds to the report."""
+                      case: Case, policy: Policy | None = None, prefix: str = "",
+                      step_cap: float | None = None) -> list[Diff]:
+        """Compare `names` in layer order; per-step series element by element. Adds to the report.
+        `step_cap`: for weights after AdamW steps (policies.adamw_step_cap), applied to non-series names."""
         policy = policy or self.policy
         diffs: list[Diff] = []
         for n in layer_order(names, case):
             if n in ("losses", "grad_norms", "lrs"):
                 diffs += compare_series(prefix + n, eng[n], ref[n], policy)
             else:
-                diffs.append(compare(prefix + n, eng[n], ref[n], policy))
+                diffs.append(compare(prefix + n, eng[n], ref[n], policy, step_cap))
         self.report.tensors += diffs
         return diffs
 

@@ -10,6 +10,7 @@ In bf16 the peak LR is 1e-4, not the case default 1e-3: at 1e-3 Adam's first, si
 MiniCPM4-0.5B so far that by step 4 the grad norm is chaotic. On an H100 (benchmarks/results/gates/
 2026-11-23-h100-m3-lr/) the torch reference gave 0.219 twice, bit for bit, while five correct engine
 op selections gave 0.28 to 3.2, all with step losses within 1e-5; such a step compares noise, not the optimizer.
+Final weights: the policy's bounds, with the AdamW step cap on the max criterion (policies.py says why).
 Localization: the first step whose loss / grad norm / lr diverges, and the first final weight out of
 bounds in layer order.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from gates.case import OptimizerSpec, ScheduleSpec, hf_param_shapes
 from gates.context import GateRun, localize_training, verdict_of
+from gates.policies import adamw_step_cap
 from gates.report import GateReport
 
 SERIES = ["losses", "grad_norms", "lrs"]
@@ -35,7 +37,8 @@ def run(g: GateRun) -> GateReport:
     g.check("steps", eng, case)
     ref = g.reference_probe("steps", case)
     series = g.compare_names(SERIES, eng, ref, case)
-    weights = g.compare_names([f"weight.{n}" for n in hf_param_shapes(case.spec.model)], eng, ref, case)
+    weights = g.compare_names([f"weight.{n}" for n in hf_param_shapes(case.spec.model)], eng, ref, case,
+                              step_cap=adamw_step_cap(ref["lrs"]))
     diffs = series + weights
     if verdict_of(diffs) == "passed":
         return g.finish("passed", f"{case.spec.steps} steps: losses, grad norms, lrs and {len(weights)} final "

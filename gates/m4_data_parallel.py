@@ -18,6 +18,7 @@ import torch
 
 from gates.case import hf_param_shapes
 from gates.context import GateRun, GateStop, localize_training, part
+from gates.policies import adamw_step_cap
 from gates.report import GateReport, worst
 
 SERIES = ["losses", "grad_norms", "lrs"]
@@ -43,8 +44,11 @@ def run(g: GateRun) -> GateReport:
     ref = g.reference_probe("steps", case)
 
     weights = [f"weight.{k}" for k in hf_param_shapes(spec.model)]
-    s1, w1 = (g.compare_names(x, eng_n, eng_1, case, prefix="vs_dp1:") for x in (SERIES, weights))
-    sr, wr = (g.compare_names(x, eng_n, ref, case, prefix="vs_reference:") for x in (SERIES, weights))
+    cap = adamw_step_cap(ref["lrs"])  # final weights: policies.py says why
+    s1 = g.compare_names(SERIES, eng_n, eng_1, case, prefix="vs_dp1:")
+    w1 = g.compare_names(weights, eng_n, eng_1, case, prefix="vs_dp1:", step_cap=cap)
+    sr = g.compare_names(SERIES, eng_n, ref, case, prefix="vs_reference:")
+    wr = g.compare_names(weights, eng_n, ref, case, prefix="vs_reference:", step_cap=cap)
     parts = [part("vs_dp1", s1 + w1), part("vs_reference", sr + wr)]
     g.report.parts = parts
     verdict = worst([p.verdict for p in parts])

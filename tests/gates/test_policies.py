@@ -1,11 +1,12 @@
-"""Tolerance policies: resolution from names/specs, both error figures, the bitwise rule, NaN and shapes."""
+"""Tolerance policies: resolution from names/specs, both error figures, the bitwise rule, NaN and shapes,
+the AdamW step cap on weights after optimizer steps."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gates.policies import DTYPE_BOUNDS, compare, compare_series, resolve_policy
+from gates.policies import ADAMW_STEP_SHARE, DTYPE_BOUNDS, adamw_step_cap, compare, compare_series, resolve_policy
 
 
 def test_resolve_names_and_overrides():
@@ -56,3 +57,27 @@ def test_series_are_per_step():
     diffs = compare_series("losses", torch.tensor([2.0, 2.1, 2.0]), ref, pol)
     assert [d.name for d in diffs] == ["losses[0]", "losses[1]", "losses[2]"]
     assert [d.ok for d in diffs] == [True, False, True]
+
+
+def test_adamw_step_cap_relaxes_only_the_max_criterion():
+    """One element a fraction of a step off (a near-cancelling gradient) passes with the cap; a broad
+    difference still fails on rel; one element off by more than the cap fails; bitwise ignores the cap."""
+    pol = resolve_policy("dtype", "float32")
+    lrs = torch.tensor([5e-4, 1e-3, 1e-3, 1e-4])
+    cap = adamw_step_cap(lrs)
+    assert cap == pytest.approx(ADAMW_STEP_SHARE * 2.6e-3)
+    w = torch.randn(256, 256, dtype=torch.float64) * 0.02
+    one = w.clone()
+    one[3, 5] += 0.1 * cap  # max_rel ~7e-4 > 1e-4, rel ~1.3e-5 < 2e-5
+    assert not compare("w", one, w, pol).ok
+    d = compare("w", one, w, pol, step_cap=cap)
+    assert d.ok and d.max_rel > pol.max_rel and "but max_abs" in d.note and "AdamW step cap" in d.note
+    far = w.clone()
+    far[3, 5] += 2 * cap
+    d = compare("w", far, w, pol, step_cap=cap)
+    assert not d.ok and "> AdamW step cap" in d.note
+    broad = w * (1 + 1e-3)  # every element: rel 1e-3, each element well within the cap
+    d = compare("w", broad, w, pol, step_cap=cap)
+    assert not d.ok and d.note.startswith("rel ")
+    assert not compare("w", one, w, resolve_policy("bitwise", "float32"), step_cap=cap).ok
+    assert compare("w", w.clone(), w, pol, step_cap=cap).note == ""
