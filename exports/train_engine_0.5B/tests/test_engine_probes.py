@@ -3,7 +3,7 @@
 Bound: every tensor within rel 1e-5 (max |engine - reference| / max |reference|), i.e. fp32 rounding.
 With the reference implementations of every op (the CPU defaults) the engine runs the same kernels in
 the same order, so its answers are also bitwise equal; the second test holds it to that.
-The alternative implementations (SDPA, concatenated GEMMs, foreach AdamW) sum in another order: the
+The alternative implementations (SDPA, concatenated GEMMs, foreach AdamW, the residual scale on the weights) sum in another order: the
 same 1e-5 bound holds for logits, losses, gradients and norms; weights after AdamW steps are held by
 engine_testlib.assert_adamw_weights_close (why no fixed max bound fits is there). foreach AdamW itself
 is held to the reference on identical gradients in tests/ops/test_adamw_foreach.py.
@@ -24,7 +24,7 @@ from train_engine_0_5b.probe import run_probe
 REL_TOL = 1e-5
 PROBES = ("forward", "backward", "steps", "checkpoint")
 # Non-default implementations that must still agree within fp32 rounding (not bitwise).
-ALTERNATIVES = "attention=sdpa,gemm=concat,adamw=foreach"
+ALTERNATIVES = "attention=sdpa,gemm=concat,adamw=foreach,residual_scale=weight"
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_alternative_implementations_match_within_fp32_rounding(answers, probe):
     _, out = answers
     ref, (alt, metrics) = out[probe]["ref"], out[probe]["alternatives"]
     assert metrics["ops"]["attention"] == "sdpa" and metrics["ops"]["gemm.qkv"] == "concat"
-    assert metrics["ops"]["adamw"] == "foreach"
+    assert metrics["ops"]["adamw"] == "foreach" and metrics["ops"]["residual_scale"] == "weight"
     weights = [n for n in ref if n.startswith("weight.")]
     for name in set(ref) - set(weights):
         assert rel_err(ref[name], alt[name]) <= REL_TOL, (probe, name, rel_err(ref[name], alt[name]))

@@ -5,7 +5,8 @@
     logits = (rms_norm(h) / (hidden / dim_model_base)) @ W_out^T                W_out tied to the embedding
 
 The residual add and the norm after it are one op (`add_rms_norm`), so the loop carries the residual
-stream `h` and its normalized form `x` from one sublayer to the next. The parameters are the compute
+stream `h` and its normalized form `x` from one sublayer to the next. With residual_scale=weight, r scales
+the o_proj / down_proj weights instead of their outputs (ops/residual_scale/weight.py says why). The parameters are the compute
 copy (the case / training dtype); fp32 master weights live in the optimizer (optim.py).
 
 Activation recomputation (`recompute`, RECOMPUTE): the named part of every layer keeps only its inputs
@@ -38,11 +39,16 @@ class Weight(nn.Module):
         self.weight = nn.Parameter(torch.empty(*shape))
 
 
+def _out_weight(w: Tensor, r: float, ops: Ops) -> Tensor:
+    """An out-projection weight as its GEMM uses it: scaled by the residual scale under residual_scale=weight."""
+    return w if ops.residual_scale is None else ops.residual_scale(w, r)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: MiniCPMConfig):
         super().__init__()
         h, d, n, g = cfg.hidden_size, cfg.dim_head, cfg.num_heads, cfg.num_kv_heads
-        self.n, self.g, self.d = n, g, d
+        self.n, self.g, self.d, self.r = n, g, d, cfg.residual_scale
         self.q_proj, self.k_proj, self.v_proj = Weight(n * d, h), Weight(g * d, h), Weight(g * d, h)
         self.o_proj = Weight(h, n * d)
 
@@ -53,7 +59,7 @@ class Attention(nn.Module):
         k, v = k.view(B, S, self.g, self.d), v.view(B, S, self.g, self.d)  # (B, S, g, d)
         q, k = ops.rope(q, k, cos, sin)
         o = ops.attention(q, k, v).reshape(B, S, self.n * self.d)  # (B, S, n*d)
-        return ops.gemm_attn_out(o, (self.o_proj.weight,))[0]  # (B, S, h)
+        return ops.gemm_attn_out(o, (_out_weight(self.o_proj.weight, self.r, ops),))[0]  # (B, S, h)
 
 
 class MLP(nn.Module):
@@ -61,12 +67,14 @@ class MLP(nn.Module):
         super().__init__()
         h, f = cfg.hidden_size, cfg.ffn_hidden_size
         self.gate_proj, self.up_proj, self.down_proj = Weight(f, h), Weight(f, h), Weight(h, f)
+        self.r = cfg.residual_scale
 
     def forward(self, x: Tensor, ops: Ops) -> Tensor:
+        down = _out_weight(self.down_proj.weight, self.r, ops)
         if ops.mlp is not None:  # one fused op for fc1 -> swiglu -> fc2
-            return ops.mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+            return ops.mlp(x, self.gate_proj.weight, self.up_proj.weight, down)
         gate, up = ops.gemm_fc1(x, (self.gate_proj.weight, self.up_proj.weight))  # (B, S, f) each
-        return ops.gemm_fc2(ops.swiglu(gate, up), (self.down_proj.weight,))[0]  # (B, S, h)
+        return ops.gemm_fc2(ops.swiglu(gate, up), (down,))[0]  # (B, S, h)
 
 
 class DecoderLayer(nn.Module):
@@ -149,7 +157,8 @@ class MiniCPM(nn.Module):
     def _layer(self, layer: DecoderLayer, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, next_norm: Tensor):
         """One decoder layer: (normed input, residual stream) -> (the next sublayer's normed input, stream)."""
         cfg, ops = self.cfg, self.ops
-        eps, r = cfg.rms_norm_eps, cfg.residual_scale
+        eps = cfg.rms_norm_eps
+        r = cfg.residual_scale if ops.residual_scale is None else 1.0  # else in the out-projection weights
         a = _maybe_recompute(self.recompute == "attention", layer.self_attn, x, cos, sin, ops)
         x, h = ops.add_rms_norm(h, a, layer.post_attention_layernorm.weight, eps, r)
         m = _maybe_recompute(self.recompute == "mlp", layer.mlp, x, ops)

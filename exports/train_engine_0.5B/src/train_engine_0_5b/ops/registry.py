@@ -10,6 +10,9 @@ Ops and their signatures (every implementation of an op has the same one; see ea
     mlp(x, gate_w, up_w, down_w) -> y                the SwiGLU MLP as one op, for fusions across fc1 / swiglu /
                                                      fc2; "unfused" = those three ops as selected (ops.mlp None)
     cross_entropy(logits, labels) -> sum of token CE over labels != -100 (>= float32)
+    residual_scale(w, r) -> w * r                    where the residual scale r applies: "reference" = None (the
+                                                     sublayer output, in add_rms_norm), "weight" = the o_proj /
+                                                     down_proj weights (add_rms_norm then gets r = 1)
     adamw(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decays) -> None (in place)
 
 An implementation lives in `ops/<folder>/<impl>.py` and defines functions named after the ops of its
@@ -38,6 +41,7 @@ from train_engine_0_5b.ops.attention import reference as attention_reference, sd
 from train_engine_0_5b.ops.cross_entropy import reference as cross_entropy_reference
 from train_engine_0_5b.ops.gemm import concat as gemm_concat, reference as gemm_reference
 from train_engine_0_5b.ops.mlp import reference as mlp_reference
+from train_engine_0_5b.ops.residual_scale import reference as residual_reference, weight as residual_weight
 from train_engine_0_5b.ops.rmsnorm import reference as rmsnorm_reference
 from train_engine_0_5b.ops.rope import reference as rope_reference
 from train_engine_0_5b.ops.swiglu import reference as swiglu_reference
@@ -52,11 +56,13 @@ OPS: dict[str, dict[str, Callable | None]] = {
     "swiglu": {"reference": swiglu_reference.swiglu},
     "mlp": {UNFUSED: None, "reference": mlp_reference.mlp},
     "cross_entropy": {"reference": cross_entropy_reference.cross_entropy},
+    "residual_scale": {"reference": residual_reference.residual_scale, "weight": residual_weight.residual_scale},
     "adamw": {"reference": adamw_reference.adamw, "foreach": adamw_foreach.adamw},
 }
 FOLDER_OPS: dict[str, tuple[str, ...]] = {  # op folder -> the registry ops its modules define
     "attention": ("attention",), "gemm": ("gemm",), "rmsnorm": ("rms_norm", "add_rms_norm"), "rope": ("rope",),
     "swiglu": ("swiglu",), "mlp": ("mlp",), "cross_entropy": ("cross_entropy",), "adamw": ("adamw",),
+    "residual_scale": ("residual_scale",),
 }
 # ops/<folder>/<name>.py, registered as <name> when importable and its UNAVAILABLE_REASON is None
 OPTIONAL_MODULES: tuple[str, ...] = ("triton_fused", "flash4", "quack_gated")
@@ -135,6 +141,7 @@ class OpSelection(BaseModel):
     swiglu: str = "auto"
     mlp: str = "auto"
     cross_entropy: str = "auto"
+    residual_scale: str = "auto"
     adamw: str = "auto"
 
     @classmethod
@@ -174,6 +181,7 @@ class Ops:
     swiglu: Callable
     mlp: Callable | None  # None: "unfused"
     cross_entropy: Callable
+    residual_scale: Callable | None  # None: "reference" (add_rms_norm applies r)
     adamw: Callable
     names: dict[str, str] = field(default_factory=dict)
 
@@ -197,7 +205,8 @@ def resolve(selection: OpSelection, device: str, dtype: torch.dtype | None = Non
     raises EngineError naming the op."""
     chosen: dict[str, Callable] = {}
     names: dict[str, str] = {}
-    for op in ("attention", "rms_norm", "add_rms_norm", "rope", "swiglu", "mlp", "cross_entropy", "adamw"):
+    for op in ("attention", "rms_norm", "add_rms_norm", "rope", "swiglu", "mlp", "cross_entropy", "residual_scale",
+               "adamw"):
         names[op], chosen[op] = _pick(op, getattr(selection, op), device, op, dtype)
     for site in GEMM_SITES:
         names[f"gemm.{site}"], chosen[f"gemm_{site}"] = _pick("gemm", getattr(selection.gemm, site), device,

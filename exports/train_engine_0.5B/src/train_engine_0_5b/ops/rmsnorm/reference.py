@@ -18,5 +18,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def add_rms_norm(x: Tensor, y: Tensor, weight: Tensor, eps: float, residual_scale: float) -> tuple[Tensor, Tensor]:
-    h = x + y * residual_scale
+    # r = 1 (residual_scale=weight folds r into the out-projection weights): no multiply, so no pass over
+    # dh in backward either (same values: y * 1.0 == y)
+    h = x + y if residual_scale == 1.0 else x + y * residual_scale
     return rms_norm(h, weight, eps), h
