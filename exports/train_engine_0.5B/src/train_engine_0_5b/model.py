@@ -5,8 +5,9 @@
     logits = (rms_norm(h) / (hidden / dim_model_base)) @ W_out^T                W_out tied to the embedding
 
 The residual add and the norm after it are one op (`add_rms_norm`), so the loop carries the residual
-stream `h` and its normalized form `x` from one sublayer to the next. With residual_scale=weight, r scales
-the o_proj / down_proj weights instead of their outputs (ops/residual_scale/weight.py says why). The parameters are the compute
+stream `h` and its normalized form `x` from one sublayer to the next. With residual_scale=weight, r
+scales the o_proj / down_proj weights instead of their outputs (ops/residual_scale/weight.py says why,
+and the sublayers take r for it). The parameters are the compute
 copy (the case / training dtype); fp32 master weights live in the optimizer (optim.py).
 
 Activation recomputation (`recompute`, RECOMPUTE): the named part of every layer keeps only its inputs
@@ -48,18 +49,18 @@ class Attention(nn.Module):
     def __init__(self, cfg: MiniCPMConfig):
         super().__init__()
         h, d, n, g = cfg.hidden_size, cfg.dim_head, cfg.num_heads, cfg.num_kv_heads
-        self.n, self.g, self.d, self.r = n, g, d, cfg.residual_scale
+        self.n, self.g, self.d = n, g, d
         self.q_proj, self.k_proj, self.v_proj = Weight(n * d, h), Weight(g * d, h), Weight(g * d, h)
         self.o_proj = Weight(h, n * d)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ops: Ops) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ops: Ops, r: float) -> Tensor:
         B, S, _ = x.shape
         q, k, v = ops.gemm_qkv(x, (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
         q = q.view(B, S, self.n, self.d)  # (B, S, n, d)
         k, v = k.view(B, S, self.g, self.d), v.view(B, S, self.g, self.d)  # (B, S, g, d)
         q, k = ops.rope(q, k, cos, sin)
         o = ops.attention(q, k, v).reshape(B, S, self.n * self.d)  # (B, S, n*d)
-        return ops.gemm_attn_out(o, (_out_weight(self.o_proj.weight, self.r, ops),))[0]  # (B, S, h)
+        return ops.gemm_attn_out(o, (_out_weight(self.o_proj.weight, r, ops),))[0]  # (B, S, h)
 
 
 class MLP(nn.Module):
@@ -67,10 +68,9 @@ class MLP(nn.Module):
         super().__init__()
         h, f = cfg.hidden_size, cfg.ffn_hidden_size
         self.gate_proj, self.up_proj, self.down_proj = Weight(f, h), Weight(f, h), Weight(h, f)
-        self.r = cfg.residual_scale
 
-    def forward(self, x: Tensor, ops: Ops) -> Tensor:
-        down = _out_weight(self.down_proj.weight, self.r, ops)
+    def forward(self, x: Tensor, ops: Ops, r: float) -> Tensor:
+        down = _out_weight(self.down_proj.weight, r, ops)
         if ops.mlp is not None:  # one fused op for fc1 -> swiglu -> fc2
             return ops.mlp(x, self.gate_proj.weight, self.up_proj.weight, down)
         gate, up = ops.gemm_fc1(x, (self.gate_proj.weight, self.up_proj.weight))  # (B, S, f) each
@@ -157,12 +157,12 @@ class MiniCPM(nn.Module):
     def _layer(self, layer: DecoderLayer, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, next_norm: Tensor):
         """One decoder layer: (normed input, residual stream) -> (the next sublayer's normed input, stream)."""
         cfg, ops = self.cfg, self.ops
-        eps = cfg.rms_norm_eps
-        r = cfg.residual_scale if ops.residual_scale is None else 1.0  # else in the out-projection weights
-        a = _maybe_recompute(self.recompute == "attention", layer.self_attn, x, cos, sin, ops)
-        x, h = ops.add_rms_norm(h, a, layer.post_attention_layernorm.weight, eps, r)
-        m = _maybe_recompute(self.recompute == "mlp", layer.mlp, x, ops)
-        return ops.add_rms_norm(h, m, next_norm, eps, r)
+        eps, r = cfg.rms_norm_eps, cfg.residual_scale
+        r_add = r if ops.residual_scale is None else 1.0  # residual_scale=weight: r is in the out-projection weights
+        a = _maybe_recompute(self.recompute == "attention", layer.self_attn, x, cos, sin, ops, r)
+        x, h = ops.add_rms_norm(h, a, layer.post_attention_layernorm.weight, eps, r_add)
+        m = _maybe_recompute(self.recompute == "mlp", layer.mlp, x, ops, r)
+        return ops.add_rms_norm(h, m, next_norm, eps, r_add)
 
     def _output(self, x: Tensor) -> Tensor:
         return self.ops.gemm_output(x, (self.output_weight(),))[0]  # (B, S, V)
