@@ -39,8 +39,8 @@ Weights after AdamW steps (M3, M4): `max_rel` alone is not a fixed property of a
 AdamW divides each element's update by that element's own gradient scale, so an element whose gradient
 nearly cancels turns a rounding difference into up to a full step, and the worst element over a tensor
 is heavy-tailed across seeds (fp32 tiny, engine ops that sum in another order: max_rel 1.5e-4 once in
-150 seeds of the engine's own probe test, 1.9e-4 once in CI; the base red-team engine's M3: worst 4.3e-5
-over 41 seeds). So those tensors also pass the max criterion when `max_abs` <= ADAMW_STEP_SHARE x the
+150 seeds of the engine's own probe test, 1.9e-4 once in CI; the base red-team engine's M3: worst 6.0e-5
+over 91 seeds). So those tensors also pass the max criterion when `max_abs` <= ADAMW_STEP_SHARE x the
 summed LRs (`adamw_step_cap`): one element off by less than a quarter of what AdamW could move it, with
 the norm-wise `rel` bound still held. The note says when the cap was used. Broad optimizer bugs stay far
 out on `rel` (weight decay skipped on one matrix: rel 2.6e-4 vs 2e-5); a gross single-element bug (a

@@ -3,10 +3,11 @@
 Bound: every tensor within rel 1e-5 (max |engine - reference| / max |reference|), i.e. fp32 rounding.
 With the reference implementations of every op (the CPU defaults) the engine runs the same kernels in
 the same order, so its answers are also bitwise equal; the second test holds it to that.
-The alternative implementations (SDPA, concatenated GEMMs, foreach AdamW, the residual scale on the weights) sum in another order: the
-same 1e-5 bound holds for logits, losses, gradients and norms; weights after AdamW steps are held by
-engine_testlib.assert_adamw_weights_close (why no fixed max bound fits is there). foreach AdamW itself
-is held to the reference on identical gradients in tests/ops/test_adamw_foreach.py.
+The alternative implementations (SDPA, concatenated GEMMs, foreach AdamW, the residual scale on the
+weights) round in another order: the same 1e-5 bound holds for logits, losses, gradients and norms;
+weights after AdamW steps are held by engine_testlib.assert_adamw_weights_close (why no fixed max bound
+fits is there). foreach AdamW itself is held to the reference on identical gradients in
+tests/ops/test_adamw_foreach.py.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def test_alternative_implementations_match_within_fp32_rounding(answers, probe):
     assert (probe == "steps") == bool(weights)
     if weights:
         assert_adamw_weights_close({n: ref[n] for n in weights}, {n: alt[n] for n in weights},
-                                   total_lr=ref["lrs"].sum().item(), tol=REL_TOL)
+                                   lrs=ref["lrs"], tol=REL_TOL)
 
 
 def test_checkpoint_probe_resumes_bitwise_and_exports(answers, cli, tmp_path):
@@ -119,18 +120,19 @@ def test_adamw_weight_bound_rejects_broad_and_gross_errors():
     """The weight bound used above can fail: a small error on many elements, or one element off by a
     large share of the total step, is rejected; one element off by rounding-sized noise is not."""
     ref = {"w": torch.randn(64, 64) * 0.02}
-    lr_total = 7e-3
+    lrs = [2e-3, 3e-3, 2e-3]  # step cap: a quarter of 7e-3
+    lr_total = sum(lrs)
     near = ref["w"].clone()
     near.view(-1)[5] += 0.01 * lr_total  # a near-cancelling gradient's element: allowed
-    assert_adamw_weights_close(ref, {"w": near}, total_lr=lr_total)
+    assert_adamw_weights_close(ref, {"w": near}, lrs=lrs)
     broad = ref["w"] * (1 + 1e-3)  # every element 1e-3 off: a real difference
     with pytest.raises(AssertionError, match="of elements within"):
-        assert_adamw_weights_close(ref, {"w": broad}, total_lr=lr_total)
+        assert_adamw_weights_close(ref, {"w": broad}, lrs=lrs)
     gross = ref["w"].clone()
     gross.view(-1)[7] -= 0.5 * lr_total
     with pytest.raises(AssertionError):
-        assert_adamw_weights_close(ref, {"w": gross}, total_lr=lr_total)
+        assert_adamw_weights_close(ref, {"w": gross}, lrs=lrs)
     poisoned = ref["w"].clone()
     poisoned.view(-1)[3] = float("nan")
     with pytest.raises(AssertionError):
-        assert_adamw_weights_close(ref, {"w": poisoned}, total_lr=lr_total)
+        assert_adamw_weights_close(ref, {"w": poisoned}, lrs=lrs)

@@ -7,8 +7,8 @@
 The residual add and the norm after it are one op (`add_rms_norm`), so the loop carries the residual
 stream `h` and its normalized form `x` from one sublayer to the next. With residual_scale=weight, r
 scales the o_proj / down_proj weights instead of their outputs (ops/residual_scale/weight.py says why,
-and the sublayers take r for it). The parameters are the compute
-copy (the case / training dtype); fp32 master weights live in the optimizer (optim.py).
+and the sublayers take r for it). The parameters are the compute copy (the case / training dtype); fp32
+master weights live in the optimizer (optim.py).
 
 Activation recomputation (`recompute`, RECOMPUTE): the named part of every layer keeps only its inputs
 for backward and runs its forward again there (torch.utils.checkpoint, non-reentrant, so it composes with
