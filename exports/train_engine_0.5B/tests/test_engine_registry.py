@@ -23,6 +23,7 @@ def test_device_defaults():
     fastest_attention = "flash4" if "flash4" in OPS["attention"] else "sdpa"
     assert cuda["attention"] == fastest_attention and cuda["adamw"] == fastest_adamw and cuda["gemm.qkv"] == "reference"
     assert cuda["mlp"] == ("quack_gated" if "quack_gated" in OPS["mlp"] else "unfused")
+    assert cuda["residual_scale"] == "weight" and cpu["residual_scale"] == "reference"
     chosen = resolve(OpSelection.parse("attention=reference,gemm=concat,gemm.output=reference"), "cuda").names
     assert chosen["attention"] == "reference" and chosen["gemm.fc1"] == "concat" and chosen["gemm.output"] == "reference"
     assert resolve(OpSelection.parse("gemm.qkv=concat"), "cpu").gemm_qkv is OPS["gemm"]["concat"]
