@@ -58,17 +58,19 @@ for part in "$@"; do
         timeout 200 python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size ${MBS:-8} \
           --compile --no-cuda-graph ${BENCH_EXTRA:-} --json "$dir/compile_no_graph_mb${MBS:-8}.json"; } > "$dir/log.txt" 2>&1 ;;
     ab)  # the compiled step (graphed where it can be) per op choice, ROUNDS alternations:
-         # AB="name:ops;name:ops" (empty ops: the defaults); AB_CODE=1: the first run also dumps Inductor's code;
+         # AB="name:ops;name:ops:VAR=value VAR2=value" (empty ops: the defaults; VARs: that run's environment,
+         # e.g. Inductor's TORCHINDUCTOR_* switches); AB_CODE=1: the first run also dumps Inductor's code;
          # a variant named fa4_* runs through bench_fa4_launch.py with FA4 forward options $FA4_LAUNCH
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
-      e="python3 -m train_engine_0_5b bench --seq-length 4096 --steps ${AB_STEPS:-8} --warmup 3 --micro-batch-size ${MBS:-8} --compile"
-      IFS=';' read -ra abs <<< "${AB:?AB=name:ops;...}"
-      { for r in $(seq "${ROUNDS:-1}"); do for v in "${abs[@]}"; do n="${v%%:*}"; o="${v#*:}"
-          cmd=($e ${o:+--ops "$o"} --json "$dir/${n}_r$r.json")
-          [[ "$n" == fa4_* ]] && cmd=(python3 benchmarks/gpu/bench_fa4_launch.py "${FA4_LAUNCH:?}" "${cmd[@]:4}")
+      a="--seq-length 4096 --steps ${AB_STEPS:-8} --warmup 3 --micro-batch-size ${MBS:-8} --compile"
+      IFS=';' read -ra abs <<< "${AB:?AB=name:ops[:VAR=value ...];...}"
+      { for r in $(seq "${ROUNDS:-1}"); do for v in "${abs[@]}"; do IFS=':' read -r n o vars <<< "$v"
+          run=(python3 -m train_engine_0_5b bench)
+          [[ "$n" == fa4_* ]] && run=(python3 benchmarks/gpu/bench_fa4_launch.py "${FA4_LAUNCH:?}")
+          cmd=(env $vars "${run[@]}" $a ${o:+--ops "$o"} --json "$dir/${n}_r$r.json")
           if [ "${AB_CODE:-0}" = 1 ] && [ ! -f "$dir/output_code.txt" ]; then
             TORCH_LOGS=output_code timeout 240 "${cmd[@]}" 2> "$dir/output_code.txt"
-          else timeout 200 "${cmd[@]}"; fi
+          else timeout ${AB_TIMEOUT:-200} "${cmd[@]}"; fi
           echo "[ab] $n round $r: exit $?"; grep -h '"tokens_per_s"' "$dir/${n}_r$r.json" 2>/dev/null | head -1; done; done
         if [ -f "$dir/output_code.txt" ]; then gzip "$dir/output_code.txt"; fi; } > "$dir/log.txt" 2>&1 ;;
     fa4fwd)  # FA4 forward launch options at the step's attention shape
