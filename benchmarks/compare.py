@@ -211,12 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     deadline = None if args.budget is None else time.monotonic() + args.budget
     rows = [run_stack(s, args, per_mbs.get(s.name, args.micro_batch_size), out, flops, deadline) for s in stacks]
     add_ratios(rows)
-    commit = os.environ.get("FORGE_GIT_COMMIT") or _git("rev-parse", "HEAD") or "unknown"
+    given = os.environ.get("FORGE_GIT_COMMIT")  # a device copy of the tree: its own git state says nothing
+    commit = given or _git("rev-parse", "HEAD") or "unknown"
     doc = {
         "schema": 1,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit,
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_dirty": None if given else bool(_git("status", "--porcelain", "--untracked-files=no")),
         "hardware": hardware(rows, args.device),
         "versions": {"python": platform.python_version(), "torch": _version("torch"), "triton": _version("triton"),
                      "megatron_core": _version("megatron-core"), "transformer_engine": _version("transformer-engine")},

@@ -19,14 +19,20 @@ def _ratio(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}x"
 
 
+def commit_note(doc: dict) -> str:
+    """The commit a report measured; git_dirty None: the caller named it (FORGE_GIT_COMMIT, a device copy
+    of the tree, whose own git state is meaningless)."""
+    dirty = doc.get("git_dirty")
+    return f"commit {doc['git_commit'][:12]}" + (" (given by the caller)" if dirty is None else " (dirty)" if dirty else "")
+
+
 def markdown(doc: dict) -> str:
     s, hw, v = doc["settings"], doc["hardware"], doc["versions"]
     lines = [
         f"# Side-by-side training throughput: {s['model']}, seq {s['seq_length']}",
         "",
         f"{hw.get('device_name', '?')} x1, torch {v.get('torch')}, triton {v.get('triton') or '—'}, "
-        f"megatron-core {v.get('megatron_core') or '—'}; commit {doc['git_commit'][:12]}"
-        f"{' (dirty)' if doc.get('git_dirty') else ''}; {doc['created']}.",
+        f"megatron-core {v.get('megatron_core') or '—'}; {commit_note(doc)}; {doc['created']}.",
         f"Steps: {s['warmup']} warm-up + {s['steps']} measured, median step time; random tokens, seed {s['seed']}. "
         f"MFU = {s['flops_per_token'] / 1e9:.3f} GFLOP/token x tokens/s / {s['peak_tflops']} TFLOP/s "
         "(DESIGN.md: Megatron-LM v0.15's count, causal attention halved, true vocab).",

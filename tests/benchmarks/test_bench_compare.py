@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import compare
+from benchmarks import compare, report
 from benchmarks.stacks import Stack, discover_engines, resolve
 from gates.model_config import preset
 
@@ -115,3 +115,9 @@ def test_bench_verb_runs_the_driver() -> None:
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["seq_length"] == 128 and [p["stack"] for p in doc["plan"]] == ["torch-eager"]
+
+
+def test_commit_note_says_where_the_commit_came_from() -> None:
+    assert report.commit_note({"git_commit": "a" * 40, "git_dirty": False}) == "commit aaaaaaaaaaaa"
+    assert report.commit_note({"git_commit": "a" * 40, "git_dirty": True}) == "commit aaaaaaaaaaaa (dirty)"
+    assert report.commit_note({"git_commit": "a" * 40, "git_dirty": None}).endswith("(given by the caller)")

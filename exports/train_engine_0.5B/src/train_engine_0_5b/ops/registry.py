@@ -81,8 +81,9 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
     # gates/2026-11-23-h100-minicpm4-0.5b-bf16-quack/); unfused without quack.
     # Left at "reference" by measurement in the compiled, graphed step (benchmarks/results/engine-0.5b-graphfix-ab-
     # 2026-11-23-h100/): cross_entropy=triton_fused 147,371 vs 149,746 tokens/s and +4 GiB; gemm.qkv=concat 148,635.
-    # residual_scale=weight: r on the out-projection weights, no multiply over (B, S, h) activations in the
-    # backward; default on CUDA pending its A/B and bf16 gates in this commit's GPU session (see its results).
+    # residual_scale=weight (r on the out-projection weights: no multiply over (B, S, h) activations in the
+    # backward): 150,026 / 151,279 vs 149,048 / 149,393 tokens/s, +0.23 GiB; gates M1-M3 bf16 pass
+    # (benchmarks/results/engine-0.5b-residual-scale-2026-11-23-h100/, gates/2026-11-23-h100-minicpm4-0.5b-bf16-rsw/).
     "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach"), "mlp": ("quack_gated", UNFUSED),
              "residual_scale": ("weight",)},
 }
