@@ -143,6 +143,7 @@ GPU_VARIANTS = {  # id: (ops, compile, recompute); "default": the CUDA defaults 
     "flash4": ("attention=flash4,mlp=unfused", True, "none"),
     "quack": ("attention=sdpa,mlp=quack_gated", True, "none"),
     "triton-ce": ("cross_entropy=triton_fused", True, "none"),
+    "linear-ce": ("linear_cross_entropy=triton_fused", True, "none"),  # custom ops allocating inside the graph
     "residual-reference": ("residual_scale=reference", True, "none"),  # the default places r on weights
     "recompute-layer": ("", True, "layer"),  # the recomputed forward runs inside the captured backward
     "default": ("", True, "none"),

@@ -51,6 +51,9 @@ def test_fused_mlp_selection_is_logged_for_the_ops_it_replaces():
     assert names["gemm.fc1"] == names["swiglu"] == names["gemm.fc2"] == "(in mlp=reference)"
     with pytest.raises(EngineError, match=r"ops.mlp: unknown implementation 'fast'; registered: .*reference.*unfused"):
         resolve(OpSelection(mlp="fast"), "cpu")
+    names = resolve(OpSelection.parse("linear_cross_entropy=reference"), "cpu").names
+    assert names["gemm.output"] == names["cross_entropy"] == "(in linear_cross_entropy=reference)"
+    assert resolve(OpSelection(), "cpu").linear_cross_entropy is None  # unfused unless chosen
 
 
 def test_bad_selections_name_the_op():
@@ -68,11 +71,12 @@ def test_bad_selections_name_the_op():
         del registry.UNAVAILABLE[("rope", "missing_kernel")]
 
 
-@pytest.mark.parametrize("mlp", ["unfused", "spy"])
-def test_every_op_is_called_through_the_registry(monkeypatch, mlp):
+@pytest.mark.parametrize("fused", ["unfused", "spy"])
+def test_every_op_is_called_through_the_registry(monkeypatch, fused):
     """Register a counting wrapper of each reference op as implementation "spy", select it everywhere,
     run forward + backward + an AdamW step: every op is counted as often as the model has sites, and
-    the result is bitwise the reference selection's. A fused mlp replaces the fc1 / fc2 GEMMs and swiglu.
+    the result is bitwise the reference selection's. A fused mlp replaces the fc1 / fc2 GEMMs and swiglu;
+    a fused linear_cross_entropy replaces the output GEMM and cross_entropy.
     residual_scale's reference is no call (add_rms_norm applies r): tests/ops/test_residual_scale_weight.py."""
     calls: Counter = Counter()
     for op, impls in OPS.items():
@@ -84,8 +88,9 @@ def test_every_op_is_called_through_the_registry(monkeypatch, mlp):
             return _fn(*args, **kwargs)
 
         monkeypatch.setitem(impls, "spy", spy)
-    spied = [op for op in OPS if op != "mlp" and OPS[op]["reference"] is not None]
-    spy_sel = OpSelection.parse(",".join(f"{op}=spy" for op in spied) + f",mlp={mlp}")
+    fusions = ("mlp", "linear_cross_entropy")
+    spied = [op for op in OPS if op not in fusions and OPS[op]["reference"] is not None]
+    spy_sel = OpSelection.parse(",".join(f"{op}=spy" for op in spied) + "".join(f",{op}={fused}" for op in fusions))
     cfg = preset("tiny")
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     labels = torch.randint(0, cfg.vocab_size, (2, 12))
@@ -102,8 +107,11 @@ def test_every_op_is_called_through_the_registry(monkeypatch, mlp):
         opt.step([p.grad for p in model.parameters()], lr=1e-3, max_norm=0.0)
         results.append((loss.detach(), [p.detach().clone() for p in model.parameters()]))
     L = cfg.num_layers
-    mlp_calls = dict(gemm=2 * L, swiglu=L) if mlp == "unfused" else dict(mlp=L)
-    assert calls == Counter(attention=L, gemm=2 * L + 1, rms_norm=1, add_rms_norm=2 * L, rope=L,
-                            cross_entropy=1, adamw=1) + Counter(mlp_calls)
+    if fused == "unfused":
+        fused_calls = dict(gemm=2 * L + 1, swiglu=L, cross_entropy=1)  # fc1, fc2 per layer; the output GEMM
+    else:
+        fused_calls = dict(mlp=L, linear_cross_entropy=1)
+    assert calls == Counter(attention=L, gemm=2 * L, rms_norm=1, add_rms_norm=2 * L, rope=L,
+                            adamw=1) + Counter(fused_calls)
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

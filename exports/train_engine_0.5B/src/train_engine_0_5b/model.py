@@ -170,6 +170,8 @@ class MiniCPM(nn.Module):
     def loss_sum(self, input_ids: Tensor, labels: Tensor) -> Tensor:
         """Summed token cross-entropy over labels != -100 (>= float32); the caller divides by the
         global count."""
+        if self.ops.linear_cross_entropy is not None:  # the output GEMM and the loss as one op
+            return self.ops.linear_cross_entropy(self.final_hidden(input_ids), self.output_weight(), labels)
         return self.ops.cross_entropy(self(input_ids), labels)
 
 

@@ -66,15 +66,17 @@ def classify(name: str) -> str:
     return "other"
 
 
-def calls_per_step(num_layers: int, grad_accum: int, fused_mlp: bool = False) -> dict[str, int]:
+def calls_per_step(num_layers: int, grad_accum: int, fused_mlp: bool = False,
+                   fused_output: bool = False) -> dict[str, int]:  # fmt: skip
     """Calls of each op per optimizer step, in the order the model calls them (model.py): per micro
     batch one rms_norm, per layer the qkv GEMM, rope, attention, attn_out GEMM, add_rms_norm, fc1 GEMM,
-    swiglu, fc2 GEMM (or, fused, one mlp), add_rms_norm, then the output GEMM and cross_entropy; AdamW
-    once per step."""
+    swiglu, fc2 GEMM (or, fused, one mlp), add_rms_norm, then the output GEMM and cross_entropy (or,
+    fused, one linear_cross_entropy); AdamW once per step."""
     L = num_layers
     mlp = {"mlp": L} if fused_mlp else {"gemm.fc1": L, "swiglu": L, "gemm.fc2": L}
+    output = {"linear_cross_entropy": 1} if fused_output else {"gemm.output": 1, "cross_entropy": 1}
     per_micro_batch = {"rms_norm": 1, "gemm.qkv": L, "rope": L, "attention": L, "gemm.attn_out": L,
-                       "add_rms_norm": 2 * L, **mlp, "gemm.output": 1, "cross_entropy": 1}  # fmt: skip
+                       "add_rms_norm": 2 * L, **mlp, **output}  # fmt: skip
     return {op: n * grad_accum for op, n in per_micro_batch.items()} | {"adamw": 1}
 
 
@@ -173,6 +175,9 @@ def _case(op: str, fn: Callable, cfg: MiniCPMConfig, batch: int, seq: int, dtype
                                     rand(h, f, scale=f**-0.5)]),
         "cross_entropy": lambda: _FwdBwd(
             fn, [rand(batch, seq, V, scale=3.0)], (torch.randint(0, V, (batch, seq), generator=gen, device=device),)),
+        "linear_cross_entropy": lambda: _FwdBwd(
+            fn, [rand(batch, seq, h), rand(V, h, scale=3 * h**-0.5)],
+            (torch.randint(0, V, (batch, seq), generator=gen, device=device),)),
     }  # fmt: skip
     return cases[op]()
 
@@ -195,7 +200,8 @@ def microbench(cfg: MiniCPMConfig, ops: Ops, *, micro_batch_size: int, seq_lengt
     """One row per op (see the module doc): the selected implementation (`ops.names`) and `reference`."""
     args = (cfg, micro_batch_size, seq_length, dtype, device, param_shapes)
     rows = []
-    for op, calls in calls_per_step(cfg.num_layers, grad_accum, fused_mlp=ops.mlp is not None).items():
+    fused = dict(fused_mlp=ops.mlp is not None, fused_output=ops.linear_cross_entropy is not None)
+    for op, calls in calls_per_step(cfg.num_layers, grad_accum, **fused).items():
         impl = ops.names[op]
         ms, error = _time_op(op, getattr(ops, op.replace(".", "_")), args, warmup, reps)
         if impl == "reference":

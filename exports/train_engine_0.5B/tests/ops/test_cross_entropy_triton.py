@@ -1,6 +1,7 @@
 """Triton cross-entropy (ops/cross_entropy/triton_fused.py) against an fp64 reference: the registry op
-on materialized logits, and the chunked fusion with the output projection; losses, counts, and the
-gradients of logits / hidden / weight; ignored labels, partial blocks and chunks, poisoned buffers."""
+on materialized logits, the chunked fusion with the output projection, and the registry op made of it
+(linear_cross_entropy); losses, counts, and the gradients of logits / hidden / weight; ignored labels,
+partial blocks and chunks, the gradient pass's row loop, poisoned buffers."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+from train_engine_0_5b.ops.cross_entropy import triton_fused  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy.triton_fused import (  # noqa: E402
     IGNORE_INDEX,
+    _accumulate_mm,
     cross_entropy,
     cross_entropy_bwd,
     cross_entropy_fwd,
@@ -17,6 +20,7 @@ from train_engine_0_5b.ops.cross_entropy.triton_fused import (  # noqa: E402
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_fwd_bwd,
     fused_linear_cross_entropy_reference,
+    linear_cross_entropy,
 )
 
 CUDA = torch.cuda.is_available()
@@ -208,3 +212,74 @@ def test_bf16_production_vocab_and_hidden():
         _close(loss, ref_loss, LOSS_TOL[torch.bfloat16])
         _close(x.grad, ref_dx, TOL[torch.bfloat16])
         _close(w.grad, ref_dw, TOL[torch.bfloat16])
+
+
+# ---- the registry op linear_cross_entropy(x, weight, labels) -------------------------------------
+
+
+def _registry_ref(x, weight, labels, grad_out):
+    x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    loss = cross_entropy_reference(x64 @ w64.t(), labels)
+    (loss * grad_out).backward()
+    return loss.detach(), x64.grad, w64.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk", [5, 4096], ids=["chunks of 5", "one chunk"])
+@pytest.mark.parametrize("programs_per_sm", [0, 1, 2], ids=["a program per row", "1 per SM", "2 per SM"])
+def test_linear_cross_entropy_matches_fp64(monkeypatch, dtype, chunk, programs_per_sm):
+    """(B, S, h) input, a grad_output other than 1, ignored labels; chunks with a partial last one; the
+    gradient pass launched one program per row or looping over rows (a CPU counts as one SM)."""
+    monkeypatch.setattr(triton_fused, "LINEAR_CE_CHUNK", chunk)
+    monkeypatch.setitem(triton_fused.WRITE_GRAD_LAUNCH, "programs_per_sm", programs_per_sm)
+    B, S, h, V = 2, 7, 40, 517
+    x, weight, labels = _linear_inputs(B * S, h, V, dtype, seed=chunk + programs_per_sm, logit_scale=1.0)
+    x, labels = x.view(B, S, h).requires_grad_(), labels.view(B, S)
+    weight.requires_grad_()
+    loss = linear_cross_entropy(x, weight, labels)
+    (loss * 0.37).backward()
+    ref_loss, ref_dx, ref_dw = _registry_ref(x, weight, labels, 0.37)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    _close(loss, ref_loss, LOSS_TOL[dtype])
+    assert x.grad.shape == (B, S, h) and x.grad.dtype == dtype and weight.grad.dtype == dtype
+    _close(x.grad, ref_dx, TOL[dtype])
+    _close(weight.grad, ref_dw, TOL[dtype])
+
+
+def test_linear_cross_entropy_without_grad_gives_the_loss_alone():
+    x, weight, labels = _linear_inputs(11, 32, 300, torch.float32, seed=4, logit_scale=1.0)
+    with torch.no_grad():
+        loss = linear_cross_entropy(x.requires_grad_(), weight.requires_grad_(), labels)
+    assert not loss.requires_grad
+    _close(loss, _registry_ref(x, weight, labels, 1.0)[0], LOSS_TOL[torch.float32])
+
+
+def test_linear_cross_entropy_compiles_as_one_node_per_direction():
+    """torch.compile(fullgraph=True) of a step around the op (the logit scale before it, a division
+    after) gives the eager values: no graph break, the custom ops traced through their fake versions."""
+    x, weight, labels = _linear_inputs(2 * 9, 48, 300, torch.float32, seed=6, logit_scale=4.0)
+    x, labels = x.view(2, 9, 48).requires_grad_(), labels.view(2, 9)
+    weight.requires_grad_()
+
+    def step(x, w, y):
+        return linear_cross_entropy(x / 4.0, w, y) / 7
+
+    loss = torch.compile(step, fullgraph=True)(x, weight, labels)
+    loss.backward()
+    x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = cross_entropy_reference((x64 / 4.0) @ w64.t(), labels) / 7
+    ref.backward()
+    _close(loss.detach(), ref.detach(), LOSS_TOL[torch.float32])
+    _close(x.grad, x64.grad, TOL[torch.float32])
+    _close(weight.grad, w64.grad, TOL[torch.float32])
+
+
+def test_accumulate_mm_overwrite_ignores_old_values():
+    """The first chunk's dw overwrites an uninitialized buffer: NaN in it must not reach the result."""
+    gen = torch.Generator().manual_seed(12)
+    a, b = torch.randn(6, 5, generator=gen).to(DEVICE), torch.randn(5, 4, generator=gen).to(DEVICE)
+    acc = torch.full((6, 4), float("nan"), device=DEVICE)
+    _accumulate_mm(acc, a, b, overwrite=True)
+    torch.testing.assert_close(acc, a @ b)
+    _accumulate_mm(acc, a, b)
+    torch.testing.assert_close(acc, 2 * (a @ b))

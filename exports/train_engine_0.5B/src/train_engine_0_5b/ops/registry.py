@@ -10,6 +10,10 @@ Ops and their signatures (every implementation of an op has the same one; see ea
     mlp(x, gate_w, up_w, down_w) -> y                the SwiGLU MLP as one op, for fusions across fc1 / swiglu /
                                                      fc2; "unfused" = those three ops as selected (ops.mlp None)
     cross_entropy(logits, labels) -> sum of token CE over labels != -100 (>= float32)
+    linear_cross_entropy(x, weight, labels) -> cross_entropy(x @ weight^T, labels)
+                                                     the output GEMM and the loss as one op, for fusions that
+                                                     never hold the logits; "unfused" = gemm.output then
+                                                     cross_entropy as selected (ops.linear_cross_entropy None)
     residual_scale(w, r) -> w * r                    where the residual scale r applies: "reference" = None (the
                                                      sublayer output, in add_rms_norm), "weight" = the o_proj /
                                                      down_proj weights (add_rms_norm then gets r = 1)
@@ -56,20 +60,24 @@ OPS: dict[str, dict[str, Callable | None]] = {
     "swiglu": {"reference": swiglu_reference.swiglu},
     "mlp": {UNFUSED: None, "reference": mlp_reference.mlp},
     "cross_entropy": {"reference": cross_entropy_reference.cross_entropy},
+    "linear_cross_entropy": {UNFUSED: None, "reference": cross_entropy_reference.linear_cross_entropy},
     "residual_scale": {"reference": residual_reference.residual_scale, "weight": residual_weight.residual_scale},
     "adamw": {"reference": adamw_reference.adamw, "foreach": adamw_foreach.adamw},
 }
 FOLDER_OPS: dict[str, tuple[str, ...]] = {  # op folder -> the registry ops its modules define
     "attention": ("attention",), "gemm": ("gemm",), "rmsnorm": ("rms_norm", "add_rms_norm"), "rope": ("rope",),
-    "swiglu": ("swiglu",), "mlp": ("mlp",), "cross_entropy": ("cross_entropy",), "adamw": ("adamw",),
+    "swiglu": ("swiglu",), "mlp": ("mlp",), "cross_entropy": ("cross_entropy", "linear_cross_entropy"),
+    "adamw": ("adamw",),
     "residual_scale": ("residual_scale",),
 }
 # ops/<folder>/<name>.py, registered as <name> when importable and its UNAVAILABLE_REASON is None
 OPTIONAL_MODULES: tuple[str, ...] = ("triton_fused", "flash4", "quack_gated")
 UNAVAILABLE: dict[tuple[str, str], str] = {}  # (op, implementation) -> why it is not registered
 GEMM_SITES: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2", "output")
-FALLBACK: dict[str, str] = {"mlp": UNFUSED}  # what "auto" picks when no device default applies, else "reference"
+# what "auto" picks when no device default applies, else "reference"
+FALLBACK: dict[str, str] = {"mlp": UNFUSED, "linear_cross_entropy": UNFUSED}
 MLP_PARTS: tuple[str, ...] = ("gemm.fc1", "swiglu", "gemm.fc2")  # what a fused mlp replaces
+OUTPUT_PARTS: tuple[str, ...] = ("gemm.output", "cross_entropy")  # what a fused linear_cross_entropy replaces
 DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first registered; else FALLBACK's
     "cpu": {},
     # Triton AdamW: one launch, 4.5 ms vs foreach's 17 ms for the 0.43B-parameter step on an H100
@@ -145,6 +153,7 @@ class OpSelection(BaseModel):
     swiglu: str = "auto"
     mlp: str = "auto"
     cross_entropy: str = "auto"
+    linear_cross_entropy: str = "auto"
     residual_scale: str = "auto"
     adamw: str = "auto"
 
@@ -185,6 +194,7 @@ class Ops:
     swiglu: Callable
     mlp: Callable | None  # None: "unfused"
     cross_entropy: Callable
+    linear_cross_entropy: Callable | None  # None: "unfused"
     residual_scale: Callable | None  # None: "reference" (add_rms_norm applies r)
     adamw: Callable
     names: dict[str, str] = field(default_factory=dict)
@@ -209,12 +219,14 @@ def resolve(selection: OpSelection, device: str, dtype: torch.dtype | None = Non
     raises EngineError naming the op."""
     chosen: dict[str, Callable] = {}
     names: dict[str, str] = {}
-    for op in ("attention", "rms_norm", "add_rms_norm", "rope", "swiglu", "mlp", "cross_entropy", "residual_scale",
-               "adamw"):
+    for op in ("attention", "rms_norm", "add_rms_norm", "rope", "swiglu", "mlp", "cross_entropy",
+               "linear_cross_entropy", "residual_scale", "adamw"):
         names[op], chosen[op] = _pick(op, getattr(selection, op), device, op, dtype)
     for site in GEMM_SITES:
         names[f"gemm.{site}"], chosen[f"gemm_{site}"] = _pick("gemm", getattr(selection.gemm, site), device,
                                                               f"gemm.{site}", dtype)
     if chosen["mlp"] is not None:  # a fused mlp runs instead of these: the logs say so
         names.update(dict.fromkeys(MLP_PARTS, f"(in mlp={names['mlp']})"))
+    if chosen["linear_cross_entropy"] is not None:
+        names.update(dict.fromkeys(OUTPUT_PARTS, f"(in linear_cross_entropy={names['linear_cross_entropy']})"))
     return Ops(**chosen, names=names)

@@ -1,6 +1,6 @@
 """Token cross-entropy in Triton, alone and fused with the output projection (chunked over tokens).
 
-Two public ops share the row kernels:
+Three public ops share the row kernels:
 
 - `cross_entropy(logits, labels)`: the registry op (same signature as reference.py): the summed
   loss over labels != -100, in fp32, without the reference's fp32 copy of the logits. Forward: one read
@@ -14,6 +14,10 @@ Two public ops share the row kernels:
   gradients are therefore computed during the forward (which is why the backward only scales them by
   the incoming gradient of the loss): the full (T, V) logits, 4.8 GB in bf16 at 32k tokens x 73448,
   never exist, and neither does any fp32 copy of them.
+- `linear_cross_entropy(x, weight, labels)`: the registry op of that name (reference.py's signature):
+  the fusion above as a custom-op pair that torch.compile keeps whole, `LINEAR_CE_CHUNK` tokens per
+  chunk. Against the unfused output GEMM + CE it saves a pass over the logits (the gradient is written
+  over them in the forward, re-reading each row from L2) and never allocates a separate logit gradient.
 
 Numerics: logits are rounded to the input dtype by the GEMM, as the reference's bf16 GEMM does; the
 softmax, the loss and the logit gradient are fp32, the gradient stored in the logits' dtype (as the
@@ -62,28 +66,31 @@ def _row_grad(row_ptr, grad_ptr, V, label, lse, scale, mult, BLOCK_V: tl.constex
 
 @triton.jit
 def _ce_fwd_kernel(
-    logits_ptr, labels_ptr, loss_ptr, lse_ptr, grad_scale_ptr, V_units, stride_units, scale, ignore_index,
+    logits_ptr, labels_ptr, loss_ptr, lse_ptr, grad_scale_ptr, n_rows, V_units, stride_units, scale, ignore_index,
     WRITE_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, UNIT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    # One program per row (token). With WRITE_GRAD the row is overwritten by d(loss)/d(logits).
+    # Each program takes rows pid, pid + programs, ... (one row each when the grid covers the rows). With
+    # WRITE_GRAD the row is overwritten by d(loss)/d(logits); a grid of a few programs per SM keeps the rows
+    # in flight small enough (~150 KB each at V 73448) that the gradient pass re-reads the row from L2.
     # V and the row stride arrive in UNITs of 8 when the host found them so: 73448 is not a multiple of
     # 16, so Triton would not assume the 16-byte alignment that makes the loads vectorize.
     V = V_units * UNIT
     stride = stride_units * UNIT
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    valid = label != ignore_index
-    lse = _row_lse(row_ptr, V, scale, BLOCK_V)
-    z_label = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32) * scale
-    tl.store(loss_ptr + row, tl.where(valid, lse - z_label, 0.0))
-    tl.store(lse_ptr + row, lse)
-    if WRITE_GRAD:
-        # d loss / d logit = scale * (softmax - onehot); ignored rows get zeros (they still enter the GEMMs)
-        mult = tl.where(valid, scale, 0.0)
-        if HAS_GRAD_SCALE:
-            mult = mult * tl.load(grad_scale_ptr)
-        _row_grad(row_ptr, row_ptr, V, label, lse, scale, mult, BLOCK_V)
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        row_ptr = logits_ptr + row * stride
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        valid = label != ignore_index
+        lse = _row_lse(row_ptr, V, scale, BLOCK_V)
+        z_label = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32) * scale
+        tl.store(loss_ptr + row, tl.where(valid, lse - z_label, 0.0))
+        tl.store(lse_ptr + row, lse)
+        if WRITE_GRAD:
+            # d loss / d logit = scale * (softmax - onehot); ignored rows get zeros (they still enter the GEMMs)
+            mult = tl.where(valid, scale, 0.0)
+            if HAS_GRAD_SCALE:
+                mult = mult * tl.load(grad_scale_ptr)
+            _row_grad(row_ptr, row_ptr, V, label, lse, scale, mult, BLOCK_V)
 
 
 @triton.jit
@@ -112,6 +119,25 @@ def _launch_config(V: int) -> dict:
     return dict(BLOCK_V=block, num_warps=8 if block >= 4096 else 4)
 
 
+# The forward kernel when it also writes the gradient (reads each row twice, writes it once): this many
+# programs per SM loop over the rows, so the second read of a row finds it in L2. Measured on an H100 at
+# 32768 x 73448 bf16 (scripts/gpu_linear_ce.py). `programs_per_sm` 0: one program per row.
+WRITE_GRAD_LAUNCH: dict[str, int] = {"programs_per_sm": 2, "BLOCK_V": 8192, "num_warps": 16}
+
+
+def _fwd_launch(V: int, rows: int, write_grad: bool, device: torch.device) -> tuple[int, dict]:
+    """(grid size, kernel meta-parameters) for `_ce_fwd_kernel`; a CPU (the interpreter) counts as one SM."""
+    if not write_grad:
+        return rows, _launch_config(V)
+    meta = dict(BLOCK_V=min(WRITE_GRAD_LAUNCH["BLOCK_V"], triton.next_power_of_2(V)),
+                num_warps=WRITE_GRAD_LAUNCH["num_warps"])
+    per_sm = WRITE_GRAD_LAUNCH["programs_per_sm"]
+    if per_sm <= 0:
+        return rows, meta
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(rows, per_sm * sms)), meta
+
+
 def _unit(V: int, *tensors: Tensor) -> int:
     """8 when V, every row stride and every base address keep rows 16-byte aligned, else 1."""
     ok = V % 8 == 0 and all(t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
@@ -130,10 +156,11 @@ def cross_entropy_fwd(
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
         u = _unit(V, logits)
-        _ce_fwd_kernel[(rows,)](
-            logits, labels, losses, lse, grad_scale if grad_scale is not None else lse, V // u, logits.stride(0) // u,
-            scale, IGNORE_INDEX, WRITE_GRAD=write_grad, HAS_GRAD_SCALE=grad_scale is not None, UNIT=u,
-            **_launch_config(V),
+        grid, meta = _fwd_launch(V, rows, write_grad, logits.device)
+        _ce_fwd_kernel[(grid,)](
+            logits, labels, losses, lse, grad_scale if grad_scale is not None else lse, rows, V // u,
+            logits.stride(0) // u, scale, IGNORE_INDEX, WRITE_GRAD=write_grad, HAS_GRAD_SCALE=grad_scale is not None,
+            UNIT=u, **meta,
         )  # fmt: skip
     return losses, lse
 
@@ -228,12 +255,15 @@ def _fp32_addmm_works(device: torch.device) -> bool:
     return _FP32_ADDMM[device]
 
 
-def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (fp32) += a @ b."""
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, overwrite: bool = False) -> None:
+    """acc (fp32) += a @ b; with `overwrite`, acc = a @ b (acc's old values, NaN included, are not read)."""
+    beta = 0.0 if overwrite else 1.0
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
     elif a.is_cuda and _fp32_addmm_works(a.device):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
+    elif overwrite:
+        acc.copy_(a @ b)
     else:  # the product rounds to a's dtype once per chunk before the fp32 sum
         acc.add_(a @ b)
 
@@ -261,7 +291,7 @@ def fused_linear_cross_entropy_fwd_bwd(
     dx = (dx_out if dx_out is not None else torch.empty_like(hidden)) if compute_dx else None
     dw = None
     if compute_dw:
-        dw = dw_accum if dw_accum is not None else torch.zeros(V, h, dtype=torch.float32, device=hidden.device)
+        dw = dw_accum if dw_accum is not None else torch.empty(V, h, dtype=torch.float32, device=hidden.device)
     if grad_scale is not None:
         grad_scale = grad_scale.to(device=hidden.device, dtype=torch.float32).reshape(())
     u = _unit(V, logits)
@@ -269,15 +299,16 @@ def fused_linear_cross_entropy_fwd_bwd(
         r1 = min(r0 + chunk, T)
         x, z = hidden[r0:r1], logits[: r1 - r0]
         torch.mm(x, weight.t(), out=z)  # (c, V) in hidden's dtype
-        _ce_fwd_kernel[(r1 - r0,)](
-            z, labels[r0:r1], losses[r0:r1], lse, grad_scale if grad_scale is not None else lse, V // u,
+        grid, meta = _fwd_launch(V, r1 - r0, need_grad, z.device)
+        _ce_fwd_kernel[(grid,)](
+            z, labels[r0:r1], losses[r0:r1], lse, grad_scale if grad_scale is not None else lse, r1 - r0, V // u,
             z.stride(0) // u, 1.0 / logit_scale, IGNORE_INDEX,
-            WRITE_GRAD=need_grad, HAS_GRAD_SCALE=grad_scale is not None, UNIT=u, **_launch_config(V),
+            WRITE_GRAD=need_grad, HAS_GRAD_SCALE=grad_scale is not None, UNIT=u, **meta,
         )  # fmt: skip
         if compute_dx:
             torch.mm(z, weight, out=dx[r0:r1])  # (c, h)
         if compute_dw:
-            _accumulate_mm(dw, z.t(), x)  # (V, h)
+            _accumulate_mm(dw, z.t(), x, overwrite=r0 == 0 and dw_accum is None)  # (V, h)
     return losses.sum(), (labels != IGNORE_INDEX).sum(), dx, dw
 
 
@@ -318,3 +349,68 @@ def fused_linear_cross_entropy_reference(
     """The reference math: the whole logits, then the reference loss (`chunk_size` is ignored)."""
     logits = (hidden / logit_scale) @ weight.t()
     return cross_entropy_reference(logits, labels), (labels != IGNORE_INDEX).sum()
+
+
+# ---- the registry op linear_cross_entropy(x, weight, labels) ---------------------------------------
+
+# Tokens per chunk of the registry op. Its logits buffer is (chunk, V) in the compute dtype: 4.8 GB at
+# 32768 x 73448 bf16, what the unfused path holds for its whole batch too. Measured on an H100 at 8 x 4096
+# tokens (scripts/gpu_linear_ce.py): one chunk is the fastest.
+LINEAR_CE_CHUNK = 32768
+
+
+# Two `torch.library` custom ops, so torch.compile keeps each as one node (the launches read data pointers,
+# which tracing cannot). With gradients, the forward computes them (the CE kernel overwrites the logits with
+# their gradient, then the two GEMMs); the backward only scales dx and dw by the incoming gradient, which
+# touches (T, h) and (V, h), never a (T, V) tensor.
+@torch.library.custom_op("train_engine_0_5b::linear_ce_fwd_bwd", mutates_args=())
+def linear_ce_fwd_bwd(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """hidden (T, h), weight (V, h), labels (T,) -> (loss sum 0-dim fp32, dx (T, h) in hidden's dtype, dw (V, h)
+    fp32), the gradients those of the loss sum."""
+    loss, _, dx, dw = fused_linear_cross_entropy_fwd_bwd(hidden, weight, labels, chunk_size=chunk_size)
+    return loss, dx, dw
+
+
+@linear_ce_fwd_bwd.register_fake
+def _(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden),
+            weight.new_empty(weight.shape, dtype=torch.float32))  # fmt: skip
+
+
+@torch.library.custom_op("train_engine_0_5b::linear_ce_loss", mutates_args=())
+def linear_ce_loss(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> Tensor:
+    """The loss sum alone (no gradients: one read of each logits chunk)."""
+    loss, _, _, _ = fused_linear_cross_entropy_fwd_bwd(
+        hidden, weight, labels, chunk_size=chunk_size, compute_dx=False, compute_dw=False
+    )
+    return loss
+
+
+@linear_ce_loss.register_fake
+def _(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> Tensor:
+    return hidden.new_empty((), dtype=torch.float32)
+
+
+def _linear_ce_setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(output[1], output[2])
+    ctx.weight_dtype = inputs[1].dtype
+
+
+def _linear_ce_backward(ctx, dloss: Tensor, _ddx, _ddw) -> tuple[Tensor, Tensor, None, None]:
+    dx, dw = ctx.saved_tensors
+    return (dx.float() * dloss).to(dx.dtype), (dw * dloss).to(ctx.weight_dtype), None, None
+
+
+linear_ce_fwd_bwd.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup_context)
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """The registry op: sum of CE(x @ weight^T, labels) over labels != -100 (0-dim fp32); x (..., h),
+    weight (V, h), labels (...). Same signature as reference.py's."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    labels2 = labels.reshape(-1).contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return linear_ce_fwd_bwd(x2, weight, labels2, LINEAR_CE_CHUNK)[0]
+    return linear_ce_loss(x2, weight, labels2, LINEAR_CE_CHUNK)
