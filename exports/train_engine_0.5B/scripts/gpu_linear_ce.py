@@ -35,11 +35,11 @@ from train_engine_0_5b.ops.cross_entropy import triton_fused as ce  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy.reference import cross_entropy as ce_reference  # noqa: E402
 
 H, V = 1024, 73448
-LAUNCHES = [  # (programs per SM, BLOCK_V, num_warps); (0, 4096, 8) is the loss kernel's one-program-per-row launch
-    (0, 4096, 8), (0, 8192, 16), (0, 16384, 32),
-    (1, 8192, 16), (1, 16384, 16), (1, 16384, 32), (1, 32768, 32),
-    (2, 4096, 8), (2, 8192, 8), (2, 8192, 16), (2, 16384, 16),
-    (4, 4096, 8), (4, 8192, 8), (8, 4096, 4), (8, 4096, 8),
+LAUNCHES = [  # (programs per SM, BLOCK_V, num_warps, L2 hints); programs 0: one per row
+    (0, 4096, 8, 0), (0, 16384, 32, 0), (0, 16384, 32, 1),
+    (1, 16384, 16, 0), (1, 16384, 16, 1), (1, 16384, 32, 1), (1, 8192, 16, 1),
+    (0.5, 16384, 16, 0), (0.5, 16384, 16, 1), (0.5, 16384, 32, 1), (0.5, 32768, 32, 1),
+    (0.25, 16384, 32, 1), (0.25, 32768, 32, 1), (2, 16384, 16, 1), (2, 8192, 16, 1),
 ]
 
 
@@ -64,9 +64,10 @@ def kernel_section(T: int, gen: torch.Generator) -> tuple[list[dict], dict]:
     z2 = torch.empty_like(z)
     out.append({"kernel": "copy (1 read + 1 write)", "ms": bench(lambda: z2.copy_(z))})
     del z2
-    for per_sm, block, warps in LAUNCHES:
-        ce.WRITE_GRAD_LAUNCH.update(programs_per_sm=per_sm, BLOCK_V=block, num_warps=warps)
-        row = {"kernel": "loss + grad in place", "programs_per_sm": per_sm, "BLOCK_V": block, "num_warps": warps}
+    for per_sm, block, warps, hint in LAUNCHES:
+        ce.WRITE_GRAD_LAUNCH.update(programs_per_sm=per_sm, BLOCK_V=block, num_warps=warps, l2_hint=hint)
+        row = {"kernel": "loss + grad in place", "programs_per_sm": per_sm, "BLOCK_V": block, "num_warps": warps,
+               "l2_hint": hint}
         try:
             z.copy_(logits0)
             ce.cross_entropy_fwd(z, labels, write_grad=True)
@@ -93,14 +94,34 @@ def kernel_section(T: int, gen: torch.Generator) -> tuple[list[dict], dict]:
     return out, best
 
 
+def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
+    """The op's three GEMMs alone (dw with a bf16 and an fp32 output), for where its time goes."""
+    T = x.shape[0]
+    z = x @ w.t()
+    acc = torch.empty(w.shape, device="cuda", dtype=torch.float32)
+    calls = {"logits = x @ W^T": lambda: torch.mm(x, w.t(), out=z), "dx = G @ W": lambda: torch.mm(z, w),
+             "dW = G^T @ x (bf16 out)": lambda: torch.mm(z.t(), x),
+             "dW = G^T @ x (fp32 out)": lambda: torch.addmm(acc, z.t(), x, beta=0.0, out_dtype=torch.float32, out=acc)}
+    rows = []
+    for name, call in calls.items():
+        try:
+            ms = bench(call, rep_ms=300)
+            rows.append({"op": f"GEMM {name}", "ms": ms, "TFLOP/s": round(2 * T * H * V / ms / 1e9, 1)})
+        except Exception as e:
+            rows.append({"op": f"GEMM {name}", "error": f"{type(e).__name__}: {e}"[:300]})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def op_section(T: int, gen: torch.Generator, best: dict) -> list[dict]:
-    ce.WRITE_GRAD_LAUNCH.update(programs_per_sm=best["programs_per_sm"], BLOCK_V=best["BLOCK_V"],
-                                num_warps=best["num_warps"])
-    x = (torch.randn(T, H, device="cuda", generator=gen) * 0.5).to(torch.bfloat16).requires_grad_()
+    ce.WRITE_GRAD_LAUNCH.update({k: best[k] for k in ce.WRITE_GRAD_LAUNCH})
+    B = T // 4096 if T % 4096 == 0 else 1  # (B, S, h) as the model passes it; the reference CE wants 3-D
+    x = (torch.randn(B, T // B, H, device="cuda", generator=gen) * 0.5).to(torch.bfloat16).requires_grad_()
     w = (torch.randn(V, H, device="cuda", generator=gen) * H**-0.5 * 3).to(torch.bfloat16).requires_grad_()
-    labels = torch.randint(0, V, (T,), device="cuda", generator=gen)
-    labels[::10] = ce.IGNORE_INDEX
+    labels = torch.randint(0, V, (B, T // B), device="cuda", generator=gen)
+    labels.view(-1)[::10] = ce.IGNORE_INDEX
     inv_count = 1.0 / int((labels != ce.IGNORE_INDEX).sum())
+    rows = gemm_rows(x.detach().view(T, H), w.detach())
 
     def plain(x, w, y):
         return ce_reference(F.linear(x, w), y)
@@ -108,7 +129,7 @@ def op_section(T: int, gen: torch.Generator, best: dict) -> list[dict]:
     compiled = torch.compile(plain)
     variants = [(f"triton_fused chunk {c}", c, ce.linear_cross_entropy) for c in (4096, 8192, 16384, 32768)]
     variants += [("torch.compile of the plain math", None, compiled), ("eager plain math", None, plain)]
-    rows, grads = [], {}
+    grads = {}
     for name, chunk, fn in variants:
         if chunk:
             ce.LINEAR_CE_CHUNK = chunk

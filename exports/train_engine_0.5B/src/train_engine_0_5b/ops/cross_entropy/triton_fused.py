@@ -39,13 +39,15 @@ IGNORE_INDEX = -100
 
 
 @triton.jit
-def _row_lse(row_ptr, V, scale, BLOCK_V: tl.constexpr):
-    """log(sum(exp(scale * row))) in fp32, online over blocks: one read of the row."""
+def _row_lse(row_ptr, V, scale, BLOCK_V: tl.constexpr, EVICT: tl.constexpr = ""):
+    """log(sum(exp(scale * row))) in fp32, online over blocks: one read of the row (its loads carry the L2
+    eviction hint EVICT, "" for none)."""
     cols = tl.arange(0, BLOCK_V)
     m = tl.full((), -float("inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
-        z = tl.load(row_ptr + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32) * scale
+        z = tl.load(row_ptr + start + cols, mask=start + cols < V, other=-float("inf"), eviction_policy=EVICT)
+        z = z.to(tl.float32) * scale
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
@@ -53,21 +55,22 @@ def _row_lse(row_ptr, V, scale, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _row_grad(row_ptr, grad_ptr, V, label, lse, scale, mult, BLOCK_V: tl.constexpr):
+def _row_grad(row_ptr, grad_ptr, V, label, lse, scale, mult, BLOCK_V: tl.constexpr, EVICT: tl.constexpr = ""):
     """grad = mult * (softmax(scale * row) - onehot(label)), stored in grad_ptr's dtype (may be row_ptr:
     each block is read before it is overwritten, and the row belongs to this program alone)."""
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
-        z = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32) * scale
+        z = tl.load(row_ptr + start + cols, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32) * scale
         g = tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)
-        tl.store(grad_ptr + start + cols, (g * mult).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + start + cols, (g * mult).to(grad_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
 
 
 @triton.jit
 def _ce_fwd_kernel(
     logits_ptr, labels_ptr, loss_ptr, lse_ptr, grad_scale_ptr, n_rows, V_units, stride_units, scale, ignore_index,
     WRITE_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, UNIT: tl.constexpr, BLOCK_V: tl.constexpr,
+    L2_HINT: tl.constexpr = False,
 ):  # fmt: skip
     # Each program takes rows pid, pid + programs, ... (one row each when the grid covers the rows). With
     # WRITE_GRAD the row is overwritten by d(loss)/d(logits); a grid of a few programs per SM keeps the rows
@@ -81,7 +84,9 @@ def _ce_fwd_kernel(
         row_ptr = logits_ptr + row * stride
         label = tl.load(labels_ptr + row).to(tl.int64)
         valid = label != ignore_index
-        lse = _row_lse(row_ptr, V, scale, BLOCK_V)
+        # L2_HINT: the first read asks L2 to keep the row (for the second); the second read and the store
+        # ask it to drop them first
+        lse = _row_lse(row_ptr, V, scale, BLOCK_V, "evict_last" if L2_HINT else "")
         z_label = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32) * scale
         tl.store(loss_ptr + row, tl.where(valid, lse - z_label, 0.0))
         tl.store(lse_ptr + row, lse)
@@ -90,7 +95,7 @@ def _ce_fwd_kernel(
             mult = tl.where(valid, scale, 0.0)
             if HAS_GRAD_SCALE:
                 mult = mult * tl.load(grad_scale_ptr)
-            _row_grad(row_ptr, row_ptr, V, label, lse, scale, mult, BLOCK_V)
+            _row_grad(row_ptr, row_ptr, V, label, lse, scale, mult, BLOCK_V, "evict_first" if L2_HINT else "")
 
 
 @triton.jit
@@ -120,22 +125,23 @@ def _launch_config(V: int) -> dict:
 
 
 # The forward kernel when it also writes the gradient (reads each row twice, writes it once): this many
-# programs per SM loop over the rows, so the second read of a row finds it in L2. Measured on an H100 at
-# 32768 x 73448 bf16 (scripts/gpu_linear_ce.py). `programs_per_sm` 0: one program per row.
-WRITE_GRAD_LAUNCH: dict[str, int] = {"programs_per_sm": 2, "BLOCK_V": 8192, "num_warps": 16}
+# programs per SM loop over the rows, so the rows in flight are few enough (~150 KB each at V 73448) for the
+# second read of a row to find it in L2; `l2_hint` adds eviction hints to that end. `programs_per_sm` 0: one
+# program per row. Measured on an H100 at 32768 x 73448 bf16 (scripts/gpu_linear_ce.py).
+WRITE_GRAD_LAUNCH: dict[str, float] = {"programs_per_sm": 1, "BLOCK_V": 16384, "num_warps": 16, "l2_hint": 0}
 
 
 def _fwd_launch(V: int, rows: int, write_grad: bool, device: torch.device) -> tuple[int, dict]:
     """(grid size, kernel meta-parameters) for `_ce_fwd_kernel`; a CPU (the interpreter) counts as one SM."""
     if not write_grad:
         return rows, _launch_config(V)
-    meta = dict(BLOCK_V=min(WRITE_GRAD_LAUNCH["BLOCK_V"], triton.next_power_of_2(V)),
-                num_warps=WRITE_GRAD_LAUNCH["num_warps"])
-    per_sm = WRITE_GRAD_LAUNCH["programs_per_sm"]
-    if per_sm <= 0:
+    launch = WRITE_GRAD_LAUNCH
+    meta = dict(BLOCK_V=min(int(launch["BLOCK_V"]), triton.next_power_of_2(V)), num_warps=int(launch["num_warps"]),
+                L2_HINT=bool(launch["l2_hint"]))  # fmt: skip
+    if launch["programs_per_sm"] <= 0:
         return rows, meta
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(rows, per_sm * sms)), meta
+    return max(1, min(rows, round(launch["programs_per_sm"] * sms))), meta
 
 
 def _unit(V: int, *tensors: Tensor) -> int:
@@ -271,14 +277,16 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, overwrite: bool = False) -
 def fused_linear_cross_entropy_fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, logit_scale: float = 1.0, chunk_size: int = 4096,
     compute_dx: bool = True, compute_dw: bool = True, grad_scale: Tensor | None = None,
-    dx_out: Tensor | None = None, dw_accum: Tensor | None = None,
+    dx_out: Tensor | None = None, dw_accum: Tensor | None = None, dw_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     """Loss and gradients of sum(CE(hidden @ weight^T / logit_scale, labels)) in one chunked pass.
 
     hidden (T, h), weight (V, h), labels (T,). Returns (loss_sum 0-dim fp32, n_valid 0-dim int64,
-    dx (T, h) in hidden's dtype or None, dw (V, h) fp32 or None). Gradients are multiplied by
+    dx (T, h) in hidden's dtype or None, dw (V, h) in `dw_dtype` or None). Gradients are multiplied by
     `grad_scale` (a 0-dim device tensor, e.g. 1 / global token count) when given. dx goes into `dx_out`
-    when given; dw is ADDED into `dw_accum` (fp32) when given (a main-grad buffer), else into zeros."""
+    when given; dw is ADDED into `dw_accum` (fp32) when given (a main-grad buffer). Otherwise dw is
+    summed over chunks in fp32 and returned in `dw_dtype`; when one chunk holds every token and dw_dtype
+    is hidden's, its GEMM writes that dtype directly (as the unfused output GEMM's backward does)."""
     T, h = hidden.shape
     V = weight.shape[0]
     _require_triton(hidden, weight)
@@ -290,7 +298,8 @@ def fused_linear_cross_entropy_fwd_bwd(
     lse = torch.empty(chunk, dtype=torch.float32, device=hidden.device)  # written, not needed after
     dx = (dx_out if dx_out is not None else torch.empty_like(hidden)) if compute_dx else None
     dw = None
-    if compute_dw:
+    dw_direct = compute_dw and dw_accum is None and chunk == T and dw_dtype == hidden.dtype
+    if compute_dw and not dw_direct:
         dw = dw_accum if dw_accum is not None else torch.empty(V, h, dtype=torch.float32, device=hidden.device)
     if grad_scale is not None:
         grad_scale = grad_scale.to(device=hidden.device, dtype=torch.float32).reshape(())
@@ -307,8 +316,12 @@ def fused_linear_cross_entropy_fwd_bwd(
         )  # fmt: skip
         if compute_dx:
             torch.mm(z, weight, out=dx[r0:r1])  # (c, h)
-        if compute_dw:
+        if dw_direct:
+            dw = torch.mm(z.t(), x)  # (V, h)
+        elif compute_dw:
             _accumulate_mm(dw, z.t(), x, overwrite=r0 == 0 and dw_accum is None)  # (V, h)
+    if dw is not None and dw_accum is None:
+        dw = dw.to(dw_dtype)
     return losses.sum(), (labels != IGNORE_INDEX).sum(), dx, dw
 
 
@@ -366,15 +379,15 @@ LINEAR_CE_CHUNK = 32768
 @torch.library.custom_op("train_engine_0_5b::linear_ce_fwd_bwd", mutates_args=())
 def linear_ce_fwd_bwd(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """hidden (T, h), weight (V, h), labels (T,) -> (loss sum 0-dim fp32, dx (T, h) in hidden's dtype, dw (V, h)
-    fp32), the gradients those of the loss sum."""
-    loss, _, dx, dw = fused_linear_cross_entropy_fwd_bwd(hidden, weight, labels, chunk_size=chunk_size)
+    in weight's dtype), the gradients those of the loss sum."""
+    loss, _, dx, dw = fused_linear_cross_entropy_fwd_bwd(hidden, weight, labels, chunk_size=chunk_size,
+                                                         dw_dtype=weight.dtype)  # fmt: skip
     return loss, dx, dw
 
 
 @linear_ce_fwd_bwd.register_fake
 def _(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden),
-            weight.new_empty(weight.shape, dtype=torch.float32))  # fmt: skip
+    return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden), torch.empty_like(weight)
 
 
 @torch.library.custom_op("train_engine_0_5b::linear_ce_loss", mutates_args=())
@@ -394,12 +407,11 @@ def _(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> Tensor
 def _linear_ce_setup_context(ctx, inputs: tuple, output: tuple) -> None:
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(output[1], output[2])
-    ctx.weight_dtype = inputs[1].dtype
 
 
 def _linear_ce_backward(ctx, dloss: Tensor, _ddx, _ddw) -> tuple[Tensor, Tensor, None, None]:
     dx, dw = ctx.saved_tensors
-    return (dx.float() * dloss).to(dx.dtype), (dw * dloss).to(ctx.weight_dtype), None, None
+    return (dx.float() * dloss).to(dx.dtype), (dw.float() * dloss).to(dw.dtype), None, None
 
 
 linear_ce_fwd_bwd.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup_context)
