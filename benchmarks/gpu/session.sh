@@ -76,7 +76,7 @@ for part in "$@"; do
     lce)  # linear_cross_entropy=triton_fused: its op tests on the real kernels, the launch / chunk table, its graph test
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
       { timeout 200 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_cross_entropy_triton.py
-        timeout ${LCE_S:-200} python3 exports/train_engine_0.5B/scripts/gpu_linear_ce.py --out "$dir"
+        timeout ${LCE_S:-200} python3 exports/train_engine_0.5B/scripts/gpu_linear_ce.py --out "$dir" ${LCE_ARGS:-}
         OUT="$dir" BENCH=0 SANITIZE=0 VARIANTS=linear-ce timeout 150 bash benchmarks/gpu/graph_check.sh; } > "$dir/log.txt" 2>&1 ;;
     fa4fwd)  # FA4 forward launch options at the step's attention shape
       timeout ${FA4_S:-200} python3 benchmarks/gpu/fa4_fwd_configs.py --out "$dir" > "$dir/log.txt" 2>&1 ;;

@@ -8,6 +8,7 @@ At MiniCPM4-0.5B's output shape (default 8 x 4096 tokens, h 1024, V 73448, bf16)
      need at 3 passes and at 2 (when the second read of a row hits L2), and its error on 2048 sampled
      rows against fp64; beside it the loss-only kernel (one read) and a plain copy of the logits (one
      read + one write: the floor of any in-place gradient pass);
+     (`--no-sweep`: the default setting alone);
   2. the whole op forward + backward per chunk size (`LINEAR_CE_CHUNK`) with the fastest setting, against
      torch.compile and eager of the plain math (F.linear + the reference CE), with each one's extra peak
      memory and its loss / gradient error against the others.
@@ -47,7 +48,7 @@ def bench(fn, rep_ms: int = 150) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
 
 
-def kernel_section(T: int, gen: torch.Generator) -> tuple[list[dict], dict]:
+def kernel_section(T: int, gen: torch.Generator, sweep: bool) -> tuple[list[dict], dict]:
     logits0 = (torch.randn(T, V, device="cuda", generator=gen) * 3).to(torch.bfloat16)
     labels = torch.randint(0, V, (T,), device="cuda", generator=gen)
     labels[::10] = ce.IGNORE_INDEX
@@ -64,7 +65,8 @@ def kernel_section(T: int, gen: torch.Generator) -> tuple[list[dict], dict]:
     z2 = torch.empty_like(z)
     out.append({"kernel": "copy (1 read + 1 write)", "ms": bench(lambda: z2.copy_(z))})
     del z2
-    for per_sm, block, warps, hint in LAUNCHES:
+    default = tuple(ce.WRITE_GRAD_LAUNCH[k] for k in ("programs_per_sm", "BLOCK_V", "num_warps", "l2_hint"))
+    for per_sm, block, warps, hint in LAUNCHES if sweep else [default]:
         ce.WRITE_GRAD_LAUNCH.update(programs_per_sm=per_sm, BLOCK_V=block, num_warps=warps, l2_hint=hint)
         row = {"kernel": "loss + grad in place", "programs_per_sm": per_sm, "BLOCK_V": block, "num_warps": warps,
                "l2_hint": hint}
@@ -113,7 +115,7 @@ def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
     return rows
 
 
-def op_section(T: int, gen: torch.Generator, best: dict) -> list[dict]:
+def op_section(T: int, gen: torch.Generator, best: dict, chunks: tuple[int, ...]) -> list[dict]:
     ce.WRITE_GRAD_LAUNCH.update({k: best[k] for k in ce.WRITE_GRAD_LAUNCH})
     B = T // 4096 if T % 4096 == 0 else 1  # (B, S, h) as the model passes it; the reference CE wants 3-D
     x = (torch.randn(B, T // B, H, device="cuda", generator=gen) * 0.5).to(torch.bfloat16).requires_grad_()
@@ -127,7 +129,7 @@ def op_section(T: int, gen: torch.Generator, best: dict) -> list[dict]:
         return ce_reference(F.linear(x, w), y)
 
     compiled = torch.compile(plain)
-    variants = [(f"triton_fused chunk {c}", c, ce.linear_cross_entropy) for c in (4096, 8192, 16384, 32768)]
+    variants = [(f"triton_fused chunk {c}", c, ce.linear_cross_entropy) for c in chunks]
     variants += [("torch.compile of the plain math", None, compiled), ("eager plain math", None, plain)]
     grads = {}
     for name, chunk, fn in variants:
@@ -169,11 +171,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--tokens", type=int, default=8 * 4096)
+    p.add_argument("--no-sweep", action="store_true", help="time only the default launch and chunks 8192, 32768")
     args = p.parse_args()
     t0 = time.time()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    kernels, best = kernel_section(args.tokens, gen)
-    ops = op_section(args.tokens, gen, best)
+    kernels, best = kernel_section(args.tokens, gen, sweep=not args.no_sweep)
+    ops = op_section(args.tokens, gen, best, (8192, 32768) if args.no_sweep else (4096, 8192, 16384, 32768))
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "shape": {"tokens": args.tokens, "hidden": H, "vocab": V, "dtype": "bfloat16"},
            "kernels": kernels, "best_launch": best, "op_fwd_bwd": ops, "seconds": round(time.time() - t0, 1)}

@@ -228,9 +228,9 @@ def _registry_ref(x, weight, labels, grad_out):
 @pytest.mark.parametrize("chunk", [5, 4096], ids=["chunks of 5", "one chunk"])
 @pytest.mark.parametrize("launch", [(0, 0), (1, 1), (2, 0)], ids=["a program per row", "1 per SM, L2 hints", "2 per SM"])
 def test_linear_cross_entropy_matches_fp64(monkeypatch, dtype, chunk, launch):
-    """(B, S, h) input, a grad_output other than 1, ignored labels; chunks with a partial last one (dw summed
-    in fp32) or one chunk (dw's GEMM in the compute dtype); the gradient pass launched one program per row
-    or looping over rows (a CPU counts as one SM), with or without L2 eviction hints."""
+    """(B, S, h) input, a grad_output other than 1, ignored labels; chunks with a partial last one, or one
+    chunk; the gradient pass launched one program per row or looping over rows (a CPU counts as one SM),
+    with or without L2 eviction hints."""
     programs_per_sm, l2_hint = launch
     monkeypatch.setattr(triton_fused, "LINEAR_CE_CHUNK", chunk)
     monkeypatch.setitem(triton_fused.WRITE_GRAD_LAUNCH, "programs_per_sm", programs_per_sm)
@@ -287,13 +287,3 @@ def test_accumulate_mm_overwrite_ignores_old_values():
     _accumulate_mm(acc, a, b)
     torch.testing.assert_close(acc, 2 * (a @ b))
 
-
-@pytest.mark.parametrize("chunk", [4, 64], ids=["chunks", "one chunk"])
-def test_fwd_bwd_dw_dtype(chunk):
-    """dw in the requested dtype: summed in fp32 over chunks then cast, or written directly by one GEMM."""
-    hidden, weight, labels = _linear_inputs(10, 16, 50, torch.float32, seed=chunk, logit_scale=1.0)
-    hidden, weight = hidden.to(torch.float64), weight.to(torch.float64)
-    _, _, _, dw = fused_linear_cross_entropy_fwd_bwd(hidden, weight, labels, chunk_size=chunk, dw_dtype=torch.float64)
-    _, _, _, ref_dw = _linear_ref(hidden, weight, labels, 1.0, 1.0)
-    assert dw.dtype == torch.float64
-    _close(dw, ref_dw, TOL[torch.float32])  # the kernel computes in fp32
