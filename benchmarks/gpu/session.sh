@@ -78,6 +78,8 @@ for part in "$@"; do
       { timeout 200 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_cross_entropy_triton.py
         timeout ${LCE_S:-200} python3 exports/train_engine_0.5B/scripts/gpu_linear_ce.py --out "$dir" ${LCE_ARGS:-}
         OUT="$dir" BENCH=0 SANITIZE=0 VARIANTS=linear-ce timeout 150 bash benchmarks/gpu/graph_check.sh; } > "$dir/log.txt" 2>&1 ;;
+    wgrad)  # weight-gradient GEMMs with a bf16 vs an fp32 output at the step's shapes
+      timeout 120 python3 benchmarks/gpu/wgrad_out_dtype.py --out "$dir" > "$dir/log.txt" 2>&1 ;;
     fa4fwd)  # FA4 forward launch options at the step's attention shape
       timeout ${FA4_S:-200} python3 benchmarks/gpu/fa4_fwd_configs.py --out "$dir" > "$dir/log.txt" 2>&1 ;;
     graphpre)  # pretrain --cuda-graph end to end: stop + checkpoint + resume vs straight vs no graph
