@@ -39,7 +39,7 @@ IGNORE_INDEX = -100
 
 
 @triton.jit
-def _row_lse(row_ptr, V, scale, BLOCK_V: tl.constexpr, EVICT: tl.constexpr = ""):
+def _row_lse(row_ptr, V, scale, BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
     """log(sum(exp(scale * row))) in fp32, online over blocks: one read of the row (its loads carry the L2
     eviction hint EVICT, "" for none)."""
     cols = tl.arange(0, BLOCK_V)
@@ -55,7 +55,7 @@ def _row_lse(row_ptr, V, scale, BLOCK_V: tl.constexpr, EVICT: tl.constexpr = "")
 
 
 @triton.jit
-def _row_grad(row_ptr, grad_ptr, V, label, lse, scale, mult, BLOCK_V: tl.constexpr, EVICT: tl.constexpr = ""):
+def _row_grad(row_ptr, grad_ptr, V, label, lse, scale, mult, BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
     """grad = mult * (softmax(scale * row) - onehot(label)), stored in grad_ptr's dtype (may be row_ptr:
     each block is read before it is overwritten, and the row belongs to this program alone)."""
     cols = tl.arange(0, BLOCK_V)
@@ -70,7 +70,7 @@ def _row_grad(row_ptr, grad_ptr, V, label, lse, scale, mult, BLOCK_V: tl.constex
 def _ce_fwd_kernel(
     logits_ptr, labels_ptr, loss_ptr, lse_ptr, grad_scale_ptr, n_rows, V_units, stride_units, scale, ignore_index,
     WRITE_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, UNIT: tl.constexpr, BLOCK_V: tl.constexpr,
-    L2_HINT: tl.constexpr = False,
+    L2_HINT: tl.constexpr,
 ):  # fmt: skip
     # Each program takes rows pid, pid + programs, ... (one row each when the grid covers the rows). With
     # WRITE_GRAD the row is overwritten by d(loss)/d(logits); a grid of a few programs per SM keeps the rows
@@ -110,7 +110,7 @@ def _ce_bwd_kernel(
     label = tl.load(labels_ptr + row).to(tl.int64)
     mult = tl.where(label != ignore_index, scale, 0.0) * tl.load(dloss_ptr)
     lse = tl.load(lse_ptr + row)
-    _row_grad(logits_ptr + row * stride, grad_ptr + row * grad_stride, V, label, lse, scale, mult, BLOCK_V)
+    _row_grad(logits_ptr + row * stride, grad_ptr + row * grad_stride, V, label, lse, scale, mult, BLOCK_V, "")
 
 
 def _require_triton(*tensors: Tensor) -> None:
@@ -136,7 +136,7 @@ WRITE_GRAD_LAUNCH: dict[str, float] = {"programs_per_sm": 2, "BLOCK_V": 16384, "
 def _fwd_launch(V: int, rows: int, write_grad: bool, device: torch.device) -> tuple[int, dict]:
     """(grid size, kernel meta-parameters) for `_ce_fwd_kernel`; a CPU (the interpreter) counts as one SM."""
     if not write_grad:
-        return rows, _launch_config(V)
+        return rows, _launch_config(V) | {"L2_HINT": False}
     launch = WRITE_GRAD_LAUNCH
     meta = dict(BLOCK_V=min(int(launch["BLOCK_V"]), triton.next_power_of_2(V)), num_warps=int(launch["num_warps"]),
                 L2_HINT=bool(launch["l2_hint"]))  # fmt: skip
