@@ -24,7 +24,10 @@ def test_device_defaults():
     assert cuda["attention"] == fastest_attention and cuda["adamw"] == fastest_adamw and cuda["gemm.qkv"] == "reference"
     assert cuda["mlp"] == ("quack_gated" if "quack_gated" in OPS["mlp"] else "unfused")
     assert cuda["residual_scale"] == "weight" and cpu["residual_scale"] == "reference"
-    chosen = resolve(OpSelection.parse("attention=reference,gemm=concat,gemm.output=reference"), "cuda").names
+    fused_output = "triton_fused" if "triton_fused" in OPS["linear_cross_entropy"] else "unfused"
+    assert cuda["linear_cross_entropy"] == fused_output and cpu["linear_cross_entropy"] == "unfused"
+    chosen = resolve(OpSelection.parse("attention=reference,gemm=concat,gemm.output=reference,linear_cross_entropy=unfused"),
+                     "cuda").names
     assert chosen["attention"] == "reference" and chosen["gemm.fc1"] == "concat" and chosen["gemm.output"] == "reference"
     assert resolve(OpSelection.parse("gemm.qkv=concat"), "cpu").gemm_qkv is OPS["gemm"]["concat"]
 
