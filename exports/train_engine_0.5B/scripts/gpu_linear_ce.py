@@ -9,8 +9,7 @@ At MiniCPM4-0.5B's output shape (default 8 x 4096 tokens, h 1024, V 73448, bf16)
      rows against fp64; beside it the loss-only kernel (one read) and a plain copy of the logits (one
      read + one write: the floor of any in-place gradient pass);
      (`--no-sweep`: the default setting alone);
-  2. the whole op forward + backward per chunk size (`LINEAR_CE_CHUNK`; at the largest, per `--l2-rows`:
-     LINEAR_CE_L2_ROWS, the GEMM + CE kernel alternating over row blocks) with the fastest setting, against
+  2. the whole op forward + backward per chunk size (`LINEAR_CE_CHUNK`) with the fastest setting, against
      torch.compile and eager of the plain math (F.linear + the reference CE), with each one's extra peak
      memory and its loss / gradient error against the others.
 Timing: triton.testing.do_bench medians (L2 flushed before each run). Writes DIR/linear_ce.json
@@ -116,7 +115,7 @@ def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
     return rows
 
 
-def op_section(T: int, gen: torch.Generator, best: dict, chunks: tuple[int, ...], l2_rows: tuple[int, ...]) -> list[dict]:
+def op_section(T: int, gen: torch.Generator, best: dict, chunks: tuple[int, ...]) -> list[dict]:
     ce.WRITE_GRAD_LAUNCH.update({k: best[k] for k in ce.WRITE_GRAD_LAUNCH})
     B = T // 4096 if T % 4096 == 0 else 1  # (B, S, h) as the model passes it; the reference CE wants 3-D
     x = (torch.randn(B, T // B, H, device="cuda", generator=gen) * 0.5).to(torch.bfloat16).requires_grad_()
@@ -130,19 +129,18 @@ def op_section(T: int, gen: torch.Generator, best: dict, chunks: tuple[int, ...]
         return ce_reference(F.linear(x, w), y)
 
     compiled = torch.compile(plain)
-    variants = [(f"triton_fused chunk {c}" + (f", L2 blocks of {r}" if r else ""), c, r, ce.linear_cross_entropy)
-                for c in chunks for r in (l2_rows if c == max(chunks) else (0,))]
-    variants += [("torch.compile of the plain math", None, 0, compiled), ("eager plain math", None, 0, plain)]
+    variants = [(f"triton_fused chunk {c}", c, ce.linear_cross_entropy) for c in chunks]
+    variants += [("torch.compile of the plain math", None, compiled), ("eager plain math", None, plain)]
     grads = {}
-    for name, chunk, rows_l2, fn in variants:
+    for name, chunk, fn in variants:
         if chunk:
-            ce.LINEAR_CE_CHUNK, ce.LINEAR_CE_L2_ROWS = chunk, rows_l2
+            ce.LINEAR_CE_CHUNK = chunk
 
         def step():
             x.grad = w.grad = None
             (fn(x, w, labels) * inv_count).backward()
 
-        row = {"op": name, "chunk": chunk, "l2_rows": rows_l2}
+        row = {"op": name, "chunk": chunk}
         try:
             step()
             grads[name] = (fn(x, w, labels).detach().float(), x.grad.float(), w.grad.float())
@@ -174,13 +172,11 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--tokens", type=int, default=8 * 4096)
     p.add_argument("--no-sweep", action="store_true", help="time only the default launch and chunks 8192, 32768")
-    p.add_argument("--l2-rows", default="0", help="comma list: LINEAR_CE_L2_ROWS values tried at the largest chunk")
     args = p.parse_args()
     t0 = time.time()
     gen = torch.Generator(device="cuda").manual_seed(0)
     kernels, best = kernel_section(args.tokens, gen, sweep=not args.no_sweep)
-    chunks = (8192, 32768) if args.no_sweep else (4096, 8192, 16384, 32768)
-    ops = op_section(args.tokens, gen, best, chunks, tuple(int(r) for r in args.l2_rows.split(",")))
+    ops = op_section(args.tokens, gen, best, (8192, 32768) if args.no_sweep else (4096, 8192, 16384, 32768))
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "shape": {"tokens": args.tokens, "hidden": H, "vocab": V, "dtype": "bfloat16"},
            "kernels": kernels, "best_launch": best, "op_fwd_bwd": ops, "seconds": round(time.time() - t0, 1)}

@@ -225,21 +225,18 @@ def _registry_ref(x, weight, labels, grad_out):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("chunk", [5, 4096, (4096, 3)], ids=["chunks of 5", "one chunk", "one chunk, L2 blocks of 3"])
+@pytest.mark.parametrize("chunk", [5, 4096], ids=["chunks of 5", "one chunk"])
 @pytest.mark.parametrize("launch", [(0, 0), (1, 1), (2, 0)], ids=["a program per row", "1 per SM, L2 hints", "2 per SM"])
 def test_linear_cross_entropy_matches_fp64(monkeypatch, dtype, chunk, launch):
     """(B, S, h) input, a grad_output other than 1, ignored labels; chunks with a partial last one, or one
     chunk; the gradient pass launched one program per row or looping over rows (a CPU counts as one SM),
     with or without L2 eviction hints."""
     programs_per_sm, l2_hint = launch
-    chunk, l2_rows = chunk if isinstance(chunk, tuple) else (chunk, 0)
     monkeypatch.setattr(triton_fused, "LINEAR_CE_CHUNK", chunk)
-    monkeypatch.setattr(triton_fused, "LINEAR_CE_L2_ROWS", l2_rows)
     monkeypatch.setitem(triton_fused.WRITE_GRAD_LAUNCH, "programs_per_sm", programs_per_sm)
     monkeypatch.setitem(triton_fused.WRITE_GRAD_LAUNCH, "l2_hint", l2_hint)
     B, S, h, V = 2, 7, 40, 517
-    x, weight, labels = _linear_inputs(B * S, h, V, dtype, seed=chunk + l2_rows + programs_per_sm + l2_hint,
-                                       logit_scale=1.0)
+    x, weight, labels = _linear_inputs(B * S, h, V, dtype, seed=chunk + programs_per_sm + l2_hint, logit_scale=1.0)
     x, labels = x.view(B, S, h).requires_grad_(), labels.view(B, S)
     weight.requires_grad_()
     loss = linear_cross_entropy(x, weight, labels)

@@ -279,7 +279,7 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, overwrite: bool = False) -
 def fused_linear_cross_entropy_fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, logit_scale: float = 1.0, chunk_size: int = 4096,
     compute_dx: bool = True, compute_dw: bool = True, grad_scale: Tensor | None = None,
-    dx_out: Tensor | None = None, dw_accum: Tensor | None = None, l2_rows: int = 0,
+    dx_out: Tensor | None = None, dw_accum: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     """Loss and gradients of sum(CE(hidden @ weight^T / logit_scale, labels)) in one chunked pass.
 
@@ -288,9 +288,7 @@ def fused_linear_cross_entropy_fwd_bwd(
     `grad_scale` (a 0-dim device tensor, e.g. 1 / global token count) when given. dx goes into `dx_out`
     when given; dw is ADDED into `dw_accum` (fp32) when given (a main-grad buffer). dw's GEMM writes fp32
     even from bf16 inputs: on an H100 at 73448 x 1024 x 32768 cuBLAS took 6.7 ms for that against 8.1 ms
-    for a bf16 output (scripts/gpu_linear_ce.py). `l2_rows` > 0: within a chunk, the logits GEMM and the
-    CE kernel alternate over blocks of that many rows, so the kernel can find the GEMM's output in L2; dx
-    and dw still take the whole chunk."""
+    for a bf16 output (scripts/gpu_linear_ce.py)."""
     T, h = hidden.shape
     V = weight.shape[0]
     _require_triton(hidden, weight)
@@ -307,20 +305,16 @@ def fused_linear_cross_entropy_fwd_bwd(
     if grad_scale is not None:
         grad_scale = grad_scale.to(device=hidden.device, dtype=torch.float32).reshape(())
     u = _unit(V, logits)
-    sub = l2_rows if 0 < l2_rows < chunk else chunk
     for r0 in range(0, T, chunk):
         r1 = min(r0 + chunk, T)
         x, z = hidden[r0:r1], logits[: r1 - r0]
-        for s0 in range(r0, r1, sub):  # the logits GEMM, then the CE kernel on its output (still in L2 when small)
-            s1 = min(s0 + sub, r1)
-            zs = z[s0 - r0 : s1 - r0]
-            torch.mm(hidden[s0:s1], weight.t(), out=zs)  # (rows, V) in hidden's dtype
-            grid, meta = _fwd_launch(V, s1 - s0, need_grad, z.device)
-            _ce_fwd_kernel[(grid,)](
-                zs, labels[s0:s1], losses[s0:s1], lse, grad_scale if grad_scale is not None else lse, s1 - s0, V // u,
-                z.stride(0) // u, 1.0 / logit_scale, IGNORE_INDEX,
-                WRITE_GRAD=need_grad, HAS_GRAD_SCALE=grad_scale is not None, UNIT=u, **meta,
-            )  # fmt: skip
+        torch.mm(x, weight.t(), out=z)  # (c, V) in hidden's dtype
+        grid, meta = _fwd_launch(V, r1 - r0, need_grad, z.device)
+        _ce_fwd_kernel[(grid,)](
+            z, labels[r0:r1], losses[r0:r1], lse, grad_scale if grad_scale is not None else lse, r1 - r0, V // u,
+            z.stride(0) // u, 1.0 / logit_scale, IGNORE_INDEX,
+            WRITE_GRAD=need_grad, HAS_GRAD_SCALE=grad_scale is not None, UNIT=u, **meta,
+        )  # fmt: skip
         if compute_dx:
             torch.mm(z, weight, out=dx[r0:r1])  # (c, h)
         if compute_dw:
@@ -373,9 +367,6 @@ def fused_linear_cross_entropy_reference(
 # 32768 x 73448 bf16, what the unfused path holds for its whole batch too. Measured on an H100 at 8 x 4096
 # tokens (scripts/gpu_linear_ce.py): one chunk is the fastest.
 LINEAR_CE_CHUNK = 32768
-# Rows per block of the logits GEMM + CE kernel inside a chunk (fused_linear_cross_entropy_fwd_bwd's
-# l2_rows; 0: the whole chunk at once).
-LINEAR_CE_L2_ROWS = 0
 
 
 # Two `torch.library` custom ops, so torch.compile keeps each as one node (the launches read data pointers,
@@ -383,33 +374,30 @@ LINEAR_CE_L2_ROWS = 0
 # their gradient, then the two GEMMs); the backward only scales dx and dw by the incoming gradient, which
 # touches (T, h) and (V, h), never a (T, V) tensor.
 @torch.library.custom_op("train_engine_0_5b::linear_ce_fwd_bwd", mutates_args=())
-def linear_ce_fwd_bwd(
-    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, l2_rows: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def linear_ce_fwd_bwd(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """hidden (T, h), weight (V, h), labels (T,) -> (loss sum 0-dim fp32, dx (T, h) in hidden's dtype, dw (V, h)
     fp32), the gradients those of the loss sum."""
-    loss, _, dx, dw = fused_linear_cross_entropy_fwd_bwd(hidden, weight, labels, chunk_size=chunk_size,
-                                                         l2_rows=l2_rows)  # fmt: skip
+    loss, _, dx, dw = fused_linear_cross_entropy_fwd_bwd(hidden, weight, labels, chunk_size=chunk_size)
     return loss, dx, dw
 
 
 @linear_ce_fwd_bwd.register_fake
-def _(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, l2_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+def _(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden),
             weight.new_empty(weight.shape, dtype=torch.float32))  # fmt: skip
 
 
 @torch.library.custom_op("train_engine_0_5b::linear_ce_loss", mutates_args=())
-def linear_ce_loss(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, l2_rows: int) -> Tensor:
+def linear_ce_loss(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> Tensor:
     """The loss sum alone (no gradients: one read of each logits chunk)."""
     loss, _, _, _ = fused_linear_cross_entropy_fwd_bwd(
-        hidden, weight, labels, chunk_size=chunk_size, compute_dx=False, compute_dw=False, l2_rows=l2_rows
+        hidden, weight, labels, chunk_size=chunk_size, compute_dx=False, compute_dw=False
     )
     return loss
 
 
 @linear_ce_loss.register_fake
-def _(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, l2_rows: int) -> Tensor:
+def _(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> Tensor:
     return hidden.new_empty((), dtype=torch.float32)
 
 
@@ -419,9 +407,9 @@ def _linear_ce_setup_context(ctx, inputs: tuple, output: tuple) -> None:
     ctx.weight_dtype = inputs[1].dtype
 
 
-def _linear_ce_backward(ctx, dloss: Tensor, _ddx, _ddw) -> tuple[Tensor, Tensor, None, None, None]:
+def _linear_ce_backward(ctx, dloss: Tensor, _ddx, _ddw) -> tuple[Tensor, Tensor, None, None]:
     dx, dw = ctx.saved_tensors
-    return (dx.float() * dloss).to(dx.dtype), (dw * dloss).to(ctx.weight_dtype), None, None, None
+    return (dx.float() * dloss).to(dx.dtype), (dw * dloss).to(ctx.weight_dtype), None, None
 
 
 linear_ce_fwd_bwd.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup_context)
@@ -434,5 +422,5 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     labels2 = labels.reshape(-1).contiguous()
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return linear_ce_fwd_bwd(x2, weight, labels2, LINEAR_CE_CHUNK, LINEAR_CE_L2_ROWS)[0]
-    return linear_ce_loss(x2, weight, labels2, LINEAR_CE_CHUNK, LINEAR_CE_L2_ROWS)
+        return linear_ce_fwd_bwd(x2, weight, labels2, LINEAR_CE_CHUNK)[0]
+    return linear_ce_loss(x2, weight, labels2, LINEAR_CE_CHUNK)
