@@ -93,8 +93,10 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
     # backward): 150,026 / 151,279 vs 149,048 / 149,393 tokens/s, +0.23 GiB; gates M1-M3 bf16 pass
     # (benchmarks/results/engine-0.5b-residual-scale-2026-11-23-h100/, gates/2026-11-23-h100-minicpm4-0.5b-bf16-rsw/).
     # linear_cross_entropy=triton_fused (output GEMM + CE as one op, the logit gradient written over the logits in
-    # the forward): 151,812 / 151,788 vs 150,248 / 150,533 tokens/s, -0.23 GiB; alone 25.6 vs torch.compile's
-    # 26.8 ms fwd+bwd (benchmarks/results/engine-0.5b-linear-ce-2026-11-23-h100/); unfused without triton.
+    # the forward): 151,812 / 151,788 vs 150,248 / 150,533 tokens/s in one 32k-token chunk, then 8192-token
+    # chunks as fast at 37.0 vs 40.4 GiB; alone 25.2 vs torch.compile's 26.8 ms fwd+bwd; gates M1-M3 bf16 pass
+    # (benchmarks/results/engine-0.5b-linear-ce-2026-11-23-h100/, gates/2026-11-23-h100-minicpm4-0.5b-bf16-lce/);
+    # unfused without triton.
     "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach"), "mlp": ("quack_gated", UNFUSED),
              "residual_scale": ("weight",), "linear_cross_entropy": ("triton_fused", UNFUSED)},
 }
