@@ -76,7 +76,7 @@ def _ce_fwd_kernel(
 ):  # fmt: skip
     # Each program takes rows pid, pid + programs, ... (one row each when the grid covers the rows). With
     # WRITE_GRAD the row is overwritten by d(loss)/d(logits); a grid of a few programs per SM keeps the rows
-    # in flight small enough (~150 KB each at V 73448) that the gradient pass re-reads the row from L2.
+    # in flight few enough (~150 KB each at V 73448) that part of the gradient pass's re-read comes from L2.
     # V and the row stride arrive in UNITs of 8 when the host found them so: 73448 is not a multiple of
     # 16, so Triton would not assume the 16-byte alignment that makes the loads vectorize.
     V = V_units * UNIT
@@ -127,8 +127,8 @@ def _launch_config(V: int) -> dict:
 
 
 # The forward kernel when it also writes the gradient (reads each row twice, writes it once): this many
-# programs per SM loop over the rows, so the rows in flight are few enough (~150 KB each at V 73448) for the
-# second read of a row to find it in L2; `l2_hint` adds eviction hints to that end. `programs_per_sm` 0: one
+# programs per SM loop over the rows, so the rows in flight are few enough (~150 KB each at V 73448) for part
+# of the second read of a row to find it in L2; `l2_hint` adds eviction hints to that end. `programs_per_sm` 0: one
 # program per row. Measured on an H100 at 32768 x 73448 bf16 (scripts/gpu_linear_ce.py).
 # 2 per SM, 16384-wide blocks, 16 warps, hints: 4.31 ms, against 5.72 ms for one program per row (4096, 8 warps)
 # and 3.18 ms for a plain copy (one read + one write, the floor); fewer than one program per SM starves HBM.
