@@ -288,7 +288,6 @@ def test_accumulate_mm_overwrite_ignores_old_values():
     torch.testing.assert_close(acc, 2 * (a @ b))
 
 
-
 def test_linear_cross_entropy_in_the_trainer_matches_unfused(monkeypatch):
     """The tiny model trained 2 steps of 2 micro batches each (gradients accumulated across them, the output
     weight tied to the embedding) with linear_cross_entropy=triton_fused and with the unfused output GEMM +

@@ -324,26 +324,74 @@ def fused_linear_cross_entropy_fwd_bwd(
     return losses.sum(), (labels != IGNORE_INDEX).sum(), dx, dw
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int):
-        h2 = hidden.reshape(-1, hidden.shape[-1])
-        h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
-        loss, count, dx, dw = fused_linear_cross_entropy_fwd_bwd(
-            h2, weight, labels.reshape(-1).contiguous(), logit_scale=logit_scale, chunk_size=chunk_size,
-            compute_dx=ctx.needs_input_grad[0], compute_dw=ctx.needs_input_grad[1],
-        )  # fmt: skip
-        ctx.save_for_backward(dx, dw)
-        ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
-        ctx.mark_non_differentiable(count)
-        return loss, count
+# As a `torch.library` custom-op pair, so torch.compile keeps each direction as one node (the launches read
+# data pointers, which tracing cannot). With gradients, the forward computes them (the CE kernel overwrites
+# the logits with their gradient, then the dx / dw GEMMs, each only when asked for: an empty tensor
+# otherwise); the backward only scales dx and dw by the incoming gradient, which touches (T, h) and (V, h),
+# never a (T, V) tensor.
+@torch.library.custom_op("train_engine_0_5b::linear_ce_fwd_bwd", mutates_args=())
+def linear_ce_fwd_bwd(
+    hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int, compute_dx: bool,
+    compute_dw: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """hidden (T, h), weight (V, h), labels (T,) -> (loss sum 0-dim fp32, dx (T, h) in hidden's dtype, dw (V, h)
+    fp32), the gradients those of the loss sum; dx / dw empty when not computed."""
+    loss, _, dx, dw = fused_linear_cross_entropy_fwd_bwd(
+        hidden, weight, labels, logit_scale=logit_scale, chunk_size=chunk_size, compute_dx=compute_dx,
+        compute_dw=compute_dw,
+    )  # fmt: skip
+    dx = hidden.new_empty(0) if dx is None else dx
+    return loss, dx, weight.new_empty(0, dtype=torch.float32) if dw is None else dw
 
-    @staticmethod
-    def backward(ctx, dloss: Tensor, _dcount):
-        dx, dw = ctx.saved_tensors
-        dx = (dx * dloss).view(ctx.hidden_shape) if dx is not None else None
-        dw = (dw * dloss).to(ctx.weight_dtype) if dw is not None else None
-        return dx, dw, None, None, None
+
+@linear_ce_fwd_bwd.register_fake
+def _(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int, compute_dx: bool,
+      compute_dw: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    dx = torch.empty_like(hidden) if compute_dx else hidden.new_empty(0)
+    dw = weight.new_empty(weight.shape if compute_dw else (0,), dtype=torch.float32)
+    return hidden.new_empty((), dtype=torch.float32), dx, dw
+
+
+@torch.library.custom_op("train_engine_0_5b::linear_ce_loss", mutates_args=())
+def linear_ce_loss(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int) -> Tensor:
+    """The loss sum alone (no gradients: one read of each logits chunk)."""
+    loss, _, _, _ = fused_linear_cross_entropy_fwd_bwd(
+        hidden, weight, labels, logit_scale=logit_scale, chunk_size=chunk_size, compute_dx=False, compute_dw=False
+    )
+    return loss
+
+
+@linear_ce_loss.register_fake
+def _(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int) -> Tensor:
+    return hidden.new_empty((), dtype=torch.float32)
+
+
+def _linear_ce_setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(output[1], output[2])
+    ctx.weight_dtype, ctx.computed = inputs[1].dtype, inputs[5:7]
+
+
+def _linear_ce_backward(ctx, dloss: Tensor, _ddx, _ddw) -> tuple:
+    dx, dw = ctx.saved_tensors
+    dx = (dx.float() * dloss).to(dx.dtype) if ctx.computed[0] else None
+    dw = (dw * dloss).to(ctx.weight_dtype) if ctx.computed[1] else None
+    return dx, dw, None, None, None, None, None
+
+
+linear_ce_fwd_bwd.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup_context)
+
+
+def _linear_ce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int) -> Tensor:
+    """The loss sum through the custom ops, computing the gradients that autograd will ask for."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
+    labels2 = labels.reshape(-1).contiguous()
+    grad = torch.is_grad_enabled()
+    compute_dx, compute_dw = grad and hidden.requires_grad, grad and weight.requires_grad
+    if compute_dx or compute_dw:
+        return linear_ce_fwd_bwd(h2, weight, labels2, logit_scale, chunk_size, compute_dx, compute_dw)[0]
+    return linear_ce_loss(h2, weight, labels2, logit_scale, chunk_size)
 
 
 def fused_linear_cross_entropy(
@@ -352,7 +400,7 @@ def fused_linear_cross_entropy(
     """(sum of CE(hidden @ weight^T / logit_scale, labels) over labels != -100 as fp32, count of those
     labels as int64), both 0-dim; hidden (..., h), weight (V, h), labels (...). Differentiable in hidden
     and weight; at most `chunk_size` rows of logits exist at once."""
-    return _LinearCrossEntropy.apply(hidden, weight, labels, logit_scale, chunk_size)
+    return _linear_ce_sum(hidden, weight, labels, logit_scale, chunk_size), (labels != IGNORE_INDEX).sum()
 
 
 def fused_linear_cross_entropy_reference(
@@ -372,58 +420,7 @@ def fused_linear_cross_entropy_reference(
 LINEAR_CE_CHUNK = 8192
 
 
-# Two `torch.library` custom ops, so torch.compile keeps each as one node (the launches read data pointers,
-# which tracing cannot). With gradients, the forward computes them (the CE kernel overwrites the logits with
-# their gradient, then the two GEMMs); the backward only scales dx and dw by the incoming gradient, which
-# touches (T, h) and (V, h), never a (T, V) tensor.
-@torch.library.custom_op("train_engine_0_5b::linear_ce_fwd_bwd", mutates_args=())
-def linear_ce_fwd_bwd(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """hidden (T, h), weight (V, h), labels (T,) -> (loss sum 0-dim fp32, dx (T, h) in hidden's dtype, dw (V, h)
-    fp32), the gradients those of the loss sum."""
-    loss, _, dx, dw = fused_linear_cross_entropy_fwd_bwd(hidden, weight, labels, chunk_size=chunk_size)
-    return loss, dx, dw
-
-
-@linear_ce_fwd_bwd.register_fake
-def _(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden),
-            weight.new_empty(weight.shape, dtype=torch.float32))  # fmt: skip
-
-
-@torch.library.custom_op("train_engine_0_5b::linear_ce_loss", mutates_args=())
-def linear_ce_loss(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> Tensor:
-    """The loss sum alone (no gradients: one read of each logits chunk)."""
-    loss, _, _, _ = fused_linear_cross_entropy_fwd_bwd(
-        hidden, weight, labels, chunk_size=chunk_size, compute_dx=False, compute_dw=False
-    )
-    return loss
-
-
-@linear_ce_loss.register_fake
-def _(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int) -> Tensor:
-    return hidden.new_empty((), dtype=torch.float32)
-
-
-def _linear_ce_setup_context(ctx, inputs: tuple, output: tuple) -> None:
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(output[1], output[2])
-    ctx.weight_dtype = inputs[1].dtype
-
-
-def _linear_ce_backward(ctx, dloss: Tensor, _ddx, _ddw) -> tuple[Tensor, Tensor, None, None]:
-    dx, dw = ctx.saved_tensors
-    return (dx.float() * dloss).to(dx.dtype), (dw * dloss).to(ctx.weight_dtype), None, None
-
-
-linear_ce_fwd_bwd.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup_context)
-
-
 def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     """The registry op: sum of CE(x @ weight^T, labels) over labels != -100 (0-dim fp32); x (..., h),
     weight (V, h), labels (...). Same signature as reference.py's."""
-    x2 = x.reshape(-1, x.shape[-1])
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    labels2 = labels.reshape(-1).contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return linear_ce_fwd_bwd(x2, weight, labels2, LINEAR_CE_CHUNK)[0]
-    return linear_ce_loss(x2, weight, labels2, LINEAR_CE_CHUNK)
+    return _linear_ce_sum(x, weight, labels, 1.0, LINEAR_CE_CHUNK)
