@@ -144,6 +144,7 @@ GPU_VARIANTS = {  # id: (ops, compile, recompute); "default": the CUDA defaults 
     "quack": ("attention=sdpa,mlp=quack_gated", True, "none"),
     "triton-ce": ("cross_entropy=triton_fused", True, "none"),
     "linear-ce": ("linear_cross_entropy=triton_fused", True, "none"),  # custom ops allocating inside the graph
+    "qkv-rope": ("qkv_rope=triton_fused", True, "none"),
     "residual-reference": ("residual_scale=reference", True, "none"),  # the default places r on weights
     "recompute-layer": ("", True, "layer"),  # the recomputed forward runs inside the captured backward
     "default": ("", True, "none"),

@@ -57,6 +57,9 @@ def test_fused_mlp_selection_is_logged_for_the_ops_it_replaces():
     names = resolve(OpSelection.parse("linear_cross_entropy=reference"), "cpu").names
     assert names["gemm.output"] == names["cross_entropy"] == "(in linear_cross_entropy=reference)"
     assert resolve(OpSelection(), "cpu").linear_cross_entropy is None  # unfused unless chosen
+    names = resolve(OpSelection.parse("qkv_rope=reference"), "cpu").names
+    assert names["gemm.qkv"] == names["rope"] == "(in qkv_rope=reference)" and names["gemm.attn_out"] == "reference"
+    assert resolve(OpSelection(), "cpu").qkv_rope is None
 
 
 def test_bad_selections_name_the_op():
@@ -79,7 +82,7 @@ def test_every_op_is_called_through_the_registry(monkeypatch, fused):
     """Register a counting wrapper of each reference op as implementation "spy", select it everywhere,
     run forward + backward + an AdamW step: every op is counted as often as the model has sites, and
     the result is bitwise the reference selection's. A fused mlp replaces the fc1 / fc2 GEMMs and swiglu;
-    a fused linear_cross_entropy replaces the output GEMM and cross_entropy.
+    a fused linear_cross_entropy replaces the output GEMM and cross_entropy; a fused qkv_rope the qkv GEMM and rope.
     residual_scale's reference is no call (add_rms_norm applies r): tests/ops/test_residual_scale_weight.py."""
     calls: Counter = Counter()
     for op, impls in OPS.items():
@@ -91,7 +94,7 @@ def test_every_op_is_called_through_the_registry(monkeypatch, fused):
             return _fn(*args, **kwargs)
 
         monkeypatch.setitem(impls, "spy", spy)
-    fusions = ("mlp", "linear_cross_entropy")
+    fusions = ("mlp", "linear_cross_entropy", "qkv_rope")
     spied = [op for op in OPS if op not in fusions and OPS[op]["reference"] is not None]
     spy_sel = OpSelection.parse(",".join(f"{op}=spy" for op in spied) + "".join(f",{op}={fused}" for op in fusions))
     cfg = preset("tiny")
@@ -110,11 +113,10 @@ def test_every_op_is_called_through_the_registry(monkeypatch, fused):
         opt.step([p.grad for p in model.parameters()], lr=1e-3, max_norm=0.0)
         results.append((loss.detach(), [p.detach().clone() for p in model.parameters()]))
     L = cfg.num_layers
-    if fused == "unfused":
-        fused_calls = dict(gemm=2 * L + 1, swiglu=L, cross_entropy=1)  # fc1, fc2 per layer; the output GEMM
+    if fused == "unfused":  # qkv, fc1, fc2 per layer; the output GEMM
+        fused_calls = dict(gemm=3 * L + 1, rope=L, swiglu=L, cross_entropy=1)
     else:
-        fused_calls = dict(mlp=L, linear_cross_entropy=1)
-    assert calls == Counter(attention=L, gemm=2 * L, rms_norm=1, add_rms_norm=2 * L, rope=L,
-                            adamw=1) + Counter(fused_calls)
+        fused_calls = dict(qkv_rope=L, mlp=L, linear_cross_entropy=1)
+    assert calls == Counter(attention=L, gemm=L, rms_norm=1, add_rms_norm=2 * L, adamw=1) + Counter(fused_calls)
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

@@ -109,11 +109,26 @@ def test_a_fused_mlp_is_one_row_in_place_of_its_parts():
     assert mlp["impl"] == "reference" and mlp["calls_per_step"] == 2 * cfg.num_layers and _finite_positive(mlp["ms_per_step"])
 
 
+def test_a_fused_qkv_rope_is_one_row_in_place_of_its_parts():
+    cfg = preset("tiny")
+    ops = resolve(OpSelection(qkv_rope="reference"), "cpu")
+    shapes = [(cfg.vocab_size, cfg.hidden_size), (cfg.hidden_size,)]
+    rows = microbench(cfg, ops, micro_batch_size=1, seq_length=8, grad_accum=2, dtype=torch.float32,
+                      device=torch.device("cpu"), param_shapes=shapes, warmup=1, reps=1)
+    assert [r["op"] for r in rows][:3] == ["rms_norm", "qkv_rope", "attention"]
+    assert not {"gemm.qkv", "rope"} & {r["op"] for r in rows}
+    row = next(r for r in rows if r["op"] == "qkv_rope")
+    assert row["impl"] == "reference" and row["calls_per_step"] == 2 * cfg.num_layers and row["error"] is None
+    assert _finite_positive(row["ms_per_step"])
+
+
 def test_calls_per_step():
     calls = calls_per_step(num_layers=24, grad_accum=3)
     assert list(calls) == OPS_IN_A_STEP
     assert calls["add_rms_norm"] == 2 * 24 * 3 and calls["gemm.qkv"] == 24 * 3 and calls["rms_norm"] == 3
     assert calls["gemm.output"] == calls["cross_entropy"] == 3 and calls["adamw"] == 1
+    fused = calls_per_step(num_layers=24, grad_accum=3, fused_qkv=True)
+    assert fused["qkv_rope"] == 24 * 3 and "gemm.qkv" not in fused and "rope" not in fused
 
 
 @pytest.mark.parametrize("name, category", [

@@ -55,10 +55,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ops: Ops, r: float) -> Tensor:
         B, S, _ = x.shape
-        q, k, v = ops.gemm_qkv(x, (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-        q = q.view(B, S, self.n, self.d)  # (B, S, n, d)
-        k, v = k.view(B, S, self.g, self.d), v.view(B, S, self.g, self.d)  # (B, S, g, d)
-        q, k = ops.rope(q, k, cos, sin)
+        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        if ops.qkv_rope is not None:  # the projection and RoPE as one op
+            q, k, v = ops.qkv_rope(x, weights, cos, sin)
+        else:
+            q, k, v = ops.gemm_qkv(x, weights)
+            q = q.view(B, S, self.n, self.d)  # (B, S, n, d)
+            k, v = k.view(B, S, self.g, self.d), v.view(B, S, self.g, self.d)  # (B, S, g, d)
+            q, k = ops.rope(q, k, cos, sin)
         o = ops.attention(q, k, v).reshape(B, S, self.n * self.d)  # (B, S, n*d)
         return ops.gemm_attn_out(o, (_out_weight(self.o_proj.weight, r, ops),))[0]  # (B, S, h)
 

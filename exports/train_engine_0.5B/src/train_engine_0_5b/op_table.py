@@ -67,15 +67,16 @@ def classify(name: str) -> str:
 
 
 def calls_per_step(num_layers: int, grad_accum: int, fused_mlp: bool = False,
-                   fused_output: bool = False) -> dict[str, int]:  # fmt: skip
+                   fused_output: bool = False, fused_qkv: bool = False) -> dict[str, int]:  # fmt: skip
     """Calls of each op per optimizer step, in the order the model calls them (model.py): per micro
-    batch one rms_norm, per layer the qkv GEMM, rope, attention, attn_out GEMM, add_rms_norm, fc1 GEMM,
-    swiglu, fc2 GEMM (or, fused, one mlp), add_rms_norm, then the output GEMM and cross_entropy (or,
-    fused, one linear_cross_entropy); AdamW once per step."""
+    batch one rms_norm, per layer the qkv GEMM and rope (or, fused, one qkv_rope), attention, attn_out
+    GEMM, add_rms_norm, fc1 GEMM, swiglu, fc2 GEMM (or, fused, one mlp), add_rms_norm, then the output GEMM
+    and cross_entropy (or, fused, one linear_cross_entropy); AdamW once per step."""
     L = num_layers
+    qkv = {"qkv_rope": L} if fused_qkv else {"gemm.qkv": L, "rope": L}
     mlp = {"mlp": L} if fused_mlp else {"gemm.fc1": L, "swiglu": L, "gemm.fc2": L}
     output = {"linear_cross_entropy": 1} if fused_output else {"gemm.output": 1, "cross_entropy": 1}
-    per_micro_batch = {"rms_norm": 1, "gemm.qkv": L, "rope": L, "attention": L, "gemm.attn_out": L,
+    per_micro_batch = {"rms_norm": 1, **qkv, "attention": L, "gemm.attn_out": L,
                        "add_rms_norm": 2 * L, **mlp, **output}  # fmt: skip
     return {op: n * grad_accum for op, n in per_micro_batch.items()} | {"adamw": 1}
 
@@ -169,6 +170,9 @@ def _case(op: str, fn: Callable, cfg: MiniCPMConfig, batch: int, seq: int, dtype
         "gemm.output": lambda: gemm(h, V),
         "rope": lambda: _FwdBwd(fn, [rand(batch, seq, n, d), rand(batch, seq, g, d)],
                                 rope_cos_sin(seq, d, cfg.rope_theta, device, dtype)),
+        "qkv_rope": lambda: _FwdBwd(lambda x, wq, wk, wv, cos, sin: fn(x, (wq, wk, wv), cos, sin),
+                                    [rand(batch, seq, h), *(rand(o, h, scale=h**-0.5) for o in (n * d, g * d, g * d))],
+                                    rope_cos_sin(seq, d, cfg.rope_theta, device, dtype)),
         "attention": lambda: _FwdBwd(fn, [rand(batch, seq, n, d), rand(batch, seq, g, d), rand(batch, seq, g, d)]),
         "swiglu": lambda: _FwdBwd(fn, [rand(batch, seq, f), rand(batch, seq, f)]),
         "mlp": lambda: _FwdBwd(fn, [rand(batch, seq, h), rand(f, h, scale=h**-0.5), rand(f, h, scale=h**-0.5),
@@ -200,7 +204,8 @@ def microbench(cfg: MiniCPMConfig, ops: Ops, *, micro_batch_size: int, seq_lengt
     """One row per op (see the module doc): the selected implementation (`ops.names`) and `reference`."""
     args = (cfg, micro_batch_size, seq_length, dtype, device, param_shapes)
     rows = []
-    fused = dict(fused_mlp=ops.mlp is not None, fused_output=ops.linear_cross_entropy is not None)
+    fused = dict(fused_mlp=ops.mlp is not None, fused_output=ops.linear_cross_entropy is not None,
+                 fused_qkv=ops.qkv_rope is not None)
     for op, calls in calls_per_step(cfg.num_layers, grad_accum, **fused).items():
         impl = ops.names[op]
         ms, error = _time_op(op, getattr(ops, op.replace(".", "_")), args, warmup, reps)

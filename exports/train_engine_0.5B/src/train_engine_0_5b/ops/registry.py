@@ -6,6 +6,9 @@ Ops and their signatures (every implementation of an op has the same one; see ea
     rms_norm(x, weight, eps) -> y
     add_rms_norm(x, y, weight, eps, residual_scale) -> (rms_norm(h), h),  h = x + y * residual_scale
     rope(q, k, cos, sin) -> (q, k)                   rotate-half, tables (S, d)
+    qkv_rope(x, (wq, wk, wv), cos, sin) -> (q, k, v) the QKV projection and rope as one op, for fusions across
+                                                     them; "unfused" = gemm.qkv then rope as selected
+                                                     (ops.qkv_rope None)
     swiglu(gate, up) -> silu(gate) * up
     mlp(x, gate_w, up_w, down_w) -> y                the SwiGLU MLP as one op, for fusions across fc1 / swiglu /
                                                      fc2; "unfused" = those three ops as selected (ops.mlp None)
@@ -45,18 +48,20 @@ from train_engine_0_5b.ops.attention import reference as attention_reference, sd
 from train_engine_0_5b.ops.cross_entropy import reference as cross_entropy_reference
 from train_engine_0_5b.ops.gemm import concat as gemm_concat, reference as gemm_reference
 from train_engine_0_5b.ops.mlp import reference as mlp_reference
+from train_engine_0_5b.ops.qkv_rope import reference as qkv_rope_reference
 from train_engine_0_5b.ops.residual_scale import reference as residual_reference, weight as residual_weight
 from train_engine_0_5b.ops.rmsnorm import reference as rmsnorm_reference
 from train_engine_0_5b.ops.rope import reference as rope_reference
 from train_engine_0_5b.ops.swiglu import reference as swiglu_reference
 
-UNFUSED = "unfused"  # mlp's default: no fused op; the model calls gemm.fc1 -> swiglu -> gemm.fc2 (ops.mlp is None)
+UNFUSED = "unfused"  # a fusion op's default: no fused op; the model calls its parts one by one (e.g. ops.mlp is None)
 OPS: dict[str, dict[str, Callable | None]] = {
     "attention": {"reference": attention_reference.attention, "sdpa": attention_sdpa.attention},
     "gemm": {"reference": gemm_reference.gemm, "concat": gemm_concat.gemm},
     "rms_norm": {"reference": rmsnorm_reference.rms_norm},
     "add_rms_norm": {"reference": rmsnorm_reference.add_rms_norm},
     "rope": {"reference": rope_reference.rope},
+    "qkv_rope": {UNFUSED: None, "reference": qkv_rope_reference.qkv_rope},
     "swiglu": {"reference": swiglu_reference.swiglu},
     "mlp": {UNFUSED: None, "reference": mlp_reference.mlp},
     "cross_entropy": {"reference": cross_entropy_reference.cross_entropy},
@@ -66,6 +71,7 @@ OPS: dict[str, dict[str, Callable | None]] = {
 }
 FOLDER_OPS: dict[str, tuple[str, ...]] = {  # op folder -> the registry ops its modules define
     "attention": ("attention",), "gemm": ("gemm",), "rmsnorm": ("rms_norm", "add_rms_norm"), "rope": ("rope",),
+    "qkv_rope": ("qkv_rope",),
     "swiglu": ("swiglu",), "mlp": ("mlp",), "cross_entropy": ("cross_entropy", "linear_cross_entropy"),
     "adamw": ("adamw",),
     "residual_scale": ("residual_scale",),
@@ -75,8 +81,9 @@ OPTIONAL_MODULES: tuple[str, ...] = ("triton_fused", "flash4", "quack_gated")
 UNAVAILABLE: dict[tuple[str, str], str] = {}  # (op, implementation) -> why it is not registered
 GEMM_SITES: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2", "output")
 # what "auto" picks when no device default applies, else "reference"
-FALLBACK: dict[str, str] = {"mlp": UNFUSED, "linear_cross_entropy": UNFUSED}
+FALLBACK: dict[str, str] = {"mlp": UNFUSED, "linear_cross_entropy": UNFUSED, "qkv_rope": UNFUSED}
 MLP_PARTS: tuple[str, ...] = ("gemm.fc1", "swiglu", "gemm.fc2")  # what a fused mlp replaces
+QKV_PARTS: tuple[str, ...] = ("gemm.qkv", "rope")  # what a fused qkv_rope replaces
 OUTPUT_PARTS: tuple[str, ...] = ("gemm.output", "cross_entropy")  # what a fused linear_cross_entropy replaces
 DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first registered; else FALLBACK's
     "cpu": {},
@@ -155,6 +162,7 @@ class OpSelection(BaseModel):
     rms_norm: str = "auto"
     add_rms_norm: str = "auto"
     rope: str = "auto"
+    qkv_rope: str = "auto"
     swiglu: str = "auto"
     mlp: str = "auto"
     cross_entropy: str = "auto"
@@ -196,6 +204,7 @@ class Ops:
     rms_norm: Callable
     add_rms_norm: Callable
     rope: Callable
+    qkv_rope: Callable | None  # None: "unfused"
     swiglu: Callable
     mlp: Callable | None  # None: "unfused"
     cross_entropy: Callable
@@ -224,7 +233,7 @@ def resolve(selection: OpSelection, device: str, dtype: torch.dtype | None = Non
     raises EngineError naming the op."""
     chosen: dict[str, Callable] = {}
     names: dict[str, str] = {}
-    for op in ("attention", "rms_norm", "add_rms_norm", "rope", "swiglu", "mlp", "cross_entropy",
+    for op in ("attention", "rms_norm", "add_rms_norm", "rope", "qkv_rope", "swiglu", "mlp", "cross_entropy",
                "linear_cross_entropy", "residual_scale", "adamw"):
         names[op], chosen[op] = _pick(op, getattr(selection, op), device, op, dtype)
     for site in GEMM_SITES:
@@ -232,6 +241,8 @@ def resolve(selection: OpSelection, device: str, dtype: torch.dtype | None = Non
                                                               f"gemm.{site}", dtype)
     if chosen["mlp"] is not None:  # a fused mlp runs instead of these: the logs say so
         names.update(dict.fromkeys(MLP_PARTS, f"(in mlp={names['mlp']})"))
+    if chosen["qkv_rope"] is not None:
+        names.update(dict.fromkeys(QKV_PARTS, f"(in qkv_rope={names['qkv_rope']})"))
     if chosen["linear_cross_entropy"] is not None:
         names.update(dict.fromkeys(OUTPUT_PARTS, f"(in linear_cross_entropy={names['linear_cross_entropy']})"))
     return Ops(**chosen, names=names)
