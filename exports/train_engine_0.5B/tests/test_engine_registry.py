@@ -21,7 +21,10 @@ def test_device_defaults():
     assert set(cpu.values()) == {"reference", "unfused"} and cpu["mlp"] == "unfused"
     fastest_adamw = "triton_fused" if "triton_fused" in OPS["adamw"] else "foreach"  # first registered preference
     fastest_attention = "flash4" if "flash4" in OPS["attention"] else "sdpa"
-    assert cuda["attention"] == fastest_attention and cuda["adamw"] == fastest_adamw and cuda["gemm.qkv"] == "reference"
+    assert cuda["attention"] == fastest_attention and cuda["adamw"] == fastest_adamw
+    fused_qkv = "triton_fused" if "triton_fused" in OPS["qkv_rope"] else "unfused"
+    assert cuda["qkv_rope"] == fused_qkv and cpu["qkv_rope"] == "unfused"
+    assert cuda["gemm.qkv"] == ("(in qkv_rope=triton_fused)" if fused_qkv == "triton_fused" else "reference")
     assert cuda["mlp"] == ("quack_gated" if "quack_gated" in OPS["mlp"] else "unfused")
     assert cuda["residual_scale"] == "weight" and cpu["residual_scale"] == "reference"
     fused_output = "triton_fused" if "triton_fused" in OPS["linear_cross_entropy"] else "unfused"

@@ -105,7 +105,8 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
     # (benchmarks/results/engine-0.5b-linear-ce-2026-11-23-h100/, gates/2026-11-23-h100-minicpm4-0.5b-bf16-lce/);
     # unfused without triton.
     "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach"), "mlp": ("quack_gated", UNFUSED),
-             "residual_scale": ("weight",), "linear_cross_entropy": ("triton_fused", UNFUSED)},
+             "residual_scale": ("weight",), "linear_cross_entropy": ("triton_fused", UNFUSED),
+             "qkv_rope": ("triton_fused", UNFUSED)},
 }
 # implementation -> the compute dtypes it runs; "auto" skips it for others (an explicit choice then fails in it)
 DTYPES: dict[str, tuple[torch.dtype, ...]] = {"flash4": (torch.bfloat16, torch.float16),
