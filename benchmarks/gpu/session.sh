@@ -78,6 +78,15 @@ for part in "$@"; do
       { timeout 200 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_cross_entropy_triton.py
         timeout ${LCE_S:-200} python3 exports/train_engine_0.5B/scripts/gpu_linear_ce.py --out "$dir" ${LCE_ARGS:-}
         OUT="$dir" BENCH=0 SANITIZE=0 VARIANTS=linear-ce timeout 150 bash benchmarks/gpu/graph_check.sh; } > "$dir/log.txt" 2>&1 ;;
+    qkvrope)  # qkv_rope=triton_fused: its op tests on the real kernel, the registry tests, its CUDA-graph test
+      export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
+      { timeout 240 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_qkv_rope_triton.py \
+          exports/train_engine_0.5B/tests/test_engine_registry.py
+        OUT="$dir" BENCH=0 SANITIZE=0 VARIANTS=qkv-rope timeout 150 bash benchmarks/gpu/graph_check.sh; } > "$dir/log.txt" 2>&1 ;;
+    trace)  # the default compiled step's op table plus its ordered kernel timeline (step_trace.py)
+      export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
+      timeout 300 python3 benchmarks/gpu/step_trace.py --trace "$dir/trace.json.gz" --seq-length 4096 --steps 8 --warmup 3 \
+        --micro-batch-size ${MBS:-8} --compile --op-table ${BENCH_EXTRA:-} --json "$dir/optable_mb${MBS:-8}.json" > "$dir/log.txt" 2>&1 ;;
     wgrad)  # weight-gradient GEMMs with a bf16 vs an fp32 output at the step's shapes
       timeout 120 python3 benchmarks/gpu/wgrad_out_dtype.py --out "$dir" > "$dir/log.txt" 2>&1 ;;
     fa4fwd)  # FA4 forward launch options at the step's attention shape
