@@ -29,8 +29,8 @@ def test_device_defaults():
     assert cuda["residual_scale"] == "weight" and cpu["residual_scale"] == "reference"
     fused_output = "triton_fused" if "triton_fused" in OPS["linear_cross_entropy"] else "unfused"
     assert cuda["linear_cross_entropy"] == fused_output and cpu["linear_cross_entropy"] == "unfused"
-    chosen = resolve(OpSelection.parse("attention=reference,gemm=concat,gemm.output=reference,linear_cross_entropy=unfused"),
-                     "cuda").names
+    chosen = resolve(OpSelection.parse("attention=reference,gemm=concat,gemm.output=reference,linear_cross_entropy=unfused,"
+                                       "mlp=unfused"), "cuda").names  # the fc1 site is a GEMM only when mlp is unfused
     assert chosen["attention"] == "reference" and chosen["gemm.fc1"] == "concat" and chosen["gemm.output"] == "reference"
     assert resolve(OpSelection.parse("gemm.qkv=concat"), "cpu").gemm_qkv is OPS["gemm"]["concat"]
 
