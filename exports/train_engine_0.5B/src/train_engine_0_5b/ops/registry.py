@@ -95,7 +95,8 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
     # (benchmarks/results/engine-0.5b-quack-dswiglu-2026-11-23-h100/), gates M1-M3 pass (benchmarks/results/
     # gates/2026-11-23-h100-minicpm4-0.5b-bf16-quack/); unfused without quack.
     # Left at "reference" by measurement in the compiled, graphed step (benchmarks/results/engine-0.5b-graphfix-ab-
-    # 2026-11-23-h100/): cross_entropy=triton_fused 147,371 vs 149,746 tokens/s and +4 GiB; gemm.qkv=concat 148,635.
+    # 2026-11-23-h100/): cross_entropy=triton_fused 147,371 vs 149,746 tokens/s and +4 GiB; gemm.qkv=concat 148,635
+    # (Inductor's RoPE backward + concatenation kernel over its split views: 9 ms per step; qkv_rope replaces it).
     # residual_scale=weight (r on the out-projection weights: no multiply over (B, S, h) activations in the
     # backward): 150,026 / 151,279 vs 149,048 / 149,393 tokens/s, +0.23 GiB; gates M1-M3 bf16 pass
     # (benchmarks/results/engine-0.5b-residual-scale-2026-11-23-h100/, gates/2026-11-23-h100-minicpm4-0.5b-bf16-rsw/).
@@ -104,6 +105,10 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
     # chunks as fast at 37.0 vs 40.4 GiB; alone 25.2 vs torch.compile's 26.8 ms fwd+bwd; gates M1-M3 bf16 pass
     # (benchmarks/results/engine-0.5b-linear-ce-2026-11-23-h100/, gates/2026-11-23-h100-minicpm4-0.5b-bf16-lce/);
     # unfused without triton.
+    # qkv_rope=triton_fused (one GEMM on the concatenated q / k / v weights, one Triton pass each way writing
+    # contiguous q / k / v and the packed gradient): 151,280 / 151,957 vs 149,117 / 149,542 tokens/s unfused,
+    # interleaved; gates M1-M3 bf16 pass (benchmarks/results/engine-0.5b-qkv-rope-2026-11-24-h100/,
+    # gates/2026-11-24-h100-minicpm4-0.5b-bf16-qkv-rope/); unfused without triton.
     "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach"), "mlp": ("quack_gated", UNFUSED),
              "residual_scale": ("weight",), "linear_cross_entropy": ("triton_fused", UNFUSED),
              "qkv_rope": ("triton_fused", UNFUSED)},
