@@ -81,6 +81,57 @@ def assert_adamw_weights_close(ref: dict, other: dict, lrs, tol: float = 1e-5) -
         assert diff.max().item() <= cap, (name, diff.max().item(), cap)
 
 
+def train_tiny(selection: str, device: str, ignore_first: int = 0) -> tuple[list[float], list[float], dict, list[float]]:
+    """The tiny model (output weight tied to the embedding) trained 2 steps of 2 micro batches of 2 rows each
+    (gradients accumulated across them), fp32, the ops `selection` (`--ops` form) on `device`, weights from seed 3,
+    tokens from seed 1, labels the next token with the first `ignore_first` of row 0 ignored.
+    Returns (losses, gradient norms, fp32 master weights by index, the steps' learning rates); asserts that each
+    op named in `selection` resolved to the implementation named there."""
+    import torch
+
+    from train_engine_0_5b.dist import DistContext
+    from train_engine_0_5b.model import build_model, init_weights
+    from train_engine_0_5b.model_config import preset
+    from train_engine_0_5b.ops.cross_entropy.reference import IGNORE_INDEX
+    from train_engine_0_5b.ops.registry import OpSelection, resolve
+    from train_engine_0_5b.optim import AdamW, Schedule
+    from train_engine_0_5b.trainer import Trainer
+
+    cfg = preset("tiny")
+    assert cfg.tie_word_embeddings
+    ops = resolve(OpSelection.parse(selection), device, torch.float32)
+    for item in selection.split(","):
+        op, _, impl = item.partition("=")
+        assert ops.names[op] == impl, (op, ops.names[op])
+    model = build_model(cfg, ops, device, torch.float32)
+    opt = AdamW(dict(model.named_parameters()), init_weights(model, 0.1, seed=3), adamw_op=ops.adamw,
+                betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
+    trainer = Trainer(model, opt, Schedule("constant", 3e-3, 3e-3, 1, 2), DistContext(device=torch.device(device)),
+                      micro_batch_size=2, grad_clip=1.0, master_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    losses, norms, lrs = [], [], []
+    for _ in range(2):
+        ids = torch.randint(0, cfg.vocab_size, (4, 9), generator=gen).to(device)
+        labels = torch.roll(ids, -1, 1)
+        labels[0, :ignore_first] = IGNORE_INDEX
+        res = trainer.train_step(ids, labels)
+        losses.append(res.loss.item())
+        norms.append(res.grad_norm.item())
+        lrs.append(res.lr)
+    return losses, norms, {i: w.clone() for i, w in enumerate(opt.master)}, lrs
+
+
+def assert_same_training(fused: tuple, unfused: tuple) -> None:
+    """Two train_tiny runs that differ in fp32 summation order only: losses within 1e-5, gradient norms within
+    1e-4 (relative), the weights as assert_adamw_weights_close holds them."""
+    import torch
+
+    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(fused[1], unfused[1], rtol=1e-4, atol=0)
+    assert fused[3] == unfused[3]
+    assert_adamw_weights_close(unfused[2], fused[2], unfused[3])
+
+
 def sm90() -> bool:
     """A Hopper (or newer) GPU is here: what the flash4 and quack_gated kernel tests need."""
     import torch

@@ -141,43 +141,11 @@ def test_qkv_rope_in_the_trainer_matches_unfused(monkeypatch):
     """The tiny model trained 2 steps of 2 micro batches with qkv_rope=triton_fused and with the unfused
     qkv GEMM + rope: the same losses, gradient norms and fp32 master weights (fp32; they differ in GEMM
     summation order only)."""
-    from train_engine_0_5b.dist import DistContext
-    from train_engine_0_5b.model import build_model, init_weights
-    from train_engine_0_5b.model_config import preset
-    from train_engine_0_5b.ops.registry import OPS, OpSelection, resolve
-    from train_engine_0_5b.optim import AdamW, Schedule
-    from train_engine_0_5b.trainer import Trainer
+    from engine_testlib import assert_same_training, train_tiny
+    from train_engine_0_5b.ops.registry import OPS
 
     monkeypatch.setitem(OPS["qkv_rope"], "triton_fused", triton_fused.qkv_rope)
-
-    def train(selection: str):
-        cfg = preset("tiny")
-        ops = resolve(OpSelection.parse(selection), DEVICE, torch.float32)
-        model = build_model(cfg, ops, DEVICE, torch.float32)
-        opt = AdamW(dict(model.named_parameters()), init_weights(model, 0.1, seed=3), adamw_op=ops.adamw,
-                    betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
-        trainer = Trainer(model, opt, Schedule("constant", 3e-3, 3e-3, 1, 2), DistContext(device=torch.device(DEVICE)),
-                          micro_batch_size=2, grad_clip=1.0, master_dtype=torch.float32)
-        gen = torch.Generator().manual_seed(1)
-        losses, norms = [], []
-        for _ in range(2):
-            ids = torch.randint(0, cfg.vocab_size, (4, 9), generator=gen).to(DEVICE)
-            res = trainer.train_step(ids, torch.roll(ids, -1, 1))
-            losses.append(res.loss.item())
-            norms.append(res.grad_norm.item())
-        assert ops.names["qkv_rope"] == selection.split("=")[-1]
-        return losses, norms, [w.clone() for w in opt.master]
-
-    fused, unfused = train("qkv_rope=triton_fused"), train("qkv_rope=unfused")
-    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-5, atol=0)
-    torch.testing.assert_close(fused[1], unfused[1], rtol=1e-4, atol=0)
-    # As in test_cross_entropy_triton.py's trainer test: AdamW turns summation-order differences into visible
-    # ones where a gradient nearly cancels, so 99 % of elements within 1e-5 x max, none beyond a quarter of
-    # the two steps' learning rates.
-    for a, b in zip(fused[2], unfused[2]):
-        diff = (a - b).abs()
-        assert (diff <= 1e-5 * b.abs().max()).double().mean() >= 0.99
-        assert diff.max() <= 2 * 3e-3 / 4
+    assert_same_training(train_tiny("qkv_rope=triton_fused", DEVICE), train_tiny("qkv_rope=unfused", DEVICE))
 
 
 @pytest.mark.gpu
