@@ -4,7 +4,7 @@ stay self-contained, and these scripts do not import engine internals)."""
 from __future__ import annotations
 
 import statistics
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -22,3 +22,12 @@ def median_ms(fn: Callable[[], object], iters: int = 20, warmup: int = 5) -> flo
         b.synchronize()
         times.append(a.elapsed_time(b))
     return statistics.median(times)
+
+
+def interleaved_ms(fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
+    """median_ms of each fn once per round, the rounds interleaved so clock and temperature drift hit every fn."""
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            out[name].append(median_ms(fn, warmup=warmup))
+    return out

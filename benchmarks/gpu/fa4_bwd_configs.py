@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from cuda_timer import median_ms  # beside this script
+from cuda_timer import interleaved_ms  # beside this script
 
 
 def _cfg(tm, tn, sdp, dkv, dq, a_sdp, a_dkv, a_dq, pds=2, q_st=2, do_st=2, wg=2, dq_single=False) -> dict:
@@ -113,15 +113,14 @@ def main() -> None:
             torch.cuda.synchronize()
             err = {f"rel_err_{nm}": ((gr[:1].double() - r).norm() / r.norm()).item() for nm, gr, r in zip(("dq", "dk", "dv"), grads, ref)}
             fns[name] = fn
-            rows.append({"variant": name, "layout": layout, "config": cfg, "first_call_s": time.monotonic() - c0, **err, "ms_rounds": []})
+            rows.append({"variant": name, "layout": layout, "config": cfg, "first_call_s": time.monotonic() - c0, **err})
             print(f"bwd {name:22s} compiled in {time.monotonic() - c0:5.1f}s  " + "  ".join(f"{k_} {v_:.2e}" for k_, v_ in err.items()), flush=True)
         except Exception as e:  # noqa: BLE001 - a configuration the kernel rejects is recorded, not fatal
             rows.append({"variant": name, "layout": layout, "config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(f"bwd {name:22s} error {type(e).__name__}: {str(e)[:200]}", flush=True)
     by_name = {r["variant"]: r for r in rows}
-    for _ in range(args.rounds):  # interleaved: every variant sees the same clock and temperature drift
-        for name, fn in fns.items():
-            by_name[name]["ms_rounds"].append(median_ms(fn, warmup=3))
+    for name, times in interleaved_ms(fns, args.rounds).items():
+        by_name[name]["ms_rounds"] = times
     fi._tile_size_bwd_sm90, fi._flash_attn_bwd.compile_cache = own_pick, own_cache
     base = statistics.median(by_name["gqa default"]["ms_rounds"]) if "gqa default" in fns else None
     for name in fns:

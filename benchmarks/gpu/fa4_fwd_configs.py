@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from cuda_timer import median_ms  # beside this script
+from cuda_timer import interleaved_ms, median_ms  # beside this script
 
 
 VARIANTS: dict[str, dict] = {  # name -> keyword arguments of _flash_attn_fwd beyond causal / return_lse
@@ -63,14 +63,13 @@ def main() -> None:
             fns[name] = fn
             rows.append({"variant": name, "kwargs": {k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in kw.items()},
                          "max_abs_diff_vs_default": (out.float() - base_out.float()).abs().max().item(),
-                         "lse_max_diff": (lse - base_lse).abs().max().item(), "ms_rounds": []})
+                         "lse_max_diff": (lse - base_lse).abs().max().item()})
         except Exception as e:  # noqa: BLE001 - a variant the kernel does not support is recorded, not fatal
             rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(f"fwd {name:26s} error {type(e).__name__}: {str(e)[:160]}", flush=True)
     by_name = {r["variant"]: r for r in rows}
-    for _ in range(args.rounds):  # interleaved: every variant sees the same clock and temperature drift
-        for name, fn in fns.items():
-            by_name[name]["ms_rounds"].append(median_ms(fn, warmup=3))
+    for name, times in interleaved_ms(fns, args.rounds).items():
+        by_name[name]["ms_rounds"] = times
     for name in fns:
         r = by_name[name]
         r["ms"] = statistics.median(r["ms_rounds"])
