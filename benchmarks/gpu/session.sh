@@ -91,8 +91,10 @@ for part in "$@"; do
       timeout 120 python3 benchmarks/gpu/wgrad_out_dtype.py --out "$dir" > "$dir/log.txt" 2>&1 ;;
     fa4fwd)  # FA4 forward launch options at the step's attention shape
       timeout ${FA4_S:-200} python3 benchmarks/gpu/fa4_fwd_configs.py --out "$dir" > "$dir/log.txt" 2>&1 ;;
-    fa4bwd)  # FA4's SM90 backward tile configurations and the K/V-expanded (MHA) backward at the step's shape
-      timeout ${FA4_S:-300} python3 benchmarks/gpu/fa4_bwd_configs.py --out "$dir" ${FA4_ARGS:-} > "$dir/log.txt" 2>&1 ;;
+    fa4bwd)  # FA4's SM90 backward tile configurations and the K/V-expanded (MHA) backward at the step's shape;
+             # FA4_ARGS is parsed as shell words, so variant names keep their spaces: FA4_ARGS='--only "gqa default"'
+      eval "extra=(${FA4_ARGS:-})"
+      timeout ${FA4_S:-300} python3 benchmarks/gpu/fa4_bwd_configs.py --out "$dir" "${extra[@]}" > "$dir/log.txt" 2>&1 ;;
     graphpre)  # pretrain --cuda-graph end to end: stop + checkpoint + resume vs straight vs no graph
       OUT="$dir" timeout ${GRAPHPRE_S:-560} bash benchmarks/gpu/graph_pretrain.sh > "$dir/log.txt" 2>&1 ;;
     graphtest)  # graph_check.sh's per-variant GPU tests alone (VARIANTS), no bench
