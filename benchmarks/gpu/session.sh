@@ -87,6 +87,11 @@ for part in "$@"; do
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
       timeout 300 python3 benchmarks/gpu/step_trace.py --trace "$dir/trace.json.gz" --seq-length 4096 --steps 8 --warmup 3 \
         --micro-batch-size ${MBS:-8} --compile --op-table ${BENCH_EXTRA:-} --json "$dir/optable_mb${MBS:-8}.json" > "$dir/log.txt" 2>&1 ;;
+    gemms)  # per-site GEMM election: cuBLAS vs quack (heuristic and pinned SM90 configs), and the fc2 dgrad with dSwiGLU
+            # in its epilogue; GEMM_ARGS is parsed as shell words (e.g. GEMM_ARGS='--sites o.fwd,o.dgrad --configs 4')
+      export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
+      eval "extra=(${GEMM_ARGS:-})"
+      timeout ${GEMM_S:-480} python3 benchmarks/gpu/gemm_election.py --out "$dir" "${extra[@]}" > "$dir/log.txt" 2>&1 ;;
     wgrad)  # weight-gradient GEMMs with a bf16 vs an fp32 output at the step's shapes
       timeout 120 python3 benchmarks/gpu/wgrad_out_dtype.py --out "$dir" > "$dir/log.txt" 2>&1 ;;
     fa4fwd)  # FA4 forward launch options at the step's attention shape
