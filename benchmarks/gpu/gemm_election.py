@@ -31,6 +31,9 @@ CONFIGS = [
     (256, 128, False, 2, 1), (256, 128, False, 1, 2), (128, 256, False, 2, 1), (256, 192, False, 1, 2),
     (128, 192, True, 2, 1), (256, 160, False, 1, 2), (128, 256, False, 1, 2), (128, 128, True, 2, 1),
     (256, 208, False, 1, 2), (128, 160, True, 2, 1),
+    # pingpong variants (the fastest for the gated dgrad and the logits GEMM in a first run)
+    (128, 128, True, 1, 2), (128, 192, True, 1, 2), (128, 160, True, 1, 2), (128, 208, True, 2, 1),
+    (192, 128, True, 2, 1),
 ]
 
 
@@ -51,6 +54,8 @@ def _sites(dev: torch.device, gen: torch.Generator) -> dict[str, Callable[[], tu
         "fc2.wgrad": lambda: (r(M, H).t(), r(M, F)),        # dout^T @ postact
         "fc1.wgrad": lambda: (r(M, 2 * F).t(), r(M, H)),    # dpreact^T @ x
         "o.wgrad": lambda: (r(M, H).t(), r(M, H)),          # dout^T @ attn
+        "out.dgrad": lambda: (r(V_CHUNK, VOCAB), r(VOCAB, H)),  # one CE chunk's dlogits @ W
+        "out.wgrad": lambda: (r(V_CHUNK, VOCAB).t(), r(V_CHUNK, H)),  # one CE chunk's dlogits^T @ x
     }
 
 
@@ -63,10 +68,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--sites", default="fc2.dgrad,dgated,o.fwd,o.dgrad,qkv.fwd,qkv.dgrad,out.fwd,fc1.dgrad,fc2.fwd")
-    ap.add_argument("--configs", type=int, default=len(CONFIGS), help="pinned configs tried per site")
+    ap.add_argument("--configs", default=f"0:{len(CONFIGS)}", help="a slice of CONFIGS tried per site, start:stop")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     t_start = time.time()
+    lo, hi = (int(v) for v in args.configs.split(":"))
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     from quack.gemm_config import GemmConfig
@@ -142,7 +148,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001
                 meta["dswiglu_unavailable"] = str(e)[:200]
             fns["quack_dgated:heuristic"] = lambda: gemm_dact(dout, w2, pre, activation="swiglu", tuned=False)[0]
-            for c in CONFIGS[: args.configs]:
+            for c in CONFIGS[lo:hi]:
                 if c[1] % 32 == 0:
                     fns[f"quack_dgated:{c}"] = (lambda cfg=pinned(*c): gemm_dact(
                         dout, w2, pre, activation="swiglu", tuned=False, config=cfg)[0])
@@ -155,7 +161,7 @@ def main() -> None:
         flop = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
         out = torch.empty(a.shape[0], b.shape[1], device=dev, dtype=torch.bfloat16)
         fns = {"cublas": lambda: torch.mm(a, b), "quack:heuristic": lambda: gemm(a, b, tuned=False)}
-        for c in CONFIGS[: args.configs]:
+        for c in CONFIGS[lo:hi]:
             fns[f"quack:{c}"] = (lambda cfg=pinned(*c): (gemm_tuned.fn(a, b, out, config=cfg), out)[1])
         meta.setdefault("layouts", {})[site] = {"A": [list(a.shape), list(a.stride())], "B": [list(b.shape), list(b.stride())]}
         measure(site, flop, fns, lambda o: _rel(o, ref))

@@ -83,12 +83,17 @@ for part in "$@"; do
       { timeout 240 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_qkv_rope_triton.py \
           exports/train_engine_0.5B/tests/test_engine_registry.py
         OUT="$dir" BENCH=0 SANITIZE=0 VARIANTS=qkv-rope timeout 150 bash benchmarks/gpu/graph_check.sh; } > "$dir/log.txt" 2>&1 ;;
+    quackops)  # mlp=quack_dgated and linear_cross_entropy=quack_triton: their op tests on the real kernels, their graph tests
+      export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
+      { timeout 300 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_mlp_quack.py \
+          exports/train_engine_0.5B/tests/ops/test_linear_ce_quack_triton.py exports/train_engine_0.5B/tests/test_engine_registry.py
+        OUT="$dir" BENCH=0 SANITIZE=0 VARIANTS="${VARIANTS:-quack-dgated linear-ce-quack}" timeout 200 bash benchmarks/gpu/graph_check.sh; } > "$dir/log.txt" 2>&1 ;;
     trace)  # the default compiled step's op table plus its ordered kernel timeline (step_trace.py)
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
       timeout 300 python3 benchmarks/gpu/step_trace.py --trace "$dir/trace.json.gz" --seq-length 4096 --steps 8 --warmup 3 \
         --micro-batch-size ${MBS:-8} --compile --op-table ${BENCH_EXTRA:-} --json "$dir/optable_mb${MBS:-8}.json" > "$dir/log.txt" 2>&1 ;;
     gemms)  # per-site GEMM election: cuBLAS vs quack (heuristic and pinned SM90 configs), and the fc2 dgrad with dSwiGLU
-            # in its epilogue; GEMM_ARGS is parsed as shell words (e.g. GEMM_ARGS='--sites o.fwd,o.dgrad --configs 4')
+            # in its epilogue; GEMM_ARGS is parsed as shell words (e.g. GEMM_ARGS="--sites o.fwd,o.dgrad --configs 0:4")
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
       eval "extra=(${GEMM_ARGS:-})"
       timeout ${GEMM_S:-480} python3 benchmarks/gpu/gemm_election.py --out "$dir" "${extra[@]}" > "$dir/log.txt" 2>&1 ;;

@@ -142,6 +142,8 @@ GPU_VARIANTS = {  # id: (ops, compile, recompute); "default": the CUDA defaults 
     "plain-compiled": ("attention=sdpa,mlp=unfused", True, "none"),
     "flash4": ("attention=flash4,mlp=unfused", True, "none"),
     "quack": ("attention=sdpa,mlp=quack_gated", True, "none"),
+    "quack-dgated": ("attention=sdpa,mlp=quack_dgated", True, "none"),
+    "linear-ce-quack": ("linear_cross_entropy=quack_triton", True, "none"),
     "triton-ce": ("cross_entropy=triton_fused", True, "none"),
     "linear-ce": ("linear_cross_entropy=triton_fused", True, "none"),  # custom ops allocating inside the graph
     "qkv-rope": ("qkv_rope=triton_fused", True, "none"),

@@ -1,12 +1,18 @@
-"""ops/mlp/quack_gated.py: quack's gated fc1 GEMM as a custom op, the backward in torch, and the kernel itself.
+"""ops/mlp/quack_gated.py and quack_dgated.py: quack's gated GEMMs as custom ops, the rest in torch, and the
+kernels themselves.
 
-CPU (always): the wrapper's logic with `_kernels` replaced by plain math that follows quack's contract as
-this engine reads it (an interleaved W1, so preact's columns pair gate_j, up_j and postact = silu(gate) * up):
-output and every gradient against reference.py, gate and up not swapped, a compiled region traced without
-a graph break, a poisoned kernel output caught, a wrong output shape refused, a missing package reported.
-GPU (sm90+, quack-kernels installed): the real kernel in bf16 against an fp64 reference at the production
-shape and at odd token counts (1, 333, 4097: a final partial tile), beside the unfused bf16 path's own
-error. The GPU test is what checks that quack's contract is the one assumed here.
+quack_gated: fc1 with SwiGLU in its epilogue; the backward in torch (cuBLAS + the Triton dSwiGLU pass).
+quack_dgated: the same forward, and the fc2 dgrad with the SwiGLU gradient in its epilogue (which also
+recomputes postact for fc2's weight gradient).
+
+CPU (always): each wrapper's logic with `_kernels` replaced by plain math that follows quack's contract as
+this engine reads it (an interleaved W1, so preact's columns pair gate_j, up_j; postact = silu(gate) * up;
+dgated returns the interleaved preact gradient and postact): output and every gradient against
+reference.py, gate and up not swapped, a compiled region traced without a graph break, a poisoned kernel
+output caught (forward and, for quack_dgated, backward), a wrong output shape refused, a missing package
+reported. GPU (sm90+, quack-kernels installed): the real kernels in bf16 against an fp64 reference at the
+production shape and at odd token counts (1, 333, 4097: a final partial tile), beside the unfused bf16
+path's own error. The GPU test is what checks that quack's contract is the one assumed here.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ import torch.nn.functional as F
 from engine_testlib import rel_err, sm90
 
 from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.ops.mlp import quack_gated, reference
+from train_engine_0_5b.ops.mlp import quack_dgated, quack_gated, reference
 
 SHAPES = [(1, 1, 8, 16), (2, 37, 16, 24), (3, 5, 32, 8)]  # (B, S, h, f)
+MODULES = {"quack_gated": quack_gated, "quack_dgated": quack_dgated}
 
 
 def _math_gemm_gated(x, w1it):
@@ -27,12 +34,26 @@ def _math_gemm_gated(x, w1it):
     return preact, F.silu(preact[:, 0::2]) * preact[:, 1::2]
 
 
-MATH = quack_gated.Kernels(_math_gemm_gated)
+def _math_gemm_dgated(dout, w2, preact):
+    dpost = dout @ w2
+    g, u = preact[:, 0::2], preact[:, 1::2]
+    sig = torch.sigmoid(g)
+    dpre = torch.stack((dpost * u * sig * (1 + g * (1 - sig)), dpost * g * sig), dim=-1).flatten(-2)
+    return dpre, F.silu(g) * u
 
 
-@pytest.fixture
-def math_kernels(monkeypatch):
-    monkeypatch.setattr(quack_gated, "_kernels", MATH)
+def _math(module, gemm_gated=_math_gemm_gated, gemm_dgated=_math_gemm_dgated):
+    if module is quack_gated:
+        return quack_gated.Kernels(gemm_gated)
+    return quack_dgated.Kernels(gemm_gated, gemm_dgated)
+
+
+@pytest.fixture(params=sorted(MODULES))
+def impl(request, monkeypatch):
+    """Each wrapper module, its kernels replaced by the plain math."""
+    module = MODULES[request.param]
+    monkeypatch.setattr(module, "_kernels", _math(module))
+    return module
 
 
 def _inputs(B, S, h, f, dtype=torch.float64, device="cpu"):
@@ -49,23 +70,23 @@ def _run(fn, x, gate, up, down, dout):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_wrapper_output_and_gradients_match_reference(math_kernels, shape):
+def test_wrapper_output_and_gradients_match_reference(impl, shape):
     args = _inputs(*shape)
-    for name, w, x in zip(("y", "dx", "dgate", "dup", "ddown"), _run(reference.mlp, *args), _run(quack_gated.mlp, *args)):
+    for name, w, x in zip(("y", "dx", "dgate", "dup", "ddown"), _run(reference.mlp, *args), _run(impl.mlp, *args)):
         assert x.shape == w.shape and rel_err(w, x) < 1e-12, (name, rel_err(w, x))
 
 
-def test_gate_and_up_are_not_swapped(math_kernels):
+def test_gate_and_up_are_not_swapped(impl):
     """silu(gate) * up is not silu(up) * gate: swapping the two weights must change the output."""
     x, gate, up, down, _ = _inputs(1, 4, 8, 16)
-    assert rel_err(quack_gated.mlp(x, gate, up, down), quack_gated.mlp(x, up, gate, down)) > 1e-2
+    assert rel_err(impl.mlp(x, gate, up, down), impl.mlp(x, up, gate, down)) > 1e-2
 
 
-def test_compiled_region_has_no_graph_break(math_kernels):
+def test_compiled_region_has_no_graph_break(impl):
     x, gate, up, down, dout = _inputs(2, 9, 16, 24, dtype=torch.float32)
 
     def block(x, gate, up, down):
-        return quack_gated.mlp(x * 0.5, gate, up, down) * 2.0
+        return impl.mlp(x * 0.5, gate, up, down) * 2.0
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     got = _run(compiled, x, gate, up, down, dout)
@@ -74,42 +95,73 @@ def test_compiled_region_has_no_graph_break(math_kernels):
         assert rel_err(w, g) < 1e-5
 
 
-def test_poisoned_kernel_output_is_visible(monkeypatch):
-    """A kernel that leaves half of postact unwritten (NaN-filled) must show in the output."""
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_poisoned_kernel_output_is_visible(monkeypatch, name):
+    """A forward kernel that leaves half of postact unwritten (NaN-filled) must show in the output."""
     def half_written(x, w1it):
         preact, post = _math_gemm_gated(x, w1it)
         post[: post.shape[0] // 2] = float("nan")
         return preact, post
 
-    monkeypatch.setattr(quack_gated, "_kernels", quack_gated.Kernels(half_written))
+    module = MODULES[name]
+    monkeypatch.setattr(module, "_kernels", _math(module, gemm_gated=half_written))
     x, gate, up, down, _ = _inputs(1, 6, 8, 16)
-    assert torch.isnan(quack_gated.mlp(x, gate, up, down)).any()
+    assert torch.isnan(module.mlp(x, gate, up, down)).any()
 
 
-def test_wrong_output_shape_is_refused(monkeypatch):
-    """The fake promises (M, 2f) and (M, f) to the compiler; a kernel returning another shape is an error."""
-    monkeypatch.setattr(quack_gated, "_kernels", quack_gated.Kernels(lambda x, w: (x @ w, x @ w)))
+@pytest.mark.parametrize("poison", ["dpreact", "postact"])
+def test_dgated_poisoned_backward_outputs_are_visible(monkeypatch, poison):
+    """quack_dgated's backward takes dx / dW1 from the kernel's dpreact and dW2 from its recomputed postact:
+    NaN in half of either must reach those gradients (and an unpoisoned run must not have any)."""
+    def half_written(dout, w2, preact):
+        dpre, post = _math_gemm_dgated(dout, w2, preact)
+        (dpre if poison == "dpreact" else post)[: dout.shape[0] // 2] = float("nan")
+        return dpre, post
+
+    monkeypatch.setattr(quack_dgated, "_kernels", _math(quack_dgated, gemm_dgated=half_written))
+    y, dx, dgate, dup, ddown = _run(quack_dgated.mlp, *_inputs(1, 6, 8, 16))
+    assert torch.isfinite(y).all()
+    poisoned = (dx, dgate, dup) if poison == "dpreact" else (ddown,)
+    clean = (ddown,) if poison == "dpreact" else (dx, dgate, dup)
+    assert all(torch.isnan(g).any() for g in poisoned) and all(torch.isfinite(g).all() for g in clean)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_wrong_output_shape_is_refused(monkeypatch, name):
+    """The fakes promise (M, 2f) and (M, f) to the compiler; a kernel returning another shape is an error."""
+    module = MODULES[name]
+    monkeypatch.setattr(module, "_kernels", _math(module, gemm_gated=lambda x, w: (x @ w, x @ w)))
     x, gate, up, down, _ = _inputs(1, 4, 8, 16)
     with pytest.raises(EngineError, match="kernel returned"):
-        quack_gated.mlp(x, gate, up, down)
+        module.mlp(x, gate, up, down)
 
 
-def test_missing_package_names_the_reason(monkeypatch):
-    monkeypatch.setattr(quack_gated, "_kernels", None)
-    monkeypatch.setattr(quack_gated, "UNAVAILABLE_REASON", "quack-kernels is not importable (test)")
+def test_dgated_wrong_backward_shape_is_refused(monkeypatch):
+    monkeypatch.setattr(quack_dgated, "_kernels", _math(quack_dgated, gemm_dgated=lambda d, w, p: (p, p)))
+    with pytest.raises(EngineError, match="dgated kernel returned"):
+        _run(quack_dgated.mlp, *_inputs(1, 4, 8, 16))
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_missing_package_names_the_reason(monkeypatch, name):
+    module = MODULES[name]
+    monkeypatch.setattr(module, "_kernels", None)
+    monkeypatch.setattr(module, "UNAVAILABLE_REASON", "quack-kernels is not importable (test)")
     x, gate, up, down, _ = _inputs(1, 2, 8, 16)
-    with pytest.raises(EngineError, match="not importable"):
-        quack_gated.mlp(x, gate, up, down)
+    with pytest.raises(EngineError, match=f"mlp={name}: quack-kernels is not importable"):
+        module.mlp(x, gate, up, down)
 
 
-def test_registry_lists_quack_gated_only_when_it_can_run():
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_registry_lists_the_module_only_when_it_can_run(name):
     from train_engine_0_5b.ops.registry import OPS, UNAVAILABLE
 
-    if quack_gated.UNAVAILABLE_REASON:
-        assert "quack_gated" not in OPS["mlp"]
-        assert "not importable" in UNAVAILABLE[("mlp", "quack_gated")]
+    module = MODULES[name]
+    if module.UNAVAILABLE_REASON:
+        assert name not in OPS["mlp"]
+        assert "not importable" in UNAVAILABLE[("mlp", name)]
     else:
-        assert OPS["mlp"]["quack_gated"] is quack_gated.mlp
+        assert OPS["mlp"][name] is module.mlp
 
 
 # ---- the real kernels (GPU) -------------------------------------------------------------------------
@@ -119,14 +171,15 @@ GPU_SHAPES = [(8, 4096, 1024, 4096), (1, 1, 1024, 4096), (1, 333, 1024, 4096), (
 @pytest.mark.gpu
 @pytest.mark.skipif(not sm90() or quack_gated.UNAVAILABLE_REASON is not None,
                     reason=f"needs an sm90+ GPU and quack-kernels ({quack_gated.UNAVAILABLE_REASON})")
+@pytest.mark.parametrize("name", sorted(MODULES))
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_kernel_bf16_against_fp64(shape):
+def test_kernel_bf16_against_fp64(shape, name):
     args = _inputs(*shape, dtype=torch.bfloat16, device="cuda")
     args64 = [a.detach().double().requires_grad_(a.requires_grad) for a in args]
     want = _run(reference.mlp, *args64)
-    got = _run(quack_gated.mlp, *args)
+    got = _run(MODULES[name].mlp, *args)
     unfused = _run(reference.mlp, *args)  # the same math in bf16 through cuBLAS: the bar
-    for name, w, x, u in zip(("y", "dx", "dgate", "dup", "ddown"), want, got, unfused):
-        assert x.shape == w.shape and torch.isfinite(x).all(), name
+    for what, w, x, u in zip(("y", "dx", "dgate", "dup", "ddown"), want, got, unfused):
+        assert x.shape == w.shape and torch.isfinite(x).all(), what
         err, bar = rel_err(w, x), rel_err(w, u)
-        assert err <= max(2 * bar, 1e-2) and err < 2e-2, (name, err, bar)
+        assert err <= max(2 * bar, 1e-2) and err < 2e-2, (what, err, bar)

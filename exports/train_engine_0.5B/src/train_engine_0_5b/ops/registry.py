@@ -77,7 +77,7 @@ FOLDER_OPS: dict[str, tuple[str, ...]] = {  # op folder -> the registry ops its 
     "residual_scale": ("residual_scale",),
 }
 # ops/<folder>/<name>.py, registered as <name> when importable and its UNAVAILABLE_REASON is None
-OPTIONAL_MODULES: tuple[str, ...] = ("triton_fused", "flash4", "quack_gated")
+OPTIONAL_MODULES: tuple[str, ...] = ("triton_fused", "flash4", "quack_gated", "quack_dgated", "quack_triton")
 UNAVAILABLE: dict[tuple[str, str], str] = {}  # (op, implementation) -> why it is not registered
 GEMM_SITES: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2", "output")
 # what "auto" picks when no device default applies, else "reference"
@@ -114,8 +114,9 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
              "qkv_rope": ("triton_fused", UNFUSED)},
 }
 # implementation -> the compute dtypes it runs; "auto" skips it for others (an explicit choice then fails in it)
-DTYPES: dict[str, tuple[torch.dtype, ...]] = {"flash4": (torch.bfloat16, torch.float16),
-                                              "quack_gated": (torch.bfloat16, torch.float16)}
+_HALF = (torch.bfloat16, torch.float16)
+DTYPES: dict[str, tuple[torch.dtype, ...]] = {"flash4": _HALF, "quack_gated": _HALF, "quack_dgated": _HALF,
+                                              "quack_triton": _HALF}
 
 
 def _register_optional() -> None:
@@ -129,20 +130,19 @@ def _register_optional() -> None:
                 for op in ops:
                     UNAVAILABLE[(op, name)] = f"{type(e).__name__}: {e}"
                 continue
-            if getattr(module, "HAS_TRITON", True) is False:  # importable, but its kernels cannot launch
-                for op in ops:
+            # a module may implement some of its folder's ops (cross_entropy/quack_triton: linear_cross_entropy)
+            defined = [op for op in ops if callable(getattr(module, op, None))]
+            if not defined:
+                UNAVAILABLE[(ops[0], name)] = f"ops/{folder}/{name}.py defines none of {', '.join(ops)}"
+            elif getattr(module, "HAS_TRITON", True) is False:  # importable, but its kernels cannot launch
+                for op in defined:
                     UNAVAILABLE[(op, name)] = f"ops/{folder}/{name}.py: triton is not installed"
-                continue
-            if getattr(module, "UNAVAILABLE_REASON", None):  # importable, but its toolchain is missing
-                for op in ops:
+            elif getattr(module, "UNAVAILABLE_REASON", None):  # importable, but its toolchain is missing
+                for op in defined:
                     UNAVAILABLE[(op, name)] = f"ops/{folder}/{name}.py: {module.UNAVAILABLE_REASON}"
-                continue
-            for op in ops:
-                fn = getattr(module, op, None)
-                if callable(fn):
-                    OPS[op][name] = fn
-                else:
-                    UNAVAILABLE[(op, name)] = f"ops/{folder}/{name}.py defines no `{op}`"
+            else:
+                for op in defined:
+                    OPS[op][name] = getattr(module, op)
 
 
 _register_optional()

@@ -31,10 +31,14 @@ cost a host sync).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.ops import _quack
 from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 
 IGNORE_INDEX = -100
@@ -278,10 +282,20 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, overwrite: bool = False) -
         acc.add_(a @ b)
 
 
+def _quack_logits(x: Tensor, wt: Tensor, out: Tensor) -> None:
+    if _quack.KERNELS is None:
+        raise EngineError(f"linear_cross_entropy: the quack logits GEMM cannot run: {_quack.UNAVAILABLE_REASON}")
+    _quack.KERNELS.gemm_into(x, wt, out, "output.logits")
+
+
+_LOGITS_GEMMS: dict[str, Callable[[Tensor, Tensor, Tensor], object]] = {
+    "cublas": lambda x, wt, out: torch.mm(x, wt, out=out), "quack": _quack_logits}
+
+
 def fused_linear_cross_entropy_fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, logit_scale: float = 1.0, chunk_size: int = 4096,
     compute_dx: bool = True, compute_dw: bool = True, grad_scale: Tensor | None = None,
-    dx_out: Tensor | None = None, dw_accum: Tensor | None = None,
+    dx_out: Tensor | None = None, dw_accum: Tensor | None = None, logits_gemm: str = "cublas",
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     """Loss and gradients of sum(CE(hidden @ weight^T / logit_scale, labels)) in one chunked pass.
 
@@ -290,7 +304,8 @@ def fused_linear_cross_entropy_fwd_bwd(
     `grad_scale` (a 0-dim device tensor, e.g. 1 / global token count) when given. dx goes into `dx_out`
     when given; dw is ADDED into `dw_accum` (fp32) when given (a main-grad buffer). dw's GEMM writes fp32
     even from bf16 inputs: on an H100 at 73448 x 1024 x 32768 cuBLAS took 6.7 ms for that against 8.1 ms
-    for a bf16 output (scripts/gpu_linear_ce.py)."""
+    for a bf16 output (scripts/gpu_linear_ce.py). `logits_gemm` names who computes the logits: "cublas"
+    (torch.mm) or "quack" (quack_triton.py's choice: ops/_quack.py)."""
     T, h = hidden.shape
     V = weight.shape[0]
     _require_triton(hidden, weight)
@@ -310,7 +325,7 @@ def fused_linear_cross_entropy_fwd_bwd(
     for r0 in range(0, T, chunk):
         r1 = min(r0 + chunk, T)
         x, z = hidden[r0:r1], logits[: r1 - r0]
-        torch.mm(x, weight.t(), out=z)  # (c, V) in hidden's dtype
+        _LOGITS_GEMMS[logits_gemm](x, weight.t(), z)  # (c, V) in hidden's dtype
         grid, meta = _fwd_launch(V, r1 - r0, need_grad, z.device)
         _ce_fwd_kernel[(grid,)](
             z, labels[r0:r1], losses[r0:r1], lse, grad_scale if grad_scale is not None else lse, r1 - r0, V // u,
@@ -332,13 +347,13 @@ def fused_linear_cross_entropy_fwd_bwd(
 @torch.library.custom_op("train_engine_0_5b::linear_ce_fwd_bwd", mutates_args=())
 def linear_ce_fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int, compute_dx: bool,
-    compute_dw: bool,
+    compute_dw: bool, logits_gemm: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """hidden (T, h), weight (V, h), labels (T,) -> (loss sum 0-dim fp32, dx (T, h) in hidden's dtype, dw (V, h)
     fp32), the gradients those of the loss sum; dx / dw empty when not computed."""
     loss, _, dx, dw = fused_linear_cross_entropy_fwd_bwd(
         hidden, weight, labels, logit_scale=logit_scale, chunk_size=chunk_size, compute_dx=compute_dx,
-        compute_dw=compute_dw,
+        compute_dw=compute_dw, logits_gemm=logits_gemm,
     )  # fmt: skip
     dx = hidden.new_empty(0) if dx is None else dx
     return loss, dx, weight.new_empty(0, dtype=torch.float32) if dw is None else dw
@@ -346,23 +361,25 @@ def linear_ce_fwd_bwd(
 
 @linear_ce_fwd_bwd.register_fake
 def _(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int, compute_dx: bool,
-      compute_dw: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+      compute_dw: bool, logits_gemm: str) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     dx = torch.empty_like(hidden) if compute_dx else hidden.new_empty(0)
     dw = weight.new_empty(weight.shape if compute_dw else (0,), dtype=torch.float32)
     return hidden.new_empty((), dtype=torch.float32), dx, dw
 
 
 @torch.library.custom_op("train_engine_0_5b::linear_ce_loss", mutates_args=())
-def linear_ce_loss(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int) -> Tensor:
+def linear_ce_loss(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int,
+                   logits_gemm: str) -> Tensor:  # fmt: skip
     """The loss sum alone (no gradients: one read of each logits chunk)."""
     loss, _, _, _ = fused_linear_cross_entropy_fwd_bwd(
-        hidden, weight, labels, logit_scale=logit_scale, chunk_size=chunk_size, compute_dx=False, compute_dw=False
+        hidden, weight, labels, logit_scale=logit_scale, chunk_size=chunk_size, compute_dx=False, compute_dw=False,
+        logits_gemm=logits_gemm,
     )
     return loss
 
 
 @linear_ce_loss.register_fake
-def _(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int) -> Tensor:
+def _(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int, logits_gemm: str) -> Tensor:
     return hidden.new_empty((), dtype=torch.float32)
 
 
@@ -376,13 +393,14 @@ def _linear_ce_backward(ctx, dloss: Tensor, _ddx, _ddw) -> tuple:
     dx, dw = ctx.saved_tensors
     dx = (dx.float() * dloss).to(dx.dtype) if ctx.computed[0] else None
     dw = (dw * dloss).to(ctx.weight_dtype) if ctx.computed[1] else None
-    return dx, dw, None, None, None, None, None
+    return dx, dw, None, None, None, None, None, None
 
 
 linear_ce_fwd_bwd.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup_context)
 
 
-def _linear_ce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int) -> Tensor:
+def _linear_ce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int,
+                   logits_gemm: str = "cublas") -> Tensor:  # fmt: skip
     """The loss sum through the custom ops, computing the gradients that autograd will ask for."""
     h2 = hidden.reshape(-1, hidden.shape[-1])
     h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
@@ -390,8 +408,8 @@ def _linear_ce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: 
     grad = torch.is_grad_enabled()
     compute_dx, compute_dw = grad and hidden.requires_grad, grad and weight.requires_grad
     if compute_dx or compute_dw:
-        return linear_ce_fwd_bwd(h2, weight, labels2, logit_scale, chunk_size, compute_dx, compute_dw)[0]
-    return linear_ce_loss(h2, weight, labels2, logit_scale, chunk_size)
+        return linear_ce_fwd_bwd(h2, weight, labels2, logit_scale, chunk_size, compute_dx, compute_dw, logits_gemm)[0]
+    return linear_ce_loss(h2, weight, labels2, logit_scale, chunk_size, logits_gemm)
 
 
 def fused_linear_cross_entropy(

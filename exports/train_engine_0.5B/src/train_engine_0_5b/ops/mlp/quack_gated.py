@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.ops._hopper import gpu_too_old, require_hopper_half
+from train_engine_0_5b.ops import _quack
+from train_engine_0_5b.ops._hopper import require_hopper_half
 from train_engine_0_5b.ops.mlp.dswiglu import dswiglu
 
 
@@ -47,17 +48,12 @@ class Kernels(NamedTuple):
 
 
 def _load() -> tuple[Kernels | None, str | None]:
-    try:
-        from quack.gemm_interface import gemm_gated
-    except Exception as e:  # noqa: BLE001 - missing package, or CuTeDSL / CUDA libraries it cannot load
-        return None, f"quack-kernels is not importable ({type(e).__name__}: {str(e)[:200]})"
-    if reason := gpu_too_old("quack's gated GEMM"):
-        return None, reason
+    if _quack.KERNELS is None:
+        return None, _quack.UNAVAILABLE_REASON
 
     def k_gemm_gated(x: Tensor, w1it: Tensor) -> tuple[Tensor, Tensor]:
         require_hopper_half(x, "mlp=quack_gated", "unfused")
-        # heuristic config: the autotuner's was under 1 % faster here and took 212 s to find on first use
-        return gemm_gated(x, w1it, activation="swiglu", tuned=False)
+        return _quack.KERNELS.gemm_gated(x, w1it)
 
     return Kernels(k_gemm_gated), None
 

@@ -1,0 +1,134 @@
+"""ops/cross_entropy/quack_triton.py: linear_cross_entropy with each chunk's logits GEMM on quack.
+
+CPU (always; the CE pass in Triton's interpreter): the op's logic with `_quack.KERNELS` replaced by plain
+math that follows quack's contract (out = a @ b written into the given buffer): loss and gradients against
+an fp64 reference with chunks that leave a partial last one, every chunk's logits taken from the seam
+(one call per chunk, at the site whose config is pinned), a poisoned GEMM output caught, CPU / fp32 inputs
+refused naming the fallback, a missing package reported, the registry listing. GPU (sm90+, quack-kernels
+installed): the real kernel in bf16 at the production vocabulary and hidden size against fp64, beside
+triton_fused's own error (the same op with cuBLAS logits) as the bar.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from engine_testlib import sm90
+
+pytest.importorskip("triton")
+from train_engine_0_5b.errors import EngineError  # noqa: E402
+from train_engine_0_5b.ops import _quack  # noqa: E402
+from train_engine_0_5b.ops.cross_entropy import quack_triton, triton_fused  # noqa: E402
+from train_engine_0_5b.ops.cross_entropy.reference import cross_entropy as cross_entropy_reference  # noqa: E402
+
+IGNORE_INDEX = -100
+
+
+def _inputs(B, S, h, V, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, S, h, generator=gen).to(device, dtype).requires_grad_()
+    w = (torch.randn(V, h, generator=gen) * h**-0.5).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, S), generator=gen)
+    labels.view(-1)[::5] = IGNORE_INDEX
+    return x, w, labels.to(device)
+
+
+def _reference(x, w, labels, grad_out):
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    loss = cross_entropy_reference(x64 @ w64.t(), labels)
+    (loss * grad_out).backward()
+    return loss.detach(), x64.grad, w64.grad
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+@pytest.fixture
+def math_quack(monkeypatch):
+    """_quack.KERNELS as plain math; records each logits call's (rows, site)."""
+    calls: list[tuple[int, str]] = []
+
+    def gemm_into(a, b, out, site):
+        calls.append((a.shape[0], site))
+        return torch.mm(a, b, out=out)
+
+    monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=gemm_into))
+    monkeypatch.setattr(quack_triton, "require_hopper_half", lambda *a: None)  # CPU fp32 here
+    return calls
+
+
+@pytest.mark.parametrize("chunk", [5, 4096], ids=["chunks of 5", "one chunk"])
+def test_matches_fp64_and_takes_every_chunk_from_quack(monkeypatch, math_quack, chunk):
+    monkeypatch.setattr(quack_triton, "LINEAR_CE_CHUNK", chunk)
+    x, w, labels = _inputs(2, 7, 40, 517, torch.float32, "cpu", seed=chunk)
+    loss = quack_triton.linear_cross_entropy(x, w, labels)
+    (loss * 0.37).backward()
+    ref_loss, ref_dx, ref_dw = _reference(x, w, labels, 0.37)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert _rel(x.grad, ref_dx) < 1e-5 and _rel(w.grad, ref_dw) < 1e-5
+    rows = [min(chunk, 14 - r0) for r0 in range(0, 14, chunk)]  # 14 tokens: the last chunk partial when 5
+    assert math_quack == [(r, "output.logits") for r in rows]
+    assert "output.logits" in _quack.SM90_CONFIGS
+
+
+def test_poisoned_logits_gemm_is_visible(monkeypatch, math_quack):
+    """A GEMM that leaves the last row of each chunk unwritten (NaN) must reach the loss."""
+    def half_written(a, b, out, site):
+        torch.mm(a, b, out=out)
+        out[-1] = float("nan")
+        return out
+
+    monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=half_written))
+    x, w, labels = _inputs(1, 6, 16, 300, torch.float32, "cpu", seed=3)
+    labels[0, -1] = 7  # the poisoned row's label counts
+    assert torch.isnan(quack_triton.linear_cross_entropy(x, w, labels))
+
+
+def test_cpu_or_fp32_inputs_are_refused_naming_the_fallback():
+    x, w, labels = _inputs(1, 3, 16, 50, torch.float32, "cpu", seed=1)
+    with pytest.raises(EngineError, match="linear_cross_entropy=quack_triton.*bf16/fp16 CUDA"):
+        quack_triton.linear_cross_entropy(x, w, labels)
+
+
+def test_missing_package_names_the_reason(monkeypatch):
+    monkeypatch.setattr(_quack, "KERNELS", None)
+    monkeypatch.setattr(_quack, "UNAVAILABLE_REASON", "quack-kernels is not importable (test)")
+    x, w, labels = _inputs(1, 3, 16, 50, torch.float32, "cpu", seed=2)
+    with pytest.raises(EngineError, match="quack logits GEMM cannot run: quack-kernels is not importable"):
+        triton_fused.fused_linear_cross_entropy_fwd_bwd(x.detach()[0], w.detach(), labels[0], logits_gemm="quack")
+
+
+def test_registry_lists_quack_triton_only_when_it_can_run():
+    from train_engine_0_5b.ops.registry import OPS, UNAVAILABLE
+
+    assert "quack_triton" not in OPS["cross_entropy"] and ("cross_entropy", "quack_triton") not in UNAVAILABLE
+    if quack_triton.UNAVAILABLE_REASON:
+        assert "quack_triton" not in OPS["linear_cross_entropy"]
+        assert "not importable" in UNAVAILABLE[("linear_cross_entropy", "quack_triton")]
+    else:
+        assert OPS["linear_cross_entropy"]["quack_triton"] is quack_triton.linear_cross_entropy
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not sm90() or quack_triton.UNAVAILABLE_REASON is not None,
+                    reason=f"needs an sm90+ GPU and quack-kernels ({quack_triton.UNAVAILABLE_REASON})")
+@pytest.mark.parametrize("tokens,chunk", [(8192, 8192), (4097, 1000), (1, 8192)], ids=str)
+def test_kernel_bf16_against_fp64(monkeypatch, tokens, chunk):
+    """MiniCPM4's vocabulary and hidden size; one full chunk, partial chunks, one token."""
+    monkeypatch.setattr(quack_triton, "LINEAR_CE_CHUNK", chunk)
+    monkeypatch.setattr(triton_fused, "LINEAR_CE_CHUNK", chunk)
+    x, w, labels = _inputs(1, tokens, 1024, 73448, torch.bfloat16, "cuda", seed=tokens)
+    ref_loss, ref_dx, ref_dw = _reference(x, w, labels, 1.0)
+    errs = {}
+    for name, fn in (("quack", quack_triton.linear_cross_entropy), ("cublas", triton_fused.linear_cross_entropy)):
+        xi, wi = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss = fn(xi, wi, labels)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(xi.grad).all() and torch.isfinite(wi.grad).all(), name
+        errs[name] = (abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()), _rel(xi.grad, ref_dx),
+                      _rel(wi.grad, ref_dw))
+    for q, c in zip(errs["quack"], errs["cublas"]):
+        assert q <= max(2 * c, 1e-3) and q < 2e-2, errs
