@@ -25,9 +25,9 @@ def test_device_defaults():
     fused_qkv = "triton_fused" if "triton_fused" in OPS["qkv_rope"] else "unfused"
     assert cuda["qkv_rope"] == fused_qkv and cpu["qkv_rope"] == "unfused"
     assert cuda["gemm.qkv"] == ("(in qkv_rope=triton_fused)" if fused_qkv == "triton_fused" else "reference")
-    assert cuda["mlp"] == ("quack_gated" if "quack_gated" in OPS["mlp"] else "unfused")
+    assert cuda["mlp"] == next((n for n in ("quack_dgated", "quack_gated") if n in OPS["mlp"]), "unfused")
     assert cuda["residual_scale"] == "weight" and cpu["residual_scale"] == "reference"
-    fused_output = "triton_fused" if "triton_fused" in OPS["linear_cross_entropy"] else "unfused"
+    fused_output = next((n for n in ("quack_triton", "triton_fused") if n in OPS["linear_cross_entropy"]), "unfused")
     assert cuda["linear_cross_entropy"] == fused_output and cpu["linear_cross_entropy"] == "unfused"
     chosen = resolve(OpSelection.parse("attention=reference,gemm=concat,gemm.output=reference,linear_cross_entropy=unfused,"
                                        "mlp=unfused"), "cuda").names  # the fc1 site is a GEMM only when mlp is unfused
@@ -43,12 +43,21 @@ def test_auto_skips_implementations_that_cannot_run_the_dtype(monkeypatch):
     assert resolve(OpSelection(attention="flash4"), "cuda", torch.float32).names["attention"] == "flash4"  # explicit
 
 
-def test_auto_mlp_is_quack_gated_in_half_precision_only(monkeypatch):
-    monkeypatch.setitem(OPS["mlp"], "quack_gated", OPS["mlp"]["reference"])  # registered, as on an H100
+@pytest.mark.parametrize("op,impl,fallback", [("mlp", "quack_dgated", "unfused"), ("mlp", "quack_gated", "unfused"),
+                                               ("linear_cross_entropy", "quack_triton", None)])
+def test_auto_quack_ops_in_half_precision_only(monkeypatch, op, impl, fallback):
+    """Each quack op is auto's pick for bf16 on CUDA when registered (as on an H100) and the ones before it in
+    the preference are not; fp32 falls past every quack op."""
+    for name in ("quack_dgated", "quack_gated", "quack_triton"):
+        monkeypatch.delitem(OPS.get(op, {}), name, raising=False)
+    monkeypatch.setitem(OPS[op], impl, OPS[op]["reference"])
     bf16 = resolve(OpSelection(), "cuda", torch.bfloat16).names
-    assert bf16["mlp"] == "quack_gated" and bf16["gemm.fc1"] == "(in mlp=quack_gated)"
-    assert resolve(OpSelection(), "cuda", torch.float32).names["mlp"] == "unfused"
-    assert resolve(OpSelection(), "cpu", torch.bfloat16).names["mlp"] == "unfused"
+    assert bf16[op] == impl
+    if op == "mlp":
+        assert bf16["gemm.fc1"] == f"(in mlp={impl})"
+    fp32 = resolve(OpSelection(), "cuda", torch.float32).names[op]
+    assert fp32 == (fallback or next((n for n in ("triton_fused",) if n in OPS[op]), "unfused"))
+    assert resolve(OpSelection(), "cpu", torch.bfloat16).names[op] == "unfused"
 
 
 def test_fused_mlp_selection_is_logged_for_the_ops_it_replaces():

@@ -1,9 +1,9 @@
-"""ops/cross_entropy/quack_triton.py: linear_cross_entropy with each chunk's logits GEMM on quack.
+"""ops/cross_entropy/quack_triton.py: linear_cross_entropy with each chunk's logits and dx GEMMs on quack.
 
 CPU (always; the CE pass in Triton's interpreter): the op's logic with `_quack.KERNELS` replaced by plain
 math that follows quack's contract (out = a @ b written into the given buffer): loss and gradients against
-an fp64 reference with chunks that leave a partial last one, every chunk's logits taken from the seam
-(one call per chunk, at the site whose config is pinned), a poisoned GEMM output caught, CPU / fp32 inputs
+an fp64 reference with chunks that leave a partial last one, every chunk's logits and dx GEMMs taken from
+the seam (at the sites whose configs are pinned), a poisoned GEMM output caught, CPU / fp32 inputs
 refused naming the fallback, a missing package reported, the registry listing. GPU (sm90+, quack-kernels
 installed): the real kernel in bf16 at the production vocabulary and hidden size against fp64, beside
 triton_fused's own error (the same op with cuBLAS logits) as the bar.
@@ -24,6 +24,7 @@ from train_engine_0_5b.ops.cross_entropy import quack_triton, triton_fused  # no
 from train_engine_0_5b.ops.cross_entropy.reference import cross_entropy as cross_entropy_reference  # noqa: E402
 
 IGNORE_INDEX = -100
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the plain-math seam tests: fp32, on either
 
 
 def _inputs(B, S, h, V, dtype, device, seed):
@@ -31,7 +32,7 @@ def _inputs(B, S, h, V, dtype, device, seed):
     x = torch.randn(B, S, h, generator=gen).to(device, dtype).requires_grad_()
     w = (torch.randn(V, h, generator=gen) * h**-0.5).to(device, dtype).requires_grad_()
     labels = torch.randint(0, V, (B, S), generator=gen)
-    labels.view(-1)[::5] = IGNORE_INDEX
+    labels.view(-1)[1::5] = IGNORE_INDEX  # some ignored; never the first, so one token still counts
     return x, w, labels.to(device)
 
 
@@ -56,35 +57,43 @@ def math_quack(monkeypatch):
         return torch.mm(a, b, out=out)
 
     monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=gemm_into))
-    monkeypatch.setattr(quack_triton, "require_hopper_half", lambda *a: None)  # CPU fp32 here
+    monkeypatch.setattr(quack_triton, "require_hopper_half", lambda *a: None)  # fp32 (and the CPU) here
     return calls
 
 
 @pytest.mark.parametrize("chunk", [5, 4096], ids=["chunks of 5", "one chunk"])
 def test_matches_fp64_and_takes_every_chunk_from_quack(monkeypatch, math_quack, chunk):
     monkeypatch.setattr(quack_triton, "LINEAR_CE_CHUNK", chunk)
-    x, w, labels = _inputs(2, 7, 40, 517, torch.float32, "cpu", seed=chunk)
+    x, w, labels = _inputs(2, 7, 40, 517, torch.float32, DEVICE, seed=chunk)
     loss = quack_triton.linear_cross_entropy(x, w, labels)
     (loss * 0.37).backward()
     ref_loss, ref_dx, ref_dw = _reference(x, w, labels, 0.37)
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     assert _rel(x.grad, ref_dx) < 1e-5 and _rel(w.grad, ref_dw) < 1e-5
     rows = [min(chunk, 14 - r0) for r0 in range(0, 14, chunk)]  # 14 tokens: the last chunk partial when 5
-    assert math_quack == [(r, "output.logits") for r in rows]
-    assert "output.logits" in _quack.SM90_CONFIGS
+    assert math_quack == [(r, site) for r in rows for site in ("output.logits", "output.dgrad")]
+    assert {"output.logits", "output.dgrad"} <= set(_quack.SM90_CONFIGS)
 
 
-def test_poisoned_logits_gemm_is_visible(monkeypatch, math_quack):
-    """A GEMM that leaves the last row of each chunk unwritten (NaN) must reach the loss."""
+@pytest.mark.parametrize("poisoned", ["output.logits", "output.dgrad"])
+def test_poisoned_gemm_output_is_visible(monkeypatch, math_quack, poisoned):
+    """A GEMM that leaves the last row of its output unwritten (NaN) must reach the loss (logits) or dx (dgrad),
+    and only those rows of dx."""
     def half_written(a, b, out, site):
         torch.mm(a, b, out=out)
-        out[-1] = float("nan")
+        if site == poisoned:
+            out[-1] = float("nan")
         return out
 
     monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=half_written))
-    x, w, labels = _inputs(1, 6, 16, 300, torch.float32, "cpu", seed=3)
+    x, w, labels = _inputs(1, 6, 16, 300, torch.float32, DEVICE, seed=3)
     labels[0, -1] = 7  # the poisoned row's label counts
-    assert torch.isnan(quack_triton.linear_cross_entropy(x, w, labels))
+    loss = quack_triton.linear_cross_entropy(x, w, labels)
+    if poisoned == "output.logits":
+        assert torch.isnan(loss)
+    else:
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isnan(x.grad[0, -1]).all() and torch.isfinite(x.grad[0, :-1]).all()
 
 
 def test_cpu_or_fp32_inputs_are_refused_naming_the_fallback():
@@ -96,9 +105,9 @@ def test_cpu_or_fp32_inputs_are_refused_naming_the_fallback():
 def test_missing_package_names_the_reason(monkeypatch):
     monkeypatch.setattr(_quack, "KERNELS", None)
     monkeypatch.setattr(_quack, "UNAVAILABLE_REASON", "quack-kernels is not importable (test)")
-    x, w, labels = _inputs(1, 3, 16, 50, torch.float32, "cpu", seed=2)
-    with pytest.raises(EngineError, match="quack logits GEMM cannot run: quack-kernels is not importable"):
-        triton_fused.fused_linear_cross_entropy_fwd_bwd(x.detach()[0], w.detach(), labels[0], logits_gemm="quack")
+    x, w, labels = _inputs(1, 3, 16, 50, torch.float32, DEVICE, seed=2)
+    with pytest.raises(EngineError, match="quack GEMMs cannot run: quack-kernels is not importable"):
+        triton_fused.fused_linear_cross_entropy_fwd_bwd(x.detach()[0], w.detach(), labels[0], gemms="quack")
 
 
 def test_registry_lists_quack_triton_only_when_it_can_run():

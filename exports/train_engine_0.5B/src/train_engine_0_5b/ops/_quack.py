@@ -20,13 +20,17 @@ from torch import Tensor
 
 from train_engine_0_5b.ops._hopper import gpu_too_old
 
-# site -> (tile_m, tile_n, pingpong, cluster_m, cluster_n), the fastest measured on an H100 at the 0.5B step's
-# shapes (8 x 4096 tokens): the fc2 dgrad with dSwiGLU 0.721 ms against 0.866 for the heuristic config and
-# 0.864 for cuBLAS + the Triton dSwiGLU pass; the output layer's logits GEMM per 8192-token chunk 1.640 ms
-# against 1.751 (heuristic) and 2.019 (cuBLAS).
+# site -> (tile_m, tile_n, pingpong, cluster_m, cluster_n), the fastest measured in two runs on H100s at the 0.5B
+# step's shapes (8 x 4096 tokens; ms per call, run 1 / run 2):
+#   fc2 dgrad with dSwiGLU: 0.684 (run 2) against 0.714 / 0.714 for (128, 128, pingpong, 2, 1), 0.866 / 0.860
+#     for the heuristic config, 0.864 / 0.878 for cuBLAS + the Triton dSwiGLU pass;
+#   output logits per 8192-token chunk: 1.672 / 1.628 against 1.640 / 1.721 for (128, 192, pingpong, 2, 1),
+#     1.751 / 1.790 heuristic, 2.019 / 1.997 cuBLAS;
+#   output dx per chunk: 1.678 (run 2) against 1.790 cuBLAS, 2.449 heuristic.
 SM90_CONFIGS: dict[str, tuple[int, int, bool, int, int]] = {
-    "mlp.fc2_dgrad_dswiglu": (128, 128, True, 2, 1),
-    "output.logits": (128, 192, True, 2, 1),
+    "mlp.fc2_dgrad_dswiglu": (128, 128, True, 1, 2),
+    "output.logits": (128, 160, True, 2, 1),
+    "output.dgrad": (128, 256, False, 1, 2),
 }
 
 

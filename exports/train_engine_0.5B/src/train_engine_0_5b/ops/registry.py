@@ -109,9 +109,13 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
     # contiguous q / k / v and the packed gradient): 151,280 / 151,957 vs 149,117 / 149,542 tokens/s unfused,
     # interleaved; gates M1-M3 bf16 pass (benchmarks/results/engine-0.5b-qkv-rope-2026-11-24-h100/,
     # gates/2026-11-24-h100-minicpm4-0.5b-bf16-qkv-rope/); unfused without triton.
-    "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach"), "mlp": ("quack_gated", UNFUSED),
-             "residual_scale": ("weight",), "linear_cross_entropy": ("triton_fused", UNFUSED),
-             "qkv_rope": ("triton_fused", UNFUSED)},
+    # mlp=quack_dgated (dSwiGLU in quack's fc2 dgrad epilogue) and linear_cross_entropy=quack_triton (the logits GEMM
+    # on quack), each with the SM90 config elected in ops/_quack.py: 156,051 / 157,124 / 156,151 vs 155,264 /
+    # 154,446 / 153,212 tokens/s, 31.05 vs 37.05 GiB (postact no longer saved); kernel time per step 214.0 -> 209.2
+    # ms (benchmarks/results/engine-0.5b-gemm-election-2026-11-24-h100/); gates M1-M3 bf16: see that folder's NOTES.
+    "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach"),
+             "mlp": ("quack_dgated", "quack_gated", UNFUSED), "residual_scale": ("weight",),
+             "linear_cross_entropy": ("quack_triton", "triton_fused", UNFUSED), "qkv_rope": ("triton_fused", UNFUSED)},
 }
 # implementation -> the compute dtypes it runs; "auto" skips it for others (an explicit choice then fails in it)
 _HALF = (torch.bfloat16, torch.float16)

@@ -1,9 +1,10 @@
-"""linear_cross_entropy as triton_fused.py's op, with each chunk's logits GEMM on quack (`quack-kernels`, sm90+)
-instead of cuBLAS; the Triton loss / gradient pass and the cuBLAS dx / dW GEMMs are triton_fused.py's.
+"""linear_cross_entropy as triton_fused.py's op, with each chunk's logits and dx GEMMs on quack (`quack-kernels`,
+sm90+) instead of cuBLAS; the Triton loss / gradient pass and the cuBLAS dW GEMM are triton_fused.py's.
 
-Why: that GEMM (8192 tokens x 73448 x 1024 per chunk) is the one output-layer GEMM cuBLAS runs well below its
-~700 TFLOP/s elsewhere: 2.02 ms (610 TFLOP/s) on an H100, against 1.64 ms (751) for quack with the SM90 tile
-config pinned in ops/_quack.py. bf16 / fp16 CUDA tensors on compute capability 9.0+.
+Why: per 8192-token chunk (x 73448 x 1024) on an H100, cuBLAS ran the logits GEMM at ~2.0 ms (~615 TFLOP/s,
+well below its ~700 elsewhere) and the dx GEMM at 1.79 ms; quack with the SM90 tile configs pinned in
+ops/_quack.py ran them at ~1.65 and 1.68 ms. dW's GEMM writes fp32, which quack's was not faster at.
+bf16 / fp16 CUDA tensors on compute capability 9.0+.
 """
 
 from __future__ import annotations
@@ -20,4 +21,4 @@ UNAVAILABLE_REASON = _quack.UNAVAILABLE_REASON
 def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     """The registry op (reference.py's signature): sum of CE(x @ weight^T, labels) over labels != -100."""
     require_hopper_half(x, "linear_cross_entropy=quack_triton", "triton_fused")
-    return _linear_ce_sum(x, weight, labels, 1.0, LINEAR_CE_CHUNK, logits_gemm="quack")
+    return _linear_ce_sum(x, weight, labels, 1.0, LINEAR_CE_CHUNK, gemms="quack")

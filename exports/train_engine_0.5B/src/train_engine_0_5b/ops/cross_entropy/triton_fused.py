@@ -282,20 +282,20 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, overwrite: bool = False) -
         acc.add_(a @ b)
 
 
-def _quack_logits(x: Tensor, wt: Tensor, out: Tensor) -> None:
-    if _quack.KERNELS is None:
-        raise EngineError(f"linear_cross_entropy: the quack logits GEMM cannot run: {_quack.UNAVAILABLE_REASON}")
-    _quack.KERNELS.gemm_into(x, wt, out, "output.logits")
-
-
-_LOGITS_GEMMS: dict[str, Callable[[Tensor, Tensor, Tensor], object]] = {
-    "cublas": lambda x, wt, out: torch.mm(x, wt, out=out), "quack": _quack_logits}
+def _mm(gemms: str, a: Tensor, b: Tensor, out: Tensor, site: str) -> None:
+    """out = a @ b on cuBLAS (gemms "cublas") or on quack with `site`'s pinned config (gemms "quack")."""
+    if gemms == "cublas":
+        torch.mm(a, b, out=out)
+    elif _quack.KERNELS is None:
+        raise EngineError(f"linear_cross_entropy: the quack GEMMs cannot run: {_quack.UNAVAILABLE_REASON}")
+    else:
+        _quack.KERNELS.gemm_into(a, b, out, site)
 
 
 def fused_linear_cross_entropy_fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, logit_scale: float = 1.0, chunk_size: int = 4096,
     compute_dx: bool = True, compute_dw: bool = True, grad_scale: Tensor | None = None,
-    dx_out: Tensor | None = None, dw_accum: Tensor | None = None, logits_gemm: str = "cublas",
+    dx_out: Tensor | None = None, dw_accum: Tensor | None = None, gemms: str = "cublas",
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     """Loss and gradients of sum(CE(hidden @ weight^T / logit_scale, labels)) in one chunked pass.
 
@@ -304,8 +304,8 @@ def fused_linear_cross_entropy_fwd_bwd(
     `grad_scale` (a 0-dim device tensor, e.g. 1 / global token count) when given. dx goes into `dx_out`
     when given; dw is ADDED into `dw_accum` (fp32) when given (a main-grad buffer). dw's GEMM writes fp32
     even from bf16 inputs: on an H100 at 73448 x 1024 x 32768 cuBLAS took 6.7 ms for that against 8.1 ms
-    for a bf16 output (scripts/gpu_linear_ce.py). `logits_gemm` names who computes the logits: "cublas"
-    (torch.mm) or "quack" (quack_triton.py's choice: ops/_quack.py)."""
+    for a bf16 output (scripts/gpu_linear_ce.py). `gemms` names who runs the logits and dx GEMMs: "cublas"
+    (torch.mm) or "quack" (quack_triton.py's choice: ops/_quack.py); dW's stays on cuBLAS (fp32 output)."""
     T, h = hidden.shape
     V = weight.shape[0]
     _require_triton(hidden, weight)
@@ -325,7 +325,7 @@ def fused_linear_cross_entropy_fwd_bwd(
     for r0 in range(0, T, chunk):
         r1 = min(r0 + chunk, T)
         x, z = hidden[r0:r1], logits[: r1 - r0]
-        _LOGITS_GEMMS[logits_gemm](x, weight.t(), z)  # (c, V) in hidden's dtype
+        _mm(gemms, x, weight.t(), z, "output.logits")  # (c, V) in hidden's dtype
         grid, meta = _fwd_launch(V, r1 - r0, need_grad, z.device)
         _ce_fwd_kernel[(grid,)](
             z, labels[r0:r1], losses[r0:r1], lse, grad_scale if grad_scale is not None else lse, r1 - r0, V // u,
@@ -333,7 +333,7 @@ def fused_linear_cross_entropy_fwd_bwd(
             WRITE_GRAD=need_grad, HAS_GRAD_SCALE=grad_scale is not None, UNIT=u, **meta,
         )  # fmt: skip
         if compute_dx:
-            torch.mm(z, weight, out=dx[r0:r1])  # (c, h)
+            _mm(gemms, z, weight, dx[r0:r1], "output.dgrad")  # (c, h)
         if compute_dw:
             _accumulate_mm(dw, z.t(), x, overwrite=r0 == 0 and dw_accum is None)  # (V, h)
     return losses.sum(), (labels != IGNORE_INDEX).sum(), dx, dw
@@ -347,13 +347,13 @@ def fused_linear_cross_entropy_fwd_bwd(
 @torch.library.custom_op("train_engine_0_5b::linear_ce_fwd_bwd", mutates_args=())
 def linear_ce_fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int, compute_dx: bool,
-    compute_dw: bool, logits_gemm: str,
+    compute_dw: bool, gemms: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """hidden (T, h), weight (V, h), labels (T,) -> (loss sum 0-dim fp32, dx (T, h) in hidden's dtype, dw (V, h)
     fp32), the gradients those of the loss sum; dx / dw empty when not computed."""
     loss, _, dx, dw = fused_linear_cross_entropy_fwd_bwd(
         hidden, weight, labels, logit_scale=logit_scale, chunk_size=chunk_size, compute_dx=compute_dx,
-        compute_dw=compute_dw, logits_gemm=logits_gemm,
+        compute_dw=compute_dw, gemms=gemms,
     )  # fmt: skip
     dx = hidden.new_empty(0) if dx is None else dx
     return loss, dx, weight.new_empty(0, dtype=torch.float32) if dw is None else dw
@@ -361,7 +361,7 @@ def linear_ce_fwd_bwd(
 
 @linear_ce_fwd_bwd.register_fake
 def _(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int, compute_dx: bool,
-      compute_dw: bool, logits_gemm: str) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+      compute_dw: bool, gemms: str) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     dx = torch.empty_like(hidden) if compute_dx else hidden.new_empty(0)
     dw = weight.new_empty(weight.shape if compute_dw else (0,), dtype=torch.float32)
     return hidden.new_empty((), dtype=torch.float32), dx, dw
@@ -369,17 +369,17 @@ def _(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_
 
 @torch.library.custom_op("train_engine_0_5b::linear_ce_loss", mutates_args=())
 def linear_ce_loss(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int,
-                   logits_gemm: str) -> Tensor:  # fmt: skip
+                   gemms: str) -> Tensor:  # fmt: skip
     """The loss sum alone (no gradients: one read of each logits chunk)."""
     loss, _, _, _ = fused_linear_cross_entropy_fwd_bwd(
         hidden, weight, labels, logit_scale=logit_scale, chunk_size=chunk_size, compute_dx=False, compute_dw=False,
-        logits_gemm=logits_gemm,
+        gemms=gemms,
     )
     return loss
 
 
 @linear_ce_loss.register_fake
-def _(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int, logits_gemm: str) -> Tensor:
+def _(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int, gemms: str) -> Tensor:
     return hidden.new_empty((), dtype=torch.float32)
 
 
@@ -400,7 +400,7 @@ linear_ce_fwd_bwd.register_autograd(_linear_ce_backward, setup_context=_linear_c
 
 
 def _linear_ce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int,
-                   logits_gemm: str = "cublas") -> Tensor:  # fmt: skip
+                   gemms: str = "cublas") -> Tensor:  # fmt: skip
     """The loss sum through the custom ops, computing the gradients that autograd will ask for."""
     h2 = hidden.reshape(-1, hidden.shape[-1])
     h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
@@ -408,8 +408,8 @@ def _linear_ce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: 
     grad = torch.is_grad_enabled()
     compute_dx, compute_dw = grad and hidden.requires_grad, grad and weight.requires_grad
     if compute_dx or compute_dw:
-        return linear_ce_fwd_bwd(h2, weight, labels2, logit_scale, chunk_size, compute_dx, compute_dw, logits_gemm)[0]
-    return linear_ce_loss(h2, weight, labels2, logit_scale, chunk_size, logits_gemm)
+        return linear_ce_fwd_bwd(h2, weight, labels2, logit_scale, chunk_size, compute_dx, compute_dw, gemms)[0]
+    return linear_ce_loss(h2, weight, labels2, logit_scale, chunk_size, gemms)
 
 
 def fused_linear_cross_entropy(

@@ -3,7 +3,7 @@
 
 Why: in the compiled 0.5B step (8 x 4096 tokens, one H100) the MLP backward ran the fc2 dgrad on cuBLAS
 (0.47 ms, ~580 TFLOP/s) and then a separate dSwiGLU pass (0.44 ms, at HBM bandwidth). quack's dgrad with
-the dSwiGLU epilogue and a pinned SM90 tile config does both in 0.72 ms (ops/_quack.py says how the config
+the dSwiGLU epilogue and an elected SM90 tile config does both in ~0.68 ms standalone, 0.66 in the step (ops/_quack.py says how the config
 was chosen); it also recomputes postact = silu(gate) * up in that epilogue, so the forward no longer keeps
 postact (f x tokens bf16 per layer) for fc2's weight gradient.
 

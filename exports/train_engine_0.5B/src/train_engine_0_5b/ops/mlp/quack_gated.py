@@ -9,14 +9,12 @@ Why: the compiled reference step spent 6.3 ms of 233 on the standalone SwiGLU fo
               dpreact = dSwiGLU(preact, dpost)           dswiglu.py: one Triton pass over the pairs
               dx = dpreact @ W1i; dW1i = dpreact^T @ x   torch (cuBLAS)
 
-Only the forward uses quack, by measurement on an H100 (benchmarks/results/engine-0.5b-mlp-quack-full-
-2026-11-23-h100/): quack's `gemm_dgated` (dSwiGLU in the dgrad epilogue) ran at 0.83 ms per call, no
-faster than cuBLAS plus Inductor's separate kernel (it moves the same bytes), and quack's plain GEMMs with
-their heuristic configs ran at ~630 TFLOP/s against cuBLAS's ~700; the all-quack MLP gave no step-time gain.
-This split (benchmarks/results/engine-0.5b-mlp-quack-hybrid-2026-11-23-h100/): the compiled MLP forward +
-backward 4.17 ms against 4.24 unfused; the compiled step +0.6 %, within run-to-run noise, so it is opt-in
-(`--ops mlp=quack_gated`), not the default. The backward's dSwiGLU on the interleaved layout is where the
-rest is: Inductor's kernel for it ran at 0.58 ms per call against a ~0.45 ms bandwidth floor.
+Only the forward uses quack here. quack_dgated.py also moves dSwiGLU into the fc2 dgrad's epilogue: with
+quack's heuristic config that ran no faster than cuBLAS plus a separate pass (benchmarks/results/engine-0.5b-
+mlp-quack-full-2026-11-23-h100/), with an elected SM90 config it does (ops/_quack.py), so it is now the CUDA
+default and this module the next choice. quack's plain GEMMs with their heuristic configs ran at ~510-630
+TFLOP/s against cuBLAS's ~700 on the other MLP shapes, so those stay on cuBLAS. The dSwiGLU pass on the
+interleaved layout (dswiglu.py) runs at HBM bandwidth.
 
 W1i (2f, h) interleaves the rows of gate and up (gate_0, up_0, gate_1, ...), the layout quack's gated
 epilogue pairs; it is built from the HF-named parameters each call (one 16 MB copy per layer; its gradient
