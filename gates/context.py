@@ -152,6 +152,7 @@ class GateRun:
         try:
             self.run_engine(["probe", probe, "--case", str(sandbox.case), "--out", str(sandbox.out)], sandbox, role, nproc)
             tensors, metrics = self._read(sandbox.out, role, engine=True)
+            self.report.engine_metrics[role] = _bounded(metrics)
         finally:
             if not keep and not self.options.keep_workdirs:
                 sandbox.remove()
@@ -292,6 +293,15 @@ def _step_of(name: str) -> int | None:
     if name.endswith("]") and "[" in name:
         return int(name.rsplit("[", 1)[1][:-1])
     return None
+
+
+def _bounded(metrics: object, limit: int = 8192) -> dict:
+    """An engine's metrics.json for the report: a dict, kept whole up to `limit` characters of JSON (the engine
+    writes it, so its size is not ours to trust); otherwise a note saying what was dropped."""
+    if not isinstance(metrics, dict):
+        return {"note": f"metrics.json is a {type(metrics).__name__}, not an object"}
+    text = json.dumps(metrics, default=str)
+    return metrics if len(text) <= limit else {"note": f"metrics.json left out: {len(text)} characters > {limit}"}
 
 
 def _last_line(text: str) -> str:

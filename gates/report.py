@@ -84,6 +84,8 @@ class GateReport(BaseModel):
     time_s: float = 0.0
     started_at: str = ""
     artifacts: dict[str, str] = Field({}, description="stderr / stdout tails, notes")
+    engine_metrics: dict[str, dict] = Field({}, description="per engine probe run (role), its metrics.json as written: "
+                                                            "what it ran, e.g. the op implementations")
 
     @property
     def passed(self) -> bool:

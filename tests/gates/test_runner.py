@@ -128,3 +128,14 @@ def test_torchrun_failures_are_read_per_rank(tmp_path):
     """)
     r = run_gate("m4", crash, GateOptions())
     assert (r.verdict, r.error_type, r.localization.rank) == ("error", "engine_crash", 1)
+
+
+def test_engine_metrics_enter_the_report_bounded():
+    """The report keeps what the engine's metrics.json says it ran (e.g. its op implementations), whole when
+    small; an oversized or non-object file is replaced by a note instead of bloating the report."""
+    from gates.context import _bounded
+
+    small = {"probe": "forward", "ops": {"mlp": "quack_dgated"}}
+    assert _bounded(small) == small
+    assert "left out" in _bounded({"blob": "x" * 10_000})["note"]
+    assert "not an object" in _bounded([1, 2])["note"]

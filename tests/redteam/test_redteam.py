@@ -67,6 +67,7 @@ def test_guessing_reference_paths_finds_nothing_and_fails(reports):
 
 def test_zeroed_gradient_names_the_parameter(reports):
     assert reports[("zero_grad", "m1_forward")].verdict == "passed"  # the forward is right
+    assert reports[("zero_grad", "m1_forward")].engine_metrics["engine probe forward"]["probe"] == "forward"
     r = reports[("zero_grad", "m2_backward")]
     assert r.verdict == "failed"
     assert r.localization.tensor == "grad.model.layers.1.self_attn.k_proj.weight"
