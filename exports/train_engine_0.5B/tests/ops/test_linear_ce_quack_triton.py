@@ -49,21 +49,28 @@ def _rel(a, b) -> float:
 
 @pytest.fixture
 def math_quack(monkeypatch):
-    """_quack.KERNELS as plain math; records each logits call's (rows, site)."""
+    """_quack.KERNELS as plain math; records each call's (rows, site), "+lse" for the LSE epilogue's."""
     calls: list[tuple[int, str]] = []
 
     def gemm_into(a, b, out, site):
         calls.append((a.shape[0], site))
         return torch.mm(a, b, out=out)
 
-    monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=gemm_into))
+    def gemm_lse(a, b, out, site):
+        calls.append((a.shape[0], site + "+lse"))
+        torch.mm(a, b, out=out)
+        return torch.logsumexp(a.double() @ b.double(), dim=-1).float()  # from the unrounded product, as quack's
+
+    monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=gemm_into, gemm_lse=gemm_lse))
     monkeypatch.setattr(quack_triton, "require_hopper_half", lambda *a: None)  # fp32 (and the CPU) here
     return calls
 
 
+@pytest.mark.parametrize("gemms", ["quack", "quack_lse"])
 @pytest.mark.parametrize("chunk", [5, 4096], ids=["chunks of 5", "one chunk"])
-def test_matches_fp64_and_takes_every_chunk_from_quack(monkeypatch, math_quack, chunk):
+def test_matches_fp64_and_takes_every_chunk_from_quack(monkeypatch, math_quack, chunk, gemms):
     monkeypatch.setattr(quack_triton, "LINEAR_CE_CHUNK", chunk)
+    monkeypatch.setattr(quack_triton, "GEMMS", gemms)
     x, w, labels = _inputs(2, 7, 40, 517, torch.float32, DEVICE, seed=chunk)
     loss = quack_triton.linear_cross_entropy(x, w, labels)
     (loss * 0.37).backward()
@@ -71,7 +78,8 @@ def test_matches_fp64_and_takes_every_chunk_from_quack(monkeypatch, math_quack, 
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     assert _rel(x.grad, ref_dx) < 1e-5 and _rel(w.grad, ref_dw) < 1e-5
     rows = [min(chunk, 14 - r0) for r0 in range(0, 14, chunk)]  # 14 tokens: the last chunk partial when 5
-    assert math_quack == [(r, site) for r in rows for site in ("output.logits", "output.dgrad")]
+    logits_site = "output.logits+lse" if gemms == "quack_lse" else "output.logits"
+    assert math_quack == [(r, site) for r in rows for site in (logits_site, "output.dgrad")]
     assert {"output.logits", "output.dgrad"} <= set(_quack.SM90_CONFIGS)
 
 
@@ -94,6 +102,16 @@ def test_poisoned_gemm_output_is_visible(monkeypatch, math_quack, poisoned):
     else:
         loss.backward()
         assert torch.isfinite(loss) and torch.isnan(x.grad[0, -1]).all() and torch.isfinite(x.grad[0, :-1]).all()
+
+
+def test_quack_lse_without_gradients_gives_the_loss_alone(monkeypatch, math_quack):
+    """No gradients: the logits GEMM without the LSE epilogue and the loss-only kernel (one read)."""
+    monkeypatch.setattr(quack_triton, "GEMMS", "quack_lse")
+    x, w, labels = _inputs(1, 9, 24, 300, torch.float32, DEVICE, seed=5)
+    with torch.no_grad():
+        loss = quack_triton.linear_cross_entropy(x, w, labels)
+    assert abs(loss.item() - _reference(x, w, labels, 1.0)[0].item()) <= 1e-5 * abs(loss.item())
+    assert math_quack == [(9, "output.logits")]
 
 
 def test_cpu_or_fp32_inputs_are_refused_naming_the_fallback():
@@ -124,10 +142,12 @@ def test_registry_lists_quack_triton_only_when_it_can_run():
 @pytest.mark.gpu
 @pytest.mark.skipif(not sm90() or quack_triton.UNAVAILABLE_REASON is not None,
                     reason=f"needs an sm90+ GPU and quack-kernels ({quack_triton.UNAVAILABLE_REASON})")
+@pytest.mark.parametrize("gemms", ["quack", "quack_lse"])
 @pytest.mark.parametrize("tokens,chunk", [(8192, 8192), (4097, 1000), (1, 8192)], ids=str)
-def test_kernel_bf16_against_fp64(monkeypatch, tokens, chunk):
+def test_kernel_bf16_against_fp64(monkeypatch, tokens, chunk, gemms):
     """MiniCPM4's vocabulary and hidden size; one full chunk, partial chunks, one token."""
     monkeypatch.setattr(quack_triton, "LINEAR_CE_CHUNK", chunk)
+    monkeypatch.setattr(quack_triton, "GEMMS", gemms)
     monkeypatch.setattr(triton_fused, "LINEAR_CE_CHUNK", chunk)
     x, w, labels = _inputs(1, tokens, 1024, 73448, torch.bfloat16, "cuda", seed=tokens)
     ref_loss, ref_dx, ref_dw = _reference(x, w, labels, 1.0)

@@ -9,6 +9,8 @@ benchmarks/results/engine-0.5b-gemm-election-2026-11-24-h100/). Off SM90 the heu
     KERNELS.gemm_gated(x, w1it)                 -> (preact, silu(preact[:, 0::2]) * preact[:, 1::2])
     KERNELS.gemm_dgated(dout, w2, preact, site) -> (dpreact, postact), dSwiGLU in the dgrad's epilogue
     KERNELS.gemm_into(a, b, out, site)          -> out = a @ b
+    KERNELS.gemm_lse(a, b, out, site)           -> out = a @ b, and each row's logsumexp (fp32, from the fp32
+                                                   accumulator) out of the epilogue
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ class Kernels(NamedTuple):
     gemm_gated: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
     gemm_dgated: Callable[[Tensor, Tensor, Tensor, str], tuple[Tensor, Tensor]]
     gemm_into: Callable[[Tensor, Tensor, Tensor, str], Tensor]
+    gemm_lse: Callable[[Tensor, Tensor, Tensor, str], Tensor]
 
 
 def _load() -> tuple[Kernels | None, str | None]:
     try:
         from quack.gemm_config import GemmConfig
+        from quack.epilogue.library import lse_epi
         from quack.gemm_interface import gemm_dact, gemm_gated, gemm_tuned
     except Exception as e:  # noqa: BLE001 - missing package, or CuTeDSL / CUDA libraries it cannot load
         return None, f"quack-kernels is not importable ({type(e).__name__}: {str(e)[:200]})"
@@ -71,7 +75,11 @@ def _load() -> tuple[Kernels | None, str | None]:
         gemm_tuned.fn(a, b, out, config=cfg)
         return out
 
-    return Kernels(k_gemm_gated, k_gemm_dgated, k_gemm_into), None
+    def k_gemm_lse(a: Tensor, b: Tensor, out: Tensor, site: str) -> Tensor:
+        # per-(row, N-tile) online (max, sum) partials, folded by quack's host logsumexp
+        return lse_epi(a, b, out={"D": out}, config=config(site, a.device), tuned=False)["lse"]
+
+    return Kernels(k_gemm_gated, k_gemm_dgated, k_gemm_into, k_gemm_lse), None
 
 
 KERNELS, UNAVAILABLE_REASON = _load()

@@ -282,14 +282,18 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, overwrite: bool = False) -
         acc.add_(a @ b)
 
 
+def _quack_kernels() -> _quack.Kernels:
+    if _quack.KERNELS is None:
+        raise EngineError(f"linear_cross_entropy: the quack GEMMs cannot run: {_quack.UNAVAILABLE_REASON}")
+    return _quack.KERNELS
+
+
 def _mm(gemms: str, a: Tensor, b: Tensor, out: Tensor, site: str) -> None:
-    """out = a @ b on cuBLAS (gemms "cublas") or on quack with `site`'s pinned config (gemms "quack")."""
+    """out = a @ b on cuBLAS (gemms "cublas") or on quack with `site`'s pinned config ("quack", "quack_lse")."""
     if gemms == "cublas":
         torch.mm(a, b, out=out)
-    elif _quack.KERNELS is None:
-        raise EngineError(f"linear_cross_entropy: the quack GEMMs cannot run: {_quack.UNAVAILABLE_REASON}")
     else:
-        _quack.KERNELS.gemm_into(a, b, out, site)
+        _quack_kernels().gemm_into(a, b, out, site)
 
 
 def fused_linear_cross_entropy_fwd_bwd(
@@ -305,7 +309,10 @@ def fused_linear_cross_entropy_fwd_bwd(
     when given; dw is ADDED into `dw_accum` (fp32) when given (a main-grad buffer). dw's GEMM writes fp32
     even from bf16 inputs: on an H100 at 73448 x 1024 x 32768 cuBLAS took 6.7 ms for that against 8.1 ms
     for a bf16 output (scripts/gpu_linear_ce.py). `gemms` names who runs the logits and dx GEMMs: "cublas"
-    (torch.mm) or "quack" (quack_triton.py's choice: ops/_quack.py); dW's stays on cuBLAS (fp32 output)."""
+    (torch.mm), "quack" (ops/_quack.py's pinned configs), or "quack_lse": quack, and with gradients at
+    logit_scale 1 the logits GEMM's epilogue also gives each row's logsumexp (from the fp32 accumulator), so
+    the gradient pass is one read + one write of the logits instead of two reads + one write; the loss is that
+    logsumexp minus the label's (rounded) logit. dW's GEMM stays on cuBLAS (fp32 output)."""
     T, h = hidden.shape
     V = weight.shape[0]
     _require_triton(hidden, weight)
@@ -324,14 +331,23 @@ def fused_linear_cross_entropy_fwd_bwd(
     u = _unit(V, logits)
     for r0 in range(0, T, chunk):
         r1 = min(r0 + chunk, T)
-        x, z = hidden[r0:r1], logits[: r1 - r0]
-        _mm(gemms, x, weight.t(), z, "output.logits")  # (c, V) in hidden's dtype
-        grid, meta = _fwd_launch(V, r1 - r0, need_grad, z.device)
-        _ce_fwd_kernel[(grid,)](
-            z, labels[r0:r1], losses[r0:r1], lse, grad_scale if grad_scale is not None else lse, r1 - r0, V // u,
-            z.stride(0) // u, 1.0 / logit_scale, IGNORE_INDEX,
-            WRITE_GRAD=need_grad, HAS_GRAD_SCALE=grad_scale is not None, UNIT=u, **meta,
-        )  # fmt: skip
+        x, z, y = hidden[r0:r1], logits[: r1 - r0], labels[r0:r1]
+        if gemms == "quack_lse" and need_grad and logit_scale == 1.0:
+            # the GEMM's epilogue gives each row's logsumexp: the gradient pass reads the logits once, not twice
+            lse_c = _quack_kernels().gemm_lse(x, weight.t(), z, "output.logits")
+            valid = y != IGNORE_INDEX
+            z_label = z.gather(1, torch.where(valid, y, 0)[:, None])[:, 0].float()
+            losses[r0:r1] = torch.where(valid, lse_c - z_label, 0.0)
+            cross_entropy_bwd(z, y, lse_c, grad_scale if grad_scale is not None else z.new_ones((), dtype=torch.float32),
+                              grad=z)  # fmt: skip
+        else:
+            _mm(gemms, x, weight.t(), z, "output.logits")  # (c, V) in hidden's dtype
+            grid, meta = _fwd_launch(V, r1 - r0, need_grad, z.device)
+            _ce_fwd_kernel[(grid,)](
+                z, y, losses[r0:r1], lse, grad_scale if grad_scale is not None else lse, r1 - r0, V // u,
+                z.stride(0) // u, 1.0 / logit_scale, IGNORE_INDEX,
+                WRITE_GRAD=need_grad, HAS_GRAD_SCALE=grad_scale is not None, UNIT=u, **meta,
+            )  # fmt: skip
         if compute_dx:
             _mm(gemms, z, weight, dx[r0:r1], "output.dgrad")  # (c, h)
         if compute_dw:
