@@ -16,7 +16,7 @@ from train_engine_0_5b.ops._hopper import require_hopper_half
 from train_engine_0_5b.ops.cross_entropy.triton_fused import HAS_TRITON, LINEAR_CE_CHUNK, _linear_ce_sum  # noqa: F401 - HAS_TRITON: read by the registry
 
 UNAVAILABLE_REASON = _quack.UNAVAILABLE_REASON
-GEMMS = "quack"  # triton_fused.fused_linear_cross_entropy_fwd_bwd's `gemms`: "quack" or "quack_lse"
+GEMMS = "quack_lse"  # triton_fused.fused_linear_cross_entropy_fwd_bwd's `gemms`: "quack" or "quack_lse"
 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
