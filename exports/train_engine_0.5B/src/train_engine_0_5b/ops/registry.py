@@ -112,7 +112,9 @@ DEVICE_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {  # "auto": the first 
     # mlp=quack_dgated (dSwiGLU in quack's fc2 dgrad epilogue) and linear_cross_entropy=quack_triton (the logits GEMM
     # on quack), each with the SM90 config elected in ops/_quack.py: 156,051 / 157,124 / 156,151 vs 155,264 /
     # 154,446 / 153,212 tokens/s, 31.05 vs 37.05 GiB (postact no longer saved); kernel time per step 214.0 -> 209.2
-    # ms (benchmarks/results/engine-0.5b-gemm-election-2026-11-24-h100/); gates M1-M3 bf16: see that folder's NOTES.
+    # ms; then the dx GEMM on quack and the logsumexp from the logits GEMM's epilogue (op 24.9 vs 26.2 ms); gates
+    # M1-M3 bf16 pass (benchmarks/results/engine-0.5b-gemm-election-2026-11-24-h100/,
+    # gates/2026-11-24-h100-minicpm4-0.5b-bf16-quack-lse/).
     "cuda": {"attention": ("flash4", "sdpa"), "adamw": ("triton_fused", "foreach"),
              "mlp": ("quack_dgated", "quack_gated", UNFUSED), "residual_scale": ("weight",),
              "linear_cross_entropy": ("quack_triton", "triton_fused", UNFUSED), "qkv_rope": ("triton_fused", UNFUSED)},
