@@ -83,8 +83,9 @@ def test_matches_fp64_and_takes_every_chunk_from_quack(monkeypatch, math_quack, 
     assert {"output.logits", "output.dgrad"} <= set(_quack.SM90_CONFIGS)
 
 
+@pytest.mark.parametrize("gemms", ["quack", "quack_lse"])
 @pytest.mark.parametrize("poisoned", ["output.logits", "output.dgrad"])
-def test_poisoned_gemm_output_is_visible(monkeypatch, math_quack, poisoned):
+def test_poisoned_gemm_output_is_visible(monkeypatch, math_quack, poisoned, gemms):
     """A GEMM that leaves the last row of its output unwritten (NaN) must reach the loss (logits) or dx (dgrad),
     and only those rows of dx."""
     def half_written(a, b, out, site):
@@ -93,7 +94,12 @@ def test_poisoned_gemm_output_is_visible(monkeypatch, math_quack, poisoned):
             out[-1] = float("nan")
         return out
 
-    monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=half_written))
+    def half_written_lse(a, b, out, site):
+        half_written(a, b, out, site)
+        return torch.logsumexp(a.double() @ b.double(), dim=-1).float()
+
+    monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=half_written, gemm_lse=half_written_lse))
+    monkeypatch.setattr(quack_triton, "GEMMS", gemms)
     x, w, labels = _inputs(1, 6, 16, 300, torch.float32, DEVICE, seed=3)
     labels[0, -1] = 7  # the poisoned row's label counts
     loss = quack_triton.linear_cross_entropy(x, w, labels)
@@ -126,6 +132,12 @@ def test_missing_package_names_the_reason(monkeypatch):
     x, w, labels = _inputs(1, 3, 16, 50, torch.float32, DEVICE, seed=2)
     with pytest.raises(EngineError, match="quack GEMMs cannot run: quack-kernels is not importable"):
         triton_fused.fused_linear_cross_entropy_fwd_bwd(x.detach()[0], w.detach(), labels[0], gemms="quack")
+
+
+def test_unknown_gemms_mode_is_refused():
+    x, w, labels = _inputs(1, 3, 16, 50, torch.float32, DEVICE, seed=2)
+    with pytest.raises(ValueError, match="gemms must be cublas, quack or quack_lse, not 'cutlass'"):
+        triton_fused.fused_linear_cross_entropy_fwd_bwd(x.detach()[0], w.detach(), labels[0], gemms="cutlass")
 
 
 def test_registry_lists_quack_triton_only_when_it_can_run():

@@ -31,8 +31,6 @@ cost a host sync).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -316,6 +314,8 @@ def fused_linear_cross_entropy_fwd_bwd(
     T, h = hidden.shape
     V = weight.shape[0]
     _require_triton(hidden, weight)
+    if gemms not in ("cublas", "quack", "quack_lse"):
+        raise ValueError(f"linear cross-entropy: gemms must be cublas, quack or quack_lse, not {gemms!r}")
     assert labels.shape == (T,) and labels.is_contiguous(), "labels: (T,) contiguous"
     need_grad = compute_dx or compute_dw
     chunk = max(1, min(chunk_size, T))
