@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--chunk", type=int, default=ce.LINEAR_CE_CHUNK)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--launches", default="", help="quack_lse's one-pass kernel launches to add, BLOCK_V:warps,...")
     args = ap.parse_args()
     T, h, V = args.tokens, 1024, 73448
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -40,22 +41,34 @@ def main() -> None:
         ref_loss = sum(torch.nn.functional.cross_entropy(x[i:i + 4096].float() @ w.float().t(), labels[i:i + 4096],
                                                          reduction="sum") for i in range(0, T, 4096))  # fmt: skip
     base = run("cublas")
+    default_launch = dict(ce.ONE_PASS_LAUNCH)
+    modes = {"cublas": None, "quack": None, "quack_lse": None}
+    for item in filter(None, args.launches.split(",")):
+        block, warps = (int(v) for v in item.split(":"))
+        modes[f"quack_lse {block}x{warps}w"] = {"BLOCK_V": block, "num_warps": warps}
+
+    def run_mode(mode: str):
+        ce.ONE_PASS_LAUNCH.clear()
+        ce.ONE_PASS_LAUNCH.update(modes[mode] or default_launch)
+        return run(mode.split()[0])
+
     rows = {}
-    for mode in ("cublas", "quack", "quack_lse"):
+    for mode in modes:
         try:
-            loss, _, dx, dw = run(mode)
+            loss, _, dx, dw = run_mode(mode)
             rows[mode] = {"loss_rel_vs_fp32": float((loss - ref_loss).abs() / ref_loss.abs()),
                           "dx_rel_vs_cublas": float((dx.float() - base[2].float()).norm() / base[2].float().norm()),
                           "dw_rel_vs_cublas": float((dw - base[3]).norm() / base[3].norm())}
         except Exception as e:  # noqa: BLE001 - a mode that cannot run here is a result
             rows[mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    ok = {m: (lambda m=m: run(m)) for m in rows if "error" not in rows[m]}
+    ok = {m: (lambda m=m: run_mode(m)) for m in rows if "error" not in rows[m]}
     for mode, times in interleaved_ms(ok, rounds=args.rounds).items():
         rows[mode].update(ms=sorted(times)[len(times) // 2], rounds_ms=times)
     for mode, r in rows.items():
         print(mode, json.dumps(r), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": T, "chunk": args.chunk}
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": T, "chunk": args.chunk,
+            "default_one_pass_launch": default_launch}
     (args.out / "linear_ce_gemms.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 

@@ -177,11 +177,17 @@ def cross_entropy_fwd(
     return losses, lse
 
 
+# The one-pass gradient kernel (`_ce_bwd_kernel`, one program per row) when the logsumexp came from the logits
+# GEMM's epilogue (gemms "quack_lse"): its block and warps; benchmarks/gpu/linear_ce_gemms.py --launches sweeps them.
+ONE_PASS_LAUNCH: dict[str, int] = {"BLOCK_V": 4096, "num_warps": 8}
+
+
 def cross_entropy_bwd(
-    logits: Tensor, labels: Tensor, lse: Tensor, dloss: Tensor, *, scale: float = 1.0, grad: Tensor | None = None
+    logits: Tensor, labels: Tensor, lse: Tensor, dloss: Tensor, *, scale: float = 1.0, grad: Tensor | None = None,
+    launch: dict[str, int] | None = None,
 ) -> Tensor:
     """d(dloss * sum of losses)/d(logits) into `grad` (rows, V) (new when not given); dloss is a 0-dim
-    device tensor (read by the kernel: no host sync)."""
+    device tensor (read by the kernel: no host sync). `launch`: BLOCK_V / num_warps (default by V)."""
     rows, V = logits.shape
     grad = torch.empty_like(logits) if grad is None else grad
     _require_triton(logits, grad)
@@ -190,7 +196,7 @@ def cross_entropy_bwd(
         u = _unit(V, logits, grad)
         _ce_bwd_kernel[(rows,)](
             logits, labels, lse, dloss, grad, V // u, logits.stride(0) // u, grad.stride(0) // u, scale, IGNORE_INDEX,
-            UNIT=u, **_launch_config(V),
+            UNIT=u, **(_launch_config(V) if launch is None else launch),
         )  # fmt: skip
     return grad
 
@@ -339,7 +345,7 @@ def fused_linear_cross_entropy_fwd_bwd(
             z_label = z.gather(1, torch.where(valid, y, 0)[:, None])[:, 0].float()
             losses[r0:r1] = torch.where(valid, lse_c - z_label, 0.0)
             cross_entropy_bwd(z, y, lse_c, grad_scale if grad_scale is not None else z.new_ones((), dtype=torch.float32),
-                              grad=z)  # fmt: skip
+                              grad=z, launch=ONE_PASS_LAUNCH)  # fmt: skip
         else:
             _mm(gemms, x, weight.t(), z, "output.logits")  # (c, V) in hidden's dtype
             grid, meta = _fwd_launch(V, r1 - r0, need_grad, z.device)
