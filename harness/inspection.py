@@ -180,8 +180,22 @@ def gate_report_rows(gates_dir: Path, engine_name: str) -> list[dict[str, Any]]:
         hw, case = r.get("hardware") or {}, r.get("case") or {}
         rows.append({"run": f.parent.parent.name, "gate": r["gate"], "verdict": r["verdict"],
                      "message": str(r.get("message") or "")[:160], "hardware": hw.get("gpu") or hw.get("cpu") or "-",
-                     "case": case.get("source") or case.get("label") or "-", "reference": r.get("reference", "-")})
+                     "case": case.get("source") or case.get("label") or "-", "reference": r.get("reference", "-"),
+                     "ops": proved_ops(r)})
     return rows
+
+
+def proved_ops(report: dict[str, Any]) -> str:
+    """The op implementations a gate report's engine probe ran, other than the plain ones ("reference",
+    "unfused", or a part "(in <fused op>)"), as "op=impl, ..." from its `engine_metrics` (gates record each
+    probe's metrics.json there); "-" for reports without them (older ones, or an engine that names no ops)."""
+    for metrics in (report.get("engine_metrics") or {}).values():
+        ops = metrics.get("ops") if isinstance(metrics, dict) else None
+        if isinstance(ops, dict):
+            chosen = [f"{op}={impl}" for op, impl in sorted(ops.items())
+                      if isinstance(impl, str) and impl not in ("reference", "unfused") and not impl.startswith("(in ")]
+            return ", ".join(chosen) or "reference"
+    return "-"
 
 
 PREFERRED = ("worst_tensor", "worst_rel", "worst_max_rel", "loss.window_mean_rel_diff", "mfu.mfu", "error_type")
@@ -227,9 +241,9 @@ def markdown(ins: Inspection) -> str:
         lines.append("no gate recorded")
     if ins.gate_reports:
         lines += ["", "## Gate reports committed under benchmarks/results/gates", "",
-                  "| run | gate | verdict | reference | hardware | message |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['run']} | {r['gate']} | {r['verdict']} | {r['reference']} | {r['hardware']} | {r['message']} |"
-                  for r in ins.gate_reports]
+                  "| run | gate | verdict | reference | hardware | ops proved | message |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['gate']} | {r['verdict']} | {r['reference']} | {r['hardware']} | {r.get('ops', '-')} | "
+                  f"{r['message']} |" for r in ins.gate_reports]
     for op, o in (m.get("ops") or {}).items():
         lines.append(f"- op {op}: {o.get('metric')} {_fmt(o.get('value'))} (baseline {_fmt(o.get('baseline'))})")
     lines += ["", "## Forge history", ""]

@@ -35,7 +35,10 @@ def _engine(tmp_path: Path) -> Path:
     run = bench / "gates/2026-01-01-h100-run/eng"
     run.mkdir(parents=True)
     (run / "m2_backward.json").write_text(json.dumps({"gate": "m2_backward", "verdict": "passed", "reference": "torch",
-        "message": "218 gradients within bounds", "hardware": {"gpu": "NVIDIA H100"}, "case": {"source": "preset x"}}))
+        "message": "218 gradients within bounds", "hardware": {"gpu": "NVIDIA H100"}, "case": {"source": "preset x"},
+        "engine_metrics": {"engine probe backward": {"probe": "backward", "ops": {
+            "attention": "flash4", "mlp": "quack_dgated", "gemm.fc1": "(in mlp=quack_dgated)", "rms_norm": "reference",
+            "qkv_rope": "unfused"}}}}))
     (run / "m3_optimizer.json").write_text(json.dumps({"gate": "m3_optimizer", "verdict": "failed", "message": "weights",
                                                        "hardware": {"cpu": "x86_64"}}))
     (run / "broken.json").write_text("{")
@@ -83,6 +86,9 @@ def test_committed_gate_reports_of_this_engine_only(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| 2026-01-01-h100-run | m3_optimizer | failed |" in md and "other_engine" not in md
+    # the ops the GPU report's probe ran (plain ones left out); "-" where the report records none
+    assert [r["ops"] for r in rows] == ["attention=flash4, mlp=quack_dgated", "-"]
+    assert "| attention=flash4, mlp=quack_dgated |" in md
 
 
 def test_benchmark_rows_ignore_bad_files(tmp_path: Path) -> None:
