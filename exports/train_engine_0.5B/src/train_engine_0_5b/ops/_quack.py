@@ -72,8 +72,8 @@ def _load() -> tuple[Kernels | None, str | None]:
         if cfg is None:
             from quack.gemm_interface import gemm
             return gemm(a, b, out=out, tuned=False)
-        gemm_tuned.fn(a, b, out, config=cfg)
-        return out
+        gemm_tuned.fn(a, b, out, config=cfg)  # quack 0.6.5's `gemm` takes no config; its autotuned entry's own
+        return out                            # function (what `gemm(tuned=False)` calls) does
 
     def k_gemm_lse(a: Tensor, b: Tensor, out: Tensor, site: str) -> Tensor:
         # per-(row, N-tile) online (max, sum) partials, folded by quack's host logsumexp
