@@ -70,6 +70,14 @@ def test_bench_without_the_flag_has_no_op_table(cli, tmp_path):
     assert "op_table" not in json.loads((tmp_path / "b.json").read_text()) and "ops alone" not in res.stderr
 
 
+def _tiny_rows(ops, grad_accum: int) -> list[dict]:
+    """microbench's rows for the tiny model on the CPU in fp32: 1 x 8 tokens per micro batch, one timed rep."""
+    cfg = preset("tiny")
+    shapes = [(cfg.vocab_size, cfg.hidden_size), (cfg.hidden_size,)]
+    return microbench(cfg, ops, micro_batch_size=1, seq_length=8, grad_accum=grad_accum, dtype=torch.float32,
+                      device=torch.device("cpu"), param_shapes=shapes, warmup=1, reps=1)
+
+
 def test_a_failing_op_is_a_row_with_its_error(monkeypatch):
     """A broken selected implementation, and a reference that runs out of memory: errors in the rows,
     every other op still timed."""
@@ -84,11 +92,7 @@ def test_a_failing_op_is_a_row_with_its_error(monkeypatch):
     monkeypatch.setitem(OPS["swiglu"], "plain", OPS["swiglu"]["reference"])
     ops = resolve(OpSelection.parse("rope=broken,swiglu=plain"), "cpu")
     monkeypatch.setitem(OPS["swiglu"], "reference", out_of_memory)
-    cfg = preset("tiny")
-    shapes = [(cfg.vocab_size, cfg.hidden_size), (cfg.hidden_size,)]
-    rows = {r["op"]: r for r in microbench(cfg, ops, micro_batch_size=1, seq_length=8, grad_accum=1,
-                                           dtype=torch.float32, device=torch.device("cpu"), param_shapes=shapes,
-                                           warmup=1, reps=1)}  # fmt: skip
+    rows = {r["op"]: r for r in _tiny_rows(ops, grad_accum=1)}
     assert rows["rope"]["error"] == "ValueError: no kernel for this shape" and rows["rope"]["ms_per_step"] is None
     assert rows["rope"]["reference_error"] is None and _finite_positive(rows["rope"]["reference_ms_per_step"])
     assert rows["rope"]["speedup"] is None
@@ -99,10 +103,7 @@ def test_a_failing_op_is_a_row_with_its_error(monkeypatch):
 
 def test_a_fused_mlp_is_one_row_in_place_of_its_parts():
     cfg = preset("tiny")
-    ops = resolve(OpSelection(mlp="reference"), "cpu")
-    shapes = [(cfg.vocab_size, cfg.hidden_size), (cfg.hidden_size,)]
-    rows = microbench(cfg, ops, micro_batch_size=1, seq_length=8, grad_accum=2, dtype=torch.float32,
-                      device=torch.device("cpu"), param_shapes=shapes, warmup=1, reps=1)
+    rows = _tiny_rows(resolve(OpSelection(mlp="reference"), "cpu"), grad_accum=2)
     assert [r["op"] for r in rows] == [op for op in OPS_IN_A_STEP if op not in ("gemm.fc1", "swiglu", "gemm.fc2")
                                        ][:6] + ["mlp", "gemm.output", "cross_entropy", "adamw"]
     mlp = next(r for r in rows if r["op"] == "mlp")
@@ -111,10 +112,7 @@ def test_a_fused_mlp_is_one_row_in_place_of_its_parts():
 
 def test_a_fused_qkv_rope_is_one_row_in_place_of_its_parts():
     cfg = preset("tiny")
-    ops = resolve(OpSelection(qkv_rope="reference"), "cpu")
-    shapes = [(cfg.vocab_size, cfg.hidden_size), (cfg.hidden_size,)]
-    rows = microbench(cfg, ops, micro_batch_size=1, seq_length=8, grad_accum=2, dtype=torch.float32,
-                      device=torch.device("cpu"), param_shapes=shapes, warmup=1, reps=1)
+    rows = _tiny_rows(resolve(OpSelection(qkv_rope="reference"), "cpu"), grad_accum=2)
     assert [r["op"] for r in rows][:3] == ["rms_norm", "qkv_rope", "attention"]
     assert not {"gemm.qkv", "rope"} & {r["op"] for r in rows}
     row = next(r for r in rows if r["op"] == "qkv_rope")
