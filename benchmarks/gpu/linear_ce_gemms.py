@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--chunk", type=int, default=ce.LINEAR_CE_CHUNK)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--launches", default="", help="quack_lse's one-pass kernel launches to add, BLOCK_V:warps,...")
+    ap.add_argument("--launches", default="", help="quack_lse's one-pass kernel launches to add: BLOCK_V:warps[:split],...")
     args = ap.parse_args()
     T, h, V = args.tokens, 1024, 73448
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -43,9 +43,10 @@ def main() -> None:
     base = run("cublas")
     default_launch = dict(ce.ONE_PASS_LAUNCH)
     modes = {"cublas": None, "quack": None, "quack_lse": None}
-    for item in filter(None, args.launches.split(",")):
-        block, warps = (int(v) for v in item.split(":"))
-        modes[f"quack_lse {block}x{warps}w"] = {"BLOCK_V": block, "num_warps": warps}
+    for item in filter(None, args.launches.split(",")):  # BLOCK_V:warps, or BLOCK_V:warps:split
+        block, warps, *split = item.split(":")
+        modes[f"quack_lse {block}x{warps}w{' split' if split else ''}"] = {
+            "BLOCK_V": int(block), "num_warps": int(warps), "split": split == ["split"]}
 
     def run_mode(mode: str):
         ce.ONE_PASS_LAUNCH.clear()

@@ -90,7 +90,8 @@ for part in "$@"; do
         OUT="$dir" BENCH=0 SANITIZE=0 VARIANTS="${VARIANTS:-quack-dgated linear-ce-quack}" timeout 200 bash benchmarks/gpu/graph_check.sh; } > "$dir/log.txt" 2>&1 ;;
     lcegemms)  # the fused output layer + CE per GEMM mode (cublas / quack / quack_lse), and its quack op tests
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
-      { timeout 240 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_linear_ce_quack_triton.py
+      { timeout 240 python3 -m pytest -q -p no:cacheprovider exports/train_engine_0.5B/tests/ops/test_linear_ce_quack_triton.py \
+          exports/train_engine_0.5B/tests/ops/test_cross_entropy_triton.py
         timeout 200 python3 benchmarks/gpu/linear_ce_gemms.py --out "$dir" ${LCE_GEMMS_ARGS:-}; } > "$dir/log.txt" 2>&1 ;;
     trace)  # the default compiled step's op table plus its ordered kernel timeline (step_trace.py)
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"

@@ -113,6 +113,27 @@ def test_cross_entropy_poisoned_grad_buffer():
     torch.testing.assert_close(losses.double(), per_row, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("launch", [{"BLOCK_V": 256, "num_warps": 4}, {"BLOCK_V": 256, "num_warps": 4, "split": True},
+                                    {"BLOCK_V": 2048, "num_warps": 8, "split": True}], ids=["per row", "split", "split, one block"])
+def test_gradient_pass_launches_match_fp64(launch, dtype):
+    """The one-pass gradient kernel per row and split across programs (one per block of a row): V 1000 leaves a
+    partial last 256-block; labels sit on block edges (255, 256, 767, 768, 999) and at 0, one row is ignored; the
+    gradient buffer starts as NaN, so a block no program writes shows."""
+    gen = torch.Generator().manual_seed(7)
+    V = 1000
+    logits = (torch.randn(8, V, generator=gen) * 3).to(DEVICE, dtype)
+    labels = torch.tensor([0, 255, 256, 767, 768, 999, IGNORE_INDEX, 500], device=DEVICE)
+    lse = torch.logsumexp(logits.double(), -1).float()
+    grad = torch.full_like(logits, float("nan"))
+    cross_entropy_bwd(logits, labels, lse, torch.tensor(0.5, device=DEVICE), grad=grad, launch=dict(launch))
+    l64 = logits.double().requires_grad_()
+    (cross_entropy_reference(l64, labels) * 0.5).backward()
+    assert torch.isfinite(grad).all()
+    assert torch.equal(grad[6], torch.zeros_like(grad[6]))  # the ignored row
+    _close(grad, l64.grad, TOL[dtype])
+
+
 # ---- fused with the output projection --------------------------------------------------------------
 
 

@@ -95,6 +95,18 @@ def test_compiled_region_has_no_graph_break(impl):
         assert rel_err(w, g) < 1e-5
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_weight_gradients_come_out_contiguous(impl, compiled):
+    """interleave's backward hands gate / up their gradients contiguous (stack's would be strided views of dW1i,
+    which autograd copies again outside the compiled graph), equal to the reference's."""
+    x, gate, up, down, dout = _inputs(2, 9, 16, 24, dtype=torch.float32)
+    fn = torch.compile(impl.mlp, backend="aot_eager", fullgraph=True) if compiled else impl.mlp
+    dgate, dup = torch.autograd.grad(fn(x, gate, up, down), (gate, up), dout)
+    want = torch.autograd.grad(reference.mlp(x, gate, up, down), (gate, up), dout)
+    assert dgate.is_contiguous() and dup.is_contiguous()
+    assert rel_err(want[0], dgate) < 1e-5 and rel_err(want[1], dup) < 1e-5
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_poisoned_kernel_output_is_visible(monkeypatch, name):
     """A forward kernel that leaves half of postact unwritten (NaN-filled) must show in the output."""

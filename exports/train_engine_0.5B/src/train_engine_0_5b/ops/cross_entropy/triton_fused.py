@@ -59,15 +59,21 @@ def _row_lse(row_ptr, V, scale, BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
 
 
 @triton.jit
+def _block_grad(row_ptr, grad_ptr, start, V, label, lse, scale, mult, BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
+    """grad[start:start + BLOCK_V] = mult * (softmax(scale * row) - onehot(label)) over that block of the row,
+    stored in grad_ptr's dtype (may be row_ptr: the block is read before it is overwritten)."""
+    cols = start + tl.arange(0, BLOCK_V)
+    mask = cols < V
+    z = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32) * scale
+    g = tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)
+    tl.store(grad_ptr + cols, (g * mult).to(grad_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+
+
+@triton.jit
 def _row_grad(row_ptr, grad_ptr, V, label, lse, scale, mult, BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
-    """grad = mult * (softmax(scale * row) - onehot(label)), stored in grad_ptr's dtype (may be row_ptr:
-    each block is read before it is overwritten, and the row belongs to this program alone)."""
-    cols = tl.arange(0, BLOCK_V)
+    """_block_grad over the whole row, block by block (the row belongs to this program alone)."""
     for start in range(0, V, BLOCK_V):
-        mask = start + cols < V
-        z = tl.load(row_ptr + start + cols, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32) * scale
-        g = tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)
-        tl.store(grad_ptr + start + cols, (g * mult).to(grad_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+        _block_grad(row_ptr, grad_ptr, start, V, label, lse, scale, mult, BLOCK_V, EVICT)
 
 
 @triton.jit
@@ -115,6 +121,25 @@ def _ce_bwd_kernel(
     mult = tl.where(label != ignore_index, scale, 0.0) * tl.load(dloss_ptr)
     lse = tl.load(lse_ptr + row)
     _row_grad(logits_ptr + row * stride, grad_ptr + row * grad_stride, V, label, lse, scale, mult, BLOCK_V, "")
+
+
+@triton.jit
+def _ce_bwd_split_kernel(
+    logits_ptr, labels_ptr, lse_ptr, dloss_ptr, grad_ptr, V_units, stride_units, grad_stride_units, n_blocks, scale,
+    ignore_index, UNIT: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # _ce_bwd_kernel with each row split across programs: program pid takes block pid % n_blocks of row
+    # pid // n_blocks, so no program loops and the blocks of a row are read and written side by side
+    V = V_units * UNIT
+    stride = stride_units * UNIT
+    grad_stride = grad_stride_units * UNIT
+    pid = tl.program_id(0)
+    row = (pid // n_blocks).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    mult = tl.where(label != ignore_index, scale, 0.0) * tl.load(dloss_ptr)
+    lse = tl.load(lse_ptr + row)
+    start = (pid % n_blocks) * BLOCK_V
+    _block_grad(logits_ptr + row * stride, grad_ptr + row * grad_stride, start, V, label, lse, scale, mult, BLOCK_V, "")
 
 
 def _require_triton(*tensors: Tensor) -> None:
@@ -179,25 +204,29 @@ def cross_entropy_fwd(
 
 # The one-pass gradient kernel (`_ce_bwd_kernel`, one program per row) when the logsumexp came from the logits
 # GEMM's epilogue (gemms "quack_lse"): its block and warps; benchmarks/gpu/linear_ce_gemms.py --launches sweeps them.
-ONE_PASS_LAUNCH: dict[str, int] = {"BLOCK_V": 4096, "num_warps": 8}
+ONE_PASS_LAUNCH: dict[str, int | bool] = {"BLOCK_V": 4096, "num_warps": 8}
 
 
 def cross_entropy_bwd(
     logits: Tensor, labels: Tensor, lse: Tensor, dloss: Tensor, *, scale: float = 1.0, grad: Tensor | None = None,
-    launch: dict[str, int] | None = None,
+    launch: dict[str, int | bool] | None = None,
 ) -> Tensor:
     """d(dloss * sum of losses)/d(logits) into `grad` (rows, V) (new when not given); dloss is a 0-dim
-    device tensor (read by the kernel: no host sync). `launch`: BLOCK_V / num_warps (default by V)."""
+    device tensor (read by the kernel: no host sync). `launch`: BLOCK_V / num_warps (default by V), and
+    split=True for a program per block of a row instead of per row."""
     rows, V = logits.shape
     grad = torch.empty_like(logits) if grad is None else grad
     _require_triton(logits, grad)
     dloss = dloss.to(device=logits.device, dtype=torch.float32).reshape(())
     if rows:
         u = _unit(V, logits, grad)
-        _ce_bwd_kernel[(rows,)](
-            logits, labels, lse, dloss, grad, V // u, logits.stride(0) // u, grad.stride(0) // u, scale, IGNORE_INDEX,
-            UNIT=u, **(_launch_config(V) if launch is None else launch),
-        )  # fmt: skip
+        meta = dict(_launch_config(V) if launch is None else launch)
+        args = (logits, labels, lse, dloss, grad, V // u, logits.stride(0) // u, grad.stride(0) // u)
+        if meta.pop("split", False):
+            n_blocks = triton.cdiv(V, meta["BLOCK_V"])
+            _ce_bwd_split_kernel[(rows * n_blocks,)](*args, n_blocks, scale, IGNORE_INDEX, UNIT=u, **meta)
+        else:
+            _ce_bwd_kernel[(rows,)](*args, scale, IGNORE_INDEX, UNIT=u, **meta)
     return grad
 
 

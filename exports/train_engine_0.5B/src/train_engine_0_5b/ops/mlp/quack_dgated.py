@@ -13,8 +13,8 @@ postact (f x tokens bf16 per layer) for fc2's weight gradient.
     backward  dpreact, postact = gemm_dgated(dout, W2, preact)  quack, pinned SM90 config
               dW2 = dout^T @ postact; dx = dpreact @ W1i; dW1i = dpreact^T @ x     cuBLAS
 
-W1i interleaves gate and up rows (gate_0, up_0, gate_1, ...), built from the HF-named parameters each call, as
-in quack_gated.py, so checkpoints and exports are unchanged. Both directions are `torch.library` custom ops
+W1i interleaves gate and up rows (gate_0, up_0, gate_1, ...), built from the HF-named parameters each call by
+quack_gated.interleave, so checkpoints and exports are unchanged. Both directions are `torch.library` custom ops
 with fakes (torch.compile keeps each one node); bf16 / fp16 CUDA tensors on compute capability 9.0+.
 `_kernels` is the one seam the CPU tests replace with plain math following quack's contract.
 """
@@ -29,6 +29,7 @@ from torch import Tensor
 from train_engine_0_5b.errors import EngineError
 from train_engine_0_5b.ops import _quack
 from train_engine_0_5b.ops._hopper import require_hopper_half
+from train_engine_0_5b.ops.mlp.quack_gated import interleave
 
 _SITE = "mlp.fc2_dgrad_dswiglu"  # its SM90 config in _quack.SM90_CONFIGS
 
@@ -114,6 +115,6 @@ quack_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def mlp(x: Tensor, gate_w: Tensor, up_w: Tensor, down_w: Tensor) -> Tensor:
     """down(silu(x @ gate^T) * (x @ up^T)); x (..., h) -> (..., h)."""
-    w1i = torch.stack((gate_w, up_w), dim=1).flatten(0, 1)  # (2f, h): gate_0, up_0, gate_1, ...
+    w1i = interleave(gate_w, up_w)  # (2f, h): gate_0, up_0, gate_1, ...
     y, _ = quack_mlp_fwd(x.reshape(-1, x.shape[-1]), w1i, down_w)
     return y.view(*x.shape[:-1], down_w.shape[0])

@@ -17,8 +17,8 @@ TFLOP/s against cuBLAS's ~700 on the other MLP shapes, so those stay on cuBLAS. 
 interleaved layout (dswiglu.py) runs at HBM bandwidth.
 
 W1i (2f, h) interleaves the rows of gate and up (gate_0, up_0, gate_1, ...), the layout quack's gated
-epilogue pairs; it is built from the HF-named parameters each call (one 16 MB copy per layer; its gradient
-is two strided views), so checkpoints and exports are unchanged. `preact` (M, 2f) is interleaved the same way.
+epilogue pairs; `interleave` builds it from the HF-named parameters each call (one 16 MB copy per layer), so
+checkpoints and exports are unchanged. `preact` (M, 2f) is interleaved the same way.
 
 The forward is a `torch.library` custom op with a fake and a registered autograd formula (torch code,
 which torch.compile traces). bf16 / fp16 CUDA tensors on compute capability 9.0+. When quack is
@@ -92,8 +92,30 @@ def _backward(ctx, _dpreact: Tensor | None, dpost: Tensor) -> tuple[Tensor, Tens
 quack_swiglu_fc1.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Interleave(torch.autograd.Function):
+    """(gate (f, h), up (f, h)) -> W1i (2f, h) = gate_0, up_0, gate_1, ...; the backward hands back contiguous
+    gradients. Why: torch.stack's backward gives two strided views of dW1i, which autograd then copies into
+    contiguous .grad tensors outside the compiled graph, 48 ATen copies at ~14 us per 0.5B step on an H100
+    (benchmarks/results/engine-0.5b-gemm-election-2026-11-24-h100/trace_ca6904c/); made contiguous here, the
+    copy is in the traced backward, where Inductor fuses both into one kernel and autograd keeps the result."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        return torch.stack((gate, up), dim=1).flatten(0, 1)
+
+    @staticmethod
+    def backward(ctx, dw1i: Tensor) -> tuple[Tensor, Tensor]:
+        pairs = dw1i.view(-1, 2, dw1i.shape[-1])
+        return pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
+
+
+def interleave(gate_w: Tensor, up_w: Tensor) -> Tensor:
+    """W1i (2f, h): the rows of gate_w and up_w (f, h) interleaved, gate first (quack's gated layout)."""
+    return _Interleave.apply(gate_w, up_w)
+
+
 def mlp(x: Tensor, gate_w: Tensor, up_w: Tensor, down_w: Tensor) -> Tensor:
     """down(silu(x @ gate^T) * (x @ up^T)); x (..., h) -> (..., h)."""
-    w1i = torch.stack((gate_w, up_w), dim=1).flatten(0, 1)  # (2f, h): gate_0, up_0, gate_1, ...
+    w1i = interleave(gate_w, up_w)  # (2f, h): gate_0, up_0, gate_1, ...
     _, postact = quack_swiglu_fc1(x.reshape(-1, x.shape[-1]), w1i)
     return F.linear(postact, down_w).view(*x.shape[:-1], down_w.shape[0])
