@@ -59,7 +59,9 @@ def math_quack(monkeypatch):
     def gemm_lse(a, b, out, site):
         calls.append((a.shape[0], site + "+lse"))
         torch.mm(a, b, out=out)
-        return torch.logsumexp(a.double() @ b.double(), dim=-1).float()  # from the unrounded product, as quack's
+        # per-N-tile partials from the unrounded product, as quack's; tiles of 7 leave a ragged last one
+        tiles = (a.double() @ b.double()).split(7, dim=-1)
+        return torch.stack([torch.logsumexp(t, dim=-1) for t in tiles], dim=-1).float()
 
     monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=gemm_into, gemm_lse=gemm_lse))
     monkeypatch.setattr(quack_triton, "require_hopper_half", lambda *a: None)  # fp32 (and the CPU) here
@@ -96,7 +98,7 @@ def test_poisoned_gemm_output_is_visible(monkeypatch, math_quack, poisoned, gemm
 
     def half_written_lse(a, b, out, site):
         half_written(a, b, out, site)
-        return torch.logsumexp(a.double() @ b.double(), dim=-1).float()
+        return torch.logsumexp(a.double() @ b.double(), dim=-1, keepdim=True).float()  # one partial per row
 
     monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=half_written, gemm_lse=half_written_lse))
     monkeypatch.setattr(quack_triton, "GEMMS", gemms)

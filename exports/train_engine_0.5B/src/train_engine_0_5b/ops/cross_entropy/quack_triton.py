@@ -4,8 +4,9 @@ sm90+) instead of cuBLAS; the Triton loss / gradient pass and the cuBLAS dW GEMM
 Why: per 8192-token chunk (x 73448 x 1024) on an H100, cuBLAS ran the logits GEMM at ~2.0 ms (~615 TFLOP/s,
 well below its ~700 elsewhere) and the dx GEMM at 1.79 ms; quack with the SM90 tile configs pinned in
 ops/_quack.py ran them at ~1.65 and 1.68 ms. dW's GEMM writes fp32, which quack's was not faster at.
-With gradients (GEMMS "quack_lse"), the logits GEMM's epilogue also gives each row's logsumexp, so the Triton
-gradient pass reads the logits once instead of twice: the op at 32768 tokens fwd+bwd took 24.9 ms against 26.2
+With gradients (GEMMS "quack_lse"), the logits GEMM's epilogue also gives each row's logsumexp per N-tile (one
+small Triton kernel folds them and takes the loss), so the Triton gradient pass reads the logits once instead of
+twice: the op at 32768 tokens fwd+bwd took 24.9 ms against 26.2
 with the plain quack GEMM and 26.3 with cuBLAS. bf16 / fp16 CUDA tensors on compute capability 9.0+.
 """
 

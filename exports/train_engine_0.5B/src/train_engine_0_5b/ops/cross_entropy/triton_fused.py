@@ -142,6 +142,26 @@ def _ce_bwd_split_kernel(
     _block_grad(logits_ptr + row * stride, grad_ptr + row * grad_stride, start, V, label, lse, scale, mult, BLOCK_V, "")
 
 
+@triton.jit
+def _lse_loss_kernel(
+    parts_ptr, logits_ptr, labels_ptr, lse_ptr, loss_ptr, n_parts, parts_stride, logits_stride, ignore_index,
+    BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    # one row per program: lse = logsumexp of the row's partials (the logits GEMM's per-N-tile logsumexps);
+    # loss = lse - the label's logit as stored (0 for an ignored label). Runs before the gradient pass
+    # overwrites the logits.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_P)
+    p = tl.load(parts_ptr + row * parts_stride + cols, mask=cols < n_parts, other=-float("inf"))
+    m = tl.max(p, axis=0)
+    lse = m + tl.log(tl.sum(tl.exp(p - m), axis=0))
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    z_label = tl.load(logits_ptr + row * logits_stride + tl.where(valid, label, 0)).to(tl.float32)
+    tl.store(lse_ptr + row, lse)
+    tl.store(loss_ptr + row, tl.where(valid, lse - z_label, 0.0))
+
+
 def _require_triton(*tensors: Tensor) -> None:
     require_triton("cross-entropy")
     if any(t.stride(-1) != 1 for t in tensors):
@@ -202,9 +222,11 @@ def cross_entropy_fwd(
     return losses, lse
 
 
-# The one-pass gradient kernel (`_ce_bwd_kernel`, one program per row) when the logsumexp came from the logits
-# GEMM's epilogue (gemms "quack_lse"): its block and warps; benchmarks/gpu/linear_ce_gemms.py --launches sweeps them.
-ONE_PASS_LAUNCH: dict[str, int | bool] = {"BLOCK_V": 4096, "num_warps": 8}
+# The one-pass gradient kernel's launch when the logsumexp came from the logits GEMM's epilogue (gemms "quack_lse"):
+# split, a program per 4096-block of a row. benchmarks/gpu/linear_ce_gemms.py --launches sweeps them; on an H100 the
+# op (32k tokens, fwd+bwd) took 25.50 ms split against 26.08 one program per row (blocks 1024-8192, 2-8 warps
+# split: 25.50-25.83; benchmarks/results/engine-0.5b-ce-split-2026-11-24-h100/).
+ONE_PASS_LAUNCH: dict[str, int | bool] = {"BLOCK_V": 4096, "num_warps": 8, "split": True}
 
 
 def cross_entropy_bwd(
@@ -343,9 +365,9 @@ def fused_linear_cross_entropy_fwd_bwd(
     even from bf16 inputs: on an H100 at 73448 x 1024 x 32768 cuBLAS took 6.7 ms for that against 8.1 ms
     for a bf16 output (scripts/gpu_linear_ce.py). `gemms` names who runs the logits and dx GEMMs: "cublas"
     (torch.mm), "quack" (ops/_quack.py's pinned configs), or "quack_lse": quack, and with gradients at
-    logit_scale 1 the logits GEMM's epilogue also gives each row's logsumexp (from the fp32 accumulator), so
-    the gradient pass is one read + one write of the logits instead of two reads + one write; the loss is that
-    logsumexp minus the label's (rounded) logit. dW's GEMM stays on cuBLAS (fp32 output)."""
+    logit_scale 1 the logits GEMM's epilogue also gives each row's logsumexp per N-tile (from the fp32
+    accumulator; `_lse_loss_kernel` folds them), so the gradient pass is one read + one write of the logits
+    instead of two reads + one write; the loss is that logsumexp minus the label's (rounded) logit. dW's GEMM stays on cuBLAS (fp32 output)."""
     T, h = hidden.shape
     V = weight.shape[0]
     _require_triton(hidden, weight)
@@ -369,10 +391,10 @@ def fused_linear_cross_entropy_fwd_bwd(
         x, z, y = hidden[r0:r1], logits[: r1 - r0], labels[r0:r1]
         if gemms == "quack_lse" and need_grad and logit_scale == 1.0:
             # the GEMM's epilogue gives each row's logsumexp: the gradient pass reads the logits once, not twice
-            lse_c = _quack_kernels().gemm_lse(x, weight.t(), z, "output.logits")
-            valid = y != IGNORE_INDEX
-            z_label = z.gather(1, torch.where(valid, y, 0)[:, None])[:, 0].float()
-            losses[r0:r1] = torch.where(valid, lse_c - z_label, 0.0)
+            parts = _quack_kernels().gemm_lse(x, weight.t(), z, "output.logits")  # (c, N-tiles) logsumexps
+            lse_c = lse[: r1 - r0]
+            _lse_loss_kernel[(r1 - r0,)](parts, z, y, lse_c, losses[r0:r1], parts.shape[1], parts.stride(0),
+                                         z.stride(0), IGNORE_INDEX, BLOCK_P=triton.next_power_of_2(parts.shape[1]))
             cross_entropy_bwd(z, y, lse_c, grad_scale if grad_scale is not None else z.new_ones((), dtype=torch.float32),
                               grad=z, launch=ONE_PASS_LAUNCH)  # fmt: skip
         else:
