@@ -223,9 +223,10 @@ def cross_entropy_fwd(
 
 
 # The one-pass gradient kernel's launch when the logsumexp came from the logits GEMM's epilogue (gemms "quack_lse"):
-# split, a program per 4096-block of a row. benchmarks/gpu/linear_ce_gemms.py --launches sweeps them; on an H100 the
-# op (32k tokens, fwd+bwd) took 25.50 ms split against 26.08 one program per row (blocks 1024-8192, 2-8 warps
-# split: 25.50-25.83; benchmarks/results/engine-0.5b-ce-split-2026-11-24-h100/).
+# split, a program per 4096-block of a row. benchmarks/gpu/linear_ce_gemms.py --launches sweeps them; on H100s the
+# op (32k tokens, fwd+bwd) took 25.50 / 24.46 ms split against 26.08 / 25.66 one program per row (two runs; blocks
+# 1024-8192, 2-8 warps split: within 0.4 ms of 4096 x 8), and in the step the pass went from 4.21 to 3.21 ms
+# (benchmarks/results/engine-0.5b-ce-split-2026-11-24-h100/).
 ONE_PASS_LAUNCH: dict[str, int | bool] = {"BLOCK_V": 4096, "num_warps": 8, "split": True}
 
 
