@@ -368,7 +368,8 @@ def fused_linear_cross_entropy_fwd_bwd(
     (torch.mm), "quack" (ops/_quack.py's pinned configs), or "quack_lse": quack, and with gradients at
     logit_scale 1 the logits GEMM's epilogue also gives each row's logsumexp per N-tile (from the fp32
     accumulator; `_lse_loss_kernel` folds them), so the gradient pass is one read + one write of the logits
-    instead of two reads + one write; the loss is that logsumexp minus the label's (rounded) logit. dW's GEMM stays on cuBLAS (fp32 output)."""
+    instead of two reads + one write; the loss is that logsumexp minus the label's (rounded) logit. dW's GEMM
+    stays on cuBLAS (fp32 output)."""
     T, h = hidden.shape
     V = weight.shape[0]
     _require_triton(hidden, weight)
@@ -391,7 +392,7 @@ def fused_linear_cross_entropy_fwd_bwd(
         r1 = min(r0 + chunk, T)
         x, z, y = hidden[r0:r1], logits[: r1 - r0], labels[r0:r1]
         if gemms == "quack_lse" and need_grad and logit_scale == 1.0:
-            # the GEMM's epilogue gives each row's logsumexp: the gradient pass reads the logits once, not twice
+            # the GEMM's epilogue gives each row's logsumexps per N-tile: the gradient pass reads the logits once
             parts = _quack_kernels().gemm_lse(x, weight.t(), z, "output.logits")  # (c, N-tiles) logsumexps
             lse_c = lse[: r1 - r0]
             _lse_loss_kernel[(r1 - r0,)](parts, z, y, lse_c, losses[r0:r1], parts.shape[1], parts.stride(0),
