@@ -113,12 +113,12 @@ def test_cross_entropy_poisoned_grad_buffer():
     torch.testing.assert_close(losses.double(), per_row, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 LAUNCHES = {"per row": {"BLOCK_V": 256, "num_warps": 4}, "split": {"BLOCK_V": 256, "num_warps": 4, "split": True},
             "split, one block": {"BLOCK_V": 2048, "num_warps": 8, "split": True}}
 
 
-@pytest.mark.parametrize("launch", LAUNCHES.values(), ids=LAUNCHES.keys())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("launch", list(LAUNCHES.values()), ids=list(LAUNCHES))
 def test_gradient_pass_launches_match_fp64(launch, dtype):
     """The one-pass gradient kernel per row and split across programs (one per block of a row): V 1000 leaves a
     partial last 256-block; labels sit on block edges (255, 256, 767, 768, 999) and at 0, one row is ignored; the
