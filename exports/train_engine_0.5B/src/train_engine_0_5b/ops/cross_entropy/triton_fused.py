@@ -110,26 +110,11 @@ def _ce_fwd_kernel(
 
 @triton.jit
 def _ce_bwd_kernel(
-    logits_ptr, labels_ptr, lse_ptr, dloss_ptr, grad_ptr, V_units, stride_units, grad_stride_units, scale,
-    ignore_index, UNIT: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
-    V = V_units * UNIT
-    stride = stride_units * UNIT
-    grad_stride = grad_stride_units * UNIT
-    row = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    mult = tl.where(label != ignore_index, scale, 0.0) * tl.load(dloss_ptr)
-    lse = tl.load(lse_ptr + row)
-    _row_grad(logits_ptr + row * stride, grad_ptr + row * grad_stride, V, label, lse, scale, mult, BLOCK_V, "")
-
-
-@triton.jit
-def _ce_bwd_split_kernel(
     logits_ptr, labels_ptr, lse_ptr, dloss_ptr, grad_ptr, V_units, stride_units, grad_stride_units, n_blocks, scale,
-    ignore_index, UNIT: tl.constexpr, BLOCK_V: tl.constexpr,
+    ignore_index, SPLIT: tl.constexpr, UNIT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    # _ce_bwd_kernel with each row split across programs: program pid takes block pid % n_blocks of row
-    # pid // n_blocks, so no program loops and the blocks of a row are read and written side by side
+    # A program per row, looping over its blocks; or with SPLIT, program pid takes block pid % n_blocks of row
+    # pid // n_blocks, so no program loops and the blocks of a row are read and written side by side.
     V = V_units * UNIT
     stride = stride_units * UNIT
     grad_stride = grad_stride_units * UNIT
@@ -138,8 +123,11 @@ def _ce_bwd_split_kernel(
     label = tl.load(labels_ptr + row).to(tl.int64)
     mult = tl.where(label != ignore_index, scale, 0.0) * tl.load(dloss_ptr)
     lse = tl.load(lse_ptr + row)
-    start = (pid % n_blocks) * BLOCK_V
-    _block_grad(logits_ptr + row * stride, grad_ptr + row * grad_stride, start, V, label, lse, scale, mult, BLOCK_V, "")
+    row_ptr, grad_row_ptr = logits_ptr + row * stride, grad_ptr + row * grad_stride
+    if SPLIT:
+        _block_grad(row_ptr, grad_row_ptr, (pid % n_blocks) * BLOCK_V, V, label, lse, scale, mult, BLOCK_V, "")
+    else:
+        _row_grad(row_ptr, grad_row_ptr, V, label, lse, scale, mult, BLOCK_V, "")
 
 
 @triton.jit
@@ -244,12 +232,12 @@ def cross_entropy_bwd(
     if rows:
         u = _unit(V, logits, grad)
         meta = dict(_launch_config(V) if launch is None else launch)
-        args = (logits, labels, lse, dloss, grad, V // u, logits.stride(0) // u, grad.stride(0) // u)
-        if meta.pop("split", False):
-            n_blocks = triton.cdiv(V, meta["BLOCK_V"])
-            _ce_bwd_split_kernel[(rows * n_blocks,)](*args, n_blocks, scale, IGNORE_INDEX, UNIT=u, **meta)
-        else:
-            _ce_bwd_kernel[(rows,)](*args, scale, IGNORE_INDEX, UNIT=u, **meta)
+        split = bool(meta.pop("split", False))
+        n_blocks = triton.cdiv(V, meta["BLOCK_V"]) if split else 1  # programs per row
+        _ce_bwd_kernel[(rows * n_blocks,)](
+            logits, labels, lse, dloss, grad, V // u, logits.stride(0) // u, grad.stride(0) // u, n_blocks, scale,
+            IGNORE_INDEX, SPLIT=split, UNIT=u, **meta,
+        )  # fmt: skip
     return grad
 
 
