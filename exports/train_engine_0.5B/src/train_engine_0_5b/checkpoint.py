@@ -156,6 +156,16 @@ def load(path: Path) -> Checkpoint:
                       _load_tensors(path / RNG_FILE))
 
 
+def dump_state(path: Path, out: Path) -> Path:
+    """`dump-state`: a checkpoint's master weights and moments under the training contract's names."""
+    loaded = load(path)
+    tensors = {f"weight.{k}": v for k, v in loaded.master.items()} | dict(loaded.optim)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(_cpu(tensors), str(out / "tensors.safetensors"))
+    (out / "metrics.json").write_text(json.dumps({"step": loaded.step, "checkpoint": str(loaded.path)}, indent=2) + "\n")
+    return out
+
+
 def mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Fields that differ between two JSON-like dicts, as 'field: saved -> current'."""
     out = []

@@ -45,6 +45,17 @@ def _model(spec: str):
     return load(spec)
 
 
+def _pretrain_model(spec: str | None, init_from: Path | None):
+    """--model, else --init-from's config.json, else the engine's model."""
+    if spec is None and init_from is not None:
+        from train_engine_0_5b.model_config import from_hf_config
+
+        if not (init_from / "config.json").is_file():
+            raise EngineError(f"--init-from {init_from}: no config.json (expected a Hugging Face MiniCPM checkpoint directory)")
+        return from_hf_config(init_from / "config.json")[0]
+    return _model(spec or DEFAULT_MODEL)
+
+
 def _ops(text: str):
     from train_engine_0_5b.ops.registry import OpSelection
 
@@ -58,7 +69,9 @@ def pretrain(
     global_batch_size: int = typer.Option(8, "--global-batch-size", help="sequences per step over all ranks"),
     micro_batch_size: int = typer.Option(4, "--micro-batch-size", help="sequences per forward/backward per rank"),
     seq_length: int = typer.Option(4096, "--seq-length", help="tokens per sequence"),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="preset (minicpm4-0.5b, tiny), model .toml or HF config.json"),
+    model: Optional[str] = typer.Option(None, "--model", help=f"preset (minicpm4-0.5b, tiny), model .toml or HF config.json; default: --init-from's config.json, else {DEFAULT_MODEL}"),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from a Hugging Face MiniCPM checkpoint directory (config.json + safetensors)"),
+    token_batches: Optional[Path] = typer.Option(None, "--token-batches", help="train on these pre-batched token ids (safetensors input_ids/labels, steps x global batch x seq) instead of a dataset"),
     hf_dataset: Optional[str] = typer.Option(None, "--hf-dataset", help="local file/dir (Parquet, Arrow, JSON/JSONL, text) or Hub name; default: the shipped corpus"),
     hf_dataset_config: Optional[str] = typer.Option(None, "--hf-dataset-config", help="Hub dataset configuration"),
     hf_dataset_split: str = typer.Option("train", "--hf-dataset-split", help="split of a Hub / save_to_disk dataset"),
@@ -81,10 +94,10 @@ def pretrain(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"),
     ops: str = typer.Option("", "--ops", help="op=implementation,... e.g. attention=sdpa,gemm.qkv=concat"),
-    deterministic: bool = typer.Option(True, "--deterministic/--no-deterministic"),
-    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the forward + loss (the fast GPU path)"),
+    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic", help="deterministic kernels (bit-identical resume on one GPU); default: on for a CPU, off on CUDA"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the forward + loss; default: on with CUDA"),
     recompute: str = typer.Option("none", "--recompute", help="activation recomputation per layer: none | mlp | attention | layer (memory for compute)"),
-    cuda_graph: bool = typer.Option(False, "--cuda-graph/--no-cuda-graph", help="replay the whole step as one CUDA graph (CUDA, one rank, one micro batch per step)"),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="replay the whole step as one CUDA graph (CUDA, one rank, one micro batch per step); default: where it applies"),
     bucket_mb: float = typer.Option(25.0, "--bucket-mb", help="gradient all-reduce bucket (MiB)"),
     exit_after_steps: Optional[int] = typer.Option(None, "--exit-after-steps", help="stop (with a checkpoint) after N steps of this run"),
     log_file: Optional[Path] = typer.Option(None, "--log-file", help="JSONL step log"),
@@ -94,15 +107,16 @@ def pretrain(
     from train_engine_0_5b import config, pretrain as pretrain_mod
 
     cfg = config.build(
-        model=_model(model), ops=_ops(ops),
+        model=_pretrain_model(model, init_from), ops=_ops(ops),
         train=dict(num_steps=num_steps, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
                    seq_length=seq_length, seed=seed, init_std=init_std, bucket_mb=bucket_mb,
                    exit_after_steps=exit_after_steps),
         optim=dict(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, lr_schedule=lr_schedule, decay_steps=decay_steps,
                    weight_decay=weight_decay, grad_clip=grad_clip, zero1=zero1),
         data=dict(hf_dataset=hf_dataset, hf_dataset_config=hf_dataset_config, hf_dataset_split=hf_dataset_split,
-                  hf_text_template=hf_text_template, tokenizer_path=tokenizer_path, shuffle=shuffle),
-        checkpoint=dict(save_dir=save_dir, save_interval=save_interval, resume=resume),
+                  hf_text_template=hf_text_template, tokenizer_path=tokenizer_path, shuffle=shuffle,
+                  token_batches=token_batches),
+        checkpoint=dict(save_dir=save_dir, save_interval=save_interval, resume=resume, init_from=init_from),
         runtime=dict(device=device, dtype=dtype, deterministic=deterministic, compile=compile, recompute=recompute,
                      cuda_graph=cuda_graph, log_file=log_file),
     )
@@ -185,6 +199,18 @@ def export_hf(
 
     path = export(checkpoint, out, dtype)
     typer.echo(f"exported {path}")
+
+
+@app.command("dump-state")
+@_guard
+def dump_state(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint directory, or a save dir (its latest)"),
+    out: Path = typer.Option(..., "--out", help="output directory: tensors.safetensors + metrics.json"),
+) -> None:
+    """Write a checkpoint's fp32 master weights (weight.NAME) and AdamW moments (exp_avg.NAME, exp_avg_sq.NAME)."""
+    from train_engine_0_5b.checkpoint import dump_state as dump
+
+    typer.echo(f"wrote {dump(checkpoint, out)}")
 
 
 @app.command()

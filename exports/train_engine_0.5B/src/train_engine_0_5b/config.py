@@ -30,6 +30,8 @@ class DataConfig(_Section):
     hf_text_template: str | None = Field(None, description="str.format template over record fields; None: the 'text' column")
     tokenizer_path: str | None = Field(None, description="HF tokenizer directory; None: the shipped default tokenizer")
     shuffle: bool = Field(True, description="shuffle documents each epoch (seeded)")
+    token_batches: Path | None = Field(None, description="pre-batched token ids (data/batches.py) instead of a dataset: "
+                                       "safetensors input_ids / labels of shape (steps, global batch, seq)")
 
 
 class TrainConfig(_Section):
@@ -62,16 +64,20 @@ class CheckpointConfig(_Section):
     save_dir: Path | None = Field(None, description="checkpoints go to save_dir/step_XXXXXXXX, `latest` names the newest")
     save_interval: int = Field(0, ge=0, description="save every N steps (0: only at the end)")
     resume: bool = Field(False, description="continue from save_dir's latest checkpoint")
+    init_from: Path | None = Field(None, description="a Hugging Face MiniCPM checkpoint directory to start from "
+                                   "(init_from.py); the model config comes from it")
 
 
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype; auto: bf16 on GPU, fp32 on CPU")
-    deterministic: bool = Field(True, description="torch deterministic algorithms (bit-identical resume)")
-    compile: bool = Field(False, description="torch.compile the forward + loss (model.compile_loss); the registry's "
-                          "reference ops are then fused by inductor, Triton ops with host-side code break the graph")
-    cuda_graph: bool = Field(False, description="capture the whole step (forward, backward, clipped AdamW) as one CUDA "
-                             "graph after two eager steps (cuda_graph.py): CUDA, one rank, one micro batch per step")
+    deterministic: bool | None = Field(None, description="torch deterministic algorithms (bit-identical resume on the "
+                                       "same GPU); None: on for a CPU, off on CUDA, where it costs speed")
+    compile: bool | None = Field(None, description="torch.compile the forward + loss (model.compile_loss); None: on with "
+                                 "CUDA, off on a CPU")
+    cuda_graph: bool | None = Field(None, description="capture the whole step (forward, backward, clipped AdamW) as one "
+                                    "CUDA graph after two eager steps (cuda_graph.py): CUDA, one rank, one micro batch per "
+                                    "step; None: on where it applies")
     recompute: Recompute = Field(
         "none", description="activation recomputation per layer (model.RECOMPUTE): none | mlp | attention | layer")
     log_file: Path | None = Field(None, description="JSONL, one line per step (rank 0)")
@@ -80,6 +86,12 @@ class RuntimeConfig(_Section):
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    def resolved_deterministic(self) -> bool:
+        return self.resolved_device() == "cpu" if self.deterministic is None else self.deterministic
+
+    def resolved_compile(self) -> bool:
+        return self.resolved_device() == "cuda" if self.compile is None else self.compile
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

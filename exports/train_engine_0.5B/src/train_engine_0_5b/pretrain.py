@@ -16,9 +16,10 @@ import torch
 from train_engine_0_5b import checkpoint as ckpt
 from train_engine_0_5b import cuda_graph, runtime
 from train_engine_0_5b.config import EngineConfig
-from train_engine_0_5b.data import Data, Loader, Prefetcher, prepare
+from train_engine_0_5b.data import Data, Prefetcher, prepare, prepare_batches
 from train_engine_0_5b.dist import DistContext
 from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.init_from import load_init
 from train_engine_0_5b.metrics import StepLog, mfu
 from train_engine_0_5b.model import build_model, compile_loss, init_weights
 from train_engine_0_5b.ops.registry import resolve
@@ -32,7 +33,7 @@ RESUME_KEYS = ("model", "seq_length", "global_batch_size", "data_fingerprint", "
 def _identity(cfg: EngineConfig, data: Data) -> dict:
     return {"model": json.loads(cfg.model.model_dump_json()), "seq_length": cfg.train.seq_length,
             "global_batch_size": cfg.train.global_batch_size, "data_fingerprint": data.fingerprint,
-            "tokenizer_fingerprint": data.tokenizer.fingerprint}
+            "tokenizer_fingerprint": data.tokenizer.fingerprint if data.tokenizer is not None else None}
 
 
 def _checkpoint_to_resume(cfg: EngineConfig, data: Data) -> ckpt.Checkpoint | None:
@@ -54,7 +55,7 @@ def _checkpoint_to_resume(cfg: EngineConfig, data: Data) -> ckpt.Checkpoint | No
     return loaded
 
 
-def _save(cfg: EngineConfig, ctx: DistContext, step: int, optimizer: AdamW, loader: Loader, data: Data, log: StepLog) -> None:
+def _save(cfg: EngineConfig, ctx: DistContext, step: int, optimizer: AdamW, loader, data: Data, log: StepLog) -> None:
     rng, py_rng = runtime.gather_rng(ctx)
     master, optim_state = optimizer.master_weights(), optimizer.state_tensors()  # collective under ZeRO-1
     if ctx.is_main:
@@ -79,7 +80,7 @@ def _restore(loaded: ckpt.Checkpoint, optimizer: AdamW, ctx: DistContext, log: S
 def run(cfg: EngineConfig) -> dict:
     """Train per `cfg`; returns a summary (rank 0's view). Raises EngineError on bad input."""
     device, dtype = cfg.runtime.resolved_device(), cfg.runtime.resolved_dtype()
-    runtime.setup(device, cfg.runtime.deterministic)
+    runtime.setup(device, cfg.runtime.resolved_deterministic())
     ctx = DistContext.start(device)
     try:
         return _train(cfg, ctx, dtype)
@@ -92,8 +93,17 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
     accum = cfg.grad_accum(ctx.world)
     ops = resolve(cfg.ops, ctx.device.type, dtype)
     d = cfg.data
-    data = prepare(d.hf_dataset, d.hf_dataset_config, d.hf_dataset_split, d.hf_text_template, d.tokenizer_path,
-                   t.seq_length, t.seed, d.shuffle, cfg.model.vocab_size)
+    if d.token_batches is not None:
+        data = prepare_batches(d.token_batches, t.num_steps, t.global_batch_size, t.seq_length, cfg.model.vocab_size)
+    else:
+        data = prepare(d.hf_dataset, d.hf_dataset_config, d.hf_dataset_split, d.hf_text_template, d.tokenizer_path,
+                       t.seq_length, t.seed, d.shuffle, cfg.model.vocab_size)
+    initial = None
+    if cfg.checkpoint.init_from is not None:
+        init_cfg, initial = load_init(cfg.checkpoint.init_from)
+        if init_cfg.model_dump(exclude={"name"}) != cfg.model.model_dump(exclude={"name"}):
+            raise EngineError(f"--init-from {cfg.checkpoint.init_from}: its config.json describes another model than "
+                              f"--model {cfg.model.name}")
     loaded = _checkpoint_to_resume(cfg, data)
     start = loaded.step if loaded is not None else 0
     if start >= t.num_steps:  # e.g. a requeued job that had finished: nothing to do
@@ -102,10 +112,10 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
         return {"steps": start, "first_step": start + 1, "losses": []}
 
     model = build_model(cfg.model, ops, ctx.device, dtype, cfg.runtime.recompute)
-    if cfg.runtime.compile:
+    if cfg.runtime.resolved_compile():
         compile_loss(model)
     master_dtype = torch.float32
-    fresh = None if loaded is not None else init_weights(model, t.init_std, t.seed)
+    fresh = None if loaded is not None else initial if initial is not None else init_weights(model, t.init_std, t.seed)
     optimizer = AdamW(dict(model.named_parameters()), loaded.master if loaded else fresh, adamw_op=ops.adamw,
                       betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, master_dtype=master_dtype)
     log = StepLog(cfg.runtime.log_file, ctx.is_main, t.num_steps, start)
@@ -115,14 +125,17 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
         schedule = Schedule(o.lr_schedule, o.lr, o.min_lr, o.warmup_steps, t.num_steps, o.decay_steps)
         trainer = Trainer(model, optimizer, schedule, ctx, micro_batch_size=t.micro_batch_size, grad_clip=o.grad_clip,
                           master_dtype=master_dtype, bucket_mb=t.bucket_mb, zero1=o.zero1)
-        if cfg.runtime.cuda_graph:  # refused before any step or checkpoint
-            cuda_graph.check(trainer, t.global_batch_size // ctx.world)
-        loader = Loader(data.rows, t.global_batch_size, ctx.rank, ctx.world)
+        rows = t.global_batch_size // ctx.world
+        if cfg.runtime.cuda_graph:  # asked for: refused before any step or checkpoint
+            cuda_graph.check(trainer, rows)
+        graphed = cfg.runtime.cuda_graph or (cfg.runtime.cuda_graph is None and cuda_graph.supported(trainer, rows))
+        loader = data.loader(t.global_batch_size, ctx.rank, ctx.world)
         log.print(f"model {cfg.model.name} ({cfg.model.num_params() / 1e6:.1f} M params) on {ctx.world} x {ctx.device.type} "
-                  f"{str(dtype).removeprefix('torch.')}; data: {data.source_name} ({data.rows.tokens_per_epoch:,} tokens/epoch); "
+                  f"{str(dtype).removeprefix('torch.')}; data: {data.describe()}; "
                   f"global batch {t.global_batch_size} x {t.seq_length} = micro {t.micro_batch_size} x accum {accum} x DP {ctx.world}; "
-                  f"ops {ops.names}")
-        return _loop(cfg, ctx, trainer, loader, data, log, start)
+                  f"ops {ops.names}; compile {cfg.runtime.resolved_compile()}, CUDA graph {graphed}, "
+                  f"deterministic {cfg.runtime.resolved_deterministic()}")
+        return _loop(cfg, ctx, trainer, loader, data, log, start, graphed)
     finally:
         log.close()
 
@@ -201,11 +214,12 @@ class _StepReports:
         self.mark = time.perf_counter()
 
 
-def _loop(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, loader: Loader, data: Data, log: StepLog, start: int) -> dict:
+def _loop(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, loader, data: Data, log: StepLog, start: int,
+          graphed: bool) -> dict:
     t, c = cfg.train, cfg.checkpoint
     stop = t.num_steps if t.exit_after_steps is None else min(t.num_steps, start + t.exit_after_steps)
     reports = _StepReports(cfg, ctx, log)
-    train_step = cuda_graph.GraphedStep(trainer) if cfg.runtime.cuda_graph else trainer.train_step
+    train_step = cuda_graph.GraphedStep(trainer) if graphed else trainer.train_step
     with Prefetcher(loader.batch, start, stop, ctx.device) as batches:  # builds (and pins) the next steps' batches
         try:
             for step in range(start, stop):

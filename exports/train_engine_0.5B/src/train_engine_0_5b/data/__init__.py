@@ -1,10 +1,13 @@
 """Training data: sources (default corpus, local files, Hub) -> tokenizer -> packed rows -> per-rank loader
--> prefetcher (the next steps' batches, built and pinned on a background thread)."""
+-> prefetcher (the next steps' batches, built and pinned on a background thread); or pre-batched token ids
+(batches.py) -> per-rank loader -> prefetcher."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from train_engine_0_5b.data.batches import BatchLoader, TokenBatches
 from train_engine_0_5b.data.packing import Loader, PackedRows, TokenStream
 from train_engine_0_5b.data.prefetch import Prefetcher
 from train_engine_0_5b.data.sources import open_source, renderer
@@ -14,10 +17,20 @@ from train_engine_0_5b.errors import EngineError
 
 @dataclass
 class Data:
-    tokenizer: TextTokenizer
-    rows: PackedRows
+    tokenizer: TextTokenizer | None  # None: pre-batched ids for a vocabulary the shipped tokenizer does not fit
+    rows: PackedRows | TokenBatches
     source_name: str
     fingerprint: str  # tokens + boundaries + packing settings: what a resume must match
+
+    def loader(self, global_rows: int, rank: int, world: int) -> Loader | BatchLoader:
+        if isinstance(self.rows, TokenBatches):
+            return BatchLoader(self.rows, rank, world)
+        return Loader(self.rows, global_rows, rank, world)
+
+    def describe(self) -> str:
+        if isinstance(self.rows, TokenBatches):
+            return f"{self.source_name} ({self.rows.input_ids.shape[0]} pre-batched steps)"
+        return f"{self.source_name} ({self.rows.tokens_per_epoch:,} tokens/epoch)"
 
 
 def prepare(dataset: str | None, dataset_config: str | None, split: str, template: str | None, tokenizer_path: str | None,
@@ -34,4 +47,12 @@ def prepare(dataset: str | None, dataset_config: str | None, split: str, templat
     return Data(tokenizer, rows, source.name, fingerprint)
 
 
-__all__ = ["Data", "Loader", "PackedRows", "Prefetcher", "TokenStream", "TextTokenizer", "prepare"]
+def prepare_batches(path: Path, num_steps: int, global_rows: int, seq_length: int, model_vocab: int) -> Data:
+    """Pre-batched ids (`--token-batches`); the shipped tokenizer travels with checkpoints where it fits."""
+    batches = TokenBatches(path, num_steps, global_rows, seq_length, model_vocab)
+    tokenizer = TextTokenizer()
+    return Data(tokenizer if tokenizer.vocab_size <= model_vocab else None, batches, f"token batches {path.name}",
+                f"batches-{batches.fingerprint}")
+
+
+__all__ = ["BatchLoader", "TokenBatches", "prepare_batches", "Data", "Loader", "PackedRows", "Prefetcher", "TokenStream", "TextTokenizer", "prepare"]
