@@ -30,10 +30,17 @@ class GateOptions(BaseModel):
     long_train_steps: int = Field(40, ge=2, description="M5: K steps of training on the default corpus")
     long_train_window: int = Field(10, ge=1, description="M5: trailing window (steps) of the loss statistic")
     long_train_threshold: float = Field(0.01, gt=0, description="M5: bound on the window's mean relative loss difference")
-    mfu_threshold: float = Field(0.36, ge=0, description="M5: MFU the engine's bench must reach (GPU only)")
-    bench_seq_length: int = Field(4096, ge=2, description="M5: bench --seq-length")
-    bench_micro_batch_size: int = Field(4, ge=1, description="M5: bench --micro-batch-size")
-    bench_steps: int = Field(20, ge=1, description="M5: bench --steps")
+    mfu_threshold: float = Field(0.36, ge=0, description="M5: MFU the engine's pretrain must reach, timed by the gate (GPU only)")
+    speed_seq_length: int = Field(4096, ge=2, description="M5 speed: sequence length of the timed pretrain runs")
+    speed_micro_batch_size: int = Field(8, ge=1, description="M5 speed: pretrain --micro-batch-size")
+    speed_global_batch_size: int = Field(64, ge=1, description="M5 speed: pretrain --global-batch-size (accumulation "
+                                         "= global / micro: real pretraining accumulates)")
+    speed_steps: int = Field(10, ge=2, description="M5 speed: N, the gate times N steps as the wall time of a 2N-step "
+                             "run minus an N-step run (start-up cancels)")
+    cpu_peak_tflops: float | None = Field(None, gt=0, description="tests only: a peak for the CPU so M5's speed part "
+                                          "runs there (without it the part is `unsupported` on a CPU)")
+    pretrain_args: list[str] = Field([], description="the spec's production flags, added to every `pretrain` the "
+                                     "gates run (default none: the engine's defaults are what users get)")
     timeout_s: float = Field(1800.0, gt=0, description="wall-clock budget of one gate; exceeding it is verdict `error` (timeout)")
     out_dir: Path | None = Field(None, description="where reports (<gate>.json) are written; None: not written")
     reference_cache: Path | None = Field(

@@ -19,7 +19,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from gates import m1_forward, m2_backward, m3_optimizer, m4_data_parallel, m5_long_train, m6_checkpoint
+from gates import (m1_forward, m2_backward, m3_optimizer, m4_data_parallel, m5_long_train, m6_checkpoint,
+                   m7_pretrain)
 from gates.context import GateRun, GateStop
 from gates.launch import EngineLayoutError, GateTimeout, discover_engine
 from gates.options import GateOptions
@@ -34,6 +35,7 @@ GATES: dict[str, Callable[[GateRun], GateReport]] = {
     "m4_data_parallel": m4_data_parallel.run,
     "m5_long_train": m5_long_train.run,
     "m6_checkpoint": m6_checkpoint.run,
+    "m7_pretrain": m7_pretrain.run,
 }
 ALIASES = {name.split("_", 1)[0]: name for name in GATES}  # m1 -> m1_forward, ...
 

@@ -19,8 +19,9 @@
 - No `--dtype`, `--compile`, ...: the engine's defaults for the device are what users get, so they are
   what is checked and timed; a spec may name extra production flags (`GateOptions.pretrain_args`).
 - The log: JSONL, one object per optimizer step with at least `step` (1-based), `loss`, `grad_norm`
-  (before clipping) and `lr`. The gate reads only these; the engine's own timing fields are printed
-  beside the gate's figures and never decide a verdict.
+  (before clipping), `lr` and `valid_tokens` (labels != -100 in the step's global batch: which batch the
+  step trained on). The gate reads only these; the engine's own timing fields are printed beside the
+  gate's figures and never decide a verdict.
 - `--exit-after-steps K`: stop after K steps of this invocation, with a checkpoint; `--resume` then
   continues from `--save-dir`'s newest checkpoint as if never stopped (bit for bit on the same hardware).
 - `dump-state`: writes `tensors.safetensors` with `weight.NAME` (float32 master weights), `exp_avg.NAME`
@@ -42,8 +43,7 @@ from safetensors.torch import load_file, save_file
 from gates.case import Case, CaseSpec
 from gates.model_config import MiniCPMConfig, to_hf_minicpm_config
 
-LOG_KEYS = ("loss", "grad_norm", "lr")
-SERIES = {"loss": "losses", "grad_norm": "grad_norms", "lr": "lrs"}  # log key -> probe contract name
+SERIES = {"loss": "losses", "grad_norm": "grad_norms", "lr": "lrs", "valid_tokens": "valid_tokens"}  # log key -> name
 
 
 class LogError(ValueError):
@@ -87,7 +87,7 @@ def pretrain_args(spec: CaseSpec, init_dir: Path, batches: Path, log_file: Path,
 
 def read_log(path: Path, first: int, last: int) -> dict[str, torch.Tensor]:
     """Steps first..last (1-based, inclusive) of a JSONL log as float64 series named as the probe contract
-    names them (`losses`, `grad_norms`, `lrs`). A step logged twice keeps its last line (a resumed run may
+    names them (`losses`, `grad_norms`, `lrs`), plus `valid_tokens`. A step logged twice keeps its last line (a resumed run may
     repeat steps after its checkpoint). Raises LogError naming the first problem."""
     if not path.is_file():
         raise LogError(f"no log at {path} (--log-file)")

@@ -74,9 +74,11 @@ class GateCheck(_Strict):
     long_train_window: int | None = Field(None, ge=1, description="M5: trailing window of the loss statistic")
     long_train_threshold: float | None = Field(None, gt=0, description="M5: bound on the window's mean relative loss difference")
     mfu_threshold: float | None = Field(None, ge=0, le=1, description="M5: MFU the engine must reach (GPU)")
-    bench_seq_length: int | None = Field(None, ge=2)
-    bench_micro_batch_size: int | None = Field(None, ge=1)
-    bench_steps: int | None = Field(None, ge=1)
+    speed_seq_length: int | None = Field(None, ge=2, description="M5 speed: sequence length of the timed pretrain")
+    speed_micro_batch_size: int | None = Field(None, ge=1)
+    speed_global_batch_size: int | None = Field(None, ge=1)
+    speed_steps: int | None = Field(None, ge=2)
+    pretrain_args: list[str] | None = Field(None, description="production flags added to every gated `pretrain`")
     timeout_s: float | None = Field(None, gt=0, description="a gate over time is verdict `error` (timeout)")
     allow_unsupported: list[str] = Field(
         default_factory=list, description="parts (e.g. 'mfu' on a CPU) whose `unsupported` verdict is accepted, "

@@ -1,0 +1,154 @@
+"""M7 pretrain: the engine's own `pretrain`, run as a user runs it (its defaults plus the spec's production
+flags, gates/train_contract.py), against the reference on the same weights and batches.
+
+Case (preset): DP world size N, two micro batches per rank per step, `options.steps` steps, a gradient
+bucket size small enough that the gradients span several buckets.
+
+Parts:
+- `dp1`: `pretrain` in one process (N x 2 micro batches per step); the JSONL log's per-step loss, grad
+  norm (before clipping) and lr against the reference's `steps` probe, under the policy; each step's
+  `valid_tokens` must be its batch's; then `dump-state` of the final checkpoint: every master weight
+  against the reference's final weights (the AdamW step cap of policies.py on the max criterion).
+- `dpN`: the same under torchrun with N processes (gloo on a CPU, NCCL on GPUs). On cuda with fewer
+  than N GPUs this part is `unsupported` (the gate's own limit), and the report says so.
+- `hf_export`: `export-hf` of the DP=1 run's final checkpoint, loaded by `transformers` without remote
+  code; its residual stream and logits on step 0's batch against the reference's forward at the
+  reference's final weights.
+Verdict: the worst part. Localization: the first diverging step (or weight) of the first failing part.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gates.case import hf_param_shapes
+from gates.context import GateRun, GateStop, localize, localize_training, part
+from gates.m6_checkpoint import load_hf
+from gates.policies import adamw_step_cap, compare
+from gates.pretrain_runs import PretrainBox, data_position, metrics_line
+from gates.report import GateReport, Localization, Part, worst
+
+SERIES = ["losses", "grad_norms", "lrs"]
+TINY_BUCKET_MB = 0.02  # tiny models: ~20 KiB buckets, so the gradients span several of them
+DEFAULT_BUCKET_MB = 25.0
+
+
+def bucket_mb(g: GateRun) -> float:
+    """Small buckets for the CPU-sized presets (several all-reduce buckets), the usual size otherwise."""
+    return TINY_BUCKET_MB if g.report.case.get("model") == "tiny" else DEFAULT_BUCKET_MB
+
+
+def run(g: GateRun) -> GateReport:
+    o = g.options
+    case = g.make_case(world_size=o.world_size, steps=max(o.steps, 4), grad_accum=2)
+    spec = case.spec
+    n = spec.world_size
+    box = PretrainBox(g, case)
+    # Every engine command runs before the reference: no reference output exists anywhere while they run.
+    runs = {"dp1": engine_run(g, box, "dp1", 1)}
+    if spec.device == "cuda" and torch.cuda.device_count() < n:
+        runs["dpN"] = Part(name="dpN", verdict="unsupported", message=f"DP={n} on cuda needs {n} GPUs; this machine "
+                           f"has {torch.cuda.device_count()} (the gate's limit, not the engine's)")
+    else:
+        runs["dpN"] = engine_run(g, box, "dpN", n)
+    hf = engine_export(g, box) if isinstance(runs["dp1"], tuple) else None
+    ref = g.reference_probe("steps", case)
+
+    parts: list[Part] = []
+    locs: list[Localization | None] = []
+    for name, got in runs.items():
+        p, loc = compare_run(g, box, ref, name, got) if isinstance(got, tuple) else (got, _loc(got))
+        parts.append(p)
+        locs.append(loc)
+    p, loc = export_part(g, box, ref, hf) if not isinstance(hf, Part) else (hf, _loc(hf))
+    parts.append(p)
+    locs.append(loc)
+
+    g.report.parts = parts
+    verdict = worst([p.verdict for p in parts])
+    g.report.artifacts["engine log (last line, its own figures)"] = metrics_line(box.log("dp1"))
+    if verdict == "passed":
+        return g.finish("passed", f"pretrain at DP=1 and DP={n} ({spec.steps} steps, {spec.grad_accum} micro batches "
+                        f"per rank at DP={n}) and its HF export match the reference within {g.policy.describe()}")
+    first = next((l for p, l in zip(parts, locs) if p.verdict == "failed" and l is not None), None)
+    return g.finish(verdict, "; ".join(f"{p.name}: {p.verdict}" for p in parts), first)
+
+
+def _loc(p: Part) -> Localization | None:
+    return Localization(what=f"{p.name}: {p.message}") if p.verdict == "failed" else None
+
+
+def _stopped(name: str, stop: GateStop) -> Part:
+    """An engine command that declined or broke the contract fails the part; a crash or timeout is `error`."""
+    verdict = "failed" if stop.verdict in ("failed", "unsupported") else stop.verdict
+    return Part(name=name, verdict=verdict, message=stop.message)
+
+
+def engine_run(g: GateRun, box: PretrainBox, name: str, nproc: int):
+    """Run pretrain in `nproc` processes, then dump-state: (log series, state) or a Part saying why not."""
+    spec = box.case.spec
+    role = f"engine pretrain DP={nproc}"
+    try:
+        box.run(name, role, nproc, g.options.pretrain_args, bucket_mb(g))
+        log = box.series(name, 1, spec.steps, role)
+        state, _ = box.state(name, f"engine dump-state DP={nproc}")
+    except GateStop as stop:
+        return _stopped(name, stop)
+    return log, state, nproc
+
+
+def compare_run(g: GateRun, box: PretrainBox, ref: dict[str, torch.Tensor], name: str,
+                got: tuple) -> tuple[Part, Localization | None]:
+    """A run's log and final state against the reference's steps probe."""
+    log, state, nproc = got
+    case, spec = box.case, box.case.spec
+    where = data_position(log["valid_tokens"], case, 1)
+    if where is not None:
+        return Part(name=name, verdict="failed", message=where), Localization(what=f"DP={nproc}: {where}")
+    weights = [f"weight.{k}" for k in hf_param_shapes(spec.model)]
+    missing = [w for w in weights if w not in state]
+    if missing:
+        what = f"dump-state has no {missing[0]} ({len(missing)} of {len(weights)} weights missing)"
+        return Part(name=name, verdict="failed", message=what), Localization(what=f"DP={nproc}: {what}")
+    prefix = f"{name}:"
+    s = g.compare_names(SERIES, log, ref, case, prefix=prefix)
+    w = g.compare_names(weights, state, ref, case, prefix=prefix, step_cap=adamw_step_cap(ref["lrs"]))
+    p = part(name, s + w)
+    p.message = f"pretrain DP={nproc}, {spec.steps} steps: " + p.message
+    return p, localize_training(s, w, f"pretrain DP={nproc} vs reference: ")
+
+
+def engine_export(g: GateRun, box: PretrainBox):
+    """export-hf of the DP=1 run's newest checkpoint: its directory, or a Part saying why not."""
+    if not box.save_dir("dp1").exists():
+        return Part(name="hf_export", verdict="failed", message="the DP=1 pretrain left no checkpoint in --save-dir")
+    try:
+        return box.export_hf("dp1", "engine export-hf")
+    except GateStop as stop:
+        return _stopped("hf_export", stop)
+
+
+def export_part(g: GateRun, box: PretrainBox, ref: dict[str, torch.Tensor], hf_dir) -> tuple[Part, Localization | None]:
+    """The export of the DP=1 run's final checkpoint vs the reference's forward at its final weights."""
+    case, spec = box.case, box.case.spec
+    if hf_dir is None:
+        return Part(name="hf_export", verdict="failed", message="not run: the DP=1 pretrain failed"), None
+    model, problem = load_hf(hf_dir, spec)
+    if problem:
+        return Part(name="hf_export", verdict="failed", message=problem), Localization(what=f"HF export: {problem}")
+    trained = {k: ref[f"weight.{k}"] for k in case.weights}
+    fwd = g.write_case(spec.model_copy(update={"steps": 1}), {k: t[:1] for k, t in case.batches.items()}, trained,
+                       label=f"forward at the reference's weights after {spec.steps} steps")
+    ref_fwd = g.reference_probe("forward", fwd)
+    ids = fwd.global_batch(0)[0].to(spec.device)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    L = spec.model.num_layers
+    diffs = [compare(f"hf_export:hidden_states.{i}", out.hidden_states[i].float().cpu(),
+                     ref_fwd[f"hidden_states.{i}"].float(), g.policy) for i in range(L)]
+    diffs.append(compare("hf_export:logits", out.logits.float().cpu(), ref_fwd["logits"].float(), g.policy))
+    g.report.tensors += diffs
+    p = part("hf_export", diffs)
+    p.message = f"transformers {type(model).__name__}, final weights: " + p.message
+    return p, localize(diffs, "HF export of pretrain's final checkpoint vs reference forward: ")
+

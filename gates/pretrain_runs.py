@@ -1,0 +1,99 @@
+"""How a gate runs the engine's own `pretrain` on a case (gates/train_contract.py): the sandbox gets the
+case's weights as a Hugging Face directory and its batches as a token-batches file; the run's log is read
+back into the probe contract's series. Used by M5 (speed), M7 (the training path) and M8 (resume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from gates.case import Case
+from gates.context import GateRun, GateStop
+from gates.launch import Sandbox
+from gates.report import Localization
+from gates.train_contract import LogError, pretrain_args, read_log, read_state, write_init_dir, write_token_batches
+
+RUN_PREFIX = "run-"  # a neutral sandbox name: the gate's runs look like a user's, not like "forge-engine-"
+
+
+class PretrainBox:
+    """A sandbox holding `init/` (HF MiniCPM dir), `batches.safetensors` and the runs' save dirs and logs."""
+
+    def __init__(self, g: GateRun, case: Case):
+        self.g, self.case = g, case
+        self.box: Sandbox = g.sandbox(None, prefix=RUN_PREFIX)
+        self.root = self.box.root
+        self.init = write_init_dir(self.root / "init", case.spec.model, case.weights)
+        self.batches = write_token_batches(self.root / "batches.safetensors", case)
+
+    def args(self, name: str, extra: list[str] | None = None, bucket_mb: float = 25.0) -> list[str]:
+        """pretrain argv for the run `name` (its own save dir `save-NAME` and log `NAME.jsonl`)."""
+        return pretrain_args(self.case.spec, self.init, self.batches, self.log(name), self.save_dir(name), bucket_mb,
+                             extra)
+
+    def log(self, name: str) -> Path:
+        return self.root / f"{name}.jsonl"
+
+    def save_dir(self, name: str) -> Path:
+        return self.root / f"save-{name}"
+
+    def run(self, name: str, role: str, nproc: int = 1, extra: list[str] | None = None, bucket_mb: float = 25.0,
+            args: list[str] | None = None) -> None:
+        """Run pretrain (GateStop on a decline or crash, as every engine command)."""
+        self.g.run_engine(args if args is not None else self.args(name, extra, bucket_mb), self.box, role, nproc)
+
+    def series(self, name: str, first: int, last: int, role: str) -> dict[str, torch.Tensor]:
+        """The log's steps first..last; a log that breaks the contract fails the gate, naming the problem."""
+        try:
+            return read_log(self.log(name), first, last)
+        except LogError as e:
+            raise GateStop("failed", f"{role}: the JSONL log breaks the training contract: {e}",
+                           localization=Localization(what=f"{role}: {e}")) from None
+
+    def export_hf(self, name: str, role: str) -> Path:
+        out = self.root / f"hf-{name}"
+        self.g.run_engine(["export-hf", "--checkpoint", str(self.save_dir(name)), "--out", str(out)], self.box, role)
+        return out
+
+    def state(self, name: str, role: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """`dump-state` of run `name`'s newest checkpoint."""
+        out = self.root / f"state-{name}"
+        self.g.run_engine(["dump-state", "--checkpoint", str(self.save_dir(name)), "--out", str(out)], self.box, role)
+        try:
+            return read_state(out)
+        except (OSError, ValueError) as e:
+            raise GateStop("failed", f"{role}: dump-state wrote no readable tensors.safetensors / metrics.json: {e}") from None
+
+
+def valid_token_counts(case: Case) -> torch.Tensor:
+    """labels != -100 per step of the case's global batches (float64, as logs are read)."""
+    return (case.batches["labels"] != -100).flatten(1).sum(1).double()
+
+
+def data_position(logged: torch.Tensor, case: Case, first: int) -> str | None:
+    """None when logged valid-token counts (steps first..) match the case's batches; else which batch a step
+    trained on instead (the counts are distinct per step in the gates' resume cases)."""
+    want = valid_token_counts(case)
+    for i, got in enumerate(logged.tolist()):
+        t = first + i
+        if got != float(want[t - 1]):
+            match = [j + 1 for j, w in enumerate(want.tolist()) if w == got]
+            which = f"batch {match[0]}'s count" if match else "no batch's count"
+            return f"step {t} logged {int(got)} valid tokens, batch {t} has {int(want[t - 1])} ({which}): a batch was " \
+                   "replayed or skipped"
+    return None
+
+
+def metrics_line(path: Path, limit: int = 2000) -> str:
+    """The last log line as the engine wrote it (its own timing figures, shown beside the gate's)."""
+    if not path.is_file():
+        return ""
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    try:
+        return json.dumps(json.loads(lines[-1]))[:limit]
+    except json.JSONDecodeError:
+        return lines[-1][:limit]
