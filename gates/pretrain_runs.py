@@ -12,7 +12,7 @@ import torch
 from gates.case import Case
 from gates.context import GateRun, GateStop
 from gates.launch import Sandbox
-from gates.report import Localization
+from gates.report import Command, Localization
 from gates.train_contract import LogError, pretrain_args, read_log, read_state, write_init_dir, write_token_batches
 
 RUN_PREFIX = "run-"  # a neutral sandbox name: the gate's runs look like a user's, not like "forge-engine-"
@@ -28,10 +28,11 @@ class PretrainBox:
         self.init = write_init_dir(self.root / "init", case.spec.model, case.weights)
         self.batches = write_token_batches(self.root / "batches.safetensors", case)
 
-    def args(self, name: str, extra: list[str] | None = None, bucket_mb: float = 25.0) -> list[str]:
-        """pretrain argv for the run `name` (its own save dir `save-NAME` and log `NAME.jsonl`)."""
-        return pretrain_args(self.case.spec, self.init, self.batches, self.log(name), self.save_dir(name), bucket_mb,
-                             extra)
+    def args(self, name: str, extra: list[str] | None = None, bucket_mb: float = 25.0, log: str | None = None) -> list[str]:
+        """pretrain argv for the run `name`: its save dir `save-NAME` and log `NAME.jsonl` (or `LOG.jsonl`: a
+        resumed process logs to its own file)."""
+        return pretrain_args(self.case.spec, self.init, self.batches, self.log(log or name), self.save_dir(name),
+                             bucket_mb, extra)
 
     def log(self, name: str) -> Path:
         return self.root / f"{name}.jsonl"
@@ -97,3 +98,79 @@ def metrics_line(path: Path, limit: int = 2000) -> str:
         return json.dumps(json.loads(lines[-1]))[:limit]
     except json.JSONDecodeError:
         return lines[-1][:limit]
+
+
+def run_killed_in_save(g: GateRun, box: PretrainBox, name: str, args: list[str], role: str,
+                       poll_s: float = 0.001) -> dict:
+    """Start `pretrain`, and SIGKILL its whole process tree the moment its save dir changes after the second
+    logged step (a checkpoint being written). Returns what was seen: {"killed": bool, "at_step": the last
+    logged step, "changed": the entries that appeared or changed}. The run may finish before a save is seen
+    (then killed is False)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from gates.launch import engine_argv, engine_env
+
+    save, log = box.save_dir(name), box.log(name)
+    env = _engine_environ(engine_env(g.engine))
+    seen: dict = {"killed": False, "at_step": 0, "changed": []}
+    t0 = time.monotonic()
+    with open(box.root / f"{name}.stderr", "wb") as err:
+        p = subprocess.Popen(engine_argv(g.engine, args), cwd=box.root, env=env, stdout=subprocess.DEVNULL,
+                             stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+        before: dict[str, float] | None = None
+        try:
+            while p.poll() is None:
+                g.deadline.left()
+                steps = _logged_steps(log)
+                if steps >= 2:  # step 1's checkpoint is whole: a good one exists to resume from
+                    now = _snapshot(save)
+                    if before is None:
+                        before = now
+                    elif now != before:
+                        os.killpg(p.pid, signal.SIGKILL)
+                        seen |= {"killed": True, "at_step": steps,
+                                 "changed": sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))[:8]}
+                        break
+                time.sleep(poll_s)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    g.report.commands.append(Command(role=role, argv=p.args, cwd=str(box.root), env=engine_env(g.engine), rc=p.returncode,
+                                     time_s=round(time.monotonic() - t0, 3), timed_out=False))
+    return seen
+
+
+def _logged_steps(log: Path) -> int:
+    try:
+        return sum(1 for ln in log.read_bytes().splitlines() if ln.strip().endswith(b"}"))
+    except OSError:
+        return 0
+
+
+def _snapshot(d: Path) -> dict[str, float]:
+    """Every entry under d (two levels) with its size and mtime: any write of a checkpoint changes it."""
+    out: dict[str, float] = {}
+    try:
+        for e in d.iterdir():
+            st = e.lstat()
+            out[e.name] = st.st_mtime_ns + st.st_size
+            if e.is_dir():
+                for f in e.iterdir():
+                    s2 = f.lstat()
+                    out[f"{e.name}/{f.name}"] = s2.st_mtime_ns + s2.st_size
+    except OSError:
+        pass
+    return out
+
+
+def _engine_environ(env_set: dict[str, str]) -> dict[str, str]:
+    """The environment run_process gives an engine: the gate's, scrubbed of import paths and credentials."""
+    import os
+
+    from gates.launch import _SCRUB, _SECRET_NAME
+
+    return {k: v for k, v in os.environ.items() if not (k in _SCRUB or _SECRET_NAME.search(k))} | env_set

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gates import (m1_forward, m2_backward, m3_optimizer, m4_data_parallel, m5_long_train, m6_checkpoint,
-                   m7_pretrain)
+                   m7_pretrain, m8_resume)
 from gates.context import GateRun, GateStop
 from gates.launch import EngineLayoutError, GateTimeout, discover_engine
 from gates.options import GateOptions
@@ -36,6 +36,7 @@ GATES: dict[str, Callable[[GateRun], GateReport]] = {
     "m5_long_train": m5_long_train.run,
     "m6_checkpoint": m6_checkpoint.run,
     "m7_pretrain": m7_pretrain.run,
+    "m8_resume": m8_resume.run,
 }
 ALIASES = {name.split("_", 1)[0]: name for name in GATES}  # m1 -> m1_forward, ...
 
