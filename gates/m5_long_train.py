@@ -1,62 +1,74 @@
-"""M5 long train: K steps of real training (default corpus, default tokenizer), loss curve against the
-reference, plus MFU on GPU.
+"""M5 long train: the engine's own `pretrain` for K steps of real training (default corpus, default
+tokenizer), its loss curve against the reference; and its speed, timed by the gate (GPU).
 
 Parts and their rules:
-- `loss`: engine and reference run the `steps` probe on the same case: fresh random weights (seeded),
-  batches packed from the shipped default corpus (gates/case_data.py), K = `long_train_steps`,
-  lr 1e-2 with warmup then WSD decay so the curve actually falls. With l_e(t), l_r(t) the per-step
-  losses, d(t) = |l_e(t) - l_r(t)| / |l_r(t)|; the statistic is the mean of d(t) over the trailing
-  window of W = min(`long_train_window`, K) steps. `passed` iff that mean < `long_train_threshold`
-  (1 %) and every loss is finite. The report also gives max d(t) and the first step where d(t) exceeds
-  the threshold (the localization).
-- `mfu`: GPU only. The engine's `bench --seq-length S --micro-batch-size M --steps N --json F` runs on
-  one GPU; the gate recomputes MFU from its `tokens_per_s` with DESIGN.md's formula
-  (`flops_per_token` of the engine's model_spec.toml [model], else the case's model; peak 989.4
-  TFLOP/s) and requires >= `mfu_threshold`. The engine's own `mfu` claim is recorded beside it. On CPU
-  this part is `unsupported`: MFU against an H100 peak means nothing there.
+- `loss`: `pretrain` (gates/train_contract.py: the engine's defaults plus the spec's production flags)
+  and the reference's `steps` probe on the same case: fresh random weights (seeded), batches packed from
+  the shipped default corpus (gates/case_data.py), K = `long_train_steps`, lr 1e-2 with warmup then WSD
+  decay so the curve actually falls. With l_e(t), l_r(t) the per-step losses, d(t) = |l_e(t) - l_r(t)| /
+  |l_r(t)|; the statistic is the mean of d(t) over the trailing window of W = min(`long_train_window`, K)
+  steps. `passed` iff that mean < `long_train_threshold` (1 %) and every loss is finite. The report also
+  gives max d(t) and the first step where d(t) exceeds the threshold (the localization).
+- `mfu`: the gate's clock. `pretrain` runs three times on one corpus case of 2N steps (N =
+  `speed_steps`) at `speed_seq_length` x `speed_global_batch_size` rows in micro batches of
+  `speed_micro_batch_size` (accumulation, as real pretraining): N steps to warm the compile caches, then N,
+  then 2N. Tokens/s = N x rows x seq / (wall(2N) - wall(N)): start-up, compilation and the final save
+  cancel. FLOPs per token come from the case's model (the forge spec's), DESIGN.md's formula, never from the
+  engine's files; the device and its peak are read on the gate's side (989.4 TFLOP/s bf16 for H100 / H200
+  SXM). The timed runs' losses must match the reference's on the same data (mean relative difference below
+  `long_train_threshold`), so skipped work fails. The engine's own tokens/s and MFU (its log's last line)
+  are recorded beside the gate's and decide nothing. On a CPU the part is `unsupported` unless a test gives
+  a CPU peak (`cpu_peak_tflops`).
 
 Overall verdict: the worse of the two parts (failed > error > unsupported > passed). So on CPU a
 correct engine gets `unsupported` with `loss: passed` in the report, never a silent `passed`.
 """
 
+
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 
 from gates.case import OptimizerSpec, ScheduleSpec, make_spec
 from gates.case_data import corpus_batches
 from gates.context import GateRun, GateStop
-from gates.model_config import ConfigError, MiniCPMConfig, from_toml
+from gates.model_config import MiniCPMConfig
 from gates.policies import Diff
+from gates.pretrain_runs import PretrainBox, metrics_line
 from gates.report import GateReport, Localization, Part, worst
 
 PEAK_FLOPS = 989.4e12  # dense bf16 per H100 / H200 SXM GPU (DESIGN.md)
+PEAK_DEVICES = ("H100", "H200")
+SPEED_LR = 3e-4  # the timed runs must learn (skipped work shows in the loss) without bf16 chaos at 0.5B
 
 
 def run(g: GateRun) -> GateReport:
     o = g.options
     if g.is_preset():
         k = o.long_train_steps
-        spec = make_spec(o.case, steps=k, world_size=1, micro_batch_size=o.micro_batch_size, seq_length=o.seq_length,
-                         dtype=o.case_dtype, device=o.device, seed=o.seed or 0,
-                         optimizer=OptimizerSpec(lr=1e-2, min_lr=1e-3),
-                         schedule=ScheduleSpec(kind="wsd", warmup_steps=max(1, k // 10), decay_steps=max(1, k // 5)))
+        spec = g.make_case(steps=k, world_size=1, grad_accum=1,
+                           optimizer=OptimizerSpec(lr=1e-2, min_lr=1e-3),
+                           schedule=ScheduleSpec(kind="wsd", warmup_steps=max(1, k // 10),
+                                                 decay_steps=max(1, k // 5))).spec
         case = g.write_case(spec, batches=corpus_batches(spec, spec.seed), label="case (default corpus)")
     else:
         case = g.make_case()
-    eng, _, _ = g.engine_probe("steps", case)
-    g.check("steps", eng, case)
+    box = PretrainBox(g, case)
+    try:
+        box.run("long", "engine pretrain (long train)", extra=o.pretrain_args)
+        eng = box.series("long", 1, case.spec.steps, "engine pretrain (long train)")
+    except GateStop as stop:
+        stop.verdict = "failed" if stop.verdict == "unsupported" else stop.verdict
+        raise
     ref = g.reference_probe("steps", case)
     loss_part, loc = loss_curve(g, eng["losses"], ref["losses"])
-    parts = [loss_part, mfu_part(g, case.spec.model)]
+    parts = [loss_part, speed_part(g, case.spec.model)]
     g.report.parts = parts
     verdict = worst([p.verdict for p in parts])
     if verdict == "passed":
-        return g.finish("passed", "loss curve and MFU within bounds")
+        return g.finish("passed", "pretrain's loss curve and its speed on the gate's clock within bounds")
     summary = "; ".join(f"{p.name}: {p.verdict}" for p in parts)
     if verdict == "unsupported":
         summary += " -> not passed: the MFU part could not be measured here"
@@ -90,47 +102,72 @@ def loss_curve(g: GateRun, eng: torch.Tensor, ref: torch.Tensor) -> tuple[Part, 
     return Part(name="loss", verdict="passed" if ok else "failed", message=msg, numbers=numbers), loc
 
 
-def mfu_part(g: GateRun, case_model: MiniCPMConfig) -> Part:
+def device_peak(g: GateRun) -> tuple[str, float | None, str]:
+    """(device name, peak FLOP/s or None, why none), read in the gate's own process."""
     o = g.options
-    if o.device != "cuda":
-        return Part(name="mfu", verdict="unsupported",
-                    message=f"MFU is measured on GPU only (peak {PEAK_FLOPS / 1e12:.1f} TFLOP/s bf16); this run is on {o.device}",
-                    numbers={"threshold": o.mfu_threshold})
-    if not torch.cuda.is_available():
-        return Part(name="mfu", verdict="unsupported", message="--device cuda but no CUDA device is visible")
-    model, source = engine_model(g.engine.root, case_model)
-    sandbox = g.sandbox(None, prefix="forge-bench-")
-    out = sandbox.root / "bench.json"
-    args = ["bench", "--seq-length", str(o.bench_seq_length), "--micro-batch-size", str(o.bench_micro_batch_size),
-            "--steps", str(o.bench_steps), "--json", str(out)]
+    if o.device == "cuda":
+        if not torch.cuda.is_available():
+            return "none", None, "--device cuda but no CUDA device is visible"
+        name = torch.cuda.get_device_name(0)
+        if any(k in name for k in PEAK_DEVICES):
+            return name, PEAK_FLOPS, ""
+        return name, None, f"no dense bf16 peak known for {name} (known: {', '.join(PEAK_DEVICES)})"
+    if o.cpu_peak_tflops is not None:
+        return "cpu", o.cpu_peak_tflops * 1e12, ""
+    return o.device, None, f"MFU is measured on GPU only (peak {PEAK_FLOPS / 1e12:.1f} TFLOP/s bf16); this run is on {o.device}"
+
+
+def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
+    """Time `pretrain` from outside: wall(2N steps) - wall(N steps), on a corpus case; see the module doc."""
+    o = g.options
+    device, peak, why = device_peak(g)
+    if peak is None:
+        return Part(name="mfu", verdict="unsupported", message=why, numbers={"threshold": o.mfu_threshold})
+    n, rows, micro, seq = o.speed_steps, o.speed_global_batch_size, o.speed_micro_batch_size, o.speed_seq_length
+    if rows % micro:
+        return Part(name="mfu", verdict="error", message=f"speed_global_batch_size {rows} is not a multiple of "
+                    f"speed_micro_batch_size {micro}")
+    spec = make_spec(model, steps=2 * n, world_size=1, micro_batch_size=micro, grad_accum=rows // micro,
+                     seq_length=seq, dtype=o.case_dtype, device=o.device, seed=(o.seed or 0) + 7,
+                     optimizer=OptimizerSpec(lr=SPEED_LR, min_lr=SPEED_LR), schedule=ScheduleSpec(kind="constant",
+                                                                                                  warmup_steps=2))
+    case = g.write_case(spec, batches=corpus_batches(spec, spec.seed), label=f"speed case ({2 * n} steps)")
+    box = PretrainBox(g, case)
+    walls: dict[str, float] = {}
     try:
-        g.run_engine(args, sandbox, "engine bench")
+        for name, steps in (("warm", n), ("N", n), ("2N", 2 * n)):
+            args = box.args(name, o.pretrain_args, steps=steps)
+            before = len(g.report.commands)
+            box.run(name, f"engine pretrain {steps} steps (speed, {name})", args=args)
+            walls[name] = g.report.commands[before].time_s
+        logs = {name: box.series(name, 1, steps, f"speed run {name}") for name, steps in (("N", n), ("2N", 2 * n))}
     except GateStop as stop:
-        return Part(name="mfu", verdict=stop.verdict, message=stop.message)
-    try:
-        data = json.loads(out.read_text())
-        tps = float(data["tokens_per_s"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return Part(name="mfu", verdict="failed", message=f"bench wrote no usable JSON with tokens_per_s: {e}")
-    finally:
-        sandbox.remove()
-    mfu = model.flops_per_token(o.bench_seq_length) * tps / PEAK_FLOPS
+        return Part(name="mfu", verdict="failed" if stop.verdict == "unsupported" else stop.verdict, message=stop.message)
+    ref = g.reference_probe("steps", case)
+    dt = walls["2N"] - walls["N"]
+    flops = model.flops_per_token(seq)
+    numbers = {"threshold": o.mfu_threshold, "device": device, "model": model.name, "flops_per_token": flops,
+               "flops_source": "the case's model (forge spec), DESIGN.md's formula", "seq_length": seq,
+               "global_batch_size": rows, "micro_batch_size": micro, "timed_steps": n, "wall_warm_s": walls["warm"],
+               "wall_n_s": walls["N"], "wall_2n_s": walls["2N"], "engine_log_last_line": metrics_line(box.log("2N"))}
+    diffs = {name: (log["losses"] - ref["losses"][: len(log["losses"])].double()).abs() / ref["losses"][: len(log["losses"])].double().abs()
+             for name, log in logs.items()}
+    worst_mean = max(float(d.mean()) for d in diffs.values())
+    numbers["loss_mean_rel_diff"] = worst_mean
+    if not worst_mean < o.long_train_threshold:
+        return Part(name="mfu", verdict="failed", numbers=numbers,
+                    message=f"the timed runs' losses differ from the reference's on the same data (mean relative "
+                            f"difference {worst_mean:.3e} >= {o.long_train_threshold:g}): the timed work is not the "
+                            "training the reference does")
+    if dt <= 0:
+        return Part(name="mfu", verdict="failed", numbers=numbers,
+                    message=f"the {2 * n}-step run took {walls['2N']:.1f}s, no longer than the {n}-step run "
+                            f"({walls['N']:.1f}s): the gate cannot time steps that cost nothing")
+    tps = n * rows * seq / dt
+    mfu = flops * tps / peak
+    numbers |= {"tokens_per_s": tps, "step_time_s": dt / n, "mfu": mfu}
     ok = mfu >= o.mfu_threshold
-    return Part(name="mfu", verdict="passed" if ok else "failed",
-                message=f"MFU {mfu:.2%} {'>=' if ok else '<'} {o.mfu_threshold:.2%} ({model.name} from {source}, "
-                        f"seq {o.bench_seq_length} x {o.bench_micro_batch_size}, {tps:.0f} tokens/s)",
-                numbers={"mfu": mfu, "threshold": o.mfu_threshold, "tokens_per_s": tps,
-                         "engine_reported_mfu": data.get("mfu"), "model": model.name, "model_source": source,
-                         "seq_length": o.bench_seq_length, "micro_batch_size": o.bench_micro_batch_size,
-                         "device": str(data.get("device"))})
-
-
-def engine_model(root: Path, fallback: MiniCPMConfig) -> tuple[MiniCPMConfig, str]:
-    """The model an engine is specialized for (its model_spec.toml [model]); else the case's."""
-    spec = root / "model_spec.toml"
-    if spec.is_file():
-        try:
-            return from_toml(spec), "model_spec.toml"
-        except (ConfigError, ValueError):
-            pass
-    return fallback, "the case (no usable model_spec.toml [model])"
+    return Part(name="mfu", verdict="passed" if ok else "failed", numbers=numbers,
+                message=f"MFU {mfu:.2%} {'>=' if ok else '<'} {o.mfu_threshold:.2%} on the gate's clock ({tps:,.0f} "
+                        f"tokens/s on {device}: {model.name}, seq {seq}, global batch {rows} in micro batches of "
+                        f"{micro}, {n} steps timed as wall(2N) {walls['2N']:.1f}s - wall(N) {walls['N']:.1f}s)")

@@ -12,7 +12,8 @@ from gates.case import ScheduleSpec, make_spec
 from gates.case_data import corpus_batches
 from gates.context import GateRun
 from gates.launch import Engine
-from gates.m5_long_train import engine_model, loss_curve, mfu_part
+from gates import m5_long_train
+from gates.m5_long_train import loss_curve, speed_part
 from gates.m6_checkpoint import truncated_spec
 from gates.model_config import preset
 from gates.runner import GateOptions
@@ -51,13 +52,9 @@ def test_loss_curve_window_statistic():
     assert part.verdict == "passed" and part.numbers["first_step_over_threshold"] == 3
 
 
-def test_mfu_is_unsupported_on_cpu_and_model_comes_from_the_engine_spec():
-    part = mfu_part(gate_run(), preset("minicpm4-0.5b"))
+def test_mfu_is_unsupported_on_cpu_without_a_cpu_peak():
+    part = speed_part(gate_run(), preset("minicpm4-0.5b"))
     assert part.verdict == "unsupported" and "GPU only" in part.message
-    model, source = engine_model(BASE, preset("minicpm4-0.5b"))
-    assert model.hidden_size == 64 and source == "model_spec.toml"
-    model, source = engine_model(BASE / "nowhere", preset("minicpm4-0.5b"))
-    assert model.name == "minicpm4-0.5b" and "case" in source
 
 
 @pytest.mark.parametrize("steps, sched, cut", [
@@ -75,21 +72,57 @@ def test_truncated_schedule_keeps_every_lr(steps, sched, cut):
                [lr_at(t, steps, spec.optimizer, spec.schedule) for t in range(1, steps // 2 + 1)]
 
 
-def test_mfu_part_runs_the_engine_bench_and_recomputes_mfu(monkeypatch):
-    """The GPU path end to end, with `cuda` faked in the gate process: the base engine's bench runs on
-    CPU, so the measured MFU is tiny and the part fails with its numbers (never passes by default)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    g = GateRun("m5_long_train", Engine(BASE, "rt_base"),
-                GateOptions(device="cuda", bench_seq_length=32, bench_micro_batch_size=1, bench_steps=2))
+def fake_speed_runs(monkeypatch, walls: dict[str, float], loss_scale: float = 1.0, claim: float = 0.52):
+    """PretrainBox.run and the reference replaced: each run 'takes' walls[name] seconds on the gate's clock and
+    logs the losses 8 - 0.1 t (scaled for its own runs by loss_scale) with an engine-claimed MFU of `claim`."""
+    from gates.report import Command
+
+    def run(self, name, role, nproc=1, extra=None, bucket_mb=25.0, args=None):
+        steps = int(args[args.index("--num-steps") + 1])
+        self.g.report.commands.append(Command(role=role, argv=args, cwd=str(self.root), rc=0, time_s=walls[name]))
+        lines = [f'{{"step": {t}, "loss": {(8 - 0.1 * t) * loss_scale}, "grad_norm": 1.0, "lr": 3e-4, '
+                 f'"valid_tokens": 1, "mfu": {claim}}}' for t in range(1, steps + 1)]
+        self.log(name).write_text("\n".join(lines) + "\n")
+
+    def reference(self, probe, case):
+        return {"losses": torch.tensor([8 - 0.1 * t for t in range(1, case.spec.steps + 1)])}
+
+    monkeypatch.setattr(m5_long_train.PretrainBox, "run", run)
+    monkeypatch.setattr(GateRun, "reference_probe", reference)
+
+
+def test_speed_is_the_gates_clock_and_the_cases_flops(monkeypatch):
+    """tokens/s = N x rows x seq / (wall(2N) - wall(N)) on the gate's clock; FLOPs from the case's model; the
+    engine's own (absurd) MFU claim is recorded and decides nothing."""
+    fake_speed_runs(monkeypatch, {"warm": 50.0, "N": 20.0, "2N": 30.0})
+    g = gate_run(cpu_peak_tflops=1.0, mfu_threshold=0.0, speed_steps=3, speed_seq_length=32,
+                 speed_global_batch_size=4, speed_micro_batch_size=2, seed=1)
     try:
-        part = mfu_part(g, preset("minicpm4-0.5b"))
+        part = speed_part(g, preset("tiny"))
     finally:
         g.cleanup()
-    assert part.verdict == "failed", part.message
     n = part.numbers
-    assert n["model"] == "tiny" and n["model_source"] == "model_spec.toml" and n["tokens_per_s"] > 0
-    assert n["mfu"] == pytest.approx(preset("tiny").flops_per_token(32) * n["tokens_per_s"] / 989.4e12)
-    assert [c.role for c in g.report.commands] == ["engine bench"]
+    assert part.verdict == "passed", part.message
+    assert n["tokens_per_s"] == pytest.approx(3 * 4 * 32 / 10.0) and n["step_time_s"] == pytest.approx(10.0 / 3)
+    assert n["flops_per_token"] == preset("tiny").flops_per_token(32)
+    assert n["mfu"] == pytest.approx(n["flops_per_token"] * n["tokens_per_s"] / 1e12)
+    assert '"mfu": 0.52' in n["engine_log_last_line"] and n["mfu"] < 1e-3
+    assert n["device"] == "cpu" and [c.role.split(",")[-1] for c in g.report.commands] == [" warm)", " N)", " 2N)"]
+
+
+@pytest.mark.parametrize("walls, scale, why", [
+    ({"warm": 5.0, "N": 9.0, "2N": 9.0}, 1.0, "cannot time steps that cost nothing"),
+    ({"warm": 5.0, "N": 9.0, "2N": 19.0}, 1.05, "not the training the reference does"),
+])
+def test_speed_fails_skipped_or_free_work(monkeypatch, walls, scale, why):
+    fake_speed_runs(monkeypatch, walls, loss_scale=scale)
+    g = gate_run(cpu_peak_tflops=1.0, mfu_threshold=0.0, speed_steps=3, speed_seq_length=32,
+                 speed_global_batch_size=4, speed_micro_batch_size=2, seed=1)
+    try:
+        part = speed_part(g, preset("tiny"))
+    finally:
+        g.cleanup()
+    assert part.verdict == "failed" and why in part.message
 
 
 @pytest.mark.parametrize("dtype, lr", [("float32", 1e-3), ("float64", 1e-3), ("bfloat16", 1e-4)])
