@@ -28,7 +28,7 @@ from harness.gating import GateFn, GateOutcome, report_localization, run_real_ga
 from harness.ledger import GateLine, Inflight, Ledger, RoundRecord, RunLock, RunState, write_json_atomic
 from harness.prompts import PROMPTS_DIR, WORKSPACE_ROOT, Feedback, OpContext, render
 from harness.spec import ForgeSpec, GateCheck, StageSpec, spec_sha256
-from harness.timing import run_timing
+from harness.timing import run_gate_timing, run_timing
 from harness.workspace import RoundTree, Workspace
 
 GUARDED = ("harness", "gates", "prompts")   # the workspace's own code: must not change during a round
@@ -388,20 +388,26 @@ class ForgeLoop:
         best, best_round = self._op_best(key)
         if best is None and not any(e.get("event") == "op_baseline" and e.get("key") == key for e in self.ledger.records()):
             env = agent_env(self.spec.agent.env_allow, self.spec.agent.env)
-            best, note = run_timing(timing.command, engine_dir=rt.engine_dir, env=env, package=self.spec.engine.package,
-                                    op=op, metric=timing.metric, timeout_s=timing.timeout_s)
+            best, note = self._time(timing, rt, env, op)
             assert self.state is not None
             self.ledger.event(self.state.run_id, "op_baseline", key=key, op=op, value=best, note=note)
             self.console.print(f"op {op}: baseline {note}")
         return OpContext(name=op, metric=timing.metric, minimize=timing.minimize, timing_command=timing.command,
                          best=best, best_round=best_round)
 
+    def _time(self, timing, rt: RoundTree, env: dict[str, str], op: str) -> tuple[float | None, str]:
+        """A candidate's figure: on the gates' clock, unless the spec names a command."""
+        if timing.command is None:
+            return run_gate_timing(rt.engine_dir, case=self.spec.model.preset, device=self.spec.hardware.device,
+                                   metric=timing.metric, timeout_s=timing.timeout_s, options=timing.options)
+        return run_timing(timing.command, engine_dir=rt.engine_dir, env=env, package=self.spec.engine.package, op=op,
+                          metric=timing.metric, timeout_s=timing.timeout_s)
+
     def _elect(self, stage: StageSpec, key: str, op: str, rt: RoundTree, rec: RoundRecord, ctx: OpContext | None) -> bool:
         timing = stage.timing
         assert timing is not None and ctx is not None
         env = agent_env(self.spec.agent.env_allow, self.spec.agent.env)
-        value, note = run_timing(timing.command, engine_dir=rt.engine_dir, env=env, package=self.spec.engine.package,
-                                 op=op, metric=timing.metric, timeout_s=timing.timeout_s)
+        value, note = self._time(timing, rt, env, op)
         rec.timing = value
         better = value is not None and (ctx.best is None or (value < ctx.best if timing.minimize else value > ctx.best))
         rec.elected = better

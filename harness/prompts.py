@@ -77,7 +77,7 @@ class OpContext:
     name: str
     metric: str
     minimize: bool
-    timing_command: str
+    timing_command: str | None  # None: the gates' clock (M5's speed part on pretrain)
     best: float | None = None
     best_round: int | None = None
 

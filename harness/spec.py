@@ -114,13 +114,16 @@ class GateCheck(_Strict):
 
 
 class TimingSpec(_Strict):
-    """How an ops stage times a candidate: a command run in the engine dir that writes JSON with `metric`
-    to {out} (or, when the command does not use {out}, prints it as its last stdout line)."""
+    """How an ops stage times a candidate. Without `command`: the gates' clock, M5's speed part (the engine's
+    `pretrain` timed from outside; `metric` one of step_time_s, tokens_per_s, mfu; `options` sets its
+    GateOptions, e.g. speed_seq_length). With `command`: a command run in the engine dir that writes JSON with
+    `metric` to {out} (or prints it as its last stdout line): the engine's own figure, for CPU tests."""
 
-    command: str = Field(description="format fields: {op}, {package}, {python}, {out}")
-    metric: str = Field("time_s", description="key of the JSON object the command writes")
+    command: str | None = Field(None, description="format fields: {op}, {package}, {python}, {out}; None: the gates' clock")
+    metric: str = Field("step_time_s", description="the figure compared between candidates")
     minimize: bool = True
     timeout_s: float = Field(600.0, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict, description="GateOptions of the gates' clock (speed_*)")
 
 
 class AgentSpec(_Strict):

@@ -1,8 +1,7 @@
-"""Timing a candidate for an ops stage: the spec's timing command, run in the engine dir.
+"""Timing a candidate for an ops stage: on the gates' clock (M5's speed part: the engine's own `pretrain`,
+timed from outside, its losses checked against the reference), or a spec's command run in the engine dir.
 
-The command writes a JSON object to `{out}` (or prints it as its last stdout line); `metric` is read from
-it. A command that fails, times out or omits the metric yields None: a candidate without a time is
-never elected.
+A timing that fails, times out or lacks the metric yields None: a candidate without a time is never elected.
 """
 
 from __future__ import annotations
@@ -38,3 +37,30 @@ def run_timing(command: str, *, engine_dir: Path, env: dict[str, str], package: 
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             return None, f"timing output has no numeric {metric!r}: {text[:200]!r}"
         return value, f"{metric}={value:.6g}"
+
+
+def run_gate_timing(engine_dir: Path, *, case: str, device: str, metric: str, timeout_s: float,
+                    options: dict) -> tuple[float | None, str]:
+    """(metric or None, note) from M5's speed part on `engine_dir`: the gate's own clock, never the engine's."""
+    from gates.context import GateRun
+    from gates.launch import EngineLayoutError, discover_engine
+    from gates.m5_long_train import speed_part
+    from gates.model_config import preset
+    from gates.runner import GateOptions
+
+    try:
+        engine = discover_engine(engine_dir)
+    except EngineLayoutError as e:
+        return None, f"gate timing: {e}"
+    g = GateRun("m5_long_train", engine, GateOptions(case=case, device=device, timeout_s=timeout_s,
+                                                     **({"mfu_threshold": 0.0} | options)))
+    try:
+        part = speed_part(g, preset(case))
+    except Exception as e:  # noqa: BLE001 - a timing that breaks is a candidate without a time
+        return None, f"gate timing crashed: {type(e).__name__}: {e}"
+    finally:
+        g.cleanup()
+    value = part.numbers.get(metric)
+    if part.verdict != "passed" or not isinstance(value, (int, float)):
+        return None, f"gate timing {part.verdict}: {part.message[:300]}"
+    return float(value), f"{metric}={value:.6g} on the gates' clock"

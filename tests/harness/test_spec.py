@@ -18,7 +18,7 @@ def test_shipped_specs_load() -> None:
         spec = load_spec(p)
         assert spec.stages and all(s.gates for s in spec.stages)
     tiny = load_spec(SPECS[[p.name for p in SPECS].index("tiny-cpu.toml")])
-    assert [s.name for s in tiny.stages] == ["m1", "m2", "m3", "m4", "m5", "m6"] and tiny.hardware.device == "cpu"
+    assert [s.name for s in tiny.stages] == ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8"] and tiny.hardware.device == "cpu"
     big = load_spec(SPECS[[p.name for p in SPECS].index("minicpm4-8b-h100-tp2.toml")])
     assert big.reference == "megatron" and big.hardware.tp == 2 and big.stage("ops").agent.backend == "tune"
 
