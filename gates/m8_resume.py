@@ -117,7 +117,6 @@ def resume_parts(g: GateRun, box: PretrainBox, a_log, a_state, names, bitwise, k
 
 def kill_part(g: GateRun, box: PretrainBox, a_log, a_state, names, bitwise,
               extra: list[str]) -> tuple[list[Part], Localization | None]:
-    T = box.case.spec.steps
     seen = run_killed_in_save(g, box, "C", box.args("C", [*extra, "--save-interval", "1"]),
                               "engine pretrain --save-interval 1 (SIGKILL during a save)")
     if not seen["killed"]:

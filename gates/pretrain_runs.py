@@ -28,11 +28,12 @@ class PretrainBox:
         self.init = write_init_dir(self.root / "init", case.spec.model, case.weights)
         self.batches = write_token_batches(self.root / "batches.safetensors", case)
 
-    def args(self, name: str, extra: list[str] | None = None, bucket_mb: float = 25.0, log: str | None = None) -> list[str]:
+    def args(self, name: str, extra: list[str] | None = None, bucket_mb: float = 25.0, log: str | None = None,
+             steps: int | None = None) -> list[str]:
         """pretrain argv for the run `name`: its save dir `save-NAME` and log `NAME.jsonl` (or `LOG.jsonl`: a
-        resumed process logs to its own file)."""
-        return pretrain_args(self.case.spec, self.init, self.batches, self.log(log or name), self.save_dir(name),
-                             bucket_mb, extra)
+        resumed process logs to its own file); `steps`: fewer than the case's (the batches file holds them all)."""
+        spec = self.case.spec if steps is None else self.case.spec.model_copy(update={"steps": steps})
+        return pretrain_args(spec, self.init, self.batches, self.log(log or name), self.save_dir(name), bucket_mb, extra)
 
     def log(self, name: str) -> Path:
         return self.root / f"{name}.jsonl"
