@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from gates.case import hf_param_shapes
+from gates.case import OptimizerSpec, hf_param_shapes
 from gates.context import GateRun, GateStop, localize, localize_training, part
+from gates.m3_optimizer import LOW_PRECISION_LR
 from gates.m6_checkpoint import load_hf
 from gates.policies import adamw_step_cap, compare
 from gates.pretrain_runs import PretrainBox, data_position, metrics_line
@@ -40,7 +41,9 @@ def bucket_mb(g: GateRun) -> float:
 
 def run(g: GateRun) -> GateReport:
     o = g.options
-    case = g.make_case(world_size=o.world_size, steps=max(o.steps, 4), grad_accum=2)
+    low = o.case_dtype not in ("float32", "float64")  # bf16: M3's peak LR, for the reason m3_optimizer.py gives
+    optimizer = OptimizerSpec(lr=LOW_PRECISION_LR, min_lr=LOW_PRECISION_LR / 10) if low else OptimizerSpec()
+    case = g.make_case(world_size=o.world_size, steps=max(o.steps, 4), grad_accum=2, optimizer=optimizer)
     spec = case.spec
     n = spec.world_size
     box = PretrainBox(g, case)
