@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The gates on one H200 for exports/train_engine_0.5B, as the forge loop runs them, plus the engine's own
+# `bench` beside M5's gate-timed figure. Run from a clean snapshot of a commit (the device tool copies the
+# working tree), with the packed wheels (../shared/tools/pack-gpu-wheels.sh) and CuTeDSL's big part in /tmp/cut:
+#
+#   bash benchmarks/gpu/gates_h200.sh WHEEL_DIR PART    # PART: speed (bench + M5) | correctness (M7, M1-M3)
+#
+# Writes $OUT/<part>/... (gate reports, summary.jsonl) and $OUT/<part>.log; FORGE_GIT_COMMIT names the commit.
+set -uo pipefail
+WHL="${1:?wheel dir}"
+PART="${2:?speed | correctness}"
+OUT="${OUT:?set OUT}"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHL"/*.whl || exit 1
+site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+if [ -d /tmp/cut/nvidia_cutlass_dsl ] && [ ! -d "$site/nvidia_cutlass_dsl" ]; then
+  cp -r /tmp/cut/nvidia_cutlass_dsl "$site/" && echo "$site/nvidia_cutlass_dsl/dsl_packages" > "$site/cutlass_dsl_packages.pth"
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; echo "commit ${FORGE_GIT_COMMIT:-?}";
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
+  > "$OUT/env.txt" 2>&1
+ENGINE=exports/train_engine_0.5B
+mkdir -p "$OUT/$PART"
+if [ "$PART" = speed ]; then
+  PYTHONPATH="$ENGINE/src" timeout 300 python3 -m train_engine_0_5b bench --seq-length 4096 --micro-batch-size 8 \
+    --steps 10 --json "$OUT/$PART/bench_mb8.json" > "$OUT/$PART/bench_mb8.out" 2>&1
+  echo "bench exit $?"
+  python3 -m benchmarks.gpu.gate_stage --engine "$ENGINE" --gates m5 --out "$OUT/$PART" --speed-steps "${SPEED_STEPS:-10}" \
+    --speed-global-batch-size "${SPEED_GB:-64}" --speed-micro-batch-size 8 --long-train-steps 20 --timeout 500
+else
+  python3 -m benchmarks.gpu.gate_stage --engine "$ENGINE" --gates "${GATES:-m7,m1,m2,m3}" --out "$OUT/$PART" \
+    --seq-length "${SEQ:-2048}" --timeout 300
+fi
