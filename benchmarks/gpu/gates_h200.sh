@@ -13,9 +13,9 @@ OUT="${OUT:?set OUT}"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHL"/*.whl || exit 1
 site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-if [ -d /tmp/cut/nvidia_cutlass_dsl ] && [ ! -d "$site/nvidia_cutlass_dsl" ]; then
-  cp -r /tmp/cut/nvidia_cutlass_dsl "$site/" && echo "$site/nvidia_cutlass_dsl/dsl_packages" > "$site/cutlass_dsl_packages.pth"
-fi
+# CuTeDSL's big part merges into the package its small wheel installed; its dsl_packages go on sys.path
+cp -r /tmp/cut/nvidia_cutlass_dsl "$site/" && echo "$site/nvidia_cutlass_dsl/dsl_packages" > "$site/cutlass_dsl_packages.pth" || exit 1
+PYTHONPATH="exports/train_engine_0.5B/src" python3 -m train_engine_0_5b info > "$OUT/engine_info.txt" 2>&1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; echo "commit ${FORGE_GIT_COMMIT:-?}";
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
   > "$OUT/env.txt" 2>&1
