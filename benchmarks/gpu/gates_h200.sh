@@ -3,7 +3,8 @@
 # `bench` beside M5's gate-timed figure. Run from a clean snapshot of a commit (the device tool copies the
 # working tree), with the packed wheels (../shared/tools/pack-gpu-wheels.sh) and CuTeDSL's big part in /tmp/cut:
 #
-#   bash benchmarks/gpu/gates_h200.sh WHEEL_DIR PART    # PART: speed (bench + M5) | correctness (M7, M1-M3)
+#   [BENCH=0] bash benchmarks/gpu/gates_h200.sh WHEEL_DIR PART   # PART: speed (M5) | correctness (M7, M1-M3);
+#   both run the engine's bench first unless BENCH=0
 #
 # Writes $OUT/<part>/... (gate reports, summary.jsonl) and $OUT/<part>.log; FORGE_GIT_COMMIT names the commit.
 set -uo pipefail
@@ -21,10 +22,12 @@ PYTHONPATH="exports/train_engine_0.5B/src" python3 -m train_engine_0_5b info > "
   > "$OUT/env.txt" 2>&1
 ENGINE=exports/train_engine_0.5B
 mkdir -p "$OUT/$PART"
-if [ "$PART" = speed ]; then
+if [ "${BENCH:-1}" = 1 ]; then  # the engine's own figure, beside the gate's
   PYTHONPATH="$ENGINE/src" timeout 300 python3 -m train_engine_0_5b bench --seq-length 4096 --micro-batch-size 8 \
     --steps 10 --json "$OUT/$PART/bench_mb8.json" > "$OUT/$PART/bench_mb8.out" 2>&1
   echo "bench exit $?"
+fi
+if [ "$PART" = speed ]; then
   python3 -m benchmarks.gpu.gate_stage --engine "$ENGINE" --gates m5 --out "$OUT/$PART" --speed-steps "${SPEED_STEPS:-10}" \
     --speed-global-batch-size "${SPEED_GB:-64}" --speed-micro-batch-size 8 --long-train-steps 20 --timeout 500
 else
