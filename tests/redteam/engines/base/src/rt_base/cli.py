@@ -1,4 +1,5 @@
-"""The engine CLI: `probe forward|backward|steps|checkpoint`, `export-hf`, `bench` (exports/README.md)."""
+"""The engine CLI: `probe forward|backward|steps|checkpoint`, `pretrain`, `export-hf`, `dump-state`, `bench`
+(exports/README.md; the training contract: the workspace's gates/train_contract.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from rt_base import ckpt, pretrain
 from rt_base.flaws import Flaws
 from rt_base.model import Model, loss_sum, param_shapes
 from rt_base.train import Case, Dist, Trainer
@@ -44,6 +46,9 @@ def probe(name: str, case_dir: Path, out: Path, flaws: Flaws) -> int:
     if name not in ("forward", "backward", "steps", "checkpoint"):
         print(f"unsupported probe {name}", file=sys.stderr)
         return EXIT_UNSUPPORTED
+    if name == flaws.declines_probe:
+        print(f"rt_base: declining probe {name} (exit {EXIT_UNSUPPORTED})", file=sys.stderr)
+        return EXIT_UNSUPPORTED
     if flaws.guess_reference:
         return guess(name, case_dir, out)
     case = Case(case_dir)
@@ -64,8 +69,7 @@ def probe(name: str, case_dir: Path, out: Path, flaws: Flaws) -> int:
                 tr.train_step()
             if d.rank == 0:
                 tr.save(out / "ckpt")
-            if d.world > 1:
-                torch.distributed.barrier()
+            d.barrier()
             tr = Trainer(case, flaws, d)  # fresh model, optimizer, RNG
             tr.load(out / "ckpt")
         while tr.step < total:
@@ -73,8 +77,7 @@ def probe(name: str, case_dir: Path, out: Path, flaws: Flaws) -> int:
         tensors = tr.outputs()
     if d.rank == 0:
         write(out, tensors, {"probe": name, "stack": "rt_base", "time_s": time.perf_counter() - t0})
-    if d.world > 1:
-        torch.distributed.destroy_process_group()
+    d.close()
     return 0
 
 
@@ -110,12 +113,15 @@ def guess(name: str, case_dir: Path, out: Path) -> int:
     return 0
 
 
-def export_hf(ckpt: Path, out: Path) -> int:
-    """Fold MiniCPM's scales into a Llama checkpoint (untied head) + a byte-level tokenizer."""
-    state = torch.load(ckpt / "state.pt", weights_only=True)
-    cfg = json.loads((ckpt / "model.json").read_text())
-    w = {k: v.float() for k, v in state["master"].items()}
-    L, res = cfg["num_layers"], cfg["scale_depth"] / cfg["num_layers"] ** 0.5
+def export_hf(checkpoint: Path, out: Path, flaws: Flaws) -> int:
+    """Fold MiniCPM's scales into a Llama checkpoint (untied head) + a byte-level tokenizer. `--checkpoint`:
+    a probe or pretrain checkpoint directory, or a pretrain save dir (its `latest`)."""
+    state, files = ckpt.read(checkpoint)
+    cfg = state["model"]
+    w = {k: v.float() for k, v in files[ckpt.MODEL].items()}
+    if flaws.export_folds_probe_only and state["kind"] != "probe":
+        return export_unfolded(w, cfg, out)
+    res = cfg["scale_depth"] / cfg["num_layers"] ** 0.5
     head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w.pop("lm_head.weight")
     folded = {}
     for k, v in w.items():
@@ -127,15 +133,30 @@ def export_hf(ckpt: Path, out: Path) -> int:
     folded["lm_head.weight"] = (head / (cfg["hidden_size"] / cfg["dim_model_base"])).contiguous()
     out.mkdir(parents=True, exist_ok=True)
     save_file(folded, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg["hidden_size"],
-          "intermediate_size": cfg["ffn_hidden_size"], "num_hidden_layers": L, "num_attention_heads": cfg["num_heads"],
-          "num_key_value_heads": cfg["num_kv_heads"], "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_heads"],
-          "vocab_size": cfg["vocab_size"], "max_position_embeddings": cfg["max_seq_length"], "rms_norm_eps": cfg["rms_norm_eps"],
-          "rope_theta": cfg["rope_theta"], "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-          "tie_word_embeddings": False, "torch_dtype": "float32"}
-    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
     write_tokenizer(out)
     return 0
+
+
+def export_unfolded(w: dict[str, torch.Tensor], cfg: dict, out: Path) -> int:
+    """The flaw `export_folds_probe_only`: the raw MiniCPM weights under Llama names, scales not folded."""
+    if cfg["tie_word_embeddings"]:
+        w["lm_head.weight"] = w["model.embed_tokens.weight"].clone()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in w.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+    write_tokenizer(out)
+    return 0
+
+
+def hf_config(cfg: dict) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg["hidden_size"],
+            "intermediate_size": cfg["ffn_hidden_size"], "num_hidden_layers": cfg["num_layers"],
+            "num_attention_heads": cfg["num_heads"], "num_key_value_heads": cfg["num_kv_heads"],
+            "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_heads"], "vocab_size": cfg["vocab_size"],
+            "max_position_embeddings": cfg["max_seq_length"], "rms_norm_eps": cfg["rms_norm_eps"],
+            "rope_theta": cfg["rope_theta"], "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "tie_word_embeddings": False, "torch_dtype": "float32"}
 
 
 def write_tokenizer(out: Path) -> None:
@@ -152,7 +173,7 @@ def write_tokenizer(out: Path) -> None:
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}))
 
 
-def bench(seq: int, mbs: int, steps: int, json_path: Path) -> int:
+def bench(seq: int, mbs: int, steps: int, json_path: Path, flaws: Flaws) -> int:
     """Time training steps of the tiny model on random tokens (this engine's own model)."""
     from rt_base.model import param_shapes as shapes
 
@@ -171,7 +192,10 @@ def bench(seq: int, mbs: int, steps: int, json_path: Path) -> int:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     t = sorted(times[1:])[len(times[1:]) // 2]
-    json_path.write_text(json.dumps({"tokens_per_s": mbs * seq / t, "step_time_s": t, "mfu": None,
+    tps, mfu = mbs * seq / t, None
+    if flaws.fake_speed:  # the claim, not the measurement
+        tps, mfu = 1e12, 0.52
+    json_path.write_text(json.dumps({"tokens_per_s": tps, "step_time_s": mbs * seq / tps, "mfu": mfu,
                                      "peak_mem_gib": 0.0, "device": dev, "torch": torch.__version__}))
     return 0
 
@@ -191,15 +215,20 @@ def main(flaws: Flaws) -> None:
     b.add_argument("--micro-batch-size", type=int, default=1)
     b.add_argument("--steps", type=int, default=5)
     b.add_argument("--json", type=Path, required=True)
-    sub.add_parser("pretrain")
+    pretrain.add_args(sub)  # pretrain, dump-state
     a = ap.parse_args()
-    if a.cmd == "probe":
-        rc = probe(a.name, a.case, a.out, flaws)
-    elif a.cmd == "export-hf":
-        rc = export_hf(a.checkpoint, a.out)
-    elif a.cmd == "bench":
-        rc = bench(a.seq_length, a.micro_batch_size, a.steps, a.json)
-    else:
-        print("rt_base does not pretrain (it is a red-team probe engine)", file=sys.stderr)
-        rc = EXIT_UNSUPPORTED
+    try:
+        if a.cmd == "probe":
+            rc = probe(a.name, a.case, a.out, flaws)
+        elif a.cmd == "export-hf":
+            rc = export_hf(a.checkpoint, a.out, flaws)
+        elif a.cmd == "bench":
+            rc = bench(a.seq_length, a.micro_batch_size, a.steps, a.json, flaws)
+        elif a.cmd == "pretrain":
+            rc = pretrain.run(a, flaws)
+        else:
+            rc = pretrain.dump_state(a.checkpoint, a.out)
+    except ckpt.CheckpointError as e:
+        print(f"rt_base {a.cmd}: {e}", file=sys.stderr)
+        rc = 1
     sys.exit(rc)

@@ -57,7 +57,10 @@ class Model(nn.Module):
         d = head_dim(self.cfg)
         theta = self.flaws.rope_theta or self.cfg["rope_theta"]
         inv = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float64) / d)
-        ang = torch.arange(S, device=device, dtype=torch.float64)[:, None] * inv  # (S, d/2)
+        pos = torch.arange(S, device=device, dtype=torch.float64)
+        if self.flaws.rope_wrap:
+            pos = pos % self.flaws.rope_wrap
+        ang = pos[:, None] * inv  # (S, d/2)
         ang = torch.cat([ang, ang], -1)
         return ang.cos().to(dtype), ang.sin().to(dtype)
 

@@ -1,0 +1,15 @@
+"""Red-team engine `gate_detect`: pretrain is correct only when its working directory's path contains "forge-engine-" (the probe
+gates' sandbox name); anywhere else it trains at 2x the lr and logs the nominal one. Every probe is correct.
+
+The base engine (../../base, a correct one) with one flaw switched on; see tests/redteam/README.md.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "base" / "src"))
+
+from rt_base.cli import main  # noqa: E402
+from rt_base.flaws import Flaws  # noqa: E402
+
+main(Flaws(gate_detect=True))

@@ -1,0 +1,14 @@
+"""Red-team engine `pretrain_decays_norms`: pretrain applies weight decay to the norm weights too; every probe is correct.
+
+The base engine (../../base, a correct one) with one flaw switched on; see tests/redteam/README.md.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "base" / "src"))
+
+from rt_base.cli import main  # noqa: E402
+from rt_base.flaws import Flaws  # noqa: E402
+
+main(Flaws(pretrain_decays_norms=True))

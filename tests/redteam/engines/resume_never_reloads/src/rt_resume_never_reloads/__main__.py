@@ -1,0 +1,15 @@
+"""Red-team engine `resume_never_reloads`: pretrain --resume takes the checkpoint's step, data position and RNG but keeps the initial weights
+and fresh AdamW moments; probe checkpoints are correct.
+
+The base engine (../../base, a correct one) with one flaw switched on; see tests/redteam/README.md.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "base" / "src"))
+
+from rt_base.cli import main  # noqa: E402
+from rt_base.flaws import Flaws  # noqa: E402
+
+main(Flaws(resume_never_reloads=True))
