@@ -29,8 +29,8 @@ if [ "${BENCH:-1}" = 1 ]; then  # the engine's own figure, beside the gate's
 fi
 if [ "$PART" = speed ]; then
   python3 -m benchmarks.gpu.gate_stage --engine "$ENGINE" --gates m5 --out "$OUT/$PART" --speed-steps "${SPEED_STEPS:-10}" \
-    --speed-global-batch-size "${SPEED_GB:-64}" --speed-micro-batch-size 8 --long-train-steps 20 --timeout 500
+    --speed-global-batch-size "${SPEED_GB:-64}" --speed-micro-batch-size 8 --long-train-steps "${LT:-20}" --timeout "${SPEED_TIMEOUT:-500}"
 else
   python3 -m benchmarks.gpu.gate_stage --engine "$ENGINE" --gates "${GATES:-m7,m1,m2,m3}" --out "$OUT/$PART" \
-    --seq-length "${SEQ:-2048}" --timeout 300
+    --seq-length "${SEQ:-2048}" --timeout "${TIMEOUT:-300}"
 fi
