@@ -49,6 +49,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def read_log(path: Path) -> list[dict]:
+    """A step log as its readers take it: each step's last line, in step order; a line a kill cut short
+    (not JSON) is skipped."""
+    last: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        last[record["step"]] = record
+    return [last[step] for step in sorted(last)]
+
+
 def rel_err(a, b) -> float:
     """max |a - b| / max |a| (normwise relative error; 0 for two zero tensors)."""
     a, b = a.double(), b.double()

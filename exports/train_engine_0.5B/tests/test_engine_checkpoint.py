@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_testlib import TINY, read_jsonl, rel_err
+from engine_testlib import TINY, read_jsonl, read_log, rel_err
 from safetensors.torch import load_file
 
 from train_engine_0_5b import checkpoint as ckpt
@@ -46,8 +46,10 @@ def runs(tmp_path_factory):
 def test_resume_is_bit_identical(runs):
     root, resumed = runs
     assert "resumed from" in resumed.output and "step_00000003" in resumed.output
-    straight, split = read_jsonl(root / "straight.jsonl"), read_jsonl(root / "split.jsonl")
-    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]  # continued the log, dropping lines past step 3
+    straight, split = read_jsonl(root / "straight.jsonl"), read_log(root / "split.jsonl")
+    lines = (root / "split.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and lines[4] == '{"step": 5, "lo'  # appended: the crashed run's lines stay, the cut one alone
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]  # each step's last line
     for key in ("loss", "grad_norm", "lr", "valid_tokens"):
         assert [r[key] for r in straight] == [r[key] for r in split], key
     assert len({r["loss"] for r in straight}) == 6  # it trained: six different losses
@@ -64,7 +66,7 @@ def test_checkpoint_layout_and_latest_pointer(runs):
     root, _ = runs
     save = root / "straight"
     assert (save / "latest").read_text().strip() == "step_00000006"
-    assert sorted(p.name for p in save.iterdir()) == ["latest", "step_00000003", "step_00000006"]
+    assert sorted(p.name for p in save.iterdir()) == ["config.toml", "latest", "step_00000003", "step_00000006"]
     step = save / "step_00000006"
     state = json.loads((step / "state.json").read_text())
     assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "tokenizer/tokenizer.json"} <= set(state["files"])
@@ -86,7 +88,7 @@ def test_interrupted_save_keeps_the_last_good_checkpoint(runs, tmp_path, monkeyp
     def fail(*_args, **_kwargs):
         raise Boom("disk full")
 
-    monkeypatch.setattr(ckpt, "_fsync", fail)  # dies after the files are written, before the rename
+    monkeypatch.setattr(ckpt, "fsync", fail)  # dies after the files are written, before the rename
     with pytest.raises(Boom):
         ckpt.save(save, 7, good.master, good.optim, good.rng, {"identity": {}})
     assert sorted(p.name for p in save.iterdir()) == before  # no step_00000007, no leftover .tmp-*

@@ -14,6 +14,7 @@ import torch
 from engine_testlib import TINY, read_jsonl
 
 from train_engine_0_5b import pretrain as pretrain_mod
+from train_engine_0_5b import step_reports
 from train_engine_0_5b.data import Loader, PackedRows, Prefetcher, TokenStream
 from train_engine_0_5b.data.sources import Source, renderer
 from train_engine_0_5b.data.tokenizer import TextTokenizer
@@ -127,7 +128,7 @@ def test_batches_for_a_cuda_device_are_pinned(stream):
         assert all(torch.equal(d.cpu(), y) for d, y in zip(on_device, loader(stream).batch(step)))
 
 
-def synchronous_loop(cfg, ctx, trainer, loader, data, log, start):
+def synchronous_loop(cfg, ctx, trainer, loader, data, log, start, graphed, skipped):
     """The loop before prefetching and late reads (no checkpoints): build, copy, step, read, log."""
     t = cfg.train
     tokens = t.global_batch_size * t.seq_length
@@ -138,7 +139,7 @@ def synchronous_loop(cfg, ctx, trainer, loader, data, log, start):
         losses.append(float(res.loss))
         log.step({"step": step + 1, "loss": losses[-1], "grad_norm": float(res.grad_norm), "lr": res.lr, "tokens": tokens,
                   "valid_tokens": int(res.valid_tokens), "step_time_s": 1.0, "tokens_per_s": 1.0, "mfu": 0.0,
-                  "tflops_per_gpu": 0.0})
+                  "tflops_per_gpu": 0.0, "peak_mem_gib": 0.0})
     return {"losses": losses}
 
 
@@ -162,7 +163,7 @@ def test_pretrain_log_matches_the_synchronous_loop(cli, tmp_path, monkeypatch):
     out = res.output
     assert out.index("[STEP 2]") < out.index("step_00000002") < out.index("[STEP 3]") < out.index("step_00000003")
     assert out.index("step_00000003") < out.index("stopping after 3 steps")
-    assert sorted(p.name for p in (tmp_path / "save").iterdir()) == ["latest", "step_00000002", "step_00000003"]
+    assert sorted(p.name for p in (tmp_path / "save").iterdir()) == ["config.toml", "latest", "step_00000002", "step_00000003"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["losses"] == [r["loss"] for r in late] and summary["steps"] == 3 and summary["first_step"] == 1
     assert summary["step_time_s"] > 0
@@ -195,7 +196,7 @@ def _result(device: str, loss: float, norm: float, valid: int):
 
 
 def test_staged_scalars_on_the_cpu_are_the_step_values():
-    staged = pretrain_mod._Staged(_result("cpu", 2.375, 0.5, 77))
+    staged = step_reports.Staged(_result("cpu", 2.375, 0.5, 77))
     assert staged.event is None and staged.read() == (2.375, 0.5, 77)
 
 
@@ -205,7 +206,7 @@ def test_staged_read_waits_for_its_own_step_only():
     """Step N's scalars are read while step N+1 (here: ~1 s of spinning queued after it) still runs: the
     completion time logged for step N is step N's, and the last step's is not ~0 ms."""
     torch.cuda.synchronize()
-    staged = pretrain_mod._Staged(_result("cuda", 2.375, 0.5, 77))
+    staged = step_reports.Staged(_result("cuda", 2.375, 0.5, 77))
     torch.cuda._sleep(2_000_000_000)  # "step N+1", queued behind the copy (~1 s at ~2 GHz)
     assert staged.read() == (2.375, 0.5, 77)
     assert not torch.cuda.current_stream().query()  # the read did not wait for step N+1

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from train_engine_0_5b.cli_options import with_config_options
 from train_engine_0_5b.errors import EXIT_ERROR, EXIT_UNSUPPORTED, EngineError, Unsupported
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,7 +22,8 @@ DEFAULT_MODEL = "minicpm4-0.5b"  # model_spec.toml's [model]; `tiny` runs the sa
 
 
 def _guard(fn):
-    """EngineError -> 'error: ...' on stderr and exit 1 (Unsupported: exit 77, the probe contract)."""
+    """EngineError -> 'error: ...' on stderr and exit 1 (Unsupported: exit 77, the probe contract); an OSError
+    (a full disk, a permission) -> its one line too."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -35,6 +37,9 @@ def _guard(fn):
             label = "unsupported" if isinstance(e, Unsupported) else "error"
             err.print(f"{label}{who}: {e}", markup=False)
             raise typer.Exit(EXIT_UNSUPPORTED if isinstance(e, Unsupported) else EXIT_ERROR) from None
+        except OSError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper
 
@@ -63,63 +68,30 @@ def _ops(text: str):
 
 
 @app.command()
+@with_config_options
 @_guard
 def pretrain(
-    num_steps: int = typer.Option(100, "--num-steps", help="optimizer steps of the whole run"),
-    global_batch_size: int = typer.Option(8, "--global-batch-size", help="sequences per step over all ranks"),
-    micro_batch_size: int = typer.Option(4, "--micro-batch-size", help="sequences per forward/backward per rank"),
-    seq_length: int = typer.Option(4096, "--seq-length", help="tokens per sequence"),
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", help="a run config (TOML: model, ops and the sections train, "
+                                          "optim, data, checkpoint, runtime); options given here override it"),
     model: Optional[str] = typer.Option(None, "--model", help=f"preset (minicpm4-0.5b, tiny), model .toml or HF config.json; default: --init-from's config.json, else {DEFAULT_MODEL}"),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from a Hugging Face MiniCPM checkpoint directory (config.json + safetensors)"),
-    token_batches: Optional[Path] = typer.Option(None, "--token-batches", help="train on these pre-batched token ids (safetensors input_ids/labels, steps x global batch x seq) instead of a dataset"),
-    hf_dataset: Optional[str] = typer.Option(None, "--hf-dataset", help="local file/dir (Parquet, Arrow, JSON/JSONL, text) or Hub name; default: the shipped corpus"),
-    hf_dataset_config: Optional[str] = typer.Option(None, "--hf-dataset-config", help="Hub dataset configuration"),
-    hf_dataset_split: str = typer.Option("train", "--hf-dataset-split", help="split of a Hub / save_to_disk dataset"),
-    hf_text_template: Optional[str] = typer.Option(None, "--hf-text-template", help='e.g. "Question: {question}\\nAnswer: {answer}"; default: the text column'),
-    tokenizer_path: Optional[str] = typer.Option(None, "--tokenizer-path", help="HF tokenizer directory; default: the shipped tokenizer"),
-    shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="shuffle documents each epoch"),
-    save_dir: Optional[Path] = typer.Option(None, "--save-dir", help="checkpoint directory"),
-    save_interval: int = typer.Option(0, "--save-interval", help="save every N steps (0: at the end only)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from --save-dir's latest checkpoint"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    min_lr: float = typer.Option(1e-4, "--min-lr"),
-    warmup_steps: int = typer.Option(100, "--warmup-steps"),
-    lr_schedule: str = typer.Option("wsd", "--lr-schedule", help="wsd | cosine | constant"),
-    decay_steps: Optional[int] = typer.Option(None, "--decay-steps", help="wsd decay length (default 10 % of the steps)"),
-    weight_decay: float = typer.Option(0.1, "--weight-decay"),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="global-norm clip (0: off)"),
-    zero1: bool = typer.Option(False, "--zero1/--no-zero1", help="shard optimizer state over data-parallel ranks (ZeRO-1)"),
-    seed: int = typer.Option(0, "--seed"),
-    init_std: float = typer.Option(0.1, "--init-std"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"),
     ops: str = typer.Option("", "--ops", help="op=implementation,... e.g. attention=sdpa,gemm.qkv=concat"),
-    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic", help="deterministic kernels (bit-identical resume on one GPU); default: on for a CPU, off on CUDA"),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the forward + loss; default: on with CUDA"),
-    recompute: str = typer.Option("none", "--recompute", help="activation recomputation per layer: none | mlp | attention | layer (memory for compute)"),
-    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="replay the whole step as one CUDA graph (CUDA, one rank, one micro batch per step); default: where it applies"),
-    bucket_mb: float = typer.Option(25.0, "--bucket-mb", help="gradient all-reduce bucket (MiB)"),
-    exit_after_steps: Optional[int] = typer.Option(None, "--exit-after-steps", help="stop (with a checkpoint) after N steps of this run"),
-    log_file: Optional[Path] = typer.Option(None, "--log-file", help="JSONL step log"),
     summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="write the run summary here (rank 0)"),
+    **options,
 ) -> None:
     """Train (and with --resume, continue bit-identically from the latest checkpoint)."""
-    from train_engine_0_5b import config, pretrain as pretrain_mod
+    from train_engine_0_5b import cli_options, config as config_mod, pretrain as pretrain_mod, run_config
 
-    cfg = config.build(
-        model=_pretrain_model(model, init_from), ops=_ops(ops),
-        train=dict(num_steps=num_steps, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                   seq_length=seq_length, seed=seed, init_std=init_std, bucket_mb=bucket_mb,
-                   exit_after_steps=exit_after_steps),
-        optim=dict(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, lr_schedule=lr_schedule, decay_steps=decay_steps,
-                   weight_decay=weight_decay, grad_clip=grad_clip, zero1=zero1),
-        data=dict(hf_dataset=hf_dataset, hf_dataset_config=hf_dataset_config, hf_dataset_split=hf_dataset_split,
-                  hf_text_template=hf_text_template, tokenizer_path=tokenizer_path, shuffle=shuffle,
-                  token_batches=token_batches),
-        checkpoint=dict(save_dir=save_dir, save_interval=save_interval, resume=resume, init_from=init_from),
-        runtime=dict(device=device, dtype=dtype, deterministic=deterministic, compile=compile, recompute=recompute,
-                     cuda_graph=cuda_graph, log_file=log_file),
-    )
+    explicit = cli_options.given(ctx)
+    file = run_config.read(config) if config is not None else {}
+    sections = cli_options.sections(options, file, explicit)
+    init_from = sections["checkpoint"].get("init_from")
+    if model is None and "model" in file:
+        model_cfg = run_config.model_from(file["model"], str(config))
+    else:
+        model_cfg = _pretrain_model(model, Path(init_from) if init_from is not None else None)
+    selection = run_config.ops_from(file["ops"], str(config)) if "ops" in file and "ops" not in explicit else _ops(ops)
+    cfg = config_mod.build(model=model_cfg, ops=selection, **sections)
     summary = pretrain_mod.run(cfg)
     if summary_json is not None and int(os.environ.get("RANK", 0)) == 0:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
@@ -191,13 +163,14 @@ def probe(
 @_guard
 def export_hf(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint directory, or a save dir (its latest)"),
-    out: Path = typer.Option(..., "--out", help="output directory (replaced)"),
+    out: Path = typer.Option(..., "--out", help="output directory (must be empty or absent unless --force)"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
 ) -> None:
     """Write a Llama-layout Hugging Face checkpoint (MiniCPM scales folded) plus the tokenizer files."""
     from train_engine_0_5b.export_hf import export
 
-    path = export(checkpoint, out, dtype)
+    path = export(checkpoint, out, dtype, force=force)
     typer.echo(f"exported {path}")
 
 

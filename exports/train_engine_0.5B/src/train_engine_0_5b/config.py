@@ -1,6 +1,7 @@
 """The engine's typed configuration: one root (`EngineConfig`), sections nested under it, each field
-documented and validated with a message that names it. The CLI builds one from its options; a
-checkpoint records the one it was trained with.
+documented and validated with a message that names it. `pretrain`'s options are derived from these
+fields (cli_options.py); `pretrain --config run.toml` reads the same sections (run_config.py); a checkpoint
+records the config it was trained with.
 """
 
 from __future__ import annotations
@@ -20,67 +21,74 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `num_steps = true` in a TOML is an error, not 1 (an int still fills a float field)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataConfig(_Section):
-    hf_dataset: str | None = Field(None, description="local file/dir (Parquet, Arrow, JSON/JSONL, text) or Hub name; None: shipped corpus")
-    hf_dataset_config: str | None = Field(None, description="Hub dataset configuration name")
-    hf_dataset_split: str = Field("train", description="split of a Hub or save_to_disk dataset")
-    hf_text_template: str | None = Field(None, description="str.format template over record fields; None: the 'text' column")
-    tokenizer_path: str | None = Field(None, description="HF tokenizer directory; None: the shipped default tokenizer")
+    hf_dataset: str | None = Field(None, description="local file/dir (Parquet, Arrow, JSON/JSONL, text) or Hub name; default: the shipped corpus")
+    hf_dataset_config: str | None = Field(None, description="Hub dataset configuration")
+    hf_dataset_split: str = Field("train", description="split of a Hub / save_to_disk dataset")
+    hf_text_template: str | None = Field(None, description='e.g. "Question: {question}\\nAnswer: {answer}"; default: the text column')
+    tokenizer_path: str | None = Field(None, description="HF tokenizer directory; default: the shipped tokenizer")
     shuffle: bool = Field(True, description="shuffle documents each epoch (seeded)")
-    token_batches: Path | None = Field(None, description="pre-batched token ids (data/batches.py) instead of a dataset: "
-                                       "safetensors input_ids / labels of shape (steps, global batch, seq)")
+    token_batches: Path | None = Field(None, strict=False, description="train on these pre-batched token ids (safetensors "
+                                       "input_ids/labels, steps x global batch x seq) instead of a dataset")
 
 
 class TrainConfig(_Section):
-    num_steps: int = Field(gt=0, description="optimizer steps in the whole run")
-    global_batch_size: int = Field(gt=0, description="rows (sequences) per step over all ranks")
-    micro_batch_size: int = Field(gt=0, description="rows per forward/backward on one rank")
-    seq_length: int = Field(gt=1, description="tokens per row")
-    seed: int = Field(0, description="weights init and document order")
+    num_steps: int = Field(100, gt=0, description="optimizer steps of the whole run")
+    global_batch_size: int = Field(8, gt=0, description="sequences per step over all ranks")
+    micro_batch_size: int = Field(4, gt=0, description="sequences per forward/backward per rank")
+    seq_length: int = Field(4096, gt=1, description="tokens per sequence")
+    seed: int = Field(0, description="weights init, document order, torch's generators")
     init_std: float = Field(0.1, gt=0, description="embedding init std; hidden matrices use init_std / sqrt(hidden / dim_model_base)")
-    bucket_mb: float = Field(25.0, gt=0, description="gradient all-reduce bucket size (MiB of fp32)")
-    exit_after_steps: int | None = Field(None, gt=0, description="stop (saving a checkpoint) after this many steps of this "
-                                         "invocation, e.g. to fit a time-limited allocation; continue with resume")
+    bucket_mb: float = Field(25.0, gt=0, description="gradient all-reduce bucket (MiB of fp32)")
+    exit_after_steps: int | None = Field(None, gt=0, description="stop (with a checkpoint) after N steps of this run, "
+                                         "e.g. to fit a time-limited allocation; continue with --resume")
+    nan_policy: Literal["stop", "skip"] = Field("stop", description="a step with a non-finite loss or grad norm: stop the "
+                                                "run before any checkpoint of it, or skip it (no update of weights or moments)")
+    max_skipped_steps: int = Field(10, ge=0, description="--nan-policy skip: the run stops at skipped step N + 1")
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-3, gt=0)
-    min_lr: float = Field(1e-4, ge=0)
-    warmup_steps: int = Field(100, ge=1)
-    lr_schedule: Literal["wsd", "cosine", "constant"] = "wsd"
-    decay_steps: int | None = Field(None, ge=1, description="wsd only; default ceil(10 %) of num_steps")
-    weight_decay: float = Field(0.1, ge=0, description="matrices only, never norm weights")
-    grad_clip: float = Field(1.0, ge=0, description="global-norm clip; 0 disables it")
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    zero1: bool = Field(False, description="shard fp32 masters and AdamW moments over the data-parallel ranks (ZeRO-1: "
-                        "reduce-scatter gradients, all-gather parameters); checkpoints stay whole")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(1e-4, ge=0, description="learning rate at the end of the decay")
+    warmup_steps: int = Field(100, ge=1, description="linear warmup from lr / warmup_steps to lr")
+    lr_schedule: Literal["wsd", "cosine", "constant"] = Field("wsd", description="wsd (warmup-stable-decay) | cosine | constant")
+    decay_steps: int | None = Field(None, ge=1, description="wsd decay length (default 10 % of the steps)")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only, never norm weights)")
+    grad_clip: float = Field(1.0, ge=0, description="global-norm clip (0: off)")
+    betas: tuple[float, float] = Field((0.9, 0.95), strict=False, description="AdamW betas (config file only)")
+    eps: float = Field(1e-8, gt=0, description="AdamW eps (config file only)")
+    zero1: bool = Field(False, description="shard optimizer state over data-parallel ranks (ZeRO-1: reduce-scatter "
+                        "gradients, all-gather parameters); checkpoints stay whole")
 
 
 class CheckpointConfig(_Section):
-    save_dir: Path | None = Field(None, description="checkpoints go to save_dir/step_XXXXXXXX, `latest` names the newest")
-    save_interval: int = Field(0, ge=0, description="save every N steps (0: only at the end)")
-    resume: bool = Field(False, description="continue from save_dir's latest checkpoint")
-    init_from: Path | None = Field(None, description="a Hugging Face MiniCPM checkpoint directory to start from "
-                                   "(init_from.py); the model config comes from it")
+    save_dir: Path | None = Field(None, strict=False, description="checkpoint directory: step_XXXXXXXX/ folders, `latest` "
+                                  "naming the newest, config.toml (the resolved run config)")
+    save_interval: int = Field(0, ge=0, description="save every N steps (0: at the end only)")
+    resume: bool = Field(False, description="continue from --save-dir's latest checkpoint")
+    init_from: Path | None = Field(None, strict=False, description="start from a Hugging Face MiniCPM checkpoint directory "
+                                   "(config.json + safetensors); the model config comes from it")
 
 
 class RuntimeConfig(_Section):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype; auto: bf16 on GPU, fp32 on CPU")
-    deterministic: bool | None = Field(None, description="torch deterministic algorithms (bit-identical resume on the "
-                                       "same GPU); None: on for a CPU, off on CUDA, where it costs speed")
-    compile: bool | None = Field(None, description="torch.compile the forward + loss (model.compile_loss); None: on with "
-                                 "CUDA, off on a CPU")
-    cuda_graph: bool | None = Field(None, description="capture the whole step (forward, backward, clipped AdamW) as one "
-                                    "CUDA graph after two eager steps (cuda_graph.py): CUDA, one rank, one micro batch per "
-                                    "step; None: on where it applies")
-    recompute: Recompute = Field(
-        "none", description="activation recomputation per layer (model.RECOMPUTE): none | mlp | attention | layer")
-    log_file: Path | None = Field(None, description="JSONL, one line per step (rank 0)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    deterministic: bool | None = Field(None, description="deterministic kernels (bit-identical resume on one GPU); "
+                                       "default: on for a CPU, off on CUDA")
+    compile: bool | None = Field(None, description="torch.compile the forward + loss; default: on with CUDA")
+    cuda_graph: bool | None = Field(None, description="replay the whole step as one CUDA graph (CUDA, one rank, one micro "
+                                    "batch per step); default: where it applies")
+    recompute: Recompute = Field("none", description="activation recomputation per layer: none | mlp | attention | layer "
+                                 "(memory for compute)")
+    log_file: Path | None = Field(None, strict=False, description="JSONL step log, appended (rank 0)")
+    tensorboard_dir: Path | None = Field(None, strict=False, description="also log each step to TensorBoard here "
+                                         "(needs the tensorboard package)")
+    wandb_project: str | None = Field(None, description="also log each step to this Weights & Biases project "
+                                      "(needs the wandb package)")
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -99,10 +107,12 @@ class RuntimeConfig(_Section):
         return DTYPES[self.dtype]
 
 
-class EngineConfig(_Section):
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)  # not strict itself: its sections come as dicts
+
     model: MiniCPMConfig
     ops: OpSelection = OpSelection()
-    train: TrainConfig
+    train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -121,6 +131,9 @@ class EngineConfig(_Section):
             raise ValueError(f"optim.min_lr ({self.optim.min_lr}) exceeds optim.lr ({self.optim.lr})")
         if self.checkpoint.resume and self.checkpoint.save_dir is None:
             raise ValueError("checkpoint.resume needs checkpoint.save_dir (--save-dir)")
+        if self.runtime.cuda_graph and t.nan_policy == "skip":
+            raise ValueError("runtime.cuda_graph with train.nan_policy skip: a captured step cannot skip itself "
+                             "(use --nan-policy stop or --no-cuda-graph)")
         return self
 
     def grad_accum(self, world: int) -> int:

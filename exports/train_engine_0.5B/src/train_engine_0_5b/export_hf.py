@@ -17,10 +17,13 @@ from train_engine_0_5b.hf_fold import fold_to_llama, llama_config_dict
 from train_engine_0_5b.model_config import MiniCPMConfig
 
 
-def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
-    """Write the HF directory `out` (atomically; an existing one is replaced); returns it."""
+def export(checkpoint: Path, out: Path, dtype: str = "float32", force: bool = False) -> Path:
+    """Write the HF directory `out` atomically; returns it. A non-empty `out` is refused unless `force`
+    (then it is replaced)."""
     if dtype not in ("float32", "bfloat16"):
         raise EngineError(f"--dtype {dtype!r}: choose float32 or bfloat16")
+    if not force and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EngineError(f"--out {out} is not empty; choose another directory or pass --force to replace it")
     loaded = ckpt.load(checkpoint)
     if "model" not in loaded.state.get("config", {}):
         raise EngineError(f"checkpoint {loaded.path} records no model config; it was not written by this engine")

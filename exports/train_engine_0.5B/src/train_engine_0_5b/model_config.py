@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 class MiniCPMConfig(BaseModel):
     """Llama-shaped decoder with MiniCPM's muP-style scales (see DESIGN.md, "The models")."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `num_layers = true` is an error, not a 1-layer model (an int still fills a float field)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str = Field("custom", description="preset or user name, for reports only")
     hidden_size: int = Field(gt=0)
@@ -135,13 +136,18 @@ def from_toml(path: str | Path) -> MiniCPMConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    data = data.get("model", data)
+    return from_dict(data.get("model", data), str(path))
+
+
+def from_dict(values: dict[str, Any], source: str) -> MiniCPMConfig:
+    """MiniCPMConfig fields (a TOML table); `preset = "..."` starts from a preset and overrides the fields given."""
+    data = dict(values)
     base = data.pop("preset", None)
     if base is not None:
-        values = preset(base).model_dump() | data
-        values.pop("name")
-        return _build(data.get("name", base), {k: v for k, v in values.items() if k != "name"})
-    return _build(str(data.pop("name", path)), data)  # (the workspace copy passes `name` twice here)
+        merged = preset(base).model_dump() | data
+        merged.pop("name")
+        return _build(data.get("name", base), {k: v for k, v in merged.items() if k != "name"})
+    return _build(str(data.pop("name", source)), data)
 
 
 # HF MiniCPM config.json key -> our field. Keys not here are ignored (reported by from_hf_config).

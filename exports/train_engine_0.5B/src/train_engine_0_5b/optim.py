@@ -135,19 +135,26 @@ class AdamW:
         return self.ctx.all_reduce_sum_(sq if sq is not None else torch.zeros((), dtype=acc, device=device)).sqrt()
 
     @torch.no_grad()
-    def step(self, grads: list[Tensor], lr: float | Tensor, max_norm: float, *, step: Tensor | None = None) -> Tensor:
+    def grad_norm(self, grads: list[Tensor]) -> Tensor:
+        """The global norm of `grads` (one per unit; a collective under ZeRO-1: every rank calls it)."""
+        return self._norm(grads)
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor], lr: float | Tensor, max_norm: float, *, step: Tensor | None = None,
+             norm: Tensor | None = None) -> Tensor:
         """Clip `grads` (one per unit) to global norm `max_norm` (0: no clipping), one AdamW step at `lr`;
         returns the norm before clipping (0-dim, on the device). With a fused op the gradients are left
         unchanged and may be in the compute dtype; otherwise they are clipped in place and must be in the
         master dtype. A fused op also takes `lr` and `step` (this step's count, from 1) as 0-dim fp64
         device tensors that the caller keeps current, so that nothing of the step is read on the host (a
-        CUDA graph replays it: cuda_graph.py); `step_count` still counts on the host."""
+        CUDA graph replays it: cuda_graph.py); `step_count` still counts on the host. `norm`: `grad_norm(grads)`
+        if the caller has it already."""
         self.step_count += 1
         if (isinstance(lr, Tensor) or step is not None) and not self.fused:
             raise ValueError("device-tensor lr / step need an adamw op that fuses clipping and the copy (triton_fused)")
         kw = dict(step=self.step_count if step is None else step, lr=lr, beta1=self.betas[0], beta2=self.betas[1],
                   eps=self.eps, weight_decays=self.weight_decays)
-        norm = self._norm(grads)
+        norm = self._norm(grads) if norm is None else norm
         coef = clip_coefficient(norm, max_norm) if max_norm > 0 else None
         if self.fused:
             self.op(self.master, grads, self.exp_avg, self.exp_avg_sq, **kw, clip_coef=coef,

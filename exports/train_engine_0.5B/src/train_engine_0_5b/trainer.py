@@ -12,6 +12,9 @@ math is the same without the fp32 copy (1.8 ms of the 0.5B step on an H100).
 
 `zero1` (more than one rank): the optimizer state is sharded over the ranks (dist.py's module doc): the
 reducer reduce-scatters, the optimizer updates this rank's pieces, the parameters are all-gathered.
+
+`skip_nonfinite` (--nan-policy skip): a step whose loss or gradient norm is not finite updates nothing
+(weights, moments, step count); the check reads both on the host, so it is one sync per step.
 """
 
 from __future__ import annotations
@@ -34,14 +37,17 @@ class StepResult:
     grad_norm: Tensor  # 0-dim, before clipping
     lr: float
     valid_tokens: Tensor  # 0-dim int64: global count of labels != -100 (a tensor: reading it would sync)
+    skipped: bool = False  # skip_nonfinite: the loss or grad norm was not finite, nothing was updated
 
 
 class Trainer:
     def __init__(
         self, model: MiniCPM, optimizer: AdamW, schedule: Schedule, ctx: DistContext, *, micro_batch_size: int,
         grad_clip: float, master_dtype: torch.dtype, bucket_mb: float = 25.0, zero1: bool = False,
+        skip_nonfinite: bool = False,
     ):  # fmt: skip
         self.model, self.optimizer, self.schedule, self.ctx = model, optimizer, schedule, ctx
+        self.skip_nonfinite = skip_nonfinite  # check each step on the host before its update (one sync per step)
         self.micro_batch_size, self.grad_clip, self.master_dtype = micro_batch_size, grad_clip, master_dtype
         self.params = dict(model.named_parameters())
         self.reducer = GradReducer(self.params, ctx, master_dtype, bucket_mb, shard=zero1)
@@ -85,12 +91,15 @@ class Trainer:
         loss, count = self.compute_grads(input_ids, labels)
         lr = self.schedule.lr_at(self.step + 1)
         lr_arg, step_arg = (lr, None) if coefs is None else coefs
-        if self.reducer.shard:
-            norm = self.optimizer.step([pc.grad for pc in self.reducer.pieces], lr_arg, self.grad_clip, step=step_arg)
-            self.reducer.gather_params()
-        else:
-            norm = self.optimizer.step(list(self.grads.values()), lr_arg, self.grad_clip, step=step_arg)
+        grads = [pc.grad for pc in self.reducer.pieces] if self.reducer.shard else list(self.grads.values())
+        norm = self.optimizer.grad_norm(grads)
+        # every rank sees the same all-reduced loss and norm, so all of them skip together
+        skipped = self.skip_nonfinite and not bool(torch.isfinite(loss) & torch.isfinite(norm))
+        if not skipped:
+            self.optimizer.step(grads, lr_arg, self.grad_clip, step=step_arg, norm=norm)
+            if self.reducer.shard:
+                self.reducer.gather_params()
         for p in self.params.values():
             p.grad = None  # direct gradients: the next backward must not add to them
         self.grads = self.reducer.grads  # nor may `grads` keep them alive through the next step
-        return StepResult(loss, norm, lr, count)
+        return StepResult(loss, norm, lr, count, skipped)
