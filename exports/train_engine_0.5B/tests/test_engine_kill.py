@@ -1,0 +1,96 @@
+"""A small kill -9 campaign: `pretrain --save-interval 1` SIGKILLed at random moments while it saves (a
+save's temporary folder or pending pointer is on disk), resumed each time, and finally run to the end: the
+result equals an uninterrupted run bit for bit (dump-state tensors, and each step's last log line)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from engine_testlib import ROOT, TINY, engine_env, read_log
+from safetensors.torch import load_file, save_file
+
+STEPS, KILLS = 10, 3
+SAVING = (".tmp-step_", ".latest.tmp", ".old-")  # on disk only while a save is under way
+
+
+def _batches(path: Path) -> Path:
+    ids = torch.randint(0, 4096, (STEPS, 2, 32), generator=torch.Generator().manual_seed(11))
+    save_file({"input_ids": ids, "labels": torch.roll(ids, -1, dims=2)}, str(path))
+    return path
+
+
+def _args(batches: Path, save: Path, log: Path) -> list[str]:
+    return ["pretrain", *TINY, "--global-batch-size", "2", "--micro-batch-size", "2", "--num-steps", str(STEPS),
+            "--lr-schedule", "cosine", "--token-batches", str(batches), "--save-dir", str(save), "--save-interval", "1",
+            "--log-file", str(log)]
+
+
+def _engine(*args) -> list[str]:
+    return [sys.executable, "-m", "train_engine_0_5b", *map(str, args)]
+
+
+def _kill_during_a_save(cmd: list[str], save: Path, rng: random.Random) -> list[str] | None:
+    """Start `cmd`; at a random save (after a random delay into it) SIGKILL it; returns the save dir's entries
+    just after the kill (None if the run finished first)."""
+    stale = set(os.listdir(save)) if save.is_dir() else set()  # a killed run's leftovers: the new one removes them
+    proc = subprocess.Popen(cmd, env=engine_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    skip = rng.randrange(3)  # saves to let pass
+    seen_saving = False
+    try:
+        while proc.poll() is None:
+            saving = save.is_dir() and any(n.startswith(SAVING) and n not in stale for n in os.listdir(save))
+            if saving and not seen_saving:
+                if skip == 0:
+                    time.sleep(rng.uniform(0, 0.03))  # into the save (a tiny one takes ~10-50 ms)
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(timeout=30)
+                    return sorted(os.listdir(save))
+                skip -= 1
+            seen_saving = saving
+            time.sleep(0.0005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+    return None
+
+
+def _dump(cli, save: Path, out: Path) -> dict[str, torch.Tensor]:
+    res = cli(["dump-state", "--checkpoint", save, "--out", out])
+    assert res.exit_code == 0, res.output + res.stderr
+    return load_file(str(out / "tensors.safetensors"))
+
+
+@pytest.mark.slow
+def test_kills_during_saves_then_resume_equals_the_uninterrupted_run(cli, tmp_path):
+    rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,))))
+    batches = _batches(tmp_path / "batches.safetensors")
+    straight = cli(_args(batches, tmp_path / "straight", tmp_path / "straight.jsonl"))  # in this process: one thread too
+    assert straight.exit_code == 0, straight.output + straight.stderr
+
+    save, log = tmp_path / "killed", tmp_path / "killed.jsonl"
+    kills = []  # the save dir as each kill left it
+    for _ in range(KILLS):
+        extra = ["--resume"] if save.exists() else []
+        kills.append(_kill_during_a_save(_engine(*_args(batches, save, log), *extra), save, rng))
+    assert any(kills), "no save was ever caught in progress"
+    final = subprocess.run(_engine(*_args(batches, save, log), "--resume"), env=engine_env(), cwd=ROOT,
+                           capture_output=True, text=True, timeout=240)
+    assert final.returncode == 0, final.stderr[-3000:]
+
+    want, got = _dump(cli, tmp_path / "straight", tmp_path / "d1"), _dump(cli, save, tmp_path / "d2")
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), kills
+    a, b = read_log(tmp_path / "straight.jsonl"), read_log(log)
+    assert [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm", "lr", "valid_tokens"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert not [n for n in os.listdir(save) if n.startswith(".")]
