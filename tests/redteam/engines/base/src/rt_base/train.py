@@ -134,7 +134,7 @@ class Trainer:
         self.step = 0
         self.data_position = 0  # index of the next batch to train on
         self.history: dict[str, list[float]] = {"losses": [], "grad_norms": [], "lrs": []}
-        self.num_buckets = 0
+        self.num_buckets = len(buckets(self.master, bucket_mb)) if bucket_mb is not None else 0  # logged by pretrain
         self.valid_tokens = 0
 
     def grads(self, batch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -175,7 +175,6 @@ class Trainer:
                 d.sum_(g)
             return
         groups = buckets(grads, self.bucket_mb)
-        self.num_buckets = len(groups)
         for i, names in enumerate(groups):
             if i > 0 and self.pretrain and self.flaws.reduce_first_bucket_only:
                 break
