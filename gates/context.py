@@ -131,7 +131,9 @@ class GateRun:
 
     def run_engine(self, args: list[str], sandbox: Sandbox, role: str, nproc: int = 1) -> Proc:
         """Any engine command (probe, export-hf, bench) in `sandbox`; raises GateStop on exit 77 / crash."""
-        proc = run_process(engine_argv(self.engine, args, nproc), sandbox.root, engine_env(self.engine), self.deadline)
+        from gates.sandbox import run_engine_command  # here: gates.sandbox imports GateStop from this module
+
+        proc = run_engine_command(self, engine_argv(self.engine, args, nproc), sandbox, engine_env(self.engine), role)
         self._record(role, proc)
         if proc.rc == EXIT_UNSUPPORTED or (proc.rc != 0 and nproc > 1 and _all_ranks_unsupported(proc.stderr)):
             raise GateStop("unsupported", f"the engine says it cannot do `{' '.join(args[:2])}` (exit {EXIT_UNSUPPORTED})")

@@ -3,16 +3,22 @@
 Engine: a directory ENGINE with exactly one package `ENGINE/src/<pkg>/` holding `__main__.py`. It runs
 as `python -m <pkg> ...` (under torchrun for more than one process) with PYTHONPATH=ENGINE/src and
 nothing else from the gate's environment on PYTHONPATH, in a fresh temporary directory that holds
-only a copy of the case and the output directory. The engine always runs before the reference on a
-case, and reference outputs are deleted once compared, so no reference output of the case exists
-anywhere while the engine runs (a guessed path finds nothing).
+only a copy of the case and the output directory, inside the bubblewrap sandbox of gates/sandbox.py
+(read-only /, the workspace hidden, own PID and network namespaces; GateOptions.sandbox says whether
+running without one is allowed, the report's `isolation` says which it was). The engine always runs
+before the reference on a case, and reference outputs are deleted once compared, so no reference
+output of the case exists anywhere while the engine runs (a guessed path finds nothing). Its compile
+caches (Triton, Inductor, CUDA, XDG) live in a persistent directory of its own (`engine_cache_dir`),
+so they stay warm across the gate's commands; the reference never reads it.
 
 Reference: the argv of `gates.stacks.STACKS[name]`, with PYTHONPATH = this workspace (gate code always
-comes from here, never from the engine), in its own temporary directory.
+comes from here, never from the engine), in its own temporary directory, outside the sandbox: the
+engine can neither see nor write this tree (gates/sandbox.py fingerprints it around every engine command).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -130,8 +136,26 @@ def engine_argv(engine: Engine, args: list[str], nproc: int = 1) -> list[str]:
             "-m", engine.package, *args]
 
 
+def forge_cache_root() -> Path:
+    """FORGE_CACHE_DIR, default ~/.cache/forge (gates/data/default.py keeps the tokenizer there too)."""
+    return Path(os.environ.get("FORGE_CACHE_DIR", Path.home() / ".cache" / "forge")).expanduser().resolve()
+
+
+def engine_cache_dir(engine: Engine) -> Path:
+    """The engine's own persistent cache directory: one per package and engine location."""
+    key = hashlib.sha256(str(engine.root.resolve()).encode()).hexdigest()[:12]
+    return forge_cache_root() / "engine-cache" / f"{engine.package}-{key}"
+
+
+def engine_cache_env(engine: Engine) -> dict[str, str]:
+    """Compile caches under `engine_cache_dir`: warm caches across commands keep GPU timings comparable."""
+    d = engine_cache_dir(engine)
+    return {"TRITON_CACHE_DIR": str(d / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(d / "inductor"),
+            "XDG_CACHE_HOME": str(d / "xdg"), "CUDA_CACHE_PATH": str(d / "cuda")}
+
+
 def engine_env(engine: Engine) -> dict[str, str]:
-    return {"PYTHONPATH": str(engine.src), "PYTHONDONTWRITEBYTECODE": "1"}
+    return {"PYTHONPATH": str(engine.src), "PYTHONDONTWRITEBYTECODE": "1", **engine_cache_env(engine)}
 
 
 def reference_env() -> dict[str, str]:

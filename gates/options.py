@@ -47,6 +47,9 @@ class GateOptions(BaseModel):
         None, description="test suites only: reuse reference outputs per (stack, probe, case hash). Off by "
         "default: files on disk are files an engine could look for")
     keep_workdirs: bool = Field(False, description="debugging: keep the sandboxes instead of deleting them")
+    sandbox: Literal["required", "preferred", "off"] = Field(
+        "required", description="engine isolation (gates/sandbox.py): required (no bubblewrap: verdict `error`), "
+        "preferred (run unsandboxed when it is missing, and say so), off")
 
     @property
     def case_dtype(self) -> str:

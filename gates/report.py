@@ -68,7 +68,7 @@ class Command(BaseModel):
 class GateReport(BaseModel):
     gate: str
     verdict: Verdict
-    error_type: str | None = Field(None, description="timeout | engine_crash | reference_crash | layout | case | policy | internal")
+    error_type: str | None = Field(None, description="timeout | engine_crash | reference_crash | layout | case | policy | sandbox | internal")
     message: str = ""
     engine: str = ""
     engine_package: str = ""
@@ -86,6 +86,9 @@ class GateReport(BaseModel):
     artifacts: dict[str, str] = Field({}, description="stderr / stdout tails, notes")
     engine_metrics: dict[str, dict] = Field({}, description="per engine probe run (role), its metrics.json as written: "
                                                             "what it ran, e.g. the op implementations")
+    isolation: dict[str, str | list[str]] = Field(
+        {}, description="how engine commands were isolated (gates/sandbox.py): {method: bwrap, guarantees} or "
+        "{method: none, reason}; empty when no engine command ran")
 
     @property
     def passed(self) -> bool:
@@ -104,6 +107,8 @@ class GateReport(BaseModel):
         if self.error_type:
             head += f" ({self.error_type})"
         head += f" in {self.time_s:.1f}s"
+        if self.isolation.get("method") == "none":
+            head += ", not sandboxed"
         lines = [head]
         if self.message:
             lines.append(f"  {self.message}")
@@ -116,6 +121,8 @@ class GateReport(BaseModel):
             lines.append(f"  compared {len(self.tensors)} tensors; worst {worst_t.name}: {worst_t.figures()}")
         if self.policy:
             lines.append(f"  policy: {self.policy.get('describe', self.policy.get('name'))}")
+        if self.isolation.get("method") == "none":
+            lines.append(f"  not sandboxed: {self.isolation.get('reason', '')}")
         return lines
 
 

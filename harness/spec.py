@@ -80,6 +80,8 @@ class GateCheck(_Strict):
     speed_steps: int | None = Field(None, ge=2)
     pretrain_args: list[str] | None = Field(None, description="production flags added to every gated `pretrain`")
     timeout_s: float | None = Field(None, gt=0, description="a gate over time is verdict `error` (timeout)")
+    sandbox: Literal["required", "preferred", "off"] | None = Field(
+        None, description="engine isolation (gates/sandbox.py); default required: no bubblewrap is verdict `error`")
     allow_unsupported: list[str] = Field(
         default_factory=list, description="parts (e.g. 'mfu' on a CPU) whose `unsupported` verdict is accepted, "
         "when every other part passed; '*' accepts a wholly unsupported gate. Recorded as unsupported, never as passed")

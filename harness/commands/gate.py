@@ -35,6 +35,8 @@ def main(
     mfu_threshold: float = typer.Option(0.36, "--mfu-threshold", help="M5's MFU bar (GPU)"),
     timeout_s: float = typer.Option(1800.0, "--timeout", help="seconds per gate; exceeding it is verdict error"),
     out: Optional[Path] = typer.Option(None, "--out", help="report directory (default: a new temporary one)"),
+    sandbox: str = typer.Option("required", "--sandbox", help="engine isolation: required (bubblewrap; missing: "
+                                "verdict error) | preferred (unsandboxed when missing, said in the report) | off"),
 ) -> None:
     """Run one gate (or `all`, in order, stopping at the first failure) and print a short summary."""
     from pydantic import ValidationError
@@ -46,7 +48,7 @@ def main(
         options = GateOptions(reference=reference, case=case, world_size=world_size, device=device, dtype=dtype,
                               policy=policy, seed=seed, seq_length=seq_length, micro_batch_size=micro_batch_size,
                               steps=steps, long_train_steps=long_train_steps, mfu_threshold=mfu_threshold,
-                              timeout_s=timeout_s, out_dir=out)
+                              timeout_s=timeout_s, out_dir=out, sandbox=sandbox)
         gate = None if name == "all" else resolve_name(name)
     except (ValidationError, KeyError) as e:
         console.print(f"[red]error:[/] {e}")
