@@ -151,8 +151,6 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
     fresh = None if loaded is not None else initial if initial is not None else init_weights(model, t.init_std, t.seed)
     optimizer = AdamW(dict(model.named_parameters()), loaded.master if loaded else fresh, adamw_op=ops.adamw,
                       betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, master_dtype=master_dtype)
-    if ctx.is_main and cfg.checkpoint.save_dir is not None:
-        run_config.write(cfg, cfg.checkpoint.save_dir)
     log = StepLog(sinks.open_sinks(cfg) if ctx.is_main else [], ctx.is_main, t.num_steps, start)
     try:
         if loaded is not None:
@@ -173,6 +171,8 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
                   f"ops {ops.names}; compile {cfg.runtime.resolved_compile()}, CUDA graph {graphed}, "
                   f"deterministic {cfg.runtime.resolved_deterministic()}")
         skipped = int(loaded.state.get("skipped_steps", 0)) if loaded is not None else 0
+        if ctx.is_main and cfg.checkpoint.save_dir is not None:  # every check passed: the save dir is written
+            run_config.write(cfg, cfg.checkpoint.save_dir)
         return _loop(cfg, ctx, trainer, loader, data, log, start, graphed, skipped)
     finally:
         log.close()
