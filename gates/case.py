@@ -12,12 +12,18 @@ A case directory holds:
   per rank so that a DP loss that averages per-rank means instead of the global token mean is wrong).
 
 The training loss of a step is sum(token CE over the global batch) / count(labels != -100).
+
+Gate runs on the `tiny` preset draw their case shape from the run's seed (`draw_shape`, the one place
+that draw lives): layers, sequence length, vocabulary, tied or untied head, micro batches, DP world
+size, LR schedule and an all-reduce bucket size. Other presets keep the shapes the gate options give
+(`option_shape`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Literal
 
@@ -206,3 +212,67 @@ def case_hash(directory: str | Path) -> str:
 
 def describe(spec: CaseSpec) -> dict:
     return json.loads(spec.model_dump_json())
+
+
+# ----- case shapes of gate runs ---------------------------------------------------------------------
+DRAWN_PRESETS = ("tiny",)  # presets whose gate cases take their shape from the seed
+DRAW_LAYERS = (3, 4)  # >= 3: red-team flaws sit in layers 0 and 1, with a clean layer after them
+DRAW_SEQ = (65, 160)  # above 64, never a power of two (kernels' tail handling)
+DRAW_VOCAB = (4096, 4600)  # >= the default tokenizer's 4096 tokens (M5's corpus, M6's exported tokenizer)
+DRAW_MICRO_BATCH = (1, 2)  # rows per micro batch
+DRAW_GRAD_ACCUM = (2, 3)  # micro batches per step, where a gate allows several
+DRAW_WORLD = (2, 4)  # M4's data-parallel size
+DRAW_WARMUP = (1, 2)
+DRAW_DECAY = (1, 2)  # wsd decay steps: <= steps - steps // 2 for every steps >= 4, so M6 can cut the schedule
+DRAW_BUCKET_MB = (0.01, 0.05)  # MiB: the tiny model's gradients (~2 MiB) span dozens of all-reduce buckets
+DEFAULT_BUCKET_MB = 25.0  # torch DDP's bucket_cap_mb, for cases whose shape is not drawn
+
+
+class CaseShape(BaseModel):
+    """The shape a gate run builds its preset cases in. None: the preset's value (model fields) or
+    the gate's own default (grad_accum, schedule)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    seed: int
+    drawn: bool
+    num_layers: int | None = None
+    vocab_size: int | None = None
+    tie_word_embeddings: bool | None = None
+    seq_length: int = Field(ge=2)
+    micro_batch_size: int = Field(ge=1)
+    grad_accum: int | None = Field(None, ge=1, description="micro batches per step where a gate allows several")
+    world_size: int = Field(ge=1, description="M4's data-parallel size")
+    schedule: ScheduleSpec | None = None
+    decay_steps: int | None = Field(None, ge=1, description="WSD decay length, for gates that need a wsd schedule")
+    bucket_mb: float = Field(gt=0, description="all-reduce bucket size (MiB) for gates that run `pretrain --bucket-mb`")
+
+    def model_overrides(self) -> dict:
+        """The MiniCPMConfig fields this shape sets."""
+        keys = ("num_layers", "vocab_size", "tie_word_embeddings")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def model(self, name: str) -> MiniCPMConfig:
+        """Preset `name` with this shape's model fields, validated."""
+        return MiniCPMConfig.model_validate(preset(name).model_dump() | self.model_overrides())
+
+
+def draw_shape(seed: int) -> CaseShape:
+    """The `tiny` gate case shape of a run, a pure function of its seed (recorded in every report)."""
+    rng = random.Random(seed)
+    seqs = [s for s in range(DRAW_SEQ[0], DRAW_SEQ[1] + 1) if s & (s - 1)]
+    kind = rng.choice(["wsd", "cosine", "constant"])
+    warmup, decay = rng.randint(*DRAW_WARMUP), rng.randint(*DRAW_DECAY)
+    return CaseShape(
+        seed=seed, drawn=True, num_layers=rng.randint(*DRAW_LAYERS), vocab_size=rng.randint(*DRAW_VOCAB),
+        tie_word_embeddings=rng.random() < 0.5, seq_length=rng.choice(seqs),
+        micro_batch_size=rng.randint(*DRAW_MICRO_BATCH), grad_accum=rng.randint(*DRAW_GRAD_ACCUM),
+        world_size=rng.randint(*DRAW_WORLD),
+        schedule=ScheduleSpec(kind=kind, warmup_steps=warmup, decay_steps=decay if kind == "wsd" else None),
+        decay_steps=decay,
+        bucket_mb=round(rng.uniform(*DRAW_BUCKET_MB), 4))
+
+
+def option_shape(seed: int, seq_length: int, micro_batch_size: int, world_size: int | None) -> CaseShape:
+    """The shape of presets that are not drawn: the options' values, everything else the gate's own."""
+    return CaseShape(seed=seed, drawn=False, seq_length=seq_length, micro_batch_size=micro_batch_size,
+                     world_size=world_size or 2, bucket_mb=DEFAULT_BUCKET_MB)

@@ -2,13 +2,21 @@
 compare outputs, and fill the report. A gate module only says which probes, which case, and how to
 localize.
 
-Flow control: a helper that hits a verdict before the comparison (the engine says unsupported, it
-crashes, it breaks the contract) raises `GateStop`; the runner turns it, and `GateTimeout`, into the
-report.
+Flow control: a helper that hits a verdict before the comparison (the engine declines, it crashes,
+it breaks the contract) raises `GateStop`; the runner turns it, and `GateTimeout`, into the report.
+
+Verdicts before the comparison: an engine that exits 77 on a command the gate runs has declined it:
+`failed`. Only the gate's own limits give `unsupported` (the reference stack is missing or declines,
+the hardware lacks GPUs), and the message names the limit.
+
+Comparisons (`compare_names`): under the comparative policy (bf16, gates/policies.py) every reference
+answer comes with its float32 twin's (the same probe on the same case in float32), and each tensor's
+bounds are K x the bf16 reference's own error against that twin.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -18,13 +26,15 @@ from pathlib import Path
 import torch
 
 from gates import case as case_mod
-from gates.case import Case, CaseError, case_hash, load_case, make_spec
+from gates.case import (DRAWN_PRESETS, Case, CaseError, CaseShape, CaseSpec, case_hash, draw_shape, load_case, make_spec,
+                        option_shape)
 from gates.checks import check_outputs, layer_of, layer_order
 from gates.launch import (Deadline, Engine, GateTimeout, Proc, Sandbox, engine_argv, engine_env, reference_env,
                           run_process)
 from gates.model_config import PRESETS
 from gates.options import GateOptions
-from gates.policies import Diff, Policy, compare, compare_series, resolve_policy
+from gates.policies import (Diff, Policy, Scale, compare, compare_scaled, compare_series, reference_scale, resolve_policy,
+                            scalar_scale, series_scale)
 from gates.probe import EXIT_UNSUPPORTED, METRICS_FILE, TENSORS_FILE
 from gates.report import Command, GateReport, Localization, Part, Verdict, now_iso
 
@@ -49,23 +59,48 @@ class GateRun:
                                  reference=options.reference, started_at=now_iso())
         self.policy: Policy | None = None
         self._tmp: list[Path] = []
+        self._shape_applied = False
+        self._twins: dict[Path, Case] = {}
 
     # ----- cases -----------------------------------------------------------------------------
     def is_preset(self) -> bool:
         return self.options.case in PRESETS
 
+    @functools.cached_property
+    def shape(self) -> CaseShape:
+        """This run's case shape: drawn from the seed for `tiny` (gates/case.py draw_shape), the options'
+        values for other presets; an explicit `world_size` option overrides the draw."""
+        o = self.options
+        seed = o.seed if o.seed is not None else 0
+        if o.case in DRAWN_PRESETS:
+            shape = draw_shape(seed)
+            return shape if o.world_size is None else shape.model_copy(update={"world_size": o.world_size})
+        return option_shape(seed, o.seq_length, o.micro_batch_size, o.world_size)
+
+    def preset_spec(self, **fields) -> CaseSpec:
+        """A CaseSpec of the preset in this run's shape, with `fields` overriding (raises CaseError). A field
+        given as None takes the shape's value (world_size, grad_accum, schedule), or the case default."""
+        o, shape = self.options, self.shape
+        base = dict(world_size=1, micro_batch_size=shape.micro_batch_size, seq_length=shape.seq_length,
+                    dtype=o.case_dtype, device=o.device, seed=shape.seed)
+        for k in [k for k, v in fields.items() if v is None]:
+            value = getattr(shape, k, None)
+            if value is None:
+                del fields[k]
+            else:
+                fields[k] = value
+        self._shape_applied = True
+        return make_spec(shape.model(o.case), **(base | fields))
+
     def make_case(self, label: str = "case", **fields) -> Case:
-        """A preset: a fresh random case with `fields` (seed from the options). A directory: a private
-        copy of it (fields ignored). The first case made is the report's `case`; later ones are listed
-        under `case.derived`."""
+        """A preset: a fresh random case in this run's shape with `fields` (seed from the options). A
+        directory: a private copy of it (fields ignored). The first case made is the report's `case`; later
+        ones are listed under `case.derived`."""
         o = self.options
         d = self.tmpdir("forge-case-")
         try:
             if self.is_preset():
-                base = dict(world_size=1, micro_batch_size=o.micro_batch_size, seq_length=o.seq_length,
-                            dtype=o.case_dtype, device=o.device, seed=o.seed if o.seed is not None else 0)
-                spec = make_spec(o.case, **(base | fields))
-                case_mod.new_case(d, spec)
+                case_mod.new_case(d, self.preset_spec(**fields))
             else:
                 src = Path(o.case)
                 if not src.is_dir():
@@ -83,8 +118,11 @@ class GateRun:
                 "hash": case_hash(case.dir), "seed": spec.seed, "model": spec.model.name, "dtype": spec.dtype,
                 "device": spec.device, "world_size": spec.world_size, "steps": spec.steps,
                 "global_rows": spec.global_batch_rows, "micro_batch_size": spec.micro_batch_size,
-                "grad_accum": spec.grad_accum, "seq_length": spec.seq_length}
+                "grad_accum": spec.grad_accum, "seq_length": spec.seq_length, "num_layers": spec.model.num_layers,
+                "vocab_size": spec.model.vocab_size, "tie_word_embeddings": spec.model.tie_word_embeddings,
+                "schedule": spec.schedule.model_dump()}
         if not self.report.case:
+            info["shape"] = self.shape.model_dump() | {"applied": self._shape_applied}
             self.report.case = info
             try:
                 self.policy = resolve_policy(self.options.policy, spec.dtype, self.options.rel_bound, self.options.max_bound)
@@ -130,13 +168,16 @@ class GateRun:
             raise GateTimeout(f"{role} ran past the gate budget of {self.options.timeout_s:.0f}s")
 
     def run_engine(self, args: list[str], sandbox: Sandbox, role: str, nproc: int = 1) -> Proc:
-        """Any engine command (probe, export-hf, bench) in `sandbox`; raises GateStop on exit 77 / crash."""
+        """Any engine command (probe, export-hf, bench) in `sandbox`; raises GateStop on exit 77 (the engine
+        declined a command of the gate: `failed`) or a crash."""
         from gates.sandbox import run_engine_command  # here: gates.sandbox imports GateStop from this module
 
         proc = run_engine_command(self, engine_argv(self.engine, args, nproc), sandbox, engine_env(self.engine), role)
         self._record(role, proc)
-        if proc.rc == EXIT_UNSUPPORTED or (proc.rc != 0 and nproc > 1 and _all_ranks_unsupported(proc.stderr)):
-            raise GateStop("unsupported", f"the engine says it cannot do `{' '.join(args[:2])}` (exit {EXIT_UNSUPPORTED})")
+        if proc.rc == EXIT_UNSUPPORTED or (proc.rc != 0 and nproc > 1 and _ranks_declined(proc.stderr)):
+            command = " ".join(args[:2]) if args[:1] == ["probe"] else args[0]
+            what = f"the engine declined `{command}` (exit {EXIT_UNSUPPORTED})"
+            raise GateStop("failed", what, localization=Localization(what=f"{role}: {what}"))
         if proc.rc != 0:
             self.report.artifacts["stderr_tail"] = proc.stderr
             rank = _failed_rank(proc.stderr + proc.stdout) if nproc > 1 else None
@@ -160,14 +201,29 @@ class GateRun:
                 sandbox.remove()
         return tensors, metrics, sandbox
 
-    def reference_probe(self, probe: str, case: Case) -> dict[str, torch.Tensor]:
-        """The reference's answer; run after the engine's, read, and deleted at once."""
+    def reference_probe(self, probe: str, case: Case, twin: bool = True) -> dict[str, torch.Tensor]:
+        """The reference's answer; run after the engine's, read, and deleted at once. Under the comparative
+        policy (and `twin`) a `RefTensors` that also holds the answer on the case's float32 twin."""
+        tensors = self._reference_answer(probe, case)
+        if not (twin and self.policy is not None and self.policy.comparative and case.spec.dtype != "float32"):
+            return tensors
+        return RefTensors(tensors, self._reference_answer(probe, self.float32_twin(case)))
+
+    def float32_twin(self, case: Case) -> Case:
+        """`case` in float32: same model, weights, batches and schedule (the comparative rule's yardstick)."""
+        if case.dir not in self._twins:
+            spec = case.spec.model_copy(update={"dtype": "float32"})
+            label = f"float32 twin of {case.dir.name}"
+            self._twins[case.dir] = self.write_case(spec, batches=case.batches, weights=case.weights, label=label)
+        return self._twins[case.dir]
+
+    def _reference_answer(self, probe: str, case: Case) -> dict[str, torch.Tensor]:
         from gates.stacks import STACKS
 
         ref = self.options.reference
         if ref not in STACKS:
-            raise GateStop("unsupported", f"reference stack {ref!r} is not available here (gates.stacks.STACKS has "
-                           f"{', '.join(STACKS)})")
+            raise GateStop("unsupported", f"gate limit: the reference stack {ref!r} is not available here "
+                           f"(gates.stacks.STACKS has {', '.join(STACKS)})")
         cache = self._cache_dir(ref, probe, case)
         if cache is not None and (cache / TENSORS_FILE).is_file():
             self.report.artifacts[f"reference {probe}"] = f"from the reference cache {cache}"
@@ -178,7 +234,8 @@ class GateRun:
             proc = run_process(argv, sandbox.root, reference_env(), self.deadline)
             self._record(f"reference probe {probe}", proc)
             if proc.rc == EXIT_UNSUPPORTED:
-                raise GateStop("unsupported", f"reference {ref!r} cannot do probe {probe!r}")
+                raise GateStop("unsupported", f"gate limit: the reference {ref!r} declined probe {probe!r} on this case "
+                               f"(exit {EXIT_UNSUPPORTED})")
             if proc.rc != 0:
                 self.report.artifacts["stderr_tail"] = proc.stderr
                 raise GateStop("error", f"reference {ref!r} probe {probe} exited {proc.rc}: {_last_line(proc.stderr)}",
@@ -225,17 +282,40 @@ class GateRun:
     # ----- comparing -----------------------------------------------------------------------------
     def compare_names(self, names: list[str], eng: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
                       case: Case, policy: Policy | None = None, prefix: str = "",
-                      step_cap: float | None = None) -> list[Diff]:
+                      step_cap: float | None = None, scale: "RefTensors | None" = None) -> list[Diff]:
         """Compare `names` in layer order; per-step series element by element. Adds to the report.
-        `step_cap`: for weights after AdamW steps (policies.adamw_step_cap), applied to non-series names."""
+        `step_cap`: for weights after AdamW steps (policies.adamw_step_cap), applied to non-series names.
+        Comparative policy: `ref` is a reference answer with its float32 twin (`reference_probe`), and the
+        engine is measured against the twin; or `scale` is such an answer, setting the bounds while the
+        engine is measured against `ref` itself (e.g. the engine at DP=1)."""
         policy = policy or self.policy
+        if policy.comparative:
+            diffs = self._compare_scaled(names, eng, ref, case, policy, prefix, step_cap, scale)
+        else:
+            diffs = []
+            for n in layer_order(names, case):
+                if n in SERIES_NAMES:
+                    diffs += compare_series(prefix + n, eng[n], ref[n], policy)
+                else:
+                    diffs.append(compare(prefix + n, eng[n], ref[n], policy, step_cap))
+        self.report.tensors += diffs
+        return diffs
+
+    def _compare_scaled(self, names: list[str], eng: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
+                        case: Case, policy: Policy, prefix: str, step_cap: float | None,
+                        scale: "RefTensors | None") -> list[Diff]:
+        """The comparative rule over `names` (see compare_names)."""
+        base = scale if scale is not None else ref
+        if not isinstance(base, RefTensors):
+            raise TypeError("the comparative policy needs a reference answer with its float32 twin (reference_probe)")
+        target = ref if scale is not None else base.exact
         diffs: list[Diff] = []
         for n in layer_order(names, case):
-            if n in ("losses", "grad_norms", "lrs"):
-                diffs += compare_series(prefix + n, eng[n], ref[n], policy)
+            if n in SERIES_NAMES:
+                diffs += _series_scaled(prefix + n, eng[n], target[n], series_scale(base[n], base.exact[n], policy), policy)
             else:
-                diffs.append(compare(prefix + n, eng[n], ref[n], policy, step_cap))
-        self.report.tensors += diffs
+                s = scalar_scale(reference_scale(base[n], base.exact[n]), base[n].numel(), policy)
+                diffs.append(compare_scaled(prefix + n, eng[n], target[n], s, policy, step_cap))
         return diffs
 
     def finish(self, verdict: Verdict, message: str = "", localization: Localization | None = None,
@@ -251,6 +331,24 @@ class GateRun:
             return
         for d in self._tmp:
             shutil.rmtree(d, ignore_errors=True)
+
+
+SERIES_NAMES = ("losses", "grad_norms", "lrs")
+
+
+def _series_scaled(name: str, a: torch.Tensor, target: torch.Tensor, scale: Scale, policy: Policy) -> list[Diff]:
+    """Per-step scalars under the comparative rule: one Diff per step, named `name[t]`, sharing one scale."""
+    if a.shape != target.shape:
+        return [compare_scaled(name, a, target, scale, policy)]
+    return [compare_scaled(f"{name}[{t}]", a[t], target[t], scale, policy) for t in range(target.shape[0])]
+
+
+class RefTensors(dict):
+    """A reference answer (name -> tensor) with `exact`: the same probe's answer on the float32 twin."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]):
+        super().__init__(tensors)
+        self.exact = exact
 
 
 def localize(diffs: list[Diff], what_prefix: str = "") -> Localization | None:
@@ -320,9 +418,9 @@ def _failed_rank(text: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _all_ranks_unsupported(text: str) -> bool:
-    """torchrun exits 1 when workers fail. `unsupported` when some worker exited 77 and every other failed
-    worker was only killed by a signal (torchrun stops the rest after the first failure)."""
+def _ranks_declined(text: str) -> bool:
+    """torchrun exits 1 when workers fail. The engine declined when some worker exited 77 and every other
+    failed worker was only killed by a signal (torchrun stops the rest after the first failure)."""
     import re
 
     codes = [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", text)]

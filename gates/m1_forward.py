@@ -1,6 +1,7 @@
 """M1 forward: logits, loss and every layer's residual stream (`hidden_states.0..L`) on one global batch.
 
-Case (preset): one step, `micro_batch_size` rows, world size 1. The engine's `forward` probe is
+Case (preset): one step, one micro batch of the run's shape (drawn from the seed for `tiny`), world
+size 1. The engine's `forward` probe is
 checked against the contract (names, shapes, finite, no input copies), then compared with the
 reference's under the policy. Localization: the first layer whose output exceeds the bound
 (`hidden_states.0` is the embedding output, `hidden_states.i` layer i-1's); if every layer is within

@@ -1,6 +1,7 @@
 """M2 backward: the loss and every parameter's gradient of one step (global token-mean loss).
 
-Case (preset): one step, two micro batches (so gradient accumulation is exercised), world size 1.
+Case (preset): one step, several micro batches (so gradient accumulation is exercised: the drawn
+count for `tiny`, else two), world size 1.
 Localization: the first offending parameter in layer order (embedding, layers 0..L-1 in module order,
 final norm, head), with the worst one named too.
 """
@@ -13,7 +14,7 @@ from gates.report import GateReport
 
 
 def run(g: GateRun) -> GateReport:
-    case = g.make_case(steps=1, grad_accum=2)
+    case = g.make_case(steps=1, grad_accum=g.shape.grad_accum or 2)
     eng, _, _ = g.engine_probe("backward", case)
     g.check("backward", eng, case)
     ref = g.reference_probe("backward", case)

@@ -2,11 +2,14 @@
 the reference, over several optimizer steps.
 
 Launch: `torchrun --standalone --nproc-per-node N -m <pkg> probe steps ...` (gloo on CPU, NCCL on GPU:
-the engine picks the backend from the case's device). The DP=1 case holds the same weights and the
-same global batch per step: world size 1, N x the micro batches, rows in rank order.
+the engine picks the backend from the case's device). N: the `world_size` option, else the run's shape
+(drawn 2..4 for `tiny`, else 2); a drawn `tiny` shape also gives the micro batches per rank and step
+(2..3: accumulation under DP) and the LR schedule (any kind). The DP=1 case holds the same weights and
+the same global batch per step: world size 1, N x the micro batches, rows in rank order.
 
 Parts: `vs_dp1` (engine DP=N against engine DP=1) and `vs_reference` (engine DP=N against the
-reference), both under the policy. The verdict is the worse of the two. Localization comes from
+reference), both under the policy (comparative bf16 rule: `vs_dp1`'s bounds come from the reference's
+own bf16 error, as `vs_reference`'s do). The verdict is the worse of the two. Localization comes from
 `vs_dp1` when it fails (a DP bug shows there first: wrong loss averaging, a missing all-reduce),
 else from `vs_reference`: the first diverging step and the first final weight out of bounds. A rank
 is named when one rank crashes (torchrun's failure summary).
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from gates.case import hf_param_shapes
+from gates.case import ScheduleSpec, hf_param_shapes
 from gates.context import GateRun, GateStop, localize_training, part
 from gates.policies import adamw_step_cap
 from gates.report import GateReport, worst
@@ -25,14 +28,15 @@ SERIES = ["losses", "grad_norms", "lrs"]
 
 
 def run(g: GateRun) -> GateReport:
-    n = g.options.world_size
-    case = g.make_case(world_size=n, steps=g.options.steps)
+    shape = g.shape
+    case = g.make_case(world_size=shape.world_size, steps=g.options.steps, grad_accum=shape.grad_accum or 1,
+                       schedule=shape.schedule or ScheduleSpec())
     spec = case.spec
     n = spec.world_size
     if n < 2:
-        raise GateStop("unsupported", f"the case has world size {n}; M4 needs a case with world size >= 2")
+        raise GateStop("unsupported", f"gate limit: the case has world size {n}; M4 needs a case with world size >= 2")
     if spec.device == "cuda" and torch.cuda.device_count() < n:
-        raise GateStop("unsupported", f"DP={n} on cuda needs {n} GPUs; this machine has {torch.cuda.device_count()}")
+        raise GateStop("unsupported", f"gate limit: DP={n} on cuda needs {n} GPUs; this machine has {torch.cuda.device_count()}")
     batches = {k: v.reshape(spec.steps, 1, n * spec.rows_per_rank, spec.seq_length) for k, v in case.batches.items()}
     dp1_spec = spec.model_copy(update={"world_size": 1, "grad_accum": n * spec.grad_accum})
     dp1 = g.write_case(dp1_spec, batches=batches, weights=case.weights, label="dp1 (same global batch)")
@@ -44,9 +48,9 @@ def run(g: GateRun) -> GateReport:
     ref = g.reference_probe("steps", case)
 
     weights = [f"weight.{k}" for k in hf_param_shapes(spec.model)]
-    cap = adamw_step_cap(ref["lrs"])  # final weights: policies.py says why
-    s1 = g.compare_names(SERIES, eng_n, eng_1, case, prefix="vs_dp1:")
-    w1 = g.compare_names(weights, eng_n, eng_1, case, prefix="vs_dp1:", step_cap=cap)
+    cap = adamw_step_cap(ref["lrs"], g.policy)  # final weights: policies.py says why
+    s1 = g.compare_names(SERIES, eng_n, eng_1, case, prefix="vs_dp1:", scale=ref)
+    w1 = g.compare_names(weights, eng_n, eng_1, case, prefix="vs_dp1:", step_cap=cap, scale=ref)
     sr = g.compare_names(SERIES, eng_n, ref, case, prefix="vs_reference:")
     wr = g.compare_names(weights, eng_n, ref, case, prefix="vs_reference:", step_cap=cap)
     parts = [part("vs_dp1", s1 + w1), part("vs_reference", sr + wr)]

@@ -30,13 +30,12 @@ from gates.pretrain_runs import PretrainBox, data_position, metrics_line
 from gates.report import GateReport, Localization, Part, worst
 
 SERIES = ["losses", "grad_norms", "lrs"]
-TINY_BUCKET_MB = 0.02  # tiny models: ~20 KiB buckets, so the gradients span several of them
-DEFAULT_BUCKET_MB = 25.0
 
 
 def bucket_mb(g: GateRun) -> float:
-    """Small buckets for the CPU-sized presets (several all-reduce buckets), the usual size otherwise."""
-    return TINY_BUCKET_MB if g.report.case.get("model") == "tiny" else DEFAULT_BUCKET_MB
+    """The run's all-reduce bucket size: drawn for tiny cases (0.01-0.05 MiB, so the gradients span dozens
+    of buckets), torch DDP's usual 25 MiB otherwise (gates/case.py CaseShape.bucket_mb)."""
+    return g.shape.bucket_mb
 
 
 def run(g: GateRun) -> GateReport:

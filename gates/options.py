@@ -10,13 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class GateOptions(BaseModel):
     """How to run a gate. `case` is a preset name (the gate then writes a fresh random case shaped
-    for its check, from `seed`) or a case directory (used as is; its seed is recorded)."""
+    for its check, from `seed`; `tiny` cases also draw their shape from it: gates/case.py draw_shape)
+    or a case directory (used as is; its seed is recorded)."""
 
     model_config = ConfigDict(extra="forbid")
 
     reference: str = Field("torch", description="a gates.stacks.STACKS name: torch | megatron")
     case: str = Field("tiny", description="model preset name (gates.model_config.PRESETS) or a case directory")
-    world_size: int = Field(2, ge=2, description="M4's data-parallel size")
+    world_size: int | None = Field(None, ge=2, description="M4's data-parallel size; None: drawn from the seed "
+                                   "for the tiny preset (gates/case.py draw_shape), else 2")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float64"] | None = Field(
         None, description="compute dtype of generated cases; default float32 on cpu, bfloat16 on cuda")
@@ -25,8 +27,9 @@ class GateOptions(BaseModel):
     max_bound: float | None = Field(None, gt=0, description="overrides the policy's max_rel bound")
     seed: int | None = Field(None, description="None: a fresh random seed per run (recorded in the report)")
     steps: int = Field(4, ge=2, description="optimizer steps of M3 / M4 / M6 cases")
-    micro_batch_size: int = Field(2, ge=1, description="rows per micro batch of generated cases")
-    seq_length: int = Field(16, ge=2, description="sequence length of generated cases")
+    micro_batch_size: int = Field(2, ge=1, description="rows per micro batch of generated cases (presets other "
+                                  "than tiny, whose shape is drawn from the seed)")
+    seq_length: int = Field(16, ge=2, description="sequence length of generated cases (presets other than tiny)")
     long_train_steps: int = Field(40, ge=2, description="M5: K steps of training on the default corpus")
     long_train_window: int = Field(10, ge=1, description="M5: trailing window (steps) of the loss statistic")
     long_train_threshold: float = Field(0.01, gt=0, description="M5: bound on the window's mean relative loss difference")

@@ -1,18 +1,25 @@
 """Tolerance policies: resolution from names/specs, both error figures, the bitwise rule, NaN and shapes,
-the AdamW step cap on weights after optimizer steps."""
+the AdamW step cap on weights after optimizer steps, the comparative bf16 rule on hand-made tensors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gates.policies import ADAMW_STEP_SHARE, DTYPE_BOUNDS, adamw_step_cap, compare, compare_series, resolve_policy
+from gates.policies import (ADAMW_STEP_SHARE, BF16_UNIT, DTYPE_BOUNDS, RATIO_K, Scale, adamw_step_cap, compare,
+                            compare_scaled, compare_series, reference_scale, resolve_policy, scalar_scale, series_scale)
 
 
 def test_resolve_names_and_overrides():
     assert resolve_policy("bitwise", "float32").bitwise
     p = resolve_policy("dtype", "bfloat16")
-    assert (p.rel, p.max_rel) == DTYPE_BOUNDS["bfloat16"]
+    assert p.comparative and p.ratio == RATIO_K == 2.0 and (p.rel, p.max_rel) == (None, None)
+    assert (p.floor_rel, p.floor_max) == DTYPE_BOUNDS["float32"]
+    p = resolve_policy("rel=1e-2", "bfloat16")  # an override makes bf16 bounds fixed
+    assert not p.comparative and (p.rel, p.max_rel) == (1e-2, DTYPE_BOUNDS["bfloat16"][1])
+    p = resolve_policy("dtype", "bfloat16", max_rel=0.3)
+    assert not p.comparative and (p.rel, p.max_rel) == (DTYPE_BOUNDS["bfloat16"][0], 0.3)
+    assert not resolve_policy("dtype", "float32").comparative and not resolve_policy("bitwise", "bfloat16").comparative
     p = resolve_policy("rel=1e-3", "float32")
     assert (p.rel, p.max_rel) == (1e-3, DTYPE_BOUNDS["float32"][1])
     p = resolve_policy("dtype", "float32", rel=5e-2, max_rel=0.5)
@@ -30,7 +37,10 @@ def test_figures_and_bounds():
     assert d.rel == pytest.approx(4e-3 / b.norm().item(), rel=1e-4)
     assert d.max_abs == pytest.approx(4e-3, rel=1e-4) and d.max_rel == pytest.approx(1e-3, rel=1e-4)
     assert not d.ok and "rel" in d.note and "max_rel" in d.note
-    assert compare("x", a, b, resolve_policy("dtype", "bfloat16")).ok
+    assert (d.bound_rel, d.bound_max) == DTYPE_BOUNDS["float32"]
+    assert compare("x", a, b, resolve_policy("rel=5e-2,max=1e-1", "bfloat16")).ok
+    with pytest.raises(ValueError, match="float32 reference"):
+        compare("x", a, b, resolve_policy("dtype", "bfloat16"))
 
 
 def test_bitwise_means_every_element():
@@ -81,3 +91,54 @@ def test_adamw_step_cap_relaxes_only_the_max_criterion():
     assert not d.ok and d.note.startswith("rel ")
     assert not compare("w", one, w, resolve_policy("bitwise", "float32"), step_cap=cap).ok
     assert compare("w", w.clone(), w, pol, step_cap=cap).note == ""
+
+
+def noisy(x: torch.Tensor, rel: float, seed: int) -> torch.Tensor:
+    """`x` plus Gaussian noise of norm-wise relative size `rel`."""
+    n = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+    return x + n * (rel * x.norm() / n.norm())
+
+
+def test_comparative_rule_on_hand_made_tensors():
+    """err(engine vs fp32) <= K x err(bf16 reference vs fp32) + the fp32 floor, for rel and max_rel; the
+    report keeps both errors and the bounds."""
+    pol = resolve_policy("dtype", "bfloat16")
+    exact = torch.randn(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = noisy(exact, 1e-2, 1)
+    scale = reference_scale(ref, exact)
+    assert scale.rel == pytest.approx(1e-2)
+    ok = compare_scaled("t", noisy(exact, 1.5e-2, 2), exact, scale, pol)
+    assert ok.ok and ok.ref_rel == pytest.approx(1e-2) and ok.rel == pytest.approx(1.5e-2)
+    assert ok.bound_rel == pytest.approx(RATIO_K * 1e-2 + DTYPE_BOUNDS["float32"][0])
+    assert ok.bound_max == pytest.approx(RATIO_K * scale.max_rel + DTYPE_BOUNDS["float32"][1])
+    bad = compare_scaled("t", noisy(exact, 3e-2, 2), exact, scale, pol)
+    assert not bad.ok and bad.note.startswith("rel 3.000e-02 > 0.02") and "2 x the reference's rel" in bad.note
+    spike = noisy(exact, 1e-2, 2)  # norm-wise fine, one element off by 3x the reference's worst
+    spike[7] = exact[7] + 3 * (ref - exact).abs().max()
+    d = compare_scaled("t", spike, exact, scale, pol)
+    assert not d.ok and d.rel < d.bound_rel and d.max_rel > d.bound_max
+    assert not compare_scaled("t", exact * float("nan"), exact, scale, pol).ok
+    assert "shape" in compare_scaled("t", exact[:5], exact, scale, pol).note
+
+
+def test_comparative_rule_floor_and_scalars():
+    """A series the bf16 reference gets exactly (lrs) is held to the fp32 floor; per-step scalars share the
+    series' worst reference error, at least the bf16 unit roundoff; so does a lone scalar (a loss)."""
+    pol = resolve_policy("dtype", "bfloat16")
+    lrs = torch.tensor([5e-4, 1e-3, 1e-3, 1e-4], dtype=torch.float64)
+    s = series_scale(lrs.clone(), lrs, pol)
+    assert (s.rel, s.max_rel) == (0.0, 0.0)
+    assert compare_scaled("lrs[1]", lrs[1] * (1 + 1e-6), lrs[1], s, pol).ok
+    assert not compare_scaled("lrs[1]", lrs[1] * (1 + 1e-3), lrs[1], s, pol).ok
+    losses = torch.tensor([8.6, 8.5, 8.3, 8.2], dtype=torch.float64)
+    ref = losses * torch.tensor([1 + 1e-5, 1 - 3e-6, 1 + 2e-2, 1], dtype=torch.float64)
+    s = series_scale(ref, losses, pol)
+    assert s.rel == pytest.approx(2e-2)  # the series' worst step sets every step's scale
+    assert compare_scaled("losses[0]", losses[0] * (1 + 3e-2), losses[0], s, pol).ok
+    s = series_scale(losses * (1 + 1e-6), losses, pol)
+    assert s.rel == BF16_UNIT
+    lone = scalar_scale(reference_scale(losses[0] * (1 + 1e-6), losses[0]), 1, pol)
+    assert lone.rel == BF16_UNIT
+    assert compare_scaled("loss", losses[0] * (1 + 1.5 * BF16_UNIT), losses[0], lone, pol).ok
+    assert not compare_scaled("loss", losses[0] * (1 + 3 * BF16_UNIT), losses[0], lone, pol).ok
+    assert scalar_scale(Scale(rel=1e-6, max_rel=1e-6), 64, pol).rel == 1e-6  # tensors keep their own

@@ -24,15 +24,16 @@ def fake_engine(root: Path, body: str, pkg: str = "fake") -> Path:
 
 
 def test_registry_is_ordered_cheapest_first():
-    assert list(GATES) == ["m1_forward", "m2_backward", "m3_optimizer", "m4_data_parallel", "m5_long_train", "m6_checkpoint"]
+    assert list(GATES) == ["m1_forward", "m2_backward", "m3_optimizer", "m4_data_parallel", "m5_long_train", "m6_checkpoint",
+                           "m7_pretrain", "m8_resume"]
     assert resolve_name("m4") == "m4_data_parallel" and set(ALIASES.values()) == set(GATES)
     with pytest.raises(KeyError):
-        resolve_name("m7")
+        resolve_name("m9")
 
 
 def test_options_defaults():
     o = GateOptions()
-    assert (o.reference, o.case, o.world_size, o.device, o.seed) == ("torch", "tiny", 2, "cpu", None)
+    assert (o.reference, o.case, o.world_size, o.device, o.seed) == ("torch", "tiny", None, "cpu", None)
     assert o.case_dtype == "float32" and GateOptions(device="cuda").case_dtype == "bfloat16"
 
 
@@ -54,7 +55,8 @@ def test_timeout_is_a_verdict_and_kills_the_engine(tmp_path, monkeypatch):
         open(os.environ["FAKE_PID_FILE"], "w").write(str(os.getpid()))
         time.sleep(120)
     """)
-    r = run_gate("m1_forward", eng, GateOptions(timeout_s=3, out_dir=tmp_path / "reports"))
+    # sandbox off: the fake writes its pid outside the box (bubblewrap's own tests: test_sandbox.py)
+    r = run_gate("m1_forward", eng, GateOptions(timeout_s=3, out_dir=tmp_path / "reports", sandbox="off"))
     assert (r.verdict, r.error_type) == ("error", "timeout") and r.time_s < 30
     assert r.commands[0].timed_out
     with pytest.raises(ProcessLookupError):
@@ -62,7 +64,8 @@ def test_timeout_is_a_verdict_and_kills_the_engine(tmp_path, monkeypatch):
     assert load_report(tmp_path / "reports" / "m1_forward.json").error_type == "timeout"
 
 
-def test_engine_is_isolated_and_unsupported_is_reported(tmp_path, monkeypatch):
+def test_engine_is_isolated_and_declining_fails(tmp_path, monkeypatch):
+    """An engine that exits 77 on a gate's probe has declined it: `failed`, never `unsupported`."""
     spy = tmp_path / "spy.json"
     monkeypatch.setenv("FAKE_SPY", str(spy))
     monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
@@ -73,8 +76,9 @@ def test_engine_is_isolated_and_unsupported_is_reported(tmp_path, monkeypatch):
                    "pythonpath": os.environ.get("PYTHONPATH")}, open(os.environ["FAKE_SPY"], "w"))
         sys.exit(77)
     """)
-    r = run_gate("m2", eng, GateOptions(seed=11))
-    assert r.verdict == "unsupported" and "77" in r.message
+    r = run_gate("m2", eng, GateOptions(seed=11, sandbox="off"))  # the spy writes outside the box
+    assert (r.verdict, r.message) == ("failed", "the engine declined `probe backward` (exit 77)")
+    assert r.localization.what == "engine probe backward: the engine declined `probe backward` (exit 77)"
     seen = json.loads(spy.read_text())
     assert seen["cwd"] == ["case"]
     assert seen["case"] == ["batches.safetensors", "case.json", "weights.safetensors"]
@@ -93,9 +97,10 @@ def test_crash_and_missing_outputs(tmp_path):
 
 
 def test_unknown_reference_is_unsupported():
+    """A missing reference stack is the gate's own limit: `unsupported`, and the message says so."""
     base = Path(__file__).parents[1] / "redteam" / "engines" / "base"
     r = run_gate("m1", base, GateOptions(reference="no-such-stack"))
-    assert r.verdict == "unsupported" and "no-such-stack" in r.message
+    assert r.verdict == "unsupported" and r.message.startswith("gate limit: the reference stack 'no-such-stack'")
     assert [c.role for c in r.commands] == ["engine probe forward"]
 
 
@@ -118,10 +123,11 @@ def test_cli_exit_codes(tmp_path):
 
 
 def test_torchrun_failures_are_read_per_rank(tmp_path):
-    """Under torchrun every rank exiting 77 is `unsupported`; one rank crashing is an error naming it."""
-    unsupported = fake_engine(tmp_path / "u", "raise SystemExit(77)")
-    r = run_gate("m4", unsupported, GateOptions())
-    assert r.verdict == "unsupported", r.message
+    """Under torchrun every rank exiting 77 is the engine declining (`failed`); one rank crashing is an error
+    naming it."""
+    declines = fake_engine(tmp_path / "u", "raise SystemExit(77)")
+    r = run_gate("m4", declines, GateOptions())
+    assert (r.verdict, r.message) == ("failed", "the engine declined `probe steps` (exit 77)")
     crash = fake_engine(tmp_path / "c", """
         import os, sys
         sys.exit(3 if os.environ.get("RANK") == "1" else 0)

@@ -30,6 +30,11 @@ def test_base_engine_passes_every_gate_it_can_run_on_cpu(reports):
         if "reference" in roles and r.gate != "m5_long_train":
             assert roles.index("reference") > max(i for i, x in enumerate(roles) if x == "engine"), roles
         assert r.case["seed"] is not None and len(r.case["hash"]) == 64
+        shape = r.case["shape"]  # the tiny case's shape, drawn from the seed (gates/case.py draw_shape)
+        assert shape["drawn"] and shape["seed"] == r.case["seed"], shape
+        if shape["applied"]:
+            got = {k: r.case[k] for k in ("num_layers", "vocab_size", "tie_word_embeddings")}
+            assert got == {k: shape[k] for k in got} and 3 <= got["num_layers"] <= 4
 
 
 @pytest.mark.parametrize("engine, layer, tensor", [
@@ -98,7 +103,9 @@ def test_wrong_dp_loss_averaging_fails_against_dp1_at_step_0(reports):
     assert r.verdict == "failed"
     parts = {p.name: p.verdict for p in r.parts}
     assert parts == {"vs_dp1": "failed", "vs_reference": "failed"}
-    assert r.localization.step == 0 and r.localization.what.startswith("DP=2 vs DP=1")
+    n = r.case["world_size"]  # drawn from the seed (2..4)
+    assert 2 <= n <= 4 and r.case["shape"]["world_size"] == n
+    assert r.localization.step == 0 and r.localization.what.startswith(f"DP={n} vs DP=1")
     assert any(c.argv[2:4] == ["torch.distributed.run", "--standalone"] for c in r.commands)
 
 
