@@ -201,13 +201,14 @@ class GateRun:
                 sandbox.remove()
         return tensors, metrics, sandbox
 
-    def reference_probe(self, probe: str, case: Case, twin: bool = True) -> dict[str, torch.Tensor]:
+    def reference_probe(self, probe: str, case: Case, twin: bool = True, stack: str | None = None) -> dict[str, torch.Tensor]:
         """The reference's answer; run after the engine's, read, and deleted at once. Under the comparative
-        policy (and `twin`) a `RefTensors` that also holds the answer on the case's float32 twin."""
-        tensors = self._reference_answer(probe, case)
+        policy (and `twin`) a `RefTensors` that also holds the answer on the case's float32 twin. `stack`:
+        a gates.stacks.STACKS name other than the options' reference (M5's speed check)."""
+        tensors = self._reference_answer(probe, case, stack)
         if not (twin and self.policy is not None and self.policy.comparative and case.spec.dtype != "float32"):
             return tensors
-        return RefTensors(tensors, self._reference_answer(probe, self.float32_twin(case)))
+        return RefTensors(tensors, self._reference_answer(probe, self.float32_twin(case), stack))
 
     def float32_twin(self, case: Case) -> Case:
         """`case` in float32: same model, weights, batches and schedule (the comparative rule's yardstick)."""
@@ -217,10 +218,10 @@ class GateRun:
             self._twins[case.dir] = self.write_case(spec, batches=case.batches, weights=case.weights, label=label)
         return self._twins[case.dir]
 
-    def _reference_answer(self, probe: str, case: Case) -> dict[str, torch.Tensor]:
+    def _reference_answer(self, probe: str, case: Case, stack: str | None = None) -> dict[str, torch.Tensor]:
         from gates.stacks import STACKS
 
-        ref = self.options.reference
+        ref = stack or self.options.reference
         if ref not in STACKS:
             raise GateStop("unsupported", f"gate limit: the reference stack {ref!r} is not available here "
                            f"(gates.stacks.STACKS has {', '.join(STACKS)})")

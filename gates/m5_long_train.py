@@ -16,7 +16,9 @@ Parts and their rules:
   cancel. FLOPs per token come from the case's model (the forge spec's), DESIGN.md's formula, never from the
   engine's files; the device and its peak are read on the gate's side (989.4 TFLOP/s bf16 for H100 / H200
   SXM). The timed runs' losses must match the reference's on the same data (mean relative difference below
-  `long_train_threshold`), so skipped work fails. The engine's own tokens/s and MFU (its log's last line)
+  `long_train_threshold`), so skipped work fails; that reference takes the rows one at a time with fused
+  attention (gates/stacks SPEED_STACKS: `torch-sdpa` for `torch`), so the check costs about what the
+  timed runs do. The engine's own tokens/s and MFU (its log's last line)
   are recorded beside the gate's and decide nothing. On a CPU the part is `unsupported` unless a test gives
   a CPU peak (`cpu_peak_tflops`).
 
@@ -38,6 +40,7 @@ from gates.model_config import MiniCPMConfig
 from gates.policies import Diff
 from gates.pretrain_runs import PretrainBox, metrics_line
 from gates.report import GateReport, Localization, Part, worst
+from gates.stacks import SPEED_STACKS
 
 PEAK_FLOPS = 989.4e12  # dense bf16 per H100 / H200 SXM GPU (DESIGN.md)
 PEAK_DEVICES = ("H100", "H200")
@@ -161,10 +164,12 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
         logs = {name: box.series(name, 1, steps, f"speed run {name}") for name, steps in (("N", n), ("2N", 2 * n))}
     except GateStop as stop:
         return Part(name="mfu", verdict="failed" if stop.verdict == "unsupported" else stop.verdict, message=stop.message)
-    # The reference takes the same global batches one row at a time (its eager attention holds S x S scores).
+    # The reference takes the same global batches one row at a time, with fused attention where its stack has it.
     one_row = spec.model_copy(update={"micro_batch_size": 1, "grad_accum": rows})
+    stack = SPEED_STACKS.get(o.reference, o.reference)
     ref = g.reference_probe("steps", g.write_case(one_row, batches=case.batches, weights=case.weights,
-                                                  label="the speed case, one row per reference micro batch"))
+                                                  label="the speed case, one row per reference micro batch"),
+                            twin=False, stack=stack)
     dt = walls["2N"] - walls["N"]
     flops = model.flops_per_token(seq)
     numbers = {"threshold": o.mfu_threshold, "device": device, "model": model.name, "flops_per_token": flops,

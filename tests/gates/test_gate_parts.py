@@ -84,7 +84,9 @@ def fake_speed_runs(monkeypatch, walls: dict[str, float], loss_scale: float = 1.
                  f'"valid_tokens": 1, "mfu": {claim}}}' for t in range(1, steps + 1)]
         self.log(name).write_text("\n".join(lines) + "\n")
 
-    def reference(self, probe, case):
+    def reference(self, probe, case, twin=True, stack=None):
+        # one row per reference micro batch, torch's fused attention, no float32 twin: the check's cost
+        assert (stack, twin, case.spec.micro_batch_size) == ("torch-sdpa", False, 1)
         return {"losses": torch.tensor([8 - 0.1 * t for t in range(1, case.spec.steps + 1)])}
 
     monkeypatch.setattr(m5_long_train.PretrainBox, "run", run)

@@ -13,6 +13,18 @@ from gates.probe import EXIT_UNSUPPORTED, PROBES, write_outputs
 app = typer.Typer(add_completion=False, help="The eager-PyTorch reference stack (probe contract).")
 
 
+@app.callback()
+def main(attention: str = typer.Option("eager", "--attention", help="eager (the spec) | sdpa (torch's fused "
+                                       "attention kernel, for long sequences)")) -> None:
+    from gates.stacks.torch_ref.model import ATTENTION
+    from gates.stacks.torch_ref.probes import OPTIONS
+
+    if attention not in ATTENTION:
+        typer.echo(f"error: --attention must be one of {', '.join(ATTENTION)}, got {attention!r}", err=True)
+        raise typer.Exit(2)
+    OPTIONS["attention"] = attention
+
+
 @app.command()
 def probe(
     name: str = typer.Argument(..., help=f"one of {', '.join(PROBES)}"),

@@ -6,6 +6,10 @@ case's `weights.safetensors` loads with `load_state_dict` as is.
 
 Numerics: matmuls run in the parameters' dtype; RMSNorm statistics, softmax and the loss run in at
 least float32 (as HF Llama does), then cast back. Deterministic on CPU and GPU.
+
+Attention is `eager` (the spec: explicit scores and softmax) or `sdpa` (torch's
+scaled_dot_product_attention, the same math without the S x S scores in memory): the `torch-sdpa`
+stack, for checks at long sequences where eager attention costs more than the gate can wait.
 """
 
 from __future__ import annotations
@@ -50,9 +54,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+ATTENTION = ("eager", "sdpa")
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: MiniCPMConfig):
+    def __init__(self, cfg: MiniCPMConfig, impl: str = "eager"):
         super().__init__()
+        if impl not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {impl!r}")
+        self.impl = impl
         h, d = cfg.hidden_size, cfg.dim_head
         self.n, self.g, self.d = cfg.num_heads, cfg.num_kv_heads, d
         self.q_proj = nn.Linear(h, self.n * d, bias=False)
@@ -66,6 +76,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, S, self.g, self.d).transpose(1, 2)  # (B, g, S, d)
         v = self.v_proj(x).view(B, S, self.g, self.d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.impl == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n != self.g)
+            return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n * self.d))
         k = k.repeat_interleave(self.n // self.g, dim=1)  # query head i reads kv head i // (n/g)
         v = v.repeat_interleave(self.n // self.g, dim=1)
         scores = _upcast(q @ k.transpose(-2, -1)) * self.d**-0.5  # (B, n, S, S)
@@ -88,10 +101,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: MiniCPMConfig):
+    def __init__(self, cfg: MiniCPMConfig, attention: str = "eager"):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, attention)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         self.residual_scale = cfg.residual_scale
@@ -104,18 +117,18 @@ class DecoderLayer(nn.Module):
 class _Body(nn.Module):
     """Holds the `model.*` parameters so names match HF MiniCPM."""
 
-    def __init__(self, cfg: MiniCPMConfig):
+    def __init__(self, cfg: MiniCPMConfig, attention: str):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, attention) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class MiniCPM(nn.Module):
-    def __init__(self, cfg: MiniCPMConfig):
+    def __init__(self, cfg: MiniCPMConfig, attention: str = "eager"):
         super().__init__()
         self.cfg = cfg
-        self.model = _Body(cfg)
+        self.model = _Body(cfg, attention)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def output_weight(self) -> Tensor:

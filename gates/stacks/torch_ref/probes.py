@@ -19,9 +19,13 @@ from gates.stacks.torch_ref.model import MiniCPM, loss_sum
 from gates.stacks.torch_ref.optim import AdamW, clip_grads_, lr_at
 
 
+OPTIONS = {"attention": "eager"}  # set once by the CLI (--attention)
+
+
 def make_deterministic() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    # SDPA's backward kernels have no deterministic variant on every backend: warn, never refuse
+    torch.use_deterministic_algorithms(True, warn_only=OPTIONS["attention"] == "sdpa")
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -32,7 +36,7 @@ def build_model(case: Case, weights: dict[str, torch.Tensor] | None = None) -> M
     spec = case.spec
     # Cast before loading: loading float64 weights into the default float32 parameters first would
     # round them to float32 (fp64 cases); for float32 / bfloat16 the result is the same either way.
-    model = MiniCPM(spec.model).to(dtype=spec.torch_dtype)
+    model = MiniCPM(spec.model, OPTIONS["attention"]).to(dtype=spec.torch_dtype)
     model.load_state_dict(weights if weights is not None else case.weights, strict=True)
     return model.to(device=spec.device)
 
