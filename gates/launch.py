@@ -11,13 +11,17 @@ output of the case exists anywhere while the engine runs (a guessed path finds n
 caches (Triton, Inductor, CUDA, XDG) live in a persistent directory of its own (`engine_cache_dir`),
 so they stay warm across the gate's commands; the reference never reads it.
 
-Reference: the argv of `gates.stacks.STACKS[name]`, with PYTHONPATH = this workspace (gate code always
-comes from here, never from the engine), in its own temporary directory, outside the sandbox: the
-engine can neither see nor write this tree (gates/sandbox.py fingerprints it around every engine command).
+Reference: the argv of `gates.stacks.STACKS[name]`, with PYTHONPATH = `reference_tree()`, a private copy
+of this workspace's gates/ taken once per gate process (gate code always comes from here, never from the
+engine; edits to the working tree during a run change nothing), in its own temporary directory, outside the
+sandbox: the engine can neither see nor write that copy (gates/sandbox.py fingerprints it around every
+engine command).
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import os
 import re
@@ -159,7 +163,28 @@ def engine_env(engine: Engine) -> dict[str, str]:
 
 
 def reference_env() -> dict[str, str]:
-    return {"PYTHONPATH": str(WORKSPACE), "PYTHONDONTWRITEBYTECODE": "1"}
+    return {"PYTHONPATH": str(reference_tree()), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+@functools.cache
+def reference_tree() -> Path:
+    """A read-only copy of the workspace's gates/ under a fresh temporary directory, made on first use and
+    removed at exit: the reference stacks run from it, and the tripwire hashes it."""
+    root = Path(tempfile.mkdtemp(prefix="forge-reference-"))
+    shutil.copytree(WORKSPACE / "gates", root / "gates", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for d, _, files in os.walk(root / "gates"):
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o444)
+    atexit.register(_remove_tree, root)
+    return root
+
+
+def _remove_tree(root: Path) -> None:
+    for d, _, files in os.walk(root):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 class Sandbox:

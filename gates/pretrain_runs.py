@@ -113,13 +113,17 @@ def run_killed_in_save(g: GateRun, box: PretrainBox, name: str, args: list[str],
     import time
 
     from gates.launch import engine_argv, engine_env
+    from gates.sandbox import fingerprint, sandboxed_argv, verify_untouched, watched_paths
 
     save, log = box.save_dir(name), box.log(name)
     env = _engine_environ(engine_env(g.engine))
     seen: dict = {"killed": False, "at_step": 0, "changed": []}
+    argv = engine_argv(g.engine, args)
+    full = sandboxed_argv(g, argv, box.root)  # the same sandbox as every engine command; killing it ends its tree
+    before_fp = fingerprint(watched_paths())
     t0 = time.monotonic()
     with open(box.root / f"{name}.stderr", "wb") as err:
-        p = subprocess.Popen(engine_argv(g.engine, args), cwd=box.root, env=env, stdout=subprocess.DEVNULL,
+        p = subprocess.Popen(full, cwd=box.root, env=env, stdout=subprocess.DEVNULL,
                              stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
         before: dict[str, float] | None = None
         try:
@@ -140,8 +144,9 @@ def run_killed_in_save(g: GateRun, box: PretrainBox, name: str, args: list[str],
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    g.report.commands.append(Command(role=role, argv=p.args, cwd=str(box.root), env=engine_env(g.engine), rc=p.returncode,
+    g.report.commands.append(Command(role=role, argv=argv, cwd=str(box.root), env=engine_env(g.engine), rc=p.returncode,
                                      time_s=round(time.monotonic() - t0, 3), timed_out=False))
+    verify_untouched(g, role, before_fp, box.root)
     return seen
 
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Literal
 
 from gates.context import GateStop
 from gates.launch import (WORKSPACE, Engine, Proc, Sandbox, engine_cache_dir, engine_cache_env, forge_cache_root,
-                          run_process)
+                          reference_tree, run_process)
 from gates.report import Localization
 
 if TYPE_CHECKING:
@@ -204,8 +204,8 @@ class Watched:
 
 
 def watched_paths() -> Watched:
-    """The workspace's gates/ (the reference stacks and the gate code) and the interpreter's site-packages
-    (system and user). Tests monkeypatch this to point at fakes."""
+    """The gates/ the reference runs from (gates/launch.py reference_tree: the reference stacks and the gate
+    code) and the interpreter's site-packages (system and user). Tests monkeypatch this to point at fakes."""
     sp = [*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_paths()["purelib"],
           sysconfig.get_paths()["platlib"]]
     seen: list[Path] = []
@@ -213,7 +213,7 @@ def watched_paths() -> Watched:
         r = Path(p).resolve()
         if r not in seen:
             seen.append(r)
-    return Watched(reference=(WORKSPACE / "gates",), interpreter=tuple(seen))
+    return Watched(reference=(reference_tree() / "gates",), interpreter=tuple(seen))
 
 
 Fingerprint = dict[str, str]

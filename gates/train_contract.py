@@ -88,7 +88,8 @@ def pretrain_args(spec: CaseSpec, init_dir: Path, batches: Path, log_file: Path,
 def read_log(path: Path, first: int, last: int) -> dict[str, torch.Tensor]:
     """Steps first..last (1-based, inclusive) of a JSONL log as float64 series named as the probe contract
     names them (`losses`, `grad_norms`, `lrs`), plus `valid_tokens`. A step logged twice keeps its last line (a resumed run may
-    repeat steps after its checkpoint). Raises LogError naming the first problem."""
+    repeat steps after its checkpoint); a line that is not JSON at all is a write cut by a kill and is skipped (every
+    step still needs a whole line). Raises LogError naming the first problem."""
     if not path.is_file():
         raise LogError(f"no log at {path} (--log-file)")
     rows: dict[int, dict] = {}
@@ -97,8 +98,11 @@ def read_log(path: Path, first: int, last: int) -> dict[str, torch.Tensor]:
             continue
         try:
             rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        try:
             step = int(rec["step"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             raise LogError(f"{path.name} line {n} is not a JSON object with an integer `step`: {line[:120]!r}") from None
         rows[step] = rec
     missing = [t for t in range(first, last + 1) if t not in rows]

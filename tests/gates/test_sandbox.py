@@ -354,3 +354,17 @@ def test_bwrap_is_used_here():
     """CI installs bubblewrap (.ci/run): a machine where it cannot run must say so, not skip the tests above."""
     iso = isolation("required")
     assert iso.method == "bwrap", iso.reason
+
+
+def test_the_reference_runs_from_a_frozen_copy_of_gates():
+    """The reference's gates/ is a read-only copy taken once per process: the tripwire hashes that copy, so an
+    edit to the working tree during a run is no tampering, and the reference never sees it."""
+    from gates.launch import reference_env, reference_tree
+
+    root = reference_tree()
+    assert reference_env()["PYTHONPATH"] == str(root) and watched_paths().reference == (root / "gates",)
+    for src in (WORKSPACE / "gates").rglob("*.py"):
+        copy = root / "gates" / src.relative_to(WORKSPACE / "gates")
+        assert copy.read_bytes() == src.read_bytes() or src.stat().st_mtime > copy.stat().st_mtime, src
+        assert copy.stat().st_mode & 0o222 == 0, copy  # read-only
+    assert not (root / "gates" / "__pycache__").exists() and reference_tree() is root
