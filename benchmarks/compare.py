@@ -6,7 +6,8 @@ subprocess (no memory or compile cache leaks between stacks), same random tokens
     python -m benchmarks.compare --smoke --out DIR    # CPU, tiny preset: eager + compile, a few steps
 
 Per stack: tokens/s, median step time, MFU (benchmarks/metrics.py), peak memory, and ratios to
-megatron-core(-sdpa) and torch.compile. Out of memory is a result; with `--oom-fallback` (default) the
+megatron-core(-sdpa) and torch.compile. Each engine gets two rows: its own `bench` (self-reported) and its
+`pretrain` at its defaults timed by the gates (benchmarks/gate_timed.py); only the second is a figure to quote. Out of memory is a result; with `--oom-fallback` (default) the
 stack is retried at half the micro batch down to 1, and each attempt is recorded. Writes
 DIR/compare.json + DIR/compare.md and (unless --no-results-copy) a copy as
 <results-dir>/<date>-<device>-<model>.json|md.
@@ -27,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.gate_timed import gate_timed_row
 from benchmarks.metrics import PEAK_TFLOPS_BF16, mfu, ratio
 from benchmarks.report import BASELINES, markdown
 from benchmarks.stacks import DEFAULT_STACKS, REPO, Stack, resolve
@@ -58,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--no-results-copy", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the plan as JSON and run nothing")
+    p.add_argument("--gate-timed", action=argparse.BooleanOptionalAction, default=True,
+                   help="beside each engine's own bench row, its pretrain at its defaults timed by the gates (M5's speed part)")
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="rows per step of the gate-timed pretrain (default: the micro batch, no accumulation)")
+    p.add_argument("--cpu-peak-tflops", type=float, default=None,
+                   help="tests only: a CPU peak so the gate-timed row runs on a CPU (GPU peaks are the gates' own)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke run: tiny preset, seq 64, micro batch 2, 1 + 2 steps, eager and compile (aot_eager)")
     args = p.parse_args(argv)
@@ -209,7 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "runs" / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     deadline = None if args.budget is None else time.monotonic() + args.budget
-    rows = [run_stack(s, args, per_mbs.get(s.name, args.micro_batch_size), out, flops, deadline) for s in stacks]
+    rows = []
+    for s in stacks:
+        mbs = per_mbs.get(s.name, args.micro_batch_size)
+        rows.append(run_stack(s, args, mbs, out, flops, deadline))
+        if s.engine_dir is not None and s.argv is not None and args.gate_timed:
+            row = gate_timed_row(s, args, mbs, out, deadline)
+            if row["status"] == "ok":
+                row["mfu"] = mfu(row["tokens_per_s"], flops)
+            rows.append(row)
     add_ratios(rows)
     given = os.environ.get("FORGE_GIT_COMMIT")  # a device copy of the tree: its own git state says nothing
     commit = given or _git("rev-parse", "HEAD") or "unknown"

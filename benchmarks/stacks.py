@@ -30,6 +30,7 @@ class Stack:
     argv: list[str] | None
     env: dict[str, str] = field(default_factory=dict)
     engine_contract: bool = False  # True: `bench --seq-length --micro-batch-size --steps --json` only
+    engine_dir: Path | None = None  # engines: their folder (the gate-timed row runs its `pretrain`)
     skip_reason: str | None = None
     note: str = ""
 
@@ -77,7 +78,7 @@ def discover_engines(exports: Path, model: str) -> list[Stack]:
             out.append(Stack(name, "engine", None, skip_reason=f"engine is for {spec_model}, not {model}"))
             continue
         out.append(Stack(name, "engine", [PY, "-m", mains[0].name, "bench"], env={"PYTHONPATH": str(d / "src")},
-                         engine_contract=True, note=f"{d.name} bench command"))
+                         engine_contract=True, engine_dir=d, note=f"{d.name} bench command (self-reported)"))
     return out
 
 

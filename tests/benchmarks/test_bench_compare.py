@@ -121,3 +121,23 @@ def test_commit_note_says_where_the_commit_came_from() -> None:
     assert report.commit_note({"git_commit": "a" * 40, "git_dirty": False}) == "commit aaaaaaaaaaaa"
     assert report.commit_note({"git_commit": "a" * 40, "git_dirty": True}) == "commit aaaaaaaaaaaa (dirty)"
     assert report.commit_note({"git_commit": "a" * 40, "git_dirty": None}).endswith("(given by the caller)")
+
+
+@pytest.mark.slow
+def test_an_engine_gets_a_gate_timed_row_beside_its_own_bench(tmp_path) -> None:
+    """The gate-timed row runs the engine's `pretrain` through M5's speed part: tokens/s from the gate's clock,
+    the engine's own claims ignored; without a peak for the device the row says unsupported, never a figure."""
+    from benchmarks.gate_timed import gate_timed_row
+
+    base = REPO / "tests" / "redteam" / "engines" / "base"
+    stack = Stack("engine:base", "engine", [sys.executable, "-m", "rt_base", "bench"], engine_contract=True, engine_dir=base)
+    args = compare.parse_args(["--model", "tiny", "--seq-length", "16", "--steps", "20", "--device", "cpu",
+                               "--global-batch-size", "4", "--cpu-peak-tflops", "0.01", "--timeout", "300"])
+    row = gate_timed_row(stack, args, 2, tmp_path, None)
+    n = row["gate"]["numbers"]
+    assert row["status"] == "ok", row.get("message")
+    assert row["tokens_per_s"] == pytest.approx(20 * 4 * 16 / (n["wall_2n_s"] - n["wall_n_s"]))
+    assert (row["global_batch_size"], n["micro_batch_size"], n["seq_length"]) == (4, 2, 16)
+    assert n["loss_mean_rel_diff"] < 1e-2 and row["source"] == "gate"
+    no_peak = gate_timed_row(stack, compare.parse_args(["--model", "tiny", "--device", "cpu"]), 2, tmp_path / "b", None)
+    assert no_peak["status"] == "unsupported" and "tokens_per_s" not in no_peak and "GPU only" in no_peak["message"]
