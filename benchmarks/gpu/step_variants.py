@@ -48,7 +48,7 @@ def run(label, backend, mb, chunked_ce, compile_mode=None, steps=8, warm=3):
 
     def body(ids):
         x = m.model.embed_tokens(ids) * CFG.scale_emb
-        cos, sin = ref.rope_cos_sin(S, CFG.dim_head, CFG.rope_theta, x.device, x.dtype)
+        cos, sin = ref.rope_cos_sin(CFG, S, x.device, x.dtype)
         for layer in m.model.layers:
             x = layer(x, cos, sin)
         return m.model.norm(x) / CFG.logit_scale

@@ -55,6 +55,7 @@ from train_engine_0_5b.ops.adamw import triton_fused as adamw_t  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy import triton_fused as ce_t  # noqa: E402
 from train_engine_0_5b.ops.rmsnorm import triton_fused as norm_t  # noqa: E402
 from train_engine_0_5b.ops.rope import triton_fused as rope_t  # noqa: E402
+from train_engine_0_5b.ops.rope.reference import rope_tables  # noqa: E402
 from train_engine_0_5b.ops.swiglu import triton_fused as swiglu_t  # noqa: E402
 from train_engine_0_5b.optim import clip_coefficient  # noqa: E402
 
@@ -207,8 +208,8 @@ def rmsnorm() -> None:
 def rope() -> None:
     q, k = randn(B, S, NQ, D, seed=9), randn(B, S, NKV, D, seed=10)
     dq, dk = randn(B, S, NQ, D, seed=11), randn(B, S, NKV, D, seed=12)
-    cos, sin = rope_t.rope_tables(S, D, device=DEV)  # fp32
-    cos64, sin64 = rope_t.rope_tables(S, D, device=DEV, dtype=torch.float64)
+    cos, sin = rope_tables(S, D, device=DEV)  # fp32
+    cos64, sin64 = rope_tables(S, D, device=DEV, dtype=torch.float64)
     cos16, sin16 = cos.to(BF16), sin.to(BF16)  # the reference model's tables (in the activations' dtype)
     outs, grads = grads_of(lambda a, b: rope_t.rope(a, b, cos, sin), [q, k], [dq, dk])
     ref64 = lambda a, b: rope_t.rope_reference(a, b, cos64, sin64)  # noqa: E731

@@ -4,6 +4,9 @@ It is the spec, so it stays short and obviously right: no fused kernels, no tric
 Parameters carry Hugging Face MiniCPM names (`model.layers.0.self_attn.q_proj.weight`, ...), so a
 case's `weights.safetensors` loads with `load_state_dict` as is.
 
+RoPE is the config's (`rope_at`: plain, linear or LongRoPE; tables from float64 angles); the embedding has
+the config's pad_token_id as its padding_idx (that row gets no gradient from the lookup), as MiniCPM's.
+
 Numerics: matmuls run in the parameters' dtype; RMSNorm statistics, softmax and the loss run in at
 least float32 (as HF Llama does), then cast back. Deterministic on CPU and GPU.
 
@@ -40,12 +43,23 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
-def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin tables (seq, dim) for the rotate-half RoPE layout (HF Llama / MiniCPM / Megatron)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+def rope_inv_freq(cfg: MiniCPMConfig, seq_len: int, device=None) -> tuple[Tensor, float]:
+    """float64 inverse frequency of each rotary pair (d/2,) and the cos/sin factor, for positions 0..seq_len-1:
+    theta^(-2i/d), divided by the config's per-pair divisors (LongRoPE, linear) when it has them."""
+    d = cfg.dim_head
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+    divisors, scale = cfg.rope_at(seq_len)
+    if divisors is not None:
+        inv_freq = inv_freq / torch.tensor(divisors, dtype=torch.float64, device=device)
+    return inv_freq, scale
+
+
+def rope_cos_sin(cfg: MiniCPMConfig, seq_len: int, device, dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (seq, d) for the rotate-half RoPE layout (HF Llama / MiniCPM / Megatron), angles in float64."""
+    inv_freq, scale = rope_inv_freq(cfg, seq_len, device)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
     emb = torch.cat([angles, angles], dim=-1)  # (S, d)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -119,7 +133,7 @@ class _Body(nn.Module):
 
     def __init__(self, cfg: MiniCPMConfig, attention: str):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(cfg, attention) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -139,7 +153,7 @@ class MiniCPM(nn.Module):
         the embedding and after each layer is appended to it (L + 1 tensors)."""
         cfg = self.cfg
         x = self.model.embed_tokens(input_ids) * cfg.scale_emb  # (B, S, h)
-        cos, sin = rope_cos_sin(input_ids.shape[1], cfg.dim_head, cfg.rope_theta, x.device, x.dtype)
+        cos, sin = rope_cos_sin(cfg, input_ids.shape[1], x.device, x.dtype)
         if hidden_states is not None:
             hidden_states.append(x)
         for layer in self.model.layers:

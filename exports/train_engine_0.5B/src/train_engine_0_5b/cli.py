@@ -166,11 +166,14 @@ def export_hf(
     out: Path = typer.Option(..., "--out", help="output directory (must be empty or absent unless --force)"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
+    layout: str = typer.Option("llama", "--layout", help="llama: LlamaForCausalLM, MiniCPM scales folded, no remote code; "
+                               "minicpm: the official MiniCPM layout, which --init-from reads back"),
 ) -> None:
-    """Write a Llama-layout Hugging Face checkpoint (MiniCPM scales folded) plus the tokenizer files."""
+    """Write a Hugging Face checkpoint (Llama layout, MiniCPM scales folded; or the native MiniCPM layout) plus
+    the tokenizer files."""
     from train_engine_0_5b.export_hf import export
 
-    path = export(checkpoint, out, dtype, force=force)
+    path = export(checkpoint, out, dtype, force=force, layout=layout)
     typer.echo(f"exported {path}")
 
 

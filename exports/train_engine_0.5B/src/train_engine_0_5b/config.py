@@ -30,7 +30,8 @@ class DataConfig(_Section):
     hf_dataset_config: str | None = Field(None, description="Hub dataset configuration")
     hf_dataset_split: str = Field("train", description="split of a Hub / save_to_disk dataset")
     hf_text_template: str | None = Field(None, description='e.g. "Question: {question}\\nAnswer: {answer}"; default: the text column')
-    tokenizer_path: str | None = Field(None, description="HF tokenizer directory; default: the shipped tokenizer")
+    tokenizer_path: str | None = Field(None, description="HF tokenizer directory; default: --init-from's tokenizer if it "
+                                       "has one, else the shipped tokenizer")
     shuffle: bool = Field(True, description="shuffle documents each epoch (seeded)")
     token_batches: Path | None = Field(None, strict=False, description="train on these pre-batched token ids (safetensors "
                                        "input_ids/labels, steps x global batch x seq) instead of a dataset")
@@ -71,7 +72,8 @@ class CheckpointConfig(_Section):
     save_interval: int = Field(0, ge=0, description="save every N steps (0: at the end only)")
     resume: bool = Field(False, description="continue from --save-dir's latest checkpoint")
     init_from: Path | None = Field(None, strict=False, description="start from a Hugging Face MiniCPM checkpoint directory "
-                                   "(config.json + safetensors); the model config comes from it")
+                                   "in the official layout (config.json + safetensors, sharded or not, or "
+                                   "pytorch_model.bin); the model config and the tokenizer come from it")
 
 
 class RuntimeConfig(_Section):

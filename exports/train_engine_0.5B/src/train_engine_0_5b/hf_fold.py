@@ -7,7 +7,8 @@ MiniCPM differs from Llama only by three scalar scales, each of which commutes w
 - the final hidden state is divided by `hidden / dim_model_base`
                                                       -> folded into an untied `lm_head`.
 With a tied embedding, the folded input embedding and output head differ, so the Llama checkpoint
-is always untied.
+is always untied. RoPE maps to transformers' own rope types (`longrope`, `linear`) and pad_token_id to
+Llama's padding_idx, so `LlamaForCausalLM` computes the same function and trains the same rows.
 
 Vendored from the workspace's gates/hf_fold.py (the engine imports nothing from the workspace).
 """
@@ -37,9 +38,23 @@ def fold_to_llama(cfg: MiniCPMConfig, state: dict[str, torch.Tensor]) -> dict[st
     return out
 
 
+def llama_rope_scaling(cfg: MiniCPMConfig) -> dict[str, Any] | None:
+    """The config's RoPE as transformers' rope_scaling; longrope's factor and attention_factor are pinned to
+    the values MiniCPM's code derives (transformers would otherwise derive them from its own fields)."""
+    rope = cfg.rope_scaling
+    if rope is None:
+        return None
+    if rope.type == "linear":
+        return {"rope_type": "linear", "factor": rope.factor}
+    orig = rope.original_max_position_embeddings
+    return {"rope_type": "longrope", "short_factor": list(rope.short_factor), "long_factor": list(rope.long_factor),
+            "original_max_position_embeddings": orig, "factor": cfg.max_seq_length / orig,
+            "attention_factor": rope.cos_sin_scale(cfg.max_seq_length)}
+
+
 def llama_config_dict(cfg: MiniCPMConfig, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict[str, Any]:
     """Keyword arguments for `transformers.LlamaConfig` (also a valid config.json body)."""
-    return {
+    out = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": cfg.hidden_size,
@@ -58,4 +73,9 @@ def llama_config_dict(cfg: MiniCPMConfig, bos_token_id: int | None = None, eos_t
         "tie_word_embeddings": False,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
     }
+    rope = llama_rope_scaling(cfg)
+    if rope is not None:
+        out["rope_scaling"] = rope
+    return out

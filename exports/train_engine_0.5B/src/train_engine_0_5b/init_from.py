@@ -1,9 +1,12 @@
 """`pretrain --init-from DIR`: start from a Hugging Face MiniCPM checkpoint directory (continued pretraining).
 
-DIR holds `config.json` (MiniCPM keys) and the weights under HF MiniCPM names, as `model.safetensors`,
-a sharded `model.safetensors.index.json`, or `pytorch_model.bin` (read with weights_only=True). The model
-config comes from config.json; every parameter must be there with its shape (a tied checkpoint may also
-carry `lm_head.weight`, which must then equal the embedding).
+DIR is laid out as OpenBMB publishes MiniCPM4 (and as `export-hf --layout minicpm` writes): `config.json`
+(MiniCPM keys; from_hf_config refuses any that would change the math in a way this engine does not
+implement) and the weights under HF MiniCPM names, as `model.safetensors`, a sharded
+`model.safetensors.index.json`, `pytorch_model.bin` or a sharded `pytorch_model.bin.index.json` (read with
+weights_only=True). Every parameter must be there with its shape (a tied checkpoint may also carry
+`lm_head.weight`, which must then equal the embedding). Its tokenizer (`tokenizer.json`, or a sentencepiece
+`tokenizer.model` read through transformers) is the run's unless --tokenizer-path names another.
 """
 
 from __future__ import annotations
@@ -20,22 +23,34 @@ from train_engine_0_5b.errors import EngineError
 from train_engine_0_5b.model_config import MiniCPMConfig, from_hf_config, hf_param_shapes
 
 
+def _shards(d: Path, index: Path) -> list[Path]:
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise EngineError(f"--init-from {d}: {index.name} is not a weight index ({type(e).__name__}: {e})") from None
+    missing = [s for s in shards if not (d / s).is_file()]
+    if missing:
+        raise EngineError(f"--init-from {d}: shard {missing[0]} named by {index.name} is missing")
+    return [d / s for s in shards]
+
+
 def _weight_files(d: Path) -> list[Path]:
+    """The first layout present, in transformers' order of preference."""
     if (d / "model.safetensors").is_file():
         return [d / "model.safetensors"]
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise EngineError(f"--init-from {d}: {index.name} is not a safetensors index ({e})") from None
-        missing = [s for s in shards if not (d / s).is_file()]
-        if missing:
-            raise EngineError(f"--init-from {d}: shard {missing[0]} named by {index.name} is missing")
-        return [d / s for s in shards]
+    if (d / "model.safetensors.index.json").is_file():
+        return _shards(d, d / "model.safetensors.index.json")
     if (d / "pytorch_model.bin").is_file():
         return [d / "pytorch_model.bin"]
-    raise EngineError(f"--init-from {d}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    if (d / "pytorch_model.bin.index.json").is_file():
+        return _shards(d, d / "pytorch_model.bin.index.json")
+    raise EngineError(f"--init-from {d}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+                      "pytorch_model.bin.index.json")
+
+
+def tokenizer_dir(d: Path) -> Path | None:
+    """DIR itself when it carries a tokenizer (tokenizer.json or a sentencepiece tokenizer.model), else None."""
+    return d if any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else None
 
 
 def _read(f: Path) -> dict[str, Tensor]:
@@ -55,6 +70,8 @@ def load_init(d: Path) -> tuple[MiniCPMConfig, dict[str, Tensor]]:
     weights: dict[str, Tensor] = {}
     for f in _weight_files(d):
         weights |= _read(f)
+    for name in [k for k in weights if k.endswith("rotary_emb.inv_freq")]:  # buffers older saves kept; from config.json here
+        del weights[name]
     want = hf_param_shapes(cfg)
     if cfg.tie_word_embeddings and "lm_head.weight" in weights:
         head = weights.pop("lm_head.weight")

@@ -4,6 +4,10 @@
     per layer: h = h + attn(rms_norm(h)) * r;  h = h + mlp(rms_norm(h)) * r     r = scale_depth / sqrt(L)
     logits = (rms_norm(h) / (hidden / dim_model_base)) @ W_out^T                W_out tied to the embedding
 
+RoPE is the config's (plain, linear or LongRoPE): its per-frequency factors and cos/sin scale live in the
+tables every RoPE op reads (rope_cos_sin). The embedding's padding_idx is the config's pad_token_id (that row
+gets no gradient from the lookup, as in MiniCPM's nn.Embedding).
+
 The residual add and the norm after it are one op (`add_rms_norm`), so the loop carries the residual
 stream `h` and its normalized form `x` from one sublayer to the next. With residual_scale=weight, r
 scales the o_proj / down_proj weights instead of their outputs (ops/residual_scale/weight.py says why,
@@ -30,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from train_engine_0_5b.model_config import MiniCPMConfig, hf_param_shapes
 from train_engine_0_5b.ops.registry import Ops
+from train_engine_0_5b.ops.rope.reference import rope_tables
 
 
 class Weight(nn.Module):
@@ -100,12 +105,10 @@ class Body(nn.Module):
         self.norm = Weight(cfg.hidden_size)
 
 
-def rope_cos_sin(seq_len: int, dim: int, theta: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos / sin tables (seq, dim), rotate-half layout; angles in float64, then cast."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
-    emb = torch.cat([angles, angles], dim=-1)  # (S, d)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def rope_cos_sin(cfg: MiniCPMConfig, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos / sin tables (seq, d) of the config's RoPE (plain, linear or LongRoPE) for positions 0..seq_len-1."""
+    divisors, scale = cfg.rope_at(seq_len)
+    return rope_tables(seq_len, cfg.dim_head, cfg.rope_theta, divisors, scale, device, dtype)
 
 
 Recompute = Literal["none", "mlp", "attention", "layer"]  # what each layer recomputes in backward
@@ -135,7 +138,7 @@ class MiniCPM(nn.Module):
     def rope_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (seq_len, device, dtype)
         if key not in self._rope:
-            self._rope[key] = rope_cos_sin(seq_len, self.cfg.dim_head, self.cfg.rope_theta, device, dtype)
+            self._rope[key] = rope_cos_sin(self.cfg, seq_len, device, dtype)
         return self._rope[key]
 
     def forward(self, input_ids: Tensor, hidden_states: list[Tensor] | None = None) -> Tensor:
@@ -146,7 +149,7 @@ class MiniCPM(nn.Module):
     def final_hidden(self, input_ids: Tensor, hidden_states: list[Tensor] | None = None) -> Tensor:
         """The normalized, 1/logit_scale-scaled last hidden state (B, S, h): the output GEMM's input."""
         cfg, ops, layers = self.cfg, self.ops, self.model.layers
-        h = F.embedding(input_ids, self.model.embed_tokens.weight) * cfg.scale_emb  # (B, S, h)
+        h = F.embedding(input_ids, self.model.embed_tokens.weight, cfg.pad_token_id) * cfg.scale_emb  # (B, S, h)
         cos, sin = self.rope_tables(input_ids.shape[1], h.device, h.dtype)
         if hidden_states is not None:
             hidden_states.append(h)

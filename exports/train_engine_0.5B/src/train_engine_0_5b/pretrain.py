@@ -23,7 +23,7 @@ from train_engine_0_5b.config import EngineConfig
 from train_engine_0_5b.data import Data, Prefetcher, prepare, prepare_batches
 from train_engine_0_5b.dist import DistContext
 from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.init_from import load_init
+from train_engine_0_5b.init_from import load_init, tokenizer_dir
 from train_engine_0_5b.metrics import StepLog, mfu
 from train_engine_0_5b.model import build_model, compile_loss, init_weights
 from train_engine_0_5b.ops.registry import resolve
@@ -125,18 +125,21 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
     accum = cfg.grad_accum(ctx.world)
     sinks.check(cfg)
     ops = resolve(cfg.ops, ctx.device.type, dtype)
-    d = cfg.data
+    d, init_dir = cfg.data, cfg.checkpoint.init_from
+    tokenizer_path = d.tokenizer_path or (tokenizer_dir(init_dir) if init_dir is not None else None)
     if d.token_batches is not None:
-        data = prepare_batches(d.token_batches, t.num_steps, t.global_batch_size, t.seq_length, cfg.model.vocab_size)
+        data = prepare_batches(d.token_batches, t.num_steps, t.global_batch_size, t.seq_length, cfg.model.vocab_size,
+                               tokenizer_path)
     else:
-        data = prepare(d.hf_dataset, d.hf_dataset_config, d.hf_dataset_split, d.hf_text_template, d.tokenizer_path,
+        data = prepare(d.hf_dataset, d.hf_dataset_config, d.hf_dataset_split, d.hf_text_template, tokenizer_path,
                        t.seq_length, t.seed, d.shuffle, cfg.model.vocab_size)
     initial = None
-    if cfg.checkpoint.init_from is not None:
-        init_cfg, initial = load_init(cfg.checkpoint.init_from)
-        if init_cfg.model_dump(exclude={"name"}) != cfg.model.model_dump(exclude={"name"}):
-            raise EngineError(f"--init-from {cfg.checkpoint.init_from}: its config.json describes another model than "
-                              f"--model {cfg.model.name}")
+    if init_dir is not None:
+        init_cfg, initial = load_init(init_dir)
+        diff = init_cfg.differences(cfg.model)
+        if diff:
+            raise EngineError(f"--init-from {init_dir}: its config.json describes another model than --model "
+                              f"{cfg.model.name} (config.json vs --model):\n  " + "\n  ".join(diff))
     loaded = _checkpoint_to_resume(cfg, data, ctx)
     start = loaded.step if loaded is not None else 0
     if start >= t.num_steps:  # e.g. a requeued job that had finished: nothing to do

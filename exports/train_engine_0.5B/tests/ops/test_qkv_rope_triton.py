@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from train_engine_0_5b.model import rope_cos_sin  # noqa: E402
+from train_engine_0_5b.ops.rope.reference import rope_tables  # noqa: E402
 from train_engine_0_5b.ops.qkv_rope import reference, triton_fused  # noqa: E402
 from train_engine_0_5b.ops.qkv_rope.triton_fused import qkv_rope, rotate_packed, unrotate_to_packed  # noqa: E402
 
@@ -40,7 +40,7 @@ def _inputs(B, S, h, n, g, d, dtype, seed):
 def _fp64(inputs, douts, S, d):
     """Outputs and gradients of (x, wq, wk, wv) from the reference op in fp64 with fp64 tables."""
     x, *ws = (t.detach().double().requires_grad_() for t in inputs)
-    cos, sin = rope_cos_sin(S, d, THETA, torch.device(DEVICE), torch.float64)
+    cos, sin = rope_tables(S, d, THETA, device=DEVICE, dtype=torch.float64)
     outs = reference.qkv_rope(x, tuple(ws), cos, sin)
     torch.autograd.backward(outs, [g.double() for g in douts])
     return [o.detach() for o in outs], [x.grad, *(w.grad for w in ws)]
@@ -52,7 +52,7 @@ def test_qkv_rope_matches_fp64(shape, dtype):
     B, S, h, n, g, d = shape
     inputs, douts = _inputs(*shape, dtype, seed=sum(shape))
     inputs = [t.requires_grad_() for t in inputs]
-    cos, sin = rope_cos_sin(S + 3, d, THETA, torch.device(DEVICE), dtype)  # longer than S: rows by position
+    cos, sin = rope_tables(S + 3, d, THETA, device=DEVICE, dtype=dtype)  # longer than S: rows by position
     x, *ws = inputs
     outs = qkv_rope(x, tuple(ws), cos, sin)
     assert [tuple(o.shape) for o in outs] == [(B, S, n, d), (B, S, g, d), (B, S, g, d)]
@@ -71,7 +71,7 @@ def test_packed_passes_fill_poisoned_buffers_and_invert_each_other():
     B, S, n, g, d = 2, 11, 4, 2, 16
     gen = torch.Generator().manual_seed(1)
     qkv = torch.randn(B, S, (n + 2 * g) * d, generator=gen).to(DEVICE)
-    cos, sin = rope_cos_sin(S, d, THETA, torch.device(DEVICE), torch.float32)
+    cos, sin = rope_tables(S, d, THETA, device=DEVICE, dtype=torch.float32)
     out = tuple(torch.full(shape, float("nan"), device=DEVICE) for shape in ((B, S, n, d), (B, S, g, d), (B, S, g, d)))
     q, k, v = rotate_packed(qkv, cos, sin, n, g, out=out)
     assert all(a is b for a, b in zip((q, k, v), out)) and all(torch.isfinite(t).all() for t in out)
@@ -90,7 +90,7 @@ def test_gradient_through_some_outputs_only():
     B, S, h, n, g, d = 1, 6, 16, 2, 1, 8
     inputs, douts = _inputs(B, S, h, n, g, d, torch.float32, seed=8)
     inputs = [t.requires_grad_() for t in inputs]
-    cos, sin = rope_cos_sin(S, d, THETA, torch.device(DEVICE), torch.float32)
+    cos, sin = rope_tables(S, d, THETA, device=DEVICE, dtype=torch.float32)
     q, _, _ = qkv_rope(inputs[0], tuple(inputs[1:]), cos, sin)
     q.backward(douts[0])
     zeros = [torch.zeros_like(t) for t in douts[1:]]
@@ -102,9 +102,32 @@ def test_gradient_through_some_outputs_only():
             assert _rel(got, w) <= REL[torch.float32]
 
 
+@pytest.mark.parametrize("S, scale", [pytest.param(4096, 1.0, marks=pytest.mark.slow, id="S4096"),
+                                      pytest.param(301, 1.25, id="S301-scaled")])
+def test_longrope_tables(S, scale):
+    """The released 0.5B config's per-frequency LongRoPE factors in the tables, at production length with its
+    cos/sin scale (1) and at a CPU-cheap length with a scale != 1: outputs and the gradients of x and the three
+    weights match the fp64 reference on fp64 tables (small heads and width: the CPU interpreter)."""
+    from train_engine_0_5b.model_config import preset
+
+    factors = preset("minicpm4-0.5b").rope_scaling.short_factor
+    B, h, n, g, d = 1, 16, 2, 1, 2 * len(factors)
+    inputs, douts = _inputs(B, S, h, n, g, d, torch.float32, seed=41)
+    inputs = [t.requires_grad_() for t in inputs]
+    cos, sin = rope_tables(S, d, THETA, factors, scale, device=DEVICE, dtype=torch.float32)
+    outs = qkv_rope(inputs[0], tuple(inputs[1:]), cos, sin)
+    torch.autograd.backward(outs, douts)
+    x, *ws = (t.detach().double().requires_grad_() for t in inputs)
+    c64, s64 = rope_tables(S, d, THETA, factors, scale, device=DEVICE, dtype=torch.float64)
+    want = reference.qkv_rope(x, tuple(ws), c64, s64)
+    torch.autograd.backward(want, [t.double() for t in douts])
+    for got, w in zip([*outs, *(t.grad for t in inputs)], [*want, x.grad, *(w.grad for w in ws)]):
+        assert _rel(got, w.detach()) <= REL[torch.float32]
+
+
 def test_bad_shapes_fail_naming_the_op():
     x = torch.randn(1, 4, 8, device=DEVICE)
-    cos, sin = rope_cos_sin(4, 4, THETA, torch.device(DEVICE), torch.float32)
+    cos, sin = rope_tables(4, 4, THETA, device=DEVICE, dtype=torch.float32)
     with pytest.raises(ValueError, match="qkv_rope: weights"):  # wk and wv differ
         qkv_rope(x, (torch.randn(8, 8), torch.randn(4, 8), torch.randn(8, 8)), cos, sin)
     with pytest.raises(ValueError, match="qkv_rope: tables"):  # fewer table rows than positions
@@ -119,7 +142,7 @@ def test_qkv_rope_compiles_as_one_node_per_direction():
     B, S, h, n, g, d = 2, 7, 24, 4, 2, 8
     inputs, _ = _inputs(B, S, h, n, g, d, torch.float32, seed=5)
     inputs = [t.requires_grad_() for t in inputs]
-    cos, sin = rope_cos_sin(S, d, THETA, torch.device(DEVICE), torch.float32)
+    cos, sin = rope_tables(S, d, THETA, device=DEVICE, dtype=torch.float32)
 
     def step(x, wq, wk, wv):
         q, k, v = qkv_rope(x * 0.5, (wq, wk, wv), cos, sin)
@@ -128,7 +151,7 @@ def test_qkv_rope_compiles_as_one_node_per_direction():
     loss = torch.compile(step, fullgraph=True)(*inputs)
     loss.backward()
     x64, *w64 = (t.detach().double().requires_grad_() for t in inputs)
-    c64, s64 = rope_cos_sin(S, d, THETA, torch.device(DEVICE), torch.float64)
+    c64, s64 = rope_tables(S, d, THETA, device=DEVICE, dtype=torch.float64)
     q, k, v = reference.qkv_rope(x64 * 0.5, tuple(w64), c64, s64)
     ref = (q.square().sum() + (k * v).sum()) / 3
     ref.backward()
@@ -155,7 +178,7 @@ def test_bf16_at_the_production_shape():
     B, S, h, n, g, d = 2, 4096, 1024, 16, 2, 64
     inputs, douts = _inputs(B, S, h, n, g, d, torch.bfloat16, seed=21)
     inputs = [t.requires_grad_() for t in inputs]
-    cos, sin = rope_cos_sin(S, d, THETA, torch.device(DEVICE), torch.bfloat16)
+    cos, sin = rope_tables(S, d, THETA, device=DEVICE, dtype=torch.bfloat16)
     outs = qkv_rope(inputs[0], tuple(inputs[1:]), cos, sin)
     torch.autograd.backward(outs, douts)
     want_outs, want_grads = _fp64(inputs, douts, S, d)

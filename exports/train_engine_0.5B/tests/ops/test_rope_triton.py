@@ -4,16 +4,14 @@ output buffers."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
-from train_engine_0_5b.ops.rope.triton_fused import (  # noqa: E402
-    rope,
-    rope_reference,
-    rope_rotate,
-    rope_tables,
-)
+from train_engine_0_5b.ops.rope.reference import rope_tables  # noqa: E402
+from train_engine_0_5b.ops.rope.triton_fused import rope, rope_reference, rope_rotate  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -99,6 +97,44 @@ def test_gradient_of_one_output_only():
     _, _, ref_dq, _ = _ref(q, k, dq, torch.zeros_like(k), 6, 8)
     _close(q.grad, ref_dq, torch.float32)
     assert torch.equal(k.grad, torch.zeros_like(k))
+
+
+# The released 0.5B config's LongRoPE factors: at production length with its cos/sin scale (1), and the scale
+# a config with max_seq_length 4 x original_max_position_embeddings 4096 would give (at a CPU-cheap length).
+LONGROPE_CASES = [pytest.param(4096, 1.0, marks=pytest.mark.slow, id="S4096"),
+                  pytest.param(301, (1 + math.log(4) / math.log(4096)) ** 0.5, id="S301-scaled")]
+
+
+@pytest.mark.parametrize("S, scale", LONGROPE_CASES)
+def test_longrope_tables(S, scale):
+    """Per-frequency factors and a cos/sin scale live in the tables: the kernel, forward and backward, matches
+    the fp64 reference on fp64 LongRoPE tables at positions 0..S-1 (small heads: the CPU interpreter)."""
+    from train_engine_0_5b.model_config import preset
+
+    factors = preset("minicpm4-0.5b").rope_scaling.short_factor
+    B, n, g, d = 1, 2, 1, 2 * len(factors)
+    q, k, dq, dk = _inputs(B, S, n, g, d, torch.float32, seed=40)
+    cos, sin = rope_tables(S, d, divisors=factors, scale=scale, device=DEVICE)
+    cos64, sin64 = rope_tables(S, d, divisors=factors, scale=scale, device=DEVICE, dtype=torch.float64)
+    q.requires_grad_()
+    k.requires_grad_()
+    qo, ko = rope(q, k, cos, sin)
+    torch.autograd.backward([qo, ko], [dq, dk])
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    want = rope_reference(q64, k64, cos64, sin64)
+    torch.autograd.backward(list(want), [dq.double(), dk.double()])
+    for got, w in zip([qo, ko, q.grad, k.grad], [*want, q64.grad, k64.grad]):
+        _close(got, w.detach(), torch.float32)
+
+
+def test_longrope_tables_divide_each_frequency():
+    """Table row p, column i is cos / sin of p * theta^(-2i/d) / factor[i], times the scale."""
+    factors = [1.0, 2.5, 7.0, 49.85]
+    cos, sin = rope_tables(300, 8, 500.0, divisors=factors, scale=1.25, device=DEVICE, dtype=torch.float64)
+    pos = torch.arange(300, dtype=torch.float64, device=DEVICE)[:, None]
+    freq = torch.tensor([500.0 ** (-i / 8) / f for i, f in zip(range(0, 8, 2), factors)], dtype=torch.float64)
+    torch.testing.assert_close(cos, 1.25 * torch.cos(pos * freq.to(DEVICE)).repeat(1, 2))
+    torch.testing.assert_close(sin, 1.25 * torch.sin(pos * freq.to(DEVICE)).repeat(1, 2))
 
 
 def test_tables_match_the_reference_math():

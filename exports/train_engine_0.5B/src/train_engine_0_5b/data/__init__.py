@@ -47,10 +47,12 @@ def prepare(dataset: str | None, dataset_config: str | None, split: str, templat
     return Data(tokenizer, rows, source.name, fingerprint)
 
 
-def prepare_batches(path: Path, num_steps: int, global_rows: int, seq_length: int, model_vocab: int) -> Data:
-    """Pre-batched ids (`--token-batches`); the shipped tokenizer travels with checkpoints where it fits."""
+def prepare_batches(path: Path, num_steps: int, global_rows: int, seq_length: int, model_vocab: int,
+                    tokenizer_path: str | Path | None = None) -> Data:
+    """Pre-batched ids (`--token-batches`); the tokenizer (the shipped one by default) travels with checkpoints
+    where it fits."""
     batches = TokenBatches(path, num_steps, global_rows, seq_length, model_vocab)
-    tokenizer = TextTokenizer()
+    tokenizer = TextTokenizer(tokenizer_path)
     return Data(tokenizer if tokenizer.vocab_size <= model_vocab else None, batches, f"token batches {path.name}",
                 f"batches-{batches.fingerprint}")
 

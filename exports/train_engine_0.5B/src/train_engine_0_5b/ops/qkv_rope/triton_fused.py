@@ -18,8 +18,8 @@ call at the step's shape, ~2.9 TB/s.
 
 Both passes are `torch.library` custom ops with fakes and an autograd formula, so torch.compile keeps each
 as one node. Outputs are new contiguous tensors (q (B, S, n, d), k / v (B, S, g, d)), as the attention
-kernels take them. Tables (>= S, d) as model.rope_cos_sin builds them, halves equal; only the first half
-is read; positions are 0..S-1 in every sequence. fp32 math, one rounding at the store.
+kernels take them. Tables (>= S, d) as model.rope_cos_sin builds them (per-frequency LongRoPE factors and the
+cos/sin scale in them), halves equal; only the first half is read; positions are 0..S-1 in every sequence. fp32 math, one rounding at the store.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ is the same rotation by -theta (the rotation is orthogonal), so one kernel serve
 Layout: q (B, S, n, d) and k (B, S, g, d), any strides except a contiguous last dimension: views into a
 fused qkv projection output work as they are, and a (B, heads, S, d) tensor is passed as
 `x.transpose(1, 2)`. One program per token (b, s) loads its cos/sin row once and rotates all n + g
-heads. Tables are (S_max, d) as `rope_tables` (and the reference) build them, halves equal; only the first
-half is read. Positions are 0..S-1 in every sequence.
+heads. Tables are (S_max, d) as `rope_tables` (reference.py) builds them, halves equal, any per-frequency
+factors (LongRoPE) and cos/sin scale already in them; only the first half is read. Positions are 0..S-1 in
+every sequence. A table scaled by m is m times a rotation, whose transpose is m times the rotation by -theta:
+the backward is the same kernel with sin negated in every case.
 
 Numerics: fp32 math on the tables as given (fp32 tables from fp64 angles by default), one rounding to
 the output dtype.
@@ -115,16 +117,6 @@ class _RoPE(torch.autograd.Function):
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """(rope(q), rope(k)) for q (B, S, n, d), k (B, S, g, d); differentiable in q and k (the registry op)."""
     return _RoPE.apply(q, k, cos, sin)
-
-
-def rope_tables(
-    seq_len: int, head_dim: int, theta: float = 10000.0, device=None, dtype: torch.dtype = torch.float32
-) -> tuple[Tensor, Tensor]:
-    """cos, sin (seq_len, head_dim), halves equal: angles in fp64, then cast (the reference's math)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
-    emb = torch.cat([angles, angles], dim=-1)  # (S, d)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rope_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
