@@ -344,3 +344,54 @@ def run_engine_command(g: GateRun, argv: list[str], box: Sandbox, env_set: dict[
     proc = replace(run_process(full, box.root, env_set, g.deadline), argv=argv)
     verify_untouched(g, role, before, box.root, proc)
     return proc
+
+
+# ----- a general view (the harness's round sandbox builds on this) ----------------------------------------
+@dataclass(frozen=True)
+class View:
+    """What a sandboxed command sees besides / read-only, a minimal /dev (plus the GPUs) and its own /proc.
+    Every path keeps its host path inside; deeper paths are mounted after shallower ones, so a writable
+    worktree can sit inside a hidden state dir inside a read-only .git."""
+
+    scratch: tuple[Path, ...] = ()                # fresh writable tmpfs's (/tmp, HOME)
+    hidden: tuple[Path, ...] = ()                 # empty tmpfs's, read-only once the binds inside are made
+    read_only: tuple[Path, ...] = ()              # host paths bound back read-only
+    writable: tuple[Path, ...] = ()               # host paths bound read-write
+    files: tuple[tuple[Path, Path], ...] = ()     # (host file or dir, path inside) bound read-only
+    dirs: tuple[Path, ...] = ()                   # empty directories created inside a scratch tmpfs
+    cwd: Path | None = None
+
+
+def view_argv(iso: Isolation, view: View, argv: list[str]) -> list[str]:
+    """`argv` wrapped in bwrap showing `view`, with `iso`'s namespace flags (own PID namespace and /proc,
+    loopback-only network, no capabilities, killed with its parent)."""
+    order = {"tmpfs": 0, "ro": 1, "file": 1, "rw": 2, "dir": 3}
+    mounts: list[tuple[str, Path, Path]] = []
+    mounts += [("tmpfs", p, p) for p in _existing_dirs([*view.scratch, *view.hidden])]
+    mounts += [("ro", p, p) for p in _existing_paths(view.read_only)]
+    mounts += [("rw", p, p) for p in _existing_paths(view.writable)]
+    mounts += [("file", src.resolve(), dst) for src, dst in view.files if src.exists()]
+    mounts += [("dir", p, p) for p in view.dirs]
+    mounts.sort(key=lambda m: (len(m[2].parts), order[m[0]]))
+    flag = {"ro": "--ro-bind", "file": "--ro-bind", "rw": "--bind", "dir": "--dir", "tmpfs": "--tmpfs"}
+    out = [iso.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", *_dev_binds(), "--proc", "/proc"]
+    for kind, src, dst in mounts:
+        out += [flag[kind], str(dst)] if kind in ("tmpfs", "dir") else [flag[kind], str(src), str(dst)]
+    for p in _existing_dirs(list(view.hidden)):
+        out += ["--remount-ro", str(p)]
+    if view.cwd is not None:
+        out += ["--chdir", str(view.cwd)]
+    return out + [*iso.flags, "--", *argv]
+
+
+def _existing_paths(paths: tuple[Path, ...]) -> list[Path]:
+    """Resolved paths that exist (files too), without repeats."""
+    out: list[Path] = []
+    for p in paths:
+        try:
+            r = p.resolve()
+        except OSError:
+            continue
+        if r.exists() and r not in out:
+            out.append(r)
+    return out

@@ -81,4 +81,7 @@ for _verb, _help in _HELP.items():
 
 
 def main() -> None:
+    from harness.secrets import seal
+
+    seal()  # first: keys into the vault, out of the environment every child inherits and out of /proc/<pid>/environ
     app()

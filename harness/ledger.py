@@ -3,14 +3,15 @@
 State dir of a run (default `<repo>/.forge/<spec name>/`):
 
     run.json        RunState: run id, spec path + sha256, forge branch, engine      (atomic writes)
-    inflight.json   the round in progress, with its agent pids (absent between rounds)
+    inflight.json   the round in progress: its process groups (with their identity) and its usage so far
+                    (absent between rounds)
     ledger.jsonl    append-only; fsync'd; a torn last line (kill -9 mid-write) is skipped on read
     rounds/<key>-rNN/   prompt.md, agent logs, changes.patch, gate reports
     worktrees/<key>-rNN/  the round's git worktree (removed when the round ends)
     lock            flock'd by the live run
 
 The ledger is the source of truth for resume: a stage passed iff a `round` line says so with a commit.
-Nothing written here ever holds an API key: every line goes through harness.agents._env.redact.
+Nothing written here ever holds an API key: every line goes through harness.secrets.redact.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from harness.agents._env import redact
+from harness.procs import ProcRecord
+from harness.secrets import redact
 
-VERDICTS = ("passed", "failed", "rejected", "interrupted", "agent_unavailable", "tampered")
+# error: the agent failed (the gates' verdict is in the note); agent_failed: it cannot work at all (the run stops)
+VERDICTS = ("passed", "failed", "rejected", "error", "interrupted", "agent_unavailable", "agent_failed", "tampered")
 
 
 class GateLine(BaseModel):
@@ -48,6 +51,7 @@ class RoundRecord(BaseModel):
     round: int
     backend: str
     model: str | None = None
+    isolation: str | None = None     # how the agent's processes ran: bwrap, or none (why)
     prompt_sha256: str | None = None
     tokens_in: int | None = None
     tokens_out: int | None = None
@@ -137,14 +141,19 @@ class Inflight(BaseModel):
     op: str | None = None
     round: int
     worktree: str
-    pids: list[int] = Field(default_factory=list)
+    procs: list[ProcRecord] = Field(default_factory=list)  # every process group of the round, with its identity
     started: float = Field(default_factory=time.time)
     prompt_sha256: str | None = None
     backend: str = ""
+    model: str | None = None
+    tokens_in: int | None = None     # usage counted so far (a kill -9 loses none of it)
+    tokens_out: int | None = None
+    cost_usd: float | None = None
 
 
 def write_json_atomic(path: Path, data: BaseModel | dict[str, Any]) -> None:
     payload = data.model_dump_json(indent=2) if isinstance(data, BaseModel) else json.dumps(data, indent=2, default=str)
+    payload = redact(payload)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(payload + "\n")

@@ -7,13 +7,21 @@ ledger line; the ledger and the state dir are all a killed run needs to resume (
 
 Ops stages run per-op rounds: a candidate must pass the stage's gates and beat the op's best time
 (the spec's timing command) to be elected and committed; an op ends when its rounds are spent.
+
+Under real agents: every process of a round runs in the round sandbox (harness/isolation.py); the keys stay
+in harness.secrets.VAULT for the whole run (no child inherits one) and everything stored is redacted; each
+process group is recorded in inflight.json with its identity and ended with the round, on SIGINT / SIGTERM /
+SIGHUP (the round is recorded `interrupted`, forge exits 128 + the signal) and, after a kill -9, on resume
+(harness/procs.py); usage is counted reply by reply on the round's meter, which also carries the budget
+left, checked before every call. A round whose agent failed is `error`, whatever the gates say.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +30,20 @@ from rich.console import Console
 
 from harness import manifest as mf
 from harness.agents import AgentBackend, AgentResult, AgentTask, AgentUnavailable, get_backend
-from harness.agents._env import agent_env, redact, secrets_withheld
-from harness.agents._proc import kill_group
+from harness.agents._env import agent_env
+from harness.agents.base import AgentFatal, BudgetSpent, Meter
 from harness.gating import GateFn, GateOutcome, report_localization, run_real_gate
+from harness.isolation import RoundBox, SandboxUnavailable, round_isolation
 from harness.ledger import GateLine, Inflight, Ledger, RoundRecord, RunLock, RunState, write_json_atomic
+from harness.procs import TAG, Interrupted, Tracker, end_group, stop_signals
 from harness.prompts import PROMPTS_DIR, WORKSPACE_ROOT, Feedback, OpContext, render
-from harness.spec import ForgeSpec, GateCheck, StageSpec, spec_sha256
+from harness.secrets import RedactedStream, redact, redact_tree, withheld
+from harness.spec import AgentSpec, ForgeSpec, GateCheck, StageSpec, spec_sha256
 from harness.timing import run_gate_timing, run_timing
-from harness.workspace import RoundTree, Workspace
+from harness.workspace import RoundTree, Snapshot, Workspace
 
 GUARDED = ("harness", "gates", "prompts")   # the workspace's own code: must not change during a round
+STOPPING = ("agent_unavailable", "agent_failed", "tampered")  # round verdicts that stop the run
 
 
 class ForgeError(RuntimeError):
@@ -40,12 +52,13 @@ class ForgeError(RuntimeError):
 
 @dataclass
 class RunOutcome:
-    status: str                      # passed | budget | agent_unavailable | tampered
+    status: str                      # passed | budget | agent_unavailable | agent_failed | tampered | interrupted
     message: str
     stages: dict[str, str] = field(default_factory=dict)
     branch: str | None = None
     tip: str | None = None
     state_dir: Path | None = None
+    signum: int | None = None        # interrupted: the signal
 
     @property
     def ok(self) -> bool:
@@ -73,7 +86,7 @@ class ForgeLoop:
         self.state_dir = Path(state_dir).resolve()
         self.gate_fn: GateFn = gate_fn or run_real_gate
         self.backend_override = backend
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(file=RedactedStream())
         self.land = spec.loop.land if land is None else land
         self.prompts_dir = prompts_dir
         self.guard = guard if guard is not None else [WORKSPACE_ROOT / d for d in GUARDED] + [self.spec_path]
@@ -81,39 +94,57 @@ class ForgeLoop:
         self.state: RunState | None = None
         self.ws: Workspace | None = None
         self._inflight: Inflight | None = None
+        self._inflight_lock = threading.Lock()  # the watcher thread writes it too
+        self._meter: Meter | None = None
+        self.procs = Tracker(on_change=lambda recs: self._save_inflight())
         self._hardware: dict | None = None
 
     # -- entry ---------------------------------------------------------------------------------------
     def run(self, resume: bool = False, only: list[str] | None = None) -> RunOutcome:
-        if self.backend_override is None:  # bad backend options fail here, before any state is written
-            for st in self.spec.stages:
-                a = self.spec.agent_for(st)
+        for st in self.spec.stages:  # bad backend options and a missing sandbox fail here, before any state is written
+            a = self.spec.agent_for(st)
+            if self.backend_override is None:
                 get_backend(a.backend, a.options, a.model)
+            try:
+                round_isolation(a.sandbox)
+            except SandboxUnavailable as e:
+                raise ForgeError(str(e)) from None
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        with RunLock(self.state_dir):
-            self._start(resume)
-            assert self.state is not None and self.ws is not None
-            statuses = {s.name: ("passed" if self._stage_passed(s) else "pending") for s in self.spec.stages}
-            for stage in self.spec.stages:
-                if only and stage.name not in only:
-                    continue
-                if statuses[stage.name] == "passed":
-                    self.console.print(f"[dim]stage {stage.name}: passed earlier, skipped[/]")
-                    continue
-                status, message = self._ops_stage(stage) if stage.kind == "ops" else self._gates_stage(stage)
-                statuses[stage.name] = status
-                if status != "passed":
-                    self.ledger.event(self.state.run_id, "run_stopped", stage=stage.name, status=status, message=message)
-                    return self._outcome(status, message, statuses)
-            pending = [k for k, v in statuses.items() if v != "passed"]
-            self.ledger.event(self.state.run_id, "run_passed", tip=self.ws.branch_tip(), not_run=pending)
-            message = "every stage passed" if not pending else (
-                f"the stages run passed; not run: {', '.join(pending)}")
-            return self._outcome("passed", message, statuses)
+        statuses: dict[str, str] = {}
+        with RunLock(self.state_dir), withheld(), stop_signals():
+            try:
+                return self._run(resume, only, statuses)
+            except Interrupted as e:
+                if self.state is not None:
+                    self.ledger.event(self.state.run_id, "run_interrupted", signal=signal.Signals(e.signum).name)
+                self.console.print(f"[red]{e}[/]: the round's processes were ended; continue with --resume")
+                return self._outcome("interrupted", f"{e}; continue with --resume", statuses, e.signum)
 
-    def _outcome(self, status: str, message: str, stages: dict[str, str]) -> RunOutcome:
-        assert self.ws is not None
-        return RunOutcome(status, message, stages, self.ws.branch, self.ws.branch_tip(), self.state_dir)
+    def _run(self, resume: bool, only: list[str] | None, statuses: dict[str, str]) -> RunOutcome:
+        self._start(resume)
+        assert self.state is not None and self.ws is not None
+        statuses.update({s.name: ("passed" if self._stage_passed(s) else "pending") for s in self.spec.stages})
+        for stage in self.spec.stages:
+            if only and stage.name not in only:
+                continue
+            if statuses[stage.name] == "passed":
+                self.console.print(f"[dim]stage {stage.name}: passed earlier, skipped[/]")
+                continue
+            status, message = self._ops_stage(stage) if stage.kind == "ops" else self._gates_stage(stage)
+            statuses[stage.name] = status
+            if status != "passed":
+                self.ledger.event(self.state.run_id, "run_stopped", stage=stage.name, status=status, message=message)
+                return self._outcome(status, message, statuses)
+        pending = [k for k, v in statuses.items() if v != "passed"]
+        self.ledger.event(self.state.run_id, "run_passed", tip=self.ws.branch_tip(), not_run=pending)
+        message = "every stage passed" if not pending else (
+            f"the stages run passed; not run: {', '.join(pending)}")
+        return self._outcome("passed", message, statuses)
+
+    def _outcome(self, status: str, message: str, stages: dict[str, str], signum: int | None = None) -> RunOutcome:
+        ws = self.ws
+        return RunOutcome(status, message, stages, ws.branch if ws else None, ws.branch_tip() if ws else None,
+                          self.state_dir, signum)
 
     def _start(self, resume: bool) -> None:
         run_file = self.state_dir / "run.json"
@@ -158,14 +189,18 @@ class ForgeLoop:
             except ValueError:
                 inf = None
             if inf is not None:
-                for pid in inf.pids:
-                    kill_group(pid)
+                notes = [end_group(p) for p in inf.procs]  # by group, after checking each is still ours
+                self.ledger.event(run_id, "orphans_checked", key=inf.key, round=inf.round, procs=notes)
+                for note in notes:
+                    self.console.print(f"resume: {note}")
                 done = any(r.key == inf.key and r.round == inf.round for r in self.ledger.rounds())
                 if not done:
                     self.ledger.append(RoundRecord(run_id=run_id, stage=inf.stage, op=inf.op, round=inf.round,
-                                                   backend=inf.backend, prompt_sha256=inf.prompt_sha256,
-                                                   wall_s=time.time() - inf.started, verdict="interrupted",
-                                                   counted=False, note="the forge run was killed during this round"))
+                                                   backend=inf.backend, model=inf.model, prompt_sha256=inf.prompt_sha256,
+                                                   tokens_in=inf.tokens_in, tokens_out=inf.tokens_out,
+                                                   cost_usd=inf.cost_usd, wall_s=time.time() - inf.started,
+                                                   verdict="interrupted", counted=False,
+                                                   note="the forge run was killed during this round"))
                 self.console.print(f"[yellow]resume: round {inf.round} of {inf.key} was interrupted; it is redone[/]")
             inflight_file.unlink()
         stale = self.ws.cleanup_stale()
@@ -223,7 +258,7 @@ class ForgeLoop:
             if rec.verdict == "passed":
                 self.console.print(f"[green]stage {stage.name} passed in round {rec.round}[/] (commit {rec.commit[:10]})")
                 return "passed", f"stage {stage.name} passed"
-            if rec.verdict in ("agent_unavailable", "tampered"):
+            if rec.verdict in STOPPING:
                 return rec.verdict, rec.note or rec.verdict
 
     def _ops_stage(self, stage: StageSpec) -> tuple[str, str]:
@@ -240,7 +275,7 @@ class ForgeLoop:
                     self.console.print(f"[red]stage {stage.name} stopped: {stop}[/]")
                     return "budget", stop
                 rec = self._round(stage, op=op)
-                if rec.verdict in ("agent_unavailable", "tampered"):
+                if rec.verdict in STOPPING:
                     return rec.verdict, rec.note or rec.verdict
             best = self._op_best(key)
             self.ledger.event(self.state.run_id, "op_done", stage=stage.name, op=op, best=best[0], best_round=best[1])
@@ -259,7 +294,7 @@ class ForgeLoop:
     # -- one round -----------------------------------------------------------------------------------
     def _feedback(self, key: str, base: str) -> tuple[Feedback | None, Path | None]:
         """The last judged round of `key` as feedback, and its patch when its edits carry over."""
-        judged = [r for r in self._records(key) if r.verdict in ("failed", "rejected")]
+        judged = [r for r in self._records(key) if r.verdict in ("failed", "rejected", "error")]
         if not judged:
             return None, None
         last = judged[-1]
@@ -282,80 +317,139 @@ class ForgeLoop:
             return None
         return report_localization(data)
 
-    def _record_pid(self, pid: int) -> None:
-        if self._inflight is not None:
-            self._inflight.pids.append(pid)
-            write_json_atomic(self.state_dir / "inflight.json", self._inflight)
+    def _save_inflight(self) -> None:
+        """inflight.json with the round's process groups and usage so far (the watcher thread calls it too)."""
+        with self._inflight_lock:
+            inf, meter = self._inflight, self._meter
+            if inf is None:
+                return
+            inf.procs = list(self.procs.records)
+            if meter is not None:
+                inf.tokens_in, inf.tokens_out, inf.cost_usd = _usage(meter)
+            write_json_atomic(self.state_dir / "inflight.json", inf)
+
+    def _new_meter(self) -> Meter:
+        """The round's meter, with what is left of the run's token and cost budgets."""
+        b, t = self.spec.budgets, self.ledger.totals()
+        return Meter(token_limit=None if b.tokens is None else max(0, b.tokens - int(t["tokens_in"] + t["tokens_out"])),
+                     cost_limit=None if b.cost_usd is None else max(0.0, b.cost_usd - t["cost_usd"]),
+                     on_change=lambda m: self._save_inflight())
+
+    def _box(self, agent: AgentSpec, rt: RoundTree, round_dir: Path, prompt_file: Path) -> RoundBox:
+        """The round's sandbox: the run's state and a scratch repository's checkout hidden."""
+        assert self.ws is not None
+        out = round_dir / "agent" / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        hidden = [self.state_dir]
+        if self.ws.root != WORKSPACE_ROOT and self.ws.root not in WORKSPACE_ROOT.parents:
+            hidden.append(self.ws.root)
+        shown = tuple(Path(p).expanduser() for p in agent.share) + (prompt_file,)
+        return RoundBox(round_isolation(agent.sandbox), rt.path, self.ws.git_common, rt.git_admin, out,
+                        tuple(hidden), shown)
 
     def _round(self, stage: StageSpec, op: str | None) -> RoundRecord:
         assert self.state is not None and self.ws is not None
         key = stage.name if op is None else f"{stage.name}-{op}"
-        records = self._records(key)
-        round_no = max((r.round for r in records), default=0) + 1
-        name = f"{key}-r{round_no:02d}"
-        round_dir = self.state_dir / "rounds" / name
+        round_no = max((r.round for r in self._records(key)), default=0) + 1
+        round_dir = self.state_dir / "rounds" / f"{key}-r{round_no:02d}"
         round_dir.mkdir(parents=True, exist_ok=True)
         agent_spec = self.spec.agent_for(stage)
         backend = self.backend_override or get_backend(agent_spec.backend, agent_spec.options, agent_spec.model)
         t_start = time.monotonic()
-        rt = self.ws.create_round(name)
-        feedback, carry_patch = self._feedback(key, rt.base)
-        if carry_patch is not None and not self.ws.apply_patch(rt, carry_patch):
-            feedback.carried = False  # type: ignore[union-attr]
-        op_ctx = self._op_context(stage, key, op, rt) if op else None
-        prompt = render(self.spec, stage, prompts_dir=self.prompts_dir, round_no=round_no,
-                        max_rounds=self.spec.rounds_for(stage), engine_dir=rt.engine_dir, feedback=feedback, op=op_ctx)
-        prompt_file = round_dir / "prompt.md"
-        prompt_file.write_text(prompt)
-        prompt_sha = hashlib.sha256(prompt.encode()).hexdigest()
-        self._inflight = Inflight(key=key, stage=stage.name, op=op, round=round_no, worktree=str(rt.path),
-                                  prompt_sha256=prompt_sha, backend=backend.name)
-        write_json_atomic(self.state_dir / "inflight.json", self._inflight)
+        rt = self.ws.create_round(round_dir.name)
         rec = RoundRecord(run_id=self.state.run_id, stage=stage.name, op=op, round=round_no, backend=backend.name,
-                          model=agent_spec.model, prompt_sha256=prompt_sha, base=rt.base, verdict="failed")
-        self.console.print(f"[bold]{key} round {round_no}[/] · {backend.name} · prompt {prompt_sha[:10]}")
-        env = agent_env(agent_spec.env_allow, agent_spec.env)
-        task = AgentTask(stage=stage.name, round=round_no, prompt=prompt, prompt_file=prompt_file, worktree=rt.path,
-                         engine_dir=rt.engine_dir, env=env, op=op, log_dir=round_dir / "agent",
-                         timeout_s=min(agent_spec.timeout_s, self._remaining_wall()), on_spawn=self._record_pid,
+                          model=agent_spec.model, base=rt.base, verdict="failed")
+        self._meter = meter = self._new_meter()
+        self.procs.tag = f"{self.state.run_id}/{round_dir.name}"
+        with self._inflight_lock:
+            self._inflight = Inflight(key=key, stage=stage.name, op=op, round=round_no, worktree=str(rt.path),
+                                      backend=backend.name, model=agent_spec.model)
+        self._save_inflight()  # before anything is spawned: a kill -9 from here on is reconciled on resume
+        try:
+            with self.procs.watching():
+                return self._round_body(stage, op, key, rt, rec, meter, backend, agent_spec, round_dir, t_start)
+        except Interrupted as e:
+            self.procs.end_all()
+            recorded = any(r.key == key and r.round == round_no for r in self.ledger.rounds())
+            rec.tokens_in, rec.tokens_out, rec.cost_usd = _usage(meter)
+            rec.verdict, rec.counted, rec.note = "interrupted", False, f"{e}: the round's processes were ended"
+            self._finish(rec, rt, t_start, round_dir, appended=recorded)
+            raise
+
+    def _round_body(self, stage: StageSpec, op: str | None, key: str, rt: RoundTree, rec: RoundRecord, meter: Meter,
+                    backend: AgentBackend, agent_spec: AgentSpec, round_dir: Path, t_start: float) -> RoundRecord:
+        feedback, carry_patch = self._feedback(key, rt.base)
+        if carry_patch is not None and not self.ws.apply_patch(rt, carry_patch):  # type: ignore[union-attr]
+            feedback.carried = False  # type: ignore[union-attr]
+        prompt_file = round_dir / "prompt.md"
+        box = self._box(agent_spec, rt, round_dir, prompt_file)
+        rec.isolation = box.describe()
+        op_ctx = self._op_context(stage, key, op, rt, box) if op else None
+        prompt = render(self.spec, stage, prompts_dir=self.prompts_dir, round_no=rec.round,
+                        max_rounds=self.spec.rounds_for(stage), engine_dir=rt.engine_dir, feedback=feedback, op=op_ctx)
+        prompt_file.write_text(prompt)
+        rec.prompt_sha256 = hashlib.sha256(prompt.encode()).hexdigest()
+        with self._inflight_lock:
+            assert self._inflight is not None
+            self._inflight.prompt_sha256 = rec.prompt_sha256
+        self._save_inflight()
+        self.console.print(f"[bold]{key} round {rec.round}[/] · {backend.name} · prompt {rec.prompt_sha256[:10]}"
+                           + ("" if box.sandboxed else f" · [yellow]not sandboxed: {box.iso.reason}[/]"))
+        task = AgentTask(stage=stage.name, round=rec.round, prompt=prompt, prompt_file=prompt_file, worktree=rt.path,
+                         engine_dir=rt.engine_dir, op=op,
+                         env=agent_env(agent_spec.env_allow, agent_spec.env) | {"FORGE_OUT_DIR": str(box.out_dir),
+                                                                                 TAG: self.procs.tag},
+                         log_dir=round_dir / "agent", box=box, meter=meter, on_spawn=self.procs.spawned,
+                         timeout_s=min(agent_spec.timeout_s, self._remaining_wall()),
                          extra={"package": self.spec.engine.package,
                                 "timing": stage.timing.model_dump() if stage.timing else None})
         guard_before = fingerprint(self.guard)
         t_agent = time.monotonic()
         try:
             result = backend.run(task)
-        except AgentUnavailable as e:
-            rec.verdict, rec.counted, rec.note = "agent_unavailable", False, str(e)
-            return self._finish(rec, rt, t_start)
+        except (AgentUnavailable, AgentFatal, BudgetSpent) as e:
+            rec.tokens_in, rec.tokens_out, rec.cost_usd = _usage(meter)
+            rec.agent_s = round(time.monotonic() - t_agent, 3)
+            rec.note = redact(str(e))
+            if isinstance(e, BudgetSpent):  # counted; the run's budget check stops the stage next
+                rec.verdict, rec.agent_error = "error", rec.note
+            else:
+                rec.verdict, rec.counted = ("agent_unavailable" if isinstance(e, AgentUnavailable) else "agent_failed"), False
+                self.console.print(f"[red]the agent cannot run: {rec.note}[/]")
+            return self._finish(rec, rt, t_start, round_dir)
         except Exception as e:  # noqa: BLE001 - a crashing backend is a result of the round
             result = AgentResult(error=f"backend raised {type(e).__name__}: {e}")
         rec.agent_s = round(time.monotonic() - t_agent, 3)
-        rec.tokens_in, rec.tokens_out, rec.cost_usd = result.tokens_in, result.tokens_out, result.cost_usd
-        rec.agent_error = result.error
-        (round_dir / "agent" / "result.json").parent.mkdir(parents=True, exist_ok=True)
-        (round_dir / "agent" / "result.json").write_text(json.dumps(result.__dict__, indent=2, default=str) + "\n")
+        rec.tokens_in, rec.tokens_out, rec.cost_usd = _usage(meter)
+        rec.agent_error = redact(result.error) if result.error else None
+        write_json_atomic(round_dir / "agent" / "result.json",
+                          {**result.__dict__, "tokens_in": rec.tokens_in, "tokens_out": rec.tokens_out,
+                           "cost_usd": rec.cost_usd, "isolation": rec.isolation})
         if fingerprint(self.guard) != guard_before:
             rec.verdict = "tampered"
             rec.note = "the workspace's own harness/gates/prompts/spec changed during the round; the run stops"
             self.console.print(f"[red]{rec.note}[/]")
-            return self._finish(rec, rt, t_start)
-        snap = self.ws.snapshot(rt)
-        (round_dir / "changes.patch").write_text(self.ws.patch(rt, snap) if snap.changes else "")
+            return self._finish(rec, rt, t_start, round_dir)
+        snap = self.ws.snapshot(rt)  # type: ignore[union-attr]
+        (round_dir / "changes.patch").write_text(self.ws.patch(rt, snap) if snap.changes else "")  # type: ignore[union-attr]
         rec.diff, rec.changed = snap.stat(), snap.paths[:50]
-        rec.forbidden = self.ws.forbidden(snap, self.spec.engine.allowed_paths)
+        rec.forbidden = self.ws.forbidden(snap, self.spec.engine.allowed_paths)  # type: ignore[union-attr]
         if rec.forbidden:
             rec.verdict = "rejected"
             self.console.print(f"[red]round rejected: changed {', '.join(rec.forbidden[:5])}[/]")
-            return self._finish(rec, rt, t_start)
+            return self._finish(rec, rt, t_start, round_dir)
         results = self._run_gates(stage, rt, round_dir / "gates", rec)
         accepted = all(out.accepted(g) for g, out in results) and len(results) == len(self._gates_for(stage))
+        if rec.agent_error:
+            rec.verdict, rec.note = "error", _agent_failed_note(rec.agent_error, snap, accepted)
+            return self._finish(rec, rt, t_start, round_dir)
         if accepted and op is not None:
-            accepted = self._elect(stage, key, op, rt, rec, op_ctx)
+            accepted = self._elect(stage, key, op, rt, rec, op_ctx, box)
         if not accepted:
-            return self._finish(rec, rt, t_start)
+            return self._finish(rec, rt, t_start, round_dir)
         rec.verdict = "passed"
         self._commit(stage, rec, rt, snap.tree, results, op, t_start)
-        return self._finish(rec, rt, t_start, appended=True)
+        return self._finish(rec, rt, t_start, round_dir, appended=True)
 
     def _gates_for(self, stage: StageSpec) -> list[GateCheck]:
         gates = list(stage.gates)
@@ -368,8 +462,7 @@ class ForgeLoop:
         results = []
         t0 = time.monotonic()
         for i, gate in enumerate(self._gates_for(stage)):
-            with secrets_withheld():  # the engine under test is agent-written code: no keys in its environment
-                out = self.gate_fn(gate, rt.engine_dir, self.spec, out_dir / f"{i:02d}-{gate.name}")
+            out = self.gate_fn(gate, rt.engine_dir, self.spec, out_dir / f"{i:02d}-{gate.name}")
             results.append((gate, out))
             rec.gates.append(GateLine(name=gate.name, verdict=out.verdict, metrics=out.key_numbers(), time_s=out.time_s,
                                       report=str(out.report) if out.report else None))
@@ -382,32 +475,33 @@ class ForgeLoop:
         rec.gate_s = round(time.monotonic() - t0, 3)
         return results
 
-    def _op_context(self, stage: StageSpec, key: str, op: str, rt: RoundTree) -> OpContext:
+    def _op_context(self, stage: StageSpec, key: str, op: str, rt: RoundTree, box: RoundBox) -> OpContext:
         timing = stage.timing
         assert timing is not None, f"ops stage {stage.name} needs [stages.timing]"
         best, best_round = self._op_best(key)
         if best is None and not any(e.get("event") == "op_baseline" and e.get("key") == key for e in self.ledger.records()):
-            env = agent_env(self.spec.agent.env_allow, self.spec.agent.env)
-            best, note = self._time(timing, rt, env, op)
+            env = agent_env(self.spec.agent.env_allow, self.spec.agent.env) | {TAG: self.procs.tag}
+            best, note = self._time(timing, rt, env, op, box)
             assert self.state is not None
             self.ledger.event(self.state.run_id, "op_baseline", key=key, op=op, value=best, note=note)
             self.console.print(f"op {op}: baseline {note}")
         return OpContext(name=op, metric=timing.metric, minimize=timing.minimize, timing_command=timing.command,
                          best=best, best_round=best_round)
 
-    def _time(self, timing, rt: RoundTree, env: dict[str, str], op: str) -> tuple[float | None, str]:
-        """A candidate's figure: on the gates' clock, unless the spec names a command."""
+    def _time(self, timing, rt: RoundTree, env: dict[str, str], op: str, box: RoundBox) -> tuple[float | None, str]:
+        """A candidate's figure: on the gates' clock, unless the spec names a command (run in the round's sandbox)."""
         if timing.command is None:
             return run_gate_timing(rt.engine_dir, case=self.spec.model.preset, device=self.spec.hardware.device,
                                    metric=timing.metric, timeout_s=timing.timeout_s, options=timing.options)
         return run_timing(timing.command, engine_dir=rt.engine_dir, env=env, package=self.spec.engine.package, op=op,
-                          metric=timing.metric, timeout_s=timing.timeout_s)
+                          metric=timing.metric, timeout_s=timing.timeout_s, box=box, on_spawn=self.procs.spawned)
 
-    def _elect(self, stage: StageSpec, key: str, op: str, rt: RoundTree, rec: RoundRecord, ctx: OpContext | None) -> bool:
+    def _elect(self, stage: StageSpec, key: str, op: str, rt: RoundTree, rec: RoundRecord, ctx: OpContext | None,
+               box: RoundBox) -> bool:
         timing = stage.timing
         assert timing is not None and ctx is not None
-        env = agent_env(self.spec.agent.env_allow, self.spec.agent.env)
-        value, note = self._time(timing, rt, env, op)
+        env = agent_env(self.spec.agent.env_allow, self.spec.agent.env) | {TAG: self.procs.tag}
+        value, note = self._time(timing, rt, env, op, box)
         rec.timing = value
         better = value is not None and (ctx.best is None or (value < ctx.best if timing.minimize else value > ctx.best))
         rec.elected = better
@@ -460,16 +554,32 @@ class ForgeLoop:
             landed, why = self.ws.land()
             self.console.print(f"  {'landed' if landed else 'not landed'}: {why}")
 
-    def _finish(self, rec: RoundRecord, rt: RoundTree, t_start: float, appended: bool = False) -> RoundRecord:
+    def _finish(self, rec: RoundRecord, rt: RoundTree, t_start: float, round_dir: Path,
+                appended: bool = False) -> RoundRecord:
         assert self.ws is not None
         if not appended:
             rec.wall_s = round(time.monotonic() - t_start, 3)
             self.ledger.append(rec)
         self.ws.remove_round(rt.path)
-        inflight = self.state_dir / "inflight.json"
-        if inflight.exists():
-            os.unlink(inflight)
-        self._inflight = None
+        redact_tree(round_dir)  # logs, reports, patches: whatever an agent or an engine printed
+        with self._inflight_lock:
+            (self.state_dir / "inflight.json").unlink(missing_ok=True)
+            self._inflight, self._meter = None, None
         if rec.verdict != "passed":
             self.console.print(f"  round {rec.round}: [red]{rec.verdict}[/]" + (f" ({redact(rec.note)})" if rec.note else ""))
         return rec
+
+
+def _usage(meter: Meter) -> tuple[int | None, int | None, float | None]:
+    """(tokens in, tokens out, cost) as the ledger records them: None where the backend reported nothing."""
+    return (meter.tokens_in if meter.reported else None, meter.tokens_out if meter.reported else None,
+            meter.cost_usd if meter.cost_reported else None)
+
+
+def _agent_failed_note(error: str, snap: Snapshot, accepted: bool) -> str:
+    """What an `error` round's gates said, in words (its edits are never committed)."""
+    if not accepted:
+        return f"the agent failed ({error}); the gates did not pass either"
+    if not snap.changes:
+        return f"the agent failed ({error}); the engine already passed this stage's gates before the round: nothing to commit"
+    return f"the agent failed ({error}); its partial edits pass the gates but are not committed"

@@ -11,7 +11,7 @@ Layout of a spec (every table is optional except [model], [engine] and [[stages]
     reference    "torch" | "megatron"                        the stack gates compare against
     [engine]     path, package, allowed_paths                what the agent may touch, relative to the engine
     [budgets]    rounds_per_stage, wall_time_s, tokens, cost_usd
-    [agent]      backend, model, timeout_s, env_allow, env, [agent.options]
+    [agent]      backend, model, timeout_s, env_allow, env, sandbox, share, [agent.options]
     [loop]       carry_failed_edits, regression, land
     [[stages]]   name, kind ("gates" | "ops"), prompt, rounds, [[stages.gates]], ops, [stages.timing], [stages.agent]
 """
@@ -19,7 +19,6 @@ Layout of a spec (every table is optional except [model], [engine] and [[stages]
 from __future__ import annotations
 
 import hashlib
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -27,14 +26,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gates.model_config import validation_lines
+from harness.secrets import SECRET_NAME
 
 # Stage-1 gates (gates/runner.py's GATES; DESIGN.md, "Gates"). Kept here so a spec validates without
 # importing the gates; `known_gates()` adds whatever the runner registers once it exists.
 STAGE1_GATES = ("m1_forward", "m2_backward", "m3_optimizer", "m4_data_parallel", "m5_long_train", "m6_checkpoint")
 # Every backend name a spec may use; harness/agents registers the ones importable here.
 BACKEND_NAMES = ("claude_code", "codex", "anthropic", "openai", "shell", "replay", "tune")
-# Environment names an agent never sees, whatever a spec says (keys and tokens stay with the harness).
-SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|AUTH)", re.IGNORECASE)
 DEFAULT_ENV_ALLOW = ["PATH", "HOME", "LANG", "LC_ALL", "TERM", "TMPDIR", "USER"]
 IDENT = r"^[a-z][a-z0-9_]*$"
 
@@ -137,6 +135,10 @@ class AgentSpec(_Strict):
     env_allow: list[str] = Field(default_factory=lambda: list(DEFAULT_ENV_ALLOW),
                                  description="harness environment names passed through to the agent's processes")
     env: dict[str, str] = Field(default_factory=dict, description="extra variables set for the agent's processes")
+    sandbox: Literal["required", "preferred", "off"] = Field(
+        "required", description="the round sandbox (harness/isolation.py); required: no bubblewrap stops the run")
+    share: list[str] = Field(default_factory=list, description="host paths shown read-only to the agent's processes "
+                             "(a script, a tool's install dir); everything else outside the worktree is hidden or read-only")
     options: dict[str, Any] = Field(default_factory=dict, description="backend options (see the backend's Options)")
 
     @field_validator("backend")
@@ -307,15 +309,21 @@ def spec_sha256(path: str | Path) -> str:
 
 
 def with_overrides(spec: ForgeSpec, *, engine_path: str | None = None, backend: str | None = None,
-                   options: dict[str, Any] | None = None) -> ForgeSpec:
-    """The spec with command-line overrides applied (validated again, so errors still name the field)."""
+                   options: dict[str, Any] | None = None, model: str | None = None) -> ForgeSpec:
+    """The spec with command-line overrides applied (validated again, so errors still name the field).
+
+    `backend` runs every stage; each [agent] / [stages.agent] table keeps its backend-neutral fields (timeout,
+    environment, sandbox, share) and, where it already named that backend, its options and model too.
+    `options` and `model` then apply to every table."""
     data = spec.model_dump(mode="python")
     if engine_path is not None:
         data["engine"]["path"] = engine_path
-    if backend is not None:
-        data["agent"]["backend"] = backend
-        for st in data["stages"]:
-            st["agent"] = None  # an explicit --agent runs every stage
-    if options:
-        data["agent"]["options"] = {**data["agent"]["options"], **options}
+    tables = [data["agent"]] + [st["agent"] for st in data["stages"] if st["agent"] is not None]
+    for table in tables:
+        if backend is not None and table["backend"] != backend.replace("-", "_"):
+            table["backend"], table["options"], table["model"] = backend, {}, None
+        if options:
+            table["options"] = {**table["options"], **options}
+        if model is not None:
+            table["model"] = model
     return parse_spec(data, "command-line overrides")

@@ -2,32 +2,41 @@
 timed from outside, its losses checked against the reference), or a spec's command run in the engine dir.
 
 A timing that fails, times out or lacks the metric yields None: a candidate without a time is never elected.
+A spec's command runs agent-written code: it runs in the round's sandbox, the worktree read-only.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from harness.agents._proc import fill_placeholders
+from harness.agents._proc import fill_placeholders, run_process
+from harness.secrets import child_env
+
+if TYPE_CHECKING:
+    from harness.isolation import RoundBox
 
 
 def run_timing(command: str, *, engine_dir: Path, env: dict[str, str], package: str, op: str | None,
-               metric: str, timeout_s: float) -> tuple[float | None, str]:
+               metric: str, timeout_s: float, box: "RoundBox | None" = None,
+               on_spawn: Callable[[int], None] = lambda pid: None) -> tuple[float | None, str]:
     """(metric value or None, a one-line note on what happened)."""
     with tempfile.TemporaryDirectory(prefix="forge-timing-") as tmp:
         out = Path(tmp) / "timing.json"
         cmd = fill_placeholders(command, {"python": sys.executable, "package": package, "op": op or "", "out": out})
-        run_env = dict(env)
+        run_env = child_env(env)
         src = str(engine_dir / "src")
         run_env["PYTHONPATH"] = src + (":" + run_env["PYTHONPATH"] if run_env.get("PYTHONPATH") else "")
-        try:
-            r = subprocess.run(["bash", "-c", cmd], cwd=engine_dir, env=run_env, capture_output=True, text=True,
-                               timeout=timeout_s, start_new_session=True)
-        except subprocess.TimeoutExpired:
+        argv = ["bash", "-c", cmd]
+        if box is not None:
+            argv, run_env = box.wrap(argv, run_env, worktree_rw=False, writable=(Path(tmp),), cwd=engine_dir)
+        r = run_process(argv, cwd=engine_dir, env=run_env, timeout_s=timeout_s, log_dir=Path(tmp) / "logs",
+                        name="timing", on_spawn=on_spawn)
+        if r.timed_out:
             return None, f"timing command timed out after {timeout_s:.0f} s"
         if r.returncode != 0:
             return None, f"timing command exited {r.returncode}: {r.stderr.strip()[-300:]}"

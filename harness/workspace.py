@@ -6,7 +6,10 @@ A forge run owns one branch, `forge/<spec>-<run id>`. Each round:
 1. `create_round`: a fresh worktree, detached at the branch tip, under the run's state dir;
 2. the agent edits it (it may even commit: only the final files count);
 3. `snapshot`: the worktree's files (untracked included, .gitignore and build junk excluded) become a
-   git tree through a temporary index, so the worktree's own index and HEAD are never trusted;
+   git tree through a temporary index and a quarantine object dir, so the worktree's own index, HEAD and
+   `.git` (the agent could point it at a config of its own) are never trusted: every git command on a
+   round names the repository's git dir itself. A changed file that holds a secret is redacted in place
+   before anything reaches the repository's objects (the round is then rejected);
 4. `check`: every changed path must lie under the engine and match the spec's allowed globs, symlinks
    must stay inside the engine, and the harness's own files (manifest.json, forge/) are off limits;
 5. on a pass, `commit` writes commit objects from the snapshot (`commit-tree`) and `advance` moves the
@@ -20,16 +23,21 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import git
 
+from harness.secrets import holds_secret, redact, redact_bytes, redact_file
+
 HARNESS_OWNED = ("manifest.json", "forge/**")   # relative to the engine dir: written by the harness only
 JUNK = ("__pycache__/", "*.pyc", ".pytest_cache/", "*.egg-info/", ".ipynb_checkpoints/")
 IDENTITY = {"GIT_AUTHOR_NAME": "forge", "GIT_AUTHOR_EMAIL": "forge@localhost",
             "GIT_COMMITTER_NAME": "forge", "GIT_COMMITTER_EMAIL": "forge@localhost"}
+# Nothing an agent wrote may run inside the harness's git: no hooks, no fsmonitor command.
+SAFE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
 
 
 class WorkspaceError(RuntimeError):
@@ -71,6 +79,7 @@ class Snapshot:
     changes: list[Change]
     insertions: int = 0
     deletions: int = 0
+    secrets: list[str] = field(default_factory=list)  # changed paths that held a secret (redacted in place)
 
     @property
     def paths(self) -> list[str]:
@@ -86,6 +95,7 @@ class RoundTree:
     path: Path          # worktree root
     base: str           # commit the worktree started from
     engine_dir: Path    # the export inside the worktree
+    git_admin: Path | None = None  # .git/worktrees/<name>: the worktree's own HEAD and index
     extra: dict = field(default_factory=dict)
 
 
@@ -99,6 +109,8 @@ class Workspace:
         except (git.InvalidGitRepositoryError, git.NoSuchPathError):
             raise WorkspaceError(f"{engine} is not inside a git repository") from None
         self.root = Path(self.repo.working_tree_dir).resolve()
+        common = Path(self.repo.git.rev_parse("--git-common-dir"))
+        self.git_common = (common if common.is_absolute() else self.root / common).resolve()
         self.engine_rel = engine.relative_to(self.root).as_posix()
         self.branch = branch
         self.ref = f"refs/heads/{branch}"
@@ -108,7 +120,12 @@ class Workspace:
     # -- the branch ---------------------------------------------------------------------------------
     def _git(self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
         g = git.Git(str(cwd or self.root))
-        return g.execute(["git", *args], env={**IDENTITY, **(env or {})}, strip_newline_in_stdout=True)
+        return g.execute(["git", *SAFE, *args], env={**IDENTITY, **(env or {})}, strip_newline_in_stdout=True)
+
+    def _round_git(self, rt: RoundTree, *args: str, env: dict[str, str] | None = None) -> str:
+        """git on a round's files, with the repository's own git dir named: the worktree's `.git` is not read."""
+        return self._git(*args, cwd=rt.path, env={"GIT_DIR": str(self.git_common), "GIT_WORK_TREE": str(rt.path),
+                                                  **(env or {})})
 
     def branch_tip(self) -> str | None:
         try:
@@ -171,15 +188,13 @@ class Workspace:
         self.worktrees_dir.mkdir(parents=True, exist_ok=True)
         base = self.ensure_branch()
         self._git("worktree", "add", "--detach", "-f", str(path), base)
-        return RoundTree(name, path, base, path / self.engine_rel)
+        gitdir = (path / ".git").read_text().strip().removeprefix("gitdir:").strip()  # just written by git
+        return RoundTree(name, path, base, path / self.engine_rel, git_admin=Path(gitdir).resolve())
 
     def remove_round(self, path: Path) -> None:
+        """Delete the worktree's files, then let git forget it (git never runs inside it)."""
         if path.exists():
-            try:
-                self._git("worktree", "remove", "--force", "--force", str(path))
-            except git.GitCommandError:
-                pass
-            shutil.rmtree(path, ignore_errors=True)
+            _rmtree(path)
         self._git("worktree", "prune")
 
     def cleanup_stale(self) -> list[str]:
@@ -194,37 +209,55 @@ class Workspace:
 
     def apply_patch(self, rt: RoundTree, patch: Path) -> bool:
         try:
-            self._git("apply", "--whitespace=nowarn", str(patch), cwd=rt.path)
+            self._round_git(rt, "apply", "--whitespace=nowarn", str(patch))
             return True
         except git.GitCommandError:
             return False
 
     # -- snapshot, check, commit -------------------------------------------------------------------
     def snapshot(self, rt: RoundTree) -> Snapshot:
-        """The worktree's files as a tree object, and what changed against the round's base."""
+        """The worktree's files as a tree object, and what changed against the round's base. A changed file
+        holding a secret is redacted in place first (`Snapshot.secrets`): no secret reaches the objects."""
         self._junk.parent.mkdir(parents=True, exist_ok=True)
         self._junk.write_text("\n".join(JUNK) + "\n")
-        with tempfile.TemporaryDirectory(prefix="forge-index-") as tmp:
-            env = {"GIT_INDEX_FILE": os.path.join(tmp, "index")}
-            self._git("read-tree", rt.base, cwd=rt.path, env=env)
-            self._git("-c", f"core.excludesFile={self._junk}", "add", "-A", "--", ".", cwd=rt.path, env=env)
-            tree = self._git("write-tree", cwd=rt.path, env=env)
-        raw = self._git("diff-tree", "-r", "-z", "--no-renames", rt.base, tree, cwd=rt.path)
-        changes = _parse_raw(raw)
+        secrets: list[str] = []
+        with tempfile.TemporaryDirectory(prefix="forge-snapshot-") as tmp:
+            quarantine = Path(tmp) / "objects"
+            quarantine.mkdir()
+            env = {"GIT_INDEX_FILE": os.path.join(tmp, "index"), "GIT_OBJECT_DIRECTORY": str(quarantine),
+                   "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(self.git_common / "objects")}
+            for attempt in range(2):
+                self._round_git(rt, "read-tree", rt.base, env=env)
+                self._round_git(rt, "-c", f"core.excludesFile={self._junk}", "add", "-A", "--", ".", env=env)
+                tree = self._round_git(rt, "write-tree", env=env)
+                changes = _parse_raw(self._round_git(rt, "diff-tree", "-r", "-z", "--no-renames", rt.base, tree, env=env))
+                dirty = [c.path for c in changes if c.status != "D" and holds_secret(self._blob(tree, c.path, env))]
+                if not dirty:
+                    break
+                if attempt == 1:
+                    raise WorkspaceError(f"secrets survived redaction in {', '.join(dirty)}")
+                for path in dirty:
+                    redact_file(rt.path / path)
+                secrets += dirty
+            _migrate(quarantine, self.git_common / "objects")
         for c in changes:
             if c.mode == "120000":
-                c.target = self._git("cat-file", "blob", f"{tree}:{c.path}", cwd=rt.path)
+                c.target = self._git("cat-file", "blob", f"{tree}:{c.path}")
         ins = dels = 0
-        for line in self._git("diff-tree", "-r", "--numstat", "--no-renames", rt.base, tree, cwd=rt.path).splitlines():
+        for line in self._git("diff-tree", "-r", "--numstat", "--no-renames", rt.base, tree).splitlines():
             a, d, *_ = line.split("\t")
             ins += int(a) if a.isdigit() else 0
             dels += int(d) if d.isdigit() else 0
-        return Snapshot(tree, changes, ins, dels)
+        return Snapshot(tree, changes, ins, dels, secrets)
+
+    def _blob(self, tree: str, path: str, env: dict[str, str]) -> bytes:
+        return self.repo.git.execute(["git", *SAFE, "cat-file", "blob", f"{tree}:{path}"], as_process=False,
+                                     stdout_as_string=False, env=env)
 
     def forbidden(self, snap: Snapshot, allowed: list[str]) -> list[str]:
         """Changed paths the agent may not touch (each with the reason)."""
         prefix = "" if self.engine_rel in ("", ".") else self.engine_rel + "/"
-        bad = []
+        bad = [f"{p} (held a secret: redacted)" for p in snap.secrets]
         for c in snap.changes:
             if not c.path.startswith(prefix):
                 bad.append(f"{c.path} (outside the engine)")
@@ -239,24 +272,24 @@ class Workspace:
         return bad
 
     def patch(self, rt: RoundTree, snap: Snapshot) -> str:
-        return self._git("diff-tree", "-p", "--binary", "--no-renames", rt.base, snap.tree, cwd=rt.path) + "\n"
+        return self._git("diff-tree", "-p", "--binary", "--no-renames", rt.base, snap.tree) + "\n"
 
     def commit_tree(self, tree: str, parent: str, message: str) -> str:
         with tempfile.NamedTemporaryFile("w", suffix=".msg", delete=False) as f:
-            f.write(message)
+            f.write(redact(message))
         try:
             return self._git("commit-tree", tree, "-p", parent, "-F", f.name)
         finally:
             os.unlink(f.name)
 
     def tree_with_files(self, tree: str, files: dict[str, bytes]) -> str:
-        """`tree` with `files` (paths relative to the engine) added or replaced."""
+        """`tree` with `files` (paths relative to the engine, contents redacted) added or replaced."""
         with tempfile.TemporaryDirectory(prefix="forge-index-") as tmp:
             env = {"GIT_INDEX_FILE": os.path.join(tmp, "index")}
             self._git("read-tree", tree, env=env)
             for rel, data in files.items():
                 blob_file = Path(tmp) / "blob"
-                blob_file.write_bytes(data)
+                blob_file.write_bytes(redact_bytes(data))
                 blob = self._git("hash-object", "-w", str(blob_file))
                 path = rel if self.engine_rel in ("", ".") else f"{self.engine_rel}/{rel}"
                 self._git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
@@ -270,6 +303,30 @@ class Workspace:
                                          stdout_as_string=False)
         except git.GitCommandError:
             return None
+
+
+def _rmtree(path: Path) -> None:
+    """rmtree that first gives back write permission an agent may have taken from its directories."""
+    for root, dirs, _ in os.walk(path):
+        for d in dirs:
+            p = os.path.join(root, d)
+            if not os.path.islink(p):
+                try:
+                    os.chmod(p, stat.S_IRWXU)
+                except OSError:
+                    pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _migrate(quarantine: Path, objects: Path) -> None:
+    """Copy a snapshot's new objects (loose, or packs for big files) into the repository, each file whole."""
+    for src in [*quarantine.glob("??/*"), *quarantine.glob("pack/*")]:
+        dst = objects / src.parent.name / src.name
+        if not dst.exists():
+            dst.parent.mkdir(exist_ok=True)
+            tmp = dst.with_name(f".tmp-{os.getpid()}-{src.name}")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
 
 
 def _parse_raw(raw: str) -> list[Change]:

@@ -1,10 +1,13 @@
 """What the two API backends (anthropic, openai) share: options, the key lookup, the transcript, and the
-tool loop itself. A provider supplies only its wire format (`ApiBackend`'s four hooks)."""
+tool loop itself. A provider supplies only its wire format (`ApiBackend`'s four hooks).
+
+The key comes from harness.secrets.VAULT and goes only into the SDK client, in this process: no child
+ever gets it. Each reply's usage is counted on the round's meter as it arrives; the budget is checked
+before every call."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +16,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.agents import _tools
-from harness.agents._env import redact
-from harness.agents._retry import call_with_retries
-from harness.agents.base import AgentBackend, AgentResult, AgentTask, AgentUnavailable, cost_from_prices
+from harness.agents._retry import DeadlineReached, MalformedReply, call_with_retries
+from harness.agents.base import AgentBackend, AgentFatal, AgentResult, AgentTask, cost_from_prices
+from harness.secrets import VAULT, redact
 
 SYSTEM = ("You are a coding agent working in a git worktree of an LLM pretraining engine. Use the tools to "
           "read, write and run; paths are relative to the worktree root. Finish with a short summary of "
@@ -60,9 +63,9 @@ class ApiBackend(AgentBackend):
     back, until a reply asks for none, `max_turns`, or the round's time is up. The SDKs' own retries are
     off: harness/agents/_retry.py retries 429 / 5xx / timeouts with backoff, visibly in the transcript.
 
-    A provider implements `_client`, `_messages` (the opening conversation), `_send` (one request,
-    appending the assistant's message to the conversation and returning it as a `Reply`) and
-    `_add_results` (the tools' outputs, in its wire format)."""
+    A provider implements `_client`, `_messages` (the opening conversation), `_send` (one request with its
+    timeout, appending the assistant's message to the conversation and returning it as a `Reply`; a reply
+    it cannot read raises MalformedReply) and `_add_results` (the tools' outputs, in its wire format)."""
 
     Options = ApiOptions
     key_env: str  # the environment variable holding the key, unless options.api_key_env names another
@@ -78,7 +81,7 @@ class ApiBackend(AgentBackend):
     def _messages(self, task: AgentTask) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    def _send(self, client: Any, messages: list[dict[str, Any]], log: "Transcript") -> Reply:
+    def _send(self, client: Any, messages: list[dict[str, Any]], log: "Transcript", timeout_s: float) -> Reply:
         raise NotImplementedError
 
     def _add_results(self, messages: list[dict[str, Any]], results: list[tuple[ToolCall, str]]) -> None:
@@ -90,8 +93,7 @@ class ApiBackend(AgentBackend):
         messages = self._messages(task)
         log = Transcript(task.log_dir)
         deadline = time.monotonic() + task.timeout_s
-        tokens_in = tokens_out = turns = 0
-        summary, error = "", None
+        turns, summary, error = 0, "", None
         while True:
             if turns >= o.max_turns:
                 error = f"max_turns ({o.max_turns}) reached"
@@ -99,32 +101,42 @@ class ApiBackend(AgentBackend):
             if time.monotonic() > deadline:
                 error = "timeout"
                 break
-            reply = call_with_retries(
-                lambda: self._send(client, messages, log), retries=o.retries, base_s=o.retry_base_s,
-                on_retry=lambda n, e, s: log.write("retry", attempt=n, error=type(e).__name__, wait_s=round(s, 2)))
+            task.meter.check()
+            try:
+                reply = call_with_retries(
+                    lambda: self._send(client, messages, log, min(o.request_timeout_s, max(1.0, deadline - time.monotonic()))),
+                    retries=o.retries, base_s=o.retry_base_s, deadline=deadline,
+                    on_retry=lambda n, e, s: log.write("retry", attempt=n, error=type(e).__name__, wait_s=round(s, 2)))
+            except DeadlineReached as e:
+                error = f"timeout: {e}"
+                break
             turns += 1
-            tokens_in += reply.tokens_in
-            tokens_out += reply.tokens_out
+            task.meter.add(reply.tokens_in, reply.tokens_out,
+                           cost_from_prices(reply.tokens_in, reply.tokens_out, o.price_in_per_mtok, o.price_out_per_mtok))
             summary = reply.text or summary
             if not reply.calls:
                 break
             results = []
             for c in reply.calls:
-                out = _tools.execute(c.name, _tools.parse_args(c.arguments), root=task.worktree, env=task.env,
+                out = _tools.execute(c.name, _tools.parse_args(c.arguments), task,
                                      max_timeout_s=min(o.command_timeout_s, max(1.0, deadline - time.monotonic())))
                 log.write("tool", name=c.name, input=c.arguments, output=out[:2000])
                 results.append((c, out))
             self._add_results(messages, results)
-        return AgentResult(summary=summary[:2000], error=error, tokens_in=tokens_in, tokens_out=tokens_out, turns=turns,
-                           cost_usd=cost_from_prices(tokens_in, tokens_out, o.price_in_per_mtok, o.price_out_per_mtok))
+        return AgentResult(summary=redact(summary[:2000]), error=error, turns=turns)
+
+
+def malformed(e: Exception) -> MalformedReply:
+    """A reply the SDK or the wire format could not read."""
+    return MalformedReply(f"malformed reply: {type(e).__name__}: {str(e)[:200]}")
 
 
 def api_key(options: ApiOptions, default_env: str) -> str:
-    """The key from the harness's environment; a missing key stops the run (never spends a round)."""
+    """The key from the vault; a missing key stops the run (never spends a round)."""
     name = options.api_key_env or default_env
-    key = os.environ.get(name)
+    key = VAULT.get(name)
     if not key:
-        raise AgentUnavailable(f"${name} is not set: the API backend has no key")
+        raise AgentFatal(f"${name} is not set: the API backend has no key")
     return key
 
 

@@ -1,17 +1,19 @@
 """The built-in tool loop's tools (anthropic and openai backends): read, write, list, run.
 
 Every path is relative to the round's worktree and must stay inside it; `run_command` runs in the
-worktree with the agent's scrubbed environment and a timeout. Results are plain text, truncated.
+worktree, in the round's sandbox, with the agent's scrubbed environment and a timeout. Results are plain
+text, truncated and redacted (they go back to the service and into the transcript).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from harness.agents._proc import kill_group
+from harness.agents._proc import run_process
+from harness.agents.base import AgentTask
+from harness.secrets import redact
 
 MAX_OUTPUT = 20_000
 
@@ -46,8 +48,13 @@ def _truncate(text: str) -> str:
     return text if len(text) <= MAX_OUTPUT else text[:MAX_OUTPUT // 2] + "\n...[truncated]...\n" + text[-MAX_OUTPUT // 2:]
 
 
-def execute(name: str, args: dict[str, Any], *, root: Path, env: dict[str, str], max_timeout_s: float) -> str:
+def execute(name: str, args: dict[str, Any], task: AgentTask, *, max_timeout_s: float) -> str:
     """Run one tool call; errors come back as text for the model to read, never as exceptions."""
+    return redact(_execute(name, args, task, max_timeout_s))
+
+
+def _execute(name: str, args: dict[str, Any], task: AgentTask, max_timeout_s: float) -> str:
+    root = task.worktree
     try:
         if name == "read_file":
             return _truncate(_inside(root, args["path"]).read_text(errors="replace"))
@@ -61,17 +68,14 @@ def execute(name: str, args: dict[str, Any], *, root: Path, env: dict[str, str],
             return "\n".join(sorted(c.name + ("/" if c.is_dir() else "") for c in p.iterdir() if c.name != ".git"))
         if name == "run_command":
             timeout = min(float(args.get("timeout_s") or max_timeout_s), max_timeout_s)
-            proc = subprocess.Popen(["bash", "-c", args["command"]], cwd=root, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                    start_new_session=True)
-            try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                kill_group(proc.pid)
-                proc.communicate()
-                return f"timeout after {timeout:.0f} s (the command's process group was killed)"
-            kill_group(proc.pid)
-            return _truncate(f"exit {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}")
+            argv, env = task.box.wrap(["bash", "-c", args["command"]], task.env)
+            logs = task.log_dir / "commands"
+            n = len(list(logs.glob("*.stdout"))) + 1 if logs.is_dir() else 1
+            r = run_process(argv, cwd=root, env=env, timeout_s=timeout, log_dir=logs, name=f"{n:03d}",
+                            on_spawn=task.on_spawn)
+            if r.timed_out:
+                return f"timeout after {timeout:.0f} s (the command's processes were killed)"
+            return _truncate(f"exit {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}")
         return f"error: unknown tool {name!r}"
     except KeyError as e:
         return f"error: missing argument {e}"

@@ -10,7 +10,7 @@ import importlib.util
 from typing import Any
 
 from harness.agents import _tools
-from harness.agents._api import ApiBackend, Reply, ToolCall, Transcript
+from harness.agents._api import ApiBackend, Reply, ToolCall, Transcript, malformed
 from harness.agents.base import AgentTask
 
 if importlib.util.find_spec("anthropic") is None:  # registered only where the SDK is installed
@@ -40,17 +40,21 @@ class AnthropicBackend(ApiBackend):
     def _messages(self, task: AgentTask) -> list[dict[str, Any]]:
         return [{"role": "user", "content": task.prompt}]  # the system prompt is a request field here
 
-    def _send(self, client: Any, messages: list[dict[str, Any]], log: Transcript) -> Reply:
+    def _send(self, client: Any, messages: list[dict[str, Any]], log: Transcript, timeout_s: float) -> Reply:
         o = self.options
-        resp = client.messages.create(model=self.model, max_tokens=o.max_tokens, system=o.system, messages=messages,
-                                      tools=TOOLS)
-        content = [_block_to_param(b) for b in resp.content]
+        try:
+            resp = client.messages.create(model=self.model, max_tokens=o.max_tokens, system=o.system,
+                                          messages=messages, tools=TOOLS, timeout=timeout_s)
+            content = [_block_to_param(b) for b in resp.content]
+            calls = [ToolCall(b["id"], b["name"], b["input"]) for b in content if b["type"] == "tool_use"]
+            reply = Reply(text="\n".join(b["text"] for b in content if b["type"] == "text"),
+                          calls=calls if resp.stop_reason == "tool_use" else [],
+                          tokens_in=resp.usage.input_tokens or 0, tokens_out=resp.usage.output_tokens or 0)
+        except (ValueError, AttributeError, TypeError, KeyError) as e:  # a 200 whose body is not a Message
+            raise malformed(e) from e
         log.write("assistant", stop_reason=resp.stop_reason, content=content)
         messages.append({"role": "assistant", "content": content})
-        calls = [ToolCall(b["id"], b["name"], b["input"]) for b in content if b["type"] == "tool_use"]
-        return Reply(text="\n".join(b["text"] for b in content if b["type"] == "text"),
-                     calls=calls if resp.stop_reason == "tool_use" else [],
-                     tokens_in=resp.usage.input_tokens or 0, tokens_out=resp.usage.output_tokens or 0)
+        return reply
 
     def _add_results(self, messages: list[dict[str, Any]], results: list[tuple[ToolCall, str]]) -> None:
         messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": c.id, "content": out}

@@ -1,19 +1,20 @@
-"""`claude_code`: Claude Code headless (`claude -p --output-format json`), the prompt on stdin, run in the
-worktree. Its single JSON result gives the answer, `usage` (tokens) and `total_cost_usd`.
+"""`claude_code`: Claude Code headless (`claude -p --output-format stream-json --verbose`), the prompt on
+stdin, run in the worktree inside the round's sandbox. Each assistant message's usage is counted as it
+streams (the run's budget stops it there); the final `result` event gives the answer, the totals and
+`total_cost_usd`, which replace the streamed counts.
 
-Claude Code authenticates from its own login state under $HOME (keep HOME in [agent].env_allow); the
-harness never hands it an API key.
+It gets the key in $ANTHROPIC_API_KEY when the harness holds one (`api_key_env`), else it logs in from its
+own state under HOME (`home_state`, shown writable); it reaches only `network_allow`.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from harness.agents._proc import run_process
-from harness.agents.base import AgentBackend, AgentResult, AgentTask
+from harness.agents._cli import find_cli, raise_if_fatal, run_cli
+from harness.agents.base import AgentBackend, AgentResult, AgentTask, cost_from_prices
 
 
 class ClaudeCodeOptions(BaseModel):
@@ -23,21 +24,17 @@ class ClaudeCodeOptions(BaseModel):
     max_turns: int | None = None
     allowed_tools: list[str] | None = None
     extra_args: list[str] = []
+    api_key_env: str | None = "ANTHROPIC_API_KEY"  # the harness's variable whose key the CLI gets; None: its login only
+    home_state: list[str] = [".claude", ".claude.json", ".config/claude"]
+    network_allow: list[str] = ["api.anthropic.com:443"]
+    price_in_per_mtok: float | None = None   # estimates cost while it streams (its own total replaces it)
+    price_out_per_mtok: float | None = None
 
 
-def parse_result(stdout: str) -> dict:
-    """The last JSON object on stdout (the CLI prints one; stream-json prints the result last)."""
-    for line in reversed(stdout.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    try:
-        return json.loads(stdout)
-    except json.JSONDecodeError:
-        return {}
+def usage_tokens(usage: dict[str, Any]) -> tuple[int, int]:
+    """(input incl. cache writes and reads, output) of a Messages API usage block."""
+    tin = sum(int(usage.get(k) or 0) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
+    return tin, int(usage.get("output_tokens") or 0)
 
 
 class ClaudeCodeBackend(AgentBackend):
@@ -46,10 +43,8 @@ class ClaudeCodeBackend(AgentBackend):
 
     def run(self, task: AgentTask) -> AgentResult:
         o = self.options
-        exe = shutil.which(o.command, path=task.env.get("PATH"))
-        if exe is None:
-            return AgentResult(error=f"{o.command!r} not found on the agent's PATH")
-        argv = [exe, "-p", "--output-format", "json", "--permission-mode", o.permission_mode]
+        exe = find_cli(o.command, task)
+        argv = [str(exe), "-p", "--output-format", "stream-json", "--verbose", "--permission-mode", o.permission_mode]
         if self.model:
             argv += ["--model", self.model]
         if o.max_turns:
@@ -57,17 +52,35 @@ class ClaudeCodeBackend(AgentBackend):
         if o.allowed_tools:
             argv += ["--allowedTools", ",".join(o.allowed_tools)]
         argv += o.extra_args
-        r = run_process(argv, cwd=task.worktree, env=task.env, timeout_s=task.timeout_s, log_dir=task.log_dir,
-                        stdin_text=task.prompt, name="claude", on_spawn=task.on_spawn)
-        out = parse_result(r.stdout)
-        usage = out.get("usage") or {}
-        tokens_in = sum(int(usage.get(k) or 0) for k in
-                        ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")) if usage else None
+        seen: dict[str, tuple[int, int]] = {}  # message id -> usage counted (a message streams in several lines)
+        final: dict[str, Any] = {}
+
+        def on_event(ev: dict[str, Any]) -> None:
+            if ev.get("type") == "result":
+                final.clear()
+                final.update(ev)
+                return
+            msg = ev.get("message") if ev.get("type") == "assistant" else None
+            if not isinstance(msg, dict) or not isinstance(msg.get("usage"), dict):
+                return
+            tin, tout = usage_tokens(msg["usage"])
+            key = str(msg.get("id") or len(seen))
+            pin, pout = seen.get(key, (0, 0))
+            din, dout = max(0, tin - pin), max(0, tout - pout)
+            seen[key] = (max(tin, pin), max(tout, pout))
+            task.meter.add(din, dout, cost_from_prices(din, dout, o.price_in_per_mtok, o.price_out_per_mtok))
+
+        r = run_cli(task, argv, name="claude", key_env=o.api_key_env, key_names=("ANTHROPIC_API_KEY",),
+                    home_state=o.home_state, network_allow=o.network_allow, on_event=on_event)
+        if final.get("usage") or final.get("total_cost_usd") is not None:
+            tin, tout = usage_tokens(final.get("usage") or {})
+            task.meter.settle(tin if final.get("usage") else None, tout if final.get("usage") else None,
+                              final.get("total_cost_usd", final.get("cost_usd")))
         error = None
         if r.timed_out:
             error = "timeout"
-        elif r.returncode or out.get("is_error"):
-            error = f"exit {r.returncode}: {out.get('subtype') or r.stderr.strip()[-200:]}"
-        cost = out.get("total_cost_usd", out.get("cost_usd"))
-        return AgentResult(summary=str(out.get("result") or "")[:2000], error=error, tokens_in=tokens_in,
-                           tokens_out=usage.get("output_tokens"), cost_usd=cost, turns=out.get("num_turns"))
+        elif r.returncode or final.get("is_error") or not final:
+            detail = str(final.get("result") or final.get("subtype") or r.stderr.strip()[-300:] or "no result event")
+            raise_if_fatal("claude_code", detail + "\n" + r.stderr[-500:])
+            error = f"exit {r.returncode}: {detail[:300]}"
+        return AgentResult(summary=str(final.get("result") or "")[:2000], error=error, turns=final.get("num_turns"))

@@ -1,18 +1,20 @@
-"""`codex`: Codex CLI in exec mode (`codex exec --json -`), the prompt on stdin, run in the worktree.
+"""`codex`: Codex CLI in exec mode (`codex exec --json -`), the prompt on stdin, run in the worktree inside
+the round's sandbox.
 
-Its JSONL events carry usage in `turn.completed` (input, cached input, output tokens) and failures in
-`turn.failed` / `error`; the CLI reports no cost, so cost comes from the spec's prices when given.
-Codex authenticates from its own login state under $HOME; the harness never hands it an API key.
+Its JSONL events carry usage in `turn.completed` (input, cached input, output tokens), counted as each
+arrives (the run's budget stops it there), and failures in `turn.failed` / `error`; the CLI reports no
+cost, so cost comes from the spec's prices when given. It gets the key in $OPENAI_API_KEY and
+$CODEX_API_KEY when the harness holds one (`api_key_env`), else it logs in from its own state under HOME
+(`home_state`, shown writable); it reaches only `network_allow`.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from harness.agents._proc import run_process
+from harness.agents._cli import find_cli, raise_if_fatal, run_cli
 from harness.agents.base import AgentBackend, AgentResult, AgentTask, cost_from_prices
 
 
@@ -23,34 +25,9 @@ class CodexOptions(BaseModel):
     extra_args: list[str] = []
     price_in_per_mtok: float | None = None
     price_out_per_mtok: float | None = None
-
-
-def summarize_events(stdout: str) -> dict:
-    """Sum usage over turns; collect the last agent message and any error."""
-    tokens_in = tokens_out = 0
-    seen_usage, message, error, turns = False, "", None, 0
-    for line in stdout.splitlines():
-        try:
-            ev = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        kind = ev.get("type", "")
-        if kind == "turn.completed":
-            turns += 1
-            u = ev.get("usage") or {}
-            seen_usage = True
-            tokens_in += int(u.get("input_tokens") or 0)  # cached input is a subset of input_tokens
-            tokens_out += int(u.get("output_tokens") or 0)
-        elif kind == "turn.failed":
-            error = (ev.get("error") or {}).get("message", "turn failed")
-        elif kind == "error":
-            error = ev.get("message", "error")
-        elif kind == "item.completed":
-            item = ev.get("item") or {}
-            if item.get("type") in ("agent_message", "assistant_message") and item.get("text"):
-                message = item["text"]
-    return {"tokens_in": tokens_in if seen_usage else None, "tokens_out": tokens_out if seen_usage else None,
-            "message": message, "error": error, "turns": turns}
+    api_key_env: str | None = "OPENAI_API_KEY"  # the harness's variable whose key the CLI gets; None: its login only
+    home_state: list[str] = [".codex"]
+    network_allow: list[str] = ["api.openai.com:443", "chatgpt.com:443"]
 
 
 class CodexBackend(AgentBackend):
@@ -59,17 +36,32 @@ class CodexBackend(AgentBackend):
 
     def run(self, task: AgentTask) -> AgentResult:
         o = self.options
-        exe = shutil.which(o.command, path=task.env.get("PATH"))
-        if exe is None:
-            return AgentResult(error=f"{o.command!r} not found on the agent's PATH")
-        argv = [exe, "exec", "--json", "--skip-git-repo-check", "-C", str(task.worktree), "--sandbox", o.sandbox]
+        exe = find_cli(o.command, task)
+        argv = [str(exe), "exec", "--json", "--skip-git-repo-check", "-C", str(task.worktree), "--sandbox", o.sandbox]
         if self.model:
             argv += ["--model", self.model]
         argv += [*o.extra_args, "-"]
-        r = run_process(argv, cwd=task.worktree, env=task.env, timeout_s=task.timeout_s, log_dir=task.log_dir,
-                        stdin_text=task.prompt, name="codex", on_spawn=task.on_spawn)
-        s = summarize_events(r.stdout)
-        error = "timeout" if r.timed_out else (s["error"] or (f"exit {r.returncode}" if r.returncode else None))
-        return AgentResult(summary=s["message"][:2000], error=error, tokens_in=s["tokens_in"], tokens_out=s["tokens_out"],
-                           cost_usd=cost_from_prices(s["tokens_in"], s["tokens_out"], o.price_in_per_mtok,
-                                                     o.price_out_per_mtok), turns=s["turns"])
+        state: dict[str, Any] = {"message": "", "error": None, "turns": 0}
+
+        def on_event(ev: dict[str, Any]) -> None:
+            kind = ev.get("type", "")
+            if kind == "turn.completed":
+                state["turns"] += 1
+                u = ev.get("usage") or {}
+                tin, tout = int(u.get("input_tokens") or 0), int(u.get("output_tokens") or 0)  # cached is part of input
+                task.meter.add(tin, tout, cost_from_prices(tin, tout, o.price_in_per_mtok, o.price_out_per_mtok))
+            elif kind == "turn.failed":
+                state["error"] = (ev.get("error") or {}).get("message", "turn failed")
+            elif kind == "error":
+                state["error"] = ev.get("message", "error")
+            elif kind == "item.completed":
+                item = ev.get("item") or {}
+                if item.get("type") in ("agent_message", "assistant_message") and item.get("text"):
+                    state["message"] = item["text"]
+
+        r = run_cli(task, argv, name="codex", key_env=o.api_key_env, key_names=("OPENAI_API_KEY", "CODEX_API_KEY"),
+                    home_state=o.home_state, network_allow=o.network_allow, on_event=on_event)
+        error = "timeout" if r.timed_out else (state["error"] or (f"exit {r.returncode}" if r.returncode else None))
+        if error and not r.timed_out:
+            raise_if_fatal("codex", f"{error}\n{r.stderr[-500:]}")
+        return AgentResult(summary=state["message"][:2000], error=error, turns=state["turns"])

@@ -11,7 +11,7 @@ import importlib.util
 from typing import Any
 
 from harness.agents import _tools
-from harness.agents._api import ApiBackend, Reply, ToolCall, Transcript
+from harness.agents._api import ApiBackend, Reply, ToolCall, Transcript, malformed
 from harness.agents.base import AgentTask
 
 if importlib.util.find_spec("openai") is None:  # registered only where the SDK is installed
@@ -33,20 +33,25 @@ class OpenAIBackend(ApiBackend):
     def _messages(self, task: AgentTask) -> list[dict[str, Any]]:
         return [{"role": "system", "content": self.options.system}, {"role": "user", "content": task.prompt}]
 
-    def _send(self, client: Any, messages: list[dict[str, Any]], log: Transcript) -> Reply:
-        resp = client.chat.completions.create(model=self.model, messages=messages, tools=TOOLS,
-                                              max_completion_tokens=self.options.max_tokens)
-        msg = resp.choices[0].message
-        calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls or []]
+    def _send(self, client: Any, messages: list[dict[str, Any]], log: Transcript, timeout_s: float) -> Reply:
+        try:
+            resp = client.chat.completions.create(model=self.model, messages=messages, tools=TOOLS,
+                                                  max_completion_tokens=self.options.max_tokens, timeout=timeout_s)
+            msg = resp.choices[0].message
+            calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls or []]
+            usage = resp.usage
+            reply = Reply(text=msg.content or "", calls=calls, tokens_in=(usage.prompt_tokens or 0) if usage else 0,
+                          tokens_out=(usage.completion_tokens or 0) if usage else 0)
+            finish = resp.choices[0].finish_reason
+        except (ValueError, AttributeError, TypeError, KeyError, IndexError) as e:  # a 200 that is no completion
+            raise malformed(e) from e
         entry: dict[str, Any] = {"role": "assistant", "content": msg.content or ""}
         if calls:
             entry["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                                    for c in calls]
-        log.write("assistant", finish_reason=resp.choices[0].finish_reason, message=entry)
+        log.write("assistant", finish_reason=finish, message=entry)
         messages.append(entry)
-        usage = resp.usage
-        return Reply(text=msg.content or "", calls=calls, tokens_in=(usage.prompt_tokens or 0) if usage else 0,
-                     tokens_out=(usage.completion_tokens or 0) if usage else 0)
+        return reply
 
     def _add_results(self, messages: list[dict[str, Any]], results: list[tuple[ToolCall, str]]) -> None:
         messages.extend({"role": "tool", "tool_call_id": c.id, "content": out} for c, out in results)

@@ -42,19 +42,19 @@ class ReplayBackend(AgentBackend):
     Options = ReplayOptions
 
     def run(self, task: AgentTask) -> AgentResult:
+        task.meter.add(0, 0, 0.0)  # offline and free
         if not self.options.recording:
-            return AgentResult(summary="replay: no recording; no edits", tokens_in=0, tokens_out=0, cost_usd=0.0)
+            return AgentResult(summary="replay: no recording; no edits")
         key = task.stage if task.op is None else f"{task.stage}-{task.op}"
         patch = find_patch(Path(self.options.recording), key, task.round)
         if patch is None:
             note = f"replay: no patch for {key} round {task.round}"
-            return AgentResult(summary=note + "; no edits", tokens_in=0, tokens_out=0, cost_usd=0.0,
+            return AgentResult(summary=note + "; no edits",
                                error="missing patch" if self.options.strict else None)
         # The patch is relative to the round's base commit: drop carried edits first.
         _git(task.worktree, "reset", "-q", "--hard")
         _git(task.worktree, "clean", "-fdq")
         r = _git(task.worktree, "apply", "--whitespace=nowarn", str(patch.resolve()))
         if r.returncode != 0:
-            return AgentResult(summary=f"replay: {patch.name} does not apply", error=f"git apply: {r.stderr.strip()[:300]}",
-                               tokens_in=0, tokens_out=0, cost_usd=0.0)
-        return AgentResult(summary=f"replay: applied {patch}", tokens_in=0, tokens_out=0, cost_usd=0.0)
+            return AgentResult(summary=f"replay: {patch.name} does not apply", error=f"git apply: {r.stderr.strip()[:300]}")
+        return AgentResult(summary=f"replay: applied {patch}")

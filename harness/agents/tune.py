@@ -84,11 +84,11 @@ class TuneBackend(AgentBackend):
 
     def run(self, task: AgentTask) -> AgentResult:
         o = self.options
+        task.meter.add(0, 0, 0.0)  # offline and free
         timing = task.extra.get("timing") or {}
         command = o.timing_command or timing.get("command")
         if not command:
-            return AgentResult(error="tune: no timing command (set [stages.timing] or options.timing_command)",
-                               tokens_in=0, tokens_out=0, cost_usd=0.0)
+            return AgentResult(error="tune: no timing command (set [stages.timing] or options.timing_command)")
         metric = o.metric or timing.get("metric", "time_s")
         sign = 1.0 if (o.minimize if o.minimize is not None else timing.get("minimize", True)) else -1.0
         space = {k.format(op=task.op or ""): list(v) for k, v in o.space.items() if v}
@@ -106,7 +106,7 @@ class TuneBackend(AgentBackend):
             _save(path, cfg)
             value, note = run_timing(command, engine_dir=task.engine_dir, env=task.env,
                                      package=task.extra.get("package", ""), op=task.op, metric=metric,
-                                     timeout_s=o.trial_timeout_s)
+                                     timeout_s=o.trial_timeout_s, box=task.box, on_spawn=task.on_spawn)
             trials.append((dict(point), value, note))
             return sign * value if value is not None else math.inf
 
@@ -136,10 +136,10 @@ class TuneBackend(AgentBackend):
             else:
                 path.unlink(missing_ok=True)
             return AgentResult(summary="tune: no candidate produced a time", error="no timed candidate",
-                               tokens_in=0, tokens_out=0, cost_usd=0.0, turns=len(trials))
+                               turns=len(trials))
         final = json.loads(json.dumps(base))
         for k, v in best.items():
             _set(final, k, v)
         _save(path, final)
         return AgentResult(summary=f"tune: {len(trials)} trials; best {best} with {metric}={sign * best_value:.6g}",
-                           tokens_in=0, tokens_out=0, cost_usd=0.0, turns=len(trials))
+                           turns=len(trials))

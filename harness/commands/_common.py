@@ -3,7 +3,9 @@
 import typer
 from rich.console import Console
 
-console = Console(stderr=True)
+from harness.secrets import RedactedStream
+
+console = Console(file=RedactedStream())  # messages may quote a service's error, which may echo a key
 EXIT_NOT_BUILT = 2
 
 

@@ -5,7 +5,9 @@ Runs the forge loop (harness/loop.py) with the workspace's own gates. State live
 `git status`, and the round worktrees stay out of the working tree).
 
 Exit codes: 0 every stage passed; 1 a budget stopped the run; 2 usage, spec or state error;
-3 the agent's service kept failing (resume later); 4 the workspace's own code changed during a round.
+3 the agent's service kept failing (resume later); 4 the workspace's own code changed during a round;
+5 the agent cannot work (a key refused, an unknown model, a missing CLI: fix it, then resume);
+128 + N: signal N (SIGINT, SIGTERM, SIGHUP) ended the run (the round is recorded `interrupted`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import typer
 
 from harness.commands._common import console
 
-EXIT = {"passed": 0, "budget": 1, "agent_unavailable": 3, "tampered": 4}
+EXIT = {"passed": 0, "budget": 1, "agent_unavailable": 3, "tampered": 4, "agent_failed": 5}
 
 
 def default_state_dir(engine: Path, spec_name: str) -> Path:
@@ -33,6 +35,7 @@ def resolve_engine(path: str, base: Path) -> Path:
 
 
 def _parse_options(items: list[str]) -> dict:
+    """`key=value` pairs, values read as JSON where they parse (`model=...` sets the agent's model)."""
     import json
 
     out: dict = {}
@@ -49,8 +52,11 @@ def _parse_options(items: list[str]) -> dict:
 
 def main(
     spec_path: Path = typer.Option(..., "--spec", help="forge spec (specs/*.toml)"),
-    agent: Optional[str] = typer.Option(None, "--agent", help="backend for every stage (overrides the spec)"),
-    agent_option: list[str] = typer.Option([], "--agent-option", help="backend option key=value (JSON values), repeatable"),
+    agent: Optional[str] = typer.Option(None, "--agent", help="backend for every stage; a stage whose spec table "
+                                        "names this backend keeps its options"),
+    agent_option: list[str] = typer.Option([], "--agent-option", help="backend option key=value (JSON values), "
+                                           "repeatable, merged into the spec's; model=NAME sets the model"),
+    model: Optional[str] = typer.Option(None, "--model", help="the service's model name, for every stage"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in the state dir where it stopped"),
     engine: Optional[Path] = typer.Option(None, "--engine", help="the export to forge (default: the spec's engine.path)"),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="default: <repo>/.git/forge/<spec name>"),
@@ -61,14 +67,17 @@ def main(
     from harness.agents import BackendError
     from harness.gating import runner_available
     from harness.loop import ForgeError, ForgeLoop
+    from harness.procs import exit_code
     from harness.prompts import WORKSPACE_ROOT
     from harness.spec import SpecError, load_spec, with_overrides
     from harness.workspace import WorkspaceError
 
     try:
         spec = load_spec(spec_path)
+        options = _parse_options(agent_option)
+        model = model or options.pop("model", None)
         spec = with_overrides(spec, engine_path=str(engine.resolve()) if engine else None, backend=agent,
-                              options=_parse_options(agent_option) or None)
+                              options=options or None, model=model)
         unknown = [s for s in stage if s not in {st.name for st in spec.stages}]
         if unknown:
             raise SpecError(f"--stage {', '.join(unknown)}: not a stage of {spec.name}")
@@ -88,7 +97,9 @@ def main(
     console.print(f"[{color}]{outcome.status}[/]: {outcome.message}")
     console.print(f"stages: {', '.join(f'{k}={v}' for k, v in outcome.stages.items())}")
     console.print(f"branch {outcome.branch} at {outcome.tip[:10] if outcome.tip else '-'}; state {outcome.state_dir}")
-    if outcome.status in ("budget", "agent_unavailable"):
+    if outcome.status in ("budget", "agent_unavailable", "agent_failed", "interrupted"):
         console.print(f"continue with: bash agent-loop.sh forge --spec {spec_path} --resume"
                       + (f" --state-dir {state}" if state_dir else ""))
+    if outcome.signum is not None:
+        raise typer.Exit(exit_code(outcome.signum))
     raise typer.Exit(EXIT.get(outcome.status, 1))

@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.agents import AgentTask
+from harness.agents._env import agent_env
 from harness.gating import GateOutcome
+from harness.isolation import RoundBox, round_isolation, unsandboxed
 from harness.spec import ForgeSpec, GateCheck, parse_spec
 
 ENGINE_REL = "exports/toy_engine"
@@ -115,3 +118,16 @@ def patch_between(engine_dir: Path, new_model_src: str) -> str:
         return git(root, "diff", "--", str(f)) + "\n"
     finally:
         f.write_text(old)
+
+
+def make_task(tmp_path: Path, wt: Path, *, sandboxed: bool = True, env: dict[str, str] | None = None,
+              share: tuple[Path, ...] = (), **kw: Any) -> AgentTask:
+    """A round's task on the repository `wt` (its own worktree), in the round sandbox unless `sandboxed=False`."""
+    out = tmp_path / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    box = (RoundBox(round_isolation("required"), wt, wt / ".git", None, out, shown=share) if sandboxed
+           else unsandboxed(wt, out))
+    fields: dict[str, Any] = dict(stage="m1", round=1, prompt="fix forward", prompt_file=tmp_path / "p.md", worktree=wt,
+                                  engine_dir=wt / ENGINE_REL, env=env or agent_env(["PATH", "HOME"]), timeout_s=60,
+                                  log_dir=tmp_path / "logs", box=box)
+    return AgentTask(**(fields | kw))

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from forge_toy import FIXED, MODEL_PY, fake_gate, make_repo, toy_spec, write_spec_file
+from forge_toy import FIXED, MODEL_PY, fake_gate, make_repo, make_task, toy_spec, write_spec_file
 from wire_servers import (Script, anthropic_error, anthropic_message, anthropic_tool_use, openai_error, openai_reply,
                           openai_tool_call, serve, slow)
 
-from harness.agents import AgentTask, AgentUnavailable, get_backend
-from harness.agents._env import agent_env
+from harness.agents import AgentUnavailable, get_backend
+from harness.agents.base import AgentFatal
 from harness.ledger import Ledger
 from harness.loop import ForgeLoop
 
@@ -37,12 +37,6 @@ def _conversation(tool, final, error) -> list:
     ]
 
 
-def _task(tmp_path: Path, wt: Path) -> AgentTask:
-    return AgentTask(stage="m1", round=1, prompt="fix forward", prompt_file=tmp_path / "p.md", worktree=wt,
-                     engine_dir=wt / "exports/toy_engine", env=agent_env(["PATH", "HOME"]), timeout_s=60,
-                     log_dir=tmp_path / "logs")
-
-
 @pytest.mark.parametrize("service", ["anthropic", "openai"])
 def test_multi_turn_tool_use_with_retries(service: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY" if service == "anthropic" else "OPENAI_API_KEY", KEY)
@@ -58,11 +52,12 @@ def test_multi_turn_tool_use_with_retries(service: str, tmp_path: Path, monkeypa
     with serve(script, route) as url:
         base_url = url if service == "anthropic" else url + "/v1"
         backend = get_backend(service, {"base_url": base_url, "retry_base_s": 0.01, "retries": 3}, "test-model")
-        result = backend.run(_task(tmp_path, wt))
+        task = make_task(tmp_path, wt)
+        result = backend.run(task)
 
     assert result.error is None and result.summary == "fixed forward"
     assert (wt / MODEL_PATH).read_text() == FIXED
-    assert result.turns == 6 and result.tokens_in == 5 * 100 + 300 and result.tokens_out == 5 * 20 + 40
+    assert result.turns == 6 and task.meter.tokens_in == 5 * 100 + 300 and task.meter.tokens_out == 5 * 20 + 40
     reqs = script.requests
     assert len(reqs) == 8                                        # 6 answered turns + the 429 and the 503, retried
     # the key goes to the service, and only there (anthropic 2.x sends it as a bearer token, 0.x as x-api-key)
@@ -83,6 +78,7 @@ def test_multi_turn_tool_use_with_retries(service: str, tmp_path: Path, monkeypa
     assert ids == ["c1", "c2", "c3", "c4", "c5"]
     assert outputs[0] == "__init__.py\nmodel.py" and "x * 3 + 1" in outputs[1]
     assert "KEY=nonenone" in outputs[3] and "[3.0]" in outputs[3]   # the agent's commands never see the key
+    assert (tmp_path / "logs/commands/001.stdout").read_text().startswith("KEY=nonenone")
     assert "outside the worktree" in outputs[4]
     transcript = (tmp_path / "logs/transcript.jsonl").read_text()
     assert transcript.count('"kind": "retry"') == 2 and KEY not in transcript
@@ -115,8 +111,9 @@ def test_request_timeout_is_retried(service: str, tmp_path: Path, monkeypatch) -
     with serve(script, "/v1/messages" if service == "anthropic" else "/chat/completions") as url:
         backend = get_backend(service, {"base_url": url if service == "anthropic" else url + "/v1",
                                         "request_timeout_s": 0.5, "retry_base_s": 0.01}, "test-model")
-        res = backend.run(_task(tmp_path, wt))
-    assert res.error is None and res.summary == "ok" and (res.tokens_in, res.tokens_out) == (7, 3)
+        task = make_task(tmp_path, wt)
+        res = backend.run(task)
+    assert res.error is None and res.summary == "ok" and (task.meter.tokens_in, task.meter.tokens_out) == (7, 3)
     assert len(script.requests) == 2
     assert '"error": "APITimeoutError"' in (tmp_path / "logs/transcript.jsonl").read_text()
 
@@ -128,15 +125,15 @@ def test_bad_request_is_not_retried(tmp_path: Path, monkeypatch) -> None:
     with serve(script, "/v1/messages") as url:
         backend = get_backend("anthropic", {"base_url": url, "retry_base_s": 0.01}, "test-model")
         with pytest.raises(Exception) as e:
-            backend.run(_task(tmp_path, wt))
-    assert not isinstance(e.value, AgentUnavailable) and len(script.requests) == 1
+            backend.run(make_task(tmp_path, wt))
+    assert not isinstance(e.value, (AgentUnavailable, AgentFatal)) and len(script.requests) == 1
 
 
 def test_missing_key_stops_the_run(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     wt = make_repo(tmp_path / "wt").parents[1]
-    with pytest.raises(AgentUnavailable, match=r"\$OPENAI_API_KEY is not set"):
-        get_backend("openai", {"base_url": "http://127.0.0.1:9/v1"}, "test-model").run(_task(tmp_path, wt))
+    with pytest.raises(AgentFatal, match=r"\$OPENAI_API_KEY is not set"):
+        get_backend("openai", {"base_url": "http://127.0.0.1:9/v1"}, "test-model").run(make_task(tmp_path, wt))
 
 
 def test_anthropic_backend_in_the_loop(tmp_path: Path, monkeypatch) -> None:

@@ -1,21 +1,24 @@
 """claude_code and codex against stand-in CLIs on the agent's PATH that print each tool's output format
-(Claude Code's `--output-format json` result; Codex's `exec --json` JSONL events)."""
+(Claude Code's `--output-format stream-json` events; Codex's `exec --json` JSONL events), in the round
+sandbox: the fakes read their fix from a shared path and leave their argv and environment in the outbox."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from forge_toy import FIXED, MODEL_PY, fake_gate, make_repo, toy_spec, write_spec_file
+from forge_toy import FIXED, MODEL_PY, fake_gate, make_repo, make_task, toy_spec, write_spec_file
 
-from harness.agents import AgentTask, get_backend
-from harness.agents._env import agent_env
+import pytest
+
+from harness.agents import get_backend
+from harness.agents.base import AgentFatal
 from harness.ledger import Ledger
 from harness.loop import ForgeLoop
 
 FAKE_CLAUDE = r'''#!/usr/bin/env bash
-printf '%s\n' "$@" > "$ARGS_DUMP"
-env > "$ARGS_DUMP.env"
+printf '%s\n' "$@" > "$FORGE_OUT_DIR/args"
+env > "$FORGE_OUT_DIR/args.env"
 prompt="$(cat)"
 if printf '%s' "$prompt" | grep -q "reference 2.0"; then cp "$FIX" exports/toy_engine/src/toy_engine/model.py; fi
 cat <<JSON
@@ -24,7 +27,7 @@ JSON
 '''
 
 FAKE_CODEX = r'''#!/usr/bin/env bash
-printf '%s\n' "$@" > "$ARGS_DUMP"
+printf '%s\n' "$@" > "$FORGE_OUT_DIR/args"
 prompt="$(cat)"
 echo '{"type":"thread.started","thread_id":"t1"}'
 echo '{"type":"turn.started"}'
@@ -50,26 +53,32 @@ def _run_loop(tmp_path: Path, backend: str, options: dict, model: str | None) ->
     _install(bin_dir, "claude", FAKE_CLAUDE)
     _install(bin_dir, "codex", FAKE_CODEX)
     spec = toy_spec(eng, stages=("m1",), agent={
-        "backend": backend, "model": model, "options": options,
-        "env": {"PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGS_DUMP": str(tmp_path / "args"), "FIX": str(fix)}})
+        "backend": backend, "model": model, "options": options, "share": [str(fix)],
+        "env": {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FIX": str(fix)}})
     state = tmp_path / "s"
     out = ForgeLoop(spec, write_spec_file(tmp_path / "toy.toml"), engine=eng, state_dir=state, gate_fn=fake_gate).run()
-    assert out.ok
+    assert out.ok, out.message
     assert (eng / MODEL_PY).read_text() == FIXED
-    return Ledger(state / "ledger.jsonl").rounds(), tmp_path / "args"
+    rounds = Ledger(state / "ledger.jsonl").rounds()
+    assert all(r.isolation == "bwrap" for r in rounds)
+    return rounds, state / "rounds/m1-r02/agent/out/args"
 
 
 def test_claude_code_headless(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-SECRET-should-not-leak-123")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-SECRET-its-own-key-123")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-SECRET-not-its-key-456")
     rounds, args = _run_loop(tmp_path, "claude_code", {"max_turns": 50}, "opus")
     assert [r.verdict for r in rounds] == ["failed", "passed"]
     r = rounds[1]
     assert (r.tokens_in, r.tokens_out, r.cost_usd) == (4200, 456, 0.4321)
     argv = args.read_text().split("\n")
-    assert argv[:6] == ["-p", "--output-format", "json", "--permission-mode", "bypassPermissions", "--model"]
+    assert argv[:7] == ["-p", "--output-format", "stream-json", "--verbose", "--permission-mode", "bypassPermissions",
+                        "--model"]
     assert "--max-turns" in argv and "50" in argv
-    env = (tmp_path / "args.env").read_text()
-    assert "SECRET" not in env and "ANTHROPIC_API_KEY" not in env
+    # its own key, in the process that calls the API, and no other (stored redacted: the outbox is swept)
+    env = args.with_name("args.env").read_text()
+    assert "ANTHROPIC_API_KEY=[redacted]" in env and "OPENAI" not in env and "SECRET" not in env
+    assert "HTTPS_PROXY=http://127.0.0.1:3128" in env
 
 
 def test_codex_exec_json(tmp_path: Path) -> None:
@@ -84,9 +93,9 @@ def test_codex_exec_json(tmp_path: Path) -> None:
 
 def test_cli_missing_and_failing(tmp_path: Path) -> None:
     wt = make_repo(tmp_path / "wt").parents[1]
-    task = AgentTask(stage="m1", round=1, prompt="p", prompt_file=tmp_path / "p", worktree=wt, engine_dir=wt,
-                     env=agent_env(["PATH"], {"PATH": "/nonexistent"}), timeout_s=2, log_dir=tmp_path / "l")
-    assert "not found" in get_backend("claude_code").run(task).error
+    task = make_task(tmp_path, wt, env={"PATH": "/nonexistent"}, timeout_s=2)
+    with pytest.raises(AgentFatal, match="'claude' not found on the agent's PATH"):
+        get_backend("claude_code").run(task)
     bin_dir = tmp_path / "bin"
     _install(bin_dir, "codex", '#!/usr/bin/env bash\ncat >/dev/null\n'
              'echo \'{"type":"turn.failed","error":{"message":"usage limit reached"}}\'\nexit 1\n')
@@ -94,4 +103,4 @@ def test_cli_missing_and_failing(tmp_path: Path) -> None:
     task.env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
     assert get_backend("codex").run(task).error == "usage limit reached"
     res = get_backend("claude_code").run(task)
-    assert res.error == "timeout" and res.tokens_in is None
+    assert res.error == "timeout" and not task.meter.reported

@@ -1,5 +1,5 @@
 """The loop with the shell backend: a script agent that reads its prompt, fixes the engine once the
-feedback says where it diverges, and reports usage; its environment holds no key."""
+feedback says where it diverges, and reports usage; it runs in the round sandbox, its environment holds no key."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from harness.loop import ForgeLoop
 
 AGENT = r'''
 set -eu
-env > "$ENV_DUMP.$FORGE_ROUND"
+env > "$FORGE_OUT_DIR/env"
 echo '{"tokens_in": 1200, "tokens_out": 340, "cost_usd": 0.0123}' > "$FORGE_USAGE_FILE"
 if grep -q "reference 2.0" "$FORGE_PROMPT_FILE"; then      # the feedback names the divergence: fix it
   cp "$FIX" "$FORGE_ENGINE_DIR/src/toy_engine/model.py"
@@ -34,11 +34,10 @@ def test_shell_agent_fixes_engine_from_feedback(tmp_path: Path, monkeypatch) -> 
     fix.write_text(FIXED)
     script = tmp_path / "agent.sh"
     script.write_text(AGENT)
-    dump = tmp_path / "env"
     spec = toy_spec(eng, backend="shell", stages=("m1",),
                     options={"command": f"bash {script}"},
-                    agent={"backend": "shell", "options": {"command": f"bash {script}"},
-                           "env": {"ENV_DUMP": str(dump), "FIX": str(fix)}, "timeout_s": 60})
+                    agent={"backend": "shell", "options": {"command": f"bash {script}"}, "share": [str(script), str(fix)],
+                           "env": {"FIX": str(fix)}, "timeout_s": 60})
     state = tmp_path / "state"
     gate_envs: list[dict] = []
 
@@ -50,7 +49,7 @@ def test_shell_agent_fixes_engine_from_feedback(tmp_path: Path, monkeypatch) -> 
                     gate_fn=env_recording_gate).run()
     assert out.ok
     assert gate_envs and not any("SECRET" in v for env in gate_envs for v in env.values())
-    assert os.environ["ANTHROPIC_API_KEY"] == "sk-ant-test-SECRET-0123456789"   # restored after each gate
+    assert os.environ["ANTHROPIC_API_KEY"] == "sk-ant-test-SECRET-0123456789"   # given back after the run
     rounds = Ledger(state / "ledger.jsonl").rounds()
     assert [r.verdict for r in rounds] == ["failed", "passed"]
     assert all(r.tokens_in == 1200 and r.tokens_out == 340 and r.cost_usd == 0.0123 for r in rounds)
@@ -61,11 +60,14 @@ def test_shell_agent_fixes_engine_from_feedback(tmp_path: Path, monkeypatch) -> 
 
     # Keys stay with the harness: not in the agent's environment, not in the ledger, not in any state file.
     for n in (1, 2):
-        env = dict(line.split("=", 1) for line in (dump.parent / f"env.{n}").read_text().splitlines() if "=" in line)
+        dump = state / f"rounds/m1-r0{n}/agent/out/env"
+        env = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
         assert not any("SECRET" in v for v in env.values())
         assert "ANTHROPIC_API_KEY" not in env and "OPENAI_API_KEY" not in env
-        assert set(env) <= {"PATH", "HOME", "LANG", "LC_ALL", "TERM", "TMPDIR", "USER", "ENV_DUMP", "FIX", "PWD", "SHLVL",
-                            "_", "OLDPWD"} | {k for k in env if k.startswith("FORGE_")}
+        assert set(env) <= {"PATH", "HOME", "LANG", "LC_ALL", "TERM", "TMPDIR", "USER", "FIX", "PWD", "SHLVL", "_",
+                            "OLDPWD", "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES"} | {
+            k for k in env if k.startswith("FORGE_")}
+    assert all(r.isolation == "bwrap" for r in rounds)
     for f in state.rglob("*"):
         if f.is_file():
             assert b"SECRET" not in f.read_bytes(), f

@@ -40,7 +40,8 @@ def test_edits_outside_allowed_paths_reject_the_round(tmp_path: Path) -> None:
         return fake_gate(gate, engine_dir, spec, out_dir)
 
     spec = toy_spec(eng, stages=("m1",), rounds=5,
-                    agent={"backend": "shell", "options": {"command": f"bash {script}"}, "env": {"FIX": str(fix)}})
+                    agent={"backend": "shell", "options": {"command": f"bash {script}"}, "env": {"FIX": str(fix)},
+                           "share": [str(script), str(fix)]})
     state = tmp_path / "state"
     out = ForgeLoop(spec, write_spec_file(tmp_path / "toy.toml"), engine=eng, state_dir=state, gate_fn=counting_gate).run()
     assert out.ok
@@ -59,15 +60,20 @@ def test_edits_outside_allowed_paths_reject_the_round(tmp_path: Path) -> None:
 
 
 def test_tampering_with_the_workspace_gates_stops_the_run(tmp_path: Path) -> None:
-    """An agent that edits the harness's own gate code (outside its worktree) stops the run."""
-    eng = make_repo(tmp_path / "ws")
+    """An agent that edits the harness's own gate code (outside its worktree) stops the run; in the round
+    sandbox (the default) it cannot even reach that code."""
     guarded = tmp_path / "workspace_gates"
     guarded.mkdir()
     (guarded / "m1_forward.py").write_text("def run(): ...\n")
-    spec = toy_spec(eng, stages=("m1",), agent={"backend": "shell", "options": {
-        "command": f"echo 'def run(): return \"passed\"' > {guarded}/m1_forward.py"}})
-    state = tmp_path / "state"
-    out = ForgeLoop(spec, write_spec_file(tmp_path / "toy.toml"), engine=eng, state_dir=state, gate_fn=fake_gate,
-                    guard=[guarded]).run()
-    assert out.status == "tampered"
-    assert [r.verdict for r in Ledger(state / "ledger.jsonl").rounds()] == ["tampered"]
+    for sandbox, verdict in (("off", "tampered"), ("required", "error")):  # error: the write fails inside
+        eng = make_repo(tmp_path / sandbox / "ws")
+        spec = toy_spec(eng, stages=("m1",), rounds=1, agent={"backend": "shell", "sandbox": sandbox, "options": {
+            "command": f"echo 'def run(): return \"passed\"' > {guarded}/m1_forward.py"}})
+        state = tmp_path / sandbox / "state"
+        out = ForgeLoop(spec, write_spec_file(tmp_path / "toy.toml"), engine=eng, state_dir=state, gate_fn=fake_gate,
+                        guard=[guarded]).run()
+        assert [r.verdict for r in Ledger(state / "ledger.jsonl").rounds()] == [verdict]
+        assert out.status == ("tampered" if sandbox == "off" else "budget")
+        if sandbox == "off":
+            (guarded / "m1_forward.py").write_text("def run(): ...\n")
+    assert (guarded / "m1_forward.py").read_text() == "def run(): ...\n"

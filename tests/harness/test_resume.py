@@ -71,7 +71,9 @@ def test_kill9_mid_round_then_resume(tmp_path: Path) -> None:
     assert _alive(orphan_a)
     assert (state / "inflight.json").is_file()
     inflight = json.loads((state / "inflight.json").read_text())
-    assert inflight["key"] == "m1" and inflight["pids"]
+    assert inflight["key"] == "m1"
+    (group,) = [p for p in inflight["procs"] if p["pgid"] == os.getpgid(orphan_a)]  # recorded with its identity
+    assert group["start_ticks"] > 0 and any(str(script) in " ".join(c) for c in group["cmdlines"])
 
     # Run B: resumes; m1 round 2 passes; killed during m2 round 1.
     b = _start(eng, state, script, ctrl, resume=True)

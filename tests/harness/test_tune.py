@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from forge_toy import FIXED, fake_gate, make_repo, toy_spec, write_spec_file
+from forge_toy import FIXED, fake_gate, make_repo, make_task, toy_spec, write_spec_file
 
-from harness.agents import AgentTask, get_backend
-from harness.agents._env import agent_env
+from harness.agents import get_backend
 from harness.ledger import Ledger
 from harness.loop import ForgeLoop
 
@@ -31,8 +30,8 @@ def _bench(tmp_path: Path) -> str:
 
 def test_tune_grid_and_coordinate_descent(tmp_path: Path) -> None:
     eng = make_repo(tmp_path / "ws", FIXED)
-    task = AgentTask(stage="ops", round=1, prompt="", prompt_file=tmp_path / "p", worktree=eng.parents[1], engine_dir=eng,
-                     env=agent_env(["PATH"]), timeout_s=60, log_dir=tmp_path / "log", op="forward",
+    task = make_task(tmp_path, eng.parents[1], stage="ops", op="forward", log_dir=tmp_path / "log",
+                     share=(tmp_path / "bench.py",),
                      extra={"timing": {"command": _bench(tmp_path), "metric": "time_s", "minimize": True}})
     space = {"{op}.block": [16, 32, 64, 128], "{op}.warps": [4, 8]}
     res = get_backend("tune", {"config_file": "tuned.json", "space": space}).run(task)
@@ -48,8 +47,7 @@ def test_tune_grid_and_coordinate_descent(tmp_path: Path) -> None:
 
 def test_tune_without_a_timing_command_is_an_error(tmp_path: Path) -> None:
     eng = make_repo(tmp_path / "ws", FIXED)
-    task = AgentTask(stage="ops", round=1, prompt="", prompt_file=tmp_path / "p", worktree=eng.parents[1], engine_dir=eng,
-                     env=agent_env(["PATH"]), timeout_s=60, log_dir=tmp_path / "log", op="forward")
+    task = make_task(tmp_path, eng.parents[1], stage="ops", op="forward", log_dir=tmp_path / "log")
     assert "no timing command" in get_backend("tune", {"config_file": "tuned.json", "space": {"a": [1]}}).run(task).error
 
 
@@ -61,7 +59,7 @@ def test_ops_stage_elects_the_fastest_correct_candidate(tmp_path: Path) -> None:
     data["stages"].append({
         "name": "ops", "kind": "ops", "ops": ["forward"], "rounds": 2, "gates": [{"name": "m1_forward"}],
         "timing": {"command": _bench(tmp_path), "metric": "time_s"},
-        "agent": {"backend": "tune", "options": {"config_file": "tuned.json",
+        "agent": {"backend": "tune", "share": [str(tmp_path / "bench.py")], "options": {"config_file": "tuned.json",
                                                   "space": {"{op}.block": [32, 64], "{op}.warps": [4, 8]}}}})
     from harness.spec import parse_spec
 
