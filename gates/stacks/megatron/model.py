@@ -10,6 +10,13 @@ change no Megatron code and no Megatron math:
   bias-dropout-add that adds the residual;
 - a forward pre-hook on `output_layer` divides its input (the final RMSNorm's output) by
   `hidden / dim_model_base`.
+The config's RoPE and padding, where they differ from Megatron's, the same way:
+- with `rope_scaling` (LongRoPE, linear), a forward hook on `rotary_pos_emb` replaces the angles it returns
+  by the config's (per-frequency divisors, the reference's float64 math); a cos/sin scale m != 1 becomes a
+  forward pre-hook on each `core_attention` that multiplies the rotated query and key by m (m cos, m sin
+  rotate q and k into m times the same vectors);
+- with `pad_token_id`, a forward hook on `word_embeddings` detaches the rows looked up for that id, so the
+  padding row gets no gradient from the lookup (MiniCPM's nn.Embedding padding_idx).
 Optionally, forward hooks on each TransformerLayer record the residual stream for the forward probe.
 
 Two attention variants, through the layer spec only: `unfused` (the local spec as shipped: Megatron's
@@ -29,6 +36,7 @@ from torch import Tensor, nn
 
 from gates.model_config import MiniCPMConfig
 from gates.stacks.megatron.convert import hf_to_megatron, megatron_param_shapes, megatron_to_hf
+from gates.stacks.torch_ref.model import rope_inv_freq
 
 Attention = Literal["unfused", "sdpa"]
 ATTENTIONS: tuple[str, ...] = ("unfused", "sdpa")
@@ -106,8 +114,9 @@ def layer_spec(attention: Attention) -> Any:
 
 
 class MiniCPMScaling:
-    """Registers MiniCPM's scales on a GPTModel as hooks (see the module docstring); `capture=True`
-    also records the residual stream (embedding output and each layer's output, (b, s, h))."""
+    """Registers MiniCPM's scales, and the config's RoPE scaling and padding, on a GPTModel as hooks (see the
+    module docstring); `capture=True` also records the residual stream (embedding output and each layer's
+    output, (b, s, h))."""
 
     def __init__(self, gpt: nn.Module, cfg: MiniCPMConfig):
         self.cfg = cfg
@@ -119,6 +128,39 @@ class MiniCPMScaling:
             self.handles.append(layer.mlp.register_forward_hook(self._scale_branch))
             self.handles.append(layer.register_forward_hook(self._record_layer))
         self.handles.append(gpt.output_layer.register_forward_pre_hook(self._scale_logits_input))
+        if cfg.rope_scaling is not None:
+            self.handles.append(gpt.rotary_pos_emb.register_forward_hook(self._rope_angles, with_kwargs=True))
+            for layer in gpt.decoder.layers:
+                self.handles.append(layer.self_attention.core_attention.register_forward_pre_hook(self._rope_scale))
+        if cfg.pad_token_id is not None:
+            self.handles.append(gpt.embedding.word_embeddings.register_forward_hook(self._no_padding_grad))
+        self._angles: dict[tuple, Tensor] = {}  # (seq, device, dtype) -> the config's angles
+        self._scale = 1.0  # cos/sin scale of the sequence length last seen by _rope_angles
+
+    def _rope_angles(self, module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor:
+        seq = args[0] if args else kwargs["max_seq_len"]
+        if (args[1:2] or [kwargs.get("offset", 0)])[0]:
+            raise RuntimeError("MiniCPM's RoPE scaling hook covers positions from 0 only (no offset)")
+        key = (seq, out.device, out.dtype)
+        if key not in self._angles:
+            inv_freq, _ = rope_inv_freq(self.cfg, seq)
+            angles = torch.outer(torch.arange(seq, dtype=torch.float64), inv_freq)
+            self._angles[key] = torch.cat([angles, angles], -1)[:, None, None, :].to(out.device, out.dtype)
+        if out.shape != self._angles[key].shape:
+            raise RuntimeError(f"Megatron's rotary embedding returned {tuple(out.shape)}, the hook expects "
+                               f"{tuple(self._angles[key].shape)} (rotary_percent 1, no interleave, no context parallel)")
+        self._scale = self.cfg.rope_at(seq)[1]
+        return self._angles[key]
+
+    def _rope_scale(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self._scale == 1.0:
+            return None
+        query, key, *rest = args  # (s, b, heads, d), rotated
+        return (query * self._scale, key * self._scale, *rest)
+
+    def _no_padding_grad(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        pad = (args[0] == self.cfg.pad_token_id).unsqueeze(-1)  # (b, s, 1)
+        return torch.where(pad, out.detach(), out)
 
     def _scale_embedding(self, module: nn.Module, args: Any, out: Tensor) -> Tensor:
         out = out * self.cfg.scale_emb  # (s, b, h)
