@@ -77,4 +77,6 @@ def llama_config_dict(cfg: MiniCPMConfig, bos_token_id: int | None = None, eos_t
     rope = llama_rope_scaling(cfg)
     if rope is not None:
         out["rope_scaling"] = rope
+        if "original_max_position_embeddings" in rope:  # transformers 4.x reads longrope's from the top level
+            out["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
     return out

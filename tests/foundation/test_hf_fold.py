@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gates.case import random_weights
 from gates.hf_fold import fold_to_llama, llama_config_dict
-from gates.model_config import preset
+from gates.model_config import LongRope, preset
 from gates.stacks.torch_ref.model import MiniCPM, loss_sum
 
 
@@ -40,6 +40,41 @@ def test_llama_reproduces_reference(dtype, bound, tied):
     total, count = loss_sum(ref_logits, labels)
     hf_loss = torch.nn.functional.cross_entropy(hf_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     assert abs(float(total / count) - float(hf_loss)) < bound * float(hf_loss)
+
+
+def _longrope(long: bool):
+    """The released 0.5B config at reduced size (head dim 64: its 32 factors as published); `long`: original length
+    64 < the test's 150 positions (long factors, cos/sin scaled), untied, pad_token_id 2."""
+    base = preset("minicpm4-0.5b")
+    cfg = base.model_copy(update=dict(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden_size=256,
+                                      vocab_size=300))
+    if long:
+        short = base.rope_scaling.short_factor
+        rope = LongRope(short_factor=short, long_factor=[2 * f for f in short], original_max_position_embeddings=64)
+        cfg = cfg.model_copy(update={"rope_scaling": rope, "max_seq_length": 4096, "tie_word_embeddings": False,
+                                     "pad_token_id": 2})
+    return cfg
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["released", "long-factors"])
+def test_llama_longrope_reproduces_reference(long):
+    """transformers' own `longrope` with the fold's config computes the reference's LongRoPE (q / k scaled so
+    attention is sharp and positions matter: plain RoPE misses by > 10 %)."""
+    cfg = _longrope(long)
+    weights = {k: v * 15 if "q_proj" in k or "k_proj" in k else v
+               for k, v in random_weights(cfg, seed=int(torch.randint(0, 2**30, ())), dtype=torch.float64).items()}
+    ref = MiniCPM(cfg).double()
+    ref.load_state_dict(weights)
+    plain = MiniCPM(cfg.model_copy(update={"rope_scaling": None})).double()
+    plain.load_state_dict(weights)
+    llama = LlamaForCausalLM(LlamaConfig(**llama_config_dict(cfg))).double().eval()
+    llama.load_state_dict(fold_to_llama(cfg, weights), strict=True)
+    assert llama.model.embed_tokens.padding_idx == cfg.pad_token_id
+    ids = torch.randint(0, cfg.vocab_size, (2, 150))
+    with torch.no_grad():
+        want = ref(ids)
+        assert _rel(llama(input_ids=ids).logits, want) < 1e-6
+        assert _rel(plain(ids), want) > 0.1
 
 
 def test_fold_is_not_identity():

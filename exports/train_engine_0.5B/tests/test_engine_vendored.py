@@ -42,6 +42,19 @@ def test_same_config_math(name):
     assert eng_cfg.hf_param_shapes(eng) == ws_case.hf_param_shapes(ws)
     assert eng_cfg.to_hf_minicpm_config(eng) == ws_cfg.to_hf_minicpm_config(ws)
     assert eng_fold.llama_config_dict(eng, 1, 2) == ws_fold.llama_config_dict(ws, 1, 2)
+    for seq in (1, 4096, 32768):
+        assert eng.rope_at(seq) == ws.rope_at(seq)
+
+
+def test_released_config_files_are_the_workspace_ones():
+    """The engine's preset is read from its own copy of the released config.json: byte for byte the workspace's."""
+    from pathlib import Path
+
+    import gates
+    import train_engine_0_5b
+
+    name = "data/released/minicpm4-0.5b.json"
+    assert (Path(train_engine_0_5b.__file__).parent / name).read_bytes() == (Path(gates.__file__).parent / name).read_bytes()
 
 
 @pytest.mark.parametrize("tied", [True, False])
