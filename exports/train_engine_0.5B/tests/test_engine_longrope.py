@@ -135,3 +135,13 @@ def test_export_writes_transformers_longrope():
     assert llama_config_dict(cfg)["pad_token_id"] == 2
     released = llama_config_dict(preset("minicpm4-0.5b"))["rope_scaling"]
     assert (released["factor"], released["attention_factor"]) == (1.0, 1.0)
+
+
+def test_fresh_weights_zero_the_padding_row():
+    """As MiniCPM's nn.Embedding(padding_idx) initializes it; the other rows are drawn."""
+    from train_engine_0_5b.model import init_weights
+
+    cfg = _beyond_original()
+    model = build_model(cfg, resolve(OpSelection(), "cpu", torch.float32), "meta", torch.float32)
+    emb = init_weights(model, 0.1, seed=0)["model.embed_tokens.weight"]
+    assert emb[2].abs().max() == 0 and emb[1].abs().min() > 0 and emb[3].abs().max() > 0

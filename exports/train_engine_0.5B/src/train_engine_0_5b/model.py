@@ -207,7 +207,8 @@ def check_names(cfg: MiniCPMConfig, model: MiniCPM) -> None:
 @torch.no_grad()
 def init_weights(model: MiniCPM, init_std: float, seed: int) -> dict[str, Tensor]:
     """Fresh fp32 weights (HF names), the same on every rank for a seed: norms 1; the embedding
-    N(0, init_std); hidden matrices N(0, init_std / sqrt(hidden / dim_model_base)) (muP's width scaling)."""
+    N(0, init_std) with the padding row (pad_token_id) zero; hidden matrices N(0, init_std / sqrt(hidden /
+    dim_model_base)) (muP's width scaling)."""
     cfg = model.cfg
     gen = torch.Generator().manual_seed(seed)
     hidden_std = init_std / math.sqrt(cfg.hidden_size / cfg.dim_model_base)
@@ -218,6 +219,8 @@ def init_weights(model: MiniCPM, init_std: float, seed: int) -> dict[str, Tensor
         else:
             std = init_std if name in ("model.embed_tokens.weight", "lm_head.weight") else hidden_std
             out[name] = torch.randn(p.shape, generator=gen) * std
+    if cfg.pad_token_id is not None:  # as nn.Embedding(padding_idx) and MiniCPM's init leave it
+        out["model.embed_tokens.weight"][cfg.pad_token_id] = 0.0
     return out
 
 
