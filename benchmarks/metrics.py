@@ -1,4 +1,4 @@
-"""The arithmetic every benchmark shares: median step time, tokens/s, MFU (DESIGN.md's formula), ratios.
+"""The arithmetic every benchmark shares: median step time, tokens/s, MFU (docs/DESIGN.md's formula), ratios.
 
 MFU = flops_per_token * tokens_per_s / (gpus * peak), with `MiniCPMConfig.flops_per_token` (Megatron-LM
 v0.15's count, causal attention halved, true vocab) and the dense bf16 peak of one H100/H200 SXM.
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from gates.model_config import MiniCPMConfig
 
-PEAK_TFLOPS_BF16 = 989.4  # dense bf16 TFLOP/s per H100 / H200 SXM GPU (DESIGN.md)
+PEAK_TFLOPS_BF16 = 989.4  # dense bf16 TFLOP/s per H100 / H200 SXM GPU (docs/DESIGN.md)
 GIB = 2**30
 
 

@@ -35,7 +35,7 @@ def markdown(doc: dict) -> str:
         f"megatron-core {v.get('megatron_core') or '—'}; {commit_note(doc)}; {doc['created']}.",
         f"Steps: {s['warmup']} warm-up + {s['steps']} measured, median step time; random tokens, seed {s['seed']}. "
         f"MFU = {s['flops_per_token'] / 1e9:.3f} GFLOP/token x tokens/s / {s['peak_tflops']} TFLOP/s "
-        "(DESIGN.md: Megatron-LM v0.15's count, causal attention halved, true vocab).",
+        "(docs/DESIGN.md: Megatron-LM v0.15's count, causal attention halved, true vocab).",
         "Megatron runs without Transformer Engine (local layer spec); `megatron-sdpa` swaps only its core attention.",
         "",
         "| stack | micro batch | status | tokens/s | step s | MFU | peak GiB | x megatron-sdpa | x megatron | x torch.compile | note |",

@@ -1,4 +1,4 @@
-"""The case format of the probe contract (DESIGN.md, "The probe contract").
+"""The case format of the probe contract (docs/DESIGN.md, "The probe contract").
 
 A case directory holds:
 - `case.json`: `CaseSpec` (model config, dtype, device, world size, batch layout, optimizer and

@@ -13,7 +13,7 @@ Parts and their rules:
   `speed_steps`) at `speed_seq_length` x `speed_global_batch_size` rows in micro batches of
   `speed_micro_batch_size` (accumulation, as real pretraining): N steps to warm the compile caches, then N,
   then 2N. Tokens/s = N x rows x seq / (wall(2N) - wall(N)): start-up, compilation and the final save
-  cancel. FLOPs per token come from the case's model (the forge spec's), DESIGN.md's formula, never from the
+  cancel. FLOPs per token come from the case's model (the forge spec's), docs/DESIGN.md's formula, never from the
   engine's files; the device and its peak are read on the gate's side (989.4 TFLOP/s bf16 for H100 / H200
   SXM). The timed runs' losses must match the reference's on the same data (mean relative difference below
   `long_train_threshold`), so skipped work fails; that reference takes the rows one at a time with fused
@@ -42,7 +42,7 @@ from gates.pretrain_runs import PretrainBox, metrics_line
 from gates.report import GateReport, Localization, Part, worst
 from gates.stacks import SPEED_STACKS
 
-PEAK_FLOPS = 989.4e12  # dense bf16 per H100 / H200 SXM GPU (DESIGN.md)
+PEAK_FLOPS = 989.4e12  # dense bf16 per H100 / H200 SXM GPU (docs/DESIGN.md)
 PEAK_DEVICES = ("H100", "H200")
 CURVE_K = 2.0  # bf16 loss curves: the engine may drift from fp32 twice as far as the bf16 reference does
 SPEED_LR = 3e-4  # the timed runs must learn (skipped work shows in the loss) without bf16 chaos at 0.5B
@@ -173,7 +173,7 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
     dt = walls["2N"] - walls["N"]
     flops = model.flops_per_token(seq)
     numbers = {"threshold": o.mfu_threshold, "device": device, "model": model.name, "flops_per_token": flops,
-               "flops_source": "the case's model (forge spec), DESIGN.md's formula", "seq_length": seq,
+               "flops_source": "the case's model (forge spec), docs/DESIGN.md's formula", "seq_length": seq,
                "global_batch_size": rows, "micro_batch_size": micro, "timed_steps": n, "wall_warm_s": walls["warm"],
                "wall_n_s": walls["N"], "wall_2n_s": walls["2N"], "engine_log_last_line": metrics_line(box.log("2N"))}
     diffs = {name: (log["losses"] - ref["losses"][: len(log["losses"])].double()).abs() / ref["losses"][: len(log["losses"])].double().abs()

@@ -1,4 +1,4 @@
-"""The driver's arithmetic: FLOPs per token (DESIGN.md's formula, by hand), MFU, median, ratios."""
+"""The driver's arithmetic: FLOPs per token (docs/DESIGN.md's formula, by hand), MFU, median, ratios."""
 
 from __future__ import annotations
 
