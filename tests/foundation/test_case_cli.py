@@ -1,17 +1,22 @@
-"""`agent-loop.sh case new`: writes a loadable case; rejects bad arguments with a clear message."""
+"""`agent-loop.sh case new`: writes a loadable case; rejects bad arguments with a clear message. In process,
+through typer's CliRunner (agent-loop.sh only hands its arguments to this app); one test runs the script itself."""
 
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from typer.testing import CliRunner
 
 from gates.case import load_case
+from harness.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args):
-    return subprocess.run(["bash", str(ROOT / "agent-loop.sh"), *args], capture_output=True, text=True)
+    r = CliRunner().invoke(app, list(args))
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
 
 def test_case_new_writes_a_case(tmp_path):
@@ -50,6 +55,7 @@ def test_case_new_rejects_bad_arguments(tmp_path, args, message):
 
 
 def test_unbuilt_verbs_never_pretend():
-    r = run("--help")
+    r = subprocess.run(["bash", str(ROOT / "agent-loop.sh"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     for verb in ("forge", "gate", "inspect", "train", "bench", "case", "demo"):
         assert verb in r.stdout
