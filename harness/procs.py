@@ -120,6 +120,22 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL the group `pid` leads and every descendant's group (also one that left for a session of its own);
+    only for an unreaped child of ours, whose tree is still linked to it."""
+    own = os.getpgrp()
+    groups = {pid}
+    for d in descendants(pid):
+        st = _stat(d)
+        if st is not None and st[1] != own:
+            groups.add(st[1])
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def same_process(rec: ProcRecord) -> bool:
     """The process now at `rec.pid` is the one recorded: same boot, same start time, and a command line it was
     seen with or the round's tag in its environment."""

@@ -1,15 +1,14 @@
 """Running one of a round's processes: its own session, a wall-time limit, output redacted line by line into
-log files (and, for a CLI agent, read as it streams), the whole group killed however it ends.
+log files (and, for a CLI agent, read as it streams), its whole tree killed however it ends.
 
-The caller wraps argv in the round's sandbox first (`task.box.wrap`). The group is killed while its
-leader is still unreaped, so the group id cannot name anyone else yet.
+The caller wraps argv in the round's sandbox first (`task.box.wrap`). The tree is killed while its root is
+still unreaped, so its group id cannot name anyone else yet and its descendants are still linked to it.
 """
 
 from __future__ import annotations
 
 import os
 import select
-import signal
 import subprocess
 import threading
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable
 
+from harness.procs import kill_tree
 from harness.secrets import redact
 
 LineFn = Callable[[str], "str | None"]  # sees each stdout line; returns why to stop the process, or None
@@ -30,14 +30,6 @@ class ProcResult:
     timed_out: bool
     wall_s: float
     stopped: str | None = None        # why `on_line` stopped it
-
-
-def kill_group(pid: int) -> None:
-    """SIGKILL the group `pid` leads; only for a child of ours not yet reaped."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _wait_unreaped(pid: int, timeout_s: float) -> bool:
@@ -93,7 +85,7 @@ def run_process(argv: list[str], *, cwd: Path, env: dict[str, str], timeout_s: f
         if not stopped:
             stopped.append(why)
             if reaped.acquire(blocking=False):
-                kill_group(proc.pid)
+                kill_tree(proc.pid)
                 reaped.release()
 
     pumps = [threading.Thread(target=_pump, args=(proc.stdout, out_path, on_line, stop), daemon=True),
@@ -107,7 +99,7 @@ def run_process(argv: list[str], *, cwd: Path, env: dict[str, str], timeout_s: f
         timed_out = not _wait_unreaped(proc.pid, timeout_s)
     finally:
         with reaped:
-            kill_group(proc.pid)
+            kill_tree(proc.pid)
         reaped.acquire()
         proc.wait()
         for t in pumps:

@@ -131,3 +131,27 @@ def make_task(tmp_path: Path, wt: Path, *, sandboxed: bool = True, env: dict[str
                                   engine_dir=wt / ENGINE_REL, env=env or agent_env(["PATH", "HOME"]), timeout_s=60,
                                   log_dir=tmp_path / "logs", box=box)
     return AgentTask(**(fields | kw))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(str(v))
+
+
+def write_toml_spec(path: Path, spec: ForgeSpec) -> Path:
+    """`spec` as a TOML file the CLI reads (`forge --spec`)."""
+    data = spec.model_dump(mode="json", exclude_none=True)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, (dict, list))]
+    for table in ("model", "hardware", "engine", "budgets", "agent", "loop"):
+        lines += [f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in data[table].items()]
+    for st in data["stages"]:
+        lines += ["[[stages]]"] + [f"{k} = {_toml_value(v)}" for k, v in st.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path

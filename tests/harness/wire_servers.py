@@ -19,14 +19,15 @@ class Script:
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
 
-    def next(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any], float]:
-        """(status, payload, seconds to wait before answering: a slow reply makes the client time out)."""
+    def next(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[int, Any, float, dict[str, str]]:
+        """(status, payload (bytes: sent as they are), seconds to wait before answering (a slow reply makes the
+        client time out), extra headers)."""
         with self.lock:
             self.requests.append({"path": path, "headers": headers, "body": body})
             if not self.replies:
-                return 500, {"type": "error", "error": {"type": "api_error", "message": "script exhausted"}}, 0.0
+                return 500, {"type": "error", "error": {"type": "api_error", "message": "script exhausted"}}, 0.0, {}
             reply = self.replies.pop(0)
-            return (reply[0], reply[1], reply[2] if len(reply) > 2 else 0.0)
+            return (reply[0], reply[1], reply[2] if len(reply) > 2 else 0.0, reply[3] if len(reply) > 3 else {})
 
 
 def _handler(script: Script, route: str) -> type[BaseHTTPRequestHandler]:
@@ -37,18 +38,21 @@ def _handler(script: Script, route: str) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("content-length", 0))
             body = json.loads(self.rfile.read(length) or b"{}")
-            delay = 0.0
+            delay, extra = 0.0, {}
             if not self.path.endswith(route):
                 status, payload = 404, {"error": {"message": f"no route {self.path}"}}
             else:
-                status, payload, delay = script.next(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                status, payload, delay, extra = script.next(self.path, {k.lower(): v for k, v in self.headers.items()},
+                                                            body)
             time.sleep(delay)
-            data = json.dumps(payload).encode()
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
-            if status == 429:
+            if status == 429 and "retry-after" not in extra:
                 self.send_header("retry-after", "0")
+            for k, v in extra.items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(data)
 
@@ -85,9 +89,20 @@ def slow(reply: tuple[int, dict], seconds: float) -> tuple[int, dict, float]:
     return (reply[0], reply[1], seconds)
 
 
-def anthropic_error(status: int) -> tuple[int, dict]:
-    kind = {429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error")
-    return status, {"type": "error", "error": {"type": kind, "message": f"scripted {status}"}}
+def anthropic_error(status: int, message: str | None = None) -> tuple[int, dict]:
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
+            529: "overloaded_error"}.get(status, "api_error")
+    return status, {"type": "error", "error": {"type": kind, "message": message or f"scripted {status}"}}
+
+
+def malformed(body: bytes = b'{"id": "msg_test", "type": "message", "content": [') -> tuple[int, bytes]:
+    """A 200 whose body is not the protocol's JSON."""
+    return 200, body
+
+
+def retry_after(reply: tuple, seconds: float) -> tuple:
+    """`reply` with a Retry-After header."""
+    return (reply[0], reply[1], 0.0, {"retry-after": str(seconds)})
 
 
 # -- OpenAI Chat Completions ---------------------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""Process control: SIGINT / SIGTERM / SIGHUP to forge end the round's whole process tree (also a child that
+left for a session of its own) and record the round `interrupted`; a kill -9 of a sandboxed round leaves
+nothing behind; resume ends a recorded group only after checking who it is now."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from forge_toy import FIXED, make_repo
+
+from harness.ledger import Ledger
+from harness.procs import describe, end_group, wait_gone
+
+HERE = Path(__file__).resolve().parent
+# Hangs in m1 round 1: a child in the agent's group and one in a session of its own, both named after $CTRL.
+AGENT = r'''
+set -eu
+if [ "$FORGE_STAGE-$FORGE_ROUND" = m1-1 ]; then
+  setsid bash -c 'exec -a "orphan:$CTRL" sleep 300' &
+  bash -c 'exec -a "orphan:$CTRL" sleep 300' &
+  echo "# half-written edit" >> "$FORGE_ENGINE_DIR/src/toy_engine/model.py"
+  touch "$FORGE_OUT_DIR/started"
+  wait
+fi
+cp "$CTRL/fixed.py" "$FORGE_ENGINE_DIR/src/toy_engine/model.py"
+'''
+
+
+def _orphans(ctrl: Path) -> list[int]:
+    out = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if f"orphan:{ctrl}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
+def _start(tmp_path: Path, sandbox: str, resume: bool = False) -> tuple[subprocess.Popen, Path, Path]:
+    eng = tmp_path / "ws" / "exports/toy_engine"
+    if not eng.exists():
+        make_repo(tmp_path / "ws")
+    ctrl, state = tmp_path / "ctrl", tmp_path / "state"
+    ctrl.mkdir(exist_ok=True)
+    (ctrl / "fixed.py").write_text(FIXED)
+    script = tmp_path / "agent.sh"
+    script.write_text(AGENT)
+    argv = [sys.executable, str(HERE / "forge_driver.py"), str(eng), str(state), str(script), str(ctrl),
+            "--sandbox", sandbox] + (["--resume"] if resume else [])
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), ctrl, state
+
+
+def _wait_started(proc: subprocess.Popen, state: Path, ctrl: Path) -> None:
+    t0 = time.monotonic()
+    while not ((state / "rounds/m1-r01/agent/out/started").exists() and len(_orphans(ctrl)) >= 2):
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() - t0 < 60, "the agent never started"
+        time.sleep(0.1)
+    time.sleep(0.7)  # the watcher has seen every group
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,sandbox", [(signal.SIGINT, "required"), (signal.SIGTERM, "off"), (signal.SIGHUP, "required")])
+def test_a_signal_ends_the_round_and_its_tree(sig: int, sandbox: str, tmp_path: Path) -> None:
+    proc, ctrl, state = _start(tmp_path, sandbox)
+    _wait_started(proc, state, ctrl)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, out
+    assert "STATUS interrupted" in out and f"interrupted by {signal.Signals(sig).name}" in out
+    assert wait_gone(_orphans(ctrl), 5), "a process of the round outlived it"
+    (rec,) = Ledger(state / "ledger.jsonl").rounds()
+    assert (rec.verdict, rec.counted) == ("interrupted", False) and rec.note.startswith(f"interrupted by")
+    assert not (state / "inflight.json").exists() and not any((state / "worktrees").iterdir())
+    events = [e["event"] for e in Ledger(state / "ledger.jsonl").records() if e["kind"] == "event"]
+    assert events[-1] == "run_interrupted"
+
+    again, _, _ = _start(tmp_path, sandbox, resume=True)          # resume redoes the round and goes on
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0 and "STATUS passed" in out, out
+    verdicts = [(r.stage, r.round, r.verdict) for r in Ledger(state / "ledger.jsonl").rounds()]
+    assert verdicts == [("m1", 1, "interrupted"), ("m1", 2, "passed"), ("m2", 1, "passed")]
+
+
+@pytest.mark.slow
+def test_kill9_of_a_sandboxed_round_leaves_nothing(tmp_path: Path) -> None:
+    proc, ctrl, state = _start(tmp_path, "required")
+    _wait_started(proc, state, ctrl)
+    proc.kill()
+    proc.wait()
+    assert wait_gone(_orphans(ctrl), 5), "the sandbox dies with forge"
+    inflight = json.loads((state / "inflight.json").read_text())
+    assert inflight["procs"] and all(p["cmdlines"] and p["start_ticks"] for p in inflight["procs"])
+    again, _, _ = _start(tmp_path, "required", resume=True)
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, out
+    assert [r.verdict for r in Ledger(state / "ledger.jsonl").rounds()] == ["interrupted", "passed", "passed"]
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen(["sleep", "30"], start_new_session=True)
+
+
+def _alive(pid: int) -> bool:
+    d = describe(pid)
+    return d is not None
+
+
+def test_resume_ends_a_group_only_after_the_identity_check() -> None:
+    p = _sleeper()
+    rec = describe(p.pid)
+    assert rec is not None
+    try:
+        reused = rec.model_copy(update={"start_ticks": rec.start_ticks - 5})     # same pid, another process
+        assert "is now another process: left alone" in end_group(reused) and _alive(p.pid)
+        other_boot = rec.model_copy(update={"boot_id": "another-boot"})
+        assert "left alone" in end_group(other_boot) and _alive(p.pid)
+        renamed = rec.model_copy(update={"cmdlines": [["python3", "unrelated.py"]], "tag": ""})
+        assert "left alone" in end_group(renamed) and _alive(p.pid)
+        assert "ended" in end_group(rec)
+        p.wait(timeout=5)
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_resume_ends_a_group_whose_leader_is_gone() -> None:
+    leader = subprocess.Popen(["bash", "-c", "sleep 30 & echo $!; sleep 0.3"], start_new_session=True,
+                              stdout=subprocess.PIPE, text=True)
+    rec = describe(leader.pid)
+    member = int(leader.stdout.readline())
+    leader.wait()
+    try:
+        assert describe(leader.pid) is None and _alive(member)
+        assert "ended" in end_group(rec)
+        assert wait_gone([member], 5)
+    finally:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
