@@ -222,11 +222,11 @@ class Workspace:
         self._junk.write_text("\n".join(JUNK) + "\n")
         secrets: list[str] = []
         with tempfile.TemporaryDirectory(prefix="forge-snapshot-") as tmp:
-            quarantine = Path(tmp) / "objects"
-            quarantine.mkdir()
-            env = {"GIT_INDEX_FILE": os.path.join(tmp, "index"), "GIT_OBJECT_DIRECTORY": str(quarantine),
-                   "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(self.git_common / "objects")}
-            for attempt in range(2):
+            for attempt in range(2):  # each in a fresh quarantine: a dirty attempt's objects are dropped
+                quarantine = Path(tmp) / f"objects-{attempt}"
+                quarantine.mkdir()
+                env = {"GIT_INDEX_FILE": os.path.join(tmp, f"index-{attempt}"), "GIT_OBJECT_DIRECTORY": str(quarantine),
+                       "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(self.git_common / "objects")}
                 self._round_git(rt, "read-tree", rt.base, env=env)
                 self._round_git(rt, "-c", f"core.excludesFile={self._junk}", "add", "-A", "--", ".", env=env)
                 tree = self._round_git(rt, "write-tree", env=env)
