@@ -2,7 +2,7 @@
 commands, a timing command), built on the gates' bubblewrap primitive (gates/sandbox.py: View, isolation).
 
 Inside, a round's process:
-- sees / read-only, with /tmp and HOME fresh and empty, and /run, /var/tmp, /home, /root, the forge cache,
+- sees / read-only, with /tmp, HOME and the forge cache fresh and empty, and /run, /var/tmp, /home, /root,
   the run's state (all of <git>/forge) and the engine repository's own checkout hidden; the workspace (the
   gate runner the prompt tells it to use), the interpreter, the PATH's tool dirs, the repository's .git and
   the spec's `share` paths shown read-only;
@@ -78,9 +78,9 @@ class RoundBox:
         if not self.sandboxed:
             return argv, env
         home = Path(env.get("HOME") or Path.home())
-        scratch = (Path("/tmp"), Path(tempfile.gettempdir()), home)
+        scratch = (Path("/tmp"), Path(tempfile.gettempdir()), home, forge_cache_root())  # the agent's gate runs cache here
         hidden = [Path(p) for p in ("/run", "/var/run", "/var/tmp", "/home", "/root")]
-        hidden += [forge_cache_root(), self.git_common / "forge", WORKSPACE / ".git" / "forge", *self.hidden]
+        hidden += [self.git_common / "forge", WORKSPACE / ".git" / "forge", *self.hidden]
         hidden = [p for p in hidden if p.resolve() not in {s.resolve() for s in scratch}]
         covered = [*scratch, *hidden]
         path_dirs = [Path(d) for d in env.get("PATH", "").split(os.pathsep) if d]

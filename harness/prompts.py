@@ -37,7 +37,8 @@ def gate_command(spec: ForgeSpec, gate: GateCheck, engine_dir: Path) -> str:
     """The command an agent runs to check its own work with the gate runner (`agent-loop.sh gate`)."""
     o = gate.runner_options()
     parts = ["bash", str(WORKSPACE_ROOT / "agent-loop.sh"), "gate", gate.name, "--engine", str(engine_dir),
-             "--reference", spec.reference, "--device", gate.device or spec.hardware.device]
+             "--reference", spec.reference, "--device", gate.device or spec.hardware.device,
+             "--sandbox", "preferred"]  # the round sandbox already isolates it, and bwrap cannot nest inside it
     flags = {"case": "--case", "dtype": "--dtype", "policy": "--policy", "world_size": "--world-size",
              "steps": "--steps", "seq_length": "--seq-length", "long_train_steps": "--long-train-steps",
              "mfu_threshold": "--mfu-threshold", "timeout_s": "--timeout"}
