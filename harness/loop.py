@@ -378,9 +378,11 @@ class ForgeLoop:
 
     def _round_body(self, stage: StageSpec, op: str | None, key: str, rt: RoundTree, rec: RoundRecord, meter: Meter,
                     backend: AgentBackend, agent_spec: AgentSpec, round_dir: Path, t_start: float) -> RoundRecord:
+        ws = self.ws
+        assert ws is not None
         feedback, carry_patch = self._feedback(key, rt.base)
-        if carry_patch is not None and not self.ws.apply_patch(rt, carry_patch):  # type: ignore[union-attr]
-            feedback.carried = False  # type: ignore[union-attr]
+        if feedback is not None and carry_patch is not None and not ws.apply_patch(rt, carry_patch):
+            feedback.carried = False
         prompt_file = round_dir / "prompt.md"
         box = self._box(agent_spec, rt, round_dir, prompt_file)
         rec.isolation = box.describe()
@@ -430,10 +432,10 @@ class ForgeLoop:
             rec.note = "the workspace's own harness/gates/prompts/spec changed during the round; the run stops"
             self.console.print(f"[red]{rec.note}[/]")
             return self._finish(rec, rt, t_start, round_dir)
-        snap = self.ws.snapshot(rt)  # type: ignore[union-attr]
-        (round_dir / "changes.patch").write_text(self.ws.patch(rt, snap) if snap.changes else "")  # type: ignore[union-attr]
+        snap = ws.snapshot(rt)
+        (round_dir / "changes.patch").write_text(ws.patch(rt, snap) if snap.changes else "")
         rec.diff, rec.changed = snap.stat(), snap.paths[:50]
-        rec.forbidden = self.ws.forbidden(snap, self.spec.engine.allowed_paths)  # type: ignore[union-attr]
+        rec.forbidden = ws.forbidden(snap, self.spec.engine.allowed_paths)
         if rec.forbidden:
             rec.verdict = "rejected"
             self.console.print(f"[red]round rejected: changed {', '.join(rec.forbidden[:5])}[/]")

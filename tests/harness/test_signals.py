@@ -78,7 +78,7 @@ def test_a_signal_ends_the_round_and_its_tree(sig: int, sandbox: str, tmp_path: 
     assert "STATUS interrupted" in out and f"interrupted by {signal.Signals(sig).name}" in out
     assert wait_gone(_orphans(ctrl), 5), "a process of the round outlived it"
     (rec,) = Ledger(state / "ledger.jsonl").rounds()
-    assert (rec.verdict, rec.counted) == ("interrupted", False) and rec.note.startswith(f"interrupted by")
+    assert (rec.verdict, rec.counted) == ("interrupted", False) and rec.note.startswith("interrupted by")
     assert not (state / "inflight.json").exists() and not any((state / "worktrees").iterdir())
     events = [e["event"] for e in Ledger(state / "ledger.jsonl").records() if e["kind"] == "event"]
     assert events[-1] == "run_interrupted"
@@ -147,3 +147,49 @@ def test_resume_ends_a_group_whose_leader_is_gone() -> None:
             os.kill(member, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_api_usage_survives_a_kill_and_is_counted_once(sig: int, tmp_path: Path) -> None:
+    """An API round is killed while its tool command runs, after one paid reply: the reply's tokens are in the
+    interrupted round (from inflight.json after a kill -9), the resumed run pays for the rest, and the ledger's
+    total is exactly what the service served."""
+    from wire_servers import Script, anthropic_message, anthropic_tool_use, serve
+
+    eng = make_repo(tmp_path / "ws")
+    state, marker = tmp_path / "state", f"orphan:{tmp_path}"
+    hang = f'touch "$FORGE_OUT_DIR/cmd-started"; exec -a "{marker}" sleep 300'
+    script = Script([anthropic_tool_use("t1", "run_command", {"command": hang}, (1000, 100)),
+                     anthropic_tool_use("t2", "write_file", {"path": "exports/toy_engine/src/toy_engine/model.py",
+                                                             "content": FIXED}, (2000, 200)),
+                     anthropic_message([{"type": "text", "text": "fixed"}], "end_turn", (300, 30))])
+    with serve(script, "/v1/messages") as url:
+        agent = {"backend": "anthropic", "model": "test-model", "sandbox": "required",
+                 "options": {"base_url": url, "retry_base_s": 0.01}}
+        argv = [sys.executable, str(HERE / "forge_driver.py"), str(eng), str(state), "-", str(tmp_path),
+                "--agent", json.dumps(agent), "--stages", "m1"]
+        env = {**os.environ, "ANTHROPIC_API_KEY": "sk-ant-api03-PLANTED-campaign-0123456789abcdef"}
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        t0 = time.monotonic()
+        while not (state / "rounds/m1-r01/agent/out/cmd-started").exists():
+            assert proc.poll() is None and time.monotonic() - t0 < 60, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        proc.communicate(timeout=60)
+        assert wait_gone([int(p) for p in os.listdir("/proc") if p.isdigit() and marker.encode() in _cmdline(p)], 5)
+        again = subprocess.run(argv + ["--resume"], capture_output=True, text=True, env=env, timeout=120)
+        assert again.returncode == 0, again.stdout + again.stderr
+    r1, r2 = Ledger(state / "ledger.jsonl").rounds()
+    assert (r1.verdict, r1.counted, r1.tokens_in, r1.tokens_out) == ("interrupted", False, 1000, 100)
+    assert (r2.verdict, r2.tokens_in, r2.tokens_out) == ("passed", 2300, 230)
+    totals = Ledger(state / "ledger.jsonl").totals()
+    assert (totals["tokens_in"], totals["tokens_out"]) == (3300, 330) and len(script.requests) == 3
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
