@@ -221,7 +221,9 @@ class Workspace:
         self._junk.parent.mkdir(parents=True, exist_ok=True)
         self._junk.write_text("\n".join(JUNK) + "\n")
         secrets: list[str] = []
-        with tempfile.TemporaryDirectory(prefix="forge-snapshot-") as tmp:
+        self.worktrees_dir.mkdir(parents=True, exist_ok=True)
+        # under the worktrees dir: a kill -9 mid-snapshot leaves nothing that resume's cleanup does not remove
+        with tempfile.TemporaryDirectory(prefix=f".snapshot-{rt.name}-", dir=self.worktrees_dir) as tmp:
             for attempt in range(2):  # each in a fresh quarantine: a dirty attempt's objects are dropped
                 quarantine = Path(tmp) / f"objects-{attempt}"
                 quarantine.mkdir()

@@ -193,3 +193,49 @@ def _cmdline(pid: str) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+CLAUDE = r'''#!/usr/bin/env python3
+import json, os, sys, time
+prompt = sys.stdin.read()
+def emit(ev):
+    print(json.dumps(ev), flush=True)
+emit({"type": "assistant", "message": {"id": "m1", "usage": {"input_tokens": 500, "output_tokens": 50}}})
+if "· round 1 of" in prompt.splitlines()[0]:
+    open(os.path.join(os.environ["FORGE_OUT_DIR"], "cmd-started"), "w").close()
+    os.execvp("bash", ["bash", "-c", 'exec -a "$MARK" sleep 300'])
+open("exports/toy_engine/src/toy_engine/model.py", "w").write(open(os.environ["FIX"]).read())
+emit({"type": "result", "subtype": "success", "is_error": False, "result": "fixed", "num_turns": 1,
+      "usage": {"input_tokens": 700, "output_tokens": 70}, "total_cost_usd": 0.02})
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_cli_agent_usage_survives_a_kill(sig: int, tmp_path: Path) -> None:
+    """A CLI agent's streamed usage is saved as it arrives: after a kill -9 or a Ctrl-C mid-round the interrupted
+    round has it, and its processes are gone."""
+    eng = make_repo(tmp_path / "ws")
+    bin_dir, fix, state, marker = tmp_path / "bin", tmp_path / "fixed.py", tmp_path / "state", f"orphan:{tmp_path}"
+    bin_dir.mkdir()
+    (bin_dir / "claude").write_text(CLAUDE)
+    (bin_dir / "claude").chmod(0o755)
+    fix.write_text(FIXED)
+    agent = {"backend": "claude_code", "sandbox": "required", "share": [str(fix)],
+             "env": {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FIX": str(fix), "MARK": marker}}
+    argv = [sys.executable, str(HERE / "forge_driver.py"), str(eng), str(state), "-", str(tmp_path),
+            "--agent", json.dumps(agent), "--stages", "m1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.monotonic()
+    while not (state / "rounds/m1-r01/agent/out/cmd-started").exists():
+        assert proc.poll() is None and time.monotonic() - t0 < 60, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert wait_gone([int(p) for p in os.listdir("/proc") if p.isdigit() and marker.encode() in _cmdline(p)], 5)
+    again = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    r1, r2 = Ledger(state / "ledger.jsonl").rounds()
+    assert (r1.verdict, r1.tokens_in, r1.tokens_out) == ("interrupted", 500, 50)
+    assert (r2.verdict, r2.tokens_in, r2.tokens_out, r2.cost_usd) == ("passed", 700, 70, 0.02)
