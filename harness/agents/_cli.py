@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,9 @@ def run_cli(task: AgentTask, argv: list[str], *, name: str, key_env: str | None,
             on_event(event)
         return task.meter.spent()
 
-    with EgressProxy(network_allow, log=task.log_dir / "egress.log") as proxy:
+    with EgressProxy(network_allow, log=task.log_dir / "egress.log") if task.box.sandboxed else nullcontext() as proxy:
         wrapped, env = task.box.wrap(argv, env, writable=writable, read_only=read_only,
-                                     egress_dir=proxy.dir if task.box.sandboxed else None)
+                                     egress_dir=proxy.dir if proxy is not None else None)
         r = run_process(wrapped, cwd=task.worktree, env=env, timeout_s=task.timeout_s, log_dir=task.log_dir,
                         stdin_text=task.prompt, name=name, on_spawn=task.on_spawn, on_line=on_line)
     if r.stopped:

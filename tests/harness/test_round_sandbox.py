@@ -114,3 +114,26 @@ def test_an_api_tool_command_is_sandboxed(tmp_path: Path, monkeypatch) -> None:
     result = script.requests[1]["body"]["messages"][2]["content"][0]["content"]
     nprocs, keys_in_proc, touch, keys_in_env = result.split("--- stdout\n")[1].split("\n")[:4]
     assert int(nprocs) < 10 and keys_in_proc == "0" and "Read-only file s" in touch and keys_in_env == "0"
+
+
+def test_without_bubblewrap_a_required_sandbox_stops_the_run(tmp_path: Path, monkeypatch) -> None:
+    import pytest
+
+    import gates.sandbox
+    from harness.loop import ForgeError
+
+    monkeypatch.setattr(gates.sandbox, "find_bwrap", lambda: None)
+    eng = make_repo(tmp_path / "ws")
+    for mode in ("required", "preferred"):
+        spec = toy_spec(eng, stages=("m1",), rounds=1, agent={"backend": "shell", "sandbox": mode,
+                                                              "options": {"command": "true"}})
+        loop = ForgeLoop(spec, write_spec_file(tmp_path / "toy.toml"), engine=eng, state_dir=tmp_path / mode,
+                         gate_fn=fake_gate)
+        if mode == "required":
+            with pytest.raises(ForgeError, match="round sandbox is required but unavailable.*apt-get install bubblewrap"):
+                loop.run()
+            assert not (tmp_path / mode / "run.json").exists()
+        else:
+            loop.run()
+            (rec,) = Ledger(tmp_path / mode / "ledger.jsonl").rounds()
+            assert rec.isolation == "none (bwrap (bubblewrap) not found on PATH)"
