@@ -5,9 +5,11 @@ Every child forge starts leads its own session (start_new_session). `ProcRecord`
 of each group; `end_group` kills a recorded group on resume only when its leader is still the process that
 was recorded (boot id + start time, and a command line it was seen with or the round's tag in its
 environment: `bash -c CMD` execs CMD, so a command line alone may have changed since), or, the leader gone,
-when members of that group started after it; a PID that now names another process is left alone. `Tracker` records the groups of a
-round (the ones forge starts, reported at spawn, and any other descendant's, seen by a watcher thread:
-the gates start their own) and ends them all when the round ends or forge is told to stop.
+when members of that group started after it; a PID that now names another process is left alone.
+
+`Tracker` records the groups of a round (the ones forge starts, reported at spawn, and any other
+descendant's, seen by a watcher thread: the gates start their own) and ends them all when the round ends
+or forge is told to stop. A sandboxed round's processes also die with forge (bwrap --die-with-parent).
 """
 
 from __future__ import annotations
