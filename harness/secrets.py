@@ -26,6 +26,8 @@ from typing import Any
 # Environment names that hold secrets: never passed to a child, always redacted.
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|AUTH)", re.IGNORECASE)
 MIN_SECRET = 8  # shorter values are not redacted by value (they would match everywhere)
+# The model services' keys: only the process that calls the service holds one, never a training rank.
+AGENT_KEYS = frozenset({"ANTHROPIC_API_KEY", "OPENAI_API_KEY", "CODEX_API_KEY"})
 MARK = "[redacted]"
 # Known token shapes (services' API keys and tokens, bearer headers, private keys).
 TOKEN_PATTERNS = (
@@ -63,6 +65,10 @@ class Vault:
     def get(self, name: str) -> str | None:
         """A key: from the vault, else from the environment (code that never went through `take`)."""
         return self._values.get(name) or os.environ.get(name) or None
+
+    def held(self) -> dict[str, str]:
+        """Every secret this process holds, by name (the vault's and any still in the environment)."""
+        return {k: v for k, v in os.environ.items() if SECRET_NAME.search(k)} | self._values
 
     def values(self) -> list[str]:
         found = {v for v in self._values.values()} | {v for k, v in os.environ.items() if SECRET_NAME.search(k)}
@@ -111,6 +117,12 @@ def child_env(source: Mapping[str, str] | None = None, **extra: str) -> dict[str
     """An environment for a child process: `source` (default os.environ) without any secret-named variable."""
     source = os.environ if source is None else source
     return {k: v for k, v in source.items() if not SECRET_NAME.search(k)} | extra
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    """The environment of the user's own training job: its own tokens (a W&B or HF token) pass, an agent
+    service's key never does."""
+    return child_env() | {k: v for k, v in VAULT.held().items() if k not in AGENT_KEYS} | extra
 
 
 @contextmanager

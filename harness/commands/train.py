@@ -20,7 +20,7 @@ from typing import Optional
 import typer
 
 from harness.commands._common import console
-from harness.secrets import child_env
+from harness.secrets import train_env
 
 
 def engine_package(engine: Path) -> str:
@@ -68,7 +68,7 @@ def main(
     cmd = torchrun_command(engine_package(engine), list(ctx.args), nproc_per_node=nproc_per_node, nnodes=nnodes,
                            node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
     src = str(engine / "src")
-    env = child_env(PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))  # no key in any rank
+    env = train_env(PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
     if dry_run:
         print(f"PYTHONPATH={shlex.quote(env['PYTHONPATH'])} {shlex.join(cmd)}")
         raise typer.Exit(0)

@@ -1,5 +1,6 @@
-"""`train` launches the engine's ranks with no key: not in a rank's environment, nor in the environment any of
-its ancestors (torchrun, the forge CLI itself) show in /proc."""
+"""`train` launches the engine's ranks with no agent service's key: not in a rank's environment, nor in the
+environment any of its ancestors (torchrun, the forge CLI itself) show in /proc; the job's own tokens (W&B)
+pass."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def test_train_ranks_get_no_key(tmp_path: Path) -> None:
     out = tmp_path / "rank.json"
     r = subprocess.run([sys.executable, "-m", "harness", "train", "--engine", str(tmp_path / "engine"), "--",
                         "--out", str(out), "--keys", ",".join(KEYS.values())], cwd=WORKSPACE_ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, **KEYS, "PYTHONPATH": str(WORKSPACE_ROOT)})
+                       text=True, timeout=300, env={**os.environ, **KEYS, "WANDB_API_KEY": "its-own-wandb-key-0123",
+                                                    "PYTHONPATH": str(WORKSPACE_ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())
-    assert got["rank"] == "0" and got["found"] == [] and got["env"] == []
+    assert got["rank"] == "0" and got["found"] == [] and got["env"] == ["WANDB_API_KEY"]
