@@ -250,8 +250,9 @@ def _walk(root: str):
 
 
 def fingerprint(w: Watched) -> Fingerprint:
-    """Reference trees: sha256 of each .py file. Interpreter dirs: type, size, mtime and ctime of every entry
-    (ctime catches an mtime put back), plus the content hash of each .pth file."""
+    """Reference trees: sha256 of each .py file. Interpreter dirs: type, size, mtime and ctime of every file and
+    link (ctime catches an mtime put back), plus the content hash of each .pth file; directories by presence
+    only (an entry added or removed inside one shows as that entry)."""
     fp: Fingerprint = {}
     for tree in w.reference:
         fp[str(tree)] = "dir" if tree.is_dir() else "absent"
@@ -262,7 +263,7 @@ def fingerprint(w: Watched) -> Fingerprint:
         fp[str(d)] = "dir" if d.is_dir() else "absent"
         for path, st in _walk(str(d)):
             kind = "d" if stat.S_ISDIR(st.st_mode) else "l" if stat.S_ISLNK(st.st_mode) else "f"
-            fp[path] = f"{kind} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+            fp[path] = "d" if kind == "d" else f"{kind} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
             if path.endswith(".pth") and kind == "f":
                 fp[path] += " " + _hash(path)
     return fp
@@ -277,6 +278,36 @@ def changes(before: Fingerprint, after: Fingerprint) -> list[str]:
             continue
         out.append(f"{'added' if b is None or b == 'absent' else 'removed' if a is None or a == 'absent' else 'changed'} {p}")
     return out
+
+
+def tampering(before: Fingerprint, after: Fingerprint) -> list[str]:
+    """`changes` less Python's own bytecode caching: a `__pycache__` directory, and a .pyc in one that is the
+    faithful compile of its source (any process importing a module for the first time writes one)."""
+    return [c for c in changes(before, after) if not _bytecode_cache(c.split(" ", 1)[1], c.startswith("removed"))]
+
+
+def _bytecode_cache(path: str, removed: bool) -> bool:
+    p = Path(path)
+    if p.name == "__pycache__":
+        return True
+    if p.parent.name != "__pycache__" or p.suffix != ".pyc":
+        return False
+    return removed or _faithful_pyc(p)
+
+
+def _faithful_pyc(pyc: Path) -> bool:
+    """True when `pyc` holds exactly the code its source compiles to (code objects compare by value)."""
+    import importlib.util
+    import marshal
+
+    try:
+        src = Path(importlib.util.source_from_cache(str(pyc)))
+        data = pyc.read_bytes()
+        if data[:4] != importlib.util.MAGIC_NUMBER or stat.S_ISLNK(pyc.lstat().st_mode):
+            return False
+        return marshal.loads(data[16:]) == compile(src.read_bytes(), str(src), "exec", dont_inherit=True)
+    except (OSError, ValueError, EOFError, TypeError, SyntaxError):
+        return False
 
 
 def box_escapes(box: Path) -> list[str]:
@@ -319,7 +350,7 @@ def sandboxed_argv(g: GateRun, argv: list[str], box: Path) -> list[str]:
 def verify_untouched(g: GateRun, role: str, before: Fingerprint, box: Path, proc: Proc | None = None) -> None:
     """After an engine command: GateStop (`failed`) when it changed a watched file (`before`: the fingerprint
     taken just before it) or left an entry in `box` that leads outside it. `proc` is recorded first."""
-    changed = changes(before, fingerprint(watched_paths()))
+    changed = tampering(before, fingerprint(watched_paths()))
     escapes = box_escapes(box)
     if not (changed or escapes):
         return

@@ -368,3 +368,24 @@ def test_the_reference_runs_from_a_frozen_copy_of_gates():
         assert copy.read_bytes() == src.read_bytes() or src.stat().st_mtime > copy.stat().st_mtime, src
         assert copy.stat().st_mode & 0o222 == 0, copy  # read-only
     assert not (root / "gates" / "__pycache__").exists() and reference_tree() is root
+
+
+def test_bytecode_caching_is_not_tampering_but_a_foreign_pyc_is(tmp_path):
+    """Python writing the .pyc of a module it imports is no tampering; a .pyc whose code is not its source's is."""
+    import py_compile
+
+    from gates.sandbox import tampering
+
+    sp = tmp_path / "site-packages"
+    (sp / "pkg").mkdir(parents=True)
+    src = sp / "pkg" / "mod.py"
+    src.write_text("def f():\n    return 1\n")
+    w = Watched(reference=(), interpreter=(sp,))
+    before = fingerprint(w)
+    pyc = Path(py_compile.compile(str(src), doraise=True))
+    assert pyc.parent.name == "__pycache__" and tampering(before, fingerprint(w)) == []
+    evil = tmp_path / "evil.py"
+    evil.write_text("def f():\n    return 2\n")
+    data = Path(py_compile.compile(str(evil), cfile=str(tmp_path / "evil.pyc"), doraise=True)).read_bytes()
+    pyc.write_bytes(pyc.read_bytes()[:16] + data[16:])  # the source's header, foreign code
+    assert tampering(before, fingerprint(w)) == [f"added {pyc}"]
