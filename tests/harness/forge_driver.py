@@ -2,15 +2,20 @@
 spec, the fake gate, and the shell backend running AGENT_SCRIPT (or the agent table given as JSON).
 
     python forge_driver.py ENGINE STATE AGENT_SCRIPT CTRL_DIR [--resume] [--sandbox MODE] [--agent JSON]
-                           [--stages m1,m2]
+                           [--stages m1,m2] [--pause POINT]
 
 The round sandbox is off unless --sandbox says otherwise (the agent then writes its markers to CTRL).
+--pause POINT stops the run once at one of PAUSE_POINTS (the kill campaign): it touches CTRL/at-POINT and
+sleeps, in the main thread, so a signal lands exactly there; at `gate` the gate first starts an engine
+process of its own session (as gates/launch.py does), named $FORGE_TEST_MARK, and waits on it.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,15 +25,72 @@ from forge_toy import fake_gate, toy_spec, write_spec_file  # noqa: E402
 
 from harness.loop import ForgeLoop  # noqa: E402
 from harness.secrets import seal  # noqa: E402
+from harness.workspace import Workspace  # noqa: E402
+
+PAUSE_POINTS = ("resume", "resume-orphans", "setup", "snapshot", "gate", "commit", "commit-ref", "between-rounds",
+                "between-stages")
 
 
 def _arg(name: str, default: str) -> str:
     return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
 
 
+def _install_pause(point: str, ctrl: Path) -> None:
+    """Patch the loop so that the run stops once at `point` (see PAUSE_POINTS)."""
+    fired: list[str] = []
+
+    def pause(at: str) -> None:
+        if at != point or fired:
+            return
+        fired.append(at)
+        (ctrl / f"at-{at}").touch()
+        time.sleep(300)
+
+    def before(cls: type, name: str, at: str, when=lambda *a: True, after: bool = False) -> None:
+        orig = getattr(cls, name)
+
+        def wrapped(*a, **kw):
+            if not after and when(*a, **kw):
+                pause(at)
+            out = orig(*a, **kw)
+            if after and when(*a, **kw):
+                pause(at)
+            return out
+        setattr(cls, name, wrapped)
+
+    before(ForgeLoop, "_recover", "resume")                              # right after resume starts
+    from harness.ledger import Ledger
+    before(Ledger, "event", "resume-orphans", lambda self, run_id, event, **kw: event == "orphans_checked", after=True)
+    before(ForgeLoop, "_feedback", "setup")                              # a round set up, its agent not started
+    before(Workspace, "snapshot", "snapshot")                            # the agent done, its edits not taken
+    before(Workspace, "tree_with_files", "commit")                       # the code commit made, the manifest's not
+    before(Workspace, "advance", "commit-ref")                           # the ledger says passed, the ref not moved
+
+    def judged_before(self, stage, op):
+        recs = self._records(stage.name if op is None else f"{stage.name}-{op}")
+        return bool(recs) and recs[-1].verdict == "failed"
+    before(ForgeLoop, "_round", "between-rounds", judged_before)
+    before(ForgeLoop, "_round", "between-stages",
+           lambda self, stage, op: stage is not self.spec.stages[0] and not self._records(stage.name))
+
+
+def _gate(point: str, ctrl: Path):
+    """The toy gate; at --pause gate, first an engine process that hangs in its own session."""
+    def gate(*args):
+        if point == "gate" and not (ctrl / "at-gate").exists():
+            p = subprocess.Popen(["bash", "-c", f'touch {ctrl}/at-gate; exec -a "$FORGE_TEST_MARK" sleep 300'],
+                                 start_new_session=True)
+            p.wait()
+        return fake_gate(*args)
+    return gate
+
+
 def main() -> int:
     seal()
     engine, state, script, ctrl = (Path(a) for a in sys.argv[1:5])
+    point = _arg("--pause", "")
+    if point:
+        _install_pause(point, ctrl)
     agent = json.loads(_arg("--agent", "null")) or {
         "backend": "shell", "options": {"command": f"bash {script}"}, "env": {"CTRL": str(ctrl)},
         "sandbox": _arg("--sandbox", "off"), "share": [str(script), str(ctrl)]}
@@ -36,7 +98,7 @@ def main() -> int:
     spec_file = state.parent / "toy.toml"
     if not spec_file.exists():
         write_spec_file(spec_file)
-    out = ForgeLoop(spec, spec_file, engine=engine, state_dir=state, gate_fn=fake_gate).run(resume="--resume" in sys.argv)
+    out = ForgeLoop(spec, spec_file, engine=engine, state_dir=state, gate_fn=_gate(point, ctrl)).run(resume="--resume" in sys.argv)
     print(f"STATUS {out.status}", flush=True)
     return 0 if out.ok else (128 + out.signum if out.signum else 1)
 
