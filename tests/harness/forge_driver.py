@@ -79,7 +79,8 @@ def _gate(point: str, ctrl: Path):
     def gate(*args):
         if point == "gate" and not (ctrl / "at-gate").exists():
             p = subprocess.Popen(["bash", "-c", f'touch {ctrl}/at-gate; exec -a "$FORGE_TEST_MARK" sleep 300'],
-                                 start_new_session=True)
+                                 start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
             p.wait()
         return fake_gate(*args)
     return gate
