@@ -2,7 +2,7 @@
 spec, the fake gate, and the shell backend running AGENT_SCRIPT (or the agent table given as JSON).
 
     python forge_driver.py ENGINE STATE AGENT_SCRIPT CTRL_DIR [--resume] [--sandbox MODE] [--agent JSON]
-                           [--stages m1,m2] [--pause POINT]
+                           [--stages m1,m2] [--pause POINT] [--ops JSON]
 
 The round sandbox is off unless --sandbox says otherwise (the agent then writes its markers to CTRL).
 --pause POINT stops the run once at one of PAUSE_POINTS (the kill campaign): it touches CTRL/at-POINT and
@@ -96,6 +96,12 @@ def main() -> int:
         "backend": "shell", "options": {"command": f"bash {script}"}, "env": {"CTRL": str(ctrl)},
         "sandbox": _arg("--sandbox", "off"), "share": [str(script), str(ctrl)]}
     spec = toy_spec(engine, stages=tuple(_arg("--stages", "m1,m2").split(",")), rounds=4, agent=agent)
+    if "--ops" in sys.argv:  # an ops stage after them (its own agent, e.g. tune)
+        from harness.spec import parse_spec
+        data = spec.model_dump(mode="python")
+        data["engine"]["allowed_paths"].append("tuned.json")
+        data["stages"].append(json.loads(_arg("--ops", "{}")))
+        spec = parse_spec(data)
     spec_file = state.parent / "toy.toml"
     if not spec_file.exists():
         write_spec_file(spec_file)

@@ -15,7 +15,8 @@ the manifest commit not), commit-ref (the ledger says passed, the branch not mov
 Two signal schedules of all ten points, A and B, give every point both kill -9 and SIGINT: the shell backend (no
 sandbox: kill -9 orphans live until resume ends them) runs A, codex (fake CLI, sandboxed, holding its own key)
 B. openai (loopback wire server) is killed at its tool command with both signals and right after a resume ended
-the orphans; replay (no agent process) in the gate's engine and before the branch update. The anthropic and
+the orphans; replay (no agent process) in the gate's engine and before the branch update; tune (an ops stage) in
+a trial's timing command, with both signals. The anthropic and
 claude_code backends' agent point is in test_signals.py. Each forge process imports torch (harness.isolation ->
 gates.sandbox -> gates.context): a step costs 2-4 s, hence one schedule per backend."""
 
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
-from forge_toy import FIXED, PARTIAL, make_repo, patch_between
+from forge_toy import BROKEN, FIXED, PARTIAL, make_repo, patch_between
 from test_secrets import _ancestor_is_bwrap
 from wire_servers import Script, openai_reply, openai_tool_call, serve
 
@@ -87,6 +88,17 @@ emit({"type": "item.completed", "item": {"type": "agent_message", "text": "done"
 '''
 
 
+# tune's timing command: a candidate (block 32 or 64) hangs in MODE=hang (the baseline, block 16, never does)
+BENCH = r'''
+import json, os, sys
+block = json.load(open("tuned.json"))["forward"]["block"]
+if os.environ.get("MODE") == "hang" and block != 16:
+    open(os.path.join(os.environ["FORGE_OUT_DIR"], "at-agent"), "w").close()
+    os.execvp("bash", ["bash", "-c", 'exec -a "$MARK" sleep 300'])
+json.dump({"time_s": abs(block - 64) / 1000 + 0.001}, open(sys.argv[1], "w"))
+'''
+
+
 def _procs() -> list[tuple[int, bytes, bytes]]:
     out = []
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
@@ -102,7 +114,7 @@ def _procs() -> list[tuple[int, bytes, bytes]]:
 class Campaign:
     def __init__(self, tmp: Path, backend: str) -> None:
         self.tmp, self.backend = tmp, backend
-        self.eng = make_repo(tmp / "ws")
+        self.eng = make_repo(tmp / "ws", FIXED if backend == "tune" else BROKEN)
         self.state, self.ctrl = tmp / "state", tmp / "ctrl"
         self.ctrl.mkdir()
         (self.ctrl / "fixed.py").write_text(FIXED)
@@ -125,6 +137,8 @@ class Campaign:
             (self.tmp / "agent.sh").write_text(SHELL)
             return {"backend": "shell", "options": {"command": f"bash {self.tmp / 'agent.sh'}"}, "env": env,
                     "sandbox": "off"}
+        if self.backend == "tune":
+            return {"env": env}
         if self.backend == "codex":
             bin_dir = self.tmp / "bin"
             bin_dir.mkdir(exist_ok=True)
@@ -234,9 +248,20 @@ class Campaign:
 
     # -- one step: start, reach the point, check, kill ---------------------------------------------------
     def argv(self, agent: dict, point: str | None, resume: bool) -> list[str]:
+        extra = []
+        if self.backend == "tune":  # m1 (the engine is fixed already: replay makes no edit), then ops by tune
+            agent, extra = ({"backend": "replay", "sandbox": "required"},
+                            ["--stages", "m1", "--ops", json.dumps(self.ops_stage(agent))])
         return ([sys.executable, str(HERE / "forge_driver.py"), str(self.eng), str(self.state), "-", str(self.ctrl),
                  "--agent", json.dumps(agent)] + (["--pause", point] if point and point != "agent" else [])
-                + (["--resume"] if resume else []))
+                + (["--resume"] if resume else []) + extra)
+
+    def ops_stage(self, agent: dict) -> dict:
+        (self.ctrl / "bench.py").write_text(BENCH)
+        return {"name": "ops", "kind": "ops", "ops": ["forward"], "rounds": 2, "gates": [{"name": "m1_forward"}],
+                "timing": {"command": f"{{python}} {self.ctrl / 'bench.py'} {{out}}", "metric": "time_s"},
+                "agent": {"backend": "tune", "sandbox": "required", "share": [str(self.ctrl)], "env": agent["env"],
+                          "options": {"config_file": "tuned.json", "space": {"{op}.block": [32, 64]}}}}
 
     def step(self, i: int, point: str | None, sig: int | None, tags: set[str]) -> str:
         for f in [*self.ctrl.glob("at-*"), *self.state.glob("rounds/*/agent/out/at-agent")]:
@@ -319,3 +344,22 @@ def test_kill_campaign(backend: str, schedule: str, tmp_path: Path) -> None:
     assert (totals["tokens_in"], totals["tokens_out"]) == c.served()
     if backend in ("codex", "openai"):
         assert c.served()[0] > 0
+
+
+@pytest.mark.slow
+def test_kill_campaign_tune(tmp_path: Path) -> None:
+    """tune: a trial's timing command (in the round sandbox) is killed with kill -9, then with SIGINT; resume
+    ends it, the op's rounds go on, and the elected candidate is committed once."""
+    c = Campaign(tmp_path, "tune")
+    tags: set[str] = set()
+    for i, (point, sig) in enumerate(SCHEDULES["agent"], start=1):
+        if point == "resume-orphans" and not (c.state / "inflight.json").exists():
+            continue
+        c.step(i, point, sig, tags)
+    c.step(FINAL, None, None, tags)
+    c.check_no_leftovers(FINAL + 1, tags)
+    c.check_keys(None, None)
+    c.check_storage()
+    rounds = [r for r in c._ledger().rounds() if r.stage == "ops"]
+    assert [r.verdict for r in rounds] == ["interrupted", "interrupted", "passed", "failed"], rounds
+    assert rounds[2].elected and rounds[2].timing == 0.001 and len({r.round for r in rounds}) == len(rounds)
