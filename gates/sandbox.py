@@ -32,7 +32,7 @@ import sysconfig
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Iterable, Literal
 
 from gates.context import GateStop
 from gates.launch import (WORKSPACE, Engine, Proc, Sandbox, engine_cache_dir, engine_cache_env, forge_cache_root,
@@ -117,15 +117,8 @@ def _inside(p: Path, root: Path) -> bool:
 
 
 def _existing_dirs(paths: list[Path]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        try:
-            r = p.resolve()
-        except OSError:
-            continue
-        if r.is_dir() and r not in out:
-            out.append(r)
-    return out
+    """Resolved directories that exist, without repeats."""
+    return [p for p in _existing_paths(paths) if p.is_dir()]
 
 
 def interpreter_dirs() -> list[Path]:
@@ -415,7 +408,7 @@ def view_argv(iso: Isolation, view: View, argv: list[str]) -> list[str]:
     return out + [*iso.flags, "--", *argv]
 
 
-def _existing_paths(paths: tuple[Path, ...]) -> list[Path]:
+def _existing_paths(paths: Iterable[Path]) -> list[Path]:
     """Resolved paths that exist (files too), without repeats."""
     out: list[Path] = []
     for p in paths:
