@@ -1,4 +1,4 @@
-"""The engine's command line (typer): pretrain, bench, probe, export-hf, info. Thin: each command maps
+"""The engine's command line (typer): pretrain, prepare-data, bench, probe, export-hf, info. Thin: each command maps
 its options to a config or call and turns EngineError into a message and a non-zero exit."""
 
 from __future__ import annotations
@@ -187,6 +187,39 @@ def dump_state(
     from train_engine_0_5b.checkpoint import dump_state as dump
 
     typer.echo(f"wrote {dump(checkpoint, out)}")
+
+
+@app.command("prepare-data")
+@_guard
+def prepare_data(
+    inputs: list[str] = typer.Option([], "--input", help="a local file or directory (Parquet, Arrow, JSON/JSONL, text, "
+                                     "a save_to_disk directory) or a Hub dataset name (streamed); repeat for several"),
+    out: Optional[Path] = typer.Option(None, "--out", help="the prepared dataset's directory (rerun the same command to "
+                                       "resume an interrupted run)"),
+    tokenizer_path: Optional[str] = typer.Option(None, "--tokenizer-path", help="HF tokenizer directory; default: the shipped tokenizer"),
+    hf_dataset_config: Optional[str] = typer.Option(None, "--hf-dataset-config", help="Hub dataset configuration"),
+    hf_dataset_split: str = typer.Option("train", "--hf-dataset-split", help="split of a Hub / save_to_disk dataset"),
+    hf_text_template: Optional[str] = typer.Option(None, "--hf-text-template", help='e.g. "Question: {question}\\nAnswer: {answer}"; default: the text column'),
+    workers: Optional[int] = typer.Option(None, "--workers", help="tokenizer processes (default: one per core)"),
+    docs_per_shard: int = typer.Option(20_000, "--docs-per-shard", help="documents per shard (the unit of parallelism and resume)"),
+    verify: Optional[Path] = typer.Option(None, "--verify", help="instead: rehash every shard of this prepared dataset "
+                                          "against its manifest"),
+) -> None:
+    """Tokenize a corpus once into memory-mapped token shards with a manifest (train on them with --prepared-data)."""
+    from train_engine_0_5b.data import prepare_data as prepare_mod, shards
+
+    if verify is not None:
+        m = shards.verify(verify)
+        typer.echo(f"{verify}: {len(m.shards)} shards, {m.n_tokens:,} tokens, {m.n_docs:,} documents: every file matches its manifest")
+        return
+    if out is None:
+        raise EngineError("prepare-data needs --out (or --verify DIR)")
+    res = prepare_mod.run(inputs, out, tokenizer_path, hf_dataset_config, hf_dataset_split, hf_text_template, workers,
+                          docs_per_shard, console=err)
+    m = res.manifest
+    rate = f", {m.n_tokens / res.seconds:,.0f} tokens/s" if res.seconds > 0 else ""
+    typer.echo(f"prepared {out}: {m.n_tokens:,} tokens ({m.dtype}), {m.n_docs:,} documents, {len(m.shards)} shards "
+               f"({res.reused} kept from an interrupted run) in {res.seconds:.1f} s{rate}")
 
 
 @app.command()

@@ -35,6 +35,15 @@ class DataConfig(_Section):
     shuffle: bool = Field(True, description="shuffle documents each epoch (seeded)")
     token_batches: Path | None = Field(None, strict=False, description="train on these pre-batched token ids (safetensors "
                                        "input_ids/labels, steps x global batch x seq) instead of a dataset")
+    prepared_data: list[str] | None = Field(None, strict=False, description="train on this prepared dataset (a prepare-data "
+                                            "--out directory, read by memmap); repeat it to mix several, with --data-weights")
+    data_weights: list[float] | None = Field(None, strict=False, description="one weight per --prepared-data, summing to 1 "
+                                             "(refused otherwise, never normalized)")
+    eval_split: float = Field(0.0, ge=0, lt=1, description="fraction of each --prepared-data set's samples held out for "
+                              "validation (chosen by the data's content, the same for every seed)")
+    eval_data: str | None = Field(None, description="a prepared dataset to validate on (all of it), instead of --eval-split")
+    eval_interval: int = Field(0, ge=0, description="validate every N steps and at the end (0: never)")
+    eval_iters: int = Field(10, gt=0, description="batches of --global-batch-size rows per validation")
 
 
 class TrainConfig(_Section):
@@ -133,6 +142,17 @@ class EngineConfig(BaseModel):
             raise ValueError(f"optim.min_lr ({self.optim.min_lr}) exceeds optim.lr ({self.optim.lr})")
         if self.checkpoint.resume and self.checkpoint.save_dir is None:
             raise ValueError("checkpoint.resume needs checkpoint.save_dir (--save-dir)")
+        d = self.data
+        if d.prepared_data and (d.token_batches is not None or d.hf_dataset is not None):
+            raise ValueError("data.prepared_data: pass it, data.hf_dataset or data.token_batches, not two of them")
+        if d.data_weights and not d.prepared_data:
+            raise ValueError("data.data_weights needs data.prepared_data (one weight per set)")
+        if d.eval_split > 0 and not d.prepared_data:
+            raise ValueError("data.eval_split holds out samples of data.prepared_data; without it use data.eval_data")
+        if d.eval_split > 0 and d.eval_data is not None:
+            raise ValueError("data.eval_split and data.eval_data: validate on one of them")
+        if d.eval_interval and d.eval_split == 0 and d.eval_data is None:
+            raise ValueError("data.eval_interval needs something to validate on: data.eval_split or data.eval_data")
         if self.runtime.cuda_graph and t.nan_policy == "skip":
             raise ValueError("runtime.cuda_graph with train.nan_policy skip: a captured step cannot skip itself "
                              "(use --nan-policy stop or --no-cuda-graph)")

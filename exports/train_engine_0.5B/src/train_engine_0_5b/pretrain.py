@@ -20,9 +20,10 @@ from safetensors import SafetensorError
 from train_engine_0_5b import checkpoint as ckpt
 from train_engine_0_5b import ckpt_dir, cuda_graph, run_config, runtime, sinks
 from train_engine_0_5b.config import EngineConfig
-from train_engine_0_5b.data import Data, Prefetcher, prepare, prepare_batches
+from train_engine_0_5b.data import Data, Prefetcher, attach_eval, open_prepared, prepare, prepare_batches
 from train_engine_0_5b.dist import DistContext
 from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.evaluate import evaluate
 from train_engine_0_5b.init_from import load_init, tokenizer_dir
 from train_engine_0_5b.metrics import StepLog, mfu
 from train_engine_0_5b.model import build_model, compile_loss, init_weights
@@ -127,12 +128,17 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
     ops = resolve(cfg.ops, ctx.device.type, dtype)
     d, init_dir = cfg.data, cfg.checkpoint.init_from
     tokenizer_path = d.tokenizer_path or (tokenizer_dir(init_dir) if init_dir is not None else None)
-    if d.token_batches is not None:
+    if d.prepared_data:
+        data = open_prepared(d.prepared_data, d.data_weights, d.eval_data, d.eval_split, tokenizer_path, t.seq_length,
+                             t.seed, d.shuffle, cfg.model.vocab_size)
+    elif d.token_batches is not None:
         data = prepare_batches(d.token_batches, t.num_steps, t.global_batch_size, t.seq_length, cfg.model.vocab_size,
                                tokenizer_path)
     else:
         data = prepare(d.hf_dataset, d.hf_dataset_config, d.hf_dataset_split, d.hf_text_template, tokenizer_path,
                        t.seq_length, t.seed, d.shuffle, cfg.model.vocab_size)
+    if d.eval_data is not None and not d.prepared_data:
+        data = attach_eval(data, d.eval_data, t.seq_length, cfg.model.vocab_size)
     initial = None
     if init_dir is not None:
         init_cfg, initial = load_init(init_dir)
@@ -187,12 +193,19 @@ def _loop(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, loader, data: D
     stop = t.num_steps if t.exit_after_steps is None else min(t.num_steps, start + t.exit_after_steps)
     reports = StepReports(cfg, ctx, log)
     train_step = cuda_graph.GraphedStep(trainer) if graphed else trainer.train_step
+    eval_loader = data.eval_loader(t.global_batch_size, ctx.rank, ctx.world) if cfg.data.eval_interval else None
     with Prefetcher(loader.batch, start, stop, ctx.device) as batches:  # builds (and pins) the next steps' batches
         try:
             for step in range(start, stop):
                 ids, labels = (x.to(ctx.device, non_blocking=True) for x in batches.get(step))
                 res = train_step(ids, labels)
                 reports.hold(step, res)  # queue this step, then read the last one
+                if eval_loader is not None and ((step + 1) % cfg.data.eval_interval == 0 or step + 1 == t.num_steps):
+                    ev = evaluate(trainer.model, ctx, eval_loader, cfg.data.eval_iters, t.micro_batch_size)
+                    reports.flush(extra=ev)  # the step's log record carries its eval_loss and eval_ppl
+                    log.print(f"[EVAL {step + 1}] eval_loss={ev['eval_loss']:.4f} | eval_ppl={ev['eval_ppl']:.2f} | "
+                              f"{ev['eval_tokens']:,} tokens")
+                    reports.restart_clock()  # the validation's time is no step's
                 skipped += res.skipped
                 if res.skipped and skipped > t.max_skipped_steps:
                     raise EngineError(f"step {step + 1}: non-finite loss or grad norm, skipped step number {skipped} "

@@ -5,8 +5,9 @@
   kill cut short).
 - TensorBoard (`--tensorboard-dir`): torch.utils.tensorboard's SummaryWriter (the `tensorboard` package).
 - Weights & Biases (`--wandb-project`): only when asked for, and then the `wandb` package must be there.
-The scalars: loss, lr, grad norm, tokens/s, MFU, step time, peak memory. A missing package is an
-EngineError naming it, raised by `check` before the first step.
+The scalars: loss, lr, grad norm, tokens/s, MFU, step time, peak memory (tagged train/...), and on a step
+that validated, eval_loss and eval_ppl (tagged eval/loss, eval/ppl). A missing package is an EngineError
+naming it, raised by `check` before the first step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from train_engine_0_5b.config import EngineConfig
 from train_engine_0_5b.errors import EngineError
 
 SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "peak_mem_gib")
+EVAL_SCALARS = ("eval_loss", "eval_ppl")  # present on the steps that validated
 
 
 class Sink(Protocol):
@@ -50,7 +52,10 @@ def _last_byte(path: Path) -> bytes:
 
 
 def _scalars(record: dict) -> dict[str, float]:
-    return {k: float(record[k]) for k in SCALARS if k in record}
+    """Tag -> value: train/<key>, and eval/loss, eval/ppl on a step that validated."""
+    out = {f"train/{k}": float(record[k]) for k in SCALARS if k in record}
+    out.update({f"eval/{k.removeprefix('eval_')}": float(record[k]) for k in EVAL_SCALARS if k in record})
+    return out
 
 
 class TensorBoardSink:
@@ -59,8 +64,8 @@ class TensorBoardSink:
         self._writer = writer(log_dir=str(log_dir))
 
     def write(self, record: dict) -> None:
-        for key, value in _scalars(record).items():
-            self._writer.add_scalar(f"train/{key}", value, record["step"])
+        for tag, value in _scalars(record).items():
+            self._writer.add_scalar(tag, value, record["step"])
         self._writer.flush()
 
     def close(self) -> None:
@@ -73,7 +78,7 @@ class WandbSink:
         self._run = self._wandb.init(project=project, config=config)
 
     def write(self, record: dict) -> None:
-        self._run.log({f"train/{k}": v for k, v in _scalars(record).items()}, step=record["step"])
+        self._run.log(_scalars(record), step=record["step"])
 
     def close(self) -> None:
         self._run.finish()

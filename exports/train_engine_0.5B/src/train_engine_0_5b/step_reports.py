@@ -84,7 +84,8 @@ class StepReports:
         dt, self.mark_event = self.mark_event.elapsed_time(staged.event) / 1e3, staged.event
         return dt
 
-    def flush(self) -> None:
+    def flush(self, extra: dict | None = None) -> None:
+        """Log the held step (`extra`: more keys for its record, e.g. a validation's)."""
         if self.pending is None:
             return
         (step, staged, returned), self.pending = self.pending, None
@@ -97,6 +98,7 @@ class StepReports:
                   "peak_mem_gib": runtime.peak_memory_gib(self.ctx.device)}
         if res.skipped:
             record["skipped"] = True
+        record.update(extra or {})
         self.log.step(record)
         self.times.append(dt)
         self.losses.append(loss)

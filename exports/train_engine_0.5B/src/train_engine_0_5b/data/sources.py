@@ -37,7 +37,7 @@ Records = dict[str, list]
 class Source:
     name: str  # for messages and logs
     columns: list[str]
-    num_rows: int
+    num_rows: int  # -1: a stream, unknown until read
     batches: Callable[[], Iterator[Records]]
 
 
@@ -62,7 +62,16 @@ def default_corpus() -> Source:
 
 
 def _from_dataset(name: str, ds) -> Source:
-    return Source(name, list(ds.column_names), ds.num_rows, lambda: ds.iter(batch_size=BATCH))
+    """A Dataset, or a streamed IterableDataset (num_rows -1: unknown until read)."""
+    columns = ds.column_names
+    if columns is None:  # a streamed JSON or text file names its columns only once read
+        try:
+            columns = list(next(iter(ds.take(1)), {}))
+        except Exception as e:  # datasets raises many types for unreadable files
+            raise EngineError(f"cannot read dataset {name}: {type(e).__name__}: {e}") from None
+        if not columns:
+            raise EngineError(f"dataset {name} is empty (0 rows)")
+    return Source(name, list(columns), getattr(ds, "num_rows", -1), lambda: ds.iter(batch_size=BATCH))
 
 
 def _datasets():
@@ -74,16 +83,15 @@ def _datasets():
     return datasets
 
 
-def _local(path: Path, split: str) -> Source:
-    datasets = _datasets()
+def is_saved_dataset(path: Path) -> bool:
+    """A `save_to_disk` directory (read with load_from_disk, memory-mapped)."""
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
 
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise EngineError(f"dataset {path} has no split {split!r} (splits: {', '.join(ds)})")
-            ds = ds[split]
-        return _from_dataset(str(path), ds)
+
+def local_files(path: Path) -> tuple[list[Path], str | None]:
+    """The data files of a local dataset and their `datasets` builder (None for a save_to_disk directory)."""
+    if is_saved_dataset(path):
+        return sorted(f for f in path.rglob("*") if f.is_file()), None
     if path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))
         files = [f for f in files if _builder(f)]
@@ -98,11 +106,26 @@ def _local(path: Path, split: str) -> Source:
         files, kinds = [path], {_builder(path)}
     if all(f.stat().st_size == 0 for f in files):
         raise EngineError(f"dataset {path} is empty (its files have no bytes)")
-    try:
-        ds = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+    return files, kinds.pop()
+
+
+def _local(path: Path, split: str, streaming: bool = False) -> Source:
+    datasets = _datasets()
+    files, builder = local_files(path)
+    if builder is None:
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise EngineError(f"dataset {path} has no split {split!r} (splits: {', '.join(ds)})")
+            ds = ds[split]
+        return _from_dataset(str(path), ds)
+    try:  # streaming reads the files in place (no Arrow cache copy): what prepare-data does with a large corpus
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming)
+        return _from_dataset(str(path), ds)
+    except EngineError:
+        raise
     except Exception as e:  # datasets raises many types for unreadable files
         raise EngineError(f"cannot read dataset {path}: {type(e).__name__}: {e}") from None
-    return _from_dataset(str(path), ds)
 
 
 def _check_hub(name: str) -> None:
@@ -138,19 +161,20 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or _builder(Path(spec)) is not None or spec.count("/") > 1
 
 
-def open_source(spec: str | None, config: str | None = None, split: str = "train") -> Source:
-    """The documents named by --hf-dataset (None: the shipped default corpus)."""
+def open_source(spec: str | None, config: str | None = None, split: str = "train", streaming: bool = False) -> Source:
+    """The documents named by --hf-dataset (None: the shipped default corpus); `streaming` reads local files in
+    place and a Hub dataset as a stream (prepare-data), instead of through an Arrow copy."""
     if spec is None:
         return default_corpus()
     path = Path(spec).expanduser()
     if path.exists():
-        source = _local(path, split)
+        source = _local(path, split, streaming)
     elif _looks_local(spec):
         raise EngineError(f"dataset path {spec} does not exist")
     else:
         _check_hub(spec)
         try:
-            source = _from_dataset(spec, _datasets().load_dataset(spec, config, split=split))
+            source = _from_dataset(spec, _datasets().load_dataset(spec, config, split=split, streaming=streaming))
         except Exception as e:
             raise EngineError(f"cannot load Hub dataset {spec!r}: {type(e).__name__}: {e}; {LOCAL_HINT}") from None
     if source.num_rows == 0:
