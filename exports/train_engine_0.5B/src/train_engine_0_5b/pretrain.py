@@ -67,7 +67,7 @@ def _checkpoint_to_resume(cfg: EngineConfig, data: Data, ctx: DistContext) -> ck
 
 
 def _save(cfg: EngineConfig, ctx: DistContext, step: int, optimizer: AdamW, loader, data: Data, log: StepLog,
-          skipped: int) -> None:
+          skipped: int, ops: dict) -> None:
     rng, py_rng = runtime.gather_rng(ctx)
     master, optim_state = optimizer.master_weights(), optimizer.state_tensors()  # collective under ZeRO-1
     failure = None
@@ -75,7 +75,7 @@ def _save(cfg: EngineConfig, ctx: DistContext, step: int, optimizer: AdamW, load
         state = {"identity": _identity(cfg, data), "config": json.loads(cfg.model_dump_json()),
                  "data": loader.cursor(step), "schedule": {"next_step": step + 1, "kind": cfg.optim.lr_schedule},
                  "optimizer_steps": optimizer.step_count, "skipped_steps": skipped,
-                 "world_size": ctx.world, "python_rng": py_rng, "torch": torch.__version__}
+                 "world_size": ctx.world, "python_rng": py_rng, "torch": torch.__version__, "ops": ops}
         try:
             path = ckpt.save(cfg.checkpoint.save_dir, step, master, optim_state, rng, state, data.tokenizer)
             log.print(f"saved checkpoint {path}")
@@ -177,7 +177,7 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
         log.print(f"model {cfg.model.name} ({cfg.model.num_params() / 1e6:.1f} M params) on {ctx.world} x {ctx.device.type} "
                   f"{str(dtype).removeprefix('torch.')}; data: {data.describe()}; "
                   f"global batch {t.global_batch_size} x {t.seq_length} = micro {t.micro_batch_size} x accum {accum} x DP {ctx.world}; "
-                  f"ops {ops.names}; compile {cfg.runtime.resolved_compile()}, CUDA graph {graphed}, "
+                  f"ops {ops.record()}; compile {cfg.runtime.resolved_compile()}, CUDA graph {graphed}, "
                   f"deterministic {cfg.runtime.resolved_deterministic()}")
         skipped = int(loaded.state.get("skipped_steps", 0)) if loaded is not None else 0
         if ctx.is_main and cfg.checkpoint.save_dir is not None:  # every check passed: the save dir is written
@@ -212,7 +212,7 @@ def _loop(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, loader, data: D
                                       f"(--max-skipped-steps {t.max_skipped_steps}); the run stops without saving it")
                 if c.save_dir is not None and (step + 1 == stop or (c.save_interval and (step + 1) % c.save_interval == 0)):
                     reports.flush()  # the log reaches the checkpoint's step (and a non-finite step stops) before it exists
-                    _save(cfg, ctx, step + 1, trainer.optimizer, loader, data, log, skipped)
+                    _save(cfg, ctx, step + 1, trainer.optimizer, loader, data, log, skipped, trainer.model.ops.record())
                     reports.restart_clock()
         except Exception:
             with contextlib.suppress(Exception):  # log the last good step, as the synchronous loop had

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+from train_engine_0_5b.ops import space  # noqa: E402
+from train_engine_0_5b.ops.table import check_values  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy import triton_fused  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy.triton_fused import (  # noqa: E402
     IGNORE_INDEX,
@@ -257,8 +259,8 @@ def test_linear_cross_entropy_matches_fp64(monkeypatch, dtype, chunk, launch):
     with or without L2 eviction hints."""
     programs_per_sm, l2_hint = launch
     monkeypatch.setattr(triton_fused, "LINEAR_CE_CHUNK", chunk)
-    monkeypatch.setitem(triton_fused.WRITE_GRAD_LAUNCH, "programs_per_sm", programs_per_sm)
-    monkeypatch.setitem(triton_fused.WRITE_GRAD_LAUNCH, "l2_hint", l2_hint)
+    monkeypatch.setattr(space, "_ACTIVE", {("linear_cross_entropy", "triton_fused"): check_values(
+        "linear_cross_entropy", "triton_fused", {"programs_per_sm": programs_per_sm, "l2_hint": bool(l2_hint)})})
     B, S, h, V = 2, 7, 40, 517
     x, weight, labels = _linear_inputs(B * S, h, V, dtype, seed=chunk + programs_per_sm + l2_hint, logit_scale=1.0)
     x, labels = x.view(B, S, h).requires_grad_(), labels.view(B, S)

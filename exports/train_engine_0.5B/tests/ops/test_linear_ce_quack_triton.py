@@ -82,7 +82,7 @@ def test_matches_fp64_and_takes_every_chunk_from_quack(monkeypatch, math_quack, 
     rows = [min(chunk, 14 - r0) for r0 in range(0, 14, chunk)]  # 14 tokens: the last chunk partial when 5
     logits_site = "output.logits+lse" if gemms == "quack_lse" else "output.logits"
     assert math_quack == [(r, site) for r in rows for site in (logits_site, "output.dgrad")]
-    assert {"output.logits", "output.dgrad"} <= set(_quack.SM90_CONFIGS)
+    assert {"output.logits", "output.dgrad"} <= set(_quack.SM90_TILES)
 
 
 @pytest.mark.parametrize("gemms", ["quack", "quack_lse"])

@@ -1,10 +1,8 @@
 """quack's CuTeDSL GEMMs (`quack-kernels`, sm90+), for the op modules that elect them by measurement.
 
 One loader (the package is optional: when it is missing, or the GPU predates Hopper, `UNAVAILABLE_REASON`
-says why and `KERNELS` is None) and the SM90 tile configs pinned per GEMM site. Why pinned: quack's own
-heuristic config (no autotuning: that took minutes on first use) ran these sites 0-35 % slower than the
-best of its SM90 configs on an H100 (benchmarks/gpu/gemm_election.py; results under
-benchmarks/results/engine-0.5b-gemm-election-2026-11-24-h100/). Off SM90 the heuristic config is used.
+says why and `KERNELS` is None) and the SM90 tile config of each GEMM site, a tunable of its op (ops/table.py):
+quack's heuristic config was slower at these sites and its autotuner takes minutes. Off SM90 the heuristic runs.
 
     KERNELS.gemm_gated(x, w1it)                 -> (preact, silu(preact[:, 0::2]) * preact[:, 1::2])
     KERNELS.gemm_dgated(dout, w2, preact, site) -> (dpreact, postact), dSwiGLU in the dgrad's epilogue
@@ -21,19 +19,14 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from train_engine_0_5b.ops import space
 from train_engine_0_5b.ops._hopper import gpu_too_old
 
-# site -> (tile_m, tile_n, pingpong, cluster_m, cluster_n), the fastest measured in two runs on H100s at the 0.5B
-# step's shapes (8 x 4096 tokens; ms per call, run 1 / run 2):
-#   fc2 dgrad with dSwiGLU: 0.684 (run 2) against 0.714 / 0.714 for (128, 128, pingpong, 2, 1), 0.866 / 0.860
-#     for the heuristic config, 0.864 / 0.878 for cuBLAS + the Triton dSwiGLU pass;
-#   output logits per 8192-token chunk: 1.672 / 1.628 against 1.640 / 1.721 for (128, 192, pingpong, 2, 1),
-#     1.751 / 1.790 heuristic, 2.019 / 1.997 cuBLAS;
-#   output dx per chunk: 1.678 (run 2) against 1.790 cuBLAS, 2.449 heuristic.
-SM90_CONFIGS: dict[str, tuple[int, int, bool, int, int]] = {
-    "mlp.fc2_dgrad_dswiglu": (128, 128, True, 1, 2),
-    "output.logits": (128, 160, True, 2, 1),
-    "output.dgrad": (128, 256, False, 1, 2),
+# site -> (op, implementation, parameter) of its SM90 tile config (tile_m, tile_n, pingpong, cluster_m, cluster_n)
+SM90_TILES: dict[str, tuple[str, str, str]] = {
+    "mlp.fc2_dgrad_dswiglu": ("mlp", "quack_dgated", "fc2_dgrad_tile"),
+    "output.logits": ("linear_cross_entropy", "quack_triton", "logits_tile"),
+    "output.dgrad": ("linear_cross_entropy", "quack_triton", "dgrad_tile"),
 }
 
 
@@ -57,7 +50,7 @@ def _load() -> tuple[Kernels | None, str | None]:
     def config(site: str, device: torch.device) -> GemmConfig | None:
         if torch.cuda.get_device_capability(device) != (9, 0):
             return None  # quack's heuristic
-        tm, tn, pingpong, cm, cn = SM90_CONFIGS[site]
+        tm, tn, pingpong, cm, cn = space.value(*SM90_TILES[site])
         return GemmConfig(tile_m=tm, tile_n=tn, pingpong=pingpong, cluster_m=cm, cluster_n=cn, swap_ab=False,
                           device_capacity=9, is_dynamic_persistent=False, use_tma_gather=False)
 

@@ -37,9 +37,10 @@ from torch import Tensor
 
 from train_engine_0_5b.ops.adamw.reference import adamw as _reference_adamw
 
+from train_engine_0_5b.ops import space
 from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 
-_BLOCK = 1024  # elements per loop iteration: 8 fp32 per thread at 4 warps
+_BLOCK = 1024  # grad_sq_sum's elements per loop iteration: 8 fp32 per thread at 4 warps
 _CHUNK = 16 * _BLOCK  # elements per work item: ~30k items for 0.5B parameters, a few waves of programs
 
 
@@ -256,7 +257,8 @@ def adamw(
             step_size, bc2, keep, beta1, 1 - beta1, beta2, 1 - beta2, eps,
             G_DTYPE=_tl_dtype(grads[0].dtype), C_DTYPE=_tl_dtype(copy_dtype),
             HAS_COPY=param_copies is not None, HAS_CLIP=clip is not None, COEFS_ON_DEVICE=coefs is not None,
-            ALIGNED=aligned, BLOCK=_BLOCK, num_warps=4,
+            ALIGNED=aligned, BLOCK=space.value("adamw", "triton_fused", "block"),
+            num_warps=space.value("adamw", "triton_fused", "num_warps"),
         )  # fmt: skip
 
 

@@ -25,14 +25,15 @@ import torch
 from torch import Tensor
 
 from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.ops import space
 from train_engine_0_5b.ops._hopper import gpu_too_old, require_hopper_half
 
 
-# Extra keyword arguments of FA4's forward launch (tile_mn, intra_wg_overlap, pack_gqa, ...): {} = the
-# configuration FA4 picks, the fastest at the 0.5B step's shape on an H100 (0.703 ms against 0.736-0.783 for the
-# others, interleaved rounds: benchmarks/results/engine-0.5b-graphfix-ab-2026-11-23-h100/). Set by
-# benchmarks/gpu/bench_fa4_launch.py for step-level A/Bs; fa4_fwd_configs.py times the alternatives.
-FWD_LAUNCH: dict = {}
+def fwd_launch() -> dict:
+    """Extra keyword arguments of FA4's forward (tile_mn, intra_wg_overlap, pack_gqa): the tuned ones; None = FA4's pick."""
+    names = {"fwd_tile_mn": "tile_mn", "fwd_intra_wg_overlap": "intra_wg_overlap", "fwd_pack_gqa": "pack_gqa"}
+    values = {kw: space.value("attention", "flash4", n) for n, kw in names.items()}
+    return {kw: v for kw, v in values.items() if v is not None}
 
 
 class Kernels(NamedTuple):
@@ -50,7 +51,7 @@ def _load() -> tuple[Kernels | None, str | None]:
 
     def fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         require_hopper_half(q, "attention=flash4", "sdpa")
-        out, lse = _flash_attn_fwd(q, k, v, causal=True, return_lse=True, **FWD_LAUNCH)[:2]
+        out, lse = _flash_attn_fwd(q, k, v, causal=True, return_lse=True, **fwd_launch())[:2]
         return out.contiguous(), lse.contiguous()
 
     def bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,14 +1,10 @@
 """linear_cross_entropy as triton_fused.py's op, with each chunk's logits and dx GEMMs on quack (`quack-kernels`,
 sm90+) instead of cuBLAS; the Triton loss / gradient pass and the cuBLAS dW GEMM are triton_fused.py's.
 
-Why: per 8192-token chunk (x 73448 x 1024) on an H100, cuBLAS ran the logits GEMM at ~2.0 ms (~615 TFLOP/s,
-well below its ~700 elsewhere) and the dx GEMM at 1.79 ms; quack with the SM90 tile configs pinned in
-ops/_quack.py ran them at ~1.65 and 1.68 ms. dW's GEMM writes fp32, which quack's was not faster at.
+Why: quack's GEMMs with SM90 tile configs beat cuBLAS at the output's shapes (measurements: benchmarks/results).
 With gradients (GEMMS "quack_lse"), the logits GEMM's epilogue also gives each row's logsumexp per N-tile (one
 small Triton kernel folds them and takes the loss), so the Triton gradient pass reads the logits once instead of
-twice: the op at 32768 tokens fwd+bwd took 24.9 ms against 26.2 with the plain quack GEMM and 26.3 with cuBLAS;
-with that pass split across programs and the fold, 24.5 against 26.1 and 25.8 (triton_fused.ONE_PASS_LAUNCH).
-bf16 / fp16 CUDA tensors on compute capability 9.0+.
+twice (its launch: one_pass_launch, tunable). bf16 / fp16 CUDA tensors on compute capability 9.0+.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from train_engine_0_5b.errors import EngineError
 from train_engine_0_5b.ops import _quack
+from train_engine_0_5b.ops import space
 from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 
 IGNORE_INDEX = -100
@@ -157,25 +158,25 @@ def _require_triton(*tensors: Tensor) -> None:
 
 
 def _launch_config(V: int) -> dict:
-    block = min(4096, triton.next_power_of_2(V))
-    return dict(BLOCK_V=block, num_warps=8 if block >= 4096 else 4)
+    """cross_entropy's launch: the tuned block / warps, else by V."""
+    block = space.value("cross_entropy", "triton_fused", "block_v") or min(4096, triton.next_power_of_2(V))
+    warps = space.value("cross_entropy", "triton_fused", "num_warps")
+    return dict(BLOCK_V=block, num_warps=warps or (8 if block >= 4096 else 4))
 
 
-# The forward kernel when it also writes the gradient (reads each row twice, writes it once): this many
-# programs per SM loop over the rows, so the rows in flight are few enough (~150 KB each at V 73448) for part
-# of the second read of a row to find it in L2; `l2_hint` adds eviction hints to that end. `programs_per_sm` 0: one
-# program per row. Measured on an H100 at 32768 x 73448 bf16 (scripts/gpu_linear_ce.py).
-# 2 per SM, 16384-wide blocks, 16 warps, hints: 4.31 ms, against 5.72 ms for one program per row (4096, 8 warps)
-# and 3.18 ms for a plain copy (one read + one write, the floor); fewer than one program per SM starves HBM.
-WRITE_GRAD_LAUNCH: dict[str, float] = {"programs_per_sm": 2, "BLOCK_V": 16384, "num_warps": 16, "l2_hint": 1}
+def _write_grad_launch() -> dict:
+    """linear_cross_entropy's forward that also writes the gradient: a few programs per SM loop over the rows
+    so that part of a row's second read finds it in L2 (space: ops/table.py)."""
+    return {n: space.value("linear_cross_entropy", "triton_fused", n)
+            for n in ("programs_per_sm", "block_v", "num_warps", "l2_hint")}
 
 
 def _fwd_launch(V: int, rows: int, write_grad: bool, device: torch.device) -> tuple[int, dict]:
     """(grid size, kernel meta-parameters) for `_ce_fwd_kernel`; a CPU (the interpreter) counts as one SM."""
     if not write_grad:
         return rows, _launch_config(V) | {"L2_HINT": False}
-    launch = WRITE_GRAD_LAUNCH
-    meta = dict(BLOCK_V=min(int(launch["BLOCK_V"]), triton.next_power_of_2(V)), num_warps=int(launch["num_warps"]),
+    launch = _write_grad_launch()
+    meta = dict(BLOCK_V=min(int(launch["block_v"]), triton.next_power_of_2(V)), num_warps=int(launch["num_warps"]),
                 L2_HINT=bool(launch["l2_hint"]))  # fmt: skip
     if launch["programs_per_sm"] <= 0:
         return rows, meta
@@ -210,12 +211,10 @@ def cross_entropy_fwd(
     return losses, lse
 
 
-# The one-pass gradient kernel's launch when the logsumexp came from the logits GEMM's epilogue (gemms "quack_lse"):
-# split, a program per 4096-block of a row. benchmarks/gpu/linear_ce_gemms.py --launches sweeps them; on H100s the
-# op (32k tokens, fwd+bwd) took 25.50 / 24.46 ms split against 26.08 / 25.66 one program per row (two runs; blocks
-# 1024-8192, 2-8 warps split: within 0.4 ms of 4096 x 8), and in the step the pass went from 4.21 to 3.21 ms
-# (benchmarks/results/engine-0.5b-ce-split-2026-11-24-h100/).
-ONE_PASS_LAUNCH: dict[str, int | bool] = {"BLOCK_V": 4096, "num_warps": 8, "split": True}
+def one_pass_launch() -> dict[str, int | bool]:
+    """The one-pass gradient kernel's launch when the logsumexp came from the logits GEMM's epilogue (quack_triton)."""
+    value = lambda n: space.value("linear_cross_entropy", "quack_triton", n)  # noqa: E731
+    return {"BLOCK_V": value("grad_block_v"), "num_warps": value("grad_num_warps"), "split": value("grad_split")}
 
 
 def cross_entropy_bwd(
@@ -386,7 +385,7 @@ def fused_linear_cross_entropy_fwd_bwd(
             _lse_loss_kernel[(r1 - r0,)](parts, z, y, lse_c, losses[r0:r1], parts.shape[1], parts.stride(0),
                                          z.stride(0), IGNORE_INDEX, BLOCK_P=triton.next_power_of_2(parts.shape[1]))
             cross_entropy_bwd(z, y, lse_c, grad_scale if grad_scale is not None else z.new_ones((), dtype=torch.float32),
-                              grad=z, launch=ONE_PASS_LAUNCH)  # fmt: skip
+                              grad=z, launch=one_pass_launch())  # fmt: skip
         else:
             _mm(gemms, x, weight.t(), z, "output.logits")  # (c, V) in hidden's dtype
             grid, meta = _fwd_launch(V, r1 - r0, need_grad, z.device)

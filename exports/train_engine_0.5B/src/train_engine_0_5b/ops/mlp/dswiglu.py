@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from train_engine_0_5b.ops import space
 from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton
-
-_BLOCK = 1024  # (gate, up) pairs per program
 
 
 def reference(preact: Tensor, dpost: Tensor) -> Tensor:
@@ -53,7 +52,9 @@ def launch(preact: Tensor, dpost: Tensor, out: Tensor | None = None) -> Tensor:
     out = torch.empty_like(preact) if out is None else out
     n_pairs = dpost.numel()
     if n_pairs:
-        _dswiglu_kernel[(triton.cdiv(n_pairs, _BLOCK),)](preact, dpost, out, n_pairs, BLOCK=_BLOCK, num_warps=4)
+        block = space.value("mlp", "quack_gated", "dswiglu_block")  # (gate, up) pairs per program
+        _dswiglu_kernel[(triton.cdiv(n_pairs, block),)](preact, dpost, out, n_pairs, BLOCK=block,
+                                                         num_warps=space.value("mlp", "quack_gated", "dswiglu_num_warps"))
     return out
 
 

@@ -31,7 +31,7 @@ from train_engine_0_5b.ops import _quack
 from train_engine_0_5b.ops._hopper import require_hopper_half
 from train_engine_0_5b.ops.mlp.quack_gated import interleave
 
-_SITE = "mlp.fc2_dgrad_dswiglu"  # its SM90 config in _quack.SM90_CONFIGS
+_SITE = "mlp.fc2_dgrad_dswiglu"  # its SM90 tile config: _quack.SM90_TILES
 
 
 class Kernels(NamedTuple):

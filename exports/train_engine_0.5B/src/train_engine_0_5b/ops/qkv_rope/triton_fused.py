@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from train_engine_0_5b.ops import space
 from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 from train_engine_0_5b.ops.qkv_rope.reference import head_counts
 
@@ -89,7 +90,8 @@ def _launch(packed: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: T
     _qkv_rope_kernel[(B * S,)](
         packed, q, k, v, cos, sin, S, n, g, d // 2, cos.stride(0), sin.stride(0), BACKWARD=backward,
         BLOCK_QH=triton.next_power_of_2(n), BLOCK_KH=triton.next_power_of_2(g), BLOCK_D=triton.next_power_of_2(d // 2),
-        BLOCK_V=triton.next_power_of_2(g * d), num_warps=4 if (n + 2 * g) * d >= 2048 else 2,
+        BLOCK_V=triton.next_power_of_2(g * d),
+        num_warps=space.value("qkv_rope", "triton_fused", "num_warps") or (4 if (n + 2 * g) * d >= 2048 else 2),
     )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from train_engine_0_5b.ops import space
 from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 
 
@@ -91,11 +92,13 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
-def _launch_config(h: int) -> tuple[int, int]:
+def _launch_config(h: int, op: str) -> tuple[int, int]:
+    """(block, warps) for rows of h; `op` (rms_norm / add_rms_norm) names whose tuned num_warps applies."""
     block = triton.next_power_of_2(h)
     if block > 65536:
         raise ValueError(f"RMSNorm rows of {h} elements do not fit one block")
-    return block, min(16, max(1, block // 256))  # 8 bf16 per thread at h = 1024 (4 warps)
+    warps = space.value(op, "triton_fused", "num_warps")
+    return block, warps if warps is not None else min(16, max(1, block // 256))  # 8 bf16 per thread at h = 1024
 
 
 _PROGRAMS_PER_SM = 8  # backward: enough row loops in flight per SM to hide their load latency
@@ -126,7 +129,7 @@ def rms_norm_fwd(
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows == 0:
         return out, new_x, rstd
-    block, num_warps = _launch_config(h)
+    block, num_warps = _launch_config(h, "add_rms_norm" if y is not None else "rms_norm")
     _rmsnorm_fwd_kernel[(rows,)](
         x2, y2 if y2 is not None else x2, weight, o2, n2 if n2 is not None else o2, rstd, h,
         x2.stride(0), y2.stride(0) if y2 is not None else 0, o2.stride(0), n2.stride(0) if n2 is not None else 0,
@@ -156,7 +159,7 @@ def rms_norm_bwd(
     dw_partial = torch.empty(max(programs, 1), h, dtype=torch.float32, device=x.device)
     if rows == 0:
         return dx, dy, torch.zeros_like(weight)
-    block, num_warps = _launch_config(h)
+    block, num_warps = _launch_config(h, "add_rms_norm" if has_residual else "rms_norm")
     _rmsnorm_bwd_kernel[(programs,)](
         do2, dn2 if dn2 is not None else do2, x2, weight, rstd, dx2, dy2 if dy2 is not None else dx2,
         dw_partial, rows, h, triton.cdiv(rows, programs),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from train_engine_0_5b.ops import space
 from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 
 
@@ -92,7 +93,7 @@ def rope_rotate(
         q, k, q_out, k_out, cos, sin, S, n, g, d // 2,
         *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], cos.stride(0), sin.stride(0),
         BACKWARD=backward, BLOCK_QH=triton.next_power_of_2(n), BLOCK_KH=triton.next_power_of_2(g),
-        BLOCK_D=block_d, num_warps=4 if (n + g) * d >= 2048 else 2,
+        BLOCK_D=block_d, num_warps=space.value("rope", "triton_fused", "num_warps") or (4 if (n + g) * d >= 2048 else 2),
     )  # fmt: skip
     return q_out, k_out
 

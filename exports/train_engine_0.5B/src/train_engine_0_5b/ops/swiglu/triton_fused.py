@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from train_engine_0_5b.ops import space
 from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
-
-_BLOCK = 1024  # columns per program: 8 bf16 (16 bytes) per thread at 4 warps
 
 
 @triton.jit
@@ -69,9 +68,11 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
-def _grid(rows: int, f: int) -> tuple[tuple[int], int]:
-    n_col_blocks = triton.cdiv(f, _BLOCK)
-    return (rows * n_col_blocks,), n_col_blocks
+def _launch(rows: int, f: int) -> tuple[tuple[int], int, dict]:
+    """(grid, column blocks per row, meta): `block` columns per program, from the tuned space."""
+    block, warps = space.value("swiglu", "triton_fused", "block"), space.value("swiglu", "triton_fused", "num_warps")
+    n_col_blocks = triton.cdiv(f, block)
+    return (rows * n_col_blocks,), n_col_blocks, dict(BLOCK=block, num_warps=warps)
 
 
 def swiglu_fwd(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
@@ -83,10 +84,8 @@ def swiglu_fwd(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
     rows, f = g2.shape
     if rows == 0:
         return out
-    grid, n_col_blocks = _grid(rows, f)
-    _swiglu_fwd_kernel[grid](
-        g2, u2, o2, f, g2.stride(0), u2.stride(0), o2.stride(0), n_col_blocks, BLOCK=_BLOCK, num_warps=4
-    )
+    grid, n_col_blocks, meta = _launch(rows, f)
+    _swiglu_fwd_kernel[grid](g2, u2, o2, f, g2.stride(0), u2.stride(0), o2.stride(0), n_col_blocks, **meta)
     return out
 
 
@@ -104,11 +103,10 @@ def swiglu_bwd(
     rows = g2.shape[0]
     if rows == 0:
         return dgate, dup
-    grid, n_col_blocks = _grid(rows, f)
+    grid, n_col_blocks, meta = _launch(rows, f)
     _swiglu_bwd_kernel[grid](
         do2, g2, u2, dg2, du2, f,
-        do2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), n_col_blocks,
-        BLOCK=_BLOCK, num_warps=4,
+        do2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), n_col_blocks, **meta,
     )  # fmt: skip
     return dgate, dup
 
