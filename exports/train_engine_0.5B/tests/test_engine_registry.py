@@ -3,6 +3,7 @@ bad selections fail naming the op."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -132,3 +133,79 @@ def test_every_op_is_called_through_the_registry(monkeypatch, fused):
     assert calls == Counter(attention=L, gemm=L, rms_norm=1, add_rms_norm=2 * L, adamw=1) + Counter(fused_calls)
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: records each launch's grid and meta-parameters, launches nothing."""
+
+    def __init__(self):
+        self.launches: list[tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((grid, meta))
+
+
+def _tuned_file(tmp_path, monkeypatch, ops: dict, key: dict | None = None):
+    from train_engine_0_5b.ops import space
+
+    key = key or space.runtime_key("cpu").model_dump()
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({"entries": [{"key": key, "ops": ops, "note": "test"}]}))
+    monkeypatch.setattr(space, "TUNED_FILE", path)
+
+
+@pytest.mark.parametrize("block, warps", [(256, 2), (2048, 8)])
+def test_the_tuned_file_reaches_the_kernel_launch(tmp_path, monkeypatch, block, warps):
+    """An entry for this runtime's key sets swiglu=triton_fused's block and warps: resolve records them and the
+    kernel launches with them (ignore the file and the launch has the declared 1024 / 4)."""
+    pytest.importorskip("triton")
+    from train_engine_0_5b.ops.swiglu import triton_fused
+
+    _tuned_file(tmp_path, monkeypatch, {"swiglu": {"triton_fused": {"block": block, "num_warps": warps}}})
+    ops = resolve(OpSelection(swiglu="triton_fused"), "cpu")
+    assert ops.names["swiglu"] == "triton_fused" and ops.tuned == {"swiglu=triton_fused": {"block": block, "num_warps": warps}}
+    spy = _LaunchSpy()
+    monkeypatch.setattr(triton_fused, "_swiglu_fwd_kernel", spy)
+    gate, up = torch.randn(3, 5, 3000), torch.randn(3, 5, 3000)
+    triton_fused.swiglu_fwd(gate, up)
+    (grid, meta), = spy.launches
+    assert meta == {"BLOCK": block, "num_warps": warps} and grid == (15 * -(-3000 // block),)
+
+
+def test_an_entry_for_another_runtime_runs_the_defaults(tmp_path, monkeypatch):
+    from train_engine_0_5b.ops import space
+
+    other = space.runtime_key("cpu").model_dump() | {"torch": "0.0.1"}
+    _tuned_file(tmp_path, monkeypatch, {"swiglu": {"triton_fused": {"block": 256}}}, key=other)
+    if "triton_fused" not in OPS["swiglu"]:
+        pytest.skip("triton is not installed")
+    ops = resolve(OpSelection(swiglu="triton_fused"), "cpu")
+    assert ops.tuned == {"swiglu=triton_fused": {"block": 1024, "num_warps": 4}}
+    assert space.value("swiglu", "triton_fused", "block") == 1024
+
+
+@pytest.mark.parametrize("ops, message", [
+    ({"rmsnorm": {"triton_fused": {"num_warps": 4}}}, "unknown op 'rmsnorm'"),
+    ({"rms_norm": {"cutlass": {}}}, "ops.rms_norm: unknown implementation 'cutlass'"),
+    ({"swiglu": {"triton_fused": {"block_size": 64}}}, "unknown parameter 'block_size'"),
+    ({"swiglu": {"triton_fused": {"block": 100}}}, "block=100 is outside the declared domain"),
+])  # fmt: skip
+def test_a_tuned_file_with_unknown_names_is_an_error(tmp_path, monkeypatch, ops, message):
+    _tuned_file(tmp_path, monkeypatch, ops)
+    with pytest.raises(EngineError, match=message):
+        resolve(OpSelection(), "cpu")
+    with pytest.raises(EngineError, match=message):  # the same check for values handed in directly
+        resolve(OpSelection(), "cpu", tuned=ops)
+
+
+def test_auto_is_recorded_as_what_ran_in_the_log_header_and_the_checkpoint(cli, tmp_path):
+    from engine_testlib import TINY
+
+    res = cli(["pretrain", *TINY, "--num-steps", "1", "--global-batch-size", "2", "--micro-batch-size", "2",
+               "--save-dir", tmp_path / "ckpt", "--ops", "swiglu=reference"])
+    assert res.exit_code == 0, res.output + res.stderr
+    state = json.loads(next((tmp_path / "ckpt").glob("step_*/state.json")).read_text())
+    names = state["ops"]["names"]
+    assert "auto" not in names.values() and names == resolve(OpSelection(), "cpu").names
+    assert state["ops"]["tuned_key"]["device"] == "cpu" and state["config"]["ops"]["attention"] == "auto"
+    assert "'names': {'attention': 'reference'" in res.output and "'tuned_key'" in res.output
