@@ -35,10 +35,9 @@ from collections import defaultdict
 from typing import Callable
 
 import torch
-from torch import Tensor
 
-from train_engine_0_5b.model import rope_cos_sin
 from train_engine_0_5b.model_config import MiniCPMConfig
+from train_engine_0_5b.ops.cases import Dims, build
 from train_engine_0_5b.ops.registry import OPS, Ops
 
 CATEGORIES: tuple[str, ...] = ("gemm", "attention", "triton", "optimizer", "communication", "other")
@@ -117,73 +116,11 @@ def _median_ms(run: Callable[[], None], device: torch.device, warmup: int, reps:
     return statistics.median(times)
 
 
-class _FwdBwd:
-    """One forward of fn(*inputs, *consts) and the gradients of every input that requires one, for
-    output gradients drawn once (on the first call, a warm-up)."""
-
-    def __init__(self, fn: Callable, inputs: list[Tensor], consts: tuple = ()):
-        self.fn, self.inputs, self.consts, self.douts = fn, inputs, consts, None
-
-    def __call__(self) -> None:
-        outs = self.fn(*self.inputs, *self.consts)
-        outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o.requires_grad]
-        if self.douts is None:
-            self.douts = [torch.randn_like(o) for o in outs]
-        torch.autograd.grad(outs, [x for x in self.inputs if x.requires_grad], self.douts)
-
-
 def _case(op: str, fn: Callable, cfg: MiniCPMConfig, batch: int, seq: int, dtype: torch.dtype, device: torch.device,
           param_shapes: list[tuple[int, ...]]) -> Callable[[], None]:  # fmt: skip
-    """A no-argument call running `fn` (an implementation of `op`) once at the run's shapes."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    h, f, V = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
-    n, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_head
-
-    def rand(*shape: int, scale: float = 1.0) -> Tensor:  # an input that gets a gradient
-        x = torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).mul_(scale).to(dtype)
-        return x.requires_grad_()
-
-    def gemm(in_features: int, *outs: int) -> _FwdBwd:  # x (B, S, in) times one weight (out_i, in) per output
-        weights = [rand(o, in_features, scale=in_features**-0.5) for o in outs]
-        return _FwdBwd(lambda x, *ws: fn(x, tuple(ws)), [rand(batch, seq, in_features), *weights])
-
-    if op == "adamw":
-        params = [torch.randn(s, generator=gen, device=device).mul_(0.02) for s in param_shapes]  # fp32 masters
-        grads = [torch.randn(s, generator=gen, device=device).mul_(1e-3) for s in param_shapes]  # fp32 (the reducer's)
-        m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
-        decays = [0.1 if len(s) >= 2 else 0.0 for s in param_shapes]
-        step = [0]
-
-        def adamw_step() -> None:
-            step[0] += 1
-            fn(params, grads, m, v, step=step[0], lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decays=decays)
-
-        return adamw_step
-    cases: dict[str, Callable[[], _FwdBwd]] = {
-        "rms_norm": lambda: _FwdBwd(fn, [rand(batch, seq, h), rand(h)], (cfg.rms_norm_eps,)),
-        "add_rms_norm": lambda: _FwdBwd(fn, [rand(batch, seq, h), rand(batch, seq, h), rand(h)],
-                                        (cfg.rms_norm_eps, cfg.residual_scale)),
-        "gemm.qkv": lambda: gemm(h, n * d, g * d, g * d),
-        "gemm.attn_out": lambda: gemm(n * d, h),
-        "gemm.fc1": lambda: gemm(h, f, f),
-        "gemm.fc2": lambda: gemm(f, h),
-        "gemm.output": lambda: gemm(h, V),
-        "rope": lambda: _FwdBwd(fn, [rand(batch, seq, n, d), rand(batch, seq, g, d)],
-                                rope_cos_sin(cfg, seq, device, dtype)),
-        "qkv_rope": lambda: _FwdBwd(lambda x, wq, wk, wv, cos, sin: fn(x, (wq, wk, wv), cos, sin),
-                                    [rand(batch, seq, h), *(rand(o, h, scale=h**-0.5) for o in (n * d, g * d, g * d))],
-                                    rope_cos_sin(cfg, seq, device, dtype)),
-        "attention": lambda: _FwdBwd(fn, [rand(batch, seq, n, d), rand(batch, seq, g, d), rand(batch, seq, g, d)]),
-        "swiglu": lambda: _FwdBwd(fn, [rand(batch, seq, f), rand(batch, seq, f)]),
-        "mlp": lambda: _FwdBwd(fn, [rand(batch, seq, h), rand(f, h, scale=h**-0.5), rand(f, h, scale=h**-0.5),
-                                    rand(h, f, scale=f**-0.5)]),
-        "cross_entropy": lambda: _FwdBwd(
-            fn, [rand(batch, seq, V, scale=3.0)], (torch.randint(0, V, (batch, seq), generator=gen, device=device),)),
-        "linear_cross_entropy": lambda: _FwdBwd(
-            fn, [rand(batch, seq, h), rand(V, h, scale=3 * h**-0.5)],
-            (torch.randint(0, V, (batch, seq), generator=gen, device=device),)),
-    }  # fmt: skip
-    return cases[op]()
+    """A no-argument call running `fn` (an implementation of `op`) once at the run's shapes (ops/cases.py)."""
+    dims = Dims.of_model(cfg, batch, seq, tuple(tuple(s) for s in param_shapes))
+    return build(op, dims, dtype, device, seed=0).timed(fn)
 
 
 def _time_op(op: str, fn: Callable, args: tuple, warmup: int, reps: int) -> tuple[float | None, str | None]:

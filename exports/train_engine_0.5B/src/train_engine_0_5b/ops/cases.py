@@ -8,7 +8,7 @@ work for a roofline (forward + backward; matmuls 2 FLOPs per multiply-add, causa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,21 +50,21 @@ EDGE_DIMS: tuple[Dims, ...] = (
 
 @dataclass
 class Call:
-    """`run(fn)`: outputs then input gradients; `inputs` (tensors) for poisoning and byte counts."""
+    """`run(fn)`: outputs then input gradients, on copies of the inputs (compare implementations with it);
+    `timed(fn)`: a no-argument call of the same work on inputs made once (time it; AdamW steps its state again)."""
 
     run: Callable[[Callable], list[Tensor]]
+    timed: Callable[[Callable], Callable[[], None]]
     flops: float
     bytes: float
-    inputs: list[Tensor] = field(default_factory=list)
 
 
 def _fwd_bwd(inputs: list[Tensor], consts: tuple, gen: torch.Generator, adapt: Callable | None = None):
-    """run(fn): fn(*inputs, *consts) (through `adapt` when the signature needs packing), then autograd.grad of
-    its differentiable outputs against cotangents drawn on the first run."""
+    """(run, timed) for fn(*inputs, *consts) (through `adapt` when the signature needs packing), then
+    autograd.grad of its differentiable outputs against cotangents drawn on the first call."""
     douts: list[Tensor] = []
 
-    def run(fn: Callable) -> list[Tensor]:
-        xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    def once(fn: Callable, xs: list[Tensor]) -> list[Tensor]:
         outs = (adapt or (lambda f, *a: f(*a)))(fn, *xs, *consts)
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
         diff = [o for o in outs if o.requires_grad]
@@ -75,7 +75,14 @@ def _fwd_bwd(inputs: list[Tensor], consts: tuple, gen: torch.Generator, adapt: C
         grads = torch.autograd.grad(diff, wrt, douts, allow_unused=True) if diff else ()
         return [o.detach() for o in outs] + [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, wrt)]
 
-    return run
+    def leaves() -> list[Tensor]:
+        return [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+
+    def timed(fn: Callable) -> Callable[[], None]:
+        xs = leaves()
+        return lambda: once(fn, xs) and None
+
+    return (lambda fn: once(fn, leaves())), timed
 
 
 def build(op: str, d: Dims, dtype: torch.dtype, device: torch.device | str, seed: int) -> Call:
@@ -94,7 +101,7 @@ def build(op: str, d: Dims, dtype: torch.dtype, device: torch.device | str, seed
 
     def call(inputs: list[Tensor], consts: tuple, flops: float, adapt: Callable | None = None, out_elems: int = 0):
         moved = sum(x.numel() for x in inputs if x.is_floating_point()) * 3 + out_elems * 3  # fwd read, bwd read + write
-        return Call(_fwd_bwd(inputs, consts, gen, adapt), flops, moved * size, inputs)
+        return Call(*_fwd_bwd(inputs, consts, gen, adapt), flops, moved * size)
 
     def gemm(in_f: int, *outs: int) -> Call:
         ws = [rand(o, in_f, scale=in_f**-0.5) for o in outs]
@@ -141,10 +148,16 @@ def _adamw(d: Dims, device: torch.device, gen: torch.Generator) -> Call:
     v = [torch.rand(s, generator=gen, device=device).mul_(1e-6) for s in d.params]
     decays = [0.1 if len(s) >= 2 else 0.0 for s in d.params]
 
-    def run(fn: Callable) -> list[Tensor]:
-        p, mm, vv = ([t.clone() for t in ts] for ts in (params, m, v))
-        fn(p, [x.clone() for x in grads], mm, vv, step=3, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decays=decays)
+    def step(fn: Callable, p: list[Tensor], mm: list[Tensor], vv: list[Tensor]) -> list[Tensor]:
+        fn(p, grads, mm, vv, step=3, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decays=decays)
         return p + mm + vv
 
+    def copies() -> list[list[Tensor]]:
+        return [[t.clone() for t in ts] for ts in (params, m, v)]
+
+    def timed(fn: Callable) -> Callable[[], None]:
+        state = copies()
+        return lambda: step(fn, *state) and None
+
     elems = sum(math.prod(s) for s in d.params)
-    return Call(run, 12.0 * elems, 4.0 * elems * 7, params + grads + m + v)  # reads p, g, m, v; writes p, m, v
+    return Call(lambda fn: step(fn, *copies()), timed, 12.0 * elems, 4.0 * elems * 7)  # reads p, g, m, v; writes p, m, v

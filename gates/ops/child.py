@@ -1,0 +1,197 @@
+"""The per-op harness's engine-side process: `python child.py REQUEST.json RESULT.json`, with only the engine's src
+on PYTHONPATH. It imports torch and the engine's op table, nothing of forge (the file is run by path), checks one
+candidate (an implementation and its tunable values) against the op's reference and times it on its own clock.
+
+Correctness, per shape: fresh random inputs (a seed from os.urandom, recorded), the reference run first, then the
+allocator poisoned (blocks the size of every output filled with NaN and freed, so an output the candidate
+allocates and leaves unwritten is NaN: certain on CUDA's caching allocator, likely on a CPU's malloc), then the
+candidate; every output and gradient must be finite where the reference's is and within the dtype's bound of it
+(max |a - b| / max |b|).
+Timing, at the production shape: the median of `reps` calls after `warmup`. CPU: perf_counter around each call.
+CUDA (GPU-only path, `_cuda_times`): the L2 flushed (a 256 MiB buffer written) before each call, CUDA events around
+it, and a CUDA graph of the call replayed when one call takes under `graph_below_ms`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+L2_FLUSH_BYTES = 256 << 20
+PEAKS = {  # device name substring -> (dense bf16 TFLOP/s, HBM GB/s); DESIGN.md's MFU peak for Hopper
+    "H200": (989.4, 4800.0), "H100": (989.4, 3350.0)}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    scale = b.abs().max().item() if b.numel() else 0.0
+    return (a - b).abs().max().item() / (scale if scale else 0.5) if b.numel() else 0.0
+
+
+def _poison(outputs: list[torch.Tensor]) -> None:
+    """Fill blocks of the outputs' sizes with NaN and free them: the candidate's next allocations get them."""
+    blocks = [torch.full(o.shape, float("nan"), dtype=o.dtype, device=o.device) if o.is_floating_point()
+              else torch.full(o.shape, -7, dtype=o.dtype, device=o.device) for o in outputs]
+    del blocks
+
+
+def _check(got: list[torch.Tensor], want: list[torch.Tensor], bound: float) -> tuple[float, str | None]:
+    if len(got) != len(want):
+        return float("inf"), f"{len(got)} outputs and gradients, the reference has {len(want)}"
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return float("inf"), f"output {i}: {tuple(a.shape)} {a.dtype}, the reference's {tuple(b.shape)} {b.dtype}"
+        if a.is_floating_point() and not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+            return float("inf"), f"output {i}: non-finite values where the reference's are finite (NaN never passes)"
+        finite = torch.isfinite(b) if b.is_floating_point() else torch.ones_like(b, dtype=torch.bool)
+        err = _rel(a[finite], b[finite])
+        worst = max(worst, err)
+        if not err <= bound:
+            return worst, f"output {i}: max relative error {err:.3e} > {bound:g}"
+    return worst, None
+
+
+def _cpu_times(run, reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _cuda_times(run, reps: int, warmup: int, graph_below_ms: float) -> tuple[list[float], bool]:  # GPU-only
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    graphed, call = False, run
+    probe = _events(run, flush, 3)
+    if statistics.median(probe) < graph_below_ms:
+        try:
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                run()  # warm the capture stream
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
+                run()
+            call, graphed = graph.replay, True
+        except Exception:  # noqa: BLE001 - not capturable (host syncs, CPU tables): timed eagerly
+            torch.cuda.synchronize()
+    return _events(call, flush, reps), graphed
+
+
+def _events(call, flush: torch.Tensor, reps: int) -> list[float]:  # GPU-only
+    times = []
+    for _ in range(reps):
+        flush.fill_(1)  # the L2 holds none of the op's inputs
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def _roofline(flops: float, nbytes: float, ms: float, device: str, peaks: dict) -> dict:
+    """Throughput and % of the roofline (the larger of the compute and memory fractions); None without peaks."""
+    tflops, gbps = flops / ms / 1e9, nbytes / ms / 1e6
+    known = next((p for name, p in PEAKS.items() if name in device), (None, None))
+    peak_tflops, peak_gbps = peaks.get("tflops") or known[0], peaks.get("gbps") or known[1]
+    out = {"tflops": tflops, "gbps": gbps, "roofline_pct": None, "bound": None}
+    if peak_tflops and peak_gbps:
+        compute, memory = tflops / peak_tflops, gbps / peak_gbps
+        out |= {"roofline_pct": 100.0 * max(compute, memory), "bound": "compute" if compute >= memory else "memory"}
+    return out
+
+
+def main(request_path: str, result_path: str) -> int:
+    req = json.loads(Path(request_path).read_text())
+    pkg = req["package"]
+    result: dict = {"op": req["op"], "impl": req["impl"], "values": req["values"]}
+    try:
+        registry = importlib.import_module(f"{pkg}.ops.registry")
+        cases = importlib.import_module(f"{pkg}.ops.cases")
+        space = importlib.import_module(f"{pkg}.ops.space")
+        table = importlib.import_module(f"{pkg}.ops.table")
+        device, dtype = req["device"], getattr(torch, req["dtype"])
+        key = space.runtime_key(device).model_dump()
+        result["runtime"] = key
+        op, site = req["op"].partition(".")[0], req["op"]
+        values = table.check_values(op, req["impl"], req["values"])  # unknown names: an error, as in the engine
+        impls = registry.OPS[op]
+        if req["impl"] not in impls or impls[req["impl"]] is None:
+            why = registry.UNAVAILABLE.get((op, req["impl"]), "not a callable implementation")
+            raise ValueError(f"{op}={req['impl']} cannot run here: {why}")
+        candidate, reference = impls[req["impl"]], impls["reference"]
+        if reference is None:
+            raise ValueError(f"{op} has no callable reference to check against")
+        declared = {n: p.default for n, p in table.spec(op).impl(req["impl"]).space.items()}
+        space.activate({(op, req["impl"]): declared | values} if declared else {})
+        result["values_used"] = {n: space.value(op, req["impl"], n) for n in declared}
+        bound = req.get("tolerance") or TOLERANCE[req["dtype"]]
+        shapes = []
+        for label, dims in req["shapes"]:
+            seed = int.from_bytes(os.urandom(4), "little")
+            call = cases.build(site, cases.Dims(**{k: tuple(map(tuple, v)) if k == "params" else v
+                                                   for k, v in dims.items()}), dtype, device, seed)
+            want = call.run(reference)
+            _poison(want)
+            got = call.run(candidate)
+            err, why = _check(got, want, bound)
+            shapes.append({"shape": label, "seed": seed, "max_rel_err": err, "error": why})
+            if why:
+                result |= {"verdict": "failed", "shapes": shapes, "message": f"{label}: {why}"}
+                return _write(result_path, result)
+        label, dims = req["shapes"][0]
+        call = cases.build(site, cases.Dims(**{k: tuple(map(tuple, v)) if k == "params" else v
+                                               for k, v in dims.items()}), dtype, device, 0)
+        run = call.timed(candidate)  # inputs made once: the clock sees the op, not copies
+        if device == "cuda":
+            times, graphed = _cuda_times(run, req["reps"], req["warmup"], req["graph_below_ms"])
+        else:
+            times, graphed = _cpu_times(run, req["reps"], req["warmup"]), False
+        ms = statistics.median(times)
+        name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        result |= {"verdict": "passed", "shapes": shapes, "message": f"correct at {len(shapes)} shapes",
+                   "timing": {"shape": label, "median_ms": ms, "min_ms": min(times), "reps": len(times),
+                              "graphed": graphed, "l2_flushed": device == "cuda", "clock": "cuda events" if
+                              device == "cuda" else "perf_counter", "flops": call.flops, "bytes": call.bytes,
+                              **_roofline(call.flops, call.bytes, ms, name, req.get("peaks", {}))}}
+    except Exception as e:  # noqa: BLE001 - a candidate that crashes is a failed candidate, with its traceback
+        result |= {"verdict": "failed", "message": f"{type(e).__name__}: {e}"[:2000],
+                   "traceback": traceback.format_exc()[-4000:]}
+    return _write(result_path, result)
+
+
+def _write(path: str, result: dict) -> int:
+    Path(path).write_text(json.dumps(result, default=str, indent=1) + "\n")
+    return 0
+
+
+def describe(package: str, result_path: str) -> int:
+    """The engine's op table and this runtime's key, as JSON."""
+    table = importlib.import_module(f"{package}.ops.table")
+    registry = importlib.import_module(f"{package}.ops.registry")
+    space = importlib.import_module(f"{package}.ops.space")
+    return _write(result_path, {"table": table.describe(), "runtime": {d: space.runtime_key(d).model_dump()
+                                                                       for d in ("cpu", "cuda")},
+                                "registered": {op: sorted(impls) for op, impls in registry.OPS.items()}})
+
+
+if __name__ == "__main__":
+    sys.exit(describe(sys.argv[2], sys.argv[3]) if sys.argv[1] == "--describe" else main(sys.argv[1], sys.argv[2]))
