@@ -1,0 +1,132 @@
+"""The per-op harness (gates/ops): a copy of the real engine with deliberately broken candidates added to its op
+table (interpreter-mode Triton on the CPU). A launch config that leaves columns unwritten, an op that returns
+memory it never wrote (the reference's freed result would be there without the poisoning), and one whose NaN
+the reference does not have all fail; correct candidates pass with the harness's own timing; unknown names are
+errors before anything runs; the leaderboard keeps every candidate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gates.ops.harness import Candidate, HarnessOptions, OpSpecError, check_candidate, describe, leaderboard_path, record
+
+ENGINE = Path(__file__).resolve().parents[2] / "exports" / "train_engine_0.5B"
+OPTIONS = HarnessOptions(reps=2, warmup=1, seq=8, timeout_s=300)
+
+# swiglu=triton_fused with block 256 launches cdiv -> floor column blocks: rows narrower than 256 are never written
+SKIP_COLUMNS = ("    n_col_blocks = triton.cdiv(f, block)\n",
+                "    n_col_blocks = f // block if block == 256 else triton.cdiv(f, block)  # broken on purpose\n")
+LAZY = '''"""Broken on purpose: allocates its output and never writes it."""
+import torch
+
+
+def swiglu(gate, up):
+    return _Lazy.apply(gate, up)
+
+
+class _Lazy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        return torch.empty_like(gate)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return torch.empty_like(dout), torch.empty_like(dout)
+'''
+NAN = '''"""Broken on purpose: right everywhere but one NaN."""
+from train_engine_0_5b.ops.swiglu.reference import swiglu as _ref
+
+
+def swiglu(gate, up):
+    out = _ref(gate, up)
+    return out.index_fill(-1, out.new_zeros(1, dtype=__import__("torch").long), float("nan"))
+'''
+ROWS = ('"swiglu", (Impl("reference", "swiglu.reference"), ',
+        '"swiglu", (Impl("reference", "swiglu.reference"), Impl("lazy", "swiglu.lazy"), Impl("nan", "swiglu.nan"), ')
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("engine") / "train_engine_0.5B"
+    shutil.copytree(ENGINE / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "data"))
+    pkg = root / "src" / "train_engine_0_5b"
+    shutil.copytree(ENGINE / "src" / "train_engine_0_5b" / "data", pkg / "data", ignore=shutil.ignore_patterns("*.gz"))
+    for path, (old, new) in ((pkg / "ops/swiglu/triton_fused.py", SKIP_COLUMNS), (pkg / "ops/table.py", ROWS)):
+        text = path.read_text()
+        assert text.count(old) == 1, (path, old)
+        path.write_text(text.replace(old, new))
+    (pkg / "ops/swiglu/lazy.py").write_text(LAZY)
+    (pkg / "ops/swiglu/nan.py").write_text(NAN)
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine_ops(engine):
+    return describe(engine)
+
+
+def _check(engine, engine_ops, impl: str, **values):
+    return check_candidate(engine, Candidate(op="swiglu", impl=impl, values=values), preset="tiny", options=OPTIONS,
+                           engine_ops=engine_ops)
+
+
+def test_a_correct_candidate_passes_with_the_harness_timing(engine, engine_ops):
+    r = _check(engine, engine_ops, "triton_fused", block=512, num_warps=2)
+    assert r.verdict == "passed", r.message
+    assert r.values_used == {"block": 512, "num_warps": 2}  # what the engine's op launched with
+    assert [s["shape"] for s in r.shapes] == ["production 1x8", "edge 1x1", "edge 3x5"]
+    assert all(s["error"] is None and s["max_rel_err"] < 1e-4 and s["seed"] >= 0 for s in r.shapes)
+    t = r.timing
+    assert t["clock"] == "perf_counter" and t["median_ms"] > 0 and t["reps"] == 2 and t["gbps"] > 0
+    assert t["roofline_pct"] is None  # no CPU peaks given
+    assert r.runtime["device"] == "cpu"
+
+
+def test_a_launch_config_that_skips_columns_fails(engine, engine_ops):
+    r = _check(engine, engine_ops, "triton_fused", block=256)
+    assert r.verdict == "failed" and r.ms is None
+    assert "non-finite" in r.message or "relative error" in r.message, r.message
+
+
+@pytest.mark.parametrize("impl", ["lazy", "nan"])
+def test_unwritten_outputs_and_nans_fail(engine, engine_ops, impl):
+    r = _check(engine, engine_ops, impl)
+    assert r.verdict == "failed", r.message
+    assert "non-finite values where the reference's are finite" in r.message or "relative error" in r.message
+
+
+def test_seeds_are_fresh(engine, engine_ops):
+    a, b = (_check(engine, engine_ops, "reference") for _ in range(2))
+    assert a.verdict == b.verdict == "passed"
+    assert [s["seed"] for s in a.shapes] != [s["seed"] for s in b.shapes]
+
+
+@pytest.mark.parametrize("candidate, message", [
+    (Candidate(op="swigluu", impl="triton_fused"), "unknown op 'swigluu'"),
+    (Candidate(op="swiglu", impl="cutlass"), "unknown implementation 'cutlass'"),
+    (Candidate(op="swiglu", impl="triton_fused", values={"block_size": 64}), "unknown parameter 'block_size'"),
+    (Candidate(op="swiglu", impl="triton_fused", values={"block": 100}), "block=100 is outside the declared domain"),
+])  # fmt: skip
+def test_unknown_names_are_errors(engine, engine_ops, candidate, message):
+    with pytest.raises(OpSpecError, match=message):
+        check_candidate(engine, candidate, preset="tiny", options=OPTIONS, engine_ops=engine_ops)
+
+
+def test_the_leaderboard_keeps_every_candidate(engine, engine_ops, tmp_path):
+    export = tmp_path / "export"
+    good = _check(engine, engine_ops, "triton_fused", block=1024)
+    bad = _check(engine, engine_ops, "triton_fused", block=256)
+    record(export, good, options=OPTIONS, source="round 1")
+    record(export, bad, options=OPTIONS, source="round 2")
+    again = _check(engine, engine_ops, "triton_fused", block=1024)
+    board = record(export, again, options=OPTIONS, source="round 3")
+    assert json.loads(leaderboard_path(export, "swiglu").read_text()) == json.loads(json.dumps(board, default=str))
+    rows = board["entries"]
+    assert [(r["values"], r["verdict"], r["source"]) for r in rows] == [({"block": 1024}, "passed", "round 3"),
+                                                                      ({"block": 256}, "failed", "round 2")]
+    assert board["best"]["values"] == {"block": 1024} and board["best"]["ms"] == again.ms
+    assert board["hardware"]["device"] == "cpu" and board["versions"]["torch"] and board["harness"]["reps"] == 2
