@@ -9,8 +9,9 @@ Per stack: tokens/s, median step time, MFU (benchmarks/metrics.py), peak memory,
 megatron-core(-sdpa) and torch.compile. Each engine gets two rows: its own `bench` (self-reported) and its
 `pretrain` at its defaults timed by the gates (benchmarks/gate_timed.py); only the second is a figure to quote. Out of memory is a result; with `--oom-fallback` (default) the
 stack is retried at half the micro batch down to 1, and each attempt is recorded. Writes
-DIR/compare.json + DIR/compare.md and (unless --no-results-copy) a copy as
-<results-dir>/<date>-<device>-<model>.json|md.
+DIR/compare.json + DIR/compare.md; only with --record (or --results-dir) a copy as
+<results-dir>/<date>-<device>-<model>.json|md, added to the results index (benchmarks/results_index.py) when the
+folder has one. `--smoke` (CPU, tiny preset) runs the reference stacks and every engine on tiny shapes.
 """
 
 from __future__ import annotations
@@ -28,37 +29,44 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from benchmarks import results_index
 from benchmarks.gate_timed import gate_timed_row
 from benchmarks.metrics import PEAK_TFLOPS_BF16, mfu, ratio
 from benchmarks.report import BASELINES, markdown
 from benchmarks.stacks import DEFAULT_STACKS, REPO, Stack, resolve
 from gates.model_config import load
 
+RESULTS_DIR = results_index.RESULTS_DIR
+
 DEFAULT_STACK_MBS = {"megatron": 1}  # unfused attention: micro batch 2 ran out of memory at seq 4096 (MEASURED.md)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="minicpm4-0.5b")
-    p.add_argument("--seq-length", type=int, default=4096)
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=8, help="measured steps per stack, after warm-up")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--model", default="minicpm4-0.5b", help="preset, model .toml or HF config.json (default: %(default)s)")
+    p.add_argument("--seq-length", type=int, default=4096, help="tokens per row (default: %(default)s)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="rows per step of every stack (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per stack first (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=8, help="measured steps per stack, after warm-up (default: %(default)s)")
     p.add_argument("--stacks", default=",".join(DEFAULT_STACKS),
                    help="comma list: megatron, megatron-sdpa, torch-eager, torch-compile, torchtitan, engines, engine:DIR")
     p.add_argument("--stack-mbs", action="append", default=[], metavar="STACK=M",
                    help="micro batch for one stack (default: megatron=1, the unfused attention's largest that fits)")
     p.add_argument("--oom-fallback", action=argparse.BooleanOptionalAction, default=True,
                    help="after out of memory, retry the stack at half the micro batch (down to 1)")
-    p.add_argument("--timeout", type=float, default=420.0, help="seconds per stack attempt")
+    p.add_argument("--timeout", type=float, default=420.0, help="seconds per stack attempt (default: %(default)s)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole run: attempts get at most what is left; stacks past it are recorded as skipped")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and random tokens (default: %(default)s)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of torch-compile (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/bench-<time>)")
-    p.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
-    p.add_argument("--no-results-copy", action="store_true")
+    p.add_argument("--record", action="store_true",
+                   help="also copy the result into --results-dir and add it to that folder's index.jsonl")
+    p.add_argument("--results-dir", type=Path, default=None,
+                   help="where --record copies the result (default: benchmarks/results); giving it implies --record")
     p.add_argument("--dry-run", action="store_true", help="print the plan as JSON and run nothing")
     p.add_argument("--gate-timed", action=argparse.BooleanOptionalAction, default=True,
                    help="beside each engine's own bench row, its pretrain at its defaults timed by the gates (M5's speed part)")
@@ -67,11 +75,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-peak-tflops", type=float, default=None,
                    help="tests only: a CPU peak so the gate-timed row runs on a CPU (GPU peaks are the gates' own)")
     p.add_argument("--smoke", action="store_true",
-                   help="CPU smoke run: tiny preset, seq 64, micro batch 2, 1 + 2 steps, eager and compile (aot_eager)")
+                   help="CPU smoke run (about a minute): tiny preset, seq 64, micro batch 2, 1 + 2 steps; eager, "
+                        "compile (aot_eager) and every engine's bench, no gate-timed rows")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.seq_length, args.micro_batch_size, args.warmup, args.steps = "tiny", 64, 2, 1, 2
-        args.device, args.compile_backend, args.stacks = "cpu", "aot_eager", "torch-eager,torch-compile"
+        args.device, args.compile_backend, args.stacks = "cpu", "aot_eager", "torch-eager,torch-compile,engines"
+        args.gate_timed = False
+    args.record = args.record or args.results_dir is not None
+    args.results_dir = args.results_dir or RESULTS_DIR
     return args
 
 
@@ -87,8 +99,11 @@ def stack_mbs(args: argparse.Namespace) -> dict[str, int]:
 
 def command(stack: Stack, args: argparse.Namespace, mbs: int, result: Path) -> list[str]:
     if stack.engine_contract:
-        return [*stack.argv, "--seq-length", str(args.seq_length), "--micro-batch-size", str(mbs),
-                "--steps", str(args.steps), "--json", str(result)]
+        cmd = [*stack.argv, "--seq-length", str(args.seq_length), "--micro-batch-size", str(mbs),
+               "--steps", str(args.steps), "--json", str(result)]
+        if args.model == "tiny":  # the tiny preset of the engine's own math (as the gates' CPU cases)
+            cmd += ["--model", "tiny", "--device", args.device, "--warmup", str(args.warmup)]
+        return cmd
     cmd = [*stack.argv, "--model", args.model, "--seq-length", str(args.seq_length), "--micro-batch-size", str(mbs),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device, "--seed", str(args.seed),
            "--json", str(result)]
@@ -143,10 +158,11 @@ def run_stack(stack: Stack, args: argparse.Namespace, mbs: int, out: Path, flops
         timeout = args.timeout if deadline is None else min(args.timeout, deadline - time.monotonic())
         if timeout < 20:
             return row | {"status": "skipped", "message": "run budget (--budget) spent before this stack", "micro_batch_size": mbs}
+        print(f"[compare] {stack.name} micro batch {mbs}: running (log: {out / 'logs'})", file=sys.stderr, flush=True)
         r = run_attempt(stack, args, mbs, out, timeout)
         row["attempts"].append({k: r.get(k) for k in ("micro_batch_size", "status", "message", "wall_s")})
-        print(f"[compare] {stack.name} micro batch {mbs}: {r['status']}"
-              + (f", {r['tokens_per_s']:,.0f} tokens/s" if r["status"] == "ok" else f" ({r.get('message', '')})"),
+        print(f"[compare] {stack.name} micro batch {mbs}: {r['status']} in {r['wall_s']:.0f} s"
+              + (f", {tokens_per_s(r['tokens_per_s'])} tokens/s" if r["status"] == "ok" else f" ({r.get('message', '')})"),
               file=sys.stderr, flush=True)
         if r["status"] == "oom" and args.oom_fallback and mbs > 1:
             mbs //= 2
@@ -160,6 +176,11 @@ def run_stack(stack: Stack, args: argparse.Namespace, mbs: int, out: Path, flops
             row["reported_mfu"] = r["mfu"]
         row["mfu"] = mfu(row["tokens_per_s"], flops_per_token)  # one formula for every stack
     return row
+
+
+def tokens_per_s(x: float) -> str:
+    """Thousands separators for GPU figures, three significant digits for CPU ones (never "1 tokens/s")."""
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -249,13 +270,40 @@ def main(argv: list[str] | None = None) -> int:
     text, md = json.dumps(doc, indent=2) + "\n", markdown(doc)
     (out / "compare.json").write_text(text)
     (out / "compare.md").write_text(md)
-    if not args.no_results_copy:
-        stem = f"{dt.date.today():%Y-%m-%d}-{device_slug(doc['hardware']['device_name'])}-{cfg.name}"
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        (args.results_dir / f"{stem}.json").write_text(text)
-        (args.results_dir / f"{stem}.md").write_text(md)
     print(md)
+    print(f"[compare] written: {out / 'compare.json'}, {out / 'compare.md'}", file=sys.stderr)
+    if args.record:
+        stem = f"{dt.date.today():%Y-%m-%d}-{device_slug(doc['hardware']['device_name'])}-{cfg.name}"
+        try:
+            paths = record(args.results_dir, stem, text, md, what=f"side-by-side {cfg.name}, seq {args.seq_length}, "
+                           f"micro batch {args.micro_batch_size}: {', '.join(s.name for s in stacks)}")
+        except ValueError as e:
+            print(f"[compare] not recorded: {e}", file=sys.stderr)
+            return 1
+        print(f"[compare] recorded: {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
+
+
+def record(results_dir: Path, stem: str, text: str, md: str, *, what: str) -> list[Path]:
+    """Copy a comparison into results_dir as <stem>[-N].json|md; where the folder keeps an index (the repo's
+    benchmarks/results), add the entry too, and take the files back out if the index refuses them."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    n, base = 1, stem
+    while (results_dir / f"{stem}.json").exists() or (results_dir / f"{stem}.md").exists():
+        n += 1
+        stem = f"{base}-{n}"
+    paths = [results_dir / f"{stem}.json", results_dir / f"{stem}.md"]
+    paths[0].write_text(text)
+    paths[1].write_text(md)
+    if (results_dir / results_index.INDEX_FILE).is_file():
+        try:
+            entry = results_index.describe([p.name for p in paths], kind="compare", what=what, root=results_dir)
+            results_index.add_entry(entry, root=results_dir)
+        except (ValueError, ValidationError) as e:  # an unknown device name, a clash: nothing half-recorded
+            for p in paths:
+                p.unlink(missing_ok=True)
+            raise ValueError(f"{results_dir / results_index.INDEX_FILE} refused {stem}: {e}") from None
+    return paths
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from harness.commands._common import console
+from harness.commands._common import PlainHelpGroup, console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="forge: forge, gate, inspect and train LLM pretraining engines.")
-case_app = typer.Typer(no_args_is_help=True, help="Make and inspect probe-contract cases.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=PlainHelpGroup,
+                  help="forge: forge, gate, inspect and train LLM pretraining engines.")
+case_app = typer.Typer(no_args_is_help=True, cls=PlainHelpGroup, help="Make and inspect probe-contract cases.")
 app.add_typer(case_app, name="case")
 
 
@@ -22,14 +23,14 @@ app.add_typer(case_app, name="case")
 def case_new(
     out: Path = typer.Option(..., "--out", help="directory to write the case into"),
     model: str = typer.Option("tiny", "--model", help="preset name, model .toml, or HF config.json"),
-    steps: int = typer.Option(4, "--steps"),
-    world_size: int = typer.Option(1, "--world-size"),
-    micro_batch_size: int = typer.Option(2, "--micro-batch-size"),
-    grad_accum: int = typer.Option(1, "--grad-accum"),
-    seq_length: int = typer.Option(16, "--seq-length"),
+    steps: int = typer.Option(4, "--steps", help="optimizer steps"),
+    world_size: int = typer.Option(1, "--world-size", help="data-parallel ranks"),
+    micro_batch_size: int = typer.Option(2, "--micro-batch-size", help="rows per micro batch"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="micro batches per step and rank"),
+    seq_length: int = typer.Option(16, "--seq-length", help="tokens per row"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float64"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="seed of the weights and batches"),
     lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default: the case default)"),
 ) -> None:
     """Write a case directory (case.json, weights.safetensors, batches.safetensors)."""
@@ -50,8 +51,8 @@ def case_new(
 @case_app.command("probe")
 def case_probe(
     probe: str = typer.Argument(..., help="forward | backward | steps | checkpoint"),
-    case: Path = typer.Option(..., "--case"),
-    out: Path = typer.Option(..., "--out"),
+    case: Path = typer.Option(..., "--case", help="case directory (`case new`)"),
+    out: Path = typer.Option(..., "--out", help="directory for tensors.safetensors and metrics.json"),
     stack: str = typer.Option("torch", "--stack", help="reference stack name"),
 ) -> None:
     """Run one reference stack's probe on a case (the same subprocess call a gate makes)."""
@@ -77,11 +78,11 @@ _HELP = {
 }
 for _verb, _help in _HELP.items():
     _mod = importlib.import_module(f"harness.commands.{_verb}")
-    app.command(_verb, help=_help, context_settings=getattr(_mod, "CONTEXT", None))(_mod.main)
+    app.command(_verb, short_help=_help, context_settings=getattr(_mod, "CONTEXT", None))(_mod.main)
 
 
 def main() -> None:
     from harness.secrets import seal
 
     seal()  # first: keys into the vault, out of the environment every child inherits and out of /proc/<pid>/environ
-    app()
+    app(prog_name="bash agent-loop.sh")

@@ -23,17 +23,28 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO))
 
 
+def _results_files() -> set[Path]:
+    return set((REPO / "benchmarks" / "results").rglob("*"))
+
+
 def test_cpu_smoke_run_writes_a_well_formed_report(tmp_path) -> None:
+    """Reference stacks and the shipped engine on tiny shapes, progress on stderr, nothing under benchmarks/results."""
     out = tmp_path / "smoke"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--smoke", "--out", str(out), "--no-results-copy"],
+    before = _results_files()
+    r = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--smoke", "--out", str(out)],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert _results_files() == before
+    assert "[compare] engine:train_engine_0.5B micro batch 2: running" in r.stderr
+    engine = next(row for row in json.loads((out / "compare.json").read_text())["results"] if row["stack"].startswith("engine:"))
+    assert engine["status"] == "ok" and engine["tokens_per_s"] > 0, engine
+    assert "bench: tiny on cpu" in (out / engine["log"]).read_text()
     doc = json.loads((out / "compare.json").read_text())
     assert doc["settings"]["model"] == "tiny" and doc["settings"]["device"] == "cpu"
     assert {"torch", "megatron_core", "triton"} <= set(doc["versions"]) and doc["git_commit"]
     flops = preset("tiny").flops_per_token(64)
     assert doc["settings"]["flops_per_token"] == flops
-    rows = {row["stack"]: row for row in doc["results"]}
+    rows = {row["stack"]: row for row in doc["results"] if not row["stack"].startswith("engine:")}
     assert list(rows) == ["torch-eager", "torch-compile"]
     for row in rows.values():
         assert row["status"] == "ok", row
@@ -80,16 +91,18 @@ def _fake_engine(root: Path, name: str, model: str | None, with_main: bool = Tru
 
 def test_engines_are_discovered_and_run_through_their_bench_contract(tmp_path) -> None:
     exports = tmp_path / "exports"
-    _fake_engine(exports, "good", "tiny")
+    _fake_engine(exports, "good", "minicpm4-0.5b")
     _fake_engine(exports, "other", "minicpm4-8b")
     _fake_engine(exports, "nocli", None, with_main=False)
-    stacks = {s.name: s for s in discover_engines(exports, "tiny")}
+    stacks = {s.name: s for s in discover_engines(exports, "minicpm4-0.5b")}
     assert stacks["engine:nocli"].argv is None and "no CLI" in stacks["engine:nocli"].skip_reason
     assert stacks["engine:other"].argv is None and "minicpm4-8b" in stacks["engine:other"].skip_reason
+    assert {s.name: s for s in discover_engines(exports, "tiny")}["engine:other"].argv is not None  # tiny: any engine
     good = stacks["engine:good"]
     assert good.engine_contract and good.argv[-2:] == ["good", "bench"]
     args = compare.parse_args(["--model", "tiny", "--seq-length", "32", "--steps", "2"])
     flops = preset("tiny").flops_per_token(32)
+    assert compare.command(good, args, 4, tmp_path / "r.json")[-6:] == ["--model", "tiny", "--device", "cuda", "--warmup", "3"]
     row = compare.run_stack(good, args, 4, tmp_path / "out", flops)
     assert row["status"] == "ok" and row["tokens_per_s"] == 4 * 32 / 0.5
     assert row["reported_mfu"] == 0.123 and row["mfu"] == pytest.approx(row["tokens_per_s"] * flops / 989.4e12)
@@ -115,6 +128,25 @@ def test_bench_verb_runs_the_driver() -> None:
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["seq_length"] == 128 and [p["stack"] for p in doc["plan"]] == ["torch-eager"]
+
+
+def test_record_copies_into_the_results_folder_and_its_index(tmp_path) -> None:
+    """--record writes <stem>.json|md and an index entry; a second run the same day gets <stem>-2; a device the
+    index does not know leaves no file behind."""
+    from benchmarks import results_index
+
+    (tmp_path / results_index.INDEX_FILE).write_text("")
+    doc = json.dumps({"git_commit": "a" * 40, "settings": {"model": "tiny"}, "results": []})
+    first = compare.record(tmp_path, "2026-12-03-cpu-tiny", doc, "# md\n", what="smoke")
+    second = compare.record(tmp_path, "2026-12-03-cpu-tiny", doc, "# md\n", what="smoke")
+    assert [p.name for p in first + second] == ["2026-12-03-cpu-tiny.json", "2026-12-03-cpu-tiny.md",
+                                                "2026-12-03-cpu-tiny-2.json", "2026-12-03-cpu-tiny-2.md"]
+    assert [e.id for e in results_index.load(tmp_path)] == ["2026-12-03-cpu-tiny", "2026-12-03-cpu-tiny-2"]
+    assert results_index.problems(tmp_path) == []
+    with pytest.raises(ValueError, match="refused"):
+        compare.record(tmp_path, "2026-12-03-a100-tiny", doc, "# md\n", what="smoke")
+    assert not list(tmp_path.glob("*a100*"))
+    assert not compare.parse_args([]).record and compare.parse_args(["--results-dir", str(tmp_path)]).record
 
 
 def test_commit_note_says_where_the_commit_came_from() -> None:

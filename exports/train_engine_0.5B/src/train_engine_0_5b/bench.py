@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -26,6 +27,20 @@ from train_engine_0_5b.trainer import Trainer
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _progress(is_main: bool, total: int, every_s: float = 2.0):
+    """A stderr line now and then (stdout stays the JSON): a slow step (a 0.5B step on a CPU takes minutes) is
+    visible as it ends; fast steps print only the last one."""
+    last = [time.perf_counter()]
+
+    def say(text: str, step: int | None = None) -> None:
+        now = time.perf_counter()
+        if is_main and (step is None or step == total - 1 or now - last[0] >= every_s):
+            print(f"bench: {text}", file=sys.stderr, flush=True)
+            last[0] = now
+
+    return say
 
 
 def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, grad_accum: int, steps: int, warmup: int,
@@ -65,13 +80,19 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
             float(res.loss)  # waits for the step
             _sync(ctx.device)
 
+        say = _progress(ctx.is_main, warmup + steps)
+        say(f"{model_cfg.name} on {ctx.device.type}: {warmup} warm-up + {steps} timed steps of {rows} x {seq_length} "
+            f"tokens per rank" + ("; on a CPU each step of this model takes minutes (--model tiny: seconds)"
+                                  if ctx.device.type == "cpu" and model_cfg.hidden_size >= 1024 else ""))
         for i in range(warmup + steps):
             tokens = batch()
             _sync(ctx.device)
             t0 = time.perf_counter()
             step(tokens)
+            took = time.perf_counter() - t0
             if i >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(took)
+            say(f"step {i + 1}/{warmup + steps} ({'warm-up' if i < warmup else 'timed'}): {took:.3g} s", step=i)
         step_time = statistics.median(times)
         global_tokens = rows * seq_length * ctx.world
         peak = max(ctx.all_gather_object(runtime.peak_memory_gib(ctx.device)))

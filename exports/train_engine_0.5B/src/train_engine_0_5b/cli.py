@@ -12,10 +12,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from train_engine_0_5b.cli_help import PlainHelpGroup
 from train_engine_0_5b.cli_options import with_config_options
 from train_engine_0_5b.errors import EXIT_ERROR, EXIT_UNSUPPORTED, EngineError, Unsupported
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=PlainHelpGroup,
                   help="MiniCPM4-0.5B pretraining engine (data parallel; run under torchrun for more than one process).")
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay one line per line
 DEFAULT_MODEL = "minicpm4-0.5b"  # model_spec.toml's [model]; `tiny` runs the same math on a CPU
@@ -75,7 +76,7 @@ def pretrain(
     config: Optional[Path] = typer.Option(None, "--config", help="a run config (TOML: model, ops and the sections train, "
                                           "optim, data, checkpoint, runtime); options given here override it"),
     model: Optional[str] = typer.Option(None, "--model", help=f"preset (minicpm4-0.5b, tiny), model .toml or HF config.json; default: --init-from's config.json, else {DEFAULT_MODEL}"),
-    ops: str = typer.Option("", "--ops", help="op=implementation,... e.g. attention=sdpa,gemm.qkv=concat"),
+    ops: str = typer.Option("", "--ops", help="op=implementation pairs, comma-separated (e.g. attention=sdpa); `info` lists them"),
     summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="write the run summary here (rank 0)"),
     **options,
 ) -> None:
@@ -101,15 +102,16 @@ def pretrain(
 @app.command()
 @_guard
 def bench(
-    seq_length: int = typer.Option(4096, "--seq-length"),
-    micro_batch_size: int = typer.Option(4, "--micro-batch-size"),
-    grad_accum: int = typer.Option(1, "--grad-accum"),
+    seq_length: int = typer.Option(4096, "--seq-length", help="tokens per row"),
+    micro_batch_size: int = typer.Option(4, "--micro-batch-size", help="rows per micro batch and rank"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="micro batches per step"),
     steps: int = typer.Option(10, "--steps", help="timed steps"),
     warmup: int = typer.Option(3, "--warmup", help="untimed steps first"),
-    model: str = typer.Option(DEFAULT_MODEL, "--model"),
-    device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
-    ops: str = typer.Option("", "--ops"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="preset (minicpm4-0.5b, tiny), model .toml or HF config.json; "
+                              "on a CPU, tiny takes seconds and minicpm4-0.5b minutes per step"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when there is one) | cuda | cpu"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on cuda, float32 on a CPU) | bfloat16 | float32"),
+    ops: str = typer.Option("", "--ops", help="op=implementation,... (default: the device's defaults; `info` lists them)"),
     deterministic: bool = typer.Option(False, "--deterministic/--no-deterministic", help="off by default: timing needs no bit-exact replay"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="default: on with CUDA, off on a CPU"),
     recompute: str = typer.Option("none", "--recompute", help="activation recomputation per layer: none | mlp | attention | layer"),
