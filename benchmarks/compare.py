@@ -43,7 +43,7 @@ RESULTS_DIR = results_index.RESULTS_DIR
 DEFAULT_STACK_MBS = {"megatron": 1}  # unfused attention: micro batch 2 ran out of memory at seq 4096 (MEASURED.md)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--model", default="minicpm4-0.5b", help="preset, model .toml or HF config.json (default: %(default)s)")
     p.add_argument("--seq-length", type=int, default=4096, help="tokens per row (default: %(default)s)")
@@ -77,7 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke run (about a minute): tiny preset, seq 64, micro batch 2, 1 + 2 steps; eager, "
                         "compile (aot_eager) and every engine's bench, no gate-timed rows")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = parser().parse_args(argv)
     if args.smoke:
         args.model, args.seq_length, args.micro_batch_size, args.warmup, args.steps = "tiny", 64, 2, 1, 2
         args.device, args.compile_backend, args.stacks = "cpu", "aot_eager", "torch-eager,torch-compile,engines"
