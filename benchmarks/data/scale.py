@@ -1,0 +1,113 @@
+"""Start-up time, peak RSS and loader throughput on prepared corpora of growing size (synthetic token shards
+written to a scratch folder, deleted afterwards).
+
+Start-up: a fresh process runs `pretrain --model tiny --prepared-data SET --num-steps 1` (the data part is the
+same for the 0.5B; tiny keeps the model's share of time and RAM small); it reports the time to open the set
+(manifest + a stat per shard), the time of the whole command, its peak RSS, and the parent the wall time from
+spawn to exit (interpreter and imports included). Loader: a fresh one-thread process calls the per-rank
+loader's `batch(step)` (the prefetch thread's work: global sample order, memmap reads, int64 rows) for
+micro batch 8 x seq 4096, first with the set's pages dropped from the page cache (posix_fadvise DONTNEED on its
+files only: reads come from disk), then again with them cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.data import env
+from benchmarks.data.corpus import prepared_set
+
+H200_TOKENS_PER_S = 160_000  # what one H200 consumes training the 0.5B (README: 136-158k tokens/s measured)
+TINY = ["--model", "tiny", "--device", "cpu", "--seq-length", "512", "--global-batch-size", "8",
+        "--micro-batch-size", "8", "--warmup-steps", "1", "--num-steps", "1"]
+
+
+def _child(args: list[str]) -> dict:
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.data", *args], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", FORGE_ENGINE_PROGRESS="0"), cwd=env.ROOT)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["process_wall_s"] = round(wall, 3)
+    return out
+
+
+def startup_child(path: Path) -> dict:
+    """Run in a fresh process: open the set, then the whole pretrain command, then report peak RSS."""
+    import resource
+
+    from train_engine_0_5b.cli import app
+    from train_engine_0_5b.data import open_prepared
+
+    t = time.perf_counter()
+    data = open_prepared([str(path)], None, None, 0.0, None, 512, 0, True, 4096)
+    open_s = time.perf_counter() - t
+    t = time.perf_counter()
+    try:
+        app(["pretrain", *TINY, "--prepared-data", str(path)], standalone_mode=False)
+    finally:
+        pretrain_s = time.perf_counter() - t
+    return {"open_prepared_s": round(open_s, 4), "pretrain_command_s": round(pretrain_s, 3),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "tokens": data.rows.components[0].data.n_tokens, "shards": len(data.rows.components[0].data.manifest.shards)}
+
+
+def _drop_cache(path: Path) -> None:
+    for f in path.glob("shard_*.tokens"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def loader_child(path: Path, vocab: int, seconds: float, cold: bool) -> dict:
+    """Run in a fresh process: tokens/s of Loader.batch on one thread."""
+    import torch
+
+    from train_engine_0_5b.data import open_prepared
+
+    torch.set_num_threads(1)
+    if cold:
+        _drop_cache(path)
+    seq, rows = 4096, 8
+    loader = open_prepared([str(path)], None, None, 0.0, None, seq, 0, True, vocab).loader(rows, 0, 1)
+    steps, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        loader.batch(steps)
+        steps += 1
+    dt = time.perf_counter() - t
+    tps = steps * rows * seq / dt
+    return {"page_cache": "dropped first (cold)" if cold else "warm", "seq_length": seq, "rows_per_batch": rows,
+            "batches": steps, "seconds": round(dt, 3), "tokens_per_s": round(tps),
+            "x_h200_0.5b": round(tps / H200_TOKENS_PER_S, 2)}
+
+
+def run(work: Path, sizes_gb: list[float], loader_seconds: float) -> dict:
+    rows = []
+    for gb in sizes_gb:
+        for vocab in (4096, 73_448):
+            if vocab != 4096 and gb != max(sizes_gb):
+                continue  # uint32 (the 0.5B's vocabulary): the loader on the largest set only
+            path = work / f"set_{gb:g}gb_v{vocab}"
+            t = time.perf_counter()
+            prepared_set(path, int(gb * 1e9), vocab_size=vocab)
+            row = {"size_gb": gb, "vocab_size": vocab, "dtype": "uint16" if vocab <= 65_536 else "uint32",
+                   "write_s": round(time.perf_counter() - t, 1), "load_avg_before": env.load()}
+            try:
+                if vocab == 4096:
+                    row["startup"] = _child(["_startup-child", str(path)])
+                row["loader"] = [_child(["_loader-child", str(path), "--vocab", str(vocab), "--seconds", str(loader_seconds),
+                                         *(["--cold"] if cold else [])]) for cold in (True, False)]
+            finally:
+                shutil.rmtree(path)
+            rows.append(row)
+    return {"rows": rows, "h200_tokens_per_s": H200_TOKENS_PER_S, "target": "loader >= 10x one H200 on one core"}
