@@ -188,7 +188,7 @@ def run(scratch: Path, *, steps: int = 40, only: list[str] | None = None, consol
 
     console.rule("4. inspect")
     logs = [scratch / "train" / "train_log.jsonl"] if (scratch / "train" / "train_log.jsonl").is_file() else []
-    ins = collect(eng, ledgers=[scratch / "state" / "ledger.jsonl"], logs=logs, bench_dir=WORKSPACE_ROOT / "benchmarks" / "results")
+    ins = collect(eng, ledgers=[scratch / "state" / "ledger.jsonl"], logs=logs)
     from harness.commands.inspect import show
 
     show(ins, console)

@@ -135,3 +135,37 @@ def run_real_gate(gate: GateCheck, engine_dir: Path, spec: ForgeSpec, out_dir: P
     return GateOutcome(gate.name, verdict if verdict in GATE_VERDICTS else "error", report_numbers(data),
                        report_localization(data), data.get("time_s"), path,
                        {str(p.get("name")): str(p.get("verdict")) for p in data.get("parts") or []})
+
+
+# -- how verdicts read to a user (display only) ------------------------------------------------------------------
+
+def unsupported_parts(report: str | Path | None) -> dict[str, str]:
+    """The `unsupported` parts of a gate report (part name -> the gate's reason), read from its JSON file."""
+    try:
+        data = json.loads(Path(report).read_text()) if report else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {str(p.get("name")): str(p.get("message") or "") for p in data.get("parts") or []
+            if p.get("verdict") == "unsupported"}
+
+
+def accepted_label(verdict: str, unsupported: dict[str, str], *, why: bool = False) -> str:
+    """An accepted gate or stage as it must read: `passed`, or `passed (mfu unsupported)` when the spec accepted
+    unsupported parts (with `why`, the gate's reason too) — never a bare `passed` over an unsupported part."""
+    if not unsupported:
+        return verdict
+    parts = ", ".join(f"{p}: {m}" if why and m else p for p, m in unsupported.items())
+    return f"passed ({parts} unsupported)" if verdict in ("passed", "unsupported") else verdict
+
+
+def round_label(verdict: str, gates: list[Any], *, why: bool = False) -> str:
+    """A round's verdict from its ledger line (`gates`: GateLine-like, `.name`, `.verdict`, `.report`, or dicts)."""
+    if verdict != "passed":
+        return verdict
+    unsupported: dict[str, str] = {}
+    for g in gates:
+        get = g.get if isinstance(g, dict) else lambda k, g=g: getattr(g, k, None)
+        if get("verdict") == "unsupported":
+            found = unsupported_parts(get("report")) or {str(get("name")): ""}
+            unsupported |= {f"{get('name')} {p}" if p != get("name") else p: m for p, m in found.items()}
+    return accepted_label(verdict, unsupported, why=why)

@@ -4,7 +4,8 @@
       "engine": "train_engine_0.5B",
       "spec": {"name", "path", "sha256", "model", "reference", "hardware"},
       "gates": {"m1_forward": {"verdict", "metrics", "time_s", "stage", "round", "commit", "hardware",
-                               "reference", "case", "dtype", "world_size", "policy", "report"}},
+                               "reference", "case", "dtype", "world_size", "policy", "report",
+                               "unsupported": {part: the gate's reason} (parts the spec accepted unsupported)}},
       "ops": {"rmsnorm": {"metric", "value", "baseline", "commit", "round"}},
       "hardware": where the newest gates ran,
       "forge": {"run_id", "branch", "backend", "updated"},
@@ -23,7 +24,7 @@ import subprocess
 import time
 from typing import Any
 
-from harness.gating import GateOutcome
+from harness.gating import GateOutcome, unsupported_parts
 from harness.spec import ForgeSpec, GateCheck
 
 MANIFEST = "manifest.json"
@@ -71,6 +72,7 @@ def record_gates(manifest: dict[str, Any], *, spec: ForgeSpec, spec_path: str, s
             "round": round_no, "commit": commit, "hardware": hardware, "reference": spec.reference,
             "case": gate.case, "dtype": gate.dtype, "world_size": gate.world_size, "policy": gate.policy,
             "report": str(out.report) if out.report else None,
+            "unsupported": unsupported_parts(out.report) if out.verdict == "unsupported" else {},
         }
     m["gates"] = gates
     m["hardware"] = hardware

@@ -1,5 +1,7 @@
-"""`inspect`: identity, gates from manifest.json, forge history, benchmark rows of any shape, and the
-loss/MFU plot, from a hand-made engine folder (no engine code is run: --no-ops)."""
+"""`inspect`: identity, the gates manifest.json records (an accepted unsupported part never reads as a bare
+`passed`), the history of the run that wrote the manifest only, figures labelled with their hardware, eval loss
+beside train loss, and folders that are not engines refused without writing anything. No engine code is run
+(--no-ops)."""
 
 from __future__ import annotations
 
@@ -9,86 +11,108 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.inspection import benchmark_rows, collect, gate_report_rows
+from harness.inspection import benchmark_rows, collect
+from harness.inspection_report import markdown, mfu_bars, plot
+
+M5_WHY = "MFU is measured on GPU only (peak 989.4 TFLOP/s bf16); this run is on cpu"
 
 
 def _engine(tmp_path: Path) -> Path:
     eng = tmp_path / "exports/eng"
     (eng / "forge").mkdir(parents=True)
+    (eng / "src/eng_pkg").mkdir(parents=True)
+    (eng / "src/eng_pkg/__main__.py").write_text("")
     (eng / "model_spec.toml").write_text('[model]\nname = "tiny"\nhidden_size = 64\n\n[engine]\npackage = "eng_pkg"\n'
                                          '\n[ops]\nattention = "sdpa"\nrms_norm = "triton_fused"\n')
+    cpu = {"cpu": "x86_64", "gpu": None, "gpus": []}
     (eng / "manifest.json").write_text(json.dumps({"engine": "eng", "commit": "abc1234567", "spec": {"name": "tiny-cpu"},
-        "gates": {"m1_forward": {"verdict": "passed", "metrics": {"worst_rel": 1.5e-7}, "commit": "abc1234567",
-                                 "hardware": {"cpu": "x86_64"}}}}))
+        "forge": {"run_id": "r"},
+        "gates": {"m1_forward": {"verdict": "passed", "metrics": {"worst_rel": 1.5e-7}, "commit": "abc1234567", "hardware": cpu},
+                  "m5_long_train": {"verdict": "unsupported", "metrics": {"loss.window_mean_rel_diff": 1e-3},
+                                    "commit": "abc1234567", "hardware": cpu, "unsupported": {"mfu": M5_WHY}}}}))
     (eng / "forge/ledger.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"kind": "event", "event": "run_started", "run_id": "r"},
+        {"kind": "round", "run_id": "old", "stage": "m1", "round": 1, "backend": "claude_code", "verdict": "failed", "ts": 0},
         {"kind": "round", "run_id": "r", "stage": "m1", "round": 1, "backend": "replay", "verdict": "failed",
          "tokens_in": 0, "tokens_out": 0, "cost_usd": 0, "wall_s": 12.5, "ts": 1},
         {"kind": "round", "run_id": "r", "stage": "m1", "round": 2, "backend": "replay", "verdict": "passed",
-         "commit": "abc1234567", "wall_s": 10.0, "ts": 2}]) + "\n{torn")
-    bench = tmp_path / "benchmarks/results"
-    bench.mkdir(parents=True)
-    (bench / "a.json").write_text(json.dumps({"results": [{"stack": "engine", "tokens_per_s": 1000.0, "mfu": 0.5,
-                                                           "step_time_s": 0.1, "peak_mem_gib": 30}]}))
-    (bench / "b.json").write_text(json.dumps({"device": "H100", "cudnn_mb8": {"tokens_per_s": 900, "step_s": 0.2, "mfu": 0.42}}))
-    (bench / "c.json").write_text("not json")
-    run = bench / "gates/2026-01-01-h100-run/eng"
-    run.mkdir(parents=True)
-    (run / "m2_backward.json").write_text(json.dumps({"gate": "m2_backward", "verdict": "passed", "reference": "torch",
-        "message": "218 gradients within bounds", "hardware": {"gpu": "NVIDIA H100"}, "case": {"source": "preset x"},
-        "engine_metrics": {"engine probe backward": {"probe": "backward", "ops": {
-            "attention": "flash4", "mlp": "quack_dgated", "gemm.fc1": "(in mlp=quack_dgated)", "rms_norm": "reference",
-            "qkv_rope": "unfused"}}}}))
-    (run / "m3_optimizer.json").write_text(json.dumps({"gate": "m3_optimizer", "verdict": "failed", "message": "weights",
-                                                       "hardware": {"cpu": "x86_64"}}))
-    (run / "broken.json").write_text("{")
-    other = bench / "gates/2026-01-01-h100-run/other_engine"
-    other.mkdir(parents=True)
-    (other / "m1_forward.json").write_text(json.dumps({"gate": "m1_forward", "verdict": "passed"}))
-    log = tmp_path / "log.jsonl"
-    log.write_text("\n".join(json.dumps({"step": i, "loss": 10 - i * 0.1, "mfu": 0.3 + i * 0.001}) for i in range(1, 30)))
+         "commit": "abc1234567", "wall_s": 10.0, "ts": 2},
+        {"kind": "round", "run_id": "r", "stage": "m5", "round": 1, "backend": "replay", "verdict": "passed",
+         "gates": [{"name": "m5_long_train", "verdict": "unsupported"}], "commit": "abc1234567", "wall_s": 10.0, "ts": 3},
+    ]) + "\n{torn")
+    results = tmp_path / "benchmarks/results"  # committed results of other machines: not this engine's proof
+    (results / "gates/2026-01-01-h100-run/eng").mkdir(parents=True)
+    (results / "a.json").write_text(json.dumps({"results": [{"stack": "h100-stack", "tokens_per_s": 1.0, "mfu": 0.5}]}))
+    (results / "gates/2026-01-01-h100-run/eng/m2_backward.json").write_text(json.dumps({"gate": "m2_backward", "verdict": "passed"}))
+    log = tmp_path / "train/log.jsonl"
+    log.parent.mkdir()
+    log.write_text("\n".join([json.dumps({"step": i, "loss": 10 - i * 0.1, "mfu": 1e-6}) for i in range(1, 30)]
+                             + [json.dumps({"step": i, "eval_loss": 9.5 - i * 0.05, "eval_ppl": 2.0}) for i in (10, 20)]))
+    (log.parent / "summary.json").write_text(json.dumps({"device": "cpu"}))
     return eng
 
 
-def test_collect_and_write(tmp_path: Path) -> None:
+def test_collect_shows_the_manifests_run_and_labels_hardware(tmp_path: Path) -> None:
     eng = _engine(tmp_path)
-    ins = collect(eng, logs=[tmp_path / "log.jsonl"], bench_dir=tmp_path / "benchmarks/results", probe_ops=False)
+    ins = collect(eng, logs=[tmp_path / "train/log.jsonl"], probe_ops=False)
     assert ins.ops == [{"op": "attention", "selected": "sdpa"}, {"op": "rms_norm", "selected": "triton_fused"}]
-    assert [r["verdict"] for r in ins.rounds] == ["failed", "passed"]
-    assert {(b["stack"], b["tokens_per_s"]) for b in ins.benchmarks} == {("engine", 1000.0), ("cudnn_mb8", 900)}
-    assert len(ins.train_logs[str(tmp_path / "log.jsonl")]) == 29
+    assert [(r["run_id"], r["verdict"]) for r in ins.rounds] == [("r", "failed"), ("r", "passed"), ("r", "passed")]
+    assert ins.benchmarks == []
+    assert {g["gate"]: (g["verdict"], g["hardware"]) for g in ins.gates} == {
+        "m1_forward": ("passed", "CPU (x86_64)"), "m5_long_train": ("passed (mfu unsupported)", "CPU (x86_64)")}
+    (t,) = ins.train_logs
+    assert (t.device, len(t.steps), [e["step"] for e in t.evals]) == ("cpu", 29, [10, 20])
+    md = markdown(ins)
+    assert "| m5 | 1 | replay | passed (m5_long_train unsupported) |" in md and "claude_code" not in md
+    assert f"- m5_long_train mfu unsupported: {M5_WHY}" in md and "h100" not in md.lower()
+    texts = plot(ins, tmp_path / "p.png")
+    assert "loss (cpu)" in texts and "eval loss, log.jsonl (cpu)" in texts and "train loss, log.jsonl (cpu)" in texts
+    assert "MFU" in texts  # nothing measured: the panel says so, no unlabelled bar
+
+
+def test_mfu_bars_name_their_hardware(tmp_path: Path) -> None:
+    eng = _engine(tmp_path)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"hardware": {"device_name": "NVIDIA H100 80GB HBM3"},
+                                 "results": [{"stack": "engine", "tokens_per_s": 1000.0, "mfu": 0.5}]}))
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"tokens_per_s": 170.0, "mfu": 1e-7, "device": "cpu"}))
+    ins = collect(eng, bench=[bench, own], probe_ops=False)
+    assert [b["device"] for b in ins.benchmarks] == ["NVIDIA H100 80GB HBM3", "cpu"]
+    assert [label for label, _ in mfu_bars(ins)] == ["engine (NVIDIA H100 80GB HBM3)", "own (cpu)"]
+    assert "engine (NVIDIA H100 80GB HBM3)" in plot(ins, tmp_path / "p.png")
 
 
 def test_inspect_cli_writes_report_and_plot(tmp_path: Path) -> None:
     eng = _engine(tmp_path)
     out = tmp_path / "report"
-    r = CliRunner().invoke(app, ["inspect", str(eng), "--no-ops", "--out", str(out), "--log", str(tmp_path / "log.jsonl")])
+    r = CliRunner().invoke(app, ["inspect", str(eng), "--no-ops", "--out", str(out), "--log", str(tmp_path / "train/log.jsonl")])
     assert r.exit_code == 0, r.output
-    assert "m1_forward" in r.output and "passed" in r.output and "tiny-cpu" in (out / "report.md").read_text()
+    assert "m1_forward" in r.output and "m5_long_train mfu unsupported: MFU is measured on GPU only" in r.output
     md = (out / "report.md").read_text()
-    assert "| m1 | 2 | replay | passed |" in md and "29 steps; loss 9.9 -> 7.1" in md
+    assert "| m5_long_train | passed (mfu unsupported) |" in md
+    assert "tiny-cpu" in md and "| m1 | 2 | replay | passed |" in md and "29 steps; loss 9.9 -> 7.1" in md
+    assert "eval loss at 2 steps: 9 (step 10) -> 8.5 (step 20)" in md
     png = (out / "loss_mfu.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert json.loads((out / "report.json").read_text())["manifest"]["commit"] == "abc1234567"
 
 
-def test_committed_gate_reports_of_this_engine_only(tmp_path: Path) -> None:
-    eng = _engine(tmp_path)
-    rows = gate_report_rows(tmp_path / "benchmarks/results/gates", eng.name)
-    assert [(r["run"], r["gate"], r["verdict"], r["hardware"]) for r in rows] == [
-        ("2026-01-01-h100-run", "m2_backward", "passed", "NVIDIA H100"), ("2026-01-01-h100-run", "m3_optimizer", "failed", "x86_64")]
-    ins = collect(eng, bench_dir=tmp_path / "benchmarks/results", probe_ops=False)
-    assert ins.gate_reports == rows
-    import git
+def test_a_folder_that_is_not_an_engine_is_refused_and_nothing_written(tmp_path: Path) -> None:
+    for folder in (tmp_path / "docs", tmp_path / "missing"):
+        (tmp_path / "docs").mkdir(exist_ok=True)
+        out = tmp_path / "out"
+        r = CliRunner().invoke(app, ["inspect", str(folder), "--no-ops", "--out", str(out)])
+        assert r.exit_code == 2 and "nothing written" in r.output, r.output
+        assert not out.exists()
 
-    git.Repo.init(tmp_path)  # the CLI finds benchmarks/results from the engine's repository root
-    r = CliRunner().invoke(app, ["inspect", str(eng), "--no-ops", "--out", str(tmp_path / "rep")])
-    assert r.exit_code == 0, r.output
-    md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| 2026-01-01-h100-run | m3_optimizer | failed |" in md and "other_engine" not in md
-    # the ops the GPU report's probe ran (plain ones left out); "-" where the report records none
-    assert [r["ops"] for r in rows] == ["attention=flash4, mlp=quack_dgated", "-"]
-    assert "| attention=flash4, mlp=quack_dgated |" in md
+
+def test_no_manifest_history_means_no_history(tmp_path: Path) -> None:
+    eng = _engine(tmp_path)
+    (eng / "manifest.json").write_text(json.dumps({"engine": "eng", "gates": {}}))
+    ins = collect(eng, probe_ops=False)
+    assert ins.rounds == [] and any("no gate recorded" in n for n in ins.notes)
+    assert any("records no forge run" in n for n in ins.notes)
 
 
 def test_benchmark_rows_ignore_bad_files(tmp_path: Path) -> None:
