@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -30,10 +29,10 @@ from rich.table import Table
 
 from harness.inspection import key_numbers
 from harness.prompts import WORKSPACE_ROOT
+from harness.scratch import git as _git, scratch_copy
 
 SOURCE_ENGINE = WORKSPACE_ROOT / "exports" / "train_engine_0.5B"
 SPEC = WORKSPACE_ROOT / "specs" / "tiny-cpu.toml"
-IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "runs", "forge")
 
 
 @dataclass(frozen=True)
@@ -74,20 +73,9 @@ class DemoResult:
         return not self.problems
 
 
-def _git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=forge-demo", "-c", "user.email=demo@localhost", *args], cwd=cwd,
-                          check=True, capture_output=True, text=True).stdout.strip()
-
-
 def prepare(scratch: Path, source: Path = SOURCE_ENGINE) -> Path:
     """A git repository whose root is a copy of the export."""
-    eng = scratch / source.name
-    shutil.copytree(source, eng, ignore=IGNORE)
-    (eng / ".gitignore").write_text("__pycache__/\n*.egg-info/\n")
-    _git(eng, "init", "-q", "-b", "main")
-    _git(eng, "add", "-A")
-    _git(eng, "commit", "-q", "-m", f"pristine copy of {source.relative_to(WORKSPACE_ROOT)}")
-    return eng
+    return scratch_copy(source, scratch, f"pristine copy of {source.relative_to(WORKSPACE_ROOT)}")
 
 
 def break_engine(eng: Path) -> tuple[Sabotage, Path]:

@@ -169,3 +169,16 @@ def round_label(verdict: str, gates: list[Any], *, why: bool = False) -> str:
             found = unsupported_parts(get("report")) or {str(get("name")): ""}
             unsupported |= {f"{get('name')} {p}" if p != get("name") else p: m for p, m in found.items()}
     return accepted_label(verdict, unsupported, why=why)
+
+
+def stage_labels(stages: dict[str, str], ledger: Path) -> dict[str, str]:
+    """A run's stage statuses as they must read: a passed stage whose passing round accepted unsupported parts
+    says so (`passed (m5_long_train mfu unsupported)`)."""
+    from harness.ledger import Ledger
+
+    rounds = Ledger(ledger).rounds() if ledger.is_file() else []
+    out = {}
+    for name, status in stages.items():
+        passing = [r for r in rounds if r.key == name and r.verdict == "passed"]
+        out[name] = round_label(status, passing[-1].gates) if status == "passed" and passing else status
+    return out
