@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Optional
@@ -20,6 +20,8 @@ from typing import Optional
 import typer
 
 from harness.commands._common import console
+from harness.prompts import WORKSPACE_ROOT
+from harness.rank_errors import failing_rank_line, run_logged
 from harness.secrets import train_env
 
 
@@ -60,6 +62,8 @@ def main(
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (multi-node)"),
     rdzv_id: str = typer.Option("forge-train", "--rdzv-id", help="job id shared by all nodes"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the torchrun command, run nothing"),
+    console_log: Optional[Path] = typer.Option(None, "--console-log", help="where the ranks' whole output is kept "
+                                               "(default: runs/train-<time>.log in the workspace)"),
 ) -> None:
     """Train with an exported engine under torchrun; options after `--` go to the engine's `pretrain`."""
     engine = engine.resolve()
@@ -72,8 +76,15 @@ def main(
     if dry_run:
         print(f"PYTHONPATH={shlex.quote(env['PYTHONPATH'])} {shlex.join(cmd)}")
         raise typer.Exit(0)
-    console.print(f"[dim]launch: {shlex.join(cmd)}[/]")
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    log = console_log or WORKSPACE_ROOT / "runs" / f"train-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    console.print(f"[dim]launch: {shlex.join(cmd)}\nconsole log: {log}[/]", highlight=False, soft_wrap=True)
+    rc, lines = run_logged(cmd, env, log)
+    if rc != 0:
+        line = failing_rank_line(lines)
+        console.print(f"[bold red]train failed[/] (exit {rc}): " + (line or "no rank printed an error line"),
+                      highlight=False, soft_wrap=True)
+        console.print(f"full log: {log}", highlight=False, soft_wrap=True)
+    raise typer.Exit(rc)
 
 
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}

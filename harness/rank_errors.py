@@ -1,0 +1,73 @@
+"""`train`'s console: the ranks' output streamed and kept in a log file; on a failure, the failing rank's own
+one-line error printed last, where torchrun would leave its 40-line launcher traceback."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import TextIO
+
+ENGINE_ERROR = re.compile(r"^(?:\[rank(\d+)\]:\s*)?((?:error|unsupported)(?: \(rank (\d+)\))?: .+)$")  # engines' _guard
+EXCEPTION = re.compile(r"^(?:\[rank(\d+)\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*)$")
+TORCHRUN_FAILED = re.compile(r"failed \(exitcode: -?\d+\) local_rank: \d+")  # torchrun's E-line: its report follows
+ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+
+
+def root_cause_rank(lines: list[str]) -> int | None:
+    """The rank torchrun's failure report names as the root cause (the first rank that failed)."""
+    for i, line in enumerate(lines):
+        if line.startswith("Root Cause"):
+            for after in lines[i + 1:i + 8]:
+                m = ROOT_RANK.match(after)
+                if m:
+                    return int(m.group(1))
+    return None
+
+
+def failing_rank_line(lines: list[str]) -> str | None:
+    """The failing rank's one-line error: the engine's `error (rank N): ...` of the root-cause rank, else any
+    such line, else the last exception line a rank printed (torchrun's own ChildFailedError excluded)."""
+    rank = root_cause_rank(lines)
+    engine = [(m.group(1) or m.group(3), m.group(2)) for m in map(ENGINE_ERROR.match, lines) if m]
+    for r, text in engine:
+        if rank is not None and r is not None and int(r) == rank:
+            return text
+    if engine:
+        return engine[-1][1]
+    launcher = next((i for i, line in enumerate(lines) if TORCHRUN_FAILED.search(line)), len(lines))
+    found = [m.group(2) for m in map(EXCEPTION.match, lines[:launcher]) if m and "ChildFailedError" not in m.group(2)]
+    return found[-1] if found else None
+
+
+def run_logged(cmd: list[str], env: dict[str, str], log: Path, out: TextIO | None = None) -> tuple[int, list[str]]:
+    """Run `cmd`, streaming its output to `out` and all of it to `log`; torchrun's failure report goes to the log
+    only. Returns (exit code, the last lines). Ctrl-C reaches torchrun too (same process group): keep reading
+    until it has ended its ranks."""
+    out = out or sys.stdout  # looked up per call: tests swap it
+    log.parent.mkdir(parents=True, exist_ok=True)
+    tail: deque[str] = deque(maxlen=2000)
+    hidden = 0
+    with log.open("w") as fh, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                               text=True, bufsize=1, errors="replace") as proc:
+        assert proc.stdout is not None
+        while True:
+            try:
+                for line in proc.stdout:
+                    fh.write(line)
+                    tail.append(line.rstrip("\n"))
+                    if hidden or TORCHRUN_FAILED.search(line):
+                        hidden += 1
+                        continue
+                    out.write(line)
+                    out.flush()
+                break
+            except KeyboardInterrupt:
+                continue
+        rc = proc.wait()
+    if hidden:
+        out.write(f"(torchrun's failure report, {hidden} lines: in {log})\n")
+        out.flush()
+    return rc, list(tail)
