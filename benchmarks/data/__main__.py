@@ -27,11 +27,13 @@ def main(argv: list[str]) -> None:
     s = sub.add_parser("scale", help="start-up time, peak RSS and loader tokens/s on growing prepared corpora")
     s.add_argument("--sizes-gb", type=float, nargs="+", default=[0.1, 5.0])
     s.add_argument("--loader-seconds", type=float, default=5.0)
+    s.add_argument("--on-the-fly-mb", type=int, default=0, help="also: pretrain --hf-dataset on a text corpus this big")
     for q in (t, s):
         q.add_argument("--out", type=Path, help="write <out>/<cmd>.json (default: print only)")
         q.add_argument("--work", type=Path, default=Path("/tmp"), help="where the scratch data goes (deleted after)")
     c = sub.add_parser("_startup-child")
     c.add_argument("path", type=Path)
+    c.add_argument("--text", action="store_true")
     lc = sub.add_parser("_loader-child")
     lc.add_argument("path", type=Path)
     lc.add_argument("--vocab", type=int, required=True)
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> None:
     if a.cmd == "_startup-child":
         from benchmarks.data.scale import startup_child
 
-        print(json.dumps(startup_child(a.path)))
+        print(json.dumps(startup_child(a.path, a.text)))
         return
     if a.cmd == "_loader-child":
         from benchmarks.data.scale import loader_child
@@ -59,7 +61,7 @@ def main(argv: list[str]) -> None:
         else:
             from benchmarks.data import scale
 
-            record["result"] = scale.run(work, a.sizes_gb, a.loader_seconds)
+            record["result"] = scale.run(work, a.sizes_gb, a.loader_seconds, a.on_the_fly_mb)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     record["load_avg_end"] = env.load()

@@ -1,7 +1,7 @@
 """Start-up time, peak RSS and loader throughput on prepared corpora of growing size (synthetic token shards
 written to a scratch folder, deleted afterwards).
 
-Start-up: a fresh process runs `pretrain --model tiny --prepared-data SET --num-steps 1` (the data part is the
+Start-up (and, with --on-the-fly-mb, the tokenize-at-start-up path on a text corpus for contrast): a fresh process runs `pretrain --model tiny --prepared-data SET --num-steps 1` (the data part is the
 same for the 0.5B; tiny keeps the model's share of time and RAM small); it reports the time to open the set
 (manifest + a stat per shard), the time of the whole command, its peak RSS, and the parent the wall time from
 spawn to exit (interpreter and imports included). Loader: a fresh one-thread process calls the per-rank
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.data import env
-from benchmarks.data.corpus import prepared_set
+from benchmarks.data.corpus import prepared_set, text_corpus
 
 H200_TOKENS_PER_S = 160_000  # what one H200 consumes training the 0.5B (README: 136-158k tokens/s measured)
 TINY = ["--model", "tiny", "--device", "cpu", "--seq-length", "512", "--global-batch-size", "8",
@@ -40,24 +40,25 @@ def _child(args: list[str]) -> dict:
     return out
 
 
-def startup_child(path: Path) -> dict:
-    """Run in a fresh process: open the set, then the whole pretrain command, then report peak RSS."""
+def startup_child(path: Path, text: bool) -> dict:
+    """Run in a fresh process: open the set (a prepared set; `text`: a JSONL corpus tokenized at start-up, the
+    on-the-fly path), then the whole pretrain command, then report peak RSS."""
     import resource
 
     from train_engine_0_5b.cli import app
     from train_engine_0_5b.data import open_prepared
 
+    out = {}
+    if not text:
+        t = time.perf_counter()
+        data = open_prepared([str(path)], None, None, 0.0, None, 512, 0, True, 4096)
+        out["open_prepared_s"] = round(time.perf_counter() - t, 4)
+        out["tokens"], out["shards"] = data.rows.components[0].data.n_tokens, len(data.rows.components[0].data.manifest.shards)
     t = time.perf_counter()
-    data = open_prepared([str(path)], None, None, 0.0, None, 512, 0, True, 4096)
-    open_s = time.perf_counter() - t
-    t = time.perf_counter()
-    try:
-        app(["pretrain", *TINY, "--prepared-data", str(path)], standalone_mode=False)
-    finally:
-        pretrain_s = time.perf_counter() - t
-    return {"open_prepared_s": round(open_s, 4), "pretrain_command_s": round(pretrain_s, 3),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "tokens": data.rows.components[0].data.n_tokens, "shards": len(data.rows.components[0].data.manifest.shards)}
+    app(["pretrain", *TINY, "--hf-dataset" if text else "--prepared-data", str(path)], standalone_mode=False)
+    out["pretrain_command_s"] = round(time.perf_counter() - t, 3)
+    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
 
 
 def _drop_cache(path: Path) -> None:
@@ -91,8 +92,17 @@ def loader_child(path: Path, vocab: int, seconds: float, cold: bool) -> dict:
             "x_h200_0.5b": round(tps / H200_TOKENS_PER_S, 2)}
 
 
-def run(work: Path, sizes_gb: list[float], loader_seconds: float) -> dict:
+def run(work: Path, sizes_gb: list[float], loader_seconds: float, on_the_fly_mb: int) -> dict:
     rows = []
+    if on_the_fly_mb:  # the path before prepare-data, for contrast: every start tokenizes the corpus in RAM
+        corpus = text_corpus(work / "corpus.jsonl", on_the_fly_mb << 20)
+        os.environ["HF_DATASETS_CACHE"] = str(work / "hf_cache")  # the child's Arrow copy stays in the scratch folder
+        try:
+            rows.append({"on_the_fly_text_mb": on_the_fly_mb, "load_avg_before": env.load(),
+                         "startup": _child(["_startup-child", str(corpus), "--text"])})
+        finally:
+            os.environ.pop("HF_DATASETS_CACHE")
+            corpus.unlink()
     for gb in sizes_gb:
         for vocab in (4096, 73_448):
             if vocab != 4096 and gb != max(sizes_gb):
