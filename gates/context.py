@@ -29,8 +29,8 @@ from gates import case as case_mod
 from gates.case import (DRAWN_PRESETS, Case, CaseError, CaseShape, CaseSpec, case_hash, draw_shape, load_case, make_spec,
                         option_shape)
 from gates.checks import check_outputs, layer_of, layer_order
-from gates.launch import (Deadline, Engine, GateTimeout, Proc, Sandbox, engine_argv, engine_env, reference_env,
-                          run_process)
+from gates.launch import (Deadline, Engine, GateTimeout, Proc, Sandbox, engine_argv, engine_env, reference_code_hash,
+                          reference_env, run_process)
 from gates.model_config import PRESETS
 from gates.options import GateOptions
 from gates.policies import (Diff, Policy, Scale, compare, compare_scaled, compare_series, reference_scale, resolve_policy,
@@ -255,7 +255,7 @@ class GateRun:
     def _cache_dir(self, ref: str, probe: str, case: Case) -> Path | None:
         if self.options.reference_cache is None:
             return None
-        return Path(self.options.reference_cache) / f"{ref}-{probe}-{case_hash(case.dir)[:24]}"
+        return Path(self.options.reference_cache) / f"{ref}-{probe}-{case_hash(case.dir)[:24]}-{reference_code_hash()[:12]}"
 
     def _read(self, out: Path, role: str, engine: bool) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors.torch import load_file

@@ -179,6 +179,17 @@ def reference_tree() -> Path:
     return root
 
 
+@functools.cache
+def reference_code_hash() -> str:
+    """sha256 over the reference tree's files (paths and bytes): part of every reference-cache key, so a
+    changed reference never answers from a cache its older code wrote."""
+    h = hashlib.sha256()
+    root = reference_tree()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def _remove_tree(root: Path) -> None:
     for d, _, files in os.walk(root):
         os.chmod(d, 0o755)

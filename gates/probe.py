@@ -19,6 +19,12 @@ Tensor names per probe (L = num_layers; NAME = an HF MiniCPM parameter name):
 
 `metrics.json` holds at least {"probe", "stack", "time_s"}. Under torchrun (WORLD_SIZE > 1), rank 0
 writes the outputs; every rank reads only its rows of each step.
+
+Per-rank outputs (`steps` under torchrun): every process r also writes `DIR/ranks/rank{r}.safetensors`
+with `loss_sums` (steps,) float64, the sum of token cross-entropy over the rows it trained on in each
+step (at that step's weights), and `valid_tokens` (steps,) int64, the count of its labels != -100. The
+gate requires a file from every rank and ties each to that rank's rows (gate M4): a rank that did no
+work, or another rank's work, shows there even when the summed gradient is right.
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ EXIT_OK = 0
 EXIT_UNSUPPORTED = 77  # the automake "skip" convention: distinct from errors (1) and usage errors (2)
 TENSORS_FILE = "tensors.safetensors"
 METRICS_FILE = "metrics.json"
+RANKS_DIR = "ranks"
+RANK_NAMES = ("loss_sums", "valid_tokens")
+
+
+def rank_file(out: str | Path, rank: int) -> Path:
+    """Where process `rank` writes its per-rank outputs."""
+    return Path(out) / RANKS_DIR / f"rank{rank}.safetensors"
 
 
 def write_outputs(out: str | Path, tensors: dict[str, torch.Tensor], metrics: dict) -> None:

@@ -72,6 +72,7 @@ JOBS: list[tuple] = [
     ("bug_past_seq_64", "m1_forward"),
     ("probe_declines", "m2_backward"),
     ("dp_mean_of_means", "m4_data_parallel"),
+    ("lazy_ranks", "m4_data_parallel"),
     ("drop_rng_state", "m6_checkpoint"),
     ("residual_scale", "m1_forward"),
     ("rope_theta", "m1_forward"),

@@ -102,11 +102,18 @@ def test_wrong_dp_loss_averaging_fails_against_dp1_at_step_0(reports):
     r = reports[("dp_mean_of_means", "m4_data_parallel")]
     assert r.verdict == "failed"
     parts = {p.name: p.verdict for p in r.parts}
-    assert parts == {"vs_dp1": "failed", "vs_reference": "failed"}
+    assert parts == {"vs_dp1": "failed", "vs_reference": "failed", "ranks": "passed"}  # each rank's own sums are right
     n = r.case["world_size"]  # drawn from the seed (2..4)
     assert 2 <= n <= 4 and r.case["shape"]["world_size"] == n
     assert r.localization.step == 0 and r.localization.what.startswith(f"DP={n} vs DP=1")
     assert any(c.argv[2:4] == ["torch.distributed.run", "--standalone"] for c in r.commands)
+
+
+def test_a_rank_that_idles_while_rank_0_computes_its_rows_fails_the_ranks_part(reports):
+    r = reports[("lazy_ranks", "m4_data_parallel")]
+    parts = {p.name: p.verdict for p in r.parts}
+    assert r.verdict == "failed" and parts == {"vs_dp1": "passed", "vs_reference": "passed", "ranks": "failed"}
+    assert r.localization.rank == 0 and r.localization.step == 0 and "valid tokens" in r.localization.what
 
 
 def test_dropped_rng_state_breaks_bitwise_resume(reports):

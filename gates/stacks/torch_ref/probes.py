@@ -58,27 +58,30 @@ def forward(case: Case) -> dict[str, torch.Tensor]:
     return out
 
 
-def _grads(model: MiniCPM, case: Case, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _grads(model: MiniCPM, case: Case, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Gradient of step `step`'s training loss (global token mean), accumulated over micro batches in
-    the master dtype; returns (grads by name, loss)."""
+    the master dtype; returns (grads by name, loss, per-rank loss sums (world_size,) float64: the token
+    CE summed over each case rank's rows, the contract's per-rank `loss_sums`)."""
     spec = case.spec
     ids, labels = (t.to(spec.device) for t in case.global_batch(step))
     count = int((labels != -100).sum())
     params = dict(model.named_parameters())
     grads = {k: torch.zeros_like(p, dtype=spec.master_dtype) for k, p in params.items()}
     loss = torch.zeros((), dtype=spec.master_dtype, device=spec.device)
-    for mb_ids, mb_labels in _chunks(ids, labels, spec.micro_batch_size):
+    rank_sums = torch.zeros(spec.world_size, dtype=torch.float64)
+    for j, (mb_ids, mb_labels) in enumerate(_chunks(ids, labels, spec.micro_batch_size)):
         total, _ = loss_sum(model(mb_ids), mb_labels)
         (total / count).backward()
         loss += total.detach().to(spec.master_dtype) / count
+        rank_sums[j // spec.grad_accum] += float(total.detach())  # rows in rank order, grad_accum chunks each
         for k, p in params.items():
             grads[k] += p.grad.to(spec.master_dtype)
             p.grad = None
-    return grads, loss
+    return grads, loss, rank_sums
 
 
 def backward(case: Case) -> dict[str, torch.Tensor]:
-    grads, loss = _grads(build_model(case), case, 0)
+    grads, loss, _ = _grads(build_model(case), case, 0)
     return {"loss": loss} | {f"grad.{k}": g for k, g in grads.items()}
 
 
@@ -93,6 +96,7 @@ class Trainer:
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []
         self.lrs: list[float] = []
+        self.rank_loss_sums: list[torch.Tensor] = []
 
     @property
     def step(self) -> int:
@@ -100,7 +104,7 @@ class Trainer:
 
     def train_step(self) -> None:
         spec = self.case.spec
-        grads, loss = _grads(self.model, self.case, self.step)
+        grads, loss, rank_sums = _grads(self.model, self.case, self.step)
         names = list(grads)
         norm = clip_grads_([grads[k] for k in names], spec.optimizer.grad_clip)
         lr = lr_at(self.step + 1, spec.steps, spec.optimizer, spec.schedule)
@@ -111,6 +115,7 @@ class Trainer:
         self.losses.append(loss)
         self.grad_norms.append(norm)
         self.lrs.append(lr)
+        self.rank_loss_sums.append(rank_sums)
 
     def outputs(self) -> dict[str, torch.Tensor]:
         out = {
@@ -118,6 +123,8 @@ class Trainer:
             "grad_norms": torch.stack(self.grad_norms),
             "lrs": torch.tensor(self.lrs, dtype=torch.float64),
         }
+        if len(self.rank_loss_sums) == len(self.losses):  # a resumed trainer has no per-rank history
+            out["rank_loss_sums"] = torch.stack(self.rank_loss_sums)
         return out | {f"weight.{k}": v for k, v in self.opt.master.items()}
 
     def save(self, path: Path) -> None:

@@ -6,7 +6,8 @@ engine's own model, reducer, optimizer and checkpoints.
 A case holds case.json, weights.safetensors (HF MiniCPM names) and batches.safetensors
 (steps, world_size, rows_per_rank, seq). Under torchrun with N processes (N dividing the case's
 world_size) rank r takes ranks [r*k, (r+1)*k) of every step, k = world_size / N, so one process
-answers a DP=2 case as DP=1 on the same global batch. Rank 0 writes. Anything this engine cannot do
+answers a DP=2 case as DP=1 on the same global batch. Rank 0 writes; after `steps` every rank also writes
+DIR/ranks/rank{r}.safetensors: `loss_sums` and `valid_tokens` (steps,) of its own rows. Anything this engine cannot do
 (an unknown probe or case field, a CUDA case without a GPU) raises Unsupported: exit 77.
 """
 
@@ -36,6 +37,7 @@ from train_engine_0_5b.trainer import IGNORE_INDEX, Trainer
 PROBES = ("forward", "backward", "steps", "checkpoint")
 CASE_FORMAT = 1
 STACK = "train_engine_0_5b"
+RANKS_DIR = "ranks"
 
 
 class _Strict(BaseModel):
@@ -132,6 +134,8 @@ class _Run:
         self.losses: list[torch.Tensor] = []
         self.norms: list[torch.Tensor] = []
         self.lrs: list[float] = []
+        self.rank_sums: list[torch.Tensor] = []  # this process's own rows: CE sum and valid labels per step
+        self.rank_counts: list[torch.Tensor] = []
 
     def train_until(self, steps: int) -> None:
         while self.trainer.step < steps:
@@ -139,6 +143,12 @@ class _Run:
             self.losses.append(res.loss)
             self.norms.append(res.grad_norm)
             self.lrs.append(res.lr)
+            self.rank_sums.append(self.trainer.rank_loss_sum)
+            self.rank_counts.append(self.trainer.rank_valid_tokens)
+
+    def rank_outputs(self) -> dict[str, torch.Tensor]:
+        """The contract's per-rank outputs (`ranks/rank{r}.safetensors`)."""
+        return {"loss_sums": torch.stack(self.rank_sums).double(), "valid_tokens": torch.stack(self.rank_counts).long()}
 
     def outputs(self, losses: list, norms: list, lrs: list[float]) -> dict[str, torch.Tensor]:
         out = {"losses": torch.stack(losses), "grad_norms": torch.stack(norms), "lrs": torch.tensor(lrs, dtype=torch.float64)}
@@ -165,9 +175,11 @@ def _backward(case: Case, ctx: DistContext, ops: Ops) -> dict[str, torch.Tensor]
     return {"loss": loss} | {f"grad.{k}": g.to(case.master_dtype) for k, g in run.trainer.grads.items()}
 
 
-def _steps(case: Case, ctx: DistContext, ops: Ops) -> dict[str, torch.Tensor]:
+def _steps(case: Case, ctx: DistContext, ops: Ops, out: Path) -> dict[str, torch.Tensor]:
     run = _Run(case, ctx, ops)
     run.train_until(case.spec.steps)
+    (out / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in run.rank_outputs().items()}, str(out / RANKS_DIR / f"rank{ctx.rank}.safetensors"))
     return run.outputs(run.losses, run.norms, run.lrs)
 
 
@@ -217,7 +229,7 @@ def run_probe(name: str, case_dir: Path, out: Path, ops_selection: OpSelection =
         elif name == "backward":
             tensors = _backward(case, ctx, ops)
         elif name == "steps":
-            tensors = _steps(case, ctx, ops)
+            tensors = _steps(case, ctx, ops, out)
         else:
             tensors = _checkpoint(case, ctx, ops, out)
         if s.device == "cuda":

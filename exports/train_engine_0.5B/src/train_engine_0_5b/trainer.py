@@ -69,8 +69,11 @@ class Trainer:
         if rows % mb:
             raise ValueError(f"{rows} rows per rank do not split into micro batches of {mb}")
         direct = self.ctx.world == 1 and rows == mb and self.optimizer.fused
-        count = self.ctx.all_reduce_sum_((labels != IGNORE_INDEX).sum().to(self.ctx.device))
+        # this rank's own share, before the all-reduces (the probe contract's per-rank outputs)
+        self.rank_valid_tokens = (labels != IGNORE_INDEX).sum().to(self.ctx.device)
+        count = self.ctx.all_reduce_sum_(self.rank_valid_tokens.clone())
         loss = torch.zeros((), dtype=self.master_dtype, device=self.ctx.device)
+        self.rank_loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         self.reducer.active = not direct
         self.reducer.zero()
         for i in range(0, rows, mb):
@@ -78,6 +81,7 @@ class Trainer:
             total = self.model.loss_sum(input_ids[i : i + mb], labels[i : i + mb])
             (total / count).backward()
             loss += total.detach().to(self.master_dtype) / count
+            self.rank_loss_sum += total.detach().to(torch.float64)
         if direct:  # the backward's own gradients; a parameter it did not reach gets zeros
             self.grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items()}
         else:

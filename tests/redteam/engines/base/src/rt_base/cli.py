@@ -75,6 +75,9 @@ def probe(name: str, case_dir: Path, out: Path, flaws: Flaws) -> int:
         while tr.step < total:
             tr.train_step()
         tensors = tr.outputs()
+        if name == "steps":  # the contract's per-rank outputs
+            (out / "ranks").mkdir(parents=True, exist_ok=True)
+            save_file(tr.rank_outputs(), str(out / "ranks" / f"rank{d.rank}.safetensors"))
     if d.rank == 0:
         write(out, tensors, {"probe": name, "stack": "rt_base", "time_s": time.perf_counter() - t0})
     d.close()

@@ -134,6 +134,7 @@ class Trainer:
         self.step = 0
         self.data_position = 0  # index of the next batch to train on
         self.history: dict[str, list[float]] = {"losses": [], "grad_norms": [], "lrs": []}
+        self.rank_history: dict[str, list] = {"loss_sums": [], "valid_tokens": []}  # per-rank outputs
         self.num_buckets = len(buckets(self.master, bucket_mb)) if bucket_mb is not None else 0  # logged by pretrain
         self.valid_tokens = 0
 
@@ -142,18 +143,24 @@ class Trainer:
         c, spec, d = self.case, self.case.spec, self.dist
         ids = c.batches["input_ids"][batch, d.rank].to(c.device)  # (rows_per_rank, S)
         labels = c.batches["labels"][batch, d.rank].to(c.device)
+        mbs, ga = spec["micro_batch_size"], spec["grad_accum"]
         local = torch.tensor(float((labels != -100).sum()), dtype=c.master, device=c.device)
         count = d.sum_(local.clone())
+        if self.flaws.lazy_ranks and d.world > 1:  # rank 0 takes every rank's rows, the others none
+            ids = c.batches["input_ids"][batch].flatten(0, 1)[: mbs * ga * d.world if d.rank == 0 else 0].to(c.device)
+            labels = c.batches["labels"][batch].flatten(0, 1)[: ids.shape[0]].to(c.device)
+            ga = ga * d.world if d.rank == 0 else 0
         self.valid_tokens = int(count)  # the global batch's, logged by pretrain
-        mbs, ga = spec["micro_batch_size"], spec["grad_accum"]
         grads = {k: torch.zeros_like(v) for k, v in self.master.items()}
         loss = torch.zeros((), dtype=c.master, device=c.device)
+        self.rank_sum, self.rank_count = 0.0, int((labels != -100).sum())  # the rows this rank trained on
         for j in torch.randperm(ga, generator=self.rng).tolist():  # RNG-drawn accumulation order
             sl = slice(j * mbs, (j + 1) * mbs)
             total = loss_sum(self.model(ids[sl]), labels[sl])
             denom = local * d.world if self.flaws.dp_mean_of_means else count
             (total / denom).backward()
             loss += total.detach().to(c.master) / denom
+            self.rank_sum += float(total.detach())
             for k, p in self.model.p.items():
                 grads[k] += p.grad.to(c.master)
                 p.grad = None
@@ -202,6 +209,12 @@ class Trainer:
         self.data_position += 1
         for key, v in (("losses", loss), ("grad_norms", norm), ("lrs", lr)):
             self.history[key].append(float(v))
+        self.rank_history["loss_sums"].append(self.rank_sum)
+        self.rank_history["valid_tokens"].append(self.rank_count)
+
+    def rank_outputs(self) -> dict[str, torch.Tensor]:
+        return {"loss_sums": torch.tensor(self.rank_history["loss_sums"], dtype=torch.float64),
+                "valid_tokens": torch.tensor(self.rank_history["valid_tokens"], dtype=torch.int64)}
 
     def outputs(self) -> dict[str, torch.Tensor]:
         out = {k: torch.tensor(v, dtype=torch.float64) for k, v in self.history.items()}
