@@ -32,6 +32,7 @@ FOLDER_TIERS: list[tuple[str, tuple[str, ...]]] = [
     ("tests/foundation", ("unit",)),
     ("tests/stacks", ("unit",)),
     ("tests/benchmarks", ("unit",)),
+    ("tests/engines", ("integration",)),
     ("exports/train_engine_0.5B/tests/ops", ("unit",)),
     ("exports/train_engine_0.5B/tests", ("integration",)),
 ]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+import engine_testlib  # puts src/ on sys.path
 import pytest
-import torch
-
-import engine_testlib  # noqa: F401  (puts src/ and the workspace on sys.path)
 
 
 def pytest_configure(config):
@@ -16,24 +14,11 @@ def pytest_configure(config):
 @pytest.fixture
 def cli():
     """Run the engine's CLI in this process: cli(args) -> click Result (exit_code, stdout, stderr)."""
-    from typer.testing import CliRunner
-
-    from train_engine_0_5b.cli import app
-
-    runner = CliRunner()
-
-    def invoke(args: list, env: dict | None = None):
-        return runner.invoke(app, [str(a) for a in args], env=env)
-
-    return invoke
+    return engine_testlib.cli_runner()
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """One intra-op thread per test process: on a small shared CPU two OpenMP threads wait on each
-    other at every op (a 40x slowdown measured on the 2-core CI box); subprocesses get
-    OMP_NUM_THREADS=1 from engine_testlib.engine_env. Module scope: set before module fixtures run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """Module scope: set before module fixtures run (engine_testlib.single_thread says why)."""
+    with engine_testlib.single_thread():
+        yield

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_testlib import read_log
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from train_engine_0_5b import checkpoint as ckpt
 from train_engine_0_5b.data.tokenizer import DEFAULT_DIR, TextTokenizer
@@ -22,7 +22,7 @@ from train_engine_0_5b.init_from import load_init, tokenizer_dir
 from train_engine_0_5b.model_config import MiniCPMConfig, from_hf_config, hf_param_shapes
 
 RELEASED = Path(__file__).resolve().parents[1] / "src" / "train_engine_0_5b" / "data" / "released"
-WORKSPACE_RELEASED = Path(__file__).resolve().parents[3] / "gates" / "data" / "released"
+FIXTURES = Path(__file__).resolve().parent / "data" / "released"  # configs this engine does not ship (8B)
 # Reduced width and depth; head dim 64 (0.5B) / 128 (8B) so the released factor lists apply as published;
 # vocabulary = the shipped tokenizer's, which these directories carry.
 REDUCED = {"minicpm4-0.5b": dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1),
@@ -34,7 +34,7 @@ SEQ, ROWS = 48, 2
 def official_dir(root: Path, release: str, layout: str, seed: int = 0) -> tuple[Path, dict[str, torch.Tensor]]:
     """An official-layout directory: the released config.json with reduced sizes (every other key as published),
     bf16 weights under the released key names; returns it and the weights (float32)."""
-    source = (RELEASED if (RELEASED / f"{release}.json").is_file() else WORKSPACE_RELEASED) / f"{release}.json"
+    source = (RELEASED if (RELEASED / f"{release}.json").is_file() else FIXTURES) / f"{release}.json"
     config = json.loads(source.read_text()) | REDUCED[release] | dict(
         num_hidden_layers=2, intermediate_size=192, vocab_size=4096)
     d = root / f"{release}-{layout}"
@@ -122,22 +122,14 @@ def _pretrain(cli, d: Path, tmp_path: Path, *extra):
 
 @pytest.mark.parametrize("release, layout", [("minicpm4-0.5b", "sharded"), ("minicpm4-8b", "safetensors")])
 def test_pretrain_continues_from_an_official_checkpoint(cli, tmp_path, release, layout):
-    """The first step's loss is the workspace reference's on the checkpoint's weights (LongRoPE, eps, padding and
-    tying as released), the run carries the directory's tokenizer, and the native export gives the weights back."""
-    from gates.stacks.torch_ref.model import MiniCPM, loss_sum
-
+    """The run carries the directory's tokenizer, and the native export gives the weights back (the first step's
+    loss against the workspace's reference: the workspace's tests/engines/test_engine_init_from_reference.py)."""
     d, weights = official_dir(tmp_path, release, layout)
     _with_tokenizer(d)
     res = _pretrain(cli, d, tmp_path)
     assert res.exit_code == 0, res.output + res.stderr
     cfg, _ = from_hf_config(d)
-    ref = MiniCPM(cfg)
-    ref.load_state_dict(weights)
-    batch = load_file(str(tmp_path / "batches.safetensors"))
-    with torch.no_grad():
-        total, count = loss_sum(ref(batch["input_ids"][0]), batch["labels"][0])
-    logged = read_log(tmp_path / "log.jsonl")[0]["loss"]
-    assert abs(logged - float(total / count)) <= 1e-5 * float(total / count)
+    assert len(read_log(tmp_path / "log.jsonl")) == 1
     saved = ckpt.load(tmp_path / "save")
     assert TextTokenizer(saved.path / ckpt.TOKENIZER_DIR).fingerprint == TextTokenizer(d).fingerprint
     assert TextTokenizer(d).fingerprint != TextTokenizer().fingerprint

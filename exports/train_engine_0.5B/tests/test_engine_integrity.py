@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_testlib import ROOT, TINY, engine_env, read_log
+from engine_testlib import ENGINE, TINY, engine_env, read_log
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
@@ -97,7 +97,7 @@ def test_a_kill_right_after_resuming_leaves_the_log_intact(save, batches, tmp_pa
     before = log.read_bytes()
     cmd = [sys.executable, "-m", "train_engine_0_5b", "pretrain", *RUN, "--num-steps", "4", "--token-batches",
            str(batches), "--save-dir", str(save), "--resume", "--log-file", str(log)]
-    proc = subprocess.Popen(cmd, env=engine_env(PYTHONUNBUFFERED="1"), cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=engine_env(PYTHONUNBUFFERED="1"), cwd=ENGINE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if "resumed from" in line:
@@ -278,7 +278,7 @@ def test_a_real_full_disk_keeps_the_last_good_checkpoint(batches, tmp_path):
     try:
         cmd = [sys.executable, "-m", "train_engine_0_5b", "pretrain", *RUN, "--num-steps", "4", "--token-batches",
                str(batches), "--save-dir", str(disk / "save"), "--save-interval", "1"]
-        proc = subprocess.run(cmd, env=engine_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+        proc = subprocess.run(cmd, env=engine_env(), cwd=ENGINE, capture_output=True, text=True, timeout=240)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
         assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "No space left on device" in errors[0] and "step_00000001" in errors[0]

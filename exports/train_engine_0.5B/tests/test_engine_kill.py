@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_testlib import ROOT, TINY, engine_env, read_log
+from engine_testlib import ENGINE, TINY, engine_env, read_log
 from safetensors.torch import load_file, save_file
 
 STEPS, KILLS = 10, 3
@@ -41,7 +41,7 @@ def _kill_during_a_save(cmd: list[str], save: Path, rng: random.Random) -> list[
     """Start `cmd`; at a random save (after a random delay into it) SIGKILL it; returns the save dir's entries
     just after the kill (None if the run finished first)."""
     stale = set(os.listdir(save)) if save.is_dir() else set()  # a killed run's leftovers: the new one removes them
-    proc = subprocess.Popen(cmd, env=engine_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=engine_env(), cwd=ENGINE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     skip = rng.randrange(3)  # saves to let pass
     seen_saving = False
     try:
@@ -83,7 +83,7 @@ def test_kills_during_saves_then_resume_equals_the_uninterrupted_run(cli, tmp_pa
         extra = ["--resume"] if save.exists() else []
         kills.append(_kill_during_a_save(_engine(*_args(batches, save, log), *extra), save, rng))
     assert any(kills), "no save was ever caught in progress"
-    final = subprocess.run(_engine(*_args(batches, save, log), "--resume"), env=engine_env(), cwd=ROOT,
+    final = subprocess.run(_engine(*_args(batches, save, log), "--resume"), env=engine_env(), cwd=ENGINE,
                            capture_output=True, text=True, timeout=240)
     assert final.returncode == 0, final.stderr[-3000:]
 

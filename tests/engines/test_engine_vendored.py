@@ -5,9 +5,11 @@ fold, checked on every preset and fresh random weights, and the same case fields
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import engine_testlib
 import pytest
 import torch
-from engine_testlib import ROOT  # noqa: F401 - puts the workspace on sys.path
 
 from gates import case as ws_case, hf_fold as ws_fold, model_config as ws_cfg
 from train_engine_0_5b import hf_fold as eng_fold, model_config as eng_cfg, probe as eng_probe
@@ -66,3 +68,20 @@ def test_same_fold(tied):
     assert list(a) == list(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_the_tests_adamw_step_share_is_the_gates_one():
+    from gates.policies import ADAMW_STEP_SHARE
+
+    assert engine_testlib.ADAMW_STEP_SHARE == ADAMW_STEP_SHARE
+
+
+def test_released_config_fixtures_are_the_workspace_ones():
+    """Released configs the engine's tests carry but the engine does not ship (8B): the workspace's, byte for byte."""
+    import gates
+
+    fixtures = engine_testlib.ENGINE / "tests" / "data" / "released"
+    names = sorted(f.name for f in fixtures.glob("*.json"))
+    assert names == ["minicpm4-8b.json"]
+    for name in names:
+        assert (fixtures / name).read_bytes() == (Path(gates.__file__).parent / "data" / "released" / name).read_bytes()

@@ -9,12 +9,15 @@ with rank 0 alone writing the log and the checkpoint.
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
-from engine_testlib import ENGINE, ROOT, TINY, assert_adamw_weights_close, engine_env, free_port, read_jsonl, rel_err
+from engine_testlib import ENGINE, TINY, assert_adamw_weights_close, engine_env, free_port, read_jsonl, rel_err
 
 from train_engine_0_5b import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[2]  # the workspace: agent-loop.sh
 
 REL_TOL = 1e-5
 TRAIN = [*TINY, "--num-steps", "3", "--global-batch-size", "4", "--micro-batch-size", "1", "--lr-schedule", "wsd"]

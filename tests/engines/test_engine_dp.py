@@ -15,8 +15,9 @@ from engine_testlib import assert_adamw_weights_close, rel_err, torchrun
 
 from safetensors.torch import load_file
 
-from gates.case import make_spec, new_case
-from gates.probe import read_outputs
+from gates.case import load_case, make_spec, new_case
+from gates.probe import rank_file, read_outputs
+from gates.stacks.torch_ref.probes import run_probe as reference_probe
 from train_engine_0_5b.probe import run_probe
 
 REL_TOL = 1e-5
@@ -44,6 +45,16 @@ def test_dp2_equals_dp1_on_the_same_global_batch(tmp_path):
     initial = load_file(str(case / "weights.safetensors"))
     assert all(not torch.equal(dp1[f"weight.{n}"], w) for n, w in initial.items())
     assert dp1["losses"].shape == (3,) and torch.isfinite(dp2["losses"]).all()
+    # per-rank outputs: each process's own rows, tied to the reference's per-rank loss sums and to the loss
+    ranks = [load_file(str(rank_file(tmp_path / "dp2", r))) for r in range(2)]
+    labels = load_file(str(case / "batches.safetensors"))["labels"]
+    for r, t in enumerate(ranks):
+        assert torch.equal(t["valid_tokens"], (labels[:, r] != -100).sum(dim=(1, 2)))
+    ref, _ = reference_probe("steps", load_case(case), tmp_path / "ref")
+    sums = torch.stack([t["loss_sums"] for t in ranks], 1)
+    assert rel_err(ref["rank_loss_sums"], sums) <= REL_TOL
+    counts = sum(t["valid_tokens"] for t in ranks)
+    assert rel_err(dp2["losses"].double(), sums.sum(1) / counts) <= REL_TOL
 
 
 def test_global_batch_must_split_over_micro_batches_and_ranks():
