@@ -66,6 +66,26 @@ def test_bench_with_cuda_graph_needs_two_warmup_steps(cli):
     assert "--warmup >= 2" in res.stderr, res.stderr
 
 
+def test_what_a_graph_covers_and_what_runs_graphed_by_default():
+    """Accumulation is captured when asked for (rows a multiple of the micro batch); the default graphs one micro
+    batch per step only; more than one rank is refused."""
+    from types import SimpleNamespace
+
+    from train_engine_0_5b.cuda_graph import check, supported
+
+    def fake(world: int = 1):
+        return SimpleNamespace(ctx=SimpleNamespace(device=torch.device("cuda"), world=world),
+                               optimizer=SimpleNamespace(fused=True), micro_batch_size=2)
+
+    check(fake(), 2)
+    check(fake(), 6)
+    with pytest.raises(EngineError, match="5 rows per step do not split into micro batches of 2"):
+        check(fake(), 5)
+    with pytest.raises(EngineError, match="one rank"):
+        check(fake(world=2), 2)
+    assert supported(fake(), 2) and not supported(fake(), 6) and not supported(fake(), 5)
+
+
 def test_device_lr_needs_the_fused_op():
     trainer = _trainer(preset("tiny"), "cpu", torch.float32, reference.adamw)
     opt = trainer.optimizer
@@ -114,7 +134,7 @@ GPU_CFG = MiniCPMConfig(  # head dim 64 and bf16: FA4 and the quack MLP run wher
 )
 
 
-def _run_gpu(graphed: bool, ops: str, compile: bool, recompute: str = "none", steps: int = 7):
+def _run_gpu(graphed: bool, ops: str, compile: bool, recompute: str = "none", steps: int = 7, accum: int = 1):
     torch._dynamo.reset()
     # warm-up over 10 steps: the LR changes every step, so a graph that baked it in would drift
     trainer = _trainer(GPU_CFG, "cuda", torch.bfloat16, triton_fused.adamw, compile=compile,
@@ -123,8 +143,8 @@ def _run_gpu(graphed: bool, ops: str, compile: bool, recompute: str = "none", st
     step = GraphedStep(trainer, warmup=2) if graphed else trainer.train_step
     gen = torch.Generator().manual_seed(1)
     results = []
-    for _ in range(steps):
-        ids = torch.randint(0, GPU_CFG.vocab_size, (2, 256), generator=gen)
+    for _ in range(steps):  # `accum` micro batches of 2 rows per step
+        ids = torch.randint(0, GPU_CFG.vocab_size, (2 * accum, 256), generator=gen)
         labels = torch.roll(ids, -1, 1)
         labels[0, :7] = -100
         results.append(step(ids.cuda(), labels.cuda()))
@@ -137,7 +157,7 @@ def _run_gpu(graphed: bool, ops: str, compile: bool, recompute: str = "none", st
                 lrs=[r.lr for r in results], master=[m.clone() for m in trainer.optimizer.master])
 
 
-GPU_VARIANTS = {  # id: (ops, compile, recompute); "default": the CUDA defaults (FA4, quack MLP where installed)
+GPU_VARIANTS = {  # id: (ops, compile, recompute[, micro batches per step]); "default": the CUDA defaults (FA4, quack MLP where installed)
     "plain-eager": ("attention=sdpa,mlp=unfused", False, "none"),
     "plain-compiled": ("attention=sdpa,mlp=unfused", True, "none"),
     "flash4": ("attention=flash4,mlp=unfused", True, "none"),
@@ -150,6 +170,8 @@ GPU_VARIANTS = {  # id: (ops, compile, recompute); "default": the CUDA defaults 
     "residual-reference": ("residual_scale=reference", True, "none"),  # the default places r on weights
     "recompute-layer": ("", True, "layer"),  # the recomputed forward runs inside the captured backward
     "default": ("", True, "none"),
+    "plain-compiled-accum3": ("attention=sdpa,mlp=unfused", True, "none", 3),  # the reducer's fp32 sums in the graph
+    "default-accum2": ("", True, "none", 2),
 }
 
 
@@ -157,17 +179,17 @@ GPU_VARIANTS = {  # id: (ops, compile, recompute); "default": the CUDA defaults 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("variant", list(GPU_VARIANTS))
 def test_graphed_run_matches_the_eager_run(variant):
-    ops, compile, recompute = GPU_VARIANTS[variant]
+    ops, compile, recompute, accum = (*GPU_VARIANTS[variant], 1)[:4]
     try:
         resolve(OpSelection.parse(ops), "cuda", torch.bfloat16)
     except EngineError as e:  # FA4 / quack not installed here
         pytest.skip(str(e))
-    eager = _run_gpu(False, ops, compile, recompute)
-    graphed = _run_gpu(True, ops, compile, recompute)
+    eager = _run_gpu(False, ops, compile, recompute, accum=accum)
+    graphed = _run_gpu(True, ops, compile, recompute, accum=accum)
     assert graphed["step"].captured  # steps 3..7 were replays
     assert graphed["trainer"].optimizer.step_count == eager["trainer"].optimizer.step_count == 7
     assert graphed["lrs"] == eager["lrs"] and len(set(eager["lrs"])) == 7
-    assert graphed["counts"] == eager["counts"] == [2 * 256 - 7] * 7
+    assert graphed["counts"] == eager["counts"] == [2 * accum * 256 - 7] * 7
     assert len(set(graphed["losses"])) == 7  # distinct batches gave distinct losses: inputs were re-read
     # FA4's backward accumulates dQ with atomics: runs agree closely, not bit for bit
     torch.testing.assert_close(graphed["losses"], eager["losses"], rtol=2e-3, atol=0)

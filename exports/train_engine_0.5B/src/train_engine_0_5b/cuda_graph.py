@@ -6,9 +6,13 @@ Why: the compiled 0.5B step launches ~1,500 kernels; between them the GPU idles 
 has no Python, no launch overhead and no host-side gaps. Measured on an H100 (engine-0.5b-cudagraph-
 2026-11-23-h100/): +1.7 % tokens/s, same peak memory; most of those gaps were not launch latency.
 
-Where it applies: CUDA, one rank, one micro batch per step, and an AdamW op that fuses clipping and
-the copy (the trainer's direct-gradient path: the backward's own gradient buffers feed the optimizer).
-`check` refuses anything else with a message that names the option to change.
+Where it applies: CUDA, one rank, and an AdamW op that takes the LR and step count on the device. With
+one micro batch per step the backward's own gradient buffers feed the optimizer (the trainer's direct
+path); with several, the captured step holds every micro batch's forward and backward and the reducer's
+fp32 accumulation into its persistent buffers (the graph's private pool reuses one micro batch's
+activations for the next). `check` refuses anything else with a message that names the option to change.
+`supported` (what `pretrain` and `bench` graph by default) keeps one micro batch per step until the
+accumulating capture has been measured on a GPU; `--cuda-graph` asks for it explicitly.
 
 How (torch.cuda.graphs' whole-network capture):
 1. the first `warmup` steps run eagerly, on the capture's side stream, with the LR and the step count
@@ -48,18 +52,18 @@ def check(trainer: Trainer, rows: int | None = None) -> None:
         raise EngineError(f"--cuda-graph runs one rank for now ({ctx.world} here): the bucketed all-reduce is not captured")
     if not trainer.optimizer.fused:
         raise EngineError("--cuda-graph needs --ops adamw=triton_fused (the AdamW that takes the LR and step on the device)")
-    if rows is not None and rows != trainer.micro_batch_size:
-        raise EngineError(f"--cuda-graph needs one micro batch per step: {rows} rows per step, micro batch "
-                          f"{trainer.micro_batch_size} (set --micro-batch-size to the global batch)")
+    if rows is not None and rows % trainer.micro_batch_size:
+        raise EngineError(f"--cuda-graph: {rows} rows per step do not split into micro batches of "
+                          f"{trainer.micro_batch_size}")
 
 
 def supported(trainer: Trainer, rows: int) -> bool:
-    """Whether `check` passes (bench's default)."""
+    """Whether a run is graphed by default: `check` passes and the step is one micro batch."""
     try:
         check(trainer, rows)
     except EngineError:
         return False
-    return True
+    return rows == trainer.micro_batch_size
 
 
 class GraphedStep:
@@ -119,7 +123,8 @@ class GraphedStep:
         return _kept(res, res.lr)
 
     def _capture(self) -> None:
-        # the warm-up's train_step left every p.grad None: the graph allocates its own gradient buffers
+        # the warm-up's train_step left every p.grad None: on the direct path the graph allocates its own
+        # gradient buffers; with accumulation the reducer's fp32 buffers (outside the graph) take them
         tr = self.trainer
         graph = torch.cuda.CUDAGraph()
         count = tr.optimizer.step_count
