@@ -10,6 +10,10 @@
 4. train the forged engine on the default corpus with the tiny preset (`train` verb), loss falling;
 5. `inspect` it (report + loss/MFU plot) and print a summary.
 
+It prints about 30 lines (one per round, the first and last training steps, the summary); the detail is in files
+under the scratch folder, each named as it goes: forge.log (the loop's own output), state/rounds/ (prompts,
+patches, gate reports), train/console.log, inspect/ (report.md, loss_mfu.png).
+
 The recorded patches are scripted, and the summary says so: the demo shows the loop, the gates, the
 feedback and the commits working, not a model's coding.
 """
@@ -20,16 +24,20 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from rich.console import Console
-from rich.table import Table
 
+from harness.gating import round_label, stage_labels
 from harness.inspection import key_numbers
+from harness.ledger import Ledger
 from harness.prompts import WORKSPACE_ROOT
 from harness.scratch import git as _git, scratch_copy
+from harness.secrets import redact
 
 SOURCE_ENGINE = WORKSPACE_ROOT / "exports" / "train_engine_0.5B"
 SPEC = WORKSPACE_ROOT / "specs" / "tiny-cpu.toml"
@@ -65,6 +73,7 @@ class DemoResult:
     train_steps: int = 0
     report: Path | None = None
     plot: Path | None = None
+    stages: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -107,19 +116,19 @@ def train(eng: Path, out: Path, steps: int, console: Console) -> list[dict]:
     """Train the forged engine with the `train` verb (torchrun, 1 process, CPU, tiny, default corpus)."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / "train_log.jsonl"
-    cmd = [sys.executable, "-m", "harness", "train", "--engine", str(eng), "--",
+    cmd = [sys.executable, "-m", "harness", "train", "--engine", str(eng), "--console-log", str(out / "console.log"), "--",
            "--model", "tiny", "--num-steps", str(steps), "--seq-length", "64", "--global-batch-size", "8",
            "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "5", "--device", "cpu",
            "--log-file", str(log), "--save-dir", str(out / "ckpt")]
     env = {"PYTHONPATH": str(WORKSPACE_ROOT), "PATH": "/usr/local/bin:/usr/bin:/bin",
            "HOME": str(Path.home()), "FORGE_ENGINE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     r = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
-    (out / "train.stdout").write_text(r.stdout + r.stderr)
     lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("[STEP")]
     for line in lines[:2] + (["..."] if len(lines) > 4 else []) + lines[-2:]:
         console.print(f"  {line}", markup=False, highlight=False)
+    console.print(f"  whole output: {out / 'console.log'}", highlight=False)
     if r.returncode != 0:
-        raise RuntimeError(f"training exited {r.returncode}: {(r.stderr or r.stdout)[-800:]}")
+        raise RuntimeError(f"training exited {r.returncode}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
     return [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
 
 
@@ -144,12 +153,16 @@ def run(scratch: Path, *, steps: int = 40, only: list[str] | None = None, consol
     t = time.monotonic()
     spec = with_overrides(load_spec(SPEC), engine_path=str(eng), backend="replay",
                           options={"recording": str(scratch / "recording")})
-    outcome = ForgeLoop(spec, SPEC, engine=eng, state_dir=scratch / "state", console=console).run(only=only)
+    ledger = scratch / "state" / "ledger.jsonl"
+    console.print(f"the loop's own output: {scratch / 'forge.log'}; prompts, patches and gate reports: "
+                  f"{scratch / 'state' / 'rounds'}", highlight=False)
+    with (scratch / "forge.log").open("w") as fh, RoundTicker(ledger, console):
+        loop_console = Console(file=RedactedFile(fh), width=120, highlight=False)
+        outcome = ForgeLoop(spec, SPEC, engine=eng, state_dir=scratch / "state", console=loop_console).run(only=only)
     res.seconds["forge"] = time.monotonic() - t
     res.forge_status = outcome.status
-    from harness.ledger import Ledger
-
-    res.rounds = [r.model_dump() for r in Ledger(scratch / "state" / "ledger.jsonl").rounds()]
+    res.rounds = [r.model_dump() for r in Ledger(ledger).rounds()]
+    res.stages = stage_labels(outcome.stages, ledger)
     res.landed_commit = _git(eng, "rev-parse", "HEAD")
     if not outcome.ok:
         res.problems.append(f"forge ended {outcome.status}: {outcome.message}")
@@ -176,35 +189,77 @@ def run(scratch: Path, *, steps: int = 40, only: list[str] | None = None, consol
 
     console.rule("4. inspect")
     logs = [scratch / "train" / "train_log.jsonl"] if (scratch / "train" / "train_log.jsonl").is_file() else []
-    ins = collect(eng, ledgers=[scratch / "state" / "ledger.jsonl"], logs=logs)
-    from harness.commands.inspect import show
-
-    show(ins, console)
+    ins = collect(eng, ledgers=[ledger], logs=logs)
     paths = write(ins, scratch / "inspect")
     res.report, res.plot = paths["md"], paths["png"]
+    gates = ", ".join(f"{g['gate']} {g['verdict']}" for g in ins.gates) or "none"
+    console.print(f"manifest.json records: {gates}", highlight=False)
+    console.print(f"hardware: {', '.join(sorted({g['hardware'] for g in ins.gates})) or '-'}", highlight=False)
     res.seconds["total"] = time.monotonic() - t0
     return res
 
 
 def summary(res: DemoResult, console: Console) -> None:
     console.rule("demo summary")
-    console.print(f"scratch repo: {res.engine}  (HEAD {res.landed_commit[:10]})")
-    console.print(f"deliberate break: {res.sabotage} in {res.file}")
-    t = Table(title="forge rounds (replay backend: recorded patches, scripted by the demo)")
-    for c in ("stage", "round", "verdict", "gates", "key numbers", "commit"):
-        t.add_column(c)
-    for r in res.rounds:
-        gates = ", ".join(f"{g['name']} {g['verdict']}" for g in r["gates"]) or "-"
-        nums = "; ".join(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in key_numbers(g["metrics"], 2)) for g in r["gates"][:1])
-        t.add_row(r["stage"], str(r["round"]), r["verdict"], gates, nums, (r.get("commit") or "-")[:10])
-    console.print(t)
+    console.print(f"scratch repo: {res.engine}  (HEAD {res.landed_commit[:10]})", highlight=False)
+    console.print(f"deliberate break: {res.sabotage} in {res.file}; the replay backend replayed patches the demo "
+                  "scripted (round 1 a wrong fix, round 2 the right one)", highlight=False)
+    console.print("stages: " + ", ".join(f"{k} {v}" for k, v in res.stages.items()), highlight=False)
     if res.train_first is not None:
         console.print(f"training: {res.train_steps} steps, mean loss of the first steps {res.train_first:.3f} -> "
                       f"last steps {res.train_last:.3f}")
-    console.print(f"inspect report: {res.report}\nplot: {res.plot}")
+    console.print(f"inspect report: {res.report}\nplot: {res.plot}", highlight=False)
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in res.seconds.items()))
     if res.ok:
         console.print("[bold green]demo passed[/]")
     for p in res.problems:
         console.print(f"[bold red]demo problem:[/] {p}")
+
+
+class RedactedFile:
+    """A log file every line of which goes through the one redaction filter (nothing a run stores holds a key)."""
+
+    def __init__(self, fh: TextIO) -> None:
+        self.fh = fh
+
+    def write(self, text: str) -> int:
+        return self.fh.write(redact(text))
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+class RoundTicker:
+    """One line per round as its ledger line lands (the loop's own output goes to a file): stage, round, verdict,
+    and for a failing round the gate that failed and where."""
+
+    def __init__(self, ledger: Path, console: Console, every_s: float = 1.0) -> None:
+        self.ledger, self.console, self.every_s = ledger, console, every_s
+        self.seen = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> RoundTicker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._emit()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._emit()
+
+    def _emit(self) -> None:
+        rounds = Ledger(self.ledger).rounds() if self.ledger.is_file() else []
+        for r in rounds[self.seen:]:
+            line = f"  {r.key} round {r.round}: {round_label(r.verdict, r.gates)}"
+            bad = next((g for g in r.gates if g.verdict not in ("passed", "unsupported")), None)
+            if bad is not None:
+                nums = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in key_numbers(bad.metrics, 3))
+                line += f" ({bad.name} {bad.verdict}: {nums})"
+            self.console.print(line + f" [{r.wall_s:.0f} s]", highlight=False, markup=False)
+        self.seen = len(rounds)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.gating import accepted_label
+from harness.gating import accepted_label, unsupported_parts
 from harness.ledger import read_jsonl
 
 
@@ -161,12 +161,15 @@ def read_log(path: Path) -> TrainLog:
                     [r for r in recs if "step" in r and isinstance(r.get("eval_loss"), (int, float))])
 
 
-def gate_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """manifest.json's gates as rows; an accepted `unsupported` reads `passed (PART unsupported)`."""
+def gate_rows(manifest: dict[str, Any], engine: Path) -> list[dict[str, Any]]:
+    """manifest.json's gates as rows; an accepted `unsupported` reads `passed (PART unsupported)` (the parts from
+    the manifest, else from the gate's report the engine carries)."""
     rows = []
     for name, g in (manifest.get("gates") or {}).items():
         verdict = str(g.get("verdict", "-"))
-        unsupported = g.get("unsupported") or ({} if verdict != "unsupported" else {"some part": ""})
+        unsupported = g.get("unsupported") or {}
+        if verdict == "unsupported" and not unsupported:
+            unsupported = unsupported_parts(engine / g["report"] if g.get("report") else None) or {"some part": ""}
         rows.append({"gate": name, "verdict": accepted_label(verdict, unsupported), "why": unsupported,
                      "metrics": g.get("metrics") or {}, "hardware": hardware_label(g.get("hardware")),
                      "commit": str(g.get("commit") or "-")[:10], "report": g.get("report")})
@@ -218,7 +221,7 @@ def collect(engine: Path, *, ledgers: list[Path] = (), logs: list[Path] = (), be
             ins.notes.append("manifest.json is not valid JSON")
     else:
         ins.notes.append("no manifest.json")
-    ins.gates = gate_rows(ins.manifest)
+    ins.gates = gate_rows(ins.manifest, engine)
     if not ins.gates:
         ins.notes.append("no gate recorded in manifest.json: this engine has not been forged or certified here "
                          "(`bash agent-loop.sh gate all --engine ...` runs the gates without recording them)")
