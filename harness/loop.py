@@ -5,8 +5,9 @@ worktree, reject the round if it touched what it may not, run the stage's gates 
 own gate code, then commit (pass) or feed the report back (fail), within budgets. Every round is a
 ledger line; the ledger and the state dir are all a killed run needs to resume (see harness/ledger.py).
 
-Ops stages run per-op rounds: a candidate must pass the stage's gates and beat the op's best time
-(the spec's timing command) to be elected and committed; an op ends when its rounds are spent.
+Ops stages run per-op rounds: a candidate must pass the stage's gates (M5's loss part among them in the shipped
+specs) and make the whole step faster on the gates' clock (harness/timing.py: M5's speed part, never the engine's
+own figures) by more than ELECTION_MARGIN to be elected and committed; an op ends when its rounds are spent.
 
 Under real agents: every process of a round runs in the round sandbox (harness/isolation.py); the keys stay
 in harness.secrets.VAULT for the whole run (no child inherits one) and everything stored is redacted; each
@@ -32,18 +33,23 @@ from harness import manifest as mf
 from harness.agents import AgentBackend, AgentResult, AgentTask, AgentUnavailable, get_backend
 from harness.agents._env import agent_env
 from harness.agents.base import AgentFatal, BudgetSpent, Meter
+from harness.agents.tune import TRIALS, round_runner
 from harness.gating import GateFn, GateOutcome, report_localization, run_real_gate
 from harness.isolation import RoundBox, SandboxUnavailable, round_isolation
 from harness.ledger import GateLine, Inflight, Ledger, RoundRecord, RunLock, RunState, write_json_atomic
 from harness.procs import TAG, Interrupted, Tracker, end_group, stop_signals
-from harness.prompts import PROMPTS_DIR, WORKSPACE_ROOT, Feedback, OpContext, render
+from gates.ops.harness import LEADERBOARDS, CandidateResult, HarnessOptions, OpSpecError, check_candidate, describe
+from gates.ops.harness import leaderboard_path
+from gates.ops.harness import record as record_op_result
+from harness.prompts import PROMPTS_DIR, WORKSPACE_ROOT, Feedback, OpContext, op_material, render
 from harness.secrets import RedactedStream, redact, redact_tree, withheld
 from harness.spec import AgentSpec, ForgeSpec, GateCheck, StageSpec, spec_sha256
-from harness.timing import run_gate_timing, run_timing
+from harness.timing import StepClock, gate_step_clock
 from harness.workspace import RoundTree, Snapshot, Workspace
 
 GUARDED = ("harness", "gates", "prompts")   # the workspace's own code: must not change during a round
 STOPPING = ("agent_unavailable", "agent_failed", "tampered")  # round verdicts that stop the run
+ELECTION_MARGIN = 0.01  # a step time within 1 % of the best is noise, not an election
 
 
 class ForgeError(RuntimeError):
@@ -80,11 +86,13 @@ def fingerprint(paths: list[Path]) -> str:
 class ForgeLoop:
     def __init__(self, spec: ForgeSpec, spec_path: Path, *, engine: Path, state_dir: Path,
                  gate_fn: GateFn | None = None, backend: AgentBackend | None = None, console: Console | None = None,
-                 land: bool | None = None, prompts_dir: Path = PROMPTS_DIR, guard: list[Path] | None = None) -> None:
+                 land: bool | None = None, prompts_dir: Path = PROMPTS_DIR, guard: list[Path] | None = None,
+                 step_clock: StepClock | None = None) -> None:
         self.spec, self.spec_path = spec, Path(spec_path)
         self.engine = Path(engine).resolve()
         self.state_dir = Path(state_dir).resolve()
         self.gate_fn: GateFn = gate_fn or run_real_gate
+        self.step_clock: StepClock = step_clock or gate_step_clock
         self.backend_override = backend
         self.console = console or Console(file=RedactedStream())
         self.land = spec.loop.land if land is None else land
@@ -109,6 +117,8 @@ class ForgeLoop:
                 round_isolation(a.sandbox)
             except SandboxUnavailable as e:
                 raise ForgeError(str(e)) from None
+            if st.kind == "ops":
+                self._check_ops_stage(st)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         statuses: dict[str, str] = {}
         with RunLock(self.state_dir), withheld(), stop_signals():
@@ -403,7 +413,8 @@ class ForgeLoop:
                                                                                  TAG: self.procs.tag},
                          log_dir=round_dir / "agent", box=box, meter=meter, on_spawn=self.procs.spawned,
                          timeout_s=min(agent_spec.timeout_s, self._remaining_wall()),
-                         extra={"package": self.spec.engine.package,
+                         extra={"package": self.spec.engine.package, "preset": self.spec.model.preset,
+                                "device": self.spec.hardware.device,
                                 "timing": stage.timing.model_dump() if stage.timing else None})
         guard_before = fingerprint(self.guard)
         t_agent = time.monotonic()
@@ -440,6 +451,12 @@ class ForgeLoop:
             rec.verdict = "rejected"
             self.console.print(f"[red]round rejected: changed {', '.join(rec.forbidden[:5])}[/]")
             return self._finish(rec, rt, t_start, round_dir)
+        if op is not None:  # the per-op harness first: a wrong op never reaches the gates or the clock
+            why = self._op_check(stage, op, rec, rt, box, round_dir)
+            if why is not None:
+                rec.verdict, rec.note = ("error" if rec.agent_error else "failed"), why
+                self.console.print(f"  [red]per-op harness: {why}[/]")
+                return self._finish(rec, rt, t_start, round_dir)
         results = self._run_gates(stage, rt, round_dir / "gates", rec)
         accepted = all(out.accepted(g) for g, out in results) and len(results) == len(self._gates_for(stage))
         if rec.agent_error:
@@ -477,37 +494,82 @@ class ForgeLoop:
         rec.gate_s = round(time.monotonic() - t0, 3)
         return results
 
+    def _check_ops_stage(self, stage: StageSpec) -> None:
+        """Before any state: the election's clock is the gates' own, and every op is one the engine declares."""
+        assert stage.timing is not None
+        if stage.timing.command is not None:
+            raise ForgeError(f"stage {stage.name}: [stages.timing].command is not read: elections run on the gates' "
+                             "clock (M5's speed part); remove it (the tune backend's own figure is the per-op harness's)")
+        try:
+            table = describe(self.engine)
+        except OpSpecError as e:
+            raise ForgeError(f"stage {stage.name}: {e}") from None
+        unknown = [op for op in stage.ops if op.partition(".")[0] not in table.table]
+        if unknown:
+            raise ForgeError(f"stage {stage.name}: unknown op(s) {', '.join(map(repr, unknown))}; the engine's ops: "
+                             f"{', '.join(table.table)}")
+
     def _op_context(self, stage: StageSpec, key: str, op: str, rt: RoundTree, box: RoundBox) -> OpContext:
         timing = stage.timing
         assert timing is not None, f"ops stage {stage.name} needs [stages.timing]"
         best, best_round = self._op_best(key)
         if best is None and not any(e.get("event") == "op_baseline" and e.get("key") == key for e in self.ledger.records()):
-            env = agent_env(self.spec.agent.env_allow, self.spec.agent.env) | {TAG: self.procs.tag}
-            best, note = self._time(timing, rt, env, op, box)
+            best, note = self.step_clock(rt.engine_dir, timing, self.spec)
             assert self.state is not None
             self.ledger.event(self.state.run_id, "op_baseline", key=key, op=op, value=best, note=note)
             self.console.print(f"op {op}: baseline {note}")
-        return OpContext(name=op, metric=timing.metric, minimize=timing.minimize, timing_command=timing.command,
-                         best=best, best_round=best_round)
+        return OpContext(name=op, metric=timing.metric, minimize=timing.minimize, best=best, best_round=best_round,
+                         **op_material(rt.engine_dir, op))
 
-    def _time(self, timing, rt: RoundTree, env: dict[str, str], op: str, box: RoundBox) -> tuple[float | None, str]:
-        """A candidate's figure: on the gates' clock, unless the spec names a command (run in the round's sandbox)."""
-        if timing.command is None:
-            return run_gate_timing(rt.engine_dir, case=self.spec.model.preset, device=self.spec.hardware.device,
-                                   metric=timing.metric, timeout_s=timing.timeout_s, options=timing.options)
-        return run_timing(timing.command, engine_dir=rt.engine_dir, env=env, package=self.spec.engine.package, op=op,
-                          metric=timing.metric, timeout_s=timing.timeout_s, box=box, on_spawn=self.procs.spawned)
+    def _harness_options(self, stage: StageSpec) -> HarnessOptions:
+        """The stage's per-op harness options: tune's own when the stage runs it, else the spec's device and dtype."""
+        options = self.spec.agent_for(stage).options.get("harness")
+        if options is not None:
+            return HarnessOptions.model_validate(options).model_copy(update={"device": self.spec.hardware.device})
+        return HarnessOptions(device=self.spec.hardware.device, dtype=stage.gates[0].dtype or "float32")
+
+    def _op_check(self, stage: StageSpec, op: str, rec: RoundRecord, rt: RoundTree, box: RoundBox,
+                  round_dir: Path) -> str | None:
+        """Puts the round's tune trials on the op's leaderboard, then checks the op as the candidate engine runs it
+        by default (its implementation and tuned values) in the per-op harness, in the round's sandbox. Returns
+        why it fails, or None."""
+        board_root, source = self.state_dir, f"{rec.key} round {rec.round}"
+        trials = round_dir / "agent" / TRIALS
+        if rec.backend == "tune" and trials.is_file():
+            data = json.loads(trials.read_text())
+            for t in data["trials"]:
+                record_op_result(board_root, CandidateResult.model_validate(t),
+                                 options=HarnessOptions.model_validate(data["harness"]), source=f"{source} (tune)")
+        options = self._harness_options(stage)
+        runner = round_runner(agent_env(self.spec.agent.env_allow, self.spec.agent.env) | {TAG: self.procs.tag}, box,
+                              self.procs.spawned)
+        try:
+            engine_ops = describe(rt.engine_dir, runner=runner)
+        except OpSpecError as e:
+            return str(e)
+        candidate = engine_ops.default_candidate(op, options.device)
+        if candidate is None:
+            return None  # the reference (or a fusion) runs: nothing optimized to check against it
+        try:
+            result = check_candidate(rt.engine_dir, candidate, preset=self.spec.model.preset, options=options,
+                                     engine_ops=engine_ops, runner=runner)
+        except OpSpecError as e:
+            return str(e)
+        record_op_result(board_root, result, options=options, source=f"{source} (the round's default)")
+        return None if result.verdict == "passed" else f"{candidate.op}={candidate.impl} {candidate.values}: {result.message}"
 
     def _elect(self, stage: StageSpec, key: str, op: str, rt: RoundTree, rec: RoundRecord, ctx: OpContext | None,
                box: RoundBox) -> bool:
+        """Elected when the whole step, on the gates' clock, beats the op's best by more than ELECTION_MARGIN."""
         timing = stage.timing
         assert timing is not None and ctx is not None
-        env = agent_env(self.spec.agent.env_allow, self.spec.agent.env) | {TAG: self.procs.tag}
-        value, note = self._time(timing, rt, env, op, box)
+        value, note = self.step_clock(rt.engine_dir, timing, self.spec)
         rec.timing = value
-        better = value is not None and (ctx.best is None or (value < ctx.best if timing.minimize else value > ctx.best))
+        gain = 1 + ELECTION_MARGIN
+        better = value is not None and (ctx.best is None or (value * gain < ctx.best if timing.minimize
+                                                              else value > ctx.best * gain))
         rec.elected = better
-        rec.note = None if better else ("not faster" if value is not None else note)
+        rec.note = None if better else ("not faster on the gates' clock" if value is not None else note)
         self.console.print(f"  timing {note}; best so far {ctx.best}; {'elected' if better else 'not elected'}")
         return better
 
@@ -537,6 +599,8 @@ class ForgeLoop:
         for g, o in results:
             if g.name in m["gates"] and f"forge/reports/{g.name}.json" in files:
                 m["gates"][g.name]["report"] = f"forge/reports/{g.name}.json"
+        if op is not None and leaderboard_path(self.state_dir, op).is_file():  # every candidate so far, harness-written
+            files[f"{LEADERBOARDS}/{op}.json"] = leaderboard_path(self.state_dir, op).read_bytes()
         if op is not None and rec.timing is not None and stage.timing is not None:
             baseline = next((e.get("value") for e in self.ledger.records()
                              if e.get("event") == "op_baseline" and e.get("key") == rec.key), None)

@@ -7,6 +7,7 @@ StrictUndefined, so a template that names a missing variable fails loudly instea
 from __future__ import annotations
 
 import ast
+import json
 import functools
 import re
 import shlex
@@ -75,12 +76,49 @@ class Feedback:
 
 @dataclass
 class OpContext:
+    """An op round's material: its contract and reference (the engine's op table), its leaderboard (gates/ops),
+    the last candidate the per-op harness rejected, and the best step time on the gates' clock."""
+
     name: str
     metric: str
     minimize: bool
-    timing_command: str | None  # None: the gates' clock (M5's speed part on pretrain)
     best: float | None = None
     best_round: int | None = None
+    contract: str = ""
+    implementations: dict[str, dict] = field(default_factory=dict)  # name -> its declared space
+    reference: str = ""  # the reference module's source
+    reference_path: str = ""
+    leaderboard: list[dict] = field(default_factory=list)  # the best rows first
+    last_failure: dict | None = None
+
+
+LEADERBOARD_ROWS = 8
+
+
+def op_material(engine_dir: Path, op: str) -> dict[str, Any]:
+    """OpContext's material for `op` from the engine in `engine_dir`: its op table (read through gates/ops, in a
+    child process) and the leaderboard in the export; empty where the engine has no op table."""
+    from gates.ops.harness import OpSpecError, describe, leaderboard_path
+
+    try:
+        spec = describe(engine_dir).table[op.partition(".")[0]]
+    except (OpSpecError, KeyError):
+        return {}
+    out: dict[str, Any] = {"contract": spec.get("contract", ""),
+                           "implementations": {n: i["space"] for n, i in spec["impls"].items()}}
+    module = spec["impls"].get("reference", {}).get("module")
+    if module:
+        pkg = next((p.parent.name for p in (engine_dir / "src").glob("*/__main__.py")), "")
+        path = engine_dir / "src" / pkg / "ops" / (module.replace(".", "/") + ".py")
+        if path.is_file():
+            out |= {"reference": path.read_text(), "reference_path": str(path.relative_to(engine_dir))}
+    board = leaderboard_path(engine_dir, op)
+    if board.is_file():
+        entries = json.loads(board.read_text()).get("entries", [])
+        out["leaderboard"] = entries[:LEADERBOARD_ROWS]
+        failed = [e for e in entries if e["verdict"] != "passed"]
+        out["last_failure"] = max(failed, key=lambda e: e["checked_at"]) if failed else None
+    return out
 
 
 def context(spec: ForgeSpec, stage: StageSpec, *, round_no: int, max_rounds: int, engine_dir: Path,

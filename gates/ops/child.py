@@ -188,9 +188,14 @@ def describe(package: str, result_path: str) -> int:
     table = importlib.import_module(f"{package}.ops.table")
     registry = importlib.import_module(f"{package}.ops.registry")
     space = importlib.import_module(f"{package}.ops.space")
+    resolved = {}
+    for device in ("cpu", "cuda"):  # what `auto` runs, with the tuned values this runtime's entry gives
+        ops = registry.resolve(registry.OpSelection(), device)
+        resolved[device] = {"names": ops.names, "tuned": ops.tuned}
     return _write(result_path, {"table": table.describe(), "runtime": {d: space.runtime_key(d).model_dump()
                                                                        for d in ("cpu", "cuda")},
-                                "registered": {op: sorted(impls) for op, impls in registry.OPS.items()}})
+                                "registered": {op: sorted(impls) for op, impls in registry.OPS.items()},
+                                "resolved": resolved})
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +31,16 @@ EDGE_DIMS: tuple[tuple[str, dict], ...] = (
     ("edge 3x5", dict(batch=3, seq=5, hidden=96, ffn=200, heads=6, kv_heads=2, head_dim=16, vocab=517,
                       eps=1e-6, residual_scale=0.7, params=[[33, 17], [1], [1025]])),
 )
+
+
+# runs the child: (argv, env to set, cwd (writable), timeout) -> (exit code or None, timed out, stderr tail);
+# the forge loop passes one that runs it in the round's sandbox and records its process group
+Runner = Callable[[list[str], dict[str, str], Path, float], tuple[int | None, bool, str]]
+
+
+def run_plain(argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> tuple[int | None, bool, str]:
+    proc = run_process(argv, cwd, env, Deadline(timeout_s))
+    return proc.rc, proc.timed_out, proc.stderr
 
 
 class OpSpecError(ValueError):
@@ -80,6 +91,16 @@ class EngineOps(BaseModel):
     table: dict[str, dict]
     runtime: dict[str, dict]
     registered: dict[str, list[str]]
+    resolved: dict[str, dict] = Field(default_factory=dict)  # device -> {names, tuned}: what `auto` runs
+
+    def default_candidate(self, op: str, device: str) -> Candidate | None:
+        """The candidate the engine runs by default for `op` on `device` (its implementation and tuned values),
+        or None when that is the reference, unfused, or fused into another op: nothing to check against itself."""
+        res = self.resolved.get(device, {})
+        impl = res.get("names", {}).get(op)  # None for a sited op named without its site ("gemm")
+        if impl is None or impl in ("reference", "unfused") or impl.startswith("("):
+            return None
+        return Candidate(op=op, impl=impl, values=res.get("tuned", {}).get(f"{op.partition('.')[0]}={impl}", {}))
 
     def space(self, op: str, impl: str) -> dict[str, dict]:
         return self.impl(op, impl)["space"]
@@ -107,14 +128,14 @@ def _norm(v: Any) -> Any:
     return tuple(_norm(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
-def describe(engine_dir: Path, timeout_s: float = 300.0) -> EngineOps:
+def describe(engine_dir: Path, timeout_s: float = 300.0, runner: Runner = run_plain) -> EngineOps:
     engine = discover_engine(engine_dir)
     with tempfile.TemporaryDirectory(prefix="forge-ops-") as tmp:
         out = Path(tmp) / "table.json"
-        proc = run_process([_python(), str(CHILD), "--describe", engine.package, str(out)], Path(tmp),
-                           engine_env(engine), Deadline(timeout_s))
-        if proc.rc != 0 or not out.is_file():
-            raise OpSpecError(f"engine {engine_dir}: cannot read its op table (exit {proc.rc}): {proc.stderr[-800:]}")
+        rc, _, stderr = runner([sys.executable, str(CHILD), "--describe", engine.package, str(out)], engine_env(engine),
+                               Path(tmp), timeout_s)
+        if rc != 0 or not out.is_file():
+            raise OpSpecError(f"engine {engine_dir}: cannot read its op table (exit {rc}): {stderr[-800:]}")
         return EngineOps.model_validate_json(out.read_text())
 
 
@@ -130,10 +151,10 @@ def production_dims(preset: str, batch: int, seq: int) -> dict:
 
 
 def check_candidate(engine_dir: Path, candidate: Candidate, *, preset: str, options: HarnessOptions,
-                    engine_ops: EngineOps | None = None) -> CandidateResult:
+                    engine_ops: EngineOps | None = None, runner: Runner = run_plain) -> CandidateResult:
     """Correctness at the production shape and the edge shapes, then the harness's timing; never raises for a
     bad candidate (verdict failed / error), raises OpSpecError for names the engine does not declare."""
-    (engine_ops or describe(engine_dir)).check(candidate)
+    (engine_ops or describe(engine_dir, runner=runner)).check(candidate)
     engine = discover_engine(engine_dir)
     shapes = [(f"production {options.batch}x{options.seq}", production_dims(preset, options.batch, options.seq)),
               *EDGE_DIMS]
@@ -143,20 +164,14 @@ def check_candidate(engine_dir: Path, candidate: Candidate, *, preset: str, opti
         req, out = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps(request))
         env = engine_env(engine) | ({"TRITON_INTERPRET": "1"} if options.device == "cpu" else {})
-        proc = run_process([_python(), str(CHILD), str(req), str(out)], Path(tmp), env, Deadline(options.timeout_s))
+        rc, timed_out, stderr = runner([sys.executable, str(CHILD), str(req), str(out)], env, Path(tmp),
+                                       options.timeout_s)
         base = candidate.model_dump()
-        if proc.timed_out:
+        if timed_out:
             return CandidateResult(**base, verdict="error", message=f"timed out after {options.timeout_s:.0f} s")
-        if proc.rc != 0 or not out.is_file():
-            return CandidateResult(**base, verdict="error", message=f"the harness child exited {proc.rc}: "
-                                   f"{proc.stderr[-1500:]}")
+        if rc != 0 or not out.is_file():
+            return CandidateResult(**base, verdict="error", message=f"the harness child exited {rc}: {stderr[-1500:]}")
         return CandidateResult.model_validate_json(out.read_text())
-
-
-def _python() -> str:
-    import sys
-
-    return sys.executable
 
 
 # ---- leaderboards ---------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""`tune`: the built-in non-LLM backend for per-op rounds. It searches a kernel's configuration space.
+"""`tune`: the built-in non-LLM backend for per-op rounds. It searches the tunable space the engine declares for one
+implementation of the round's op (ops/table.py of the engine, read through the gates' per-op harness).
 
-The op's tunables live in one config file of the engine (JSON, or TOML of tables and scalars). The
-space maps dotted keys (with `{op}` filled in) to candidate values. Each trial writes the file, runs
-the timing command (the option, else the stage's [stages.timing]) and reads the metric; the search is
-the full grid when it fits in `max_trials`, else coordinate descent from the current values. The best
-configuration is left in the file: the harness's gates then decide whether it counts. Offline, free.
+Every trial is one candidate (values of the declared parameters) checked and timed by the per-op harness
+(gates/ops): a candidate that is wrong, however fast, is rejected there and never elected. The search is the
+full grid when it fits in `max_trials`, else `random_trials` random points, then coordinate descent from the best
+(one parameter at a time over its values, until no step improves or the trials are spent). Every trial goes to
+the op's leaderboard in the export; the best correct values are written into the engine's tuned-config file,
+under this runtime's key. The loop's gates and its election on the gates' clock then decide whether they count.
+Every trial goes to `op_trials.json` in the round's log dir; the loop puts them on the op's leaderboard.
+Offline, free. An unknown op, implementation or parameter, or a value outside the declared domain, is an error.
 """
 
 from __future__ import annotations
@@ -12,70 +16,93 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import tomllib
+import random
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gates.ops.harness import Candidate, CandidateResult, EngineOps, HarnessOptions, OpSpecError, Runner, check_candidate
+from gates.ops.harness import describe
+from harness.agents._proc import run_process
 from harness.agents.base import AgentBackend, AgentResult, AgentTask
-from harness.timing import run_timing
+from harness.secrets import child_env
+
+if TYPE_CHECKING:
+    from harness.isolation import RoundBox
+
+
+TRIALS = "op_trials.json"  # in the round's agent log dir (harness-side): every trial, for the op's leaderboard
 
 
 class TuneOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    config_file: str = Field(description="relative to the engine dir; .json or .toml")
-    space: dict[str, list[Any]] = Field(description="dotted key ({op} allowed) -> candidate values")
-    timing_command: str | None = None
-    metric: str | None = None
-    minimize: bool | None = None
-    max_trials: int = Field(64, ge=1)
-    trial_timeout_s: float = Field(600.0, gt=0)
+    impl: str | None = Field(None, description="the implementation whose space is searched; None: the op's first "
+                             "registered implementation that declares one")
+    space: dict[str, list[Any]] = Field(default_factory=dict, description="parameter -> the values to try (within its "
+                                        "declared domain); the others keep their values. Empty: every declared "
+                                        "parameter over its whole domain")
+    max_trials: int = Field(32, ge=1)
+    random_trials: int = Field(8, ge=1, description="random points before coordinate descent, when the grid is larger")
+    seed: int = 0
+    tuned_file: str = Field("src/{package}/tuned/configs.json", description="relative to the engine dir")
+    harness: HarnessOptions = Field(default_factory=HarnessOptions, description="the per-op harness's options; "
+                                    "device defaults to the spec's hardware")
 
 
-def _load(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+class TuneError(ValueError):
+    """The round cannot search: an unknown name, or nothing to tune."""
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))
+def _space(engine_ops: EngineOps, op: str, impl: str, chosen: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    declared = engine_ops.space(op, impl)
+    for name, values in chosen.items():  # every value must be declared: checked here, and again in the engine
+        for v in values:
+            engine_ops.check(Candidate(op=op, impl=impl, values={name: v}))
+    return {name: list(values) for name, values in chosen.items()} or {n: list(p["domain"]) for n, p in declared.items()}
 
 
-def _dump_toml(data: dict[str, Any], prefix: str = "") -> str:
-    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    out = ([f"[{prefix}]"] if prefix and scalars else []) + scalars
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.append(_dump_toml(v, f"{prefix}.{k}" if prefix else k))
-    return "\n".join(x for x in out if x) + "\n"
+def _pick_impl(engine_ops: EngineOps, op: str, impl: str | None, device: str) -> str:
+    """`impl`, else what `auto` runs on `device` when it declares a space, else the first registered one that does."""
+    base = op.partition(".")[0]
+    if base not in engine_ops.table:
+        raise OpSpecError(f"unknown op {op!r}; the engine's ops: {', '.join(engine_ops.table)}")
+    if impl is not None:
+        engine_ops.impl(op, impl)
+        return impl
+    registered, impls = engine_ops.registered.get(base, []), engine_ops.table[base]["impls"]
+    order = [*engine_ops.table[base]["defaults"].get(device, []), *impls]
+    for name in order:
+        if name in registered and impls.get(name, {}).get("space"):
+            return name
+    raise TuneError(f"{op}: no registered implementation declares a tunable space here")
 
 
-def _save(path: Path, data: dict[str, Any]) -> None:
+def write_tuned(path: Path, key: dict, op: str, impl: str, values: dict[str, Any]) -> None:
+    """Set `values` for op=impl in the entry of runtime `key` (the engine's tuned-config format, ops/space.py)."""
+    data = json.loads(path.read_text()) if path.is_file() else {"entries": []}
+    entry = next((e for e in data["entries"] if e["key"] == key), None)
+    if entry is None:
+        entry = {"key": key, "ops": {}, "note": "elected by forge's tune backend"}
+        data["entries"].append(entry)
+    entry["ops"].setdefault(op, {}).setdefault(impl, {}).update(values)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n" if path.suffix == ".json" else _dump_toml(data))
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _get(data: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
-    return data
+def round_runner(base_env: dict[str, str], box: "RoundBox | None", on_spawn: Callable[[int], None]) -> Runner:
+    """Runs the per-op harness's child in the round's sandbox (the worktree read-only), its group recorded."""
 
+    def run(argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> tuple[int | None, bool, str]:
+        run_env = child_env(base_env) | env
+        if box is not None:
+            argv, run_env = box.wrap(argv, run_env, worktree_rw=False, writable=(cwd,), cwd=cwd)
+        r = run_process(argv, cwd=cwd, env=run_env, timeout_s=timeout_s, log_dir=cwd / "logs", name="op-harness",
+                        on_spawn=on_spawn)
+        return (None if r.timed_out else r.returncode), r.timed_out, r.stderr
 
-def _set(data: dict[str, Any], key: str, value: Any) -> None:
-    *parents, last = key.split(".")
-    for part in parents:
-        data = data.setdefault(part, {})
-    data[last] = value
+    return run
 
 
 class TuneBackend(AgentBackend):
@@ -85,61 +112,60 @@ class TuneBackend(AgentBackend):
     def run(self, task: AgentTask) -> AgentResult:
         o = self.options
         task.meter.add(0, 0, 0.0)  # offline and free
-        timing = task.extra.get("timing") or {}
-        command = o.timing_command or timing.get("command")
-        if not command:
-            return AgentResult(error="tune: no timing command (set [stages.timing] or options.timing_command)")
-        metric = o.metric or timing.get("metric", "time_s")
-        sign = 1.0 if (o.minimize if o.minimize is not None else timing.get("minimize", True)) else -1.0
-        space = {k.format(op=task.op or ""): list(v) for k, v in o.space.items() if v}
-        path = task.engine_dir / o.config_file
-        base = _load(path)
-        trials: list[tuple[dict[str, Any], float | None, str]] = []
+        op = task.op or ""
+        device = task.extra.get("device") or o.harness.device
+        harness = o.harness.model_copy(update={"device": device})
+        try:
+            runner = round_runner(task.env, task.box, task.on_spawn)
+            engine_ops = describe(task.engine_dir, runner=runner)
+            impl = _pick_impl(engine_ops, op, o.impl, device)
+            space = _space(engine_ops, op, impl, o.space)
+        except (OpSpecError, TuneError) as e:
+            return AgentResult(error=f"tune: {e}")
+        if not space:
+            return AgentResult(error=f"tune: {op}={impl} declares no tunable parameters")
+        preset = task.extra.get("preset") or "tiny"
+        trials: list[CandidateResult] = []
 
         def score(point: dict[str, Any]) -> float:
-            for prior, value, _ in trials:
-                if prior == point:
-                    return sign * value if value is not None else math.inf
-            cfg = json.loads(json.dumps(base))
-            for k, v in point.items():
-                _set(cfg, k, v)
-            _save(path, cfg)
-            value, note = run_timing(command, engine_dir=task.engine_dir, env=task.env,
-                                     package=task.extra.get("package", ""), op=task.op, metric=metric,
-                                     timeout_s=o.trial_timeout_s, box=task.box, on_spawn=task.on_spawn)
-            trials.append((dict(point), value, note))
-            return sign * value if value is not None else math.inf
+            for t in trials:
+                if t.values == point:
+                    return t.ms if t.ms is not None else math.inf
+            r = check_candidate(task.engine_dir, Candidate(op=op, impl=impl, values=point), preset=preset,
+                                options=harness, engine_ops=engine_ops, runner=runner)
+            trials.append(r)
+            return r.ms if r.ms is not None else math.inf
 
-        keys = list(space)
-        grid_size = math.prod(len(v) for v in space.values())
-        if grid_size <= o.max_trials:
-            best = min((dict(zip(keys, combo)) for combo in itertools.product(*space.values())), key=score)
-        else:
-            best = {k: (_get(base, k) if _get(base, k) in space[k] else space[k][0]) for k in keys}
-            improved = True
-            while improved and len(trials) < o.max_trials:
-                improved = False
-                for k in keys:
-                    for v in space[k]:
-                        if len(trials) >= o.max_trials:
-                            break
-                        cand = best | {k: v}
-                        if score(cand) < score(best):
-                            best, improved = cand, True
-        best_value = score(best) if keys else math.inf
+        best = self._search(space, score, lambda: len(trials))
         task.log_dir.mkdir(parents=True, exist_ok=True)
-        (task.log_dir / "tune_trials.json").write_text(json.dumps(
-            [{"point": p, metric: v, "note": n} for p, v, n in trials], indent=2) + "\n")
-        if math.isinf(best_value):
-            if base:
-                _save(path, base)
-            else:
-                path.unlink(missing_ok=True)
-            return AgentResult(summary="tune: no candidate produced a time", error="no timed candidate",
+        (task.log_dir / TRIALS).write_text(json.dumps({"harness": harness.model_dump(),  # the loop's leaderboard reads it
+                                                       "trials": [t.model_dump() for t in trials]}, indent=1) + "\n")
+        rejected = sum(t.verdict != "passed" for t in trials)
+        if best is None or math.isinf(score(best)):
+            return AgentResult(summary=f"tune: {len(trials)} trials, none correct", error="no correct candidate",
                                turns=len(trials))
-        final = json.loads(json.dumps(base))
-        for k, v in best.items():
-            _set(final, k, v)
-        _save(path, final)
-        return AgentResult(summary=f"tune: {len(trials)} trials; best {best} with {metric}={sign * best_value:.6g}",
-                           turns=len(trials))
+        key = engine_ops.runtime["cuda" if device == "cuda" else "cpu"]
+        path = task.engine_dir / o.tuned_file.format(package=task.extra.get("package", ""))
+        write_tuned(path, key, op.partition(".")[0], impl, best)
+        return AgentResult(summary=f"tune: {op}={impl}: {len(trials)} trials ({rejected} rejected by the per-op "
+                                   f"harness); best {best} at {score(best):.4g} ms", turns=len(trials))
+
+    def _search(self, space: dict[str, list[Any]], score, spent) -> dict[str, Any] | None:
+        o = self.options
+        keys = list(space)
+        grid = [dict(zip(keys, combo)) for combo in itertools.product(*space.values())]
+        if len(grid) <= o.max_trials:
+            return min(grid, key=score)
+        rng = random.Random(o.seed)
+        best = min((rng.choice(grid) for _ in range(min(o.random_trials, o.max_trials))), key=score)
+        improved = True
+        while improved and spent() < o.max_trials:  # coordinate descent from the best random point
+            improved = False
+            for k in keys:
+                for v in space[k]:
+                    if spent() >= o.max_trials:
+                        break
+                    cand = best | {k: v}
+                    if score(cand) < score(best):
+                        best, improved = cand, True
+        return best

@@ -8,7 +8,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from harness.prompts import PROMPTS_DIR, Feedback, OpContext, environment, render, stage_templates
+from harness.prompts import PROMPTS_DIR, WORKSPACE_ROOT, Feedback, OpContext, environment, render, stage_templates
 from harness.spec import load_spec
 
 SPECS = sorted((Path(__file__).resolve().parents[2] / "specs").glob("*.toml"))
@@ -30,7 +30,7 @@ def test_every_template_renders_for_every_spec(spec_path: Path) -> None:
         base = spec.stages[0]
         stage = base.model_copy(update={"prompt": template})
         for fb in FEEDBACK:
-            op = OpContext("rmsnorm", "step_time_s", True, "python -m x bench", best=0.5 if fb else None, best_round=1)
+            op = OpContext("rms_norm", "step_time_s", True, best=0.5 if fb else None, best_round=1)
             text = render(spec, stage, round_no=1, max_rounds=spec.rounds_for(stage), engine_dir=Path("/wt/e"),
                           feedback=fb, op=op if template == "op_round" else None)
             assert spec.name in text and "/wt/e" in text and "## Rules" in text
@@ -41,7 +41,7 @@ def test_every_template_renders_for_every_spec(spec_path: Path) -> None:
                 assert "hidden_states.1: rel 3.1e-01" in text and "still in the worktree" in text
     for stage in spec.stages:                                 # and each stage with its own template
         render(spec, stage, round_no=2, max_rounds=3, engine_dir=Path("/e"), feedback=FEEDBACK[1],
-               op=OpContext(stage.ops[0], "t", True, "cmd") if stage.kind == "ops" else None)
+               op=OpContext(stage.ops[0], "t", True) if stage.kind == "ops" else None)
 
 
 def test_strict_undefined(tmp_path: Path) -> None:
@@ -50,3 +50,32 @@ def test_strict_undefined(tmp_path: Path) -> None:
     with pytest.raises(jinja2.UndefinedError):
         render(spec, spec.stages[0], prompts_dir=tmp_path, round_no=1, max_rounds=1, engine_dir=Path("/e"))
     assert environment(PROMPTS_DIR).undefined is jinja2.StrictUndefined
+
+
+def test_the_op_round_prompt_carries_contract_reference_leaderboard_and_last_failure(tmp_path: Path) -> None:
+    """From the real engine's op table and a leaderboard in the export: what an LLM backend reads in an op round."""
+    import json
+    import shutil
+
+    from harness.prompts import op_material
+
+    engine = tmp_path / "train_engine_0.5B"
+    shutil.copytree(WORKSPACE_ROOT / "exports/train_engine_0.5B/src", engine / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.gz"))
+    board = engine / "forge/leaderboards/swiglu.json"
+    board.parent.mkdir(parents=True)
+    rows = [{"impl": "triton_fused", "values": {"block": 512}, "verdict": "passed", "ms": 0.25, "message": "ok",
+             "timing": {"roofline_pct": 71.5}, "checked_at": "2026-12-03T07:00:00Z"},
+            {"impl": "triton_fused", "values": {"block": 256}, "verdict": "failed", "ms": None, "timing": None,
+             "message": "edge 1x1: output 0: non-finite values", "checked_at": "2026-12-03T07:01:00Z"}]
+    board.write_text(json.dumps({"op": "swiglu", "entries": rows}))
+    spec = load_spec(WORKSPACE_ROOT / "specs/minicpm4-0.5b-h100.toml")
+    stage = next(s for s in spec.stages if s.kind == "ops")
+    op = OpContext("swiglu", "step_time_s", True, best=0.41, **op_material(engine, "swiglu"))
+    text = render(spec, stage, round_no=3, max_rounds=30, engine_dir=engine, op=op)
+    assert "swiglu(gate, up) -> silu(gate) * up" in text  # the contract
+    assert "def swiglu(" in text and "ops/swiglu/reference.py" in text  # the reference's source
+    assert "`block` in [256, 512, 1024, 2048, 4096] (default 1024)" in text  # the declared space
+    assert "| triton_fused | {'block': 512} | passed | 0.25 | 71.5 |" in text  # the leaderboard
+    assert "{'block': 256}: edge 1x1: output 0: non-finite values" in text  # the last failure
+    assert "step_time_s = 0.41" in text and "gates' clock" in text

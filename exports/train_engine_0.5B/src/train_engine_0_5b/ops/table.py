@@ -24,6 +24,7 @@ Measurements behind the device defaults: benchmarks/results (its index), never h
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from train_engine_0_5b.errors import EngineError
@@ -168,9 +169,19 @@ def check_tuned(ops: dict[str, dict[str, dict]]) -> dict[tuple[str, str], dict]:
     return {(op, impl): check_values(op, impl, values) for op, impls in ops.items() for impl, values in impls.items()}
 
 
+def contract(op: str) -> str:
+    """The op's lines of this module's signature list."""
+    lines = (__doc__ or "").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(f"    {op}("):
+            more = itertools.takewhile(lambda x: x.startswith("      "), lines[i + 1:])
+            return "\n".join(x.strip() for x in [line, *more])
+    return ""
+
+
 def describe() -> dict:
     """The table as JSON (for the gates' per-op harness and the tune backend, which never import it)."""
-    return {s.name: {"sites": list(s.sites), "replaces": list(s.replaces), "fallback": s.fallback,
+    return {s.name: {"contract": contract(s.name), "sites": list(s.sites), "replaces": list(s.replaces), "fallback": s.fallback,
                      "defaults": {d: list(v) for d, v in s.defaults.items()},
                      "impls": {i.name: {"module": i.module, "optional": i.optional, "dtypes": i.dtypes,
                                         "space": {n: {"default": p.default, "domain": list(p.domain), "why": p.why}
