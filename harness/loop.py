@@ -566,10 +566,11 @@ class ForgeLoop:
         value, note = self.step_clock(rt.engine_dir, timing, self.spec)
         rec.timing = value
         gain = 1 + ELECTION_MARGIN
-        better = value is not None and (ctx.best is None or (value * gain < ctx.best if timing.minimize
-                                                              else value > ctx.best * gain))
+        better = value is not None and ctx.best is not None and (value * gain < ctx.best if timing.minimize
+                                                                  else value > ctx.best * gain)
         rec.elected = better
-        rec.note = None if better else ("not faster on the gates' clock" if value is not None else note)
+        rec.note = None if better else (note if value is None else "not faster on the gates' clock" if ctx.best is
+                                        not None else "the baseline has no time on the gates' clock: nothing to beat")
         self.console.print(f"  timing {note}; best so far {ctx.best}; {'elected' if better else 'not elected'}")
         return better
 

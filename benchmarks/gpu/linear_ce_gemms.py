@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from cuda_timer import interleaved_ms  # beside this script
 
+from train_engine_0_5b.ops import space
 from train_engine_0_5b.ops.cross_entropy import triton_fused as ce
+from train_engine_0_5b.ops.table import check_values
 
 
 def main() -> None:
@@ -41,16 +43,15 @@ def main() -> None:
         ref_loss = sum(torch.nn.functional.cross_entropy(x[i:i + 4096].float() @ w.float().t(), labels[i:i + 4096],
                                                          reduction="sum") for i in range(0, T, 4096))  # fmt: skip
     base = run("cublas")
-    default_launch = dict(ce.ONE_PASS_LAUNCH)
     modes = {"cublas": None, "quack": None, "quack_lse": None}
     for item in filter(None, args.launches.split(",")):  # BLOCK_V:warps, or BLOCK_V:warps:split
         block, warps, *split = item.split(":")
         modes[f"quack_lse {block}x{warps}w{' split' if split else ''}"] = {
-            "BLOCK_V": int(block), "num_warps": int(warps), "split": split == ["split"]}
+            "grad_block_v": int(block), "grad_num_warps": int(warps), "grad_split": split == ["split"]}
 
-    def run_mode(mode: str):
-        ce.ONE_PASS_LAUNCH.clear()
-        ce.ONE_PASS_LAUNCH.update(modes[mode] or default_launch)
+    def run_mode(mode: str):  # the one-pass launch through the engine's declared space (None: its defaults)
+        values = check_values("linear_cross_entropy", "quack_triton", modes[mode] or {})
+        space.activate({("linear_cross_entropy", "quack_triton"): values} if values else {})
         return run(mode.split()[0])
 
     rows = {}
@@ -69,7 +70,8 @@ def main() -> None:
         print(mode, json.dumps(r), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": T, "chunk": args.chunk,
-            "default_one_pass_launch": default_launch}
+            "default_one_pass_launch": {n: space.value("linear_cross_entropy", "quack_triton", n)
+                                        for n in ("grad_block_v", "grad_num_warps", "grad_split")}}
     (args.out / "linear_ce_gemms.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 

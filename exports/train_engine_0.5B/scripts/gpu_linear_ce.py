@@ -4,7 +4,7 @@
 
 At MiniCPM4-0.5B's output shape (default 8 x 4096 tokens, h 1024, V 73448, bf16) on one GPU:
   1. the CE kernel that writes the logit gradient over the logits (two reads of each row, one write),
-     per launch setting (`WRITE_GRAD_LAUNCH`: programs per SM, block, warps): time, the bandwidth it would
+     per launch setting (linear_cross_entropy=triton_fused's space, ops/table.py): time, the bandwidth it would
      need at 3 passes and at 2 (when the second read of a row hits L2), and its error on 2048 sampled
      rows against fp64; beside it the loss-only kernel (one read) and a plain copy of the logits (one
      read + one write: the floor of any in-place gradient pass);
@@ -32,7 +32,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from train_engine_0_5b.ops import space  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy import triton_fused as ce  # noqa: E402
+from train_engine_0_5b.ops.table import check_values, param  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy.reference import cross_entropy as ce_reference  # noqa: E402
 
 H, V = 1024, 73448
@@ -65,9 +67,10 @@ def kernel_section(T: int, gen: torch.Generator, sweep: bool) -> tuple[list[dict
     z2 = torch.empty_like(z)
     out.append({"kernel": "copy (1 read + 1 write)", "ms": bench(lambda: z2.copy_(z))})
     del z2
-    default = tuple(ce.WRITE_GRAD_LAUNCH[k] for k in ("programs_per_sm", "BLOCK_V", "num_warps", "l2_hint"))
+    default = tuple(param("linear_cross_entropy", "triton_fused", k).default
+                    for k in ("programs_per_sm", "block_v", "num_warps", "l2_hint"))
     for per_sm, block, warps, hint in LAUNCHES if sweep else [default]:
-        ce.WRITE_GRAD_LAUNCH.update(programs_per_sm=per_sm, BLOCK_V=block, num_warps=warps, l2_hint=hint)
+        _launch(dict(programs_per_sm=per_sm, block_v=block, num_warps=warps, l2_hint=bool(hint)))
         row = {"kernel": "loss + grad in place", "programs_per_sm": per_sm, "BLOCK_V": block, "num_warps": warps,
                "l2_hint": hint}
         try:
@@ -115,8 +118,14 @@ def gemm_rows(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
     return rows
 
 
+def _launch(values: dict) -> None:
+    """The write-grad launch through the engine's declared space (a value outside it is an error: declare it)."""
+    space.activate({("linear_cross_entropy", "triton_fused"): check_values("linear_cross_entropy", "triton_fused", values)})
+
+
 def op_section(T: int, gen: torch.Generator, best: dict, chunks: tuple[int, ...]) -> list[dict]:
-    ce.WRITE_GRAD_LAUNCH.update({k: best[k] for k in ce.WRITE_GRAD_LAUNCH})
+    _launch(dict(programs_per_sm=best["programs_per_sm"], block_v=best["BLOCK_V"], num_warps=best["num_warps"],
+                 l2_hint=bool(best["l2_hint"])))
     B = T // 4096 if T % 4096 == 0 else 1  # (B, S, h) as the model passes it; the reference CE wants 3-D
     x = (torch.randn(B, T // B, H, device="cuda", generator=gen) * 0.5).to(torch.bfloat16).requires_grad_()
     w = (torch.randn(V, H, device="cuda", generator=gen) * H**-0.5 * 3).to(torch.bfloat16).requires_grad_()

@@ -70,10 +70,9 @@ def _load() -> tuple[Kernels | None, str | None]:
         return out                            # function (what `gemm(tuned=False)` calls) does
 
     def k_gemm_lse(a: Tensor, b: Tensor, out: Tensor, site: str) -> Tensor:
-        # Handed a partials buffer (rows, N-tiles), quack fills it and leaves it unfolded (it is then not in the
-        # returned dict), instead of folding it with torch.logsumexp (~10 small launches per call, ~45 us on an
-        # H100 at 8192 rows); under the heuristic config the tile, so the buffer's shape, is unknown: quack's
-        # folded row logsumexp is then the one partial.
+        # Handed a partials buffer (rows, N-tiles), quack fills it unfolded (one Triton fold beats its ~10 small
+        # launches); under the heuristic config the tile, so the buffer's shape, is unknown: quack's folded row
+        # logsumexp is then the one partial.
         cfg = config(site, a.device)
         if cfg is None:
             return lse_epi(a, b, out={"D": out}, tuned=False)["lse"][:, None]

@@ -73,8 +73,9 @@ class OpSpec:
 
 _WARPS = (1, 2, 4, 8, 16)
 _BY_SHAPE = "None: chosen from the row width, as before any election"
+# quack SM90 GEMM tile configs: (tile_m, tile_n, pingpong, cluster_m, cluster_n)
 _TILES = ((128, 128, True, 1, 2), (128, 128, True, 2, 1), (128, 160, True, 2, 1), (128, 192, True, 2, 1),
-          (128, 256, False, 1, 2), (128, 256, True, 1, 2))  # quack SM90 (tile_m, tile_n, pingpong, cluster_m, cluster_n)
+          (128, 256, False, 1, 2), (128, 256, True, 1, 2))
 _ROW_NORM = {"num_warps": Param(None, (None, *_WARPS), _BY_SHAPE)}
 _ROPE = {"num_warps": Param(None, (None, 1, 2, 4, 8), _BY_SHAPE)}
 
@@ -99,9 +100,10 @@ TABLE: tuple[OpSpec, ...] = (
         Impl(UNFUSED, None), Impl("reference", "qkv_rope.reference"),
         Impl("triton_fused", "qkv_rope.triton_fused", optional=True, space=_ROPE),
     ), defaults={"cuda": ("triton_fused", UNFUSED)}, fallback=UNFUSED, replaces=("gemm.qkv", "rope")),
-    OpSpec("swiglu", (Impl("reference", "swiglu.reference"), Impl("triton_fused", "swiglu.triton_fused", optional=True,
-                                                                 space={"block": Param(1024, (256, 512, 1024, 2048, 4096)),
-                                                                        "num_warps": Param(4, (1, 2, 4, 8))}))),
+    OpSpec("swiglu", (Impl("reference", "swiglu.reference"), Impl(
+        "triton_fused", "swiglu.triton_fused", optional=True, space={
+            "block": Param(1024, (256, 512, 1024, 2048, 4096), "columns per program"),
+            "num_warps": Param(4, (1, 2, 4, 8))}))),
     OpSpec("mlp", (
         Impl(UNFUSED, None), Impl("reference", "mlp.reference"),
         Impl("quack_gated", "mlp.quack_gated", optional=True, dtypes=HALF, space={
@@ -117,13 +119,14 @@ TABLE: tuple[OpSpec, ...] = (
     OpSpec("linear_cross_entropy", (
         Impl(UNFUSED, None), Impl("reference", "cross_entropy.reference"),
         Impl("triton_fused", "cross_entropy.triton_fused", optional=True, space={
-            "programs_per_sm": Param(2, (0, 1, 2, 4), "0: one program per row"),
-            "block_v": Param(16384, (4096, 8192, 16384)), "num_warps": Param(16, (4, 8, 16)),
+            "programs_per_sm": Param(2, (0, 0.25, 0.5, 1, 2, 4), "0: one program per row"),
+            "block_v": Param(16384, (4096, 8192, 16384, 32768)), "num_warps": Param(16, (4, 8, 16, 32)),
             "l2_hint": Param(True, (True, False), "eviction hints so the second read of a row hits L2")}),
         Impl("quack_triton", "cross_entropy.quack_triton", optional=True, dtypes=HALF, space={
             "grad_block_v": Param(4096, (1024, 2048, 4096, 8192)), "grad_num_warps": Param(8, (2, 4, 8)),
             "grad_split": Param(True, (True, False), "a program per block of a row, not per row"),
-            "logits_tile": Param((128, 160, True, 2, 1), _TILES), "dgrad_tile": Param((128, 256, False, 1, 2), _TILES)}),
+            "logits_tile": Param((128, 160, True, 2, 1), _TILES),
+            "dgrad_tile": Param((128, 256, False, 1, 2), _TILES)}),
     ), defaults={"cuda": ("quack_triton", "triton_fused", UNFUSED)}, fallback=UNFUSED,
         replaces=("gemm.output", "cross_entropy")),
     OpSpec("residual_scale", (Impl("reference", "residual_scale.reference"), Impl("weight", "residual_scale.weight")),
@@ -181,7 +184,8 @@ def contract(op: str) -> str:
 
 def describe() -> dict:
     """The table as JSON (for the gates' per-op harness and the tune backend, which never import it)."""
-    return {s.name: {"contract": contract(s.name), "sites": list(s.sites), "replaces": list(s.replaces), "fallback": s.fallback,
+    return {s.name: {"contract": contract(s.name), "sites": list(s.sites), "replaces": list(s.replaces),
+                     "fallback": s.fallback,
                      "defaults": {d: list(v) for d, v in s.defaults.items()},
                      "impls": {i.name: {"module": i.module, "optional": i.optional, "dtypes": i.dtypes,
                                         "space": {n: {"default": p.default, "domain": list(p.domain), "why": p.why}

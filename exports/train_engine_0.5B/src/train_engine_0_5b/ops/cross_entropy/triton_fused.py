@@ -16,10 +16,8 @@ Three public ops share the row kernels:
   never exist, and neither does any fp32 copy of them.
 - `linear_cross_entropy(x, weight, labels)`: the registry op of that name (reference.py's signature):
   the fusion above as a custom-op pair that torch.compile keeps whole, `LINEAR_CE_CHUNK` tokens per
-  chunk. Against the unfused output GEMM + CE (Inductor's) it holds a quarter of the logits at a time,
-  never allocates a separate logit gradient, and its gradient pass runs at 4.3 ms for 32k x 73448 (part
-  of each row's second read comes from L2); dW's GEMM writes fp32, which cuBLAS runs faster here.
-  On an H100: 25.2 ms fwd+bwd against torch.compile's 26.8 ms; the compiled step +0.9 %, 3.6 GiB less.
+  chunk. Against the unfused output GEMM + CE it holds a chunk of the logits at a time and never allocates a
+  separate logit gradient (measurements: benchmarks/results).
 
 Numerics: logits are rounded to the input dtype by the GEMM, as the reference's bf16 GEMM does; the
 softmax, the loss and the logit gradient are fp32, the gradient stored in the logits' dtype (as the
@@ -350,8 +348,7 @@ def fused_linear_cross_entropy_fwd_bwd(
     dx (T, h) in hidden's dtype or None, dw (V, h) fp32 or None). Gradients are multiplied by
     `grad_scale` (a 0-dim device tensor, e.g. 1 / global token count) when given. dx goes into `dx_out`
     when given; dw is ADDED into `dw_accum` (fp32) when given (a main-grad buffer). dw's GEMM writes fp32
-    even from bf16 inputs: on an H100 at 73448 x 1024 x 32768 cuBLAS took 6.7 ms for that against 8.1 ms
-    for a bf16 output (scripts/gpu_linear_ce.py). `gemms` names who runs the logits and dx GEMMs: "cublas"
+    even from bf16 inputs (cuBLAS is faster so at this shape). `gemms` names who runs the logits and dx GEMMs: "cublas"
     (torch.mm), "quack" (ops/_quack.py's pinned configs), or "quack_lse": quack, and with gradients at
     logit_scale 1 the logits GEMM's epilogue also gives each row's logsumexp per N-tile (from the fp32
     accumulator; `_lse_loss_kernel` folds them), so the gradient pass is one read + one write of the logits
@@ -493,10 +490,8 @@ def fused_linear_cross_entropy_reference(
 
 # ---- the registry op linear_cross_entropy(x, weight, labels) ---------------------------------------
 
-# Tokens per chunk of the registry op; its logits buffer is (chunk, V) in the compute dtype. On an H100 at
-# 8 x 4096 tokens (benchmarks/results/engine-0.5b-linear-ce-2026-11-23-h100/): the compiled step ran as fast
-# with 8192 as with one 32768-token chunk (151,903 / 151,524 vs 151,323 / 152,083 tokens/s) at 3.4 GiB less
-# peak memory (36.99 vs 40.35 GiB); the op alone 25.2 vs 25.6 ms.
+# Tokens per chunk of the registry op; its logits buffer is (chunk, V) in the compute dtype: as fast as one
+# chunk of the whole micro batch at a quarter of the memory (benchmarks/results/engine-0.5b-linear-ce-*).
 LINEAR_CE_CHUNK = 8192
 
 

@@ -1,11 +1,9 @@
 """The SwiGLU MLP with SwiGLU in the fc1 GEMM's epilogue and its gradient in the fc2 dgrad GEMM's epilogue
 (quack's `gemm_gated` / `gemm_dact`, `quack-kernels`, sm90+).
 
-Why: in the compiled 0.5B step (8 x 4096 tokens, one H100) the MLP backward ran the fc2 dgrad on cuBLAS
-(0.47 ms, ~580 TFLOP/s) and then a separate dSwiGLU pass (0.44 ms, at HBM bandwidth). quack's dgrad with
-the dSwiGLU epilogue and an elected SM90 tile config does both in ~0.68 ms standalone, 0.66 in the step (ops/_quack.py says how the config
-was chosen); it also recomputes postact = silu(gate) * up in that epilogue, so the forward no longer keeps
-postact (f x tokens bf16 per layer) for fc2's weight gradient.
+Why: one GEMM with the dSwiGLU epilogue (its SM90 tile config a tunable, ops/table.py) instead of cuBLAS's
+fc2 dgrad then a separate dSwiGLU pass; it also recomputes postact = silu(gate) * up in that epilogue, so the
+forward no longer keeps postact (f x tokens bf16 per layer) for fc2's weight gradient.
 
     forward   preact, postact = gemm_gated(x, W1i^T)           quack (heuristic config, as quack_gated.py)
               out = postact @ W2^T                              cuBLAS

@@ -1,7 +1,6 @@
 """The SwiGLU MLP with SwiGLU in the fc1 GEMM's epilogue (quack's `gemm_gated`, `quack-kernels`, sm90+).
 
-Why: the compiled reference step spent 6.3 ms of 233 on the standalone SwiGLU forward kernel (MiniCPM4-0.5B,
-8 x 4096 tokens, one H100), at HBM bandwidth; computing it in the fc1 epilogue removes that pass.
+Why: the standalone SwiGLU forward pass runs at HBM bandwidth; computing it in the fc1 epilogue removes it.
 
     forward   preact, postact = gemm_gated(x, W1i^T)     quack: fc1 with silu(gate) * up in the epilogue
               out = postact @ W2^T                       torch (cuBLAS)
@@ -9,12 +8,9 @@ Why: the compiled reference step spent 6.3 ms of 233 on the standalone SwiGLU fo
               dpreact = dSwiGLU(preact, dpost)           dswiglu.py: one Triton pass over the pairs
               dx = dpreact @ W1i; dW1i = dpreact^T @ x   torch (cuBLAS)
 
-Only the forward uses quack here. quack_dgated.py also moves dSwiGLU into the fc2 dgrad's epilogue: with
-quack's heuristic config that ran no faster than cuBLAS plus a separate pass (benchmarks/results/engine-0.5b-
-mlp-quack-full-2026-11-23-h100/), with an elected SM90 config it does (ops/_quack.py), so it is now the CUDA
-default and this module the next choice. quack's plain GEMMs with their heuristic configs ran at ~510-630
-TFLOP/s against cuBLAS's ~700 on the other MLP shapes, so those stay on cuBLAS. The dSwiGLU pass on the
-interleaved layout (dswiglu.py) runs at HBM bandwidth.
+Only the forward uses quack here; quack_dgated.py also moves dSwiGLU into the fc2 dgrad's epilogue (the CUDA
+default). The other MLP GEMMs stay on cuBLAS, faster than quack's heuristic configs at these shapes (measurements:
+benchmarks/results). The dSwiGLU pass on the interleaved layout (dswiglu.py) runs at HBM bandwidth.
 
 W1i (2f, h) interleaves the rows of gate and up (gate_0, up_0, gate_1, ...), the layout quack's gated
 epilogue pairs; `interleave` builds it from the HF-named parameters each call (one 16 MB copy per layer), so
@@ -94,10 +90,8 @@ quack_swiglu_fc1.register_autograd(_backward, setup_context=_setup_context)
 
 class _Interleave(torch.autograd.Function):
     """(gate (f, h), up (f, h)) -> W1i (2f, h) = gate_0, up_0, gate_1, ...; the backward hands back contiguous
-    gradients. Why: torch.stack's backward gives two strided views of dW1i, which autograd then copies into
-    contiguous .grad tensors outside the compiled graph, 48 ATen copies at ~14 us per 0.5B step on an H100
-    (benchmarks/results/engine-0.5b-gemm-election-2026-11-24-h100/trace_ca6904c/); made contiguous here, the
-    copy is in the traced backward, where Inductor fuses both into one kernel and autograd keeps the result."""
+    gradients. Why: torch.stack's backward gives strided views of dW1i that autograd copies outside the compiled
+    graph; made contiguous here, the copy is in the traced backward, where Inductor fuses it."""
 
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:

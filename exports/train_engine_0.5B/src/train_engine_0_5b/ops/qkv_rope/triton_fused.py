@@ -3,13 +3,9 @@
 pass by -theta, writing the packed gradient that the one dgrad / wgrad GEMM pair takes.
 
 Why: three GEMMs per layer (q, then k and v at N = 128) and a three-way sum of their input gradients cost
-more than one N = 1280 GEMM (benchmarks/results/engine-0.5b-qkv-rope-2026-11-24-h100/: the split views of
-`gemm.qkv=concat` saved 2.6 ms of GEMM time and 1 ms of norm backward per step, but Inductor fused the RoPE
-backward and the gradients' concatenation into one kernel with int64 index math over the packed width
-(0.37 ms per layer, 9 ms per step), so that choice lost). Here the concatenation is this kernel's own
-store: each program handles one token, every load and store is a contiguous run of the row. Measured there:
-the compiled, graphed step +1.5 % against `unfused` (two interleaved rounds on an H100); the pass 59 us per
-call at the step's shape, ~2.9 TB/s.
+more than one N = 1280 GEMM, and Inductor's own RoPE backward over a concatenation was slow (measurements:
+benchmarks/results/engine-0.5b-qkv-rope-*). Here the concatenation is this kernel's own store: each program
+handles one token, every load and store is a contiguous run of the row.
 
     forward   qkv = x @ cat(wq, wk, wv)^T              torch (cuBLAS); the weights' gradients split back
               q, k, v = rotate(qkv)                     custom op train_engine_0_5b::qkv_rope_fwd
