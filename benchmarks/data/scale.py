@@ -65,6 +65,7 @@ def _drop_cache(path: Path) -> None:
     for f in path.glob("shard_*.tokens"):
         fd = os.open(f, os.O_RDONLY)
         try:
+            os.fsync(fd)  # dirty pages (a set just written) cannot be dropped until written back
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)

@@ -107,8 +107,12 @@ class SampleOrder:
         return self._split(positions % self.n_eval)
 
     def read(self, samples: np.ndarray) -> np.ndarray:
+        """Rows of these sample ids: (n, S + 1) int64."""
         out = np.empty((len(samples), self.seq + 1), dtype=np.int64)
-        for row, i in enumerate(samples.tolist()):
+        ids = samples.tolist()
+        for i in ids:
+            self.data.prefetch(i * self.seq, self.seq + 1)
+        for row, i in enumerate(ids):
             self.data.tokens(i * self.seq, self.seq + 1, out[row])
         return out
 
