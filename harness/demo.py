@@ -10,7 +10,7 @@
 4. train the forged engine on the default corpus with the tiny preset (`train` verb), loss falling;
 5. `inspect` it (report + loss/MFU plot) and print a summary.
 
-It prints about 30 lines (one per round, the first and last training steps, the summary); the detail is in files
+It prints about 40 lines (one per round, the first and last training steps, the summary); the detail is in files
 under the scratch folder, each named as it goes: forge.log (the loop's own output), state/rounds/ (prompts,
 patches, gate reports), train/console.log, inspect/ (report.md, loss_mfu.png).
 
@@ -119,7 +119,7 @@ def train(eng: Path, out: Path, steps: int, console: Console) -> list[dict]:
     cmd = [sys.executable, "-m", "harness", "train", "--engine", str(eng), "--console-log", str(out / "console.log"), "--",
            "--model", "tiny", "--num-steps", str(steps), "--seq-length", "64", "--global-batch-size", "8",
            "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "5", "--device", "cpu",
-           "--log-file", str(log), "--save-dir", str(out / "ckpt")]
+           "--log-file", str(log), "--save-dir", str(out / "ckpt"), "--summary-json", str(out / "summary.json")]
     env = {"PYTHONPATH": str(WORKSPACE_ROOT), "PATH": "/usr/local/bin:/usr/bin:/bin",
            "HOME": str(Path.home()), "FORGE_ENGINE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     r = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
@@ -236,6 +236,7 @@ class RoundTicker:
     def __init__(self, ledger: Path, console: Console, every_s: float = 1.0) -> None:
         self.ledger, self.console, self.every_s = ledger, console, every_s
         self.seen = 0
+        self._lock = threading.Lock()  # the watcher thread and __exit__ both emit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -253,6 +254,10 @@ class RoundTicker:
             self._emit()
 
     def _emit(self) -> None:
+        with self._lock:
+            self._emit_new()
+
+    def _emit_new(self) -> None:
         rounds = Ledger(self.ledger).rounds() if self.ledger.is_file() else []
         for r in rounds[self.seen:]:
             line = f"  {r.key} round {r.round}: {round_label(r.verdict, r.gates)}"

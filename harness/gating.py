@@ -149,16 +149,15 @@ def unsupported_parts(report: str | Path | None) -> dict[str, str]:
             if p.get("verdict") == "unsupported"}
 
 
-def accepted_label(verdict: str, unsupported: dict[str, str], *, why: bool = False) -> str:
+def accepted_label(verdict: str, unsupported: dict[str, str]) -> str:
     """An accepted gate or stage as it must read: `passed`, or `passed (mfu unsupported)` when the spec accepted
-    unsupported parts (with `why`, the gate's reason too) — never a bare `passed` over an unsupported part."""
+    unsupported parts (part -> the gate's reason, said beside the table) — never a bare `passed` over them."""
     if not unsupported:
         return verdict
-    parts = ", ".join(f"{p}: {m}" if why and m else p for p, m in unsupported.items())
-    return f"passed ({parts} unsupported)" if verdict in ("passed", "unsupported") else verdict
+    return f"passed ({', '.join(unsupported)} unsupported)" if verdict in ("passed", "unsupported") else verdict
 
 
-def round_label(verdict: str, gates: list[Any], *, why: bool = False) -> str:
+def round_label(verdict: str, gates: list[Any]) -> str:
     """A round's verdict from its ledger line (`gates`: GateLine-like, `.name`, `.verdict`, `.report`, or dicts)."""
     if verdict != "passed":
         return verdict
@@ -168,7 +167,7 @@ def round_label(verdict: str, gates: list[Any], *, why: bool = False) -> str:
         if get("verdict") == "unsupported":
             found = unsupported_parts(get("report")) or {str(get("name")): ""}
             unsupported |= {f"{get('name')} {p}" if p != get("name") else p: m for p, m in found.items()}
-    return accepted_label(verdict, unsupported, why=why)
+    return accepted_label(verdict, unsupported)
 
 
 def stage_labels(stages: dict[str, str], ledger: Path) -> dict[str, str]:

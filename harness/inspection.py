@@ -80,7 +80,8 @@ def _state_ledgers(engine: Path) -> list[Path]:
     try:
         import git
 
-        common = Path(git.Repo(engine, search_parent_directories=True).git.rev_parse("--git-common-dir")).resolve()
+        repo = git.Repo(engine, search_parent_directories=True)
+        common = (Path(repo.working_tree_dir) / repo.git.rev_parse("--git-common-dir")).resolve()  # it may be relative
     except Exception:  # noqa: BLE001 - not a git checkout: fewer sources
         return []
     return sorted((common / "forge").glob("*/ledger.jsonl"))

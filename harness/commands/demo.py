@@ -6,6 +6,7 @@ report fed the next, the fix passed and landed, the loss fell), 1 otherwise.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,7 @@ def main(
     if not runner_available() or not (SOURCE_ENGINE / "src").is_dir():
         console.print("[red]error:[/] the demo needs gates/runner.py and exports/train_engine_0.5B")
         raise typer.Exit(2)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars in M6/M7's export check
     scratch = out or WORKSPACE_ROOT / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     if scratch.exists() and any(scratch.iterdir()):
         console.print(f"[red]error:[/] {scratch} is not empty")

@@ -31,7 +31,8 @@ def default_state_dir(engine: Path, spec_name: str) -> Path:
     import git
 
     repo = git.Repo(engine, search_parent_directories=True)
-    return Path(repo.git.rev_parse("--git-common-dir")).resolve() / "forge" / spec_name
+    common = Path(repo.git.rev_parse("--git-common-dir"))  # relative to the repository's root, not to our cwd
+    return (Path(repo.working_tree_dir) / common).resolve() / "forge" / spec_name
 
 
 def resolve_engine(path: str, base: Path) -> Path:

@@ -45,6 +45,7 @@ def test_dry_run_lands_nothing(repo: tuple[Path, Path, Path], tmp_path: Path, mo
     r = CliRunner().invoke(app, ["forge", "--spec", str(spec)], terminal_width=200)  # not a dry run: it lands
     assert r.exit_code == 0, r.output
     assert "forge(m1): manifest.json" in git(root, "log", "--format=%s", "main")
+    assert (root / ".git" / "forge" / "toy" / "run.json").is_file()  # its state in the engine's repository, not ours
 
 
 def test_dry_run_refuses_resume(repo: tuple[Path, Path, Path]) -> None:

@@ -58,3 +58,4 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
                        env={**os.environ, "PYTHONPATH": str(WORKSPACE_ROOT)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "demo passed" in r.stderr
+    assert len((r.stdout + r.stderr).splitlines()) <= 60  # the detail is in the files it names
