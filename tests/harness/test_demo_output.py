@@ -12,7 +12,7 @@ from rich.console import Console
 from harness.demo import RoundTicker
 
 
-def _round(stage: str, n: int, verdict: str, gates: list[dict], report: Path | None = None) -> str:
+def _round(stage: str, n: int, verdict: str, gates: list[dict]) -> str:
     return json.dumps({"kind": "round", "run_id": "r", "stage": stage, "round": n, "backend": "replay",
                        "verdict": verdict, "wall_s": 20.4, "gates": gates})
 
@@ -34,3 +34,16 @@ def test_ticker_says_each_round_once_and_honestly(tmp_path: Path) -> None:
     assert out.getvalue().splitlines() == [
         "  m1 round 1: failed (m1_forward failed: worst_tensor=logits, worst_rel=0.0175) [20 s]",
         "  m5 round 1: passed (m5_long_train mfu unsupported) [20 s]"]
+
+
+def test_a_stage_passed_over_an_unsupported_part_says_so(tmp_path: Path) -> None:
+    from harness.gating import stage_labels
+
+    report = tmp_path / "m5.json"
+    report.write_text(json.dumps({"parts": [{"name": "mfu", "verdict": "unsupported", "message": "GPU only"}]}))
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text("\n".join([
+        _round("m1", 1, "passed", [{"name": "m1_forward", "verdict": "passed"}]),
+        _round("m5", 1, "passed", [{"name": "m5_long_train", "verdict": "unsupported", "report": str(report)}])]) + "\n")
+    assert stage_labels({"m1": "passed", "m5": "passed", "m6": "budget"}, ledger) == {
+        "m1": "passed", "m5": "passed (m5_long_train mfu unsupported)", "m6": "budget"}
