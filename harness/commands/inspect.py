@@ -27,7 +27,7 @@ def _print_table(out: Console, title: str, columns: list[str], rows: list[list[s
     out.print(t)
 
 
-def show(ins, out: Console, *, history: bool = True) -> None:  # noqa: ANN001 - harness.inspection.Inspection
+def show(ins, out: Console) -> None:  # noqa: ANN001 - harness.inspection.Inspection
     from harness.gating import round_label
     from harness.inspection import _fmt, key_numbers
 
@@ -48,7 +48,7 @@ def show(ins, out: Console, *, history: bool = True) -> None:  # noqa: ANN001 - 
         for part, why in g["why"].items():
             if why:
                 out.print(f"  {g['gate']} {part} unsupported: {why}", highlight=False)
-    if ins.rounds and history:
+    if ins.rounds:
         _print_table(out, "forge history (the run that wrote manifest.json)",
                      ["stage", "round", "backend", "verdict", "tokens", "cost $", "wall s", "commit"],
                      [[r.get("stage", "") + (f"-{r['op']}" if r.get("op") else ""), str(r.get("round")),
