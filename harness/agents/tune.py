@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from gates.ops.harness import Candidate, CandidateResult, EngineOps, HarnessOptions, OpSpecError, Runner, check_candidate
+from gates.launch import discover_engine
 from gates.ops.harness import describe
 from harness.agents._proc import run_process
 from harness.agents.base import AgentBackend, AgentResult, AgentTask
@@ -145,7 +146,7 @@ class TuneBackend(AgentBackend):
             return AgentResult(summary=f"tune: {len(trials)} trials, none correct", error="no correct candidate",
                                turns=len(trials))
         key = engine_ops.runtime["cuda" if device == "cuda" else "cpu"]
-        path = task.engine_dir / o.tuned_file.format(package=task.extra.get("package", ""))
+        path = task.engine_dir / o.tuned_file.format(package=discover_engine(task.engine_dir).package)
         write_tuned(path, key, op.partition(".")[0], impl, best)
         return AgentResult(summary=f"tune: {op}={impl}: {len(trials)} trials ({rejected} rejected by the per-op "
                                    f"harness); best {best} at {score(best):.4g} ms", turns=len(trials))

@@ -86,6 +86,14 @@ def _gate(point: str, ctrl: Path):
     return gate
 
 
+def _step_clock(engine_dir: Path, timing, spec) -> tuple[float, str]:
+    """A fake gates' clock: 1 ms with swiglu's block tuned to 512 in the engine's tuned file, else 51 ms."""
+    tuned = json.loads((engine_dir / "src/train_engine_0_5b/tuned/configs.json").read_text())
+    blocks = [e["ops"].get("swiglu", {}).get("triton_fused", {}).get("block") for e in tuned["entries"]]
+    t = 0.001 if 512 in blocks else 0.051
+    return t, f"{timing.metric}={t} (fake clock)"
+
+
 def main() -> int:
     seal()
     engine, state, script, ctrl = (Path(a) for a in sys.argv[1:5])
@@ -96,16 +104,18 @@ def main() -> int:
         "backend": "shell", "options": {"command": f"bash {script}"}, "env": {"CTRL": str(ctrl)},
         "sandbox": _arg("--sandbox", "off"), "share": [str(script), str(ctrl)]}
     spec = toy_spec(engine, stages=tuple(_arg("--stages", "m1,m2").split(",")), rounds=4, agent=agent)
-    if "--ops" in sys.argv:  # an ops stage after them (its own agent, e.g. tune)
+    clock = None
+    if "--ops" in sys.argv:  # an ops stage after them (its own agent, e.g. tune), timed by `_step_clock`
         from harness.spec import parse_spec
         data = spec.model_dump(mode="python")
-        data["engine"]["allowed_paths"].append("tuned.json")
         data["stages"].append(json.loads(_arg("--ops", "{}")))
         spec = parse_spec(data)
+        clock = _step_clock
     spec_file = state.parent / "toy.toml"
     if not spec_file.exists():
         write_spec_file(spec_file)
-    out = ForgeLoop(spec, spec_file, engine=engine, state_dir=state, gate_fn=_gate(point, ctrl)).run(resume="--resume" in sys.argv)
+    out = ForgeLoop(spec, spec_file, engine=engine, state_dir=state, gate_fn=_gate(point, ctrl),
+                    step_clock=clock).run(resume="--resume" in sys.argv)
     print(f"STATUS {out.status}", flush=True)
     return 0 if out.ok else (128 + out.signum if out.signum else 1)
 

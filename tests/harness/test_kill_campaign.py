@@ -16,7 +16,7 @@ Two signal schedules of all ten points, A and B, give every point both kill -9 a
 sandbox: kill -9 orphans live until resume ends them) runs A, codex (fake CLI, sandboxed, holding its own key)
 B. openai (loopback wire server) is killed at its tool command with both signals and right after a resume ended
 the orphans; replay (no agent process) in the gate's engine and before the branch update; tune (an ops stage) in
-a trial's timing command, with both signals. The anthropic and
+a trial of the per-op harness (its child process, in the round sandbox), with both signals. The anthropic and
 claude_code backends' agent point is in test_signals.py. Each forge process imports torch (harness.isolation ->
 gates.sandbox -> gates.context): a step costs 2-4 s, hence one schedule per backend."""
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-from forge_toy import BROKEN, FIXED, PARTIAL, make_repo, patch_between
+from forge_toy import BROKEN, FIXED, PARTIAL, git, make_repo, patch_between
 from test_secrets import _ancestor_is_bwrap
 from wire_servers import Script, openai_reply, openai_tool_call, serve
 
@@ -88,15 +89,13 @@ emit({"type": "item.completed", "item": {"type": "agent_message", "text": "done"
 '''
 
 
-# tune's timing command: a candidate (block 32 or 64) hangs in MODE=hang (the baseline, block 16, never does)
-BENCH = r'''
-import json, os, sys
-block = json.load(open("tuned.json"))["forward"]["block"]
-if os.environ.get("MODE") == "hang" and block != 16:
-    open(os.path.join(os.environ["FORGE_OUT_DIR"], "at-agent"), "w").close()
-    os.execvp("bash", ["bash", "-c", 'exec -a "$MARK" sleep 300'])
-json.dump({"time_s": abs(block - 64) / 1000 + 0.001}, open(sys.argv[1], "w"))
-'''
+# tune: the real engine's ops beside the toy model; its swiglu kernel hangs in a trial of block 512 in MODE=hang
+ENGINE_PKG = HERE.parents[1] / "exports/train_engine_0.5B/src/train_engine_0_5b"
+HANG = ("    n_col_blocks = triton.cdiv(f, block)\n", '''    if os.environ.get("MODE") == "hang" and block != 1024:
+        open(os.path.join(os.environ["FORGE_OUT_DIR"], "at-agent"), "w").close()
+        os.execvp("bash", ["bash", "-c", 'exec -a "$MARK" sleep 300'])
+    n_col_blocks = triton.cdiv(f, block)
+''')
 
 
 def _procs() -> list[tuple[int, bytes, bytes]]:
@@ -115,6 +114,8 @@ class Campaign:
     def __init__(self, tmp: Path, backend: str) -> None:
         self.tmp, self.backend = tmp, backend
         self.eng = make_repo(tmp / "ws", FIXED if backend == "tune" else BROKEN)
+        if backend == "tune":
+            self._add_engine_ops()
         self.state, self.ctrl = tmp / "state", tmp / "ctrl"
         self.ctrl.mkdir()
         (self.ctrl / "fixed.py").write_text(FIXED)
@@ -127,6 +128,14 @@ class Campaign:
         self.patches = {m: patch_between(self.eng, src) for m, src in (("partial", PARTIAL), ("fix", FIXED))}
         self.recording = tmp / "recording"
         self.recording.mkdir()
+
+    def _add_engine_ops(self) -> None:
+        pkg = self.eng / "src/train_engine_0_5b"
+        shutil.copytree(ENGINE_PKG, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.gz"))
+        kernel = pkg / "ops/swiglu/triton_fused.py"
+        kernel.write_text(kernel.read_text().replace(*HANG).replace("import torch\n", "import os\n\nimport torch\n", 1))
+        git(self.eng, "add", "-A")
+        git(self.eng, "commit", "-qm", "the engine's ops beside the toy model")
 
     # -- the agent of a step --------------------------------------------------------------------------
     def agent(self, mode: str | None, step: int) -> dict:
@@ -257,11 +266,11 @@ class Campaign:
                 + (["--resume"] if resume else []) + extra)
 
     def ops_stage(self, agent: dict) -> dict:
-        (self.ctrl / "bench.py").write_text(BENCH)
-        return {"name": "ops", "kind": "ops", "ops": ["forward"], "rounds": 2, "gates": [{"name": "m1_forward"}],
-                "timing": {"command": f"{{python}} {self.ctrl / 'bench.py'} {{out}}", "metric": "time_s"},
+        return {"name": "ops", "kind": "ops", "ops": ["swiglu"], "rounds": 2, "gates": [{"name": "m1_forward"}],
+                "timing": {"metric": "time_s"},
                 "agent": {"backend": "tune", "sandbox": "required", "share": [str(self.ctrl)], "env": agent["env"],
-                          "options": {"config_file": "tuned.json", "space": {"{op}.block": [32, 64]}}}}
+                          "options": {"impl": "triton_fused", "space": {"block": [512]},
+                                      "harness": {"seq": 8, "reps": 2, "warmup": 1}}}}
 
     def step(self, i: int, point: str | None, sig: int | None, tags: set[str]) -> str:
         for f in [*self.ctrl.glob("at-*"), *self.state.glob("rounds/*/agent/out/at-agent")]:

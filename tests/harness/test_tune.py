@@ -215,3 +215,32 @@ def test_the_loop_refuses_unknown_ops_and_an_engine_clock(tmp_path, workspace, s
                        .replace("]", r"\]")):
         loop.run()
     assert not (tmp_path / "s/ledger.jsonl").exists()
+
+
+def test_the_gates_clock_gives_no_time_when_the_timed_steps_train_differently(monkeypatch, workspace):
+    """M5's speed part failed on its loss check (a fast step that is not the reference's training): no figure,
+    whatever its step time; a passing part gives its step time."""
+    import gates.m5_long_train as m5
+    from gates.report import Part
+    from harness.timing import gate_step_clock
+
+    spec = _spec(workspace)
+    timing = spec.stages[0].timing
+    fast_but_wrong = Part(name="mfu", verdict="failed", numbers={"step_time_s": 0.001},
+                          message="the timed runs' losses differ from the reference's on the same data")
+    monkeypatch.setattr(m5, "speed_part", lambda g, model: fast_but_wrong)
+    value, note = gate_step_clock(workspace / REL, timing, spec)
+    assert value is None and "losses differ" in note
+    monkeypatch.setattr(m5, "speed_part", lambda g, model: Part(name="mfu", verdict="passed", message="ok",
+                                                                numbers={"step_time_s": 0.25}))
+    assert gate_step_clock(workspace / REL, timing, spec) == (0.25, "step_time_s=0.25 on the gates' clock")
+
+
+def test_no_election_without_a_baseline(tmp_path, workspace):
+    clock = iter([None, 0.5])  # the baseline could not be timed; the candidate could
+    loop = ForgeLoop(_spec(workspace, rounds=1), write_spec_file(tmp_path / "spec.toml"), engine=workspace / REL,
+                     state_dir=tmp_path / "s", gate_fn=_passing_gate, land=False, guard=[],
+                     step_clock=lambda *a: (next(clock), "fake"))
+    assert loop.run().ok
+    (r,) = [r for r in Ledger(tmp_path / "s/ledger.jsonl").rounds() if r.stage == "ops"]
+    assert not r.elected and r.timing == 0.5 and "baseline has no time" in r.note

@@ -1,5 +1,5 @@
-"""Tunable launch settings: each implementation declares its parameters (`Param`: default and domain) in its
-row of ops/table.py; the elected values live in one file per engine (`TUNED_FILE`), in entries keyed by the
+"""Tunable launch settings: each implementation declares its parameters (`table.Param`: default and domain) in
+its row of ops/table.py; the elected values live in one file per engine (`TUNED_FILE`), in entries keyed by the
 runtime (`runtime_key`: device name, torch / triton / CUDA versions). `resolve` (registry.py) validates them
 against the declared spaces, installs the values of the selected implementations (`activate`), and the op
 modules read them at launch (`value`). A key that matches no entry runs the declared defaults.
@@ -11,7 +11,6 @@ modules read them at launch (`value`). A key that matches no entry runs the decl
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,26 +18,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.ops.table import param
 
 TUNED_FILE = Path(__file__).resolve().parents[1] / "tuned" / "configs.json"
-
-
-@dataclass(frozen=True)
-class Param:
-    """One tunable: its default (what runs without an election) and the values a search may try."""
-
-    default: Any
-    domain: tuple
-    why: str = ""
-
-    def __post_init__(self) -> None:
-        if self.default not in self.domain:
-            raise ValueError(f"default {self.default!r} is not in the domain {self.domain!r}")
-
-
-def normalize(value: Any) -> Any:
-    """JSON has no tuples: a list value (a GEMM tile config) compares as a tuple."""
-    return tuple(normalize(v) for v in value) if isinstance(value, list) else value
 
 
 class RuntimeKey(BaseModel):
@@ -107,7 +89,5 @@ def activate(values: dict[tuple[str, str], dict[str, Any]]) -> None:
 
 def value(op: str, impl: str, name: str) -> Any:
     """The value an op module launches with: the resolved one, else the declared default."""
-    from train_engine_0_5b.ops.table import param  # the table imports Param from here
-
     active = _ACTIVE.get((op, impl))
     return active[name] if active is not None and name in active else param(op, impl, name).default

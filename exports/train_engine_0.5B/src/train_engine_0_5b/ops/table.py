@@ -26,9 +26,28 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.ops.space import Param, normalize
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable: its default (what runs without an election) and the values a search may try."""
+
+    default: Any
+    domain: tuple
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        if self.default not in self.domain:
+            raise ValueError(f"default {self.default!r} is not in the domain {self.domain!r}")
+
+
+def normalize(value: Any) -> Any:
+    """JSON has no tuples: a list value (a GEMM tile config) compares as a tuple."""
+    return tuple(normalize(v) for v in value) if isinstance(value, list) else value
+
 
 UNFUSED = "unfused"  # a fusion op's default: no op of its own, the model calls its parts one by one
 HALF = ("bfloat16", "float16")
