@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from harness.commands._common import console
 from harness.prompts import WORKSPACE_ROOT
@@ -81,7 +82,7 @@ def main(
     rc, lines = run_logged(cmd, env, log)
     if rc != 0:
         line = failing_rank_line(lines)
-        console.print(f"[bold red]train failed[/] (exit {rc}): " + (line or "no rank printed an error line"),
+        console.print(f"[bold red]train failed[/] (exit {rc}): " + escape(line or "no rank printed an error line"),
                       highlight=False, soft_wrap=True)
         console.print(f"full log: {log}", highlight=False, soft_wrap=True)
     raise typer.Exit(rc)

@@ -15,7 +15,7 @@ import os, sys, time
 rank = int(os.environ.get("RANK", 0))
 print(f"[STEP 1] rank {rank} loss 10.0", flush=True)
 if rank == 1:
-    print("error (rank 1): --data /nope: no such file", file=sys.stderr, flush=True)
+    print("error (rank 1): --data /nope: no such file [bold]", file=sys.stderr, flush=True)
     sys.exit(1)
 time.sleep(5)
 '''
@@ -41,6 +41,6 @@ def test_train_says_the_failing_ranks_error_last(tmp_path: Path) -> None:
                                  "--console-log", str(log)], terminal_width=200)
     assert r.exit_code == 1, r.output
     tail = [line for line in r.output.splitlines() if line.strip()][-2:]
-    assert tail == ["train failed (exit 1): error (rank 1): --data /nope: no such file", f"full log: {log}"]
+    assert tail == ["train failed (exit 1): error (rank 1): --data /nope: no such file [bold]", f"full log: {log}"]
     assert "ChildFailedError" not in r.output and "ChildFailedError" in log.read_text()
     assert "[STEP 1] rank 0 loss 10.0" in r.output and "[STEP 1] rank 0 loss 10.0" in log.read_text()
