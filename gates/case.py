@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 
-from gates.model_config import MiniCPMConfig, preset, validation_lines
+from gates.model_config import LongRope, MiniCPMConfig, preset, validation_lines
 
 CASE_FORMAT = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -154,6 +154,10 @@ def random_batches(spec: CaseSpec, seed: int) -> dict[str, torch.Tensor]:
     for row in flat:
         k = int(torch.randint(0, max(1, row.numel() // 4), (1,), generator=gen))
         row[torch.randperm(row.numel(), generator=gen)[:k]] = -100
+    pad = spec.model.pad_token_id
+    if pad is not None:  # the padding row must be looked up, or its missing gradient shows nothing
+        rows = input_ids.view(-1, spec.seq_length)
+        rows[torch.arange(rows.shape[0]), torch.randint(0, spec.seq_length, (rows.shape[0],), generator=gen)] = pad
     return {"input_ids": input_ids, "labels": labels}
 
 
@@ -225,6 +229,7 @@ DRAW_WORLD = (2, 4)  # M4's data-parallel size
 DRAW_WARMUP = (1, 2)
 DRAW_DECAY = (1, 2)  # wsd decay steps: <= steps - steps // 2 for every steps >= 4, so M6 can cut the schedule
 DRAW_BUCKET_MB = (0.01, 0.05)  # MiB: the tiny model's gradients (~2 MiB) span dozens of all-reduce buckets
+DRAW_ROPE_FACTORS = ((1.0, 1.5), (1.0, 8.0))  # LongRoPE short / long factor ranges (the released ones: ~1-1.2, ~1-50)
 DEFAULT_BUCKET_MB = 25.0  # torch DDP's bucket_cap_mb, for cases whose shape is not drawn
 
 
@@ -245,10 +250,12 @@ class CaseShape(BaseModel):
     schedule: ScheduleSpec | None = None
     decay_steps: int | None = Field(None, ge=1, description="WSD decay length, for gates that need a wsd schedule")
     bucket_mb: float = Field(gt=0, description="all-reduce bucket size (MiB) for gates that run `pretrain --bucket-mb`")
+    rope_scaling: LongRope | None = Field(None, description="MiniCPM4's LongRoPE with drawn factors; None: plain RoPE")
+    pad_token_id: int | None = Field(None, ge=0, description="the embedding's padding row (no gradient from the lookup)")
 
     def model_overrides(self) -> dict:
         """The MiniCPMConfig fields this shape sets."""
-        keys = ("num_layers", "vocab_size", "tie_word_embeddings")
+        keys = ("num_layers", "vocab_size", "tie_word_embeddings", "rope_scaling", "pad_token_id")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def model(self, name: str) -> MiniCPMConfig:
@@ -262,7 +269,7 @@ def draw_shape(seed: int) -> CaseShape:
     seqs = [s for s in range(DRAW_SEQ[0], DRAW_SEQ[1] + 1) if s & (s - 1)]
     kind = rng.choice(["wsd", "cosine", "constant"])
     warmup, decay = rng.randint(*DRAW_WARMUP), rng.randint(*DRAW_DECAY)
-    return CaseShape(
+    shape = CaseShape(
         seed=seed, drawn=True, num_layers=rng.randint(*DRAW_LAYERS), vocab_size=rng.randint(*DRAW_VOCAB),
         tie_word_embeddings=rng.random() < 0.5, seq_length=rng.choice(seqs),
         micro_batch_size=rng.randint(*DRAW_MICRO_BATCH), grad_accum=rng.randint(*DRAW_GRAD_ACCUM),
@@ -270,6 +277,15 @@ def draw_shape(seed: int) -> CaseShape:
         schedule=ScheduleSpec(kind=kind, warmup_steps=warmup, decay_steps=decay if kind == "wsd" else None),
         decay_steps=decay,
         bucket_mb=round(rng.uniform(*DRAW_BUCKET_MB), 4))
+    # drawn after the fields above, so a seed keeps the shape it had before these two existed
+    pairs = preset("tiny").dim_head // 2
+    rope = None
+    if rng.random() < 0.5:  # LongRoPE; the original length on either side of the sequence: both factor lists
+        short, long = ([round(rng.uniform(*r), 4) for _ in range(pairs)] for r in DRAW_ROPE_FACTORS)
+        original = rng.randint(shape.seq_length // 2, 2 * shape.seq_length)
+        rope = LongRope(short_factor=short, long_factor=long, original_max_position_embeddings=original)
+    pad = rng.randrange(DRAW_VOCAB[0]) if rng.random() < 0.5 else None
+    return shape.model_copy(update={"rope_scaling": rope, "pad_token_id": pad})
 
 
 def option_shape(seed: int, seq_length: int, micro_batch_size: int, world_size: int | None) -> CaseShape:

@@ -33,6 +33,25 @@ def test_draw_ranges_and_determinism():
     assert {s.world_size for s in shapes} == {2, 3, 4} and {s.num_layers for s in shapes} == {3, 4}
 
 
+def test_longrope_and_pad_token_are_drawn_and_reach_the_model_and_batches():
+    """Half the draws carry MiniCPM4's LongRoPE (either factor list: the original length on both sides of the
+    sequence), half a pad token that every row of the batches then looks up."""
+    shapes = [draw_shape(s) for s in SEEDS]
+    ropes = [s for s in shapes if s.rope_scaling is not None]
+    assert 0.35 < len(ropes) / len(shapes) < 0.65 and 0.35 < sum(s.pad_token_id is not None for s in shapes) / len(shapes) < 0.65
+    assert {s.seq_length > s.rope_scaling.original_max_position_embeddings for s in ropes} == {True, False}
+    seed = next(i for i, s in enumerate(shapes) if s.rope_scaling is not None and s.pad_token_id is not None)
+    cfg = shapes[seed].model("tiny")
+    assert cfg.rope_scaling == shapes[seed].rope_scaling and cfg.pad_token_id == shapes[seed].pad_token_id
+    factors, scale = cfg.rope_at(shapes[seed].seq_length)
+    assert len(factors) == cfg.dim_head // 2 and scale > 1  # max_seq_length 1024 > the drawn original length
+    from gates.case import random_batches
+
+    spec = make_spec(cfg, steps=2, world_size=2, micro_batch_size=1, grad_accum=2, seq_length=shapes[seed].seq_length)
+    ids = random_batches(spec, seed)["input_ids"]
+    assert ((ids == cfg.pad_token_id).flatten(0, 2).any(-1)).all()  # every row looks the pad row up
+
+
 def test_drawn_model_and_untied_head():
     """The drawn fields reach the model; `lm_head.weight` exists exactly when the head is untied."""
     for seed in (0, 2):

@@ -73,6 +73,8 @@ JOBS: list[tuple] = [
     ("probe_declines", "m2_backward"),
     ("dp_mean_of_means", "m4_data_parallel"),
     ("lazy_ranks", "m4_data_parallel"),
+    ("ignores_rope_scaling", "m1_forward", {"seed": seed_where(lambda s: s.rope_scaling is not None)}),
+    ("ignores_padding_idx", "m2_backward", {"seed": seed_where(lambda s: s.pad_token_id is not None)}),
     ("drop_rng_state", "m6_checkpoint"),
     ("residual_scale", "m1_forward"),
     ("rope_theta", "m1_forward"),

@@ -116,6 +116,17 @@ def test_a_rank_that_idles_while_rank_0_computes_its_rows_fails_the_ranks_part(r
     assert r.localization.rank == 0 and r.localization.step == 0 and "valid tokens" in r.localization.what
 
 
+def test_drawn_longrope_and_padding_catch_engines_that_ignore_them(reports):
+    """Tiny cases draw MiniCPM4's LongRoPE (factors, original length) and a pad token half the time each."""
+    r = reports[("ignores_rope_scaling", "m1_forward")]
+    assert r.verdict == "failed" and r.case["shape"]["rope_scaling"]["type"] == "longrope"
+    assert r.localization.layer == 0 and r.localization.tensor == "hidden_states.1"
+    r = reports[("ignores_padding_idx", "m2_backward")]
+    assert r.verdict == "failed" and r.case["shape"]["pad_token_id"] is not None
+    assert r.localization.tensor == "grad.model.embed_tokens.weight"
+    assert [d.name for d in r.tensors if not d.ok] == ["grad.model.embed_tokens.weight"]
+
+
 def test_dropped_rng_state_breaks_bitwise_resume(reports):
     r = reports[("drop_rng_state", "m6_checkpoint")]
     assert r.verdict == "failed"

@@ -43,6 +43,8 @@ class Flaws:
     cosine_to_zero: bool = False  # the cosine schedule decays to 0, not min_lr
     wsd_ignores_decay_steps: bool = False  # wsd always decays over ceil(10 % of steps)
     reduce_first_bucket_only: bool = False  # pretrain DP: only the first gradient bucket is all-reduced
+    ignores_rope_scaling: bool = False  # plain RoPE whatever the config's rope_scaling (LongRoPE) says
+    ignores_padding_idx: bool = False  # the pad token's embedding row gets its lookup gradient
     lazy_ranks: bool = False  # rank 0 computes every rank's rows, the others add zero gradients (the sum is right)
 
     # --- verdicts ---

@@ -60,9 +60,17 @@ class Model(nn.Module):
         pos = torch.arange(S, device=device, dtype=torch.float64)
         if self.flaws.rope_wrap:
             pos = pos % self.flaws.rope_wrap
+        scale = 1.0
+        rs = None if self.flaws.ignores_rope_scaling else self.cfg.get("rope_scaling")
+        if rs is not None and rs["type"] == "longrope":  # per-pair divisors; cos/sin scaled past the original length
+            orig, longest = rs["original_max_position_embeddings"], self.cfg["max_seq_length"]
+            inv = inv / torch.tensor(rs["long_factor"] if S > orig else rs["short_factor"], dtype=torch.float64, device=device)
+            scale = math.sqrt(1 + math.log(longest / orig) / math.log(orig)) if longest > orig else 1.0
+        elif rs is not None:  # linear: positions divided by the factor
+            inv = inv / rs["factor"]
         ang = pos[:, None] * inv  # (S, d/2)
         ang = torch.cat([ang, ang], -1)
-        return ang.cos().to(dtype), ang.sin().to(dtype)
+        return (ang.cos() * scale).to(dtype), (ang.sin() * scale).to(dtype)
 
     def _attn(self, i: int, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         cfg, p = self.cfg, f"model.layers.{i}.self_attn."
@@ -89,7 +97,8 @@ class Model(nn.Module):
 
     def forward(self, ids: Tensor, hidden: list[Tensor] | None = None) -> Tensor:
         cfg = self.cfg
-        x = F.embedding(ids, self.p["model.embed_tokens.weight"]) * cfg["scale_emb"]  # (B, S, h)
+        # padding_idx: the pad row gets no gradient from the lookup (MiniCPM's nn.Embedding)
+        x = F.embedding(ids, self.p["model.embed_tokens.weight"], padding_idx=None if self.flaws.ignores_padding_idx else cfg.get("pad_token_id")) * cfg["scale_emb"]
         cos, sin = self._rope(ids.shape[1], x.device, x.dtype)
         if hidden is not None:
             hidden.append(x)
