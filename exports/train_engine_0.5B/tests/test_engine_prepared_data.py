@@ -79,6 +79,27 @@ def test_prepare_matches_the_tokenizer_and_is_the_same_for_any_worker_count(tmp_
     shards.verify(tmp_path / "w1")  # hashes and document boundaries (each document ends in EOS)
 
 
+def test_formats_and_several_inputs_give_the_documents_in_input_order(tmp_path):
+    import datasets
+
+    rng = random.Random()
+    docs = [" ".join(rng.choices(WORDS, k=rng.randint(2, 30))) for _ in range(45)]
+    datasets.Dataset.from_list([{"text": d} for d in docs[:15]]).to_parquet(str(tmp_path / "a.parquet"))
+    (tmp_path / "b.txt").write_text("\n".join(docs[15:30]) + "\n")  # text files: one document per line
+    datasets.Dataset.from_list([{"body": d} for d in docs[30:]]).save_to_disk(str(tmp_path / "c"))
+    with pytest.raises(EngineError, match="no 'text' column"):
+        prepare_data.run([str(tmp_path / "c")], tmp_path / "bad")
+    inputs = [str(tmp_path / "a.parquet"), str(tmp_path / "b.txt")]
+    m = prepare_data.run(inputs, tmp_path / "out", docs_per_shard=4).manifest
+    tok = TextTokenizer()
+    want = np.concatenate([np.asarray([*ids, tok.eos_id]) for ids in tok.encode_batch(docs[:30])])
+    assert np.array_equal(stream(tmp_path / "out").astype(np.int64), want)
+    assert [s.spec for s in m.sources] == inputs and all(len(s.files) == 1 and s.files[0][1] > 0 for s in m.sources)
+    t = prepare_data.run([str(tmp_path / "c")], tmp_path / "tmpl", template="{body}").manifest
+    want = np.concatenate([np.asarray([*ids, tok.eos_id]) for ids in tok.encode_batch(docs[30:])])
+    assert np.array_equal(stream(tmp_path / "tmpl").astype(np.int64), want) and t.sources[0].text_template == "{body}"
+
+
 def test_uint32_when_the_vocabulary_exceeds_uint16(tmp_path):
     tok = shipped_tokenizer_plus(tmp_path, 65_536 - VOCAB + 5)
     m = shards.read_manifest(prepared(tmp_path, "big", n_docs=20, tokenizer=str(tok)))

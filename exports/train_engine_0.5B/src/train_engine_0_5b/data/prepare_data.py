@@ -1,7 +1,8 @@
 """`prepare-data`: tokenize a corpus once into memory-mapped token shards (shards.py has the format).
 
 The inputs' documents, in input order then record order, are cut into chunks of `docs_per_shard` (an empty
-document is skipped); chunk i becomes shard i, tokenized by a pool of worker processes. The cut depends on the
+document is skipped); chunk i becomes shard i, tokenized by a pool of worker processes (with one worker, by
+this process). The cut depends on the
 documents alone, so the output is the same for any number of workers, and a rerun of the same command resumes:
 a shard whose files hash to its record is kept, anything else is prepared again. The plan (tokenizer, inputs
 and their hashes, dtype, chunk size) is written first; a rerun with other inputs into the same --out is refused.
@@ -100,6 +101,24 @@ def _work(out: str, index: int, texts: list[str], dtype: str) -> ShardRecord:
     return shards.write_shard(Path(out), index, tokens, starts)
 
 
+class _InProcess:
+    """The pool's interface for --workers 1: tokenize in this process (no second process, no pickled texts)."""
+
+    def __init__(self, tokenizer_dir: str):
+        _init_worker(tokenizer_dir)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def __enter__(self) -> "_InProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def _check_plan(out: Path, plan: Plan) -> None:
     """Write the plan, or check that an earlier run's plan is this one (else its shards are another corpus's)."""
     path = out / PLAN
@@ -147,9 +166,11 @@ def run(inputs: list[str], out: Path, tokenizer_path: str | None = None, config:
     tokenizer.save(out / shards.TOKENIZER_DIR)
     start, records, reused = time.perf_counter(), {}, 0
     pending: dict[int, Future] = {}
+    tok_dir = str(out / shards.TOKENIZER_DIR)
     context = get_context("fork" if sys.platform == "linux" else "spawn")  # fork: workers start without re-importing
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(str(out / shards.TOKENIZER_DIR),)) as pool, _progress(console, None) as bar:
+    pool = (ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(tok_dir,))
+            if workers > 1 else _InProcess(tok_dir))
+    with pool, _progress(console, None) as bar:
         pool.submit(int).result()  # start (fork) the workers now, before the inputs' readers open any thread
         task = bar.add_task("prepare", total=None, tokens=0, rate="")
 
