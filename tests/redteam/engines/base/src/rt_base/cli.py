@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import shutil
 import sys
@@ -159,7 +160,23 @@ def hf_config(cfg: dict) -> dict:
             "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_heads"], "vocab_size": cfg["vocab_size"],
             "max_position_embeddings": cfg["max_seq_length"], "rms_norm_eps": cfg["rms_norm_eps"],
             "rope_theta": cfg["rope_theta"], "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-            "tie_word_embeddings": False, "torch_dtype": "float32"}
+            "tie_word_embeddings": False, "torch_dtype": "float32", "pad_token_id": cfg.get("pad_token_id"),
+            **_llama_rope(cfg)}
+
+
+def _llama_rope(cfg: dict) -> dict:
+    """rope_scaling for transformers' Llama: longrope with MiniCPM's cos/sin factor pinned as attention_factor."""
+    rs = cfg.get("rope_scaling")
+    if rs is None:
+        return {}
+    if rs["type"] == "linear":
+        return {"rope_scaling": {"rope_type": "linear", "factor": rs["factor"]}}
+    orig, longest = rs["original_max_position_embeddings"], cfg["max_seq_length"]
+    scale = math.sqrt(1 + math.log(longest / orig) / math.log(orig)) if longest > orig else 1.0
+    return {"rope_scaling": {"rope_type": "longrope", "short_factor": rs["short_factor"], "long_factor": rs["long_factor"],
+                             "original_max_position_embeddings": orig, "factor": longest / orig,
+                             "attention_factor": scale},
+            "original_max_position_embeddings": orig}
 
 
 def write_tokenizer(out: Path) -> None:

@@ -70,6 +70,11 @@ def fail(msg: str) -> int:
 def load_init(init: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     raw = json.loads((init / "config.json").read_text())
     cfg = DEFAULTS | {ours: raw[hf] for hf, ours in HF_KEYS.items() if raw.get(hf) is not None}
+    cfg["pad_token_id"] = raw.get("pad_token_id")
+    rope = raw.get("rope_scaling")
+    if rope is not None:  # the released form: rope_type (or type) + its fields
+        rope = dict(rope)
+        cfg["rope_scaling"] = {"type": rope.pop("rope_type", None) or rope.pop("type"), **rope}
     return cfg, load_file(str(init / "model.safetensors"))
 
 
