@@ -1,6 +1,6 @@
 """python -m benchmarks.data tokenize|scale [--out DIR]: run a data benchmark on this CPU, write DIR/<name>.json.
 
-    python -m benchmarks.data tokenize --megabytes 40 --out benchmarks/results/data/<date>-cpu-data-pipeline
+    python -m benchmarks.data tokenize --megabytes 20 --repeats 3 --out benchmarks/results/data/<date>-cpu-data-pipeline
     python -m benchmarks.data scale --sizes-gb 0.1 5 --out benchmarks/results/data/<date>-cpu-data-pipeline
 
 Scratch data goes to a folder under --work (default /tmp), deleted at the end.
@@ -24,6 +24,7 @@ def main(argv: list[str]) -> None:
     t = sub.add_parser("tokenize", help="prepare-data vs datasets.map tokens/s, 1 process and every core")
     t.add_argument("--megabytes", type=int, default=40)
     t.add_argument("--docs-per-shard", type=int, default=500)
+    t.add_argument("--repeats", type=int, default=3, help="each configuration this many times, interleaved; medians")
     s = sub.add_parser("scale", help="start-up time, peak RSS and loader tokens/s on growing prepared corpora")
     s.add_argument("--sizes-gb", type=float, nargs="+", default=[0.1, 5.0])
     s.add_argument("--loader-seconds", type=float, default=5.0)
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> None:
         if a.cmd == "tokenize":
             from benchmarks.data import tokenize
 
-            record["result"] = tokenize.run(work, a.megabytes, a.docs_per_shard)
+            record["result"] = tokenize.run(work, a.megabytes, a.docs_per_shard, a.repeats)
         else:
             from benchmarks.data import scale
 

@@ -1,7 +1,7 @@
 """Tokenization throughput: `prepare-data` with 1 process and with every core, against `datasets.map` (batched,
 the same `tokenizers` tokenizer, num_proc 1 and every core), on one synthetic text corpus, in one run.
 
-Both sides run the tokenizer single-threaded per process (TOKENIZERS_PARALLELISM=false), so "per core" means one
+Every configuration runs --repeats times, interleaved; the medians are compared. Both sides run the tokenizer single-threaded per process (TOKENIZERS_PARALLELISM=false), so "per core" means one
 process; both append EOS per document. prepare-data's time is end to end (hash the input, read it streamed,
 tokenize, write and hash the shards); datasets' is load_dataset (JSON -> Arrow cache) and map, given apart.
 """
@@ -56,19 +56,30 @@ def _datasets_map(corpus: Path, cache: Path, workers: int) -> dict:
             "tokens_per_s_with_load": round(n / (t_map + t_load)), "load_avg_before": load}
 
 
-def run(work: Path, megabytes: int, docs_per_shard: int) -> dict:
+def run(work: Path, megabytes: int, docs_per_shard: int, repeats: int) -> dict:
+    """Every configuration `repeats` times, interleaved (a shared machine's load drifts: each configuration sees
+    the same drift), and the median of each."""
+    import shutil
+    import statistics
+
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     corpus = text_corpus(work / "corpus.jsonl", megabytes << 20)
     cores = os.cpu_count() or 1
     procs = sorted({1, cores})
-    rows = [_prepare(corpus, work / f"prepared_{w}", w, docs_per_shard) for w in procs]
-    rows += [_datasets_map(corpus, work / f"hf_cache_{w}", w) for w in procs]
+    rows = []
+    for rep in range(repeats):
+        for w in procs:
+            rows.append({"repeat": rep, **_prepare(corpus, work / "prepared", w, docs_per_shard)})
+            shutil.rmtree(work / "prepared")
+            rows.append({"repeat": rep, **_datasets_map(corpus, work / "hf_cache", w)})
+            shutil.rmtree(work / "hf_cache")
     same = len({r["tokens"] for r in rows}) == 1
-    best = {m: max(r["tokens_per_s"] for r in rows if r["method"] == m) for m in ("prepare-data", "datasets.map")}
-    one = {m: next(r["tokens_per_s"] for r in rows if r["method"] == m and r["processes"] == 1) for m in best}
-    return {"corpus": {"path": str(corpus), "bytes": corpus.stat().st_size, "kind": "synthetic JSONL: words drawn with "
-                       "the shipped corpus's word frequencies, 50-1500 words per document"},
+    median = {f"{m} x{w}": round(statistics.median(r["tokens_per_s"] for r in rows if r["method"] == m and r["processes"] == w))
+              for m in ("prepare-data", "datasets.map") for w in procs}
+    return {"corpus": {"bytes": corpus.stat().st_size, "tokens": rows[0]["tokens"], "kind": "synthetic JSONL: words drawn "
+                       "with the shipped corpus's word frequencies, 50-1500 words per document"},
             "tokenizer": "the engine's shipped byte-level BPE (4096 tokens), `tokenizers` 1 thread per process",
-            "docs_per_shard": docs_per_shard, "rows": rows, "same_token_count": same,
-            "prepare_vs_map_one_process": round(one["prepare-data"] / one["datasets.map"], 3),
-            "prepare_vs_map_all_cores": round(best["prepare-data"] / best["datasets.map"], 3)}
+            "docs_per_shard": docs_per_shard, "repeats": repeats, "rows": rows, "same_token_count": same,
+            "median_tokens_per_s": median,
+            "prepare_vs_map_one_process": round(median["prepare-data x1"] / median["datasets.map x1"], 3),
+            "prepare_vs_map_all_cores": round(median[f"prepare-data x{cores}"] / median[f"datasets.map x{cores}"], 3)}
