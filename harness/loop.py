@@ -33,6 +33,7 @@ from harness import manifest as mf
 from harness.agents import AgentBackend, AgentResult, AgentTask, AgentUnavailable, get_backend
 from harness.agents._env import agent_env
 from harness.agents.base import AgentFatal, BudgetSpent, Meter
+from harness.agents.shell import shell_usage_after_kill
 from harness.agents.tune import TRIALS, round_runner
 from harness.gating import GateFn, GateOutcome, report_localization, run_real_gate
 from harness.isolation import RoundBox, SandboxUnavailable, round_isolation
@@ -205,6 +206,8 @@ class ForgeLoop:
                     self.console.print(f"resume: {note}")
                 done = any(r.key == inf.key and r.round == inf.round for r in self.ledger.rounds())
                 if not done:
+                    if inf.backend == "shell" and inf.outbox:  # its usage file was never read: the kill came first
+                        inf = shell_usage_after_kill(inf, Path(inf.outbox))
                     self.ledger.append(RoundRecord(run_id=run_id, stage=inf.stage, op=inf.op, round=inf.round,
                                                    backend=inf.backend, model=inf.model, prompt_sha256=inf.prompt_sha256,
                                                    tokens_in=inf.tokens_in, tokens_out=inf.tokens_out,
@@ -404,6 +407,7 @@ class ForgeLoop:
         with self._inflight_lock:
             assert self._inflight is not None
             self._inflight.prompt_sha256 = rec.prompt_sha256
+            self._inflight.outbox = str(box.out_dir)
         self._save_inflight()
         self.console.print(f"[bold]{key} round {rec.round}[/] · {backend.name} · prompt {rec.prompt_sha256[:10]}"
                            + ("" if box.sandboxed else f" · [yellow]not sandboxed: {box.iso.reason}[/]"))
