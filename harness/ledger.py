@@ -149,6 +149,7 @@ class Inflight(BaseModel):
     tokens_in: int | None = None     # usage counted so far (a kill -9 loses none of it)
     tokens_out: int | None = None
     cost_usd: float | None = None
+    outbox: str | None = None        # the agent's outbox: a shell agent's usage file lies there after a kill -9
 
 
 def write_json_atomic(path: Path, data: BaseModel | dict[str, Any]) -> None:

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict
 
 from harness.agents._proc import fill_placeholders, run_process
 from harness.agents.base import AgentBackend, AgentFatal, AgentResult, AgentTask
+from harness.ledger import Inflight
+
+USAGE_FILE = "usage.json"  # in the agent's outbox ($FORGE_USAGE_FILE)
 
 
 class ShellOptions(BaseModel):
@@ -23,7 +28,7 @@ class ShellBackend(AgentBackend):
     Options = ShellOptions
 
     def run(self, task: AgentTask) -> AgentResult:
-        usage_file = task.box.out_dir / "usage.json"
+        usage_file = task.box.out_dir / USAGE_FILE
         fields = {"prompt_file": task.prompt_file, "worktree": task.worktree, "engine_dir": task.engine_dir,
                   "stage": task.stage, "round": task.round, "op": task.op or ""}
         cmd = fill_placeholders(self.options.command, fields)
@@ -41,10 +46,30 @@ class ShellBackend(AgentBackend):
         return AgentResult(summary=(r.stdout.strip().splitlines() or [""])[-1][:500], error=error)
 
 
-def _count(task: AgentTask, usage_file) -> None:
+def read_usage(usage_file: Path) -> tuple[int, int, float | None] | None:
+    """(tokens_in, tokens_out, cost_usd) from a shell agent's usage file; None when it wrote none (or garbage)."""
     try:
         usage = json.loads(usage_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return
-    if isinstance(usage, dict):
-        task.meter.add(usage.get("tokens_in") or 0, usage.get("tokens_out") or 0, usage.get("cost_usd"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(usage, dict):
+        return None
+    return int(usage.get("tokens_in") or 0), int(usage.get("tokens_out") or 0), usage.get("cost_usd")
+
+
+def _count(task: AgentTask, usage_file: Path) -> None:
+    usage = read_usage(usage_file)
+    if usage is not None:
+        task.meter.add(*usage)
+
+
+def shell_usage_after_kill(inf: Inflight, outbox: Path) -> Inflight:
+    """An interrupted shell round's usage: its agent's usage file, whether or not forge read it before a kill -9.
+    A shell round's meter counts nothing but that file, so the in-flight record holds either none of it or all of
+    it: the larger of the two is the round's, counted once."""
+    usage = read_usage(outbox / USAGE_FILE)
+    if usage is None:
+        return inf
+    tin, tout, cost = usage
+    return inf.model_copy(update={"tokens_in": max(inf.tokens_in or 0, tin), "tokens_out": max(inf.tokens_out or 0, tout),
+                                  "cost_usd": inf.cost_usd if cost is None else max(inf.cost_usd or 0.0, cost)})

@@ -37,6 +37,7 @@ from forge_toy import BROKEN, FIXED, PARTIAL, git, make_repo, patch_between
 from test_secrets import _ancestor_is_bwrap
 from wire_servers import Script, openai_reply, openai_tool_call, serve
 
+from harness.agents.shell import shell_usage_after_kill
 from harness.ledger import Inflight, Ledger
 from harness.procs import TAG, wait_gone
 
@@ -59,6 +60,8 @@ MODE = {"setup": None, "agent": "hang", "resume-orphans": None, "resume": None, 
 
 SHELL = r'''
 set -eu
+echo "300 30" >> "$FORGE_OUT_DIR/served"  # what it reports in its usage file (cumulative over its run)
+echo '{"tokens_in": 300, "tokens_out": 30}' > "$FORGE_USAGE_FILE"
 case "$MODE" in
   hang) setsid bash -c 'exec -a "$MARK" sleep 300' &
         bash -c 'exec -a "$MARK" sleep 300' &
@@ -209,11 +212,14 @@ class Campaign:
         return sum(t[0] for t in got), sum(t[1] for t in got)
 
     def counted(self) -> tuple[int, int]:
-        """The ledger's tokens, plus the round in flight's where no line records it yet."""
+        """The ledger's tokens, plus the round in flight's where no line records it yet (a shell agent's: what its
+        usage file says, which forge reads when the agent ends, or on resume after a kill -9)."""
         rounds = self._ledger().rounds()
         tin, tout = sum(r.tokens_in or 0 for r in rounds), sum(r.tokens_out or 0 for r in rounds)
         inf = self._inflight()
         if inf is not None and not any(r.key == inf.key and r.round == inf.round for r in rounds):
+            if inf.backend == "shell" and inf.outbox:
+                inf = shell_usage_after_kill(inf, Path(inf.outbox))
             tin, tout = tin + (inf.tokens_in or 0), tout + (inf.tokens_out or 0)
         return tin, tout
 
@@ -351,7 +357,7 @@ def test_kill_campaign(backend: str, schedule: str, tmp_path: Path) -> None:
     assert {r.verdict for r in rounds} <= {"interrupted", "failed", "passed"}
     totals = ledger.totals()
     assert (totals["tokens_in"], totals["tokens_out"]) == c.served()
-    if backend in ("codex", "openai"):
+    if backend in ("codex", "openai", "shell"):
         assert c.served()[0] > 0
 
 
