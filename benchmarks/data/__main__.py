@@ -29,8 +29,10 @@ def main(argv: list[str]) -> None:
     s.add_argument("--sizes-gb", type=float, nargs="+", default=[0.1, 5.0])
     s.add_argument("--loader-seconds", type=float, default=5.0)
     s.add_argument("--on-the-fly-mb", type=int, default=0, help="also: pretrain --hf-dataset on a text corpus this big")
+    s.add_argument("--prefetch-ab", action="store_true", help="instead: cold loader reads with and without madvise(WILLNEED)")
     for q in (t, s):
-        q.add_argument("--out", type=Path, help="write <out>/<cmd>.json (default: print only)")
+        q.add_argument("--out", type=Path, help="write <out>/<name>.json (default: print only)")
+        q.add_argument("--name", help="the JSON's name in --out (default: the command's)")
         q.add_argument("--work", type=Path, default=Path("/tmp"), help="where the scratch data goes (deleted after)")
     c = sub.add_parser("_startup-child")
     c.add_argument("path", type=Path)
@@ -40,6 +42,7 @@ def main(argv: list[str]) -> None:
     lc.add_argument("--vocab", type=int, required=True)
     lc.add_argument("--seconds", type=float, required=True)
     lc.add_argument("--cold", action="store_true")
+    lc.add_argument("--no-prefetch", action="store_true")
     a = p.parse_args(argv)
 
     if a.cmd == "_startup-child":
@@ -50,7 +53,7 @@ def main(argv: list[str]) -> None:
     if a.cmd == "_loader-child":
         from benchmarks.data.scale import loader_child
 
-        print(json.dumps(loader_child(a.path, a.vocab, a.seconds, a.cold)))
+        print(json.dumps(loader_child(a.path, a.vocab, a.seconds, a.cold, not a.no_prefetch)))
         return
     record = env.record(argv)
     work = Path(tempfile.mkdtemp(prefix="forge-data-bench-", dir=a.work))
@@ -62,7 +65,7 @@ def main(argv: list[str]) -> None:
         else:
             from benchmarks.data import scale
 
-            record["result"] = scale.run(work, a.sizes_gb, a.loader_seconds, a.on_the_fly_mb)
+            record["result"] = scale.run(work, a.sizes_gb, a.loader_seconds, a.on_the_fly_mb, a.prefetch_ab)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     record["load_avg_end"] = env.load()
@@ -70,7 +73,7 @@ def main(argv: list[str]) -> None:
     print(text)
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / f"{a.cmd}.json").write_text(text + "\n")
+        (a.out / f"{a.name or a.cmd}.json").write_text(text + "\n")
 
 
 if __name__ == "__main__":

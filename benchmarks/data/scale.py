@@ -71,11 +71,15 @@ def _drop_cache(path: Path) -> None:
             os.close(fd)
 
 
-def loader_child(path: Path, vocab: int, seconds: float, cold: bool) -> dict:
-    """Run in a fresh process: tokens/s of Loader.batch on one thread."""
+def loader_child(path: Path, vocab: int, seconds: float, cold: bool, prefetch: bool = True) -> dict:
+    """Run in a fresh process: tokens/s of Loader.batch on one thread (`prefetch` False: without the reader's
+    madvise(WILLNEED) of a batch's rows, for the A/B)."""
     import torch
 
-    from train_engine_0_5b.data import open_prepared
+    from train_engine_0_5b.data import open_prepared, shards
+
+    if not prefetch:
+        shards.PreparedSet.prefetch = lambda self, start, n: None
 
     torch.set_num_threads(1)
     if cold:
@@ -88,12 +92,12 @@ def loader_child(path: Path, vocab: int, seconds: float, cold: bool) -> dict:
         steps += 1
     dt = time.perf_counter() - t
     tps = steps * rows * seq / dt
-    return {"page_cache": "dropped first (cold)" if cold else "warm", "seq_length": seq, "rows_per_batch": rows,
+    return {"page_cache": "dropped first (cold)" if cold else "warm", "madvise_willneed": prefetch, "seq_length": seq, "rows_per_batch": rows,
             "batches": steps, "seconds": round(dt, 3), "tokens_per_s": round(tps),
             "x_h200_0.5b": round(tps / H200_TOKENS_PER_S, 2)}
 
 
-def run(work: Path, sizes_gb: list[float], loader_seconds: float, on_the_fly_mb: int) -> dict:
+def run(work: Path, sizes_gb: list[float], loader_seconds: float, on_the_fly_mb: int, prefetch_ab: bool = False) -> dict:
     rows = []
     if on_the_fly_mb:  # the path before prepare-data, for contrast: every start tokenizes the corpus in RAM
         corpus = text_corpus(work / "corpus.jsonl", on_the_fly_mb << 20)
@@ -106,18 +110,22 @@ def run(work: Path, sizes_gb: list[float], loader_seconds: float, on_the_fly_mb:
             corpus.unlink()
     for gb in sizes_gb:
         for vocab in (4096, 73_448):
-            if vocab != 4096 and gb != max(sizes_gb):
-                continue  # uint32 (the 0.5B's vocabulary): the loader on the largest set only
+            if (vocab != 4096 and gb != max(sizes_gb)) or (prefetch_ab and vocab == 4096):
+                continue  # uint32 (the 0.5B's vocabulary): the loader on the largest set only; the A/B: uint32 only
             path = work / f"set_{gb:g}gb_v{vocab}"
             t = time.perf_counter()
             prepared_set(path, int(gb * 1e9), vocab_size=vocab)
             row = {"size_gb": gb, "vocab_size": vocab, "dtype": "uint16" if vocab <= 65_536 else "uint32",
                    "write_s": round(time.perf_counter() - t, 1), "load_avg_before": env.load()}
             try:
-                if vocab == 4096:
+                if vocab == 4096 and not prefetch_ab:
                     row["startup"] = _child(["_startup-child", str(path)])
+                modes = [(True, True), (False, True)]
+                if prefetch_ab:  # cold reads with and without madvise, alternated, twice
+                    modes = [(True, False), (True, True), (True, False), (True, True)]
                 row["loader"] = [_child(["_loader-child", str(path), "--vocab", str(vocab), "--seconds", str(loader_seconds),
-                                         *(["--cold"] if cold else [])]) for cold in (True, False)]
+                                         *(["--cold"] if cold else []), *([] if prefetch else ["--no-prefetch"])])
+                                 for cold, prefetch in modes]
             finally:
                 shutil.rmtree(path)
             rows.append(row)
