@@ -203,7 +203,9 @@ def prepare_data(
     hf_dataset_split: str = typer.Option("train", "--hf-dataset-split", help="split of a Hub / save_to_disk dataset"),
     hf_text_template: Optional[str] = typer.Option(None, "--hf-text-template", help='e.g. "Question: {question}\\nAnswer: {answer}"; default: the text column'),
     workers: Optional[int] = typer.Option(None, "--workers", help="tokenizer processes (default: one per core)"),
-    docs_per_shard: int = typer.Option(20_000, "--docs-per-shard", help="documents per shard (the unit of parallelism and resume)"),
+    shard_mb: float = typer.Option(32.0, "--shard-mb", help="MB (million characters) of text per shard: the unit of "
+                                   "parallelism and resume (a shard holds ~1/4 as many tokens)"),
+    docs_per_shard: int = typer.Option(1_000_000, "--docs-per-shard", help="at most this many documents per shard"),
     verify: Optional[Path] = typer.Option(None, "--verify", help="instead: rehash every shard of this prepared dataset "
                                           "against its manifest"),
 ) -> None:
@@ -217,7 +219,7 @@ def prepare_data(
     if out is None:
         raise EngineError("prepare-data needs --out (or --verify DIR)")
     res = prepare_mod.run(inputs, out, tokenizer_path, hf_dataset_config, hf_dataset_split, hf_text_template, workers,
-                          docs_per_shard, console=err)
+                          docs_per_shard, shard_mb, console=err)
     m = res.manifest
     rate = f", {m.n_tokens / res.seconds:,.0f} tokens/s" if res.seconds > 0 else ""
     typer.echo(f"prepared {out}: {m.n_tokens:,} tokens ({m.dtype}), {m.n_docs:,} documents, {len(m.shards)} shards "

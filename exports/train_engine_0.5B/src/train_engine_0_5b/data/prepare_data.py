@@ -1,7 +1,7 @@
 """`prepare-data`: tokenize a corpus once into memory-mapped token shards (shards.py has the format).
 
-The inputs' documents, in input order then record order, are cut into chunks of `docs_per_shard` (an empty
-document is skipped); chunk i becomes shard i, tokenized by a pool of worker processes (with one worker, by
+The inputs' documents, in input order then record order, are cut into chunks of `shard_mb` MB of text (or
+`docs_per_shard` documents, whichever comes first; an empty document is skipped); chunk i becomes shard i, tokenized by a pool of worker processes (with one worker, by
 this process). The cut depends on the
 documents alone, so the output is the same for any number of workers, and a rerun of the same command resumes:
 a shard whose files hash to its record is kept, anything else is prepared again. The plan (tokenizer, inputs
@@ -62,13 +62,16 @@ def _documents(specs: list[str], config: str | None, split: str, template: str |
                     yield text
 
 
-def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+def _chunks(docs: Iterator[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    """Consecutive documents, up to max_docs of them or until they hold max_chars characters."""
     chunk: list[str] = []
+    chars = 0
     for d in docs:
         chunk.append(d)
-        if len(chunk) == size:
+        chars += len(d)
+        if len(chunk) == max_docs or chars >= max_chars:
             yield chunk
-            chunk = []
+            chunk, chars = [], 0
     if chunk:
         yield chunk
 
@@ -144,19 +147,19 @@ def _progress(console: Console, total_docs: int | None) -> Progress:
 
 
 def run(inputs: list[str], out: Path, tokenizer_path: str | None = None, config: str | None = None, split: str = "train",
-        template: str | None = None, workers: int | None = None, docs_per_shard: int = 20_000,
+        template: str | None = None, workers: int | None = None, docs_per_shard: int = 1_000_000, shard_mb: float = 32.0,
         console: Console | None = None) -> PrepareResult:
     """Prepare `inputs` into `out` (resuming an interrupted run there); returns the manifest."""
     console = console or Console(stderr=True, highlight=False)
     if not inputs:
         raise EngineError("prepare-data needs at least one --input")
-    if docs_per_shard < 1:
-        raise EngineError(f"--docs-per-shard must be >= 1 (got {docs_per_shard})")
+    if docs_per_shard < 1 or not shard_mb > 0:
+        raise EngineError(f"--docs-per-shard must be >= 1 and --shard-mb > 0 (got {docs_per_shard}, {shard_mb})")
     workers = workers or os.cpu_count() or 1
     tokenizer = TextTokenizer(tokenizer_path)
     dtype = shards.token_dtype(tokenizer.vocab_size)
     plan = Plan(dtype=dtype.name, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                tokenizer_fingerprint=tokenizer.fingerprint, docs_per_shard=docs_per_shard,
+                tokenizer_fingerprint=tokenizer.fingerprint, docs_per_shard=docs_per_shard, shard_chars=int(shard_mb * 1e6),
                 sources=[_source_record(s, config, split, template) for s in inputs])
     _check_plan(out, plan)
     if (out / shards.MANIFEST).is_file():
@@ -180,7 +183,7 @@ def run(inputs: list[str], out: Path, tokenizer_path: str | None = None, config:
             tokens = sum(r.n_tokens for r in records.values())
             bar.update(task, advance=rec.n_docs, tokens=tokens, rate=f"{tokens / (time.perf_counter() - start):,.0f} tokens/s")
 
-        for index, texts in enumerate(_chunks(_documents(inputs, config, split, template), docs_per_shard)):
+        for index, texts in enumerate(_chunks(_documents(inputs, config, split, template), docs_per_shard, plan.shard_chars)):
             kept = shards.read_shard_record(out, index)
             if kept is not None and kept.n_docs == len(texts):
                 records[index], reused = kept, reused + 1

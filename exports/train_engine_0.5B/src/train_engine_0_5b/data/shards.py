@@ -64,7 +64,8 @@ class Plan(BaseModel):
     eos_id: int
     tokenizer_fingerprint: str
     sources: list[SourceRecord]
-    docs_per_shard: int
+    docs_per_shard: int  # a shard ends at this many documents or at shard_chars characters of text
+    shard_chars: int = 0
 
 
 class Manifest(Plan):
