@@ -562,11 +562,30 @@ class ForgeLoop:
         record_op_result(board_root, result, options=options, source=f"{source} (the round's default)")
         return None if result.verdict == "passed" else f"{candidate.op}={candidate.impl} {candidate.values}: {result.message}"
 
+    def _tuned_but_idle(self, op: str, rec: RoundRecord, rt: RoundTree, box: RoundBox) -> str | None:
+        """Why a tune round's implementation does not run in the step on this device (auto picks another), or None."""
+        trials = self.state_dir / "rounds" / f"{rec.key}-r{rec.round:02d}" / "agent" / TRIALS
+        if rec.backend != "tune" or not trials.is_file():
+            return None
+        impls = {t["impl"] for t in json.loads(trials.read_text())["trials"]}
+        runner = round_runner(agent_env(self.spec.agent.env_allow, self.spec.agent.env) | {TAG: self.procs.tag}, box,
+                              self.procs.spawned)
+        device = self.spec.hardware.device
+        runs = describe(rt.engine_dir, runner=runner).resolved.get(device, {}).get("names", {}).get(op)
+        if runs in impls:
+            return None
+        return f"{op}={'/'.join(sorted(impls))} does not run in the step on {device} (auto runs {runs}): nothing to elect"
+
     def _elect(self, stage: StageSpec, key: str, op: str, rt: RoundTree, rec: RoundRecord, ctx: OpContext | None,
                box: RoundBox) -> bool:
         """Elected when the whole step, on the gates' clock, beats the op's best by more than ELECTION_MARGIN."""
         timing = stage.timing
         assert timing is not None and ctx is not None
+        idle = self._tuned_but_idle(op, rec, rt, box)
+        if idle is not None:  # the step cannot have changed: any difference on the clock would be noise
+            rec.elected, rec.note = False, idle
+            self.console.print(f"  not elected: {idle}")
+            return False
         value, note = self.step_clock(rt.engine_dir, timing, self.spec)
         rec.timing = value
         gain = 1 + ELECTION_MARGIN

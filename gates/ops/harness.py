@@ -120,12 +120,20 @@ class EngineOps(BaseModel):
         for name, value in c.values.items():
             if name not in space:
                 raise OpSpecError(f"{c.op}={c.impl}: unknown parameter {name!r}; declared: {', '.join(space) or 'none'}")
-            if _norm(value) not in [_norm(v) for v in space[name]["domain"]]:
+            if not any(_same(_norm(value), _norm(v)) for v in space[name]["domain"]):
                 raise OpSpecError(f"{c.op}={c.impl}: {name}={value!r} is outside the declared domain {space[name]['domain']}")
 
 
 def _norm(v: Any) -> Any:
     return tuple(_norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _same(a: Any, b: Any) -> bool:  # as the engine's table.same: a bool only equals a bool
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
 
 
 def describe(engine_dir: Path, timeout_s: float = 300.0, runner: Runner = run_plain) -> EngineOps:

@@ -110,6 +110,7 @@ def test_seeds_are_fresh(engine, engine_ops):
     (Candidate(op="swiglu", impl="cutlass"), "unknown implementation 'cutlass'"),
     (Candidate(op="swiglu", impl="triton_fused", values={"block_size": 64}), "unknown parameter 'block_size'"),
     (Candidate(op="swiglu", impl="triton_fused", values={"block": 100}), "block=100 is outside the declared domain"),
+    (Candidate(op="swiglu", impl="triton_fused", values={"num_warps": True}), "num_warps=True is outside the declared"),
 ])  # fmt: skip
 def test_unknown_names_are_errors(engine, engine_ops, candidate, message):
     with pytest.raises(OpSpecError, match=message):

@@ -31,6 +31,8 @@ REL = "exports/train_engine_0.5B"
 TUNED = "src/train_engine_0_5b/tuned/configs.json"
 BROKEN_256 = ("    n_col_blocks = triton.cdiv(f, block)\n",
               "    n_col_blocks = f // block if block == 256 else triton.cdiv(f, block)  # broken on purpose\n")
+CPU_DEFAULT = ('            "num_warps": Param(4, (1, 2, 4, 8))}))),\n',  # swiglu=triton_fused is what auto runs on a CPU
+               '            "num_warps": Param(4, (1, 2, 4, 8))})), defaults={"cpu": ("triton_fused",)}),\n')
 HARNESS = {"device": "cpu", "seq": 8, "reps": 2, "warmup": 1, "timeout_s": 300}
 # what the engine in `sys.argv[1]` resolves for swiglu=triton_fused, and the block its kernel launch gets
 ENGINE_VIEW = textwrap.dedent('''
@@ -58,12 +60,15 @@ def engine_view(engine_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A git workspace holding a copy of the engine whose swiglu block 256 is fast and wrong."""
+    """A git workspace holding a copy of the engine whose swiglu block 256 is fast and wrong, and whose CPU default
+    is swiglu=triton_fused (so the step runs what tune tunes)."""
     ws = tmp_path_factory.mktemp("ws")
     eng = ws / REL
     shutil.copytree(ENGINE, eng, ignore=shutil.ignore_patterns("__pycache__", "tests", "scripts", "forge"))
-    kernel = eng / "src/train_engine_0_5b/ops/swiglu/triton_fused.py"
-    kernel.write_text(kernel.read_text().replace(*BROKEN_256))
+    for rel, change in (("ops/swiglu/triton_fused.py", BROKEN_256), ("ops/table.py", CPU_DEFAULT)):
+        path = eng / "src/train_engine_0_5b" / rel
+        assert path.read_text().count(change[0]) == 1, rel
+        path.write_text(path.read_text().replace(*change))
     (ws / ".gitignore").write_text("__pycache__/\n")
     git(ws, "init", "-q", "-b", "main")
     git(ws, "add", "-A")
@@ -189,8 +194,9 @@ def test_an_ops_stage_elects_only_a_faster_step_and_the_engine_runs_the_elected_
     assert manifest["ops"]["swiglu"]["value"] == 0.5e-3 and manifest["ops"]["swiglu"]["baseline"] == 1e-3
     board = json.loads(leaderboard_path(landed, "swiglu").read_text())  # committed with the election
     rows = {(e["values"].get("block"), e["verdict"], e["source"]) for e in board["entries"]}
-    assert {(256, "failed", "ops-swiglu round 1 (tune)"), (512, "passed", "ops-swiglu round 1 (tune)")} <= rows
-    assert board["best"]["values"] == {"block": 512} and board["hardware"]["device"] == "cpu"
+    assert (256, "failed", "ops-swiglu round 1 (tune)") in rows  # tune's trial, rejected by the per-op harness
+    assert (512, "passed", "ops-swiglu round 1 (the round's default)") in rows  # the loop's own check of what runs
+    assert board["best"]["values"]["block"] == 512 and board["hardware"]["device"] == "cpu"
     assert ELECTION_MARGIN > 0
 
 
@@ -244,3 +250,21 @@ def test_no_election_without_a_baseline(tmp_path, workspace):
     assert loop.run().ok
     (r,) = [r for r in Ledger(tmp_path / "s/ledger.jsonl").rounds() if r.stage == "ops"]
     assert not r.elected and r.timing == 0.5 and "baseline has no time" in r.note
+
+
+def test_a_tune_round_whose_implementation_the_step_does_not_run_is_not_elected(tmp_path, workspace):
+    """The real engine on a CPU runs swiglu's reference: tuning triton_fused cannot change the step, so the round is
+    not timed or elected (the clock's noise would decide it)."""
+    ws = tmp_path / "ws"
+    shutil.copytree(workspace, ws)
+    table = ws / REL / "src/train_engine_0_5b/ops/table.py"
+    table.write_text(table.read_text().replace(CPU_DEFAULT[1], CPU_DEFAULT[0]))
+    git(ws, "commit", "-qam", "the engine's own CPU default")
+    times = iter([1.0, 0.5])
+    loop = ForgeLoop(_spec(ws, rounds=1), write_spec_file(tmp_path / "spec.toml"), engine=ws / REL,
+                     state_dir=tmp_path / "s", gate_fn=_passing_gate, land=False, guard=[],
+                     step_clock=lambda *a: (next(times), "fake"))
+    assert loop.run().ok
+    (r,) = [r for r in Ledger(tmp_path / "s/ledger.jsonl").rounds() if r.stage == "ops"]
+    assert not r.elected and r.timing is None
+    assert r.note == "swiglu=triton_fused does not run in the step on cpu (auto runs reference): nothing to elect"

@@ -69,6 +69,10 @@ def test_unknown_names_and_values_outside_the_domain_are_errors():
         check_values("swiglu", "triton_fused", {"block_size": 64})
     with pytest.raises(EngineError, match=r"swiglu=triton_fused: block=100 is outside the declared domain"):
         check_values("swiglu", "triton_fused", {"block": 100})
+    with pytest.raises(EngineError, match=r"l2_hint=1 is outside the declared domain"):
+        check_values("linear_cross_entropy", "triton_fused", {"l2_hint": 1})  # True is not 1
+    with pytest.raises(EngineError, match=r"programs_per_sm=True is outside the declared domain"):
+        check_values("linear_cross_entropy", "triton_fused", {"programs_per_sm": True})
     with pytest.raises(ValueError, match="not in the domain"):
         Param(3, (1, 2))
     assert check_values("mlp", "quack_dgated", {"fc2_dgrad_tile": [128, 256, False, 1, 2]}) == {

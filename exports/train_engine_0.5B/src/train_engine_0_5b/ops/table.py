@@ -40,13 +40,25 @@ class Param:
     why: str = ""
 
     def __post_init__(self) -> None:
-        if self.default not in self.domain:
+        if not self.allows(self.default):
             raise ValueError(f"default {self.default!r} is not in the domain {self.domain!r}")
+
+    def allows(self, value: Any) -> bool:
+        return any(same(value, d) for d in self.domain)
 
 
 def normalize(value: Any) -> Any:
     """JSON has no tuples: a list value (a GEMM tile config) compares as a tuple."""
     return tuple(normalize(v) for v in value) if isinstance(value, list) else value
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal, and a bool only equals a bool (True is not 1)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
 
 
 UNFUSED = "unfused"  # a fusion op's default: no op of its own, the model calls its parts one by one
@@ -180,7 +192,7 @@ def check_values(op: str, impl: str, values: dict) -> dict:
     out = {}
     for name, raw in values.items():
         p, v = param(op, impl, name), normalize(raw)
-        if v not in p.domain:
+        if not p.allows(v):
             raise EngineError(f"ops.{op}={impl}: {name}={raw!r} is outside the declared domain {list(p.domain)}")
         out[name] = v
     return out
