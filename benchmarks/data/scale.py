@@ -1,13 +1,14 @@
 """Start-up time, peak RSS and loader throughput on prepared corpora of growing size (synthetic token shards
 written to a scratch folder, deleted afterwards).
 
-Start-up (and, with --on-the-fly-mb, the tokenize-at-start-up path on a text corpus for contrast): a fresh process runs `pretrain --model tiny --prepared-data SET --num-steps 1` (the data part is the
-same for the 0.5B; tiny keeps the model's share of time and RAM small); it reports the time to open the set
+Start-up (and, with --on-the-fly-mb, the tokenize-at-start-up path on a text corpus for contrast): a fresh
+process runs `pretrain --model tiny --prepared-data SET --num-steps 1` (the data part is the same for the 0.5B;
+tiny keeps the model's share of time and RAM small); it reports the time to open the set
 (manifest + a stat per shard), the time of the whole command, its peak RSS, and the parent the wall time from
 spawn to exit (interpreter and imports included). Loader: a fresh one-thread process calls the per-rank
 loader's `batch(step)` (the prefetch thread's work: global sample order, memmap reads, int64 rows) for
 micro batch 8 x seq 4096, first with the set's pages dropped from the page cache (posix_fadvise DONTNEED on its
-files only: reads come from disk), then again with them cached.
+files only: reads come from disk), then again with them cached (--prefetch-ab instead: cold reads with and without the reader's madvise).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Tokenization throughput: `prepare-data` with 1 process and with every core, against `datasets.map` (batched,
 the same `tokenizers` tokenizer, num_proc 1 and every core), on one synthetic text corpus, in one run.
 
-Every configuration runs --repeats times, interleaved; the medians are compared. Both sides run the tokenizer single-threaded per process (TOKENIZERS_PARALLELISM=false), so "per core" means one
-process; both append EOS per document. prepare-data's time is end to end (hash the input, read it streamed,
+Every configuration runs --repeats times, interleaved; the medians are compared. Both sides run the tokenizer
+single-threaded per process (TOKENIZERS_PARALLELISM=false), so "per core" means one process; both append EOS
+per document. prepare-data's time is end to end (hash the input, read it streamed,
 tokenize, write and hash the shards); datasets' is load_dataset (JSON -> Arrow cache) and map, given apart.
 """
 

@@ -120,4 +120,5 @@ def prepare_batches(path: Path, num_steps: int, global_rows: int, seq_length: in
                 f"batches-{batches.fingerprint}")
 
 
-__all__ = ["BatchLoader", "TokenBatches", "prepare_batches", "open_prepared", "attach_eval", "Data", "EvalRows", "MixtureRows", "Loader", "PackedRows", "Prefetcher", "TokenStream", "TextTokenizer", "prepare"]
+__all__ = ["BatchLoader", "TokenBatches", "prepare_batches", "open_prepared", "attach_eval", "Data", "EvalRows",
+           "MixtureRows", "Loader", "PackedRows", "Prefetcher", "TokenStream", "TextTokenizer", "prepare"]

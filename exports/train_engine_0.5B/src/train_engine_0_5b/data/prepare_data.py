@@ -1,9 +1,9 @@
 """`prepare-data`: tokenize a corpus once into memory-mapped token shards (shards.py has the format).
 
 The inputs' documents, in input order then record order, are cut into chunks of `shard_mb` MB of text (or
-`docs_per_shard` documents, whichever comes first; an empty document is skipped); chunk i becomes shard i, tokenized by a pool of worker processes (with one worker, by
-this process). The cut depends on the
-documents alone, so the output is the same for any number of workers, and a rerun of the same command resumes:
+`docs_per_shard` documents, whichever comes first; an empty document is skipped); chunk i becomes shard i,
+tokenized by a pool of worker processes (with one worker, by this process). The cut depends on the documents
+alone, so the output is the same for any number of workers, and a rerun of the same command resumes:
 a shard whose files hash to its record is kept, anything else is prepared again. The plan (tokenizer, inputs
 and their hashes, dtype, chunk size) is written first; a rerun with other inputs into the same --out is refused.
 """
