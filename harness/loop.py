@@ -34,7 +34,7 @@ from harness.agents import AgentBackend, AgentResult, AgentTask, AgentUnavailabl
 from harness.agents._env import agent_env
 from harness.agents.base import AgentFatal, BudgetSpent, Meter
 from harness.agents.shell import shell_usage_after_kill
-from harness.agents.tune import TRIALS, round_runner
+from harness.agents.tune import TRIALS, TuneError, TuneOptions, check_options, round_runner
 from harness.gating import GateFn, GateOutcome, report_localization, run_real_gate
 from harness.isolation import RoundBox, SandboxUnavailable, round_isolation
 from harness.ledger import GateLine, Inflight, Ledger, RoundRecord, RunLock, RunState, write_json_atomic
@@ -512,6 +512,14 @@ class ForgeLoop:
         if unknown:
             raise ForgeError(f"stage {stage.name}: unknown op(s) {', '.join(map(repr, unknown))}; the engine's ops: "
                              f"{', '.join(table.table)}")
+        agent = self.spec.agent_for(stage)
+        if agent.backend == "tune" and self.backend_override is None:  # its space: names the engine declares
+            options = TuneOptions.model_validate(agent.options)
+            for op in stage.ops:
+                try:
+                    check_options(options, table, op, self.spec.hardware.device)
+                except (OpSpecError, TuneError) as e:
+                    raise ForgeError(f"stage {stage.name} [stages.agent.options]: {e}") from None
 
     def _op_context(self, stage: StageSpec, key: str, op: str, rt: RoundTree, box: RoundBox) -> OpContext:
         timing = stage.timing

@@ -106,6 +106,14 @@ def round_runner(base_env: dict[str, str], box: "RoundBox | None", on_spawn: Cal
     return run
 
 
+def check_options(options: TuneOptions, engine_ops: EngineOps, op: str, device: str) -> str:
+    """The implementation the options tune for `op`; raises OpSpecError / TuneError on a name the engine does not
+    declare (the loop calls it before a run starts, the backend again each round)."""
+    impl = _pick_impl(engine_ops, op, options.impl, device)
+    _space(engine_ops, op, impl, options.space)
+    return impl
+
+
 class TuneBackend(AgentBackend):
     name = "tune"
     Options = TuneOptions
@@ -119,7 +127,7 @@ class TuneBackend(AgentBackend):
         try:
             runner = round_runner(task.env, task.box, task.on_spawn)
             engine_ops = describe(task.engine_dir, runner=runner)
-            impl = _pick_impl(engine_ops, op, o.impl, device)
+            impl = check_options(o, engine_ops, op, device)
             space = _space(engine_ops, op, impl, o.space)
         except (OpSpecError, TuneError) as e:
             return AgentResult(error=f"tune: {e}")

@@ -213,6 +213,10 @@ def test_a_step_within_the_margin_is_not_elected(tmp_path, workspace):
 @pytest.mark.parametrize("stage, message", [
     ({"ops": ["rmsnorm"]}, "unknown op(s) 'rmsnorm'"),
     ({"timing": {"command": "python bench.py {out}"}}, "[stages.timing].command is not read"),
+    ({"agent": {"backend": "tune", "sandbox": "preferred", "options": {"impl": "triton_fused", "space": {"blocks": [512]}}}},
+     "[stages.agent.options]: swiglu=triton_fused: unknown parameter 'blocks'"),
+    ({"agent": {"backend": "tune", "sandbox": "preferred", "options": {"impl": "triton_fused", "space": {"block": [3]}}}},
+     "[stages.agent.options]: swiglu=triton_fused: block=3 is outside the declared domain"),
 ])  # fmt: skip
 def test_the_loop_refuses_unknown_ops_and_an_engine_clock(tmp_path, workspace, stage, message):
     loop = ForgeLoop(_spec(workspace, **stage), write_spec_file(tmp_path / "spec.toml"), engine=workspace / REL,
