@@ -142,7 +142,7 @@ def test_prepare_of_a_corpus_without_text_is_an_error(tmp_path):
 
 def test_a_hub_name_offline_names_the_local_alternative(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(EngineError, match="Hub is offline.*local file or directory"):
+    with pytest.raises(EngineError, match="--input .some-org/some-corpus. is not a local path and the Hugging Face Hub is offline.*with --input"):
         prepare_data.run(["some-org/some-corpus"], tmp_path / "out")
 
 

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from train_engine_0_5b import env
 from train_engine_0_5b.data import shards
 from train_engine_0_5b.data.shards import Manifest, Plan, ShardRecord, SourceRecord
-from train_engine_0_5b.data.sources import local_files, open_source, renderer
+from train_engine_0_5b.data.sources import PREPARE_HINT, _check_hub, _looks_local, local_files, open_source, renderer
 from train_engine_0_5b.data.tokenizer import TextTokenizer
 from train_engine_0_5b.errors import EngineError
 
@@ -48,7 +48,21 @@ def _source_record(spec: str, config: str | None, split: str, template: str | No
         files, _ = local_files(path)
         return SourceRecord(spec=str(path), kind="local", split=split, text_template=template,
                             files=[(str(f), f.stat().st_size, shards.file_hash(f)) for f in files])
-    return SourceRecord(spec=spec, kind="hub", config=config, split=split, text_template=template)
+    if _looks_local(spec):
+        raise EngineError(f"dataset path {spec} does not exist")
+    _check_hub(spec, "--input", PREPARE_HINT)  # offline or unreachable: fails now, naming the local alternative
+    return SourceRecord(spec=spec, kind="hub", config=config, split=split, text_template=template,
+                        revision=_hub_revision(spec))
+
+
+def _hub_revision(name: str) -> str | None:
+    """The dataset's current commit on the Hub: recorded, so a resumed run refuses a dataset that has changed."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(name, timeout=env.hub_timeout_s()).sha
+    except Exception:  # noqa: BLE001  (a private or gated dataset, a flaky answer: the name is still recorded)
+        return None
 
 
 def _documents(specs: list[str], config: str | None, split: str, template: str | None) -> Iterator[str]:

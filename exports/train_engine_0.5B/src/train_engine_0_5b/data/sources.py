@@ -128,11 +128,16 @@ def _local(path: Path, split: str, streaming: bool = False) -> Source:
         raise EngineError(f"cannot read dataset {path}: {type(e).__name__}: {e}") from None
 
 
-def _check_hub(name: str) -> None:
+PREPARE_HINT = ("pass a local file or directory of Parquet, Arrow, JSON/JSONL or text files with --input (e.g. "
+                "`huggingface-cli download --repo-type dataset NAME --local-dir DIR` where the Hub is reachable, "
+                "then --input DIR)")
+
+
+def _check_hub(name: str, option: str = "--hf-dataset", hint: str = LOCAL_HINT) -> None:
     """Fail fast, naming the local alternatives, when the Hub is offline or does not answer in time."""
     if env.hub_offline():
-        raise EngineError(f"--hf-dataset {name!r} is not a local path and the Hugging Face Hub is offline "
-                          f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set): {LOCAL_HINT}")
+        raise EngineError(f"{option} {name!r} is not a local path and the Hugging Face Hub is offline "
+                          f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set): {hint}")
     timeout = env.hub_timeout_s()
     url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/api/datasets/{name}"
     result: dict = {}
@@ -151,10 +156,10 @@ def _check_hub(name: str) -> None:
     thread.join(timeout + 1.0)
     if "status" not in result:
         reason = result.get("error", f"no answer in {timeout:g} s")
-        raise EngineError(f"--hf-dataset {name!r} is not a local path and the Hugging Face Hub cannot be reached "
-                          f"({reason}): {LOCAL_HINT}")
+        raise EngineError(f"{option} {name!r} is not a local path and the Hugging Face Hub cannot be reached "
+                          f"({reason}): {hint}")
     if result["status"] == 404:
-        raise EngineError(f"--hf-dataset {name!r}: no such local path, and no such dataset on the Hub")
+        raise EngineError(f"{option} {name!r}: no such local path, and no such dataset on the Hub")
 
 
 def _looks_local(spec: str) -> bool:
