@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from gates.case import Case, ScheduleSpec, hf_param_shapes
 from gates.context import GateRun, GateStop, localize_training, part
 from gates.policies import adamw_step_cap
-from gates.probe import rank_file
+from gates.probe import REFERENCE_RANK_SUMS, rank_file
 from gates.report import GateReport, Localization, Part, worst
 
 SERIES = ["losses", "grad_norms", "lrs"]
@@ -94,7 +94,7 @@ def read_ranks(out: Path, case: Case) -> dict[str, torch.Tensor] | Localization:
                 return Localization(what=f"rank {r}: {name} must be ({steps},) {dtype}; got {got}", rank=r, tensor=name)
         sums.append(t["loss_sums"])
         counts.append(t["valid_tokens"])
-    return {"rank_loss_sums": torch.stack(sums, 1), "rank_valid_tokens": torch.stack(counts, 1)}
+    return {REFERENCE_RANK_SUMS: torch.stack(sums, 1), "rank_valid_tokens": torch.stack(counts, 1)}
 
 
 def ranks_part(g: GateRun, ranks: dict[str, torch.Tensor] | Localization, ref: dict[str, torch.Tensor], case: Case) -> Part:
@@ -110,5 +110,5 @@ def ranks_part(g: GateRun, ranks: dict[str, torch.Tensor] | Localization, ref: d
                 f"{int(want[t, r])}")
         g.report.localization = g.report.localization or Localization(what=what, rank=r, step=t, tensor="valid_tokens")
         return Part(name="ranks", verdict="failed", message=what)
-    diffs = g.compare_names(["rank_loss_sums"], ranks, ref, case, prefix="ranks:")
+    diffs = g.compare_names([REFERENCE_RANK_SUMS], ranks, ref, case, prefix="ranks:")
     return part("ranks", diffs)

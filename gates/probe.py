@@ -24,7 +24,8 @@ Per-rank outputs (`steps` under torchrun): every process r also writes `DIR/rank
 with `loss_sums` (steps,) float64, the sum of token cross-entropy over the rows it trained on in each
 step (at that step's weights), and `valid_tokens` (steps,) int64, the count of its labels != -100. The
 gate requires a file from every rank and ties each to that rank's rows (gate M4): a rank that did no
-work, or another rank's work, shows there even when the summed gradient is right.
+work, or another rank's work, shows there even when the summed gradient is right. The reference's `steps` and
+`checkpoint` answers carry what every rank's `loss_sums` must be, as `rank_loss_sums` (steps, world_size).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ TENSORS_FILE = "tensors.safetensors"
 METRICS_FILE = "metrics.json"
 RANKS_DIR = "ranks"
 RANK_NAMES = ("loss_sums", "valid_tokens")
+REFERENCE_RANK_SUMS = "rank_loss_sums"  # a reference-only name (see above)
 
 
 def rank_file(out: str | Path, rank: int) -> Path:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gates.case import hf_param_shapes, load_case, make_spec, new_case
-from gates.probe import EXIT_UNSUPPORTED, expected_names, read_outputs
+from gates.probe import EXIT_UNSUPPORTED, REFERENCE_RANK_SUMS, expected_names, read_outputs
 
 REF = [sys.executable, "-m", "gates.stacks.torch_ref"]
 
@@ -30,7 +30,8 @@ def test_probe_round_trip(case_dir, tmp_path, name):
     cfg, spec = case.spec.model, case.spec
     tensors, metrics = _probe(name, case_dir, tmp_path / "a")
     params = list(hf_param_shapes(cfg))
-    assert set(tensors) == expected_names(name, params, cfg.num_layers)
+    extra = {REFERENCE_RANK_SUMS} if name in ("steps", "checkpoint") else set()  # each rank's share (M4)
+    assert set(tensors) == expected_names(name, params, cfg.num_layers) | extra
     assert metrics["probe"] == name and metrics["stack"] == "torch"
     for k, t in tensors.items():
         assert torch.isfinite(t).all(), k
@@ -46,6 +47,9 @@ def test_probe_round_trip(case_dir, tmp_path, name):
         assert tensors["losses"].shape == (spec.steps,)
         moved = tensors["weight.model.layers.0.mlp.up_proj.weight"] - case.weights["model.layers.0.mlp.up_proj.weight"]
         assert moved.abs().max() > 0
+        sums = tensors[REFERENCE_RANK_SUMS]  # (steps, world): summed over ranks, the steps' loss times their tokens
+        counts = (case.batches["labels"] != -100).sum(dim=(1, 2, 3))
+        torch.testing.assert_close(sums.sum(1) / counts, tensors["losses"].double(), rtol=1e-6, atol=0)
     again, _ = _probe(name, case_dir, tmp_path / "b")
     for k in tensors:
         assert torch.equal(tensors[k], again[k]), f"{k} differs between two identical runs"

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gates.case import Case
+from gates.probe import REFERENCE_RANK_SUMS
 from gates.stacks.torch_ref.model import MiniCPM, loss_sum
 from gates.stacks.torch_ref.optim import AdamW, clip_grads_, lr_at
 
@@ -123,8 +124,7 @@ class Trainer:
             "grad_norms": torch.stack(self.grad_norms),
             "lrs": torch.tensor(self.lrs, dtype=torch.float64),
         }
-        if len(self.rank_loss_sums) == len(self.losses):  # a resumed trainer has no per-rank history
-            out["rank_loss_sums"] = torch.stack(self.rank_loss_sums)
+        out[REFERENCE_RANK_SUMS] = torch.stack(self.rank_loss_sums)
         return out | {f"weight.{k}": v for k, v in self.opt.master.items()}
 
     def save(self, path: Path) -> None:
@@ -133,6 +133,7 @@ class Trainer:
         sd["history.losses"] = torch.stack(self.losses)
         sd["history.grad_norms"] = torch.stack(self.grad_norms)
         sd["history.lrs"] = torch.tensor(self.lrs, dtype=torch.float64)
+        sd["history.rank_loss_sums"] = torch.stack(self.rank_loss_sums)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous().cpu() for k, v in sd.items()}, str(tmp))
@@ -149,6 +150,7 @@ class Trainer:
         self.losses = list(sd["history.losses"].unbind())
         self.grad_norms = list(sd["history.grad_norms"].unbind())
         self.lrs = sd["history.lrs"].tolist()
+        self.rank_loss_sums = list(sd["history.rank_loss_sums"].unbind())
         return self
 
 
