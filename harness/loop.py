@@ -35,7 +35,7 @@ from harness.agents._env import agent_env
 from harness.agents.base import AgentFatal, BudgetSpent, Meter
 from harness.agents.shell import shell_usage_after_kill
 from harness.agents.tune import TRIALS, TuneError, TuneOptions, check_options, round_runner
-from harness.gating import GateFn, GateOutcome, report_localization, run_real_gate
+from harness.gating import GateFn, GateOutcome, report_localization, round_label, run_real_gate
 from harness.isolation import RoundBox, SandboxUnavailable, round_isolation
 from harness.ledger import GateLine, Inflight, Ledger, RoundRecord, RunLock, RunState, write_json_atomic
 from harness.procs import TAG, Interrupted, Tracker, end_group, stop_signals
@@ -269,7 +269,8 @@ class ForgeLoop:
                 return "budget", stop
             rec = self._round(stage, op=None)
             if rec.verdict == "passed":
-                self.console.print(f"[green]stage {stage.name} passed in round {rec.round}[/] (commit {rec.commit[:10]})")
+                label = round_label(rec.verdict, rec.gates)  # "passed (m5_long_train mfu unsupported)" where so
+                self.console.print(f"[green]stage {stage.name} {label} in round {rec.round}[/] (commit {rec.commit[:10]})")
                 return "passed", f"stage {stage.name} passed"
             if rec.verdict in STOPPING:
                 return rec.verdict, rec.note or rec.verdict
@@ -489,8 +490,9 @@ class ForgeLoop:
             results.append((gate, out))
             rec.gates.append(GateLine(name=gate.name, verdict=out.verdict, metrics=out.key_numbers(), time_s=out.time_s,
                                       report=str(out.report) if out.report else None))
-            style = "green" if out.accepted(gate) else "red"
-            self.console.print(f"  gate {gate.name}: [{style}]{out.verdict}[/] {out.key_numbers(4)}")
+            style = "red" if not out.accepted(gate) else "yellow" if out.verdict == "unsupported" else "green"
+            label = "unsupported (accepted by the spec)" if out.verdict == "unsupported" and out.accepted(gate) else out.verdict
+            self.console.print(f"  gate {gate.name}: [{style}]{label}[/] {out.key_numbers(4)}")
             if not out.accepted(gate):
                 if out.localization:
                     self.console.print(f"    [dim]{out.localization.splitlines()[0][:160]}[/]")

@@ -75,3 +75,32 @@ def test_agent_option_model_reaches_the_service(tmp_path: Path, monkeypatch) -> 
                                          "--agent-option", f"base_url={url}", "--state-dir", str(tmp_path / model)])
         assert r.exit_code == 5, r.output
         assert script.requests[0]["body"]["model"] == model
+
+
+def test_a_stage_passed_over_an_accepted_unsupported_part_says_so_on_the_console(tmp_path: Path) -> None:
+    import io
+    import json
+
+    from rich.console import Console
+
+    from harness.gating import GateOutcome
+
+    def gate_fn(gate, engine_dir, spec, out_dir):  # the toy gate, then an MFU part this machine cannot measure
+        out = fake_gate(gate, engine_dir, spec, out_dir)
+        report = out_dir / "m5.json"
+        report.write_text(json.dumps({"parts": [{"name": "loss", "verdict": out.verdict},
+                                                {"name": "mfu", "verdict": "unsupported", "message": "GPU only"}]}))
+        return GateOutcome(gate.name, "unsupported", out.metrics, None, out.time_s, report,
+                           {"loss": out.verdict, "mfu": "unsupported"})
+
+    eng = make_repo(tmp_path / "ws", FIXED)
+    spec = toy_spec(eng, stages=("m1",), rounds=1)
+    data = spec.model_dump(mode="python")
+    data["stages"][0]["gates"][0]["allow_unsupported"] = ["mfu"]
+    console = Console(file=io.StringIO(), width=200)
+    out = ForgeLoop(parse_spec(data), write_spec_file(tmp_path / "toy.toml"), engine=eng, state_dir=tmp_path / "s",
+                    gate_fn=gate_fn, console=console).run()
+    text = console.file.getvalue()
+    assert out.ok, text
+    assert "gate m1_forward: unsupported (accepted by the spec)" in text
+    assert "stage m1 passed (m1_forward mfu unsupported) in round 1" in text and "stage m1 passed in round" not in text
