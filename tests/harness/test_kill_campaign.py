@@ -137,6 +137,10 @@ class Campaign:
         shutil.copytree(ENGINE_PKG, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.gz"))
         kernel = pkg / "ops/swiglu/triton_fused.py"
         kernel.write_text(kernel.read_text().replace(*HANG).replace("import torch\n", "import os\n\nimport torch\n", 1))
+        table = pkg / "ops/table.py"  # swiglu=triton_fused is what auto runs on a CPU: the step runs what tune tunes
+        table.write_text(table.read_text().replace('            "num_warps": Param(4, (1, 2, 4, 8))}))),\n',
+                                                   '            "num_warps": Param(4, (1, 2, 4, 8))})), '
+                                                   'defaults={"cpu": ("triton_fused",)}),\n'))
         git(self.eng, "add", "-A")
         git(self.eng, "commit", "-qm", "the engine's ops beside the toy model")
 
