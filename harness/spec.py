@@ -114,12 +114,12 @@ class GateCheck(_Strict):
 
 
 class TimingSpec(_Strict):
-    """How an ops stage times a candidate. Without `command`: the gates' clock, M5's speed part (the engine's
-    `pretrain` timed from outside; `metric` one of step_time_s, tokens_per_s, mfu; `options` sets its
-    GateOptions, e.g. speed_seq_length). With `command`: a command run in the engine dir that writes JSON with
-    `metric` to {out} (or prints it as its last stdout line): the engine's own figure, for CPU tests."""
+    """How an ops stage times a candidate: always on the gates' clock, M5's speed part (the engine's `pretrain`
+    timed from outside; `metric` one of step_time_s, tokens_per_s, mfu; `options` sets its GateOptions, e.g.
+    speed_seq_length). `command` exists only so that a spec still naming one is refused with a clear message
+    (the loop, before any state): an engine's own figure never decides an election."""
 
-    command: str | None = Field(None, description="format fields: {op}, {package}, {python}, {out}; None: the gates' clock")
+    command: str | None = Field(None, description="refused when set: elections run on the gates' clock")
     metric: str = Field("step_time_s", description="the figure compared between candidates")
     minimize: bool = True
     timeout_s: float = Field(600.0, gt=0)
