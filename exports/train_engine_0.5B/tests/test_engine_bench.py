@@ -21,3 +21,4 @@ def test_bench_json(cli, tmp_path):
     assert abs(r["mfu"] - flops / (r["step_time_s"] * 989.4e12)) < 1e-9
     assert r["config"]["global_batch_size"] == 4 and r["config"]["dtype"] == "float32"
     assert r["config"]["cuda_graph"] is False  # bench's default: only where cuda_graph.check passes (CUDA)
+    assert r["config"]["tuned_key"]["device"] == "cpu" and isinstance(r["config"]["tuned"], dict)  # what ran, recorded

@@ -104,7 +104,8 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
             "config": {"model": model_cfg.name, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
                        "grad_accum": grad_accum, "global_batch_size": rows * ctx.world, "dtype": str(dtype).removeprefix("torch."),
                        "steps": steps, "warmup": warmup, "deterministic": deterministic, "compile": compile,
-                       "recompute": recompute, "zero1": zero1, "cuda_graph": cuda_graph, "ops": ops.names},
+                       "recompute": recompute, "zero1": zero1, "cuda_graph": cuda_graph, "ops": ops.names,
+                       "tuned": ops.record()["tuned"], "tuned_key": ops.record()["tuned_key"]},
         }
         if op_table:
             batches = iter([batch() for _ in range(2)])
