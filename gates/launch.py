@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,17 +167,24 @@ def reference_env() -> dict[str, str]:
     return {"PYTHONPATH": str(reference_tree()), "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-@functools.cache
+_TREE: list[Path] = []  # the one reference tree of this process, once made
+_TREE_LOCK = threading.Lock()  # gate runs in threads (the red-team session) must all get the same tree
+
+
 def reference_tree() -> Path:
     """A read-only copy of the workspace's gates/ under a fresh temporary directory, made on first use and
     removed at exit: the reference stacks run from it, and the tripwire hashes it."""
-    root = Path(tempfile.mkdtemp(prefix="forge-reference-"))
-    shutil.copytree(WORKSPACE / "gates", root / "gates", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for d, _, files in os.walk(root / "gates"):
-        for f in files:
-            os.chmod(os.path.join(d, f), 0o444)
-    atexit.register(_remove_tree, root)
-    return root
+    with _TREE_LOCK:
+        if _TREE:
+            return _TREE[0]
+        root = Path(tempfile.mkdtemp(prefix="forge-reference-"))
+        shutil.copytree(WORKSPACE / "gates", root / "gates", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for d, _, files in os.walk(root / "gates"):
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o444)
+        atexit.register(_remove_tree, root)
+        _TREE.append(root)
+        return root
 
 
 @functools.cache

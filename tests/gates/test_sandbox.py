@@ -373,6 +373,17 @@ def test_the_reference_runs_from_a_frozen_copy_of_gates():
     assert not (root / "gates" / "__pycache__").exists() and reference_tree() is root
 
 
+def test_threads_share_one_reference_tree():
+    """Gate runs in threads (the red-team session runs two at a time) must fingerprint one tree: a second copy made by
+    a racing first use would read as the first one's files all removed (tampering)."""
+    code = ("import threading; from gates import launch; b = threading.Barrier(8); roots = []\n"
+            "def f():\n    b.wait(); roots.append(launch.reference_tree())\n"
+            "ts = [threading.Thread(target=f) for _ in range(8)]; [t.start() for t in ts]; [t.join() for t in ts]\n"
+            "print(len(roots), len(set(roots)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=WORKSPACE)
+    assert out.stdout.split() == ["8", "1"], out.stdout + out.stderr
+
+
 def test_bytecode_caching_is_not_tampering_but_a_foreign_pyc_is(tmp_path):
     """Python writing the .pyc of a module it imports is no tampering; a .pyc whose code is not its source's is."""
     import py_compile

@@ -102,7 +102,7 @@ def test_wrong_dp_loss_averaging_fails_against_dp1_at_step_0(reports):
     r = reports[("dp_mean_of_means", "m4_data_parallel")]
     assert r.verdict == "failed"
     parts = {p.name: p.verdict for p in r.parts}
-    assert parts == {"vs_dp1": "failed", "vs_reference": "failed", "ranks": "passed"}  # each rank's own sums are right
+    assert parts["vs_dp1"] == parts["vs_reference"] == "failed"  # `ranks` follows the weights once they diverge
     n = r.case["world_size"]  # drawn from the seed (2..4)
     assert 2 <= n <= 4 and r.case["shape"]["world_size"] == n
     assert r.localization.step == 0 and r.localization.what.startswith(f"DP={n} vs DP=1")

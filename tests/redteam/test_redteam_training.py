@@ -65,8 +65,8 @@ def test_pretrain_decaying_norm_weights_names_a_norm(reports):
     r = reports[("pretrain_decays_norms", "m7_pretrain")]
     caught(r, "m7_pretrain")
     assert parts(r)["dp1"] == "failed"
-    first_weight = next(n for n in bad(r, "dp1:weight."))
-    assert first_weight.endswith("layernorm.weight") or first_weight.endswith("norm.weight"), first_weight
+    weights = bad(r, "dp1:weight.")
+    assert any(n.endswith("norm.weight") for n in weights), weights  # the decayed norms are among what is out
 
 
 @pytest.mark.parametrize("engine", ["pretrain_no_dp_reduce", "bug_past_first_bucket"])
@@ -195,7 +195,7 @@ def test_rope_wrapping_at_64_is_caught_on_longer_sequences(reports):
 def test_dropped_rank_at_world_4(reports):
     m4 = reports[("bug_at_world_4", "m4_data_parallel")]
     caught(m4, "m4_data_parallel")
-    assert m4.case["world_size"] == 4 and parts(m4) == {"vs_dp1": "failed", "vs_reference": "failed"}
+    assert m4.case["world_size"] == 4 and parts(m4) == {"vs_dp1": "failed", "vs_reference": "failed", "ranks": "failed"}
     assert m4.localization.step == 0 and m4.localization.what.startswith("DP=4 vs DP=1")
     m7 = reports[("bug_at_world_4", "m7_pretrain")]
     caught(m7, "m7_pretrain")
@@ -207,7 +207,7 @@ def test_cosine_to_zero_fails_on_lrs(reports):
     r = reports[("bug_cosine", "m4_data_parallel")]
     caught(r, "m4_data_parallel")
     assert r.case["schedule"]["kind"] == "cosine"
-    assert parts(r) == {"vs_dp1": "passed", "vs_reference": "failed"}  # DP=N and DP=1 share the bug
+    assert parts(r) == {"vs_dp1": "passed", "vs_reference": "failed", "ranks": "failed"}  # DP=N and DP=1 share the bug
     assert r.localization.what.startswith("DP=") and "vs reference" in r.localization.what
     assert "lrs[" in r.localization.what
 
