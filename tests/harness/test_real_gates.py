@@ -25,6 +25,7 @@ needs_real = pytest.mark.skipif(not runner_available() or not (SOURCE_ENGINE / "
 
 
 @needs_real
+@pytest.mark.slow  # the CLI end to end with the real gates: ~25 s
 def test_forge_cli_m1_with_real_gates(tmp_path: Path) -> None:
     eng = prepare(tmp_path / "scratch")
     sab, target = break_engine(eng)

@@ -165,6 +165,7 @@ def _spec(workspace: Path, rounds: int = 2, **stage):
                     **stage}]})
 
 
+@pytest.mark.slow  # a whole forge loop on a copy of the real engine: 20-60 s
 def test_an_ops_stage_elects_only_a_faster_step_and_the_engine_runs_the_elected_value(tmp_path, workspace):
     """Step clock: 1 ms per 1024 of swiglu's block, as the candidate's engine resolves it (512 beats the default
     1024). Round 1 elects 512 (256 was faster per op but wrong); round 2 finds 512 again: not faster, not elected."""
@@ -200,6 +201,7 @@ def test_an_ops_stage_elects_only_a_faster_step_and_the_engine_runs_the_elected_
     assert ELECTION_MARGIN > 0
 
 
+@pytest.mark.slow  # a whole forge loop on a copy of the real engine: 20-60 s
 def test_a_step_within_the_margin_is_not_elected(tmp_path, workspace):
     clock = iter([1.0, 1.0 / (1 + ELECTION_MARGIN / 2)])  # baseline, then a candidate 0.5 % faster: noise
     loop = ForgeLoop(_spec(workspace, rounds=1), write_spec_file(tmp_path / "spec.toml"), engine=workspace / REL,
@@ -246,6 +248,7 @@ def test_the_gates_clock_gives_no_time_when_the_timed_steps_train_differently(mo
     assert gate_step_clock(workspace / REL, timing, spec) == (0.25, "step_time_s=0.25 on the gates' clock")
 
 
+@pytest.mark.slow  # a whole forge loop on a copy of the real engine: 20-60 s
 def test_no_election_without_a_baseline(tmp_path, workspace):
     clock = iter([None, 0.5])  # the baseline could not be timed; the candidate could
     loop = ForgeLoop(_spec(workspace, rounds=1), write_spec_file(tmp_path / "spec.toml"), engine=workspace / REL,
@@ -256,6 +259,7 @@ def test_no_election_without_a_baseline(tmp_path, workspace):
     assert not r.elected and r.timing == 0.5 and "baseline has no time" in r.note
 
 
+@pytest.mark.slow  # a whole forge loop on a copy of the real engine: 20-60 s
 def test_a_tune_round_whose_implementation_the_step_does_not_run_is_not_elected(tmp_path, workspace):
     """The real engine on a CPU runs swiglu's reference: tuning triton_fused cannot change the step, so the round is
     not timed or elected (the clock's noise would decide it)."""
