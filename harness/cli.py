@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from harness.commands._common import PlainHelpGroup, console
+
+from harness.cli_help import PlainHelpGroup
+from harness.commands._common import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, cls=PlainHelpGroup,
                   help="forge: forge, gate, inspect and train LLM pretraining engines.")

@@ -1,5 +1,5 @@
-"""The engine vendors workspace code so it installs alone (model_config.py from gates/model_config.py and
-gates/case.py's hf_param_shapes; hf_fold.py from gates/hf_fold.py; probe.py's case.json schema from
+"""The engine vendors workspace code so it installs alone (cli_help.py from harness/cli_help.py; model_config.py
+from gates/model_config.py and gates/case.py's hf_param_shapes; hf_fold.py from gates/hf_fold.py; probe.py's case.json schema from
 gates/case.py). The copies must stay faithful: same presets, FLOP count, parameter layout, HF config and
 fold, checked on every preset and fresh random weights, and the same case fields, types, defaults and bounds."""
 
@@ -85,3 +85,11 @@ def test_released_config_fixtures_are_the_workspace_ones():
     assert names == ["minicpm4-8b.json"]
     for name in names:
         assert (fixtures / name).read_bytes() == (Path(gates.__file__).parent / "data" / "released" / name).read_bytes()
+
+
+def test_cli_help_is_the_workspace_one():
+    """The engine's plain `--help` (cli_help.py) is the harness's, byte for byte."""
+    import harness.cli_help
+    import train_engine_0_5b.cli_help
+
+    assert Path(train_engine_0_5b.cli_help.__file__).read_bytes() == Path(harness.cli_help.__file__).read_bytes()
