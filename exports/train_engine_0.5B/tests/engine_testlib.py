@@ -8,13 +8,14 @@ The workspace's own tests of this engine against its reference live in the works
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ENGINE = Path(__file__).resolve().parents[1]
 SRC = ENGINE / "src"
@@ -143,22 +144,22 @@ def assert_same_training(fused: tuple, unfused: tuple) -> None:
     assert_adamw_weights_close(unfused[2], fused[2], unfused[3])
 
 
-@contextlib.contextmanager
-def single_thread():
-    """One intra-op thread: on a small shared CPU two OpenMP threads wait on each other at every op (a 40x
-    slowdown measured on the 2-core CI box); subprocesses get OMP_NUM_THREADS=1 from engine_env."""
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread per test module (module scope: set before module fixtures run): on a small shared CPU
+    two OpenMP threads wait on each other at every op (a 40x slowdown measured on the 2-core CI box);
+    subprocesses get OMP_NUM_THREADS=1 from engine_env. A conftest imports it to apply it."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    yield
+    torch.set_num_threads(before)
 
 
-def cli_runner():
-    """The engine's CLI in this process: invoke(args, env=None) -> click Result (exit_code, stdout, stderr)."""
+@pytest.fixture
+def cli():
+    """Run the engine's CLI in this process: cli(args, env=None) -> click Result (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner
 
     from train_engine_0_5b.cli import app
