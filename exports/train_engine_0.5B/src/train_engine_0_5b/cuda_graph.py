@@ -1,10 +1,8 @@
 """The whole training step as one CUDA graph: forward, backward, gradient norm, clipped AdamW and the
 bf16 parameter write-back, replayed with one launch per step (`--cuda-graph`).
 
-Why: the compiled 0.5B step launches ~1,500 kernels; between them the GPU idles ~6 ms of a ~218 ms step
-(the profile in benchmarks/results/engine-0.5b-quack-dswiglu-2026-11-23-h100/optable_mb8.json). A replay
-has no Python, no launch overhead and no host-side gaps. Measured on an H100 (engine-0.5b-cudagraph-
-2026-11-23-h100/): +1.7 % tokens/s, same peak memory; most of those gaps were not launch latency.
+Why: a replay has no Python, no launch overhead and no host-side gaps between the step's ~1,500 kernels
+(the measurements: benchmarks/results, engine-0.5b-cudagraph-*).
 
 Where it applies: CUDA, one rank, and an AdamW op that takes the LR and step count on the device. With
 one micro batch per step the backward's own gradient buffers feed the optimizer (the trainer's direct
