@@ -11,8 +11,9 @@
 set -uo pipefail
 : "${OUT:?}"
 cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/carried/site-packages .whl/*.whl .whl-base/*.whl \
-  > /tmp/install.log 2>&1 || echo "pip install reported errors"
+wheels=$(ls .whl/*.whl .whl-base/*.whl 2>/dev/null)  # .whl-base is optional; a glob that matches nothing would stop pip
+[ -d /tmp/carried/site-packages ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/carried/site-packages $wheels > /tmp/install.log 2>&1 || { echo "pip install reported errors"; tail -n 5 /tmp/install.log; }
 export PYTHONPATH="/tmp/carried/site-packages:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Gates scrub PYTHONPATH from the stacks they launch (isolation); a .pth file makes the carried wheels
 # visible to every interpreter run there without it (appended after the image's own site-packages).
@@ -22,6 +23,17 @@ if [ -d /tmp/cut/nvidia_cutlass_dsl ]; then  # CuTeDSL's big part (FA4, quack), 
   export PYTHONPATH="$PYTHONPATH:/tmp/carried/site-packages/nvidia_cutlass_dsl/dsl_packages"
   echo /tmp/carried/site-packages/nvidia_cutlass_dsl/dsl_packages >> "$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz_forge_carried.pth"
 fi
+# bubblewrap for the gates' sandbox (the image lacks it): the carried .deb files, unpacked under /tmp; libcap
+# goes next to the system's libraries only if the image lacks it (the gates start bwrap with a scrubbed env)
+if ! command -v bwrap > /dev/null; then
+  if [ ! -x /tmp/bw/usr/bin/bwrap ] && ls .whl/bubblewrap_*.deb > /dev/null 2>&1; then
+    for f in .whl/bubblewrap_*.deb .whl/libcap2_*.deb; do dpkg -x "$f" /tmp/bw; done
+    ldconfig -p | grep -q 'libcap.so.2 ' || cp -n /tmp/bw/lib/x86_64-linux-gnu/libcap.so.2* /usr/lib/x86_64-linux-gnu/
+  fi
+  export PATH="/tmp/bw/usr/bin:$PATH"
+fi
+if bwrap --ro-bind / / --dev /dev --proc /proc true 2> /tmp/bwrap_probe.txt; then SANDBOX_ARG=""
+else SANDBOX_ARG="--sandbox preferred"; echo "bwrap does not run here ($(head -c 200 /tmp/bwrap_probe.txt)): gates unsandboxed"; fi
 export FORGE_GIT_COMMIT="${FORGE_GIT_COMMIT:-unknown}"
 for part in "$@"; do
   dir="$OUT/$part"; mkdir -p "$dir"; t0=$(date +%s)
@@ -118,6 +130,16 @@ for part in "$@"; do
       export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
       timeout 400 python3 -m train_engine_0_5b bench --seq-length 4096 --steps 8 --warmup 3 --micro-batch-size ${MBS:-8} \
         --compile --op-table ${BENCH_EXTRA:-} --json "$dir/optable_mb${MBS:-8}.json" > "$dir/log.txt" 2>&1 ;;
+    stage)  # gates on one GPU as the loop runs them (gate_stage.py): GATES, their SEQ, timeout STAGE_S for all of them
+      timeout ${STAGE_S:-540} python3 -m benchmarks.gpu.gate_stage --engine exports/train_engine_0.5B --gates "${GATES:-m1,m2,m3,m7}" \
+        --out "$dir" --seq-length "${SEQ:-2048}" --timeout "${GATE_S:-300}" $SANDBOX_ARG > "$dir/log.txt" 2>&1 ;;
+    m5)  # the engine's bench at micro batch 8, then M5: the loss part and pretrain at its defaults on the gate's clock
+      export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
+      { timeout 150 python3 -m train_engine_0_5b bench --seq-length 4096 --micro-batch-size 8 --steps 10 --json "$dir/bench_mb8.json"
+        echo "[m5] bench exit $?"
+        timeout ${M5_S:-450} python3 -m benchmarks.gpu.gate_stage --engine exports/train_engine_0.5B --gates m5 --out "$dir" \
+          --speed-steps "${SPEED_STEPS:-10}" --speed-global-batch-size "${SPEED_GB:-64}" --speed-micro-batch-size 8 \
+          --long-train-steps "${LT:-20}" --timeout "${M5_GATE_S:-430}" $SANDBOX_ARG ${M5_ARGS:-}; } > "$dir/log.txt" 2>&1 ;;
     agreement)  # torch vs megatron stacks: bf16 probes and the fp32 steps probe
       OUT="$dir" PART=agreement BUDGET_S=${BUDGET_S:-330} timeout 360 bash benchmarks/gpu/compare_0.5b.sh > "$dir/log.txt" 2>&1 ;;
     *) echo "unknown part $part"; continue ;;
