@@ -7,7 +7,7 @@ set -uo pipefail
 : "${OUT:?}"
 cd "$(dirname "$0")/../.."
 d="$OUT/graph_check"; mkdir -p "$d"
-export PYTHONPATH="/tmp/carried/site-packages:$PWD/exports/train_engine_0.5B/src:$PWD:/tmp/carried/site-packages/nvidia_cutlass_dsl/dsl_packages" PYTHONUNBUFFERED=1
+export PYTHONPATH="/opt/carried/site-packages:$PWD/exports/train_engine_0.5B/src:$PWD:/opt/carried/site-packages/nvidia_cutlass_dsl/dsl_packages" PYTHONUNBUFFERED=1
 t=exports/train_engine_0.5B/tests/test_engine_cuda_graph.py::test_graphed_run_matches_the_eager_run
 failed=""
 for v in ${VARIANTS:-plain-eager plain-compiled flash4 quack default}; do

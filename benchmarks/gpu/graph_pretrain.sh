@@ -10,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 d="$OUT/graph_pretrain"; mkdir -p "$d"
 ck="/tmp/graph_pretrain_ck"; rm -rf "$ck"
-export PYTHONPATH="/tmp/carried/site-packages:$PWD/exports/train_engine_0.5B/src:$PWD:/tmp/carried/site-packages/nvidia_cutlass_dsl/dsl_packages" PYTHONUNBUFFERED=1
+export PYTHONPATH="/opt/carried/site-packages:$PWD/exports/train_engine_0.5B/src:$PWD:/opt/carried/site-packages/nvidia_cutlass_dsl/dsl_packages" PYTHONUNBUFFERED=1
 p="timeout 150 python3 -m train_engine_0_5b pretrain --seq-length ${SEQ:-1024} --global-batch-size 4 --micro-batch-size 4 \
   --num-steps 6 --warmup-steps 2 --compile"
 $p --cuda-graph --save-dir "$ck" --save-interval 3 --exit-after-steps 3 --log-file "$d/resumed.jsonl" > "$d/part1.txt" 2>&1

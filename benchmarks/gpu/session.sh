@@ -11,17 +11,18 @@
 set -uo pipefail
 : "${OUT:?}"
 cd "$(dirname "$0")/../.."
+# Installed under /opt, not /tmp: the gates' sandbox shows the engine an empty /tmp.
 wheels=$(ls .whl/*.whl .whl-base/*.whl 2>/dev/null)  # .whl-base is optional; a glob that matches nothing would stop pip
-[ -d /tmp/carried/site-packages ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/carried/site-packages $wheels > /tmp/install.log 2>&1 || { echo "pip install reported errors"; tail -n 5 /tmp/install.log; }
-export PYTHONPATH="/tmp/carried/site-packages:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -d /opt/carried/site-packages ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /opt/carried/site-packages $wheels > /tmp/install.log 2>&1 || { echo "pip install reported errors"; tail -n 5 /tmp/install.log; }
+export PYTHONPATH="/opt/carried/site-packages:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Gates scrub PYTHONPATH from the stacks they launch (isolation); a .pth file makes the carried wheels
 # visible to every interpreter run there without it (appended after the image's own site-packages).
-python3 -c "import site; open(site.getsitepackages()[0] + '/zz_forge_carried.pth', 'w').write('/tmp/carried/site-packages\n')"
+python3 -c "import site; open(site.getsitepackages()[0] + '/zz_forge_carried.pth', 'w').write('/opt/carried/site-packages\n')"
 if [ -d /tmp/cut/nvidia_cutlass_dsl ]; then  # CuTeDSL's big part (FA4, quack), unpacked by an earlier call:
-  cp -r /tmp/cut/nvidia_cutlass_dsl /tmp/carried/site-packages/ 2>/dev/null  # see split_big_carry.sh
-  export PYTHONPATH="$PYTHONPATH:/tmp/carried/site-packages/nvidia_cutlass_dsl/dsl_packages"
-  echo /tmp/carried/site-packages/nvidia_cutlass_dsl/dsl_packages >> "$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz_forge_carried.pth"
+  cp -r /tmp/cut/nvidia_cutlass_dsl /opt/carried/site-packages/ 2>/dev/null  # see split_big_carry.sh
+  export PYTHONPATH="$PYTHONPATH:/opt/carried/site-packages/nvidia_cutlass_dsl/dsl_packages"
+  echo /opt/carried/site-packages/nvidia_cutlass_dsl/dsl_packages >> "$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz_forge_carried.pth"
 fi
 # bubblewrap for the gates' sandbox (the image lacks it): the carried .deb files, unpacked under /tmp; libcap
 # goes next to the system's libraries only if the image lacks it (the gates start bwrap with a scrubbed env)
