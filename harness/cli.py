@@ -74,6 +74,7 @@ _HELP = {
     "forge": "Forge or improve an engine: stage prompts, agent rounds, gates, commits.",
     "gate": "Run one gate (or `all`) on an engine against a reference stack.",
     "inspect": "Show what an engine is and what it has proven.",
+    "certify": "Run a spec's gate stages on a committed engine and record them in its manifest.json.",
     "train": "Train with an exported engine under torchrun.",
     "bench": "Benchmark engines against megatron-core, eager and torch.compile in one run.",
     "demo": "The main job on a fresh machine: forge the tiny engine offline, train it, inspect it.",

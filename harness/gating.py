@@ -149,6 +149,13 @@ def unsupported_parts(report: str | Path | None) -> dict[str, str]:
             if p.get("verdict") == "unsupported"}
 
 
+def gate_line(gate: GateCheck, out: GateOutcome) -> str:
+    """One gate's outcome as the console prints it (rich markup): an accepted `unsupported` says it was accepted."""
+    style = "red" if not out.accepted(gate) else "yellow" if out.verdict == "unsupported" else "green"
+    label = "unsupported (accepted by the spec)" if out.verdict == "unsupported" and out.accepted(gate) else out.verdict
+    return f"gate {gate.name}: [{style}]{label}[/] {out.key_numbers(4)}"
+
+
 def accepted_label(verdict: str, unsupported: dict[str, str]) -> str:
     """An accepted gate or stage as it must read: `passed`, or `passed (mfu unsupported)` when the spec accepted
     unsupported parts (part -> the gate's reason, said beside the table) — never a bare `passed` over them."""

@@ -2,7 +2,7 @@
 
 - identity: `model_spec.toml` ([model], [engine], and [ops] when the engine lists one); the op registry
   from the engine's own `info` command (implementations, the default per device);
-- evidence: `manifest.json` (gates the forge accepted, with numbers, hardware and commit; elected ops), and the
+- evidence: `manifest.json` (gates a forge run or `certify` accepted, with numbers, hardware and commit; elected ops), and the
   gate reports it points to;
 - history: the forge run that wrote the manifest (its rounds from the engine's `forge/ledger.jsonl` or the run's
   state dir under `<repo>/.git/forge/`), and ledgers given with --ledger; never another run on the same path;
@@ -191,8 +191,16 @@ def _rounds(engine: Path, manifest: dict[str, Any], ledgers: list[Path]) -> tupl
                 seen.add(key)
                 out.append(rec)
     out.sort(key=lambda r: r.get("ts", 0))
-    note = None if out or ledgers else (
-        "manifest.json records no forge run: no forge history" if not run_id else f"forge run {run_id}: its ledger is not here")
+    certified = manifest.get("certify") or {}
+    if out or ledgers:
+        note = None
+    elif run_id:
+        note = f"forge run {run_id}: its ledger is not here"
+    elif certified:
+        note = (f"gates recorded by `certify` ({certified.get('spec')}, commit {str(certified.get('rev'))[:10]}, "
+                f"{certified.get('updated')}): no forge run, no forge history")
+    else:
+        note = "manifest.json records no forge run: no forge history"
     return out, note
 
 
@@ -225,7 +233,7 @@ def collect(engine: Path, *, ledgers: list[Path] = (), logs: list[Path] = (), be
     ins.gates = gate_rows(ins.manifest, engine)
     if not ins.gates:
         ins.notes.append("no gate recorded in manifest.json: this engine has not been forged or certified here "
-                         "(`bash agent-loop.sh gate all --engine ...` runs the gates without recording them)")
+                         "(`bash agent-loop.sh certify --engine ...` runs the gates and records them)")
     ins.rounds, note = _rounds(engine, ins.manifest, [Path(p) for p in ledgers])
     if note:
         ins.notes.append(note)

@@ -35,7 +35,7 @@ from harness.agents._env import agent_env
 from harness.agents.base import AgentFatal, BudgetSpent, Meter
 from harness.agents.shell import shell_usage_after_kill
 from harness.agents.tune import TRIALS, TuneError, TuneOptions, check_options, round_runner
-from harness.gating import GateFn, GateOutcome, report_localization, round_label, run_real_gate
+from harness.gating import GateFn, GateOutcome, gate_line, report_localization, round_label, run_real_gate
 from harness.isolation import RoundBox, SandboxUnavailable, round_isolation
 from harness.ledger import GateLine, Inflight, Ledger, RoundRecord, RunLock, RunState, write_json_atomic
 from harness.procs import TAG, Interrupted, Tracker, end_group, stop_signals
@@ -490,9 +490,7 @@ class ForgeLoop:
             results.append((gate, out))
             rec.gates.append(GateLine(name=gate.name, verdict=out.verdict, metrics=out.key_numbers(), time_s=out.time_s,
                                       report=str(out.report) if out.report else None))
-            style = "red" if not out.accepted(gate) else "yellow" if out.verdict == "unsupported" else "green"
-            label = "unsupported (accepted by the spec)" if out.verdict == "unsupported" and out.accepted(gate) else out.verdict
-            self.console.print(f"  gate {gate.name}: [{style}]{label}[/] {out.key_numbers(4)}")
+            self.console.print(f"  {gate_line(gate, out)}")
             if not out.accepted(gate):
                 if out.localization:
                     self.console.print(f"    [dim]{out.localization.splitlines()[0][:160]}[/]")
@@ -621,18 +619,12 @@ class ForgeLoop:
         rec.commit = commit
         if self._hardware is None:
             self._hardware = mf.hardware_info()
-        m = mf.load(self.ws.read_file(rt.base, mf.MANIFEST))
-        files: dict[str, bytes] = {}
-        for g, o in results:
-            if o.accepted(g) and o.report and Path(o.report).is_file():
-                files[f"forge/reports/{g.name}.json"] = Path(o.report).read_bytes()
-        m = mf.record_gates(m, spec=self.spec, spec_path=str(self.spec_path), spec_sha256=self.state.spec_sha256,
-                            engine_name=self.engine.name, stage=stage.name, round_no=rec.round, commit=commit,
-                            results=results, hardware=self._hardware, run_id=self.state.run_id,
-                            branch=self.ws.branch, backend=rec.backend)
-        for g, o in results:
-            if g.name in m["gates"] and f"forge/reports/{g.name}.json" in files:
-                m["gates"][g.name]["report"] = f"forge/reports/{g.name}.json"
+        m, files = mf.record_gates(mf.load(self.ws.read_file(rt.base, mf.MANIFEST)), spec=self.spec,
+                                   spec_path=str(self.spec_path), spec_sha256=self.state.spec_sha256,
+                                   engine_name=self.engine.name, stage=stage.name, round_no=rec.round, commit=commit,
+                                   results=results, hardware=self._hardware, writer="forge",
+                                   provenance={"run_id": self.state.run_id, "branch": self.ws.branch,
+                                               "backend": rec.backend})
         if op is not None and leaderboard_path(self.state_dir, op).is_file():  # every candidate so far, harness-written
             files[f"{LEADERBOARDS}/{op}.json"] = leaderboard_path(self.state_dir, op).read_bytes()
         if op is not None and rec.timing is not None and stage.timing is not None:

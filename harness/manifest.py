@@ -1,14 +1,16 @@
-"""manifest.json: what an engine has proven. Written by the harness only, on every passing round.
+"""manifest.json: what an engine has proven. Written by the harness only: on every passing forge round, and by
+`certify` (the stage's gates run on a revision of the engine, no agent).
 
     {
       "engine": "train_engine_0.5B",
       "spec": {"name", "path", "sha256", "model", "reference", "hardware"},
       "gates": {"m1_forward": {"verdict", "metrics", "time_s", "stage", "round", "commit", "hardware",
-                               "reference", "case", "dtype", "world_size", "policy", "report",
+                               "reference", "case", "dtype", "world_size", "policy", "report", "by",
                                "unsupported": {part: the gate's reason} (parts the spec accepted unsupported)}},
       "ops": {"rmsnorm": {"metric", "value", "baseline", "commit", "round"}},
       "hardware": where the newest gates ran,
-      "forge": {"run_id", "branch", "backend", "updated"},
+      "forge": {"run_id", "branch", "backend", "updated"} (the forge run that recorded gates last),
+      "certify": {"command", "rev", "updated"} (the `certify` run that recorded gates last),
       "commit": the newest commit whose code the gates judged
     }
 
@@ -22,12 +24,14 @@ import json
 import platform
 import subprocess
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from harness.gating import GateOutcome, unsupported_parts
 from harness.spec import ForgeSpec, GateCheck
 
 MANIFEST = "manifest.json"
+REPORTS = "forge/reports"  # the accepted gates' reports, beside the manifest in the engine's tree
 
 
 def hardware_info() -> dict[str, Any]:
@@ -56,29 +60,38 @@ def load(raw: bytes | None) -> dict[str, Any]:
 
 
 def record_gates(manifest: dict[str, Any], *, spec: ForgeSpec, spec_path: str, spec_sha256: str, engine_name: str,
-                 stage: str, round_no: int, commit: str, results: list[tuple[GateCheck, GateOutcome]],
-                 hardware: dict[str, Any], run_id: str, branch: str, backend: str) -> dict[str, Any]:
-    """The manifest with this round's gate results (accepted ones only) merged in."""
+                 stage: str, round_no: int | None, commit: str, results: list[tuple[GateCheck, GateOutcome]],
+                 hardware: dict[str, Any], writer: Literal["forge", "certify"], provenance: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest with these gate results (accepted ones only) merged in, and the files that travel with it into
+    the engine's tree (`forge/reports/<gate>.json`, which the manifest's `report` fields then name).
+
+    `writer` is who judged (`forge`: a forge run's round; `certify`: `bash agent-loop.sh certify`); its key holds
+    `provenance` (run id, branch, backend; or the command and revision) and the time."""
     m = dict(manifest)
     m["engine"] = engine_name
     m["spec"] = {"name": spec.name, "path": spec_path, "sha256": spec_sha256, "model": spec.model.preset,
                  "reference": spec.reference, "hardware": spec.hardware.model_dump()}
     gates = dict(m.get("gates") or {})
+    files: dict[str, bytes] = {}
     for gate, out in results:
         if not out.accepted(gate):
             continue
+        report = str(out.report) if out.report else None
+        if out.report and Path(out.report).is_file():
+            report = f"{REPORTS}/{gate.name}.json"
+            files[report] = Path(out.report).read_bytes()
         gates[gate.name] = {
             "verdict": out.verdict, "metrics": out.key_numbers(limit=40), "time_s": out.time_s, "stage": stage,
             "round": round_no, "commit": commit, "hardware": hardware, "reference": spec.reference,
             "case": gate.case, "dtype": gate.dtype, "world_size": gate.world_size, "policy": gate.policy,
-            "report": str(out.report) if out.report else None,
+            "report": report, "by": writer,
             "unsupported": unsupported_parts(out.report) if out.verdict == "unsupported" else {},
         }
     m["gates"] = gates
     m["hardware"] = hardware
     m["commit"] = commit
-    m["forge"] = {"run_id": run_id, "branch": branch, "backend": backend, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return m
+    m[writer] = {**provenance, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return m, files
 
 
 def record_op(manifest: dict[str, Any], *, op: str, metric: str, value: float, baseline: float | None, commit: str,
