@@ -120,8 +120,7 @@ def certify(spec: ForgeSpec, spec_path: Path, engine: Path, *, rev: str = "HEAD"
             continue
         m, files = mf.record_gates(m, spec=spec, spec_path=str(spec_path), spec_sha256=spec_sha256(spec_path),
                                    engine_name=engine.name, stage=run.stage, round_no=None, commit=sha,
-                                   results=run.results, hardware=hardware, writer="certify",
-                                   provenance={"command": "certify", "rev": sha, "spec": spec.name})
+                                   results=run.results, hardware=hardware, writer="certify")
         cert.files |= files
     if cert.recorded:
         cert.files[mf.MANIFEST] = mf.dumps(m)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.gating import accepted_label, unsupported_parts
-from harness.ledger import read_jsonl
+from harness.ledger import Ledger, read_jsonl
 
 
 class NotAnEngine(ValueError):
@@ -185,20 +185,20 @@ def _rounds(engine: Path, manifest: dict[str, Any], ledgers: list[Path]) -> tupl
     for path, want in sources:
         if (want is None and path not in ledgers) or not Path(path).is_file():
             continue
-        for rec in read_jsonl(Path(path)):
-            key = (rec.get("run_id"), rec.get("stage"), rec.get("op"), rec.get("round"))
-            if rec.get("kind") == "round" and key not in seen and (want is None or rec.get("run_id") == want):
+        for rec in Ledger(Path(path)).rounds():
+            key = (rec.run_id, rec.stage, rec.op, rec.round)
+            if key not in seen and (want is None or rec.run_id == want):
                 seen.add(key)
-                out.append(rec)
-    out.sort(key=lambda r: r.get("ts", 0))
-    certified = manifest.get("certify") or {}
+                out.append(rec.model_dump(mode="json"))
+    out.sort(key=lambda r: r["ts"])
+    certified = [g for g in (manifest.get("gates") or {}).values() if g.get("by") == "certify"]
     if out or ledgers:
         note = None
     elif run_id:
         note = f"forge run {run_id}: its ledger is not here"
     elif certified:
-        note = (f"gates recorded by `certify` ({certified.get('spec')}, commit {str(certified.get('rev'))[:10]}, "
-                f"{certified.get('updated')}): no forge run, no forge history")
+        commits = ", ".join(sorted({str(g.get("commit"))[:10] for g in certified}))
+        note = f"gates recorded by `certify` (commit {commits}): no forge run, no forge history"
     else:
         note = "manifest.json records no forge run: no forge history"
     return out, note

@@ -623,8 +623,7 @@ class ForgeLoop:
                                    spec_path=str(self.spec_path), spec_sha256=self.state.spec_sha256,
                                    engine_name=self.engine.name, stage=stage.name, round_no=rec.round, commit=commit,
                                    results=results, hardware=self._hardware, writer="forge",
-                                   provenance={"run_id": self.state.run_id, "branch": self.ws.branch,
-                                               "backend": rec.backend})
+                                   run={"run_id": self.state.run_id, "branch": self.ws.branch, "backend": rec.backend})
         if op is not None and leaderboard_path(self.state_dir, op).is_file():  # every candidate so far, harness-written
             files[f"{LEADERBOARDS}/{op}.json"] = leaderboard_path(self.state_dir, op).read_bytes()
         if op is not None and rec.timing is not None and stage.timing is not None:

@@ -5,12 +5,11 @@
       "engine": "train_engine_0.5B",
       "spec": {"name", "path", "sha256", "model", "reference", "hardware"},
       "gates": {"m1_forward": {"verdict", "metrics", "time_s", "stage", "round", "commit", "hardware",
-                               "reference", "case", "dtype", "world_size", "policy", "report", "by",
+                               "reference", "case", "dtype", "world_size", "policy", "report", "by", "at",
                                "unsupported": {part: the gate's reason} (parts the spec accepted unsupported)}},
       "ops": {"rmsnorm": {"metric", "value", "baseline", "commit", "round"}},
       "hardware": where the newest gates ran,
-      "forge": {"run_id", "branch", "backend", "updated"} (the forge run that recorded gates last),
-      "certify": {"command", "rev", "updated"} (the `certify` run that recorded gates last),
+      "forge": {"run_id", "branch", "backend", "updated"} (the forge run that recorded gates last, if one did),
       "commit": the newest commit whose code the gates judged
     }
 
@@ -61,12 +60,13 @@ def load(raw: bytes | None) -> dict[str, Any]:
 
 def record_gates(manifest: dict[str, Any], *, spec: ForgeSpec, spec_path: str, spec_sha256: str, engine_name: str,
                  stage: str, round_no: int | None, commit: str, results: list[tuple[GateCheck, GateOutcome]],
-                 hardware: dict[str, Any], writer: Literal["forge", "certify"], provenance: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+                 hardware: dict[str, Any], writer: Literal["forge", "certify"],
+                 run: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The manifest with these gate results (accepted ones only) merged in, and the files that travel with it into
     the engine's tree (`forge/reports/<gate>.json`, which the manifest's `report` fields then name).
 
-    `writer` is who judged (`forge`: a forge run's round; `certify`: `bash agent-loop.sh certify`); its key holds
-    `provenance` (run id, branch, backend; or the command and revision) and the time."""
+    `writer` is who judged (`forge`: a forge run's round; `certify`: `bash agent-loop.sh certify`), recorded in each
+    gate's `by`; a forge round also names its run (`run`: run id, branch, backend), where its history lies."""
     m = dict(manifest)
     m["engine"] = engine_name
     m["spec"] = {"name": spec.name, "path": spec_path, "sha256": spec_sha256, "model": spec.model.preset,
@@ -84,13 +84,14 @@ def record_gates(manifest: dict[str, Any], *, spec: ForgeSpec, spec_path: str, s
             "verdict": out.verdict, "metrics": out.key_numbers(limit=40), "time_s": out.time_s, "stage": stage,
             "round": round_no, "commit": commit, "hardware": hardware, "reference": spec.reference,
             "case": gate.case, "dtype": gate.dtype, "world_size": gate.world_size, "policy": gate.policy,
-            "report": report, "by": writer,
+            "report": report, "by": writer, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "unsupported": unsupported_parts(out.report) if out.verdict == "unsupported" else {},
         }
     m["gates"] = gates
     m["hardware"] = hardware
     m["commit"] = commit
-    m[writer] = {**provenance, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if run is not None:
+        m["forge"] = {**run, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return m, files
 
 
