@@ -59,7 +59,7 @@ def test_dp2_equals_dp1_on_the_same_global_batch(tmp_path):
 
 def test_global_batch_must_split_over_micro_batches_and_ranks():
     from train_engine_0_5b import config
-    from train_engine_0_5b.errors import EngineError
+    from train_engine_0_5b.core.errors import EngineError
     from train_engine_0_5b.model_config import preset
 
     cfg = config.build(model=preset("tiny"), train=dict(num_steps=1, global_batch_size=6, micro_batch_size=2, seq_length=16))

@@ -48,7 +48,7 @@ def test_resume_is_bit_identical_on_gpu(cli, tmp_path):
         assert res.exit_code == 0, res.output + res.stderr
     a, b = read_jsonl(tmp_path / "straight.jsonl"), read_jsonl(tmp_path / "split.jsonl")
     assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
-    from train_engine_0_5b import checkpoint as ckpt
+    from train_engine_0_5b.core import checkpoint as ckpt
 
     wa, wb = ckpt.load(tmp_path / "straight").master, ckpt.load(tmp_path / "split").master
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from engine_testlib import ENGINE, TINY, assert_adamw_weights_close, engine_env, free_port, read_jsonl, rel_err
 
-from train_engine_0_5b import checkpoint as ckpt
+from train_engine_0_5b.core import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]  # the workspace: agent-loop.sh
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from gates.case import random_weights
 from gates.stacks.torch_ref.model import MiniCPM as Reference
-from train_engine_0_5b import checkpoint as ckpt
+from train_engine_0_5b.core import checkpoint as ckpt
 from train_engine_0_5b.export_hf import export
 from train_engine_0_5b.model import build_model, load_weights
 from train_engine_0_5b.model_config import LongRope, MiniCPMConfig, preset

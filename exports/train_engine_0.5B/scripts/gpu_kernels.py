@@ -57,7 +57,7 @@ from train_engine_0_5b.ops.rmsnorm import triton_fused as norm_t  # noqa: E402
 from train_engine_0_5b.ops.rope import triton_fused as rope_t  # noqa: E402
 from train_engine_0_5b.ops.rope.reference import rope_tables  # noqa: E402
 from train_engine_0_5b.ops.swiglu import triton_fused as swiglu_t  # noqa: E402
-from train_engine_0_5b.optim import clip_coefficient  # noqa: E402
+from train_engine_0_5b.core.optim import clip_coefficient  # noqa: E402
 
 START = time.monotonic()
 DEV = "cpu" if ARGS.smoke else "cuda"

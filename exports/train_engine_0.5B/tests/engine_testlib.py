@@ -101,13 +101,13 @@ def train_tiny(selection: str, device: str, ignore_first: int = 0) -> tuple[list
     op named in `selection` resolved to the implementation named there."""
     import torch
 
-    from train_engine_0_5b.dist import DistContext
+    from train_engine_0_5b.core.dist import DistContext
     from train_engine_0_5b.model import build_model, init_weights
     from train_engine_0_5b.model_config import preset
     from train_engine_0_5b.ops.cross_entropy.reference import IGNORE_INDEX
     from train_engine_0_5b.ops.registry import OpSelection, resolve
-    from train_engine_0_5b.optim import AdamW, Schedule
-    from train_engine_0_5b.trainer import Trainer
+    from train_engine_0_5b.core.optim import AdamW, Schedule
+    from train_engine_0_5b.core.trainer import Trainer
 
     cfg = preset("tiny")
     assert cfg.tie_word_embeddings

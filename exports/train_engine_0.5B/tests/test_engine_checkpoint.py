@@ -12,7 +12,7 @@ import torch
 from engine_testlib import TINY, read_jsonl, read_log, rel_err
 from safetensors.torch import load_file
 
-from train_engine_0_5b import checkpoint as ckpt
+from train_engine_0_5b.core import checkpoint as ckpt
 
 TRAIN = [*TINY, "--num-steps", "6", "--global-batch-size", "4", "--micro-batch-size", "2", "--lr-schedule", "cosine"]
 HF_REL_TOL = 1e-5  # the fold rescales weights instead of activations: fp32 rounding only

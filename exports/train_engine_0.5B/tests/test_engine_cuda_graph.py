@@ -13,15 +13,15 @@ import engine_testlib  # noqa: F401 - puts the engine's src on sys.path
 import pytest
 import torch
 
-from train_engine_0_5b.cuda_graph import GraphedStep
-from train_engine_0_5b.dist import DistContext
-from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.core.cuda_graph import GraphedStep
+from train_engine_0_5b.core.dist import DistContext
+from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.model import build_model, compile_loss, init_weights
 from train_engine_0_5b.model_config import MiniCPMConfig, preset
 from train_engine_0_5b.ops.adamw import reference
 from train_engine_0_5b.ops.registry import OpSelection, resolve
-from train_engine_0_5b.optim import AdamW, Schedule
-from train_engine_0_5b.trainer import Trainer
+from train_engine_0_5b.core.optim import AdamW, Schedule
+from train_engine_0_5b.core.trainer import Trainer
 
 triton_fused = pytest.importorskip("train_engine_0_5b.ops.adamw.triton_fused")
 
@@ -71,7 +71,7 @@ def test_what_a_graph_covers_and_what_runs_graphed_by_default():
     batch per step only; more than one rank is refused."""
     from types import SimpleNamespace
 
-    from train_engine_0_5b.cuda_graph import check, supported
+    from train_engine_0_5b.core.cuda_graph import check, supported
 
     def fake(world: int = 1):
         return SimpleNamespace(ctx=SimpleNamespace(device=torch.device("cuda"), world=world),

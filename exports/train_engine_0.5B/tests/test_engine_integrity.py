@@ -19,8 +19,8 @@ from engine_testlib import ENGINE, TINY, engine_env, read_log
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from train_engine_0_5b import checkpoint as ckpt
-from train_engine_0_5b import ckpt_dir
+from train_engine_0_5b.core import checkpoint as ckpt
+from train_engine_0_5b.core import ckpt_dir
 
 ROWS, SEQ = 2, 32
 RUN = [*TINY, "--global-batch-size", str(ROWS), "--micro-batch-size", str(ROWS)]

@@ -10,7 +10,8 @@ import tomllib
 
 from engine_testlib import ENGINE, SRC
 
-from train_engine_0_5b import cli, env
+from train_engine_0_5b import cli
+from train_engine_0_5b.core import env
 from train_engine_0_5b.model_config import from_toml, preset
 
 
@@ -35,7 +36,7 @@ def test_engine_imports_nothing_from_the_workspace():
 
 
 def test_environment_switches_are_listed_once():
-    read = set(re.findall(r'"(FORGE_ENGINE_[A-Z_]+)"', (SRC / "train_engine_0_5b" / "env.py").read_text()))
+    read = set(re.findall(r'"(FORGE_ENGINE_[A-Z_]+)"', (SRC / "train_engine_0_5b" / "core" / "env.py").read_text()))
     documented_env = set(re.findall(r"FORGE_ENGINE_[A-Z_]+[A-Z]", env.__doc__))
     in_readme = set(re.findall(r"`(FORGE_ENGINE_[A-Z_]+)`", (ENGINE / "README.md").read_text()))
     elsewhere = {f.name for f in SRC.rglob("*.py") if f.name != "env.py" and "FORGE_ENGINE_" in f.read_text()

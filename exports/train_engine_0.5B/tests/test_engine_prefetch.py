@@ -14,7 +14,7 @@ import torch
 from engine_testlib import TINY, read_jsonl
 
 from train_engine_0_5b import pretrain as pretrain_mod
-from train_engine_0_5b import step_reports
+from train_engine_0_5b.core import step_reports
 from train_engine_0_5b.data import Loader, PackedRows, Prefetcher, TokenStream
 from train_engine_0_5b.data.sources import Source, renderer
 from train_engine_0_5b.data.tokenizer import TextTokenizer
@@ -170,7 +170,7 @@ def test_pretrain_log_matches_the_synchronous_loop(cli, tmp_path, monkeypatch):
 
 
 def test_a_failing_step_still_logs_the_steps_before_it(cli, tmp_path, monkeypatch):
-    from train_engine_0_5b.trainer import Trainer
+    from train_engine_0_5b.core.trainer import Trainer
 
     real, calls = Trainer.train_step, []
 
@@ -189,7 +189,7 @@ def test_a_failing_step_still_logs_the_steps_before_it(cli, tmp_path, monkeypatc
 
 
 def _result(device: str, loss: float, norm: float, valid: int):
-    from train_engine_0_5b.trainer import StepResult
+    from train_engine_0_5b.core.trainer import StepResult
 
     return StepResult(torch.tensor(loss, device=device), torch.tensor(norm, device=device), 1e-3,
                       torch.tensor(valid, device=device))

@@ -16,7 +16,7 @@ from engine_testlib import TINY, read_jsonl, read_log, torchrun
 from safetensors.torch import load_file
 from test_engine_prepared_data import VOCAB, prepared, shipped_tokenizer_plus
 
-from train_engine_0_5b import checkpoint as ckpt
+from train_engine_0_5b.core import checkpoint as ckpt
 from train_engine_0_5b.data import open_prepared
 
 SEQ, ROWS = 32, 4

@@ -19,8 +19,9 @@ import torch
 from engine_testlib import ENGINE, TINY, read_jsonl
 from safetensors.torch import load_file
 
-from train_engine_0_5b import checkpoint as ckpt
-from train_engine_0_5b import cli_options, config, run_config
+from train_engine_0_5b.core import checkpoint as ckpt
+from train_engine_0_5b import config, run_config
+from train_engine_0_5b.core import cli_options
 
 RUN = [*TINY, "--global-batch-size", "2", "--micro-batch-size", "2"]
 RUN_TOML = """\
@@ -210,7 +211,7 @@ def test_wandb_sink_only_when_asked_and_installed(cli, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_every_step_time_is_its_own_the_last_included(cli, tmp_path, monkeypatch):
-    from train_engine_0_5b.trainer import Trainer
+    from train_engine_0_5b.core.trainer import Trainer
 
     real, delay = Trainer.train_step, 0.15
 
@@ -235,11 +236,11 @@ def test_every_step_time_is_its_own_the_last_included(cli, tmp_path, monkeypatch
 def test_step_times_on_a_gpu_when_the_host_sees_completions_late():
     """The host is held inside each step until the device finishes it, so it reads step N only once step N+1 is
     done: host time would give the last step ~0 ms. Device events give every step its ~0.1 s."""
-    from train_engine_0_5b.dist import DistContext
-    from train_engine_0_5b.metrics import StepLog
+    from train_engine_0_5b.core.dist import DistContext
+    from train_engine_0_5b.core.metrics import StepLog
     from train_engine_0_5b.model_config import preset
-    from train_engine_0_5b.step_reports import StepReports
-    from train_engine_0_5b.trainer import StepResult
+    from train_engine_0_5b.core.step_reports import StepReports
+    from train_engine_0_5b.core.trainer import StepResult
 
     cfg = config.build(model=preset("tiny"), train=dict(seq_length=32, global_batch_size=2, micro_batch_size=2))
     reports = StepReports(cfg, DistContext(device=torch.device("cuda", torch.cuda.current_device())), StepLog([], False, 4, 0))

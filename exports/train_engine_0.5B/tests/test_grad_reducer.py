@@ -8,7 +8,7 @@ import engine_testlib  # noqa: F401 - puts the engine's src on sys.path
 import torch
 from torch import nn
 
-from train_engine_0_5b.dist import DistContext, GradReducer
+from train_engine_0_5b.core.dist import DistContext, GradReducer
 
 
 def test_slots_sum_micro_batches_and_restart_each_step():

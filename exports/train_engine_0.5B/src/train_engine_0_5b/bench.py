@@ -13,15 +13,16 @@ import time
 
 import torch
 
-from train_engine_0_5b import cuda_graph as cuda_graph_mod, op_table as op_table_mod, runtime
-from train_engine_0_5b.dist import DistContext
-from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.metrics import mfu
+from train_engine_0_5b import op_table as op_table_mod
+from train_engine_0_5b.core import cuda_graph as cuda_graph_mod, runtime
+from train_engine_0_5b.core.dist import DistContext
+from train_engine_0_5b.core.errors import EngineError
+from train_engine_0_5b.core.metrics import mfu
 from train_engine_0_5b.model import build_model, compile_loss, init_weights
 from train_engine_0_5b.model_config import MiniCPMConfig
 from train_engine_0_5b.ops.registry import OpSelection, resolve
-from train_engine_0_5b.optim import AdamW, Schedule
-from train_engine_0_5b.trainer import Trainer
+from train_engine_0_5b.core.optim import AdamW, Schedule
+from train_engine_0_5b.core.trainer import Trainer
 
 
 def _sync(device: torch.device) -> None:

@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 
 from train_engine_0_5b.cli_help import PlainHelpGroup
-from train_engine_0_5b.cli_options import with_config_options
-from train_engine_0_5b.errors import EXIT_ERROR, EXIT_UNSUPPORTED, EngineError, Unsupported
+from train_engine_0_5b.core.cli_options import with_config_options
+from train_engine_0_5b.core.errors import EXIT_ERROR, EXIT_UNSUPPORTED, EngineError, Unsupported
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=PlainHelpGroup,
                   help="MiniCPM4-0.5B pretraining engine (data parallel; run under torchrun for more than one process).")
@@ -81,7 +81,8 @@ def pretrain(
     **options,
 ) -> None:
     """Train (and with --resume, continue bit-identically from the latest checkpoint)."""
-    from train_engine_0_5b import cli_options, config as config_mod, pretrain as pretrain_mod, run_config
+    from train_engine_0_5b import config as config_mod, pretrain as pretrain_mod, run_config
+    from train_engine_0_5b.core import cli_options
 
     explicit = cli_options.given(ctx)
     file = run_config.read(config) if config is not None else {}
@@ -121,8 +122,9 @@ def bench(
     op_table: bool = typer.Option(False, "--op-table", help="also: each op timed alone vs its reference, and a profiler breakdown of 2 steps (JSON key op_table; tables on stderr)"),
 ) -> None:
     """Time training steps on random tokens (median after warm-up): tokens/s, step time, MFU, peak memory."""
-    from train_engine_0_5b import bench as bench_mod, config
-    from train_engine_0_5b.config import RuntimeConfig
+    from train_engine_0_5b import bench as bench_mod
+    from train_engine_0_5b.core import config
+    from train_engine_0_5b.core.config import RuntimeConfig
 
     rt = config.build_section(RuntimeConfig, device=device, dtype=dtype, recompute=recompute)
     cfg = _model(model)
@@ -186,7 +188,7 @@ def dump_state(
     out: Path = typer.Option(..., "--out", help="output directory: tensors.safetensors + metrics.json"),
 ) -> None:
     """Write a checkpoint's fp32 master weights (weight.NAME) and AdamW moments (exp_avg.NAME, exp_avg_sq.NAME)."""
-    from train_engine_0_5b.checkpoint import dump_state as dump
+    from train_engine_0_5b.core.checkpoint import dump_state as dump
 
     typer.echo(f"wrote {dump(checkpoint, out)}")
 
@@ -229,7 +231,7 @@ def prepare_data(
 @app.command()
 def info() -> None:
     """Presets, the op registry (with unavailable implementations and why), environment switches."""
-    from train_engine_0_5b import env
+    from train_engine_0_5b.core import env
     from train_engine_0_5b.model_config import PRESETS
     from train_engine_0_5b.ops.registry import DEVICE_DEFAULTS, OPS, UNAVAILABLE
 

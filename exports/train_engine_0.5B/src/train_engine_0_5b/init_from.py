@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.model_config import MiniCPMConfig, from_hf_config, hf_param_shapes
 
 

@@ -25,13 +25,14 @@ math, so the same values: it trades one more forward of that part for memory.
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from train_engine_0_5b.core.config import Recompute
 from train_engine_0_5b.model_config import MiniCPMConfig, hf_param_shapes
 from train_engine_0_5b.ops.registry import Ops
 from train_engine_0_5b.ops.rope.reference import rope_tables
@@ -111,7 +112,6 @@ def rope_cos_sin(cfg: MiniCPMConfig, seq_len: int, device: torch.device, dtype: 
     return rope_tables(seq_len, cfg.dim_head, cfg.rope_theta, divisors, scale, device, dtype)
 
 
-Recompute = Literal["none", "mlp", "attention", "layer"]  # what each layer recomputes in backward
 RECOMPUTE: tuple[str, ...] = get_args(Recompute)
 
 

@@ -17,20 +17,21 @@ import sys
 import torch
 from safetensors import SafetensorError
 
-from train_engine_0_5b import checkpoint as ckpt
-from train_engine_0_5b import ckpt_dir, cuda_graph, run_config, runtime, sinks
+from train_engine_0_5b.core import checkpoint as ckpt
+from train_engine_0_5b import run_config
+from train_engine_0_5b.core import ckpt_dir, cuda_graph, runtime, sinks
 from train_engine_0_5b.config import EngineConfig
 from train_engine_0_5b.data import Data, Prefetcher, attach_eval, open_prepared, prepare, prepare_batches
-from train_engine_0_5b.dist import DistContext
-from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.evaluate import evaluate
+from train_engine_0_5b.core.dist import DistContext
+from train_engine_0_5b.core.errors import EngineError
+from train_engine_0_5b.core.evaluate import evaluate
 from train_engine_0_5b.init_from import load_init, tokenizer_dir
-from train_engine_0_5b.metrics import StepLog, mfu
+from train_engine_0_5b.core.metrics import StepLog, mfu
 from train_engine_0_5b.model import build_model, compile_loss, init_weights
 from train_engine_0_5b.ops.registry import resolve
-from train_engine_0_5b.optim import AdamW, Schedule
-from train_engine_0_5b.step_reports import StepReports
-from train_engine_0_5b.trainer import Trainer
+from train_engine_0_5b.core.optim import AdamW, Schedule
+from train_engine_0_5b.core.step_reports import StepReports
+from train_engine_0_5b.core.trainer import Trainer
 
 # Settings a resumed run must share with its checkpoint (anything else, e.g. num_steps, may change).
 RESUME_KEYS = ("model", "seq_length", "global_batch_size", "data_fingerprint", "tokenizer_fingerprint")

@@ -22,17 +22,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
-from train_engine_0_5b import checkpoint as ckpt
-from train_engine_0_5b import runtime
-from train_engine_0_5b.config import DTYPES
+from train_engine_0_5b.core import checkpoint as ckpt
+from train_engine_0_5b.core import runtime
+from train_engine_0_5b.core.config import DTYPES
 from train_engine_0_5b.data.tokenizer import TextTokenizer
-from train_engine_0_5b.dist import DistContext
-from train_engine_0_5b.errors import EngineError, Unsupported
+from train_engine_0_5b.core.dist import DistContext
+from train_engine_0_5b.core.errors import EngineError, Unsupported
 from train_engine_0_5b.model import build_model, load_weights
 from train_engine_0_5b.model_config import MiniCPMConfig, hf_param_shapes
 from train_engine_0_5b.ops.registry import OpSelection, Ops, resolve
-from train_engine_0_5b.optim import AdamW, Schedule
-from train_engine_0_5b.trainer import IGNORE_INDEX, Trainer
+from train_engine_0_5b.core.optim import AdamW, Schedule
+from train_engine_0_5b.core.trainer import IGNORE_INDEX, Trainer
 
 PROBES = ("forward", "backward", "steps", "checkpoint")
 CASE_FORMAT = 1

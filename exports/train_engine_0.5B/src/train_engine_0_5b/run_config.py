@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from train_engine_0_5b.config import EngineConfig
-from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.model_config import MiniCPMConfig, from_dict, load
 from train_engine_0_5b.ops.registry import OpSelection
 

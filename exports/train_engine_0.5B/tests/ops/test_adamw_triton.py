@@ -16,7 +16,7 @@ from train_engine_0_5b.ops.adamw.triton_fused import (  # noqa: E402
     grad_sq_sum,
     grad_sq_sum_reference,
 )
-from train_engine_0_5b.optim import clip_coefficient  # noqa: E402
+from train_engine_0_5b.core.optim import clip_coefficient  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

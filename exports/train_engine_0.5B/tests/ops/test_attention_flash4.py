@@ -16,7 +16,7 @@ import pytest
 import torch
 from engine_testlib import rel_err, sm90
 
-from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.ops.attention import flash4, reference, sdpa
 
 SHAPES = [(1, 1, 2, 2, 8), (2, 37, 6, 2, 16), (1, 64, 6, 1, 32), (2, 16, 4, 4, 8)]  # (B, S, n, g, d)

@@ -18,7 +18,7 @@ import torch
 from engine_testlib import sm90
 
 pytest.importorskip("triton")
-from train_engine_0_5b.errors import EngineError  # noqa: E402
+from train_engine_0_5b.core.errors import EngineError  # noqa: E402
 from train_engine_0_5b.ops import _quack  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy import quack_triton, triton_fused  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy.reference import cross_entropy as cross_entropy_reference  # noqa: E402

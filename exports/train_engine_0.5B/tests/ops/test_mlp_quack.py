@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from engine_testlib import rel_err, sm90
 
-from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.ops.mlp import quack_dgated, quack_gated, reference
 
 SHAPES = [(1, 1, 8, 16), (2, 37, 16, 24), (3, 5, 32, 8)]  # (B, S, h, f)

@@ -65,7 +65,7 @@ def test_weight_placement_matches_the_reference(dtype, mlp, recompute):
 
 
 def test_unknown_placement_is_refused():
-    from train_engine_0_5b.errors import EngineError
+    from train_engine_0_5b.core.errors import EngineError
 
     with pytest.raises(EngineError, match="residual_scale.*unknown implementation 'activations'"):
         resolve(OpSelection.parse("residual_scale=activations"), "cpu")

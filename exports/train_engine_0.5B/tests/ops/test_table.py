@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from train_engine_0_5b.errors import EngineError
+from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.ops import space
 from train_engine_0_5b.ops.cases import EDGE_DIMS, build
 from train_engine_0_5b.ops.registry import OPS, UNAVAILABLE

@@ -30,10 +30,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from train_engine_0_5b import checksums
-from train_engine_0_5b.ckpt_dir import (LATEST, PENDING, STATE_FILE, find_latest, fsync, problem, step_dir_name,
+from . import checksums
+from .ckpt_dir import (LATEST, PENDING, STATE_FILE, find_latest, fsync, problem, step_dir_name,
                                         write_pointer)
-from train_engine_0_5b.errors import EngineError
+from .errors import EngineError
 
 FORMAT = 2  # 2: state.json carries checksums; format 1 (without them) is still read
 READABLE_FORMATS = (1, 2)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from train_engine_0_5b.errors import EngineError
+from .errors import EngineError
 
 ALGORITHM = "sha256"
 

@@ -18,7 +18,7 @@ import re
 import shutil
 from pathlib import Path
 
-from train_engine_0_5b.errors import EngineError
+from .errors import EngineError
 
 STATE_FILE, LATEST, PENDING = "state.json", "latest", ".latest.tmp"
 STEP_DIR = re.compile(r"step_(\d{8})")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin
 import typer
 from pydantic.fields import FieldInfo
 
-from train_engine_0_5b.config import CheckpointConfig, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
+from .config import CheckpointConfig, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
 
 SECTIONS = {"train": TrainConfig, "optim": OptimConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
             "runtime": RuntimeConfig}

@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.ops.adamw import triton_fused
-from train_engine_0_5b.trainer import StepResult, Trainer
+from .errors import EngineError
+from ..ops.adamw import triton_fused
+from .trainer import StepResult, Trainer
 
 
 # int64 entries set aside (outside the graph's memory) for the AdamW tables the capture misses: the pointer

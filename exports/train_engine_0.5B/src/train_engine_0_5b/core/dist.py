@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from train_engine_0_5b import env
+from . import env
 
 
 @dataclass

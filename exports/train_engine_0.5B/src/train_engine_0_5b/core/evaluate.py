@@ -11,13 +11,12 @@ import math
 
 import torch
 
-from train_engine_0_5b.dist import DistContext
-from train_engine_0_5b.model import MiniCPM
-from train_engine_0_5b.trainer import IGNORE_INDEX
+from .dist import DistContext
+from .trainer import IGNORE_INDEX, LossModel
 
 
 @torch.no_grad()
-def evaluate(model: MiniCPM, ctx: DistContext, loader, iters: int, micro_batch_size: int) -> dict[str, float]:
+def evaluate(model: LossModel, ctx: DistContext, loader, iters: int, micro_batch_size: int) -> dict[str, float]:
     """{"eval_loss", "eval_ppl", "eval_tokens"} over batches 0 .. iters-1 of `loader` (`batch(i)` -> ids, labels)."""
     was_training = model.training
     model.eval()

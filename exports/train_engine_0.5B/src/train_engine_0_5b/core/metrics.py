@@ -12,11 +12,11 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from train_engine_0_5b import env
-from train_engine_0_5b.model_config import MiniCPMConfig
+from . import env
+from .config import ModelConfig
 
 
-def mfu(cfg: MiniCPMConfig, seq_length: int, tokens: int, seconds: float, gpus: int) -> float:
+def mfu(cfg: ModelConfig, seq_length: int, tokens: int, seconds: float, gpus: int) -> float:
     """Model FLOPs utilization in [0, 1] (tokens over all GPUs in `seconds`)."""
     return cfg.flops_per_token(seq_length) * tokens / (seconds * gpus * env.peak_tflops() * 1e12)
 

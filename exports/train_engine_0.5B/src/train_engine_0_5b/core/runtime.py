@@ -8,8 +8,8 @@ import resource
 
 import torch
 
-from train_engine_0_5b.dist import DistContext
-from train_engine_0_5b.errors import EngineError
+from .dist import DistContext
+from .errors import EngineError
 
 
 def setup(device: str, deterministic: bool, reference_numerics: bool = False) -> None:

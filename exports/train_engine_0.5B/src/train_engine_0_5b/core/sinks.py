@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Protocol
 
-from train_engine_0_5b.config import EngineConfig
-from train_engine_0_5b.errors import EngineError
+from .config import RunConfig
+from .errors import EngineError
 
 SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "peak_mem_gib")
 EVAL_SCALARS = ("eval_loss", "eval_ppl")  # present on the steps that validated
@@ -100,7 +100,7 @@ def _wandb():
     return wandb
 
 
-def check(cfg: EngineConfig) -> None:
+def check(cfg: RunConfig) -> None:
     """The packages the asked-for sinks need are importable (before any training state exists)."""
     if cfg.runtime.tensorboard_dir is not None:
         _tensorboard_writer()
@@ -108,7 +108,7 @@ def check(cfg: EngineConfig) -> None:
         _wandb()
 
 
-def open_sinks(cfg: EngineConfig) -> list[Sink]:
+def open_sinks(cfg: RunConfig) -> list[Sink]:
     """Rank 0's sinks for this run."""
     rt, sinks = cfg.runtime, []
     try:

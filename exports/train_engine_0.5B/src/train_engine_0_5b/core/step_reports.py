@@ -18,12 +18,12 @@ import time
 
 import torch
 
-from train_engine_0_5b import runtime
-from train_engine_0_5b.config import EngineConfig
-from train_engine_0_5b.dist import DistContext
-from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.metrics import StepLog, mfu
-from train_engine_0_5b.trainer import StepResult
+from . import runtime
+from .config import RunConfig
+from .dist import DistContext
+from .errors import EngineError
+from .metrics import StepLog, mfu
+from .trainer import StepResult
 
 
 def _event() -> torch.cuda.Event:
@@ -57,7 +57,7 @@ class StepReports:
     """`hold` right after queueing a step: stages its scalars, reports the step before it. `flush` reads
     and logs the held step (before a checkpoint, a stop, the end, an error)."""
 
-    def __init__(self, cfg: EngineConfig, ctx: DistContext, log: StepLog):
+    def __init__(self, cfg: RunConfig, ctx: DistContext, log: StepLog):
         self.cfg, self.ctx, self.log = cfg, ctx, log
         self.tokens = cfg.train.global_batch_size * cfg.train.seq_length
         self.cuda = ctx.device.type == "cuda"

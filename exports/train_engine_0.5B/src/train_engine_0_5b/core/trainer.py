@@ -20,15 +20,29 @@ reducer reduce-scatters, the optimizer updates this rank's pieces, the parameter
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from train_engine_0_5b.dist import DistContext, GradReducer
-from train_engine_0_5b.model import MiniCPM
-from train_engine_0_5b.optim import AdamW, Schedule
+from .dist import DistContext, GradReducer
+from .optim import AdamW, Schedule
 
 IGNORE_INDEX = -100
+
+
+class LossModel(Protocol):
+    """The model part's contract with the core: an nn.Module whose `loss_sum` is the summed token CE."""
+
+    training: bool
+
+    def loss_sum(self, input_ids: Tensor, labels: Tensor) -> Tensor: ...  # (rows, seq) x2 -> 0-dim
+
+    def named_parameters(self): ...
+
+    def parameters(self): ...
+
+    def train(self, mode: bool = True): ...
 
 
 @dataclass
@@ -42,7 +56,7 @@ class StepResult:
 
 class Trainer:
     def __init__(
-        self, model: MiniCPM, optimizer: AdamW, schedule: Schedule, ctx: DistContext, *, micro_batch_size: int,
+        self, model: LossModel, optimizer: AdamW, schedule: Schedule, ctx: DistContext, *, micro_batch_size: int,
         grad_clip: float, master_dtype: torch.dtype, bucket_mb: float = 25.0, zero1: bool = False,
         skip_nonfinite: bool = False,
     ):  # fmt: skip

@@ -9,15 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from train_engine_0_5b.data.batches import BatchLoader, TokenBatches
-from train_engine_0_5b.data.mixture import EvalRows, MixtureRows, check_weights, fingerprint
-from train_engine_0_5b.data.packing import Loader, PackedRows, TokenStream
-from train_engine_0_5b.data.prefetch import Prefetcher
-from train_engine_0_5b.data.sampler import SampleOrder
-from train_engine_0_5b.data.shards import TOKENIZER_DIR, PreparedSet
-from train_engine_0_5b.data.sources import open_source, renderer
-from train_engine_0_5b.data.tokenizer import TextTokenizer
-from train_engine_0_5b.errors import EngineError
+from .batches import BatchLoader, TokenBatches
+from .mixture import EvalRows, MixtureRows, check_weights, fingerprint
+from .packing import Loader, PackedRows, TokenStream
+from .prefetch import Prefetcher
+from .sampler import SampleOrder
+from .shards import TOKENIZER_DIR, PreparedSet
+from .sources import open_source, renderer
+from .tokenizer import TextTokenizer
+from ..core.errors import EngineError
 
 
 @dataclass

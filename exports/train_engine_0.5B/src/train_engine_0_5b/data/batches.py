@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from train_engine_0_5b.errors import EngineError
+from ..core.errors import EngineError
 
 IGNORE_INDEX = -100
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from train_engine_0_5b.data.sampler import SampleOrder
-from train_engine_0_5b.data.shards import Manifest, PreparedSet
-from train_engine_0_5b.errors import EngineError
+from .sampler import SampleOrder
+from .shards import Manifest, PreparedSet
+from ..core.errors import EngineError
 
 MIN_BLOCK = 1024
 WEIGHT_TOLERANCE = 1e-6

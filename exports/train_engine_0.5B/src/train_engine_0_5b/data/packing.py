@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from train_engine_0_5b.data.sources import Source
-from train_engine_0_5b.data.tokenizer import TextTokenizer
-from train_engine_0_5b.errors import EngineError
+from .sources import Source
+from .tokenizer import TextTokenizer
+from ..core.errors import EngineError
 
 
 @dataclass

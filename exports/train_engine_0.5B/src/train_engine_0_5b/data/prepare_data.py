@@ -24,12 +24,12 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from train_engine_0_5b import env
-from train_engine_0_5b.data import shards
-from train_engine_0_5b.data.shards import Manifest, Plan, ShardRecord, SourceRecord
-from train_engine_0_5b.data.sources import PREPARE_HINT, _check_hub, _looks_local, local_files, open_source, renderer
-from train_engine_0_5b.data.tokenizer import TextTokenizer
-from train_engine_0_5b.errors import EngineError
+from ..core import env
+from . import shards
+from .shards import Manifest, Plan, ShardRecord, SourceRecord
+from .sources import PREPARE_HINT, _check_hub, _looks_local, local_files, open_source, renderer
+from .tokenizer import TextTokenizer
+from ..core.errors import EngineError
 
 PLAN = "plan.json"
 ENCODE_BATCH = 1000  # texts per encode_batch call inside a worker

@@ -14,8 +14,8 @@ import hashlib
 
 import numpy as np
 
-from train_engine_0_5b.data.shards import PreparedSet
-from train_engine_0_5b.errors import EngineError
+from .shards import PreparedSet
+from ..core.errors import EngineError
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 

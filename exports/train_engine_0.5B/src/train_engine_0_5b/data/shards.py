@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from train_engine_0_5b.errors import EngineError
+from ..core.errors import EngineError
 
 FORMAT = "forge-tokens/1"
 MANIFEST = "manifest.json"

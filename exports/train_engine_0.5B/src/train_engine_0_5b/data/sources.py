@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from train_engine_0_5b import env
-from train_engine_0_5b.errors import EngineError
+from ..core import env
+from ..core.errors import EngineError
 
 DEFAULT_CORPUS = Path(__file__).with_name("default_corpus.jsonl.gz")
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".txt": "text", ".text": "text"}

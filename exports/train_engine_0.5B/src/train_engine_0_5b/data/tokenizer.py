@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from train_engine_0_5b.errors import EngineError
+from ..core.errors import EngineError
 
 DEFAULT_DIR = Path(__file__).with_name("tokenizer")
 # Files a tokenizer directory may hold; the ones present travel with checkpoints and HF exports.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from train_engine_0_5b.errors import EngineError
+from ..core.errors import EngineError
 
 
 def gpu_too_old(what: str) -> str | None:

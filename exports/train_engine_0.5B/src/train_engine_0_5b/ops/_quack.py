@@ -19,8 +19,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from train_engine_0_5b.ops import space
-from train_engine_0_5b.ops._hopper import gpu_too_old
+from . import space
+from ._hopper import gpu_too_old
 
 # site -> (op, implementation, parameter) of its SM90 tile config (tile_m, tile_n, pingpong, cluster_m, cluster_n)
 SM90_TILES: dict[str, tuple[str, str, str]] = {

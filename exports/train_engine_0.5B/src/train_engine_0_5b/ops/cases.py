@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from train_engine_0_5b.ops.rope.reference import rope_tables
+from .rope.reference import rope_tables
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from typing import Any, Callable
 import torch
 from pydantic import BaseModel, ConfigDict, create_model
 
-from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.ops import space
-from train_engine_0_5b.ops.table import SPECS, TABLE, UNFUSED, OpSpec, check_tuned
+from ..core.errors import EngineError
+from . import space
+from .table import SPECS, TABLE, UNFUSED, OpSpec, check_tuned
 
 OPS: dict[str, dict[str, Callable | None]] = {s.name: {} for s in TABLE}
 UNAVAILABLE: dict[tuple[str, str], str] = {}  # (op, implementation) -> why it is not registered

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.ops.table import param
+from ..core.errors import EngineError
+from .table import param
 
 TUNED_FILE = Path(__file__).resolve().parents[1] / "tuned" / "configs.json"
 

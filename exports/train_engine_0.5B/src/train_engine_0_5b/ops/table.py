@@ -28,7 +28,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from train_engine_0_5b.errors import EngineError
+from ..core.errors import EngineError
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,10 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from train_engine_0_5b.ops.adamw.reference import adamw as _reference_adamw
+from .reference import adamw as _reference_adamw
 
-from train_engine_0_5b.ops import space
-from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
+from .. import space
+from .._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 
 _BLOCK = 1024  # grad_sq_sum's elements per loop iteration: 8 fp32 per thread at 4 warps
 _CHUNK = 16 * _BLOCK  # elements per work item: ~30k items for 0.5B parameters, a few waves of programs

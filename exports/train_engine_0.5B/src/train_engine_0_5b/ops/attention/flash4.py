@@ -23,9 +23,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.ops import space
-from train_engine_0_5b.ops._hopper import gpu_too_old, require_hopper_half
+from ...core.errors import EngineError
+from .. import space
+from .._hopper import gpu_too_old, require_hopper_half
 
 
 def fwd_launch() -> dict:

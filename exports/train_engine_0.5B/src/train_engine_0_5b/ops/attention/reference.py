@@ -7,7 +7,7 @@ returns (B, S, n, d). Query head i reads kv head i // (n / g).
 import torch
 from torch import Tensor
 
-from train_engine_0_5b.ops._numerics import upcast
+from .._numerics import upcast
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from train_engine_0_5b.ops import _quack
-from train_engine_0_5b.ops._hopper import require_hopper_half
-from train_engine_0_5b.ops.cross_entropy.triton_fused import HAS_TRITON, LINEAR_CE_CHUNK, _linear_ce_sum  # noqa: F401 - HAS_TRITON: read by the registry
+from .. import _quack
+from .._hopper import require_hopper_half
+from .triton_fused import HAS_TRITON, LINEAR_CE_CHUNK, _linear_ce_sum  # noqa: F401 - HAS_TRITON: read by the registry
 
 UNAVAILABLE_REASON = _quack.UNAVAILABLE_REASON
 GEMMS = "quack_lse"  # triton_fused.fused_linear_cross_entropy_fwd_bwd's `gemms`: "quack" or "quack_lse"

@@ -9,7 +9,7 @@ output GEMM and the loss as one op, for fusions that never hold the whole logits
 import torch.nn.functional as F
 from torch import Tensor
 
-from train_engine_0_5b.ops._numerics import upcast
+from .._numerics import upcast
 
 IGNORE_INDEX = -100
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from train_engine_0_5b.ops import space
-from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton
+from .. import space
+from .._triton import HAS_TRITON, require_triton, tl, triton
 
 
 def reference(preact: Tensor, dpost: Tensor) -> Tensor:

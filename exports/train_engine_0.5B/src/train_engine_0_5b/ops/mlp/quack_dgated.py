@@ -24,10 +24,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.ops import _quack
-from train_engine_0_5b.ops._hopper import require_hopper_half
-from train_engine_0_5b.ops.mlp.quack_gated import interleave
+from ...core.errors import EngineError
+from .. import _quack
+from .._hopper import require_hopper_half
+from .quack_gated import interleave
 
 _SITE = "mlp.fc2_dgrad_dswiglu"  # its SM90 tile config: _quack.SM90_TILES
 

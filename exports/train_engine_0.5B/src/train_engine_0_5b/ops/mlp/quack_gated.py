@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from train_engine_0_5b.errors import EngineError
-from train_engine_0_5b.ops import _quack
-from train_engine_0_5b.ops._hopper import require_hopper_half
-from train_engine_0_5b.ops.mlp.dswiglu import dswiglu
+from ...core.errors import EngineError
+from .. import _quack
+from .._hopper import require_hopper_half
+from .dswiglu import dswiglu
 
 
 class Kernels(NamedTuple):

@@ -10,8 +10,8 @@ references themselves, so selecting it gives bitwise the unfused reference path.
 
 from torch import Tensor
 
-from train_engine_0_5b.ops.gemm.reference import gemm
-from train_engine_0_5b.ops.rope.reference import rope
+from ..gemm.reference import gemm
+from ..rope.reference import rope
 
 
 def head_counts(weights: tuple[Tensor, Tensor, Tensor], d: int) -> tuple[int, int]:

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from train_engine_0_5b.ops import space
-from train_engine_0_5b.ops._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
-from train_engine_0_5b.ops.qkv_rope.reference import head_counts
+from .. import space
+from .._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
+from .reference import head_counts
 
 
 @triton.jit

@@ -8,7 +8,7 @@
 import torch
 from torch import Tensor
 
-from train_engine_0_5b.ops._numerics import upcast
+from .._numerics import upcast
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

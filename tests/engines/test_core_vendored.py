@@ -1,0 +1,53 @@
+"""Every export's vendored core (core/, ops/, data/) is engine_core/'s, byte for byte, and matches its stamp."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import vendor_core
+
+EXPORTS = vendor_core.stamped_exports()
+
+
+def test_the_engines_carry_a_vendored_core():
+    assert [e.name for e in EXPORTS] == ["train_engine_0.5B"]
+
+
+@pytest.mark.parametrize("export", EXPORTS, ids=[e.name for e in EXPORTS])
+def test_vendored_core_is_engine_core(export):
+    problems = vendor_core.vendored.drift(vendor_core.package_dir(export), vendor_core.SOURCE)
+    assert not problems, "run `python -m harness.vendor_core` (or --adopt the export):\n" + "\n".join(problems)
+
+
+def test_drift_is_found(tmp_path):
+    """An edited, an added and a removed file each show, against the stamp and against engine_core."""
+    import shutil
+
+    pkg = tmp_path / "pkg"
+    for rel in vendor_core.vendored.files(vendor_core.SOURCE):
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(vendor_core.SOURCE / rel, pkg / rel)
+    (pkg / vendor_core.vendored.STAMP).write_text(__import__("json").dumps(vendor_core.vendored.stamp(pkg)))
+    assert vendor_core.vendored.drift(pkg, vendor_core.SOURCE) == []
+    (pkg / "core" / "trainer.py").write_text("# edited\n")
+    (pkg / "ops" / "extra.py").write_text("")
+    (pkg / "data" / "sampler.py").unlink()
+    problems = vendor_core.vendored.drift(pkg, vendor_core.SOURCE)
+    for name in ("core/trainer.py: differs", "ops/extra.py: in the package", "data/sampler.py: in the"):
+        assert sum(p.startswith(name) for p in problems) == 2, (name, problems)
+
+
+def test_the_core_imports_nothing_of_the_model_part():
+    """engine_core's imports stay inside core/, ops/ and data/ (relative), so any engine package can carry it."""
+    import ast
+
+    for rel in vendor_core.vendored.files(vendor_core.SOURCE):
+        path = vendor_core.SOURCE / rel
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                here = path.parent.relative_to(vendor_core.SOURCE).parts  # e.g. ("ops", "adamw")
+                target = here[: len(here) - node.level + 1] + tuple((node.module or "").split("."))
+                assert target[0] in vendor_core.vendored.TREES, f"{rel}: from {'.' * node.level}{node.module}"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert not any(n.startswith(("train_engine", "gates", "harness")) for n in names), f"{rel}: {names}"
