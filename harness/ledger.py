@@ -11,6 +11,7 @@ State dir of a run (default `<repo>/.forge/<spec name>/`):
     lock            flock'd by the live run
 
 The ledger is the source of truth for resume: a stage passed iff a `round` line says so with a commit.
+Every line is typed (`RoundRecord`, or an `Event` of EVENTS) and `Ledger` is the one reader and writer.
 Nothing written here ever holds an API key: every line goes through harness.secrets.redact.
 """
 
@@ -21,9 +22,9 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.procs import ProcRecord
 from harness.secrets import redact
@@ -43,7 +44,7 @@ class GateLine(BaseModel):
 class RoundRecord(BaseModel):
     """One ledger line per round."""
 
-    kind: str = "round"
+    kind: Literal["round"] = "round"
     ts: float = Field(default_factory=time.time)
     run_id: str
     stage: str
@@ -78,6 +79,80 @@ class RoundRecord(BaseModel):
         return self.stage if self.op is None else f"{self.stage}-{self.op}"
 
 
+class Event(BaseModel):
+    """One ledger line that is not a round: something the run did (started, resumed, stopped, an op's baseline)."""
+
+    model_config = ConfigDict(extra="allow")  # an event name this version does not know keeps its fields
+    kind: Literal["event"] = "event"
+    ts: float = Field(default_factory=time.time)
+    run_id: str
+    event: str
+
+
+class RunStarted(Event):
+    event: Literal["run_started"] = "run_started"
+    spec: str
+    spec_sha256: str
+    branch: str
+    base: str
+    engine: str
+
+
+class RunResumed(Event):
+    event: Literal["run_resumed"] = "run_resumed"
+    spec_sha256: str
+    spec_changed: bool
+
+
+class OrphansChecked(Event):
+    """On resume: the process groups a killed run left, each ended or left alone (`procs`: what was done)."""
+    event: Literal["orphans_checked"] = "orphans_checked"
+    key: str
+    round: int
+    procs: list[str] = Field(default_factory=list)
+
+
+class RunInterrupted(Event):
+    event: Literal["run_interrupted"] = "run_interrupted"
+    signal: str
+
+
+class RunStopped(Event):
+    event: Literal["run_stopped"] = "run_stopped"
+    stage: str
+    status: str
+    message: str
+
+
+class RunPassed(Event):
+    event: Literal["run_passed"] = "run_passed"
+    tip: str | None = None
+    not_run: list[str] = Field(default_factory=list)
+
+
+class OpBaseline(Event):
+    """An ops stage's first figure for an op: the step on the gates' clock before any round."""
+    event: Literal["op_baseline"] = "op_baseline"
+    key: str
+    op: str
+    value: float | None = None
+    note: str = ""
+
+
+class OpDone(Event):
+    """An op's rounds are spent: its best stays elected."""
+    event: Literal["op_done"] = "op_done"
+    stage: str
+    op: str
+    best: float | None = None
+    best_round: int | None = None
+
+
+EVENTS: dict[str, type[Event]] = {cls.model_fields["event"].default: cls for cls in (
+    RunStarted, RunResumed, OrphansChecked, RunInterrupted, RunStopped, RunPassed, OpBaseline, OpDone)}
+Record = RoundRecord | Event
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSON-lines file; torn or non-object lines (a crash mid-write) are skipped."""
     out = []
@@ -91,13 +166,30 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def parse(line: dict[str, Any]) -> Record | None:
+    """A ledger line as its type (None for a line of neither kind, or one that does not validate)."""
+    try:
+        if line.get("kind") == "round":
+            return RoundRecord.model_validate(line)
+        if line.get("kind") == "event":
+            return EVENTS.get(str(line.get("event")), Event).model_validate(line)
+    except ValidationError:
+        return None
+    return None
+
+
+E = TypeVar("E", bound=Event)
+
+
 class Ledger:
+    """The one reader and writer of a run's ledger.jsonl: typed records in, typed records out."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    def append(self, record: BaseModel | dict[str, Any]) -> None:
-        data = record.model_dump(mode="json") if isinstance(record, BaseModel) else record
-        line = redact(json.dumps(data, sort_keys=True, default=str))
+    # -- writing --------------------------------------------------------------------------------------------
+    def append(self, record: Record) -> None:
+        line = redact(json.dumps(record.model_dump(mode="json"), sort_keys=True, default=str))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as f:
             f.seek(0, os.SEEK_END)
@@ -110,19 +202,42 @@ class Ledger:
             os.fsync(f.fileno())
 
     def event(self, run_id: str, event: str, **data: Any) -> None:
-        self.append({"kind": "event", "ts": time.time(), "run_id": run_id, "event": event, **data})
+        """Append the event `event` (a name of EVENTS), its fields validated by its type."""
+        self.append(EVENTS[event](run_id=run_id, **data))
 
+    # -- reading --------------------------------------------------------------------------------------------
     def records(self) -> list[dict[str, Any]]:
+        """Every line as written (JSON objects), torn lines skipped: for copies and for readers of other versions."""
         return read_jsonl(self.path) if self.path.is_file() else []
 
-    def rounds(self) -> list[RoundRecord]:
-        return [RoundRecord.model_validate(r) for r in self.records() if r.get("kind") == "round"]
+    def typed(self) -> list[Record]:
+        return [r for r in map(parse, self.records()) if r is not None]
+
+    def rounds(self, key: str | None = None) -> list[RoundRecord]:
+        """The round lines in order; of one stage or `stage-op` key if given."""
+        return [r for r in self.typed() if isinstance(r, RoundRecord) and (key is None or r.key == key)]
+
+    def events(self, kind: type[E]) -> list[E]:
+        """The events of one type, in order."""
+        return [r for r in self.typed() if isinstance(r, kind)]
+
+    def op_baseline(self, key: str) -> OpBaseline | None:
+        return next((e for e in self.events(OpBaseline) if e.key == key), None)
+
+    def ops_done(self, stage: str) -> set[str]:
+        """The ops of `stage` whose rounds are spent."""
+        return {e.op for e in self.events(OpDone) if e.stage == stage}
 
     def totals(self) -> dict[str, float]:
         rs = self.rounds()
         return {"rounds": len(rs), "tokens_in": sum(r.tokens_in or 0 for r in rs),
                 "tokens_out": sum(r.tokens_out or 0 for r in rs), "cost_usd": sum(r.cost_usd or 0.0 for r in rs),
                 "wall_s": sum(r.wall_s for r in rs)}
+
+    def copy_with(self, record: RoundRecord) -> bytes:
+        """The ledger as written plus `record`: the copy a passing round commits beside the manifest."""
+        lines = [json.dumps(r, sort_keys=True) for r in self.records()] + [record.model_dump_json()]
+        return ("\n".join(lines) + "\n").encode()
 
 
 class RunState(BaseModel):

@@ -204,7 +204,7 @@ class ForgeLoop:
                 self.ledger.event(run_id, "orphans_checked", key=inf.key, round=inf.round, procs=notes)
                 for note in notes:
                     self.console.print(f"resume: {note}")
-                done = any(r.key == inf.key and r.round == inf.round for r in self.ledger.rounds())
+                done = any(r.round == inf.round for r in self.ledger.rounds(inf.key))
                 if not done:
                     if inf.backend == "shell" and inf.outbox:  # its usage file was never read: the kill came first
                         inf = shell_usage_after_kill(inf, Path(inf.outbox))
@@ -229,12 +229,11 @@ class ForgeLoop:
 
     # -- budgets -------------------------------------------------------------------------------------
     def _records(self, key: str) -> list[RoundRecord]:
-        return [r for r in self.ledger.rounds() if r.key == key]
+        return self.ledger.rounds(key)
 
     def _stage_passed(self, stage: StageSpec) -> bool:
         if stage.kind == "ops":
-            done = {e.get("op") for e in self.ledger.records() if e.get("event") == "op_done" and e.get("stage") == stage.name}
-            return all(op in done for op in stage.ops)
+            return set(stage.ops) <= self.ledger.ops_done(stage.name)
         return any(r.verdict == "passed" for r in self._records(stage.name))
 
     def _rounds_spent(self, key: str, rounds_allowed: int) -> bool:
@@ -280,8 +279,7 @@ class ForgeLoop:
         limit = self.spec.rounds_for(stage)
         for op in stage.ops:
             key = f"{stage.name}-{op}"
-            if any(e.get("event") == "op_done" and e.get("stage") == stage.name and e.get("op") == op
-                   for e in self.ledger.records()):
+            if op in self.ledger.ops_done(stage.name):
                 continue
             while not self._rounds_spent(key, limit):  # spent rounds end the op: its best stays elected
                 stop = self._run_budget_stop()
@@ -300,10 +298,8 @@ class ForgeLoop:
         elected = [r for r in self._records(key) if r.elected and r.timing is not None]
         if elected:
             return elected[-1].timing, elected[-1].round
-        for e in self.ledger.records():
-            if e.get("event") == "op_baseline" and e.get("key") == key:
-                return e.get("value"), None
-        return None, None
+        baseline = self.ledger.op_baseline(key)
+        return (baseline.value, None) if baseline is not None else (None, None)
 
     # -- one round -----------------------------------------------------------------------------------
     def _feedback(self, key: str, base: str) -> tuple[Feedback | None, Path | None]:
@@ -384,7 +380,7 @@ class ForgeLoop:
                 return self._round_body(stage, op, key, rt, rec, meter, backend, agent_spec, round_dir, t_start)
         except Interrupted as e:
             self.procs.end_all()
-            recorded = any(r.key == key and r.round == round_no for r in self.ledger.rounds())
+            recorded = any(r.round == round_no for r in self.ledger.rounds(key))
             rec.tokens_in, rec.tokens_out, rec.cost_usd = _usage(meter)
             rec.verdict, rec.counted, rec.note = "interrupted", False, f"{e}: the round's processes were ended"
             self._finish(rec, rt, t_start, round_dir, appended=recorded)
@@ -525,7 +521,7 @@ class ForgeLoop:
         timing = stage.timing
         assert timing is not None, f"ops stage {stage.name} needs [stages.timing]"
         best, best_round = self._op_best(key)
-        if best is None and not any(e.get("event") == "op_baseline" and e.get("key") == key for e in self.ledger.records()):
+        if best is None and self.ledger.op_baseline(key) is None:
             best, note = self.step_clock(rt.engine_dir, timing, self.spec)
             assert self.state is not None
             self.ledger.event(self.state.run_id, "op_baseline", key=key, op=op, value=best, note=note)
@@ -627,14 +623,13 @@ class ForgeLoop:
         if op is not None and leaderboard_path(self.state_dir, op).is_file():  # every candidate so far, harness-written
             files[f"{LEADERBOARDS}/{op}.json"] = leaderboard_path(self.state_dir, op).read_bytes()
         if op is not None and rec.timing is not None and stage.timing is not None:
-            baseline = next((e.get("value") for e in self.ledger.records()
-                             if e.get("event") == "op_baseline" and e.get("key") == rec.key), None)
+            first = self.ledger.op_baseline(rec.key)
+            baseline = first.value if first is not None else None
             m = mf.record_op(m, op=op, metric=stage.timing.metric, value=rec.timing, baseline=baseline, commit=commit,
                              round_no=rec.round)
         rec.wall_s = round(time.monotonic() - t_start, 3)
-        ledger_lines = [json.dumps(r, sort_keys=True) for r in self.ledger.records()]
         files[mf.MANIFEST] = mf.dumps(m)
-        files["forge/ledger.jsonl"] = ("\n".join(ledger_lines + [rec.model_dump_json()]) + "\n").encode()
+        files["forge/ledger.jsonl"] = self.ledger.copy_with(rec)
         tip = self.ws.commit_tree(self.ws.tree_with_files(tree, files), commit,
                                   f"forge({what}): manifest.json for {commit[:10]}\n\nForge-Run: {self.state.run_id}\n")
         rec.tip = tip
