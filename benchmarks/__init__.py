@@ -1,3 +1,3 @@
-"""Benchmarks: the side-by-side driver (`python -m benchmarks.compare`), its per-stack runners, the
-torch-vs-megatron agreement report (`python -m benchmarks.agreement`), GPU scripts (gpu/) and the
-committed results (results/)."""
+"""Benchmarks: the named experiments (`python -m benchmarks` lists them: the side-by-side driver, the
+torch-vs-megatron agreement report, the data pipeline, the results index and its archive), their per-stack
+runners, GPU session scripts (gpu/) and the committed results (results/)."""

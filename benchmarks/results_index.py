@@ -7,7 +7,8 @@ device (from the name), the commit it ran at (or a note that none was recorded),
 
 `status` is `current` for the newest result of its line (side-by-side comparisons on one device, the M1-M3 gates,
 the training-path gates, the engine's experiment sessions, ...); `superseded` when a newer result of the same line
-replaced its figures (`superseded_by`). A superseded result stays where it is (notes link to it): it is history.
+replaced its figures (`superseded_by`). A superseded result that nothing cites moves under `archive/`
+(`python -m benchmarks results-archive`, benchmarks/archive.py); a cited one stays where its citations point.
 
     python -m benchmarks.results_index check     # every file in exactly one entry, every path exists, README current
     python -m benchmarks.results_index readme    # rewrite results/README.md's tables from the index
@@ -341,8 +342,8 @@ Generated from [`index.jsonl`](index.jsonl) by `python -m benchmarks.results_ind
 file. Each result is one line of the index: every file of it, date, device, the commit it ran at (or a note that its
 files do not record one), versions, headline figures, and whether a newer result superseded it. Every file here
 belongs to exactly one result (`python -m benchmarks.results_index check`); result writers append with
-`python -m benchmarks.results_index add` (or `benchmarks.results_index.add_entry`). Superseded results stay where they
-are: notes link to them.
+`python -m benchmarks.results_index add` (or `benchmarks.results_index.add_entry`). Superseded results that nothing
+cites live under [`archive/`](archive/) (`python -m benchmarks results-archive`); cited ones stay where they are cited.
 """
 
 
