@@ -17,6 +17,7 @@ class Script:
     def __init__(self, replies: list[tuple]) -> None:
         self.replies = list(replies)
         self.requests: list[dict[str, Any]] = []
+        self.served: list[tuple] = []  # the replies sent, in order
         self.lock = threading.Lock()
 
     def next(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[int, Any, float, dict[str, str]]:
@@ -27,6 +28,7 @@ class Script:
             if not self.replies:
                 return 500, {"type": "error", "error": {"type": "api_error", "message": "script exhausted"}}, 0.0, {}
             reply = self.replies.pop(0)
+            self.served.append(reply)
             return (reply[0], reply[1], reply[2] if len(reply) > 2 else 0.0, reply[3] if len(reply) > 3 else {})
 
 
@@ -119,6 +121,15 @@ def openai_reply(content: str | None, tool_calls: list[dict[str, Any]] | None, t
 def openai_tool_call(call_id: str, name: str, args: dict[str, Any], tokens: tuple[int, int] = (100, 20)) -> tuple[int, dict]:
     return openai_reply(None, [{"id": call_id, "type": "function",
                                 "function": {"name": name, "arguments": json.dumps(args)}}], tokens)
+
+
+def reply_tokens(reply: tuple) -> tuple[int, int]:
+    """(input, output) tokens a scripted reply of either API reports; (0, 0) for an error or a malformed body."""
+    usage = reply[1].get("usage") if isinstance(reply[1], dict) else None
+    if not usage:
+        return 0, 0
+    return (int(usage.get("input_tokens", usage.get("prompt_tokens", 0))),
+            int(usage.get("output_tokens", usage.get("completion_tokens", 0))))
 
 
 def openai_error(status: int) -> tuple[int, dict]:
