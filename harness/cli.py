@@ -58,15 +58,14 @@ def case_probe(
     stack: str = typer.Option("torch", "--stack", help="reference stack name"),
 ) -> None:
     """Run one reference stack's probe on a case (the same subprocess call a gate makes)."""
-    import subprocess
-
     from gates.stacks import STACKS
+    from harness import launcher
 
     if stack not in STACKS:
         console.print(f"[red]error:[/] unknown stack {stack!r}; one of {', '.join(STACKS)}")
         raise typer.Exit(2)
-    rc = subprocess.call([*STACKS[stack], "probe", probe, "--case", str(case), "--out", str(out)])
-    raise typer.Exit(rc)
+    done = launcher.run([*STACKS[stack], "probe", probe, "--case", str(case), "--out", str(out)], capture=False)
+    raise typer.Exit(done.returncode)
 
 
 # Each verb lives in harness/commands/<verb>.py; this file only wires them up.

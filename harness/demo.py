@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import TextIO
 
 from rich.console import Console
 
+from harness import launcher
 from harness.gating import round_label, stage_labels
 from harness.inspection import key_numbers
 from harness.ledger import Ledger
@@ -122,7 +122,7 @@ def train(eng: Path, out: Path, steps: int, console: Console) -> list[dict]:
            "--log-file", str(log), "--save-dir", str(out / "ckpt"), "--summary-json", str(out / "summary.json")]
     env = {"PYTHONPATH": str(WORKSPACE_ROOT), "PATH": "/usr/local/bin:/usr/bin:/bin",
            "HOME": str(Path.home()), "FORGE_ENGINE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    r = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
+    r = launcher.run(cmd, cwd=out, env=env)
     lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("[STEP")]
     for line in lines[:2] + (["..."] if len(lines) > 4 else []) + lines[-2:]:
         console.print(f"  {line}", markup=False, highlight=False)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import ast
 import json
-import subprocess
 import sys
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import launcher
 from harness.gating import accepted_label, unsupported_parts
 from harness.ledger import Ledger, read_jsonl
 
@@ -90,10 +90,12 @@ def _state_ledgers(engine: Path) -> list[Path]:
 def registry_ops(engine: Path, package: str) -> tuple[list[dict[str, Any]], str | None]:
     """The engine's op registry from `python -m PKG info` (implementations, defaults per device)."""
     try:
-        r = subprocess.run([sys.executable, "-m", package, "info"], env={"PYTHONPATH": str(engine / "src"),
-                           "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as e:
+        r = launcher.run([sys.executable, "-m", package, "info"], env={"PYTHONPATH": str(engine / "src"),
+                         "PATH": "/usr/bin:/bin"}, timeout_s=120)
+    except OSError as e:
         return [], f"`{package} info` did not run: {e}"
+    if r.timed_out:
+        return [], f"`{package} info` did not run: timed out after 120 s"
     if r.returncode != 0:
         return [], f"`{package} info` exited {r.returncode}"
     impls: dict[str, list[str]] = {}

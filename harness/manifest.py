@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+from harness import launcher
 from harness.gating import GateOutcome, unsupported_parts
 from harness.spec import ForgeSpec, GateCheck
 
@@ -38,10 +38,9 @@ def hardware_info() -> dict[str, Any]:
     info: dict[str, Any] = {"machine": platform.machine(), "system": platform.system(), "cpu": platform.processor()
                             or platform.machine(), "python": platform.python_version()}
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-        gpus = [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
-    except (OSError, subprocess.TimeoutExpired):
+        out = launcher.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], timeout_s=20)
+        gpus = [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.ok else []
+    except OSError:  # no nvidia-smi: no GPU
         gpus = []
     info["gpus"] = gpus
     info["gpu"] = gpus[0] if gpus else None

@@ -4,11 +4,12 @@ one-line error printed last, where torchrun would leave its 40-line launcher tra
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from collections import deque
 from pathlib import Path
 from typing import TextIO
+
+from harness import launcher
 
 ENGINE_ERROR = re.compile(r"^(?:\[rank(\d+)\]:\s*)?((?:error|unsupported)(?: \(rank (\d+)\))?: .+)$")  # engines' _guard
 EXCEPTION = re.compile(r"^(?:\[rank(\d+)\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*)$")
@@ -44,30 +45,23 @@ def failing_rank_line(lines: list[str]) -> str | None:
 
 def run_logged(cmd: list[str], env: dict[str, str], log: Path, out: TextIO | None = None) -> tuple[int, list[str]]:
     """Run `cmd`, streaming its output to `out` and all of it to `log`; torchrun's failure report goes to the log
-    only. Returns (exit code, the last lines). Ctrl-C reaches torchrun too (same process group): keep reading
-    until it has ended its ranks."""
+    only. Returns (exit code, the last lines). Ctrl-C is passed on to torchrun, and its ranks' ending awaited."""
     out = out or sys.stdout  # looked up per call: tests swap it
     log.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=2000)
-    hidden = 0
-    with log.open("w") as fh, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                               text=True, bufsize=1, errors="replace") as proc:
-        assert proc.stdout is not None
-        while True:
-            try:
-                for line in proc.stdout:
-                    fh.write(line)
-                    tail.append(line.rstrip("\n"))
-                    if hidden or TORCHRUN_FAILED.search(line):
-                        hidden += 1
-                        continue
-                    out.write(line)
-                    out.flush()
-                break
-            except KeyboardInterrupt:
-                continue
-        rc = proc.wait()
-    if hidden:
-        out.write(f"(torchrun's failure report, {hidden} lines: in {log})\n")
+    hidden = [0]
+    with log.open("w") as fh:
+        def line(text: str) -> None:
+            fh.write(text)
+            tail.append(text.rstrip("\n"))
+            if hidden[0] or TORCHRUN_FAILED.search(text):
+                hidden[0] += 1
+                return
+            out.write(text)
+            out.flush()
+
+        done = launcher.run(cmd, env=env, merge_stderr=True, on_line=line, forward_interrupt=True)
+    if hidden[0]:
+        out.write(f"(torchrun's failure report, {hidden[0]} lines: in {log})\n")
         out.flush()
-    return rc, list(tail)
+    return (done.returncode if done.returncode is not None else 1), list(tail)

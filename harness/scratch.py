@@ -4,15 +4,17 @@ demo and `forge --dry-run` forge, so nothing lands on the user's branch or in th
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
+
+from harness import launcher
 
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "runs", "forge", ".git")
 
 
 def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=forge-scratch", "-c", "user.email=scratch@localhost", *args], cwd=cwd,
-                          check=True, capture_output=True, text=True).stdout.strip()
+    """git in the scratch repository; LaunchFailed when it fails."""
+    return launcher.run(["git", "-c", "user.name=forge-scratch", "-c", "user.email=scratch@localhost", *args],
+                        cwd=cwd).check().stdout.strip()
 
 
 def scratch_copy(source: Path, parent: Path, message: str) -> Path:
