@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.errors import EngineError
 from .sources import Source
 from .tokenizer import TextTokenizer
-from ..core.errors import EngineError
 
 
 @dataclass

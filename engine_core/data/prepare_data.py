@@ -25,11 +25,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..core import env
+from ..core.errors import EngineError
 from . import shards
 from .shards import Manifest, Plan, ShardRecord, SourceRecord
 from .sources import PREPARE_HINT, _check_hub, _looks_local, local_files, open_source, renderer
 from .tokenizer import TextTokenizer
-from ..core.errors import EngineError
 
 PLAN = "plan.json"
 ENCODE_BATCH = 1000  # texts per encode_batch call inside a worker

@@ -50,6 +50,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from train_engine_0_5b.core.optim import clip_coefficient  # noqa: E402
 from train_engine_0_5b.ops.adamw import foreach as adamw_foreach  # noqa: E402
 from train_engine_0_5b.ops.adamw import triton_fused as adamw_t  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy import triton_fused as ce_t  # noqa: E402
@@ -57,7 +58,6 @@ from train_engine_0_5b.ops.rmsnorm import triton_fused as norm_t  # noqa: E402
 from train_engine_0_5b.ops.rope import triton_fused as rope_t  # noqa: E402
 from train_engine_0_5b.ops.rope.reference import rope_tables  # noqa: E402
 from train_engine_0_5b.ops.swiglu import triton_fused as swiglu_t  # noqa: E402
-from train_engine_0_5b.core.optim import clip_coefficient  # noqa: E402
 
 START = time.monotonic()
 DEV = "cpu" if ARGS.smoke else "cuda"

@@ -34,8 +34,8 @@ import triton  # noqa: E402
 
 from train_engine_0_5b.ops import space  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy import triton_fused as ce  # noqa: E402
-from train_engine_0_5b.ops.table import check_values, param  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy.reference import cross_entropy as ce_reference  # noqa: E402
+from train_engine_0_5b.ops.table import check_values, param  # noqa: E402
 
 H, V = 1024, 73448
 LAUNCHES = [  # (programs per SM, BLOCK_V, num_warps, L2 hints); programs 0: one per row

@@ -16,12 +16,12 @@ import torch
 from train_engine_0_5b.core.cuda_graph import GraphedStep
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.errors import EngineError
+from train_engine_0_5b.core.optim import AdamW, Schedule
+from train_engine_0_5b.core.trainer import Trainer
 from train_engine_0_5b.model import build_model, compile_loss, init_weights
 from train_engine_0_5b.model_config import MiniCPMConfig, preset
 from train_engine_0_5b.ops.adamw import reference
 from train_engine_0_5b.ops.registry import OpSelection, resolve
-from train_engine_0_5b.core.optim import AdamW, Schedule
-from train_engine_0_5b.core.trainer import Trainer
 
 triton_fused = pytest.importorskip("train_engine_0_5b.ops.adamw.triton_fused")
 

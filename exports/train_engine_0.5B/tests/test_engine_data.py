@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.data import Loader, PackedRows, TokenStream, prepare
 from train_engine_0_5b.data.sources import Source, _looks_local, open_source, renderer
 from train_engine_0_5b.data.tokenizer import TextTokenizer
-from train_engine_0_5b.core.errors import EngineError
 
 WORDS = ["alpha", "beta", "gamma", "delta", "tensor", "kernel", "norm", "rope", "swiglu", "adam"]
 

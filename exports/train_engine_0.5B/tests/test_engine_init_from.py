@@ -16,8 +16,8 @@ from engine_testlib import read_log
 from safetensors.torch import save_file
 
 from train_engine_0_5b.core import checkpoint as ckpt
-from train_engine_0_5b.data.tokenizer import DEFAULT_DIR, TextTokenizer
 from train_engine_0_5b.core.errors import EngineError
+from train_engine_0_5b.data.tokenizer import DEFAULT_DIR, TextTokenizer
 from train_engine_0_5b.init_from import load_init, tokenizer_dir
 from train_engine_0_5b.model_config import MiniCPMConfig, from_hf_config, hf_param_shapes
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.data import Loader, open_prepared
 from train_engine_0_5b.data import prepare_data, shards
 from train_engine_0_5b.data.mixture import MixtureRows, block_counts, check_weights
 from train_engine_0_5b.data.sampler import Permutation, SampleOrder
 from train_engine_0_5b.data.tokenizer import DEFAULT_DIR, TextTokenizer
-from train_engine_0_5b.core.errors import EngineError
 
 WORDS = ["alpha", "beta", "gamma", "delta", "tensor", "kernel", "norm", "rope", "swiglu", "adam", "shard", "memmap"]
 VOCAB = 4096  # the shipped tokenizer's, the tiny model's

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from train_engine_0_5b.core.errors import EngineError
+from train_engine_0_5b.core.optim import AdamW
 from train_engine_0_5b.model import build_model, init_weights, load_weights
 from train_engine_0_5b.model_config import preset
 from train_engine_0_5b.ops import registry
 from train_engine_0_5b.ops.registry import OPS, OpSelection, resolve
-from train_engine_0_5b.core.optim import AdamW
 
 
 def test_device_defaults():

@@ -19,8 +19,8 @@ import torch
 from engine_testlib import ENGINE, TINY, read_jsonl
 from safetensors.torch import load_file
 
-from train_engine_0_5b.core import checkpoint as ckpt
 from train_engine_0_5b import config, run_config
+from train_engine_0_5b.core import checkpoint as ckpt
 from train_engine_0_5b.core import cli_options
 
 RUN = [*TINY, "--global-batch-size", "2", "--micro-batch-size", "2"]

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from train_engine_0_5b.core.dist import DistContext
+from train_engine_0_5b.core.optim import AdamW, Schedule, fuses_clip_and_copy
+from train_engine_0_5b.core.trainer import Trainer
 from train_engine_0_5b.model import build_model, init_weights
 from train_engine_0_5b.model_config import preset
 from train_engine_0_5b.ops.adamw import foreach, reference
 from train_engine_0_5b.ops.registry import OpSelection, resolve
-from train_engine_0_5b.core.optim import AdamW, Schedule, fuses_clip_and_copy
-from train_engine_0_5b.core.trainer import Trainer
 
 triton_fused = pytest.importorskip("train_engine_0_5b.ops.adamw.triton_fused")
 

@@ -13,16 +13,18 @@ import time
 
 import torch
 
-from train_engine_0_5b import op_table as op_table_mod
+from train_engine_0_5b import config, op_table as op_table_mod
+from train_engine_0_5b.build import build_trainer
 from train_engine_0_5b.core import cuda_graph as cuda_graph_mod, runtime
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.core.metrics import mfu
-from train_engine_0_5b.model import build_model, compile_loss, init_weights
 from train_engine_0_5b.model_config import MiniCPMConfig
 from train_engine_0_5b.ops.registry import OpSelection, resolve
-from train_engine_0_5b.core.optim import AdamW, Schedule
-from train_engine_0_5b.core.trainer import Trainer
+
+
+# A constant LR, so every timed step does the same work; everything else is pretrain's default optimizer.
+BENCH_OPTIM = dict(lr_schedule="constant", lr=1e-4, min_lr=1e-4, warmup_steps=1)
 
 
 def _sync(device: torch.device) -> None:
@@ -56,21 +58,21 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
     ctx = DistContext.start(device)
     try:
         ops = resolve(ops_selection, ctx.device.type, dtype)
-        model = build_model(model_cfg, ops, ctx.device, dtype, recompute)
-        if compile:
-            compile_loss(model)
-        optimizer = AdamW(dict(model.named_parameters()), init_weights(model, 0.1, seed), adamw_op=ops.adamw,
-                          betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
-        schedule = Schedule("constant", 1e-4, 1e-4, 1, warmup + steps)
-        trainer = Trainer(model, optimizer, schedule, ctx, micro_batch_size=micro_batch_size, grad_clip=1.0,
-                          master_dtype=torch.float32, zero1=zero1)
+        rows = micro_batch_size * grad_accum
+        cfg = config.build(model=model_cfg, ops=ops_selection,
+                           train=dict(num_steps=warmup + steps, global_batch_size=rows * ctx.world,
+                                      micro_batch_size=micro_batch_size, seq_length=seq_length, seed=seed),
+                           optim=BENCH_OPTIM | dict(zero1=zero1),
+                           runtime=dict(device=ctx.device.type, deterministic=deterministic, compile=compile,
+                                        cuda_graph=cuda_graph, recompute=recompute))
+        trainer = build_trainer(cfg, ctx, ops, dtype=dtype)
+        model, optimizer = trainer.model, trainer.optimizer
         train_step = trainer.train_step
         if cuda_graph is None:
             cuda_graph = warmup >= 2 and cuda_graph_mod.supported(trainer, micro_batch_size * grad_accum)
         if cuda_graph:  # its first call checks the rows per step
             train_step = cuda_graph_mod.GraphedStep(trainer, warmup=warmup - 1)
         gen = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
-        rows = micro_batch_size * grad_accum
         times = []
 
         def batch() -> torch.Tensor:

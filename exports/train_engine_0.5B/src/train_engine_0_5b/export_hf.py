@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from train_engine_0_5b.core import checkpoint as ckpt
 from train_engine_0_5b.core.config import DTYPES
-from train_engine_0_5b.data.tokenizer import TextTokenizer
 from train_engine_0_5b.core.errors import EngineError
+from train_engine_0_5b.data.tokenizer import TextTokenizer
 from train_engine_0_5b.hf_fold import fold_to_llama, llama_config_dict
 from train_engine_0_5b.model_config import MiniCPMConfig, to_hf_minicpm_config
 

@@ -17,21 +17,21 @@ import sys
 import torch
 from safetensors import SafetensorError
 
-from train_engine_0_5b.core import checkpoint as ckpt
 from train_engine_0_5b import run_config
-from train_engine_0_5b.core import ckpt_dir, cuda_graph, runtime, sinks
+from train_engine_0_5b.build import build_trainer
 from train_engine_0_5b.config import EngineConfig
-from train_engine_0_5b.data import Data, Prefetcher, attach_eval, open_prepared, prepare, prepare_batches
+from train_engine_0_5b.core import checkpoint as ckpt
+from train_engine_0_5b.core import ckpt_dir, cuda_graph, runtime, sinks
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.core.evaluate import evaluate
-from train_engine_0_5b.init_from import load_init, tokenizer_dir
 from train_engine_0_5b.core.metrics import StepLog, mfu
-from train_engine_0_5b.model import build_model, compile_loss, init_weights
-from train_engine_0_5b.ops.registry import resolve
-from train_engine_0_5b.core.optim import AdamW, Schedule
+from train_engine_0_5b.core.optim import AdamW
 from train_engine_0_5b.core.step_reports import StepReports
 from train_engine_0_5b.core.trainer import Trainer
+from train_engine_0_5b.data import Data, Prefetcher, attach_eval, open_prepared, prepare, prepare_batches
+from train_engine_0_5b.init_from import load_init, tokenizer_dir
+from train_engine_0_5b.ops.registry import resolve
 
 # Settings a resumed run must share with its checkpoint (anything else, e.g. num_steps, may change).
 RESUME_KEYS = ("model", "seq_length", "global_batch_size", "data_fingerprint", "tokenizer_fingerprint")
@@ -154,21 +154,11 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
             print(f"checkpoint {loaded.path} is at step {start} >= --num-steps {t.num_steps}: nothing to train")
         return {"steps": start, "first_step": start + 1, "losses": []}
 
-    model = build_model(cfg.model, ops, ctx.device, dtype, cfg.runtime.recompute)
-    if cfg.runtime.resolved_compile():
-        compile_loss(model)
-    master_dtype = torch.float32
-    fresh = None if loaded is not None else initial if initial is not None else init_weights(model, t.init_std, t.seed)
-    optimizer = AdamW(dict(model.named_parameters()), loaded.master if loaded else fresh, adamw_op=ops.adamw,
-                      betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, master_dtype=master_dtype)
+    trainer = build_trainer(cfg, ctx, ops, loaded.master if loaded is not None else initial, dtype=dtype)
     log = StepLog(sinks.open_sinks(cfg) if ctx.is_main else [], ctx.is_main, t.num_steps, start)
     try:
         if loaded is not None:
-            _restore(loaded, optimizer, ctx, log)
-        schedule = Schedule(o.lr_schedule, o.lr, o.min_lr, o.warmup_steps, t.num_steps, o.decay_steps)
-        trainer = Trainer(model, optimizer, schedule, ctx, micro_batch_size=t.micro_batch_size, grad_clip=o.grad_clip,
-                          master_dtype=master_dtype, bucket_mb=t.bucket_mb, zero1=o.zero1,
-                          skip_nonfinite=t.nan_policy == "skip")
+            _restore(loaded, trainer.optimizer, ctx, log)
         rows = t.global_batch_size // ctx.world
         if cfg.runtime.cuda_graph:  # asked for: refused before any step or checkpoint
             cuda_graph.check(trainer, rows)

@@ -22,17 +22,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
+from train_engine_0_5b import config
+from train_engine_0_5b.build import build_trainer
+from train_engine_0_5b.config import EngineConfig
 from train_engine_0_5b.core import checkpoint as ckpt
 from train_engine_0_5b.core import runtime
 from train_engine_0_5b.core.config import DTYPES
-from train_engine_0_5b.data.tokenizer import TextTokenizer
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.errors import EngineError, Unsupported
+from train_engine_0_5b.core.trainer import IGNORE_INDEX
+from train_engine_0_5b.data.tokenizer import TextTokenizer
 from train_engine_0_5b.model import build_model, load_weights
 from train_engine_0_5b.model_config import MiniCPMConfig, hf_param_shapes
 from train_engine_0_5b.ops.registry import OpSelection, Ops, resolve
-from train_engine_0_5b.core.optim import AdamW, Schedule
-from train_engine_0_5b.core.trainer import IGNORE_INDEX, Trainer
 
 PROBES = ("forward", "backward", "steps", "checkpoint")
 CASE_FORMAT = 1
@@ -101,6 +103,18 @@ class Case:
         if any(tuple(self.batches[k].shape) != want for k in ("input_ids", "labels")):
             raise EngineError(f"case {directory}: batches must have shape {want}")
 
+    def engine_config(self) -> EngineConfig:
+        """The case's run as this engine's config (eager: no compile, no CUDA graph)."""
+        s = self.spec
+        return config.build(
+            model=s.model,
+            train=dict(num_steps=s.steps, global_batch_size=s.world_size * s.micro_batch_size * s.grad_accum,
+                       micro_batch_size=s.micro_batch_size, seq_length=s.seq_length, seed=s.seed),
+            optim=dict(lr=s.optimizer.lr, min_lr=s.optimizer.min_lr, betas=s.optimizer.betas, eps=s.optimizer.eps,
+                       weight_decay=s.optimizer.weight_decay, grad_clip=s.optimizer.grad_clip, lr_schedule=s.schedule.kind,
+                       warmup_steps=s.schedule.warmup_steps, decay_steps=s.schedule.decay_steps),
+            runtime=dict(device=s.device, compile=False, cuda_graph=False))
+
     @property
     def compute_dtype(self) -> torch.dtype:
         return DTYPES[self.spec.dtype]
@@ -120,17 +134,11 @@ class _Run:
     """Model, optimizer and trainer built from the case's weights (or a checkpoint)."""
 
     def __init__(self, case: Case, ctx: DistContext, ops: Ops):
-        s = case.spec
         self.case, self.ctx = case, ctx
-        self.model = build_model(s.model, ops, ctx.device, case.compute_dtype)
         master = {k: v.to(case.master_dtype) for k, v in case.weights.items()}
-        load_weights(self.model, master)
-        self.optimizer = AdamW(dict(self.model.named_parameters()), master, adamw_op=ops.adamw, betas=s.optimizer.betas,
-                               eps=s.optimizer.eps, weight_decay=s.optimizer.weight_decay, master_dtype=case.master_dtype)
-        schedule = Schedule(s.schedule.kind, s.optimizer.lr, s.optimizer.min_lr, s.schedule.warmup_steps, s.steps,
-                            s.schedule.decay_steps)
-        self.trainer = Trainer(self.model, self.optimizer, schedule, ctx, micro_batch_size=s.micro_batch_size,
-                               grad_clip=s.optimizer.grad_clip, master_dtype=case.master_dtype)
+        self.trainer = build_trainer(case.engine_config(), ctx, ops, master, dtype=case.compute_dtype,
+                                     master_dtype=case.master_dtype)
+        self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
         self.losses: list[torch.Tensor] = []
         self.norms: list[torch.Tensor] = []
         self.lrs: list[float] = []

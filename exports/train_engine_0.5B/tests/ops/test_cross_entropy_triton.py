@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 from train_engine_0_5b.ops import space  # noqa: E402
-from train_engine_0_5b.ops.table import check_values  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy import triton_fused  # noqa: E402
+from train_engine_0_5b.ops.table import check_values  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy.triton_fused import (  # noqa: E402
     IGNORE_INDEX,
     _accumulate_mm,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from train_engine_0_5b.ops.rope.reference import rope_tables  # noqa: E402
 from train_engine_0_5b.ops.qkv_rope import reference, triton_fused  # noqa: E402
 from train_engine_0_5b.ops.qkv_rope.triton_fused import qkv_rope, rotate_packed, unrotate_to_packed  # noqa: E402
+from train_engine_0_5b.ops.rope.reference import rope_tables  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import EngineError
 from ..ops.adamw import triton_fused
+from .errors import EngineError
 from .trainer import StepResult, Trainer
 
 

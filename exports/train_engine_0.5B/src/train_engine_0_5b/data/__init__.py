@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.errors import EngineError
 from .batches import BatchLoader, TokenBatches
 from .mixture import EvalRows, MixtureRows, check_weights, fingerprint
 from .packing import Loader, PackedRows, TokenStream
@@ -17,7 +18,6 @@ from .sampler import SampleOrder
 from .shards import TOKENIZER_DIR, PreparedSet
 from .sources import open_source, renderer
 from .tokenizer import TextTokenizer
-from ..core.errors import EngineError
 
 
 @dataclass

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import EngineError
 from .sampler import SampleOrder
 from .shards import Manifest, PreparedSet
-from ..core.errors import EngineError
 
 MIN_BLOCK = 1024
 WEIGHT_TOLERANCE = 1e-6

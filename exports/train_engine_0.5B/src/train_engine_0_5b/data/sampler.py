@@ -14,8 +14,8 @@ import hashlib
 
 import numpy as np
 
-from .shards import PreparedSet
 from ..core.errors import EngineError
+from .shards import PreparedSet
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 

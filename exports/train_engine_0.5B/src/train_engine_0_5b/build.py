@@ -1,0 +1,35 @@
+"""One setup path: `build_trainer` turns an EngineConfig into a ready Trainer (model, AdamW, LR schedule,
+data-parallel reducer). `pretrain`, `bench` and `probe` each state their run as an EngineConfig and call
+it, so the three cannot disagree on how a step is built.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from train_engine_0_5b.config import EngineConfig
+from train_engine_0_5b.core.dist import DistContext
+from train_engine_0_5b.core.optim import AdamW, Schedule
+from train_engine_0_5b.core.trainer import Trainer
+from train_engine_0_5b.model import build_model, compile_loss, init_weights
+from train_engine_0_5b.ops.registry import Ops
+
+
+def build_trainer(cfg: EngineConfig, ctx: DistContext, ops: Ops, initial: dict[str, Tensor] | None = None, *,
+                  dtype: torch.dtype, master_dtype: torch.dtype = torch.float32) -> Trainer:
+    """The Trainer of `cfg`'s run on `ctx`, its model in `dtype` with `ops`.
+
+    `initial`: master weights by HF name (a checkpoint's, --init-from's or a probe case's); None: fresh
+    weights from train.init_std and train.seed. A checkpoint's moments and step are loaded afterwards
+    (`trainer.optimizer.load`), which also works once ZeRO-1 has sharded the optimizer."""
+    t, o = cfg.train, cfg.optim
+    model = build_model(cfg.model, ops, ctx.device, dtype, cfg.runtime.recompute)
+    if cfg.runtime.resolved_compile():
+        compile_loss(model)
+    master = initial if initial is not None else init_weights(model, t.init_std, t.seed)
+    optimizer = AdamW(dict(model.named_parameters()), master, adamw_op=ops.adamw, betas=o.betas, eps=o.eps,
+                      weight_decay=o.weight_decay, master_dtype=master_dtype)
+    schedule = Schedule(o.lr_schedule, o.lr, o.min_lr, o.warmup_steps, t.num_steps, o.decay_steps)
+    return Trainer(model, optimizer, schedule, ctx, micro_batch_size=t.micro_batch_size, grad_clip=o.grad_clip,
+                   master_dtype=master_dtype, bucket_mb=t.bucket_mb, zero1=o.zero1, skip_nonfinite=t.nan_policy == "skip")
