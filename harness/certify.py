@@ -22,6 +22,7 @@ import git
 
 from harness import manifest as mf
 from harness.gating import GateFn, GateOutcome, run_real_gate
+from harness.inspection import NotAnEngine, engine_package
 from harness.secrets import redact_bytes
 from harness.spec import ForgeSpec, GateCheck, StageSpec, spec_sha256
 
@@ -98,6 +99,10 @@ def certify(spec: ForgeSpec, spec_path: Path, engine: Path, *, rev: str = "HEAD"
             on_gate: Callable[[str, GateCheck, GateOutcome], None] = lambda stage, gate, out: None) -> Certification:
     """Run the gate stages on `engine` at `rev`; record the accepted ones into `engine`/manifest.json."""
     engine = engine.resolve()
+    try:
+        engine_package(engine)
+    except NotAnEngine as e:
+        raise CertifyError(str(e)) from None
     stages, skipped = gate_stages(spec, only)
     with tempfile.TemporaryDirectory(prefix="forge-certify-") as tmp:
         sha, judged = committed_engine(engine, rev, Path(tmp))

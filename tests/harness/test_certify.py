@@ -96,9 +96,10 @@ def test_nothing_accepted_writes_nothing(engine: Path, tmp_path: Path) -> None:
     assert (engine / "manifest.json").read_text() == before and not (engine / "forge").exists()
 
 
-@pytest.mark.parametrize("args, message", [(["--stage", "m9"], "unknown stage(s) m9"),
-                                           (["--rev", "no-such-rev"], "unknown revision 'no-such-rev'")])
-def test_certify_cli_refuses_bad_arguments(engine: Path, args: list[str], message: str) -> None:
-    r = CliRunner().invoke(app, ["certify", "--spec", str(SPEC), "--engine", str(engine), *args])
-    assert r.exit_code == 2 and message in r.output
+@pytest.mark.parametrize("sub, args, message", [("", ["--stage", "m9"], "unknown stage(s) m9"),
+                                                ("", ["--rev", "no-such-rev"], "unknown revision 'no-such-rev'"),
+                                                ("src", [], "is not an engine folder")])
+def test_certify_cli_refuses_bad_arguments(engine: Path, sub: str, args: list[str], message: str) -> None:
+    r = CliRunner().invoke(app, ["certify", "--spec", str(SPEC), "--engine", str(engine / sub), *args])
+    assert r.exit_code == 2 and message in " ".join(r.output.split())
     assert json.loads((engine / "manifest.json").read_text())["gates"] == {}
