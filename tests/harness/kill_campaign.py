@@ -70,7 +70,9 @@ emit({"type": "item.completed", "item": {"type": "agent_message", "text": "my ke
 with open(os.path.join(out, "served"), "a") as f:     # what the service served, before forge can read it
     f.write("400 40\n")
 emit({"type": "turn.completed", "usage": {"input_tokens": 400, "cached_input_tokens": 100, "output_tokens": 40}})
-if mode == "hang":
+if mode == "hang":  # its own key, where it may write: forge scrubs both when the round ends, or on resume
+    for f in (os.path.join(out, "notes"), "notes.txt"):
+        open(f, "w").write("key " + os.environ["OPENAI_API_KEY"] + "\n")
     open(os.path.join(out, "at-agent"), "w").close()
     os.execvp("bash", ["bash", "-c", 'exec -a "$MARK" sleep 300'])
 src = {"partial": "partial.py", "fix": "fixed.py"}[mode]
@@ -93,7 +95,9 @@ served(300, 30)
 for _ in range(2):
     emit({"type": "assistant", "message": {"id": "msg_1", "usage": {
         "input_tokens": 200, "cache_read_input_tokens": 100, "output_tokens": 30}}})
-if mode == "hang":
+if mode == "hang":  # its own key, where it may write: forge scrubs both when the round ends, or on resume
+    for f in (os.path.join(out, "notes"), "notes.txt"):
+        open(f, "w").write("key " + os.environ["ANTHROPIC_API_KEY"] + "\n")
     open(os.path.join(out, "at-agent"), "w").close()
     os.execvp("bash", ["bash", "-c", 'exec -a "$MARK" sleep 300'])
 src = {"partial": "partial.py", "fix": "fixed.py"}[mode]
@@ -287,9 +291,13 @@ class Campaign:
         assert not bad, f"a key in the environment of {bad}"
 
     def check_storage(self) -> None:
-        """No key in any file of the run (state, logs, worktrees, the repository) nor in any git object."""
+        """No key in any file of the run (state, logs, worktrees, the repository) nor in any git object; but a CLI
+        agent's own key in what it wrote itself (its outbox, its worktree) while its round is in flight: live, or
+        killed -9 and not yet resumed (no forge runs then to scrub it)."""
+        inf = self.inflight()
+        own = [Path(inf.worktree), Path(inf.outbox or inf.worktree)] if inf and self.backend in OWN_KEY else []
         for f in self.tmp.rglob("*"):
-            if f.is_file() and not f.is_symlink():
+            if f.is_file() and not f.is_symlink() and not any(f.is_relative_to(d) for d in own):
                 data = f.read_bytes()
                 assert not any(v.encode() in data for v in KEYS.values()), f
         objects = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=self.tmp / "ws",
@@ -341,6 +349,7 @@ class Campaign:
             self.check_no_leftovers(i)
         assert self.counted() == self.served(), (point, self.counted(), self.served())
         self.check_keys(proc.pid)
+        self.check_storage()
         inf = self.inflight()
         if inf is not None:
             self.groups += [p.pgid for p in inf.procs]

@@ -14,9 +14,9 @@ round that did not pass, the next not started), gate (an engine process of its o
 commit (the code commit made, the manifest commit not), commit-ref (the ledger says passed, the branch not
 moved), between-stages (a stage passed, the next not started).
 
-Schedules A and B give every point both kill -9 and SIGINT; each gates-stage backend runs one of them. tune's
-points are those of its ops stage (after m1, which replay passes), in an order that keeps each reachable (between-
-stages first; the election, which only one round wins, at commit-ref last). Each forge process imports torch
+Schedules A and B give every point both kill -9 and SIGINT; every gates-stage backend runs both. tune's points
+are those of its ops stage (after m1, which replay passes), in orders that keep each reachable (between-stages
+first; the election, which only one round wins, at commit-ref last), T1 and T2 with the signals swapped. Each forge process imports torch
 (harness.isolation -> gates.sandbox -> gates.context): a step costs 2-4 s, a tune step more, hence the slow tier."""
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ SCHEDULES = {
           ("gate", I), ("commit", K), ("commit-ref", I), ("between-stages", K)],
     "B": [("agent", I), ("setup", K), ("resume-orphans", K), ("resume", I), ("snapshot", K), ("between-rounds", I),
           ("gate", K), ("commit", I), ("commit-ref", K), ("between-stages", I)],
-    "T": [("between-stages", K), ("setup", I), ("agent", K), ("resume-orphans", I), ("resume", K), ("snapshot", I),
-          ("between-rounds", K), ("gate", I), ("commit", K), ("commit-ref", I)],
+    "T1": [("between-stages", K), ("setup", I), ("agent", K), ("resume-orphans", I), ("resume", K), ("snapshot", I),
+           ("between-rounds", K), ("gate", I), ("commit", K), ("commit-ref", I)],
+    "T2": [("between-stages", I), ("agent", I), ("setup", K), ("resume-orphans", K), ("resume", I), ("snapshot", K),
+           ("between-rounds", I), ("gate", K), ("commit", I), ("commit-ref", K)],
 }
+GATES_BACKENDS = ("shell", "codex", "claude_code", "anthropic", "openai", "replay")
 # m1's rounds under A or B: setup/agent, agent/setup, snapshot interrupted; between-rounds' round failed; gate and
 # commit interrupted; commit-ref's passed (the ledger line came first). m2 passes in the last resume.
 GATES_VERDICTS = {"m1": ["interrupted"] * 3 + ["failed"] + ["interrupted"] * 2 + ["passed"], "m2": ["passed"]}
@@ -64,8 +67,8 @@ def _run(c: Campaign, schedule: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,schedule", [("shell", "A"), ("codex", "B"), ("claude_code", "A"),
-                                              ("anthropic", "B"), ("openai", "A"), ("replay", "B")])
+@pytest.mark.parametrize("schedule", ["A", "B"])
+@pytest.mark.parametrize("backend", GATES_BACKENDS)
 def test_kill_campaign(backend: str, schedule: str, tmp_path: Path) -> None:
     script = Script([])
     with serve(script, API_ROUTE.get(backend, "/none")) as url:
@@ -78,11 +81,12 @@ def test_kill_campaign(backend: str, schedule: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_kill_campaign_tune(tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule", ["T1", "T2"])
+def test_kill_campaign_tune(schedule: str, tmp_path: Path) -> None:
     """tune: the ten points in its ops stage (a trial's child process, in the round sandbox, at the agent point);
     the elected candidate is committed once."""
     c = Campaign(tmp_path, "tune")
-    _run(c, "T")
+    _run(c, schedule)
     rounds = [r for r in c.ledger().rounds() if r.stage == "ops"]
     assert [r.verdict for r in rounds] == OPS_VERDICTS, [(r.round, r.verdict, r.note) for r in rounds]
     assert [r.round for r in rounds] == list(range(1, 9))

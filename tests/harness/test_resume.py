@@ -1,4 +1,5 @@
-"""kill -9 a forge run mid-round (twice: in the first stage, then after it passed) and resume it."""
+"""kill -9 a forge run mid-round (twice: in the first stage, then after it passed) and resume it; what the killed
+agent wrote itself (a key-shaped token in its outbox) is scrubbed by the resume, as a finished round's would be."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from forge_toy import FIXED, MODEL_PY, git, make_repo
 from harness.ledger import Ledger
 
 HERE = Path(__file__).resolve().parent
+TOKEN = "sk-ant-api03-WRITTEN-by-a-killed-agent-0123456789"
 AGENT = r'''
 set -eu
 if [ -e "$CTRL/hang-$FORGE_STAGE-$FORGE_ROUND" ]; then
+  echo "token ''' + TOKEN + r'''" > "$FORGE_OUT_DIR/notes"
   echo "$$" > "$CTRL/started-$FORGE_STAGE-$FORGE_ROUND"
   echo "# half-written edit" >> "$FORGE_ENGINE_DIR/src/toy_engine/model.py"
   sleep 300
@@ -79,6 +82,7 @@ def test_kill9_mid_round_then_resume(tmp_path: Path) -> None:
     b = _start(eng, state, script, ctrl, resume=True)
     orphan_b = _kill_when_started(b, ctrl / "started-m2-1")
     assert not _alive(orphan_a), "resume must kill the interrupted round's agent"
+    assert TOKEN not in (state / "rounds/m1-r01/agent/out/notes").read_text()
 
     # Run C: resumes and finishes without redoing m1.
     c = _start(eng, state, script, ctrl, resume=True)
@@ -86,6 +90,7 @@ def test_kill9_mid_round_then_resume(tmp_path: Path) -> None:
     assert c.returncode == 0, out
     assert "STATUS passed" in out and "stage m1: passed earlier, skipped" in out
     assert not _alive(orphan_b)
+    assert not [f for f in state.rglob("*") if f.is_file() and TOKEN.encode() in f.read_bytes()]
 
     rounds = Ledger(state / "ledger.jsonl").rounds()
     assert [(r.stage, r.round, r.verdict, r.counted) for r in rounds] == [
