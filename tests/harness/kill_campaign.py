@@ -13,6 +13,7 @@ outbox before forge can read it; the wire servers record every reply sent."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from forge_toy import BROKEN, FIXED, PARTIAL, git, make_repo, patch_between
@@ -33,8 +35,9 @@ from harness.ledger import Inflight, Ledger
 from harness.procs import TAG, wait_gone
 
 HERE = Path(__file__).resolve().parent
-KEYS = {"ANTHROPIC_API_KEY": "sk-ant-api03-PLANTED-kill-campaign-a1b2c3d4e5f6",
-        "OPENAI_API_KEY": "PLANTED-openai-kill-campaign-0f1e2d3c4b5a6978"}   # no known shape: exact value only
+# planted keys, made unique per campaign (a process holding one is this campaign's, whatever else runs here)
+KEYS = {"ANTHROPIC_API_KEY": "sk-ant-api03-PLANTED-kill-campaign-",
+        "OPENAI_API_KEY": "PLANTED-openai-kill-campaign-"}   # no known shape: exact value only
 OWN_KEY = {"codex": "OPENAI_API_KEY", "claude_code": "ANTHROPIC_API_KEY"}   # a CLI agent's own, in its sandbox
 K, I = signal.SIGKILL, signal.SIGINT
 FINAL = 99  # the last resume's step: no kill
@@ -44,9 +47,14 @@ POINTS = ("setup", "agent", "resume-orphans", "resume", "snapshot", "between-rou
 MODE = {"setup": None, "agent": "hang", "resume-orphans": None, "resume": None, "snapshot": "partial",
         "between-rounds": "partial", "gate": "fix", "commit": "fix", "commit-ref": "fix", "between-stages": None}
 API_ROUTE = {"openai": "/chat/completions", "anthropic": "/v1/messages"}
+PROBE = "env; cat /proc/[0-9]*/environ | tr '\\0' '\\n'; tr '\\0' '\\n' < /proc/$PPID/environ"  # in the sandbox
 
 SHELL = r'''
 set -eu
+p=$PPID  # no sandbox: it reads forge's own environment (sealed: no key there)
+until grep -q forge_driver "/proc/$p/cmdline" || [ "$p" -le 1 ]; do p=$(cut -d' ' -f4 "/proc/$p/stat"); done
+[ "$p" -gt 1 ] || exit 3
+tr '\0' '\n' < "/proc/$p/environ" > "$FORGE_OUT_DIR/forge-environ"
 echo "300 30" >> "$FORGE_OUT_DIR/served"  # what it reports in its usage file (cumulative over its run)
 echo '{"tokens_in": 300, "tokens_out": 30}' > "$FORGE_USAGE_FILE"
 case "$MODE" in
@@ -145,6 +153,7 @@ class Campaign:
 
     def __init__(self, tmp: Path, backend: str, script: Script | None = None, url: str = "") -> None:
         self.tmp, self.backend, self.script, self.url = tmp, backend, script, url
+        self.keys = {name: prefix + uuid.uuid4().hex for name, prefix in KEYS.items()}
         self.eng = make_repo(tmp / "ws", FIXED if backend == "tune" else BROKEN)
         if backend == "tune":
             self._add_engine_ops()
@@ -213,12 +222,13 @@ class Campaign:
         if mode == "hang":
             hang = f'touch "$FORGE_OUT_DIR/at-agent"; exec -a "{mark}" sleep 300'
             replies = [call("h1", "run_command", {"command": hang}, (1000, 100))]
-        else:
+        else:  # first what a model hunting for keys would run: its output goes back to the service
+            probe = call("p1", "run_command", {"command": PROBE}, (100, 10))
             edit = call("w1", "write_file", {"path": "exports/toy_engine/src/toy_engine/model.py",
                                              "content": FIXED if mode == "fix" else PARTIAL}, (200, 20))
             done = (openai_reply("done", None, (30, 3)) if oa
                     else anthropic_message([{"type": "text", "text": "done"}], "end_turn", (30, 3)))
-            replies = [edit, done] * 2
+            replies = [probe, edit, done] * 2
         with self.script.lock:
             self.script.replies[:] = replies
 
@@ -283,7 +293,8 @@ class Campaign:
         own = OWN_KEY.get(self.backend) if forge_pid is not None else None
         end = time.monotonic() + 5
         while True:
-            bad = [(pid, name) for pid, cmd, env in _procs() for name, value in KEYS.items() if value.encode() in env
+            bad = [(pid, name) for pid, cmd, env in _procs() for name, value in self.keys.items()
+                   if value.encode() in env
                    and not (pid != forge_pid and name == own and (b"bwrap" in cmd or _ancestor_is_bwrap(pid)))]
             if not bad or forge_pid is not None or time.monotonic() > end:
                 break
@@ -299,10 +310,21 @@ class Campaign:
         for f in self.tmp.rglob("*"):
             if f.is_file() and not f.is_symlink() and not any(f.is_relative_to(d) for d in own):
                 data = f.read_bytes()
-                assert not any(v.encode() in data for v in KEYS.values()), f
+                assert not any(v.encode() in data for v in self.keys.values()), f
         objects = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=self.tmp / "ws",
                                  capture_output=True).stdout
-        assert objects and not any(v.encode() in objects for v in KEYS.values())
+        assert objects and not any(v.encode() in objects for v in self.keys.values())
+        if self.script is not None:  # nor in what went back to the service (tool results)
+            bodies = [json.dumps(r["body"]) for r in self.script.requests]
+            assert not any(v in b for v in self.keys.values() for b in bodies)
+
+    def check_probes(self) -> None:
+        """The key hunts ran (else check_storage proves nothing of them): the shell agent read forge's environment,
+        the API tool command's output went back to the service."""
+        if self.backend == "shell":
+            assert any("PATH=" in f.read_text() for f in self.state.glob("rounds/*/agent/out/forge-environ"))
+        if self.script is not None:
+            assert any(f"{TAG}=" in json.dumps(r["body"]) for r in self.script.requests)
 
     # -- one step: start, reach the point, check, kill ---------------------------------------------------
     def argv(self, agent: dict, point: str | None, resume: bool) -> list[str]:
@@ -327,13 +349,35 @@ class Campaign:
         for f in [*self.ctrl.glob("at-*"), *self.state.glob("rounds/*/agent/out/at-agent")]:
             f.unlink()
         resume = (self.state / "run.json").exists()
-        env = {**os.environ, **KEYS, "FORGE_TEST_MARK": f"{self.marker}{i}"}
+        env = {**os.environ, **self.keys, "FORGE_TEST_MARK": f"{self.marker}{i}"}
         argv = self.argv(self.agent(MODE.get(point or "", "fix"), i), point, resume)
         if point is None:
             r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
             assert r.returncode == 0 and "STATUS passed" in r.stdout, r.stdout + r.stderr
             return r.stdout
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            self._at_point(proc, i, point)
+        except BaseException:  # a failing check leaves nothing of the step running
+            proc.kill()
+            proc.wait()
+            for pid, cmd, _ in _procs():
+                if self.marker.encode() in cmd:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            raise
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == (-9 if sig == K else 128 + sig), f"step {i} {point}: {out}"
+        if sig == I:  # a Ctrl-C ends the round's tree before forge exits
+            assert "STATUS interrupted" in out
+            self.check_no_leftovers(i + 1)
+        self.check_keys(None)
+        self.check_storage()
+        return out
+
+    def _at_point(self, proc: subprocess.Popen, i: int, point: str) -> None:
+        """Wait until step `i`'s run is at `point`, then check there and note the round in flight's groups and tag."""
         t0 = time.monotonic()
         reached = lambda: (any(self.state.glob("rounds/*/agent/out/at-agent")) if point == "agent"  # noqa: E731
                            else (self.ctrl / f"at-{point}").exists())
@@ -354,12 +398,3 @@ class Campaign:
         if inf is not None:
             self.groups += [p.pgid for p in inf.procs]
             self.tags.add(f"{json.loads((self.state / 'run.json').read_text())['run_id']}/{inf.key}-r{inf.round:02d}")
-        proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == (-9 if sig == K else 128 + sig), f"step {i} {point}: {out}"
-        if sig == I:  # a Ctrl-C ends the round's tree before forge exits
-            assert "STATUS interrupted" in out
-            self.check_no_leftovers(i + 1)
-        self.check_keys(None)
-        self.check_storage()
-        return out

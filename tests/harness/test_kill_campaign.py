@@ -3,8 +3,10 @@ ten points of a round and of the run around it, and resumed after each kill. Aft
 nothing of an earlier round is alive (by marker, by the round tag in its environment, by the process groups that
 inflight.json recorded); the ledger plus the round in flight hold exactly the tokens the fake service served (no
 double count, no loss); the planted keys are in no file of the run (state, logs, worktrees, the repository), in
-no git object, and in no live process's environment but the CLI agent's own, inside its sandbox. At the end every
-round is recorded once, with the verdicts the schedule implies.
+no git object, in no request sent to the service, and in no live process's environment but the CLI agent's own,
+inside its sandbox, though the agents hunt for them (the shell agent reads forge's environment, an API model's tool
+command every environment in its sandbox, and the CLIs write their own key where they may). At the end every round
+is recorded once, with the verdicts the schedule implies.
 
 The points (forge_driver.py --pause, plus the agent's own hang): setup (a round set up, its agent not started),
 agent (a CLI agent, an API tool command, a shell agent's child in a session of its own, a tune trial, or replay
@@ -58,6 +60,7 @@ def _run(c: Campaign, schedule: str) -> None:
     c.check_no_leftovers(FINAL + 1)
     c.check_keys(None)
     c.check_storage()
+    c.check_probes()
     assert not (c.state / "inflight.json").exists()
     rounds = c.ledger().rounds()
     assert len({(r.key, r.round) for r in rounds}) == len(rounds), "a round recorded twice"
