@@ -18,10 +18,11 @@ from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.core.optim import AdamW, Schedule
 from train_engine_0_5b.core.trainer import Trainer
-from train_engine_0_5b.model import build_model, compile_loss, init_weights
+from train_engine_0_5b.model import build_model, init_weights
 from train_engine_0_5b.model_config import MiniCPMConfig, preset
 from train_engine_0_5b.ops.adamw import reference
 from train_engine_0_5b.ops.registry import OpSelection, resolve
+from train_engine_0_5b.parallelize import apply_compile, apply_recompute
 
 triton_fused = pytest.importorskip("train_engine_0_5b.ops.adamw.triton_fused")
 
@@ -31,9 +32,10 @@ RUN = ["--num-steps", "1", "--global-batch-size", "2", "--micro-batch-size", "2"
 def _trainer(cfg: MiniCPMConfig, device: str, dtype: torch.dtype, adamw_op, *, compile: bool = False,
              schedule: Schedule | None = None, mb: int = 2, ops: str | None = None, recompute: str = "none") -> Trainer:
     ops = resolve(OpSelection.parse(ops if ops is not None else "attention=sdpa"), device, dtype)
-    model = build_model(cfg, ops, device, dtype, recompute)
+    model = build_model(cfg, ops, device, dtype)
+    apply_recompute(model, recompute)
     if compile:
-        compile_loss(model)
+        apply_compile(model)
     opt = AdamW(dict(model.named_parameters()), init_weights(model, 0.1, seed=3), adamw_op=adamw_op,
                 betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
     schedule = schedule or Schedule("constant", 1e-3, 1e-3, 1, 10)

@@ -128,7 +128,7 @@ def test_batches_for_a_cuda_device_are_pinned(stream):
         assert all(torch.equal(d.cpu(), y) for d, y in zip(on_device, loader(stream).batch(step)))
 
 
-def synchronous_loop(cfg, ctx, trainer, loader, data, log, start, graphed, skipped):
+def synchronous_loop(cfg, ctx, trainer, train_step, loader, data, log, start, skipped):
     """The loop before prefetching and late reads (no checkpoints): build, copy, step, read, log."""
     t = cfg.train
     tokens = t.global_batch_size * t.seq_length

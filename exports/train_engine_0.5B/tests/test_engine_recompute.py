@@ -1,4 +1,4 @@
-"""Activation recomputation (model.RECOMPUTE): the same loss and gradients as without it, bitwise on the
+"""Activation recomputation (model.RECOMPUTE, applied by parallelize.apply_recompute): the same loss and gradients as without it, bitwise on the
 CPU, and fewer bytes kept for backward (counted with saved-tensor hooks), in the order none > attention,
 mlp > layer; probes' no-grad forwards are unaffected; an unknown choice is refused."""
 
@@ -11,12 +11,14 @@ import torch
 from train_engine_0_5b.model import RECOMPUTE, build_model, init_weights, load_weights
 from train_engine_0_5b.model_config import preset
 from train_engine_0_5b.ops.registry import OpSelection, resolve
+from train_engine_0_5b.parallelize import apply_recompute
 
 CFG = preset("tiny")
 
 
 def _run(recompute: str, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
-    model = build_model(CFG, resolve(OpSelection(), "cpu"), "cpu", torch.float32, recompute=recompute)
+    model = build_model(CFG, resolve(OpSelection(), "cpu"), "cpu", torch.float32)
+    apply_recompute(model, recompute)
     load_weights(model, init_weights(model, 0.1, seed=5))
     saved = 0
 
@@ -49,7 +51,8 @@ def test_no_grad_forward_is_untouched():
     ids = torch.randint(0, CFG.vocab_size, (1, 8))
     outs = []
     for r in ("none", "layer"):
-        model = build_model(CFG, resolve(OpSelection(), "cpu"), "cpu", torch.float32, recompute=r)
+        model = build_model(CFG, resolve(OpSelection(), "cpu"), "cpu", torch.float32)
+        apply_recompute(model, r)
         load_weights(model, init_weights(model, 0.1, seed=5))
         hidden: list[torch.Tensor] = []
         with torch.no_grad():
@@ -60,7 +63,7 @@ def test_no_grad_forward_is_untouched():
 
 def test_unknown_choice_is_refused():
     with pytest.raises(ValueError, match="recompute 'ffn'"):
-        build_model(CFG, resolve(OpSelection(), "cpu"), "cpu", torch.float32, recompute="ffn")
+        apply_recompute(build_model(CFG, resolve(OpSelection(), "cpu"), "cpu", torch.float32), "ffn")
 
 
 def test_pretrain_with_recompute_logs_the_same_steps(cli, tmp_path):

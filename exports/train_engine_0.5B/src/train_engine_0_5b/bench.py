@@ -15,12 +15,13 @@ import torch
 
 from train_engine_0_5b import config, op_table as op_table_mod
 from train_engine_0_5b.build import build_trainer
-from train_engine_0_5b.core import cuda_graph as cuda_graph_mod, runtime
+from train_engine_0_5b.core import runtime
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.core.metrics import mfu
 from train_engine_0_5b.model_config import MiniCPMConfig
 from train_engine_0_5b.ops.registry import OpSelection, resolve
+from train_engine_0_5b.parallelize import step_function
 
 
 # A constant LR, so every timed step does the same work; everything else is pretrain's default optimizer.
@@ -54,6 +55,7 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
     warm-up step (cuda_graph.py), so every timed step is a replay; None: wherever cuda_graph.check allows."""
     if cuda_graph and warmup < 2:
         raise EngineError(f"--cuda-graph needs --warmup >= 2 (eager steps, then the capture; got {warmup})")
+    cuda_graph = False if warmup < 2 else cuda_graph  # the default graphs only where an eager step precedes the capture
     runtime.setup(device, deterministic)
     ctx = DistContext.start(device)
     try:
@@ -67,11 +69,8 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
                                         cuda_graph=cuda_graph, recompute=recompute))
         trainer = build_trainer(cfg, ctx, ops, dtype=dtype)
         model, optimizer = trainer.model, trainer.optimizer
-        train_step = trainer.train_step
-        if cuda_graph is None:
-            cuda_graph = warmup >= 2 and cuda_graph_mod.supported(trainer, micro_batch_size * grad_accum)
-        if cuda_graph:  # its first call checks the rows per step
-            train_step = cuda_graph_mod.GraphedStep(trainer, warmup=warmup - 1)
+        # captured at the last warm-up step, so every timed step is a replay
+        train_step, cuda_graph = step_function(trainer, cfg, rows, eager_steps=warmup - 1)
         gen = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
         times = []
 

@@ -1,5 +1,5 @@
-"""One setup path: `build_trainer` turns an EngineConfig into a ready Trainer (model, AdamW, LR schedule,
-data-parallel reducer). `pretrain`, `bench` and `probe` each state their run as an EngineConfig and call
+"""One setup path: `build_trainer` turns an EngineConfig into a ready Trainer (the model with
+parallelize.py's steps 1-3, AdamW, the LR schedule, the data-parallel reducer). `pretrain`, `bench` and `probe` each state their run as an EngineConfig and call
 it, so the three cannot disagree on how a step is built.
 """
 
@@ -12,8 +12,9 @@ from train_engine_0_5b.config import EngineConfig
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.optim import AdamW, Schedule
 from train_engine_0_5b.core.trainer import Trainer
-from train_engine_0_5b.model import build_model, compile_loss, init_weights
+from train_engine_0_5b.model import build_model, init_weights
 from train_engine_0_5b.ops.registry import Ops
+from train_engine_0_5b.parallelize import parallelize_model
 
 
 def build_trainer(cfg: EngineConfig, ctx: DistContext, ops: Ops, initial: dict[str, Tensor] | None = None, *,
@@ -24,9 +25,7 @@ def build_trainer(cfg: EngineConfig, ctx: DistContext, ops: Ops, initial: dict[s
     weights from train.init_std and train.seed. A checkpoint's moments and step are loaded afterwards
     (`trainer.optimizer.load`), which also works once ZeRO-1 has sharded the optimizer."""
     t, o = cfg.train, cfg.optim
-    model = build_model(cfg.model, ops, ctx.device, dtype, cfg.runtime.recompute)
-    if cfg.runtime.resolved_compile():
-        compile_loss(model)
+    model = parallelize_model(build_model(cfg.model, ops, ctx.device, dtype), cfg.runtime)
     master = initial if initial is not None else init_weights(model, t.init_std, t.seed)
     optimizer = AdamW(dict(model.named_parameters()), master, adamw_op=ops.adamw, betas=o.betas, eps=o.eps,
                       weight_decay=o.weight_decay, master_dtype=master_dtype)

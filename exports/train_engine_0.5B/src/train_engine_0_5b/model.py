@@ -14,7 +14,7 @@ scales the o_proj / down_proj weights instead of their outputs (ops/residual_sca
 and the sublayers take r for it). The parameters are the compute copy (the case / training dtype); fp32
 master weights live in the optimizer (optim.py).
 
-Activation recomputation (`recompute`, RECOMPUTE): the named part of every layer keeps only its inputs
+Activation recomputation (`recompute`, RECOMPUTE, chosen by parallelize.py): the named part of every layer keeps only its inputs
 for backward and runs its forward again there (torch.utils.checkpoint, non-reentrant, so it composes with
 torch.compile and the custom ops). "mlp": fc1 -> SwiGLU -> fc2, whose (tokens, 2 x ffn) fc1 output and
 (tokens, ffn) SwiGLU output are the largest activations; "attention": QKV -> RoPE -> attention -> out
@@ -123,11 +123,10 @@ def _maybe_recompute(on: bool, fn, *args):
 
 
 class MiniCPM(nn.Module):
-    def __init__(self, cfg: MiniCPMConfig, ops: Ops, recompute: str = "none"):
+    def __init__(self, cfg: MiniCPMConfig, ops: Ops):
         super().__init__()
-        if recompute not in RECOMPUTE:
-            raise ValueError(f"recompute {recompute!r}: choose one of {', '.join(RECOMPUTE)}")
-        self.cfg, self.ops, self.recompute = cfg, ops, recompute
+        self.cfg, self.ops = cfg, ops
+        self.recompute: Recompute = "none"  # parallelize.apply_recompute sets it
         self.model = Body(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else Weight(cfg.vocab_size, cfg.hidden_size)
         self._rope: dict[tuple, tuple[Tensor, Tensor]] = {}  # (seq, device, dtype) -> tables
@@ -182,19 +181,11 @@ class MiniCPM(nn.Module):
         return self.ops.cross_entropy(self(input_ids), labels)
 
 
-def compile_loss(model: MiniCPM) -> MiniCPM:
-    """torch.compile the training path (embedding -> layers -> output GEMM -> summed CE) in place.
-    Probes and `forward(hidden_states=...)` stay eager; only `loss_sum`, what the trainer calls, is compiled.
-    Whole-graph fusion of the reference ops is what makes this the fast GPU path (see README, bench)."""
-    model.loss_sum = torch.compile(model.loss_sum)  # instance attribute shadows the method
-    return model
-
-
-def build_model(cfg: MiniCPMConfig, ops: Ops, device: torch.device | str, dtype: torch.dtype,
-                recompute: str = "none") -> MiniCPM:
-    """An uninitialized model (weights come from `load_weights` or `init_weights`); `recompute`: RECOMPUTE."""
+def build_model(cfg: MiniCPMConfig, ops: Ops, device: torch.device | str, dtype: torch.dtype) -> MiniCPM:
+    """An uninitialized single-device model (weights come from `load_weights` or `init_weights`;
+    recomputation and compile from parallelize.py)."""
     with torch.device("meta"):
-        model = MiniCPM(cfg, ops, recompute)
+        model = MiniCPM(cfg, ops)
     return model.to_empty(device=device).to(dtype)
 
 

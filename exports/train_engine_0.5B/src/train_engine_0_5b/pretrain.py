@@ -21,7 +21,7 @@ from train_engine_0_5b import run_config
 from train_engine_0_5b.build import build_trainer
 from train_engine_0_5b.config import EngineConfig
 from train_engine_0_5b.core import checkpoint as ckpt
-from train_engine_0_5b.core import ckpt_dir, cuda_graph, runtime, sinks
+from train_engine_0_5b.core import ckpt_dir, runtime, sinks
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.core.evaluate import evaluate
@@ -32,6 +32,7 @@ from train_engine_0_5b.core.trainer import Trainer
 from train_engine_0_5b.data import Data, Prefetcher, attach_eval, open_prepared, prepare, prepare_batches
 from train_engine_0_5b.init_from import load_init, tokenizer_dir
 from train_engine_0_5b.ops.registry import resolve
+from train_engine_0_5b.parallelize import TrainStep, step_function
 
 # Settings a resumed run must share with its checkpoint (anything else, e.g. num_steps, may change).
 RESUME_KEYS = ("model", "seq_length", "global_batch_size", "data_fingerprint", "tokenizer_fingerprint")
@@ -160,10 +161,7 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
         if loaded is not None:
             _restore(loaded, trainer.optimizer, ctx, log)
         rows = t.global_batch_size // ctx.world
-        if cfg.runtime.cuda_graph:  # asked for: refused before any step or checkpoint
-            cuda_graph.check(trainer, rows)
-        graphed = cfg.runtime.cuda_graph or (cfg.runtime.cuda_graph is None and t.nan_policy == "stop"
-                                             and cuda_graph.supported(trainer, rows))
+        train_step, graphed = step_function(trainer, cfg, rows)  # asked for and refused: before any step or checkpoint
         loader = data.loader(t.global_batch_size, ctx.rank, ctx.world)
         log.print(f"model {cfg.model.name} ({cfg.model.num_params() / 1e6:.1f} M params) on {ctx.world} x {ctx.device.type} "
                   f"{str(dtype).removeprefix('torch.')}; data: {data.describe()}; "
@@ -173,17 +171,16 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
         skipped = int(loaded.state.get("skipped_steps", 0)) if loaded is not None else 0
         if ctx.is_main and cfg.checkpoint.save_dir is not None:  # every check passed: the save dir is written
             run_config.write(cfg, cfg.checkpoint.save_dir)
-        return _loop(cfg, ctx, trainer, loader, data, log, start, graphed, skipped)
+        return _loop(cfg, ctx, trainer, train_step, loader, data, log, start, skipped)
     finally:
         log.close()
 
 
-def _loop(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, loader, data: Data, log: StepLog, start: int,
-          graphed: bool, skipped: int) -> dict:
+def _loop(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, train_step: TrainStep, loader, data: Data, log: StepLog,
+          start: int, skipped: int) -> dict:
     t, c = cfg.train, cfg.checkpoint
     stop = t.num_steps if t.exit_after_steps is None else min(t.num_steps, start + t.exit_after_steps)
     reports = StepReports(cfg, ctx, log)
-    train_step = cuda_graph.GraphedStep(trainer) if graphed else trainer.train_step
     eval_loader = data.eval_loader(t.global_batch_size, ctx.rank, ctx.world) if cfg.data.eval_interval else None
     with Prefetcher(loader.batch, start, stop, ctx.device) as batches:  # builds (and pins) the next steps' batches
         try:

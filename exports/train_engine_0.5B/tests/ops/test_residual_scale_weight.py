@@ -14,6 +14,7 @@ from train_engine_0_5b.model import build_model, init_weights, load_weights
 from train_engine_0_5b.model_config import preset
 from train_engine_0_5b.ops.registry import OpSelection, resolve
 from train_engine_0_5b.ops.residual_scale import weight
+from train_engine_0_5b.parallelize import apply_recompute
 
 CFG = preset("tiny")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}  # max |got - want| / max |want|
@@ -24,7 +25,8 @@ def _loss_and_grads(ops_text: str, dtype, weights, ids, labels, recompute="none"
     if seen is not None:  # record the residual scale add_rms_norm is called with
         inner = ops.add_rms_norm
         ops = type(ops)(**{**ops.__dict__, "add_rms_norm": lambda *a: seen.append(a[-1]) or inner(*a)})
-    model = build_model(CFG, ops, "cpu", dtype, recompute=recompute)
+    model = build_model(CFG, ops, "cpu", dtype)
+    apply_recompute(model, recompute)
     load_weights(model, weights)
     loss = model.loss_sum(ids, labels)
     loss.backward()
