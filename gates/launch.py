@@ -153,10 +153,12 @@ def engine_cache_dir(engine: Engine) -> Path:
 
 
 def engine_cache_env(engine: Engine) -> dict[str, str]:
-    """Compile caches under `engine_cache_dir`: warm caches across commands keep GPU timings comparable."""
+    """Compile caches under `engine_cache_dir`: warm caches across commands keep GPU timings comparable.
+    CuTeDSL libraries (quack, FA4) default their kernel caches to /tmp, which the sandbox makes fresh per command."""
     d = engine_cache_dir(engine)
     return {"TRITON_CACHE_DIR": str(d / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(d / "inductor"),
-            "XDG_CACHE_HOME": str(d / "xdg"), "CUDA_CACHE_PATH": str(d / "cuda")}
+            "XDG_CACHE_HOME": str(d / "xdg"), "CUDA_CACHE_PATH": str(d / "cuda"),
+            "QUACK_CACHE_DIR": str(d / "quack"), "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(d / "flash_attn_cute")}
 
 
 def engine_env(engine: Engine) -> dict[str, str]:

@@ -22,6 +22,9 @@ Parts and their rules:
   are recorded beside the gate's and decide nothing. On a CPU the part is `unsupported` unless a test gives
   a CPU peak (`cpu_peak_tflops`).
 
+`m5_parts` runs one part alone (a GPU run split over machine calls of limited length); the other is then
+`unsupported` ("not run"), so such a run never passes.
+
 Overall verdict: the worse of the two parts (failed > error > unsupported > passed). So on CPU a
 correct engine gets `unsupported` with `loss: passed` in the report, never a silent `passed`.
 """
@@ -35,7 +38,7 @@ import torch
 
 from gates.case import OptimizerSpec, ScheduleSpec, make_spec
 from gates.case_data import corpus_batches
-from gates.context import GateRun, GateStop
+from gates.context import Case, GateRun, GateStop
 from gates.model_config import MiniCPMConfig
 from gates.policies import Diff
 from gates.pretrain_runs import PretrainBox, metrics_line
@@ -59,9 +62,31 @@ def run(g: GateRun) -> GateReport:
         case = g.write_case(spec, batches=corpus_batches(spec, spec.seed), label="case (default corpus)")
     else:
         case = g.make_case()
+    loc = None
+    if o.m5_parts == "mfu":
+        loss_part = not_run("loss", o.m5_parts)
+    else:
+        loss_part, loc = long_train(g, case)
+    parts = [loss_part, not_run("mfu", o.m5_parts) if o.m5_parts == "loss" else speed_part(g, case.spec.model)]
+    g.report.parts = parts
+    verdict = worst([p.verdict for p in parts])
+    if verdict == "passed":
+        return g.finish("passed", "pretrain's loss curve and its speed on the gate's clock within bounds")
+    summary = "; ".join(f"{p.name}: {p.verdict}" for p in parts)
+    if verdict == "unsupported":
+        summary += " -> not passed: " + "; ".join(p.message for p in parts if p.verdict == "unsupported")
+    return g.finish(verdict, summary, loc)
+
+
+def not_run(name: str, chosen: str) -> Part:
+    return Part(name=name, verdict="unsupported", message=f"not run: this run asked for M5's {chosen} part alone")
+
+
+def long_train(g: GateRun, case: Case) -> tuple[Part, Localization | None]:
+    """The loss part: `pretrain` on the long-train case against the reference (and its float32 twin for bf16)."""
     box = PretrainBox(g, case)
     try:
-        box.run("long", "engine pretrain (long train)", extra=o.pretrain_args)
+        box.run("long", "engine pretrain (long train)", extra=g.options.pretrain_args)
         eng = box.series("long", 1, case.spec.steps, "engine pretrain (long train)")
     except GateStop as stop:
         stop.verdict = "failed" if stop.verdict == "unsupported" else stop.verdict
@@ -72,16 +97,7 @@ def run(g: GateRun) -> GateReport:
         fp32 = g.write_case(case.spec.model_copy(update={"dtype": "float32"}), batches=case.batches, weights=case.weights,
                             label="the same case in float32 (the loss curve's baseline)")
         ref32 = g.reference_probe("steps", fp32)["losses"]
-    loss_part, loc = loss_curve(g, eng["losses"], ref["losses"], ref32)
-    parts = [loss_part, speed_part(g, case.spec.model)]
-    g.report.parts = parts
-    verdict = worst([p.verdict for p in parts])
-    if verdict == "passed":
-        return g.finish("passed", "pretrain's loss curve and its speed on the gate's clock within bounds")
-    summary = "; ".join(f"{p.name}: {p.verdict}" for p in parts)
-    if verdict == "unsupported":
-        summary += " -> not passed: the MFU part could not be measured here"
-    return g.finish(verdict, summary, loc)
+    return loss_curve(g, eng["losses"], ref["losses"], ref32)
 
 
 def loss_curve(g: GateRun, eng: torch.Tensor, ref: torch.Tensor,

@@ -34,6 +34,9 @@ class GateOptions(BaseModel):
     long_train_window: int = Field(10, ge=1, description="M5: trailing window (steps) of the loss statistic")
     long_train_threshold: float = Field(0.01, gt=0, description="M5: bound on the window's mean relative loss difference")
     mfu_threshold: float = Field(0.36, ge=0, description="M5: MFU the engine's pretrain must reach, timed by the gate (GPU only)")
+    m5_parts: Literal["both", "loss", "mfu"] = Field(
+        "both", description="M5: the parts to run; one alone (a run split over machine calls of limited length) "
+        "reports the other `unsupported`, so the gate never passes on half of its checks")
     speed_seq_length: int = Field(4096, ge=2, description="M5 speed: sequence length of the timed pretrain runs")
     speed_micro_batch_size: int = Field(8, ge=1, description="M5 speed: pretrain --micro-batch-size")
     speed_global_batch_size: int = Field(64, ge=1, description="M5 speed: pretrain --global-batch-size (accumulation "

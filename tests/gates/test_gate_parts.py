@@ -144,3 +144,21 @@ def test_m3_runs_low_precision_cases_at_the_low_lr(monkeypatch, dtype, lr):
         m3_optimizer.run(g)
     spec = make_spec("tiny", dtype=dtype, **seen)
     assert spec.optimizer.lr == lr and spec.grad_accum == 1 and spec.schedule.warmup_steps == 2
+
+
+def test_m5_mfu_part_alone_never_passes(monkeypatch):
+    """m5_parts=mfu (a GPU run split over machine calls): the loss part is not run (no "long" pretrain, which the
+    fake would refuse) and reads `unsupported`, so the gate's verdict is unsupported even with the MFU part passed."""
+    fake_speed_runs(monkeypatch, {"warm": 50.0, "N": 20.0, "2N": 30.0})
+    g = gate_run(case="tiny", cpu_peak_tflops=1.0, mfu_threshold=0.0, speed_steps=3, speed_seq_length=32,
+                 speed_global_batch_size=4, speed_micro_batch_size=2, seed=1, m5_parts="mfu")
+    try:
+        report = m5_long_train.run(g)
+    finally:
+        g.cleanup()
+    parts = {p.name: p for p in report.parts}
+    assert parts["mfu"].verdict == "passed" and parts["loss"].verdict == "unsupported"
+    assert "not run" in parts["loss"].message and report.verdict == "unsupported"
+    assert not any("long" in c.role for c in report.commands)
+    with pytest.raises(ValueError):
+        GateOptions(m5_parts="speed")
