@@ -1,0 +1,200 @@
+"""MiniCPM4-8B in plain PyTorch, parameters under HF MiniCPM names: the math of the 0.5B engine's model.
+
+    h0 = embed(ids) * scale_emb                                            embed: padding_idx = pad_token_id
+    per layer: h = h + attn(rms_norm(h)) * r;  h = h + mlp(rms_norm(h)) * r     r = scale_depth / sqrt(L)
+    logits = (rms_norm(h) / (hidden / dim_model_base)) @ W_out^T                W_out: lm_head (untied in 8B)
+
+Built from nn.Linear / nn.Embedding so that torch's tensor-parallel styles apply to them unchanged
+(parallelize.py). Every reshape infers the head count (`-1`): under TP a rank holds n / tp query and g / tp KV
+heads and the same code runs on its shard. RoPE is the config's (plain or LongRoPE), tables built once per
+(seq, device, dtype) from the full sequence length, which the token ids keep under sequence parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from train_engine_8b.model_config import MiniCPMConfig, hf_param_shapes
+
+IGNORE_INDEX = -100
+Recompute = Literal["none", "mlp", "attention", "layer"]
+RECOMPUTE: tuple[str, ...] = get_args(Recompute)
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """At least float32 (float64 stays float64): norm statistics and the loss."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def rope_tables(cfg: MiniCPMConfig, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin (seq_len, head_dim), rotate-half layout: angles in float64, then cast (the 0.5B engine's math)."""
+    divisors, scale = cfg.rope_at(seq_len)
+    d = cfg.dim_head
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+    if divisors is not None:
+        inv_freq = inv_freq / torch.tensor(divisors, dtype=torch.float64, device=device)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
+    emb = torch.cat([angles, angles], dim=-1)  # (S, d)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, S, heads, d) rotated by the tables (S, d)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (S, 1, d): broadcast over heads
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    """weight * x / rms(x): statistics in >= float32, the weight applied in the input dtype."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = _upcast(x)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal GQA: query head i reads KV head i // (n / g) (SDPA's enable_gqa)."""
+
+    def __init__(self, cfg: MiniCPMConfig):
+        super().__init__()
+        h, d, n, g = cfg.hidden_size, cfg.dim_head, cfg.num_heads, cfg.num_kv_heads
+        self.d = d
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(h, n * d, bias=False), nn.Linear(h, g * d, bias=False),
+                                                 nn.Linear(h, g * d, bias=False))
+        self.o_proj = nn.Linear(n * d, h, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, S, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, S, -1, self.d), cos, sin)  # (B, S, n, d)
+        k = apply_rope(self.k_proj(x).view(B, S, -1, self.d), cos, sin)  # (B, S, g, d)
+        v = self.v_proj(x).view(B, S, -1, self.d)  # (B, S, g, d)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=True)  # (B, n, S, d)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))  # (B, S, h)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: MiniCPMConfig):
+        super().__init__()
+        h, f = cfg.hidden_size, cfg.ffn_hidden_size
+        self.gate_proj, self.up_proj = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, S, h)
+
+
+def _maybe_recompute(on: bool, fn, *args):
+    """fn(*args), keeping only the inputs for backward when `on` and autograd records."""
+    if on and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MiniCPMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.r = cfg.residual_scale
+        self.recompute: Recompute = "none"  # parallelize.apply_recompute sets it
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return _maybe_recompute(self.recompute == "layer", self._forward, h, cos, sin)
+
+    def _forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        a = _maybe_recompute(self.recompute == "attention", self.self_attn, self.input_layernorm(h), cos, sin)
+        h = h + a * self.r
+        m = _maybe_recompute(self.recompute == "mlp", self.mlp, self.post_attention_layernorm(h))
+        return h + m * self.r
+
+
+class Body(nn.Module):
+    """Holds the `model.*` parameters (HF MiniCPM's module tree)."""
+
+    def __init__(self, cfg: MiniCPMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MiniCPM(nn.Module):
+    def __init__(self, cfg: MiniCPMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Body(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._rope: dict[tuple, tuple[Tensor, Tensor]] = {}  # (seq, device, dtype) -> tables
+
+    def rope_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (seq_len, device, dtype)
+        if key not in self._rope:
+            self._rope[key] = rope_tables(self.cfg, seq_len, device, dtype)
+        return self._rope[key]
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """input_ids (B, S) -> logits (B, S, V); under TP a DTensor sharded on V (parallelize.py)."""
+        cfg = self.cfg
+        cos, sin = self.rope_tables(input_ids.shape[1], input_ids.device, self.model.norm.weight.dtype)
+        h = self.model.embed_tokens(input_ids) * cfg.scale_emb  # (B, S, h)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin)
+        x = self.model.norm(h) / cfg.logit_scale  # (B, S, h)
+        if self.lm_head is None:
+            return F.linear(x, self.model.embed_tokens.weight)
+        return self.lm_head(x)  # (B, S, V)
+
+    def loss_sum(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """Summed token cross-entropy over labels != -100 (>= float32); the caller divides by the global count.
+        Under TP it runs inside parallelize.train_context (loss_parallel: the logits stay sharded on V)."""
+        logits = _upcast(self(input_ids))
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def build_model(cfg: MiniCPMConfig, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> MiniCPM:
+    """An uninitialized model (on `meta` by default: parallelize first, then `to_empty` and load weights)."""
+    with torch.device("meta"):
+        model = MiniCPM(cfg)
+    return model if str(device) == "meta" else model.to_empty(device=device).to(dtype)
+
+
+def check_names(cfg: MiniCPMConfig, model: MiniCPM) -> None:
+    """The model's parameter names and shapes are HF MiniCPM's, in the same order."""
+    got = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    if list(got.items()) != list(hf_param_shapes(cfg).items()):
+        raise AssertionError("model parameters drifted from HF MiniCPM names")
+
+
+def init_weights(cfg: MiniCPMConfig, init_std: float, seed: int) -> dict[str, Tensor]:
+    """Fresh fp32 weights (HF names), the same on every rank for a seed (the 0.5B engine's rule): norms 1; the
+    embedding and lm_head N(0, init_std) with the padding row zero; hidden matrices N(0, init_std / sqrt(hidden /
+    dim_model_base)) (muP's width scaling)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden_std = init_std / math.sqrt(cfg.hidden_size / cfg.dim_model_base)
+    out: dict[str, Tensor] = {}
+    for name, shape in hf_param_shapes(cfg).items():
+        if len(shape) == 1:
+            out[name] = torch.ones(shape)
+        else:
+            std = init_std if name in ("model.embed_tokens.weight", "lm_head.weight") else hidden_std
+            out[name] = torch.randn(shape, generator=gen) * std
+    if cfg.pad_token_id is not None:  # as nn.Embedding(padding_idx) and MiniCPM's init leave it
+        out["model.embed_tokens.weight"][cfg.pad_token_id] = 0.0
+    return out
