@@ -31,8 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import checksums
-from .ckpt_dir import (LATEST, PENDING, STATE_FILE, find_latest, fsync, problem, step_dir_name,
-                                        write_pointer)
+from .ckpt_dir import LATEST, PENDING, STATE_FILE, find_latest, fsync, problem, step_dir_name, write_pointer
 from .errors import EngineError
 
 FORMAT = 2  # 2: state.json carries checksums; format 1 (without them) is still read

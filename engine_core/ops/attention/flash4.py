@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ...core.errors import EngineError
-from .. import space
+from .. import LIBRARY, space
 from .._hopper import gpu_too_old, require_hopper_half
 
 
@@ -65,7 +65,7 @@ def _load() -> tuple[Kernels | None, str | None]:
 _kernels, UNAVAILABLE_REASON = _load()
 
 
-@torch.library.custom_op("train_engine_0_5b::flash4_fwd", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::flash4_fwd", mutates_args=())
 def flash4_fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     if _kernels is None:
         raise EngineError(f"ops.attention=flash4: {UNAVAILABLE_REASON}")
@@ -82,7 +82,7 @@ def _(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return q.new_empty(q.shape), q.new_empty((B, n, S), dtype=torch.float32)  # contiguous, as the kernel's
 
 
-@torch.library.custom_op("train_engine_0_5b::flash4_bwd", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::flash4_bwd", mutates_args=())
 def flash4_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if _kernels is None:
         raise EngineError(f"ops.attention=flash4: {UNAVAILABLE_REASON}")

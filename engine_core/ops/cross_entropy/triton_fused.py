@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...core.errors import EngineError
-from .. import _quack
-from .. import space
+from .. import LIBRARY, _quack, space
 from .._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 
 IGNORE_INDEX = -100
@@ -241,7 +240,7 @@ def cross_entropy_bwd(
 # The registry op is a pair of `torch.library` custom ops (forward, backward) with fake implementations and
 # a registered autograd formula, as flash4.py does: torch.compile keeps each as one opaque node and fuses
 # the code around it. (Tracing the Triton launches instead fails: `_unit` reads data pointers.)
-@torch.library.custom_op("train_engine_0_5b::triton_ce_fwd", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::triton_ce_fwd", mutates_args=())
 def triton_ce_fwd(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """logits (rows, V), labels (rows,) -> (sum of row losses 0-dim fp32, logsumexps (rows,) fp32)."""
     losses, lse = cross_entropy_fwd(logits, labels)
@@ -253,7 +252,7 @@ def _(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("train_engine_0_5b::triton_ce_bwd", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::triton_ce_bwd", mutates_args=())
 def triton_ce_bwd(logits: Tensor, labels: Tensor, lse: Tensor, dloss: Tensor) -> Tensor:
     """d(dloss * loss sum)/d(logits), (rows, V) in logits' dtype."""
     return cross_entropy_bwd(logits, labels, lse, dloss)
@@ -403,7 +402,7 @@ def fused_linear_cross_entropy_fwd_bwd(
 # the logits with their gradient, then the dx / dw GEMMs, each only when asked for: an empty tensor
 # otherwise); the backward only scales dx and dw by the incoming gradient, which touches (T, h) and (V, h),
 # never a (T, V) tensor.
-@torch.library.custom_op("train_engine_0_5b::linear_ce_fwd_bwd", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::linear_ce_fwd_bwd", mutates_args=())
 def linear_ce_fwd_bwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int, compute_dx: bool,
     compute_dw: bool, gemms: str,
@@ -426,7 +425,7 @@ def _(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_
     return hidden.new_empty((), dtype=torch.float32), dx, dw
 
 
-@torch.library.custom_op("train_engine_0_5b::linear_ce_loss", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::linear_ce_loss", mutates_args=())
 def linear_ce_loss(hidden: Tensor, weight: Tensor, labels: Tensor, logit_scale: float, chunk_size: int,
                    gemms: str) -> Tensor:  # fmt: skip
     """The loss sum alone (no gradients: one read of each logits chunk)."""

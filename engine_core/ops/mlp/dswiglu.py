@@ -5,7 +5,7 @@ Why a kernel: Inductor's fusion of the plain math (`reference`) does not vectori
 loads and the final stack. Here each program loads whole (gate, up) pairs, so
 every access is contiguous; the call moves 5 * M * f elements, the floor at HBM bandwidth.
 
-`dswiglu` runs the Triton kernel on CUDA (as the custom op `train_engine_0_5b::dswiglu_interleaved`, so
+`dswiglu` runs the Triton kernel on CUDA (as the custom op `<package>::dswiglu_interleaved`, so
 torch.compile keeps it as one node) and the reference elsewhere. fp32 math, one rounding at the store.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import space
+from .. import LIBRARY, space
 from .._triton import HAS_TRITON, require_triton, tl, triton
 
 
@@ -57,7 +57,7 @@ def launch(preact: Tensor, dpost: Tensor, out: Tensor | None = None) -> Tensor:
     return out
 
 
-@torch.library.custom_op("train_engine_0_5b::dswiglu_interleaved", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::dswiglu_interleaved", mutates_args=())
 def _dswiglu_op(preact: Tensor, dpost: Tensor) -> Tensor:
     return launch(preact, dpost)
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...core.errors import EngineError
-from .. import _quack
+from .. import LIBRARY, _quack
 from .._hopper import require_hopper_half
 from .dswiglu import dswiglu
 
@@ -55,7 +55,7 @@ def _load() -> tuple[Kernels | None, str | None]:
 _kernels, UNAVAILABLE_REASON = _load()
 
 
-@torch.library.custom_op("train_engine_0_5b::quack_swiglu_fc1", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::quack_swiglu_fc1", mutates_args=())
 def quack_swiglu_fc1(x: Tensor, w1i: Tensor) -> tuple[Tensor, Tensor]:
     """x (M, h), w1i (2f, h) interleaved -> (preact (M, 2f) for the backward, silu(gate) * up (M, f))."""
     if _kernels is None:

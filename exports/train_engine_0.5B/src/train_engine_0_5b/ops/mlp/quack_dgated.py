@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ...core.errors import EngineError
-from .. import _quack
+from .. import LIBRARY, _quack
 from .._hopper import require_hopper_half
 from .quack_gated import interleave
 
@@ -67,7 +67,7 @@ def _check(what: str, got: Tensor, want: tuple[int, ...]) -> None:
         raise EngineError(f"quack_dgated: {what} kernel returned {tuple(got.shape)}, expected {want}")
 
 
-@torch.library.custom_op("train_engine_0_5b::quack_mlp_fwd", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::quack_mlp_fwd", mutates_args=())
 def quack_mlp_fwd(x: Tensor, w1i: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
     """x (M, h), w1i (2f, h) interleaved, w2 (h, f) -> (out (M, h), preact (M, 2f) for the backward)."""
     preact, postact = _require_kernels().gemm_gated(x.contiguous(), w1i.T)
@@ -82,7 +82,7 @@ def _(x: Tensor, w1i: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
     return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0], w1i.shape[0]))
 
 
-@torch.library.custom_op("train_engine_0_5b::quack_mlp_dgated", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::quack_mlp_dgated", mutates_args=())
 def quack_mlp_dgated(dout: Tensor, w2: Tensor, preact: Tensor) -> tuple[Tensor, Tensor]:
     """dout (M, h), w2 (h, f), preact (M, 2f) -> (dpreact (M, 2f) interleaved, postact (M, f) recomputed)."""
     dpreact, postact = _require_kernels().gemm_dgated(dout.contiguous(), w2, preact)

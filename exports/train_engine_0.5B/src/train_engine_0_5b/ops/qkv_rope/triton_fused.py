@@ -8,8 +8,8 @@ benchmarks/results/engine-0.5b-qkv-rope-*). Here the concatenation is this kerne
 handles one token, every load and store is a contiguous run of the row.
 
     forward   qkv = x @ cat(wq, wk, wv)^T              torch (cuBLAS); the weights' gradients split back
-              q, k, v = rotate(qkv)                     custom op train_engine_0_5b::qkv_rope_fwd
-    backward  dqkv = rotate^-1(dq, dk, dv)              custom op train_engine_0_5b::qkv_rope_bwd
+              q, k, v = rotate(qkv)                     custom op <package>::qkv_rope_fwd
+    backward  dqkv = rotate^-1(dq, dk, dv)              custom op <package>::qkv_rope_bwd
               dx = dqkv @ cat(w); dw = dqkv^T @ x        torch (cuBLAS)
 
 Both passes are `torch.library` custom ops with fakes and an autograd formula, so torch.compile keeps each
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import space
+from .. import LIBRARY, space
 from .._triton import HAS_TRITON, require_triton, tl, triton  # noqa: F401 - HAS_TRITON: read by the registry
 from .reference import head_counts
 
@@ -120,7 +120,7 @@ def unrotate_to_packed(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Ten
     return out
 
 
-@torch.library.custom_op("train_engine_0_5b::qkv_rope_fwd", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::qkv_rope_fwd", mutates_args=())
 def qkv_rope_fwd(qkv: Tensor, cos: Tensor, sin: Tensor, n: int, g: int) -> tuple[Tensor, Tensor, Tensor]:
     return rotate_packed(qkv, cos, sin, n, g)
 
@@ -131,7 +131,7 @@ def _(qkv: Tensor, cos: Tensor, sin: Tensor, n: int, g: int) -> tuple[Tensor, Te
     return qkv.new_empty(B, S, n, d), qkv.new_empty(B, S, g, d), qkv.new_empty(B, S, g, d)
 
 
-@torch.library.custom_op("train_engine_0_5b::qkv_rope_bwd", mutates_args=())
+@torch.library.custom_op(f"{LIBRARY}::qkv_rope_bwd", mutates_args=())
 def qkv_rope_bwd(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return unrotate_to_packed(dq, dk, dv, cos, sin)
 
