@@ -73,12 +73,13 @@ def main(exports: Optional[list[Path]] = typer.Argument(None, help="export folde
     targets = [Path(e) for e in exports] if exports else stamped_exports()
     drifted = False
     for export in targets:
+        name = export.resolve().relative_to(ROOT) if export.resolve().is_relative_to(ROOT) else export
         if check:
             problems = vendored.drift(package_dir(export), SOURCE)
             drifted |= bool(problems)
-            print(f"{export}: " + ("drifted\n  " + "\n  ".join(problems) if problems else "matches engine_core"))
+            print(f"{name}: " + ("drifted\n  " + "\n  ".join(problems) if problems else "matches engine_core"))
         else:
-            print(f"{export}: vendored engine_core {vendor(export)['hash'][:12]}")
+            print(f"{name}: vendored engine_core {vendor(export)['hash'][:12]}")
     sys.exit(1 if drifted else 0)
 
 
