@@ -122,6 +122,7 @@ class Rounds(LoopParts):
             recorded = any(r.round == round_no for r in self.ledger.rounds(key))
             rec.tokens_in, rec.tokens_out, rec.cost_usd = _usage(meter)
             rec.verdict, rec.counted, rec.note = "interrupted", False, f"{e}: the round's processes were ended"
+            rec.elected = None  # where no ledger line has it yet, its commit never landed: never the op's best
             self._finish(rec, rt, t_start, round_dir, appended=recorded)
             raise
 
