@@ -29,6 +29,8 @@ import pytest
 from kill_campaign import API_ROUTE, FINAL, POINTS, Campaign, I, K
 from wire_servers import Script, serve
 
+from harness.ledger import OpDone
+
 SCHEDULES = {
     "A": [("setup", I), ("agent", K), ("resume-orphans", I), ("resume", K), ("snapshot", I), ("between-rounds", K),
           ("gate", I), ("commit", K), ("commit-ref", I), ("between-stages", K)],
@@ -95,3 +97,5 @@ def test_kill_campaign_tune(schedule: str, tmp_path: Path) -> None:
     assert [r.round for r in rounds] == list(range(1, 9))
     (won,) = [r for r in rounds if r.elected]
     assert won.verdict == "passed" and won.timing == 0.001 and won.commit
+    (done,) = c.ledger().events(OpDone)  # the op's best is the round whose commit landed
+    assert (done.best, done.best_round) == (0.001, won.round)
