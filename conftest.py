@@ -35,6 +35,7 @@ FOLDER_TIERS: list[tuple[str, tuple[str, ...]]] = [
     ("tests/engines", ("integration",)),
     ("exports/train_engine_0.5B/tests/ops", ("unit",)),
     ("exports/train_engine_0.5B/tests", ("integration",)),
+    ("exports/train_engine_8b/tests", ("integration",)),
 ]
 
 
