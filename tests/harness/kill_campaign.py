@@ -119,7 +119,8 @@ emit({"type": "result", "subtype": "success", "is_error": False, "result": "done
 # tune: the real engine's ops beside the toy model; its swiglu kernel, in a trial of block 512, hangs in MODE=hang
 # and fails in MODE=partial (no correct candidate: the round is an error)
 ENGINE_PKG = HERE.parents[1] / "exports/train_engine_0.5B/src/train_engine_0_5b"
-KERNEL_EDIT = ("    n_col_blocks = triton.cdiv(f, block)\n", '''    if os.environ.get("MODE") == "hang" and block != 1024:
+KERNEL_EDIT = ("    n_col_blocks = triton.cdiv(f, block)\n",
+               '''    if os.environ.get("MODE") == "hang" and block != 1024:
         open(os.path.join(os.environ["FORGE_OUT_DIR"], "at-agent"), "w").close()
         os.execvp("bash", ["bash", "-c", 'exec -a "$MARK" sleep 300'])
     if os.environ.get("MODE") == "partial" and block != 1024:

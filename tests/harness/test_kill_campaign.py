@@ -18,8 +18,9 @@ moved), between-stages (a stage passed, the next not started).
 
 Schedules A and B give every point both kill -9 and SIGINT; every gates-stage backend runs both. tune's points
 are those of its ops stage (after m1, which replay passes), in orders that keep each reachable (between-stages
-first; the election, which only one round wins, at commit-ref last), T1 and T2 with the signals swapped. Each forge process imports torch
-(harness.isolation -> gates.sandbox -> gates.context): a step costs 2-4 s, a tune step more, hence the slow tier."""
+first; the election, which only one round wins, at commit-ref last), T1 and T2 with the signals swapped. Each
+forge process imports torch (harness.isolation -> gates.sandbox -> gates.context): a step costs 2-4 s, a tune step
+(its trials in Triton's CPU interpreter) 20-30 s, hence the slow tier."""
 
 from __future__ import annotations
 
