@@ -43,3 +43,14 @@ def test_environment_switches_are_listed_once():
                  and re.search(r"environ\W*\[?\W*.?FORGE_ENGINE_|getenv\(.FORGE_ENGINE_", f.read_text())}
     assert read == documented_env == in_readme and read
     assert not elsewhere  # only env.py reads them
+
+
+def test_one_setup_path_and_one_place_for_parallelism():
+    """The model part builds a Trainer only in build.py, and compiles or graphs only in parallelize.py."""
+    only = {"Trainer(": "build.py", "AdamW(": "build.py", "Schedule(": "build.py",
+            "torch.compile(": "parallelize.py", "GraphedStep(": "parallelize.py"}
+    pkg = SRC / "train_engine_0_5b"
+    for f in pkg.glob("*.py"):  # the model part: the core's folders (core/, ops/, data/) define these
+        text = f.read_text()
+        for call, home in only.items():
+            assert call not in text or f.name == home, f"{f.name} calls {call} (only {home} may)"
