@@ -10,7 +10,7 @@ EXPORTS = vendor_core.stamped_exports()
 
 
 def test_the_engines_carry_a_vendored_core():
-    assert [e.name for e in EXPORTS] == ["train_engine_0.5B"]
+    assert "train_engine_0.5B" in [e.name for e in EXPORTS]  # an engine that vendors the core joins the list
 
 
 @pytest.mark.parametrize("export", EXPORTS, ids=[e.name for e in EXPORTS])
