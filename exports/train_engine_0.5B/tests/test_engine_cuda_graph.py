@@ -69,8 +69,8 @@ def test_bench_with_cuda_graph_needs_two_warmup_steps(cli):
 
 
 def test_what_a_graph_covers_and_what_runs_graphed_by_default():
-    """Accumulation is captured when asked for (rows a multiple of the micro batch); the default graphs one micro
-    batch per step only; more than one rank is refused."""
+    """Accumulation is captured (rows a multiple of the micro batch), by default too; rows that do not split
+    into micro batches and more than one rank are refused."""
     from types import SimpleNamespace
 
     from train_engine_0_5b.core.cuda_graph import check, supported
@@ -85,7 +85,7 @@ def test_what_a_graph_covers_and_what_runs_graphed_by_default():
         check(fake(), 5)
     with pytest.raises(EngineError, match="one rank"):
         check(fake(world=2), 2)
-    assert supported(fake(), 2) and not supported(fake(), 6) and not supported(fake(), 5)
+    assert supported(fake(), 2) and supported(fake(), 6) and not supported(fake(), 5) and not supported(fake(2), 2)
 
 
 def test_device_lr_needs_the_fused_op():

@@ -117,7 +117,7 @@ def bench(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="default: on with CUDA, off on a CPU"),
     recompute: str = typer.Option("none", "--recompute", help="activation recomputation per layer: none | mlp | attention | layer"),
     zero1: bool = typer.Option(False, "--zero1/--no-zero1", help="shard optimizer state over data-parallel ranks (ZeRO-1)"),
-    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="time replays of the step captured as one CUDA graph; default: on where it can be (CUDA, one rank, one micro batch, adamw=triton_fused, --warmup >= 2)"),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="time replays of the step captured as one CUDA graph; default: on where it can be (CUDA, one rank, adamw=triton_fused, --warmup >= 2)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here (rank 0)"),
     op_table: bool = typer.Option(False, "--op-table", help="also: each op timed alone vs its reference, and a profiler breakdown of 2 steps (JSON key op_table; tables on stderr)"),
 ) -> None:
