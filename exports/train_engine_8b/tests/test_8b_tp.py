@@ -28,11 +28,14 @@ def _seed() -> int:
 
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory):
-    """One TP=2 step in float64, and the refusal of a TP degree above the KV heads, in one 2-process spawn."""
+    """One TP=2 step in float64 and the refusals of a TP degree that splits a KV head and of a sequence TP does
+    not divide, in one 2-process spawn."""
+    tmp = tmp_path_factory.mktemp("tp2")
     return spawn([dict(name="tp2", dp=1, tp=2, dtype="float64", seq=32, seed=_seed()),
                   dict(name="bad", dp=1, tp=2, model={"num_heads": 16, "num_kv_heads": 1}, expect_error=True),
-                  dict(name="odd", dp=1, tp=2, seq=31, expect_error=True)],
-                 world=2, tmp=tmp_path_factory.mktemp("tp2"))
+                  dict(name="odd", dp=1, tp=2, seq=31, expect_error=True),
+                  dict(name="compile-recompute", dp=1, tp=2, compile=True, recompute="layer", expect_error=True)],
+                 world=2, tmp=tmp) | {"_dir": tmp}
 
 
 def _assert_equal_step(r: dict, bound: float, step_bound: float | None) -> None:
@@ -57,6 +60,26 @@ def test_tp2_step_equals_tp1_float64(tp2):
     _assert_equal_step(tp2["tp2"], bound=1e-12, step_bound=1e-7)
 
 
+def test_tp2_hf_state_dict_round_trip_is_exact(tp2):
+    """load_hf shards full weights and to_hf gathers them back bit for bit."""
+    assert tp2["tp2"]["round_trip_exact"]
+
+
+def test_tp2_hf_export_reproduces_logits_in_transformers(tp2, tmp_path_factory):
+    """The TP model's gathered state dict (after its step), folded, gives transformers' LlamaForCausalLM the
+    TP model's own logits (1e-5: transformers' fp32 RoPE angles, test_8b_model.py)."""
+    transformers = pytest.importorskip("transformers")
+    from train_engine_8b.state_dict_adapter import fold_to_llama, llama_config_dict
+
+    cfg = preset("minicpm4-8b-reduced")
+    saved = torch.load(tp2["_dir"] / "tp2.pt")
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config_dict(cfg))).double().eval()
+    llama.load_state_dict(fold_to_llama(cfg, saved["state"]), strict=True)
+    with torch.no_grad():
+        got = llama(input_ids=saved["ids"]).logits
+    assert float((got - saved["logits"]).norm() / saved["logits"].norm()) < 1e-5
+
+
 def test_tp2_padding_row_gets_no_gradient(tp2):
     r = tp2["tp2"]
     assert r["pad_row_grad_nonzero"] == 0 and r["pad_row_moved"] == 0
@@ -69,6 +92,10 @@ def test_tp_degree_that_splits_a_kv_head_is_refused(tp2):
 
 def test_sequence_that_tp_does_not_divide_is_refused(tp2):
     assert "sequence length 31 is not a multiple of the tensor parallel degree 2" in tp2["odd"]["error"]
+
+
+def test_compile_with_recompute_under_tp_is_refused(tp2):
+    assert "compile with recompute='layer' under tensor parallelism is not supported" in tp2["compile-recompute"]["error"]
 
 
 def test_check_tp_names_the_field():
@@ -96,6 +123,16 @@ def test_dp2_fp32_and_recompute(tmp_path):
     _assert_equal_step(r["tp2-fp32"], bound=1e-5, step_bound=None)
     _assert_equal_step(r["tp2-recompute"], bound=1e-12, step_bound=1e-7)
     assert all(r[k]["pad_row_grad_nonzero"] == 0 for k in r)
+
+
+@pytest.mark.slow
+def test_tp2_compiled_layers(tmp_path):
+    """TP=2 with every decoder layer compiled (inductor on the CPU; ~1 min). Twice in one process: the second
+    model runs from the compile caches the first one filled."""
+    r = spawn([dict(name=f"tp2-compiled-{i}", dp=1, tp=2, dtype="float64", seq=32, seed=_seed(), compile=True)
+               for i in range(2)], world=2, tmp=tmp_path)
+    for result in r.values():
+        _assert_equal_step(result, bound=1e-12, step_bound=1e-7)
 
 
 @pytest.mark.slow

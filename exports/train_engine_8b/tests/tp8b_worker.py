@@ -28,20 +28,22 @@ ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
 def spawn(jobs: list[dict], world: int, tmp: Path) -> dict[str, dict]:
-    """jobs: {name, dp, tp, dtype, seq, seed[, recompute]}, or {name, dp, tp, expect_error: True[, model (config
-    updates), seq]}. Returns {name: measurements} from rank 0."""
+    """jobs: {name, dp, tp, dtype, seq, seed[, recompute, compile]}, or {name, dp, tp, expect_error: True[, model
+    (config updates), seq]}. Returns {name: measurements} from rank 0; each compared job also leaves
+    tmp / f"{name}.pt": the parallel model's HF state dict after the step, a batch and its logits."""
     out = tmp / "result.json"
-    mp.spawn(_main, args=(world, str(tmp / "rendezvous"), jobs, str(out)), nprocs=world, join=True)
+    mp.spawn(_main, args=(world, str(tmp / "rendezvous"), jobs, str(tmp)), nprocs=world, join=True)
     return json.loads(out.read_text())
 
 
-def _main(rank: int, world: int, rendezvous: str, jobs: list[dict], out: str) -> None:
+def _main(rank: int, world: int, rendezvous: str, jobs: list[dict], tmp: str) -> None:
     torch.set_num_threads(1)  # world processes share the test machine's cores
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        results = {job["name"]: _refusal(job) if job.get("expect_error") else _compare(job, world) for job in jobs}
+        results = {job["name"]: _refusal(job) if job.get("expect_error") else _compare(job, world, Path(tmp))
+                   for job in jobs}
         if rank == 0:
-            Path(out).write_text(json.dumps(results, indent=1))
+            (Path(tmp) / "result.json").write_text(json.dumps(results, indent=1))
     finally:
         dist.destroy_process_group()
 
@@ -72,7 +74,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def _compare(job: dict, world: int) -> dict:
+def _compare(job: dict, world: int, tmp: Path) -> dict:
     cfg = preset("minicpm4-8b-reduced")
     dtype = DTYPES[job["dtype"]]
     weights, ids, labels = _inputs(cfg, job)
@@ -89,9 +91,12 @@ def _compare(job: dict, world: int) -> dict:
     dims = ParallelDims(dp=job["dp"], tp=job["tp"])
     dims.check(cfg, world)
     mesh = dims.build_mesh("cpu")
-    model = parallelize_model(build_model(cfg), mesh, recompute=job.get("recompute", "none"))
+    model = parallelize_model(build_model(cfg), mesh, recompute=job.get("recompute", "none"),
+                              compile=job.get("compile", False))
     model = model.to_empty(device="cpu").to(dtype)
     load_hf(model, cfg, weights)
+    loaded = to_hf(model)
+    round_trip_exact = all(torch.equal(loaded[k], weights[k]) for k in weights) and loaded.keys() == weights.keys()
     opt = torch.optim.AdamW(model.parameters(), **ADAMW)
     loss = _step(model, opt, local_batch(ids, mesh), local_batch(labels, mesh), count, train_context(mesh),
                  GradSync(model, mesh))
@@ -100,11 +105,17 @@ def _compare(job: dict, world: int) -> dict:
     grads = {k: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for k, p in model.named_parameters()}
     opt.step()
     after = to_hf(model)
+    with torch.no_grad(), train_context(mesh):
+        logits = model(ids)
+        logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
+    if dist.get_rank() == 0:
+        torch.save({"state": after, "ids": ids, "logits": logits}, tmp / f"{job['name']}.pt")
 
     pad = cfg.pad_token_id
     grad_diff = {k: _rel(grads[k], ref_grads[k]) for k in ref_grads}
     step_diff = {k: _rel(after[k] - weights[k], ref_after[k] - weights[k]) for k in ref_after}
     return {
+        "round_trip_exact": round_trip_exact,
         "sharded": sorted(k for k, p in model.named_parameters() if isinstance(p, DTensor)),
         "loss": float(ref_loss), "loss_rel_diff": abs(float(loss - ref_loss)) / abs(float(ref_loss)),
         "grad_rel_diff": grad_diff, "max_grad_rel_diff": max(grad_diff.values()),
@@ -123,7 +134,8 @@ def _refusal(job: dict) -> dict:
     cfg = preset("minicpm4-8b-reduced").model_copy(update=job.get("model", {}))
     mesh = ParallelDims(dp=job["dp"], tp=job["tp"]).build_mesh("cpu")
     try:
-        model = parallelize_model(build_model(cfg), mesh).to_empty(device="cpu")
+        model = parallelize_model(build_model(cfg), mesh, recompute=job.get("recompute", "none"),
+                                  compile=job.get("compile", False)).to_empty(device="cpu")
         model(torch.randint(0, cfg.vocab_size, (2, job.get("seq", 32))))
     except ParallelError as e:
         return {"error": str(e)}

@@ -8,7 +8,8 @@
      (column-wise) with its logits left sharded on the vocabulary for `loss_parallel` (train_context);
    - every RMSNorm sequence-parallel: the residual stream between the sublayers is (B, S / tp, h) per rank.
 2. activation recomputation (`apply_recompute`): the named part of every layer keeps only its inputs.
-3. torch.compile (`apply_compile`): each decoder layer, after recomputation so its graph holds the checkpoints.
+3. torch.compile (`apply_compile`): each decoder layer, after recomputation so its graph holds the checkpoints
+   (under TP, compile and recomputation together are refused: torch 2.13 gets their gradients wrong).
 4. data parallelism over mesh["dp"] (`GradSync`): gradients summed over the DP ranks after backward; the
    shared core's ZeRO-1 reducer takes this place once it handles DTensor shards.
 
@@ -77,6 +78,11 @@ def parallelize_model(model: MiniCPM, mesh: DeviceMesh, recompute: Recompute = "
     """Steps 1-3 on `model` in place (call on a meta-device model); returns it. Step 4 is GradSync(model, mesh)."""
     tp = mesh["tp"].size()
     check_tp(model.cfg, tp)
+    if tp > 1 and compile and recompute != "none":
+        # torch 2.13, CPU: a compiled layer that checkpoints DTensors fails in AOT autograd, and compiled
+        # sublayers inside the checkpoint give wrong gradients from a warm AOTAutograd cache (README.md)
+        raise ParallelError(f"compile with recompute={recompute!r} under tensor parallelism is not supported "
+                            "(torch 2.13 computes wrong gradients); choose one of the two")
     if tp > 1:
         apply_tp(model, mesh["tp"])
     apply_recompute(model, recompute)
@@ -130,8 +136,8 @@ def apply_recompute(model: MiniCPM, recompute: Recompute) -> None:
 
 
 def apply_compile(model: MiniCPM) -> None:
-    """3. torch.compile each decoder layer in place (parameter names unchanged): one graph compiled once and
-    reused by every layer, as torchtitan does."""
+    """3. torch.compile each decoder layer in place (parameter names unchanged): one graph reused by every
+    layer, as torchtitan does."""
     for layer in model.model.layers:
         layer.compile(fullgraph=True)
 
