@@ -28,13 +28,15 @@ def _seed() -> int:
 
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory):
-    """One TP=2 step in float64 and the refusals of a TP degree that splits a KV head and of a sequence TP does
-    not divide, in one 2-process spawn."""
+    """In one 2-process spawn: one TP=2 step in float64; the refusals (a TP degree that splits a KV head, a
+    sequence TP does not divide, compile with recompute under TP); DCP saves resharded across TP layouts."""
     tmp = tmp_path_factory.mktemp("tp2")
     return spawn([dict(name="tp2", dp=1, tp=2, dtype="float64", seq=32, seed=_seed()),
-                  dict(name="bad", dp=1, tp=2, model={"num_heads": 16, "num_kv_heads": 1}, expect_error=True),
-                  dict(name="odd", dp=1, tp=2, seq=31, expect_error=True),
-                  dict(name="compile-recompute", dp=1, tp=2, compile=True, recompute="layer", expect_error=True)],
+                  dict(name="bad", kind="refusal", dp=1, tp=2, model={"num_heads": 16, "num_kv_heads": 1}),
+                  dict(name="odd", kind="refusal", dp=1, tp=2, seq=31),
+                  dict(name="compile-recompute", kind="refusal", dp=1, tp=2, compile=True, recompute="layer"),
+                  dict(name="tp2-to-tp1", kind="reshard", seed=_seed(), layouts=[[1, 2], [2, 1]]),
+                  dict(name="tp1-to-tp2", kind="reshard", seed=_seed(), layouts=[[2, 1], [1, 2]])],
                  world=2, tmp=tmp) | {"_dir": tmp}
 
 
@@ -96,6 +98,14 @@ def test_sequence_that_tp_does_not_divide_is_refused(tp2):
 
 def test_compile_with_recompute_under_tp_is_refused(tp2):
     assert "compile with recompute='layer' under tensor parallelism is not supported" in tp2["compile-recompute"]["error"]
+
+
+@pytest.mark.parametrize("job", ["tp2-to-tp1", "tp1-to-tp2"])
+def test_dcp_checkpoint_reshards_across_tp_layouts(tp2, job):
+    """The model's DTensor state dict saved by torch.distributed.checkpoint at one TP degree loads bit for bit
+    at another (the core's checkpoints build on this)."""
+    assert tp2[job]["exact"]
+    assert tp2[job]["dst_sharded"] == (len(TP_SHARDED) if job.endswith("tp2") else 0)
 
 
 def test_check_tp_names_the_field():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
@@ -40,8 +41,8 @@ def _main(rank: int, world: int, rendezvous: str, jobs: list[dict], tmp: str) ->
     torch.set_num_threads(1)  # world processes share the test machine's cores
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        results = {job["name"]: _refusal(job) if job.get("expect_error") else _compare(job, world, Path(tmp))
-                   for job in jobs}
+        kinds = {"compare": _compare, "refusal": _refusal, "reshard": _reshard}
+        results = {job["name"]: kinds[job.get("kind", "compare")](job, world, Path(tmp)) for job in jobs}
         if rank == 0:
             (Path(tmp) / "result.json").write_text(json.dumps(results, indent=1))
     finally:
@@ -129,7 +130,7 @@ def _compare(job: dict, world: int, tmp: Path) -> dict:
     }
 
 
-def _refusal(job: dict) -> dict:
+def _refusal(job: dict, world: int, tmp: Path) -> dict:
     """The error parallelize_model raises for the job's model (config updates), or the forward for its sequence."""
     cfg = preset("minicpm4-8b-reduced").model_copy(update=job.get("model", {}))
     mesh = ParallelDims(dp=job["dp"], tp=job["tp"]).build_mesh("cpu")
@@ -140,6 +141,28 @@ def _refusal(job: dict) -> dict:
     except ParallelError as e:
         return {"error": str(e)}
     return {"error": None}
+
+
+def _reshard(job: dict, world: int, tmp: Path) -> dict:
+    """Save a model laid out as layouts[0] through torch.distributed.checkpoint, load it into one laid out as
+    layouts[1] (zeroed first): whether every gathered weight comes back bit for bit."""
+    cfg = preset("minicpm4-8b-reduced")
+    weights = init_weights(cfg, init_std=0.1, seed=job["seed"])
+    path = tmp / f"{job['name']}-dcp"
+    models = []
+    for dp, tp in job["layouts"]:
+        mesh = ParallelDims(dp=dp, tp=tp).build_mesh("cpu")
+        models.append(parallelize_model(build_model(cfg), mesh).to_empty(device="cpu"))
+    src, dst = models
+    load_hf(src, cfg, weights)
+    dcp.save(src.state_dict(), checkpoint_id=path)
+    with torch.no_grad():
+        for p in dst.parameters():
+            p.zero_()
+    dcp.load(dst.state_dict(), checkpoint_id=path)
+    got = to_hf(dst)
+    return {"exact": all(torch.equal(got[k], weights[k]) for k in weights),
+            "dst_sharded": sum(isinstance(p, DTensor) for p in dst.parameters())}
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
