@@ -36,7 +36,8 @@ def tp2(tmp_path_factory):
                   dict(name="odd", kind="refusal", dp=1, tp=2, seq=31),
                   dict(name="compile-recompute", kind="refusal", dp=1, tp=2, compile=True, recompute="layer"),
                   dict(name="tp2-to-tp1", kind="reshard", seed=_seed(), layouts=[[1, 2], [2, 1]]),
-                  dict(name="tp1-to-tp2", kind="reshard", seed=_seed(), layouts=[[2, 1], [1, 2]])],
+                  dict(name="tp1-to-tp2", kind="reshard", seed=_seed(), layouts=[[2, 1], [1, 2]]),
+                  dict(name="8b", kind="shapes", preset="minicpm4-8b", dp=1, tp=2)],
                  world=2, tmp=tmp) | {"_dir": tmp}
 
 
@@ -56,6 +57,23 @@ def test_tp2_shards_every_weight(tp2):
     cfg = preset("minicpm4-8b-reduced")
     assert r["local_q_proj_rows"] == cfg.num_heads // 2 * cfg.dim_head  # 16 query heads per rank
     assert r["local_k_proj_rows"] == cfg.num_kv_heads // 2 * cfg.dim_head  # 1 KV head per rank
+
+
+def test_released_8b_shards_at_tp2(tp2):
+    """The released 8B on meta at TP=2: one KV head (128 rows of k/v_proj) and 16 query heads per rank, half the
+    vocabulary and half the SwiGLU width; norms whole (replicated, their inputs sequence-sharded)."""
+    shapes = {k: tuple(map(tuple, v)) for k, v in tp2["8b"].items()}
+    assert len(shapes) == 2 + 32 * 9 + 1
+    layer = "model.layers.31."
+    assert shapes[layer + "self_attn.q_proj.weight"] == ((4096, 4096), (2048, 4096))
+    assert shapes[layer + "self_attn.k_proj.weight"] == ((256, 4096), (128, 4096))
+    assert shapes[layer + "self_attn.v_proj.weight"] == ((256, 4096), (128, 4096))
+    assert shapes[layer + "self_attn.o_proj.weight"] == ((4096, 4096), (4096, 2048))
+    assert shapes[layer + "mlp.gate_proj.weight"] == ((16384, 4096), (8192, 4096))
+    assert shapes[layer + "mlp.down_proj.weight"] == ((4096, 16384), (4096, 8192))
+    assert shapes["model.embed_tokens.weight"] == ((73448, 4096), (36724, 4096))
+    assert shapes["lm_head.weight"] == ((73448, 4096), (36724, 4096))
+    assert shapes[layer + "input_layernorm.weight"] == ((4096,), (4096,))
 
 
 def test_tp2_step_equals_tp1_float64(tp2):

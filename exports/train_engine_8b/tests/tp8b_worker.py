@@ -41,7 +41,7 @@ def _main(rank: int, world: int, rendezvous: str, jobs: list[dict], tmp: str) ->
     torch.set_num_threads(1)  # world processes share the test machine's cores
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        kinds = {"compare": _compare, "refusal": _refusal, "reshard": _reshard}
+        kinds = {"compare": _compare, "refusal": _refusal, "reshard": _reshard, "shapes": _shapes}
         results = {job["name"]: kinds[job.get("kind", "compare")](job, world, Path(tmp)) for job in jobs}
         if rank == 0:
             (Path(tmp) / "result.json").write_text(json.dumps(results, indent=1))
@@ -163,6 +163,14 @@ def _reshard(job: dict, world: int, tmp: Path) -> dict:
     got = to_hf(dst)
     return {"exact": all(torch.equal(got[k], weights[k]) for k in weights),
             "dst_sharded": sum(isinstance(p, DTensor) for p in dst.parameters())}
+
+
+def _shapes(job: dict, world: int, tmp: Path) -> dict:
+    """A preset built on meta and parallelized (no memory, no forward): {name: [global shape, local shape]}."""
+    cfg = preset(job["preset"])
+    mesh = ParallelDims(dp=job["dp"], tp=job["tp"]).build_mesh("cpu")
+    model = parallelize_model(build_model(cfg), mesh)
+    return {k: [list(p.shape), list(_local(p).shape)] for k, p in model.named_parameters()}
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
