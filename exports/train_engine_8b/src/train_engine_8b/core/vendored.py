@@ -1,0 +1,59 @@
+"""The vendored core's stamp. An engine package carries the forge workspace's engine_core/ (its `core/`,
+`ops/` and `data/` Python files, copied by `python -m harness.vendor_core`) and, at the package root,
+`vendored_core.json`: the sha256 of every copied file and of the whole set. `drift` says where a copy no
+longer matches its stamp, so an edit made in one export is found before it silently forks the core.
+
+Standard library only: the workspace's vendoring command loads this file by path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+TREES = ("core", "ops", "data")  # the package folders the core owns (their .py files; other files are the engine's)
+STAMP = "vendored_core.json"
+
+
+def files(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every .py file under root's TREES (root: engine_core/ or an engine package)."""
+    out = {}
+    for tree in TREES:
+        for f in sorted((root / tree).rglob("*.py")):
+            if "__pycache__" not in f.parts:
+                out[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return dict(sorted(out.items()))
+
+
+def digest(hashes: dict[str, str]) -> str:
+    """One sha256 for a set of files: of its sorted `path sha256` lines."""
+    return hashlib.sha256("".join(f"{p} {h}\n" for p, h in sorted(hashes.items())).encode()).hexdigest()
+
+
+def stamp(root: Path) -> dict:
+    """The stamp of the core under `root`: {"hash": digest, "files": {path: sha256}}."""
+    hashes = files(root)
+    return {"hash": digest(hashes), "files": hashes}
+
+
+def read_stamp(package_dir: Path) -> dict:
+    return json.loads((package_dir / STAMP).read_text(encoding="utf-8"))
+
+
+def drift(package_dir: Path, source: Path | None = None) -> list[str]:
+    """Problems of the core vendored in `package_dir`: against its own stamp, and against `source` (the
+    workspace's engine_core/) when given. Empty: the copy is the stamped one (and the source's)."""
+    saved, now = read_stamp(package_dir), stamp(package_dir)
+    problems = [] if saved["hash"] == digest(saved["files"]) else [f"{STAMP}: its hash is not the digest of its files"]
+    problems += _compare(saved["files"], now["files"], "stamp", "package")
+    if source is not None:
+        problems += _compare(stamp(source)["files"], now["files"], "engine_core", "package")
+    return problems
+
+
+def _compare(want: dict[str, str], have: dict[str, str], want_name: str, have_name: str) -> list[str]:
+    out = [f"{p}: in the {want_name}, missing from the {have_name}" for p in sorted(set(want) - set(have))]
+    out += [f"{p}: in the {have_name}, not in the {want_name}" for p in sorted(set(have) - set(want))]
+    out += [f"{p}: differs from the {want_name}" for p in sorted(set(want) & set(have)) if want[p] != have[p]]
+    return out

@@ -1,0 +1,1 @@
+"""The SwiGLU MLP as one op (fc1 -> SwiGLU -> fc2), for implementations that fuse across those three."""

@@ -1,0 +1,1 @@
+"""Where MiniCPM's residual scale r (scale_depth / sqrt(L)) multiplies each sublayer's output."""
