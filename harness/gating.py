@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from gates.report import GateReport
 from harness.spec import ForgeSpec, GateCheck
 
 GATE_VERDICTS = ("passed", "failed", "unsupported", "error")
@@ -69,22 +69,28 @@ def runner_options(gate: GateCheck, spec: ForgeSpec, out_dir: Path) -> dict[str,
             "out_dir": out_dir}
 
 
-def report_numbers(data: dict[str, Any]) -> dict[str, Any]:
-    """The key numbers of a gates.report.GateReport (as JSON): worst tensor, parts' numbers, seed."""
+def load_report(path: str | Path | None) -> GateReport | None:
+    """A gate's JSON report as the typed GateReport it was written from; None when missing or not a report."""
+    try:
+        return GateReport.model_validate_json(Path(path).read_text()) if path else None
+    except (OSError, ValueError):
+        return None
+
+
+def report_numbers(report: GateReport) -> dict[str, Any]:
+    """The key numbers of a gate report: worst tensor, parts' numbers, seed."""
     out: dict[str, Any] = {}
-    tensors = data.get("tensors") or []
-    if tensors:
-        worst = max(tensors, key=lambda t: (not t.get("ok", True), _num(t.get("rel"))))
-        out |= {"tensors": len(tensors), "worst_tensor": worst.get("name"), "worst_rel": worst.get("rel"),
-                "worst_max_rel": worst.get("max_rel")}
-    for part in data.get("parts") or []:
-        for k, v in (part.get("numbers") or {}).items():
-            out[f"{part.get('name')}.{k}"] = v
-    seed = (data.get("case") or {}).get("seed")
-    if seed is not None:
-        out["seed"] = seed
-    if data.get("error_type"):
-        out["error_type"] = data["error_type"]
+    if report.tensors:
+        worst = max(report.tensors, key=lambda t: (not t.ok, _num(t.rel)))
+        out |= {"tensors": len(report.tensors), "worst_tensor": worst.name, "worst_rel": worst.rel,
+                "worst_max_rel": worst.max_rel}
+    for part in report.parts:
+        for k, v in part.numbers.items():
+            out[f"{part.name}.{k}"] = v
+    if report.case.get("seed") is not None:
+        out["seed"] = report.case["seed"]
+    if report.error_type:
+        out["error_type"] = report.error_type
     return out
 
 
@@ -96,57 +102,47 @@ def _num(v: Any) -> float:
     return f if f == f else float("inf")
 
 
-def report_localization(data: dict[str, Any]) -> str | None:
+def report_localization(report: GateReport) -> str | None:
     """Where it diverged first, else the message, else the failing parts' messages."""
-    loc = data.get("localization")
     lines = []
-    if isinstance(loc, dict) and loc:
-        lines.append(str(loc.get("what", "")))
-        lines += [f"{k}: {v}" for k, v in loc.items() if k != "what" and v is not None]
-    elif loc:
-        lines.append(str(loc))
-    if data.get("message"):
-        lines.append(str(data["message"]))
-    lines += [f"part {p.get('name')}: {p.get('verdict')} {p.get('message', '')}".rstrip()
-              for p in data.get("parts") or [] if p.get("verdict") != "passed"]
-    tail = (data.get("artifacts") or {}).get("stderr_tail") or (data.get("artifacts") or {}).get("traceback")
-    if tail and data.get("verdict") == "error":
-        lines.append("--- tail\n" + str(tail)[-1500:])
+    if report.localization is not None:
+        loc = report.localization.model_dump(exclude_none=True)
+        lines.append(str(loc.pop("what", "")))
+        lines += [f"{k}: {v}" for k, v in loc.items()]
+    if report.message:
+        lines.append(report.message)
+    lines += [f"part {p.name}: {p.verdict} {p.message}".rstrip() for p in report.parts if p.verdict != "passed"]
+    tail = report.artifacts.get("stderr_tail") or report.artifacts.get("traceback")
+    if tail and report.verdict == "error":
+        lines.append("--- tail\n" + tail[-1500:])
     return "\n".join(x for x in lines if x) or None
 
 
 def run_real_gate(gate: GateCheck, engine_dir: Path, spec: ForgeSpec, out_dir: Path) -> GateOutcome:
     """One gate through gates.runner.run_gate (the workspace's copy); a crash is an `error` verdict."""
-    from gates.runner import GateOptions, run_gate  # type: ignore[import-not-found]
+    from gates.runner import GateOptions, run_gate
 
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = runner_options(gate, spec, out_dir)
-    known = set(getattr(GateOptions, "model_fields", {}) or opts)
+    known = set(GateOptions.model_fields)
     try:
         report = run_gate(gate.name, engine_dir, GateOptions(**{k: v for k, v in opts.items() if k in known}))
     except Exception as e:  # noqa: BLE001 - the round reports it
         return GateOutcome(gate.name, "error", localization=f"gate runner raised {type(e).__name__}: {e}\n"
                            + "".join(traceback.format_exc().splitlines(True)[-6:]))
-    data = json.loads(report.model_dump_json()) if hasattr(report, "model_dump_json") else dict(report)
     path = out_dir / f"{gate.name}.json"
     if not path.is_file():
-        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    verdict = str(data.get("verdict", "error"))
-    return GateOutcome(gate.name, verdict if verdict in GATE_VERDICTS else "error", report_numbers(data),
-                       report_localization(data), data.get("time_s"), path,
-                       {str(p.get("name")): str(p.get("verdict")) for p in data.get("parts") or []})
+        path.write_text(report.model_dump_json(indent=2) + "\n")
+    return GateOutcome(gate.name, report.verdict, report_numbers(report), report_localization(report), report.time_s,
+                       path, {p.name: p.verdict for p in report.parts})
 
 
 # -- how verdicts read to a user (display only) ------------------------------------------------------------------
 
 def unsupported_parts(report: str | Path | None) -> dict[str, str]:
     """The `unsupported` parts of a gate report (part name -> the gate's reason), read from its JSON file."""
-    try:
-        data = json.loads(Path(report).read_text()) if report else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {str(p.get("name")): str(p.get("message") or "") for p in data.get("parts") or []
-            if p.get("verdict") == "unsupported"}
+    typed = load_report(report)
+    return {p.name: p.message for p in typed.parts if p.verdict == "unsupported"} if typed else {}
 
 
 def gate_line(gate: GateCheck, out: GateOutcome) -> str:

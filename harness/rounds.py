@@ -8,14 +8,13 @@ next round; `_finish` writes the ledger line and ends the round's worktree and p
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
 from harness.agents import AgentBackend, AgentResult, AgentTask, AgentUnavailable, get_backend
 from harness.agents._env import agent_env
 from harness.agents.base import AgentFatal, BudgetSpent, Meter
-from harness.gating import GateOutcome, gate_line, report_localization
+from harness.gating import GateOutcome, gate_line, load_report, report_localization
 from harness.isolation import RoundBox, round_isolation
 from harness.ledger import GateLine, Inflight, RoundRecord, write_json_atomic
 from harness.loop_state import LoopParts
@@ -58,13 +57,8 @@ class Rounds(LoopParts):
 
     @staticmethod
     def _localization(report: str | None) -> str | None:
-        if not report or not Path(report).is_file():
-            return None
-        try:
-            data = json.loads(Path(report).read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        return report_localization(data)
+        typed = load_report(report)
+        return report_localization(typed) if typed else None
 
     def _save_inflight(self) -> None:
         """inflight.json with the round's process groups and usage so far (the watcher thread calls it too)."""

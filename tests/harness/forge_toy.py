@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gates.report import GateReport, Localization
 from harness.agents import AgentTask
 from harness.agents._env import agent_env
 from harness.gating import GateOutcome
@@ -81,11 +82,11 @@ def fake_gate(gate: GateCheck, engine_dir: Path, spec: ForgeSpec, out_dir: Path)
             loc = f"{fn}: element {i} (x={INPUTS[i]}): engine {got[i]}, reference {want[i]}"
     except Exception as e:  # noqa: BLE001
         verdict, loc = "error", str(e)
-    report = {"gate": gate.name, "verdict": verdict, "metrics": metrics, "localization": loc,
-              "time_s": time.monotonic() - t0}
+    report = GateReport(gate=gate.name, verdict=verdict, localization=Localization(what=loc) if loc else None,
+                        time_s=time.monotonic() - t0)
     path = out_dir / f"{gate.name}.json"
-    path.write_text(json.dumps(report) + "\n")
-    return GateOutcome(gate.name, verdict, metrics, loc, report["time_s"], path)
+    path.write_text(report.model_dump_json() + "\n")
+    return GateOutcome(gate.name, verdict, metrics, loc, report.time_s, path)
 
 
 def toy_spec(engine_dir: Path, *, backend: str = "replay", options: dict | None = None, rounds: int = 3,

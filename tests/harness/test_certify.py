@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from gates.report import GateReport, Part
 from harness.certify import certify
 from harness.cli import app
 from harness.gating import GateOutcome
@@ -48,8 +49,8 @@ def fake_gates(verdicts: dict[str, str], seen: list[str]):  # noqa: ANN201 - a G
         parts = {"loss": "passed", "mfu": "unsupported"} if verdict == "unsupported" else {}
         out_dir.mkdir(parents=True, exist_ok=True)
         report = out_dir / f"{gate.name}.json"
-        report.write_text(json.dumps({"gate": gate.name, "verdict": verdict, "parts": [
-            {"name": p, "verdict": v, "message": MFU_WHY if v == "unsupported" else ""} for p, v in parts.items()]}))
+        report.write_text(GateReport(gate=gate.name, verdict=verdict, parts=[
+            Part(name=p, verdict=v, message=MFU_WHY if v == "unsupported" else "") for p, v in parts.items()]).model_dump_json())
         return GateOutcome(gate.name, verdict, {"worst_rel": 1e-7, "seed": 3}, None, 1.5, report, parts)
     return gate_fn
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from gates.report import GateReport, Part
 from harness.demo import RoundTicker
 
 
@@ -19,8 +20,8 @@ def _round(stage: str, n: int, verdict: str, gates: list[dict]) -> str:
 
 def test_ticker_says_each_round_once_and_honestly(tmp_path: Path) -> None:
     report = tmp_path / "m5.json"
-    report.write_text(json.dumps({"parts": [{"name": "loss", "verdict": "passed"},
-                                            {"name": "mfu", "verdict": "unsupported", "message": "GPU only"}]}))
+    report.write_text(GateReport(gate="m5_long_train", verdict="unsupported", parts=[
+        Part(name="loss", verdict="passed"), Part(name="mfu", verdict="unsupported", message="GPU only")]).model_dump_json())
     ledger = tmp_path / "ledger.jsonl"
     ledger.write_text(_round("m1", 1, "failed", [{"name": "m1_forward", "verdict": "failed",
                                                   "metrics": {"worst_tensor": "logits", "worst_rel": 0.0175}}]) + "\n")
@@ -40,7 +41,8 @@ def test_a_stage_passed_over_an_unsupported_part_says_so(tmp_path: Path) -> None
     from harness.gating import stage_labels
 
     report = tmp_path / "m5.json"
-    report.write_text(json.dumps({"parts": [{"name": "mfu", "verdict": "unsupported", "message": "GPU only"}]}))
+    report.write_text(GateReport(gate="m5_long_train", verdict="unsupported", parts=[
+        Part(name="mfu", verdict="unsupported", message="GPU only")]).model_dump_json())
     ledger = tmp_path / "ledger.jsonl"
     ledger.write_text("\n".join([
         _round("m1", 1, "passed", [{"name": "m1_forward", "verdict": "passed"}]),

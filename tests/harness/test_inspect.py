@@ -10,6 +10,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from gates.report import GateReport
 from harness.cli import app
 from harness.inspection import benchmark_rows, collect
 from harness.inspection_report import markdown, mfu_bars, plot
@@ -43,7 +44,7 @@ def _engine(tmp_path: Path) -> Path:
     results = tmp_path / "benchmarks/results"  # committed results of other machines: not this engine's proof
     (results / "gates/2026-01-01-h100-run/eng").mkdir(parents=True)
     (results / "a.json").write_text(json.dumps({"results": [{"stack": "h100-stack", "tokens_per_s": 1.0, "mfu": 0.5}]}))
-    (results / "gates/2026-01-01-h100-run/eng/m2_backward.json").write_text(json.dumps({"gate": "m2_backward", "verdict": "passed"}))
+    (results / "gates/2026-01-01-h100-run/eng/m2_backward.json").write_text(GateReport(gate="m2_backward", verdict="passed").model_dump_json())
     log = tmp_path / "train/log.jsonl"
     log.parent.mkdir()
     log.write_text("\n".join([json.dumps({"step": i, "loss": 10 - i * 0.1, "mfu": 1e-6}) for i in range(1, 30)]

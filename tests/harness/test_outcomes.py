@@ -10,6 +10,7 @@ from forge_toy import FIXED, fake_gate, git, make_repo, toy_spec, write_spec_fil
 from typer.testing import CliRunner
 from wire_servers import Script, anthropic_error, serve
 
+from gates.report import GateReport, Part
 from harness.ledger import Ledger
 from harness.loop import ForgeLoop
 from harness.spec import parse_spec, with_overrides
@@ -79,7 +80,6 @@ def test_agent_option_model_reaches_the_service(tmp_path: Path, monkeypatch) -> 
 
 def test_a_stage_passed_over_an_accepted_unsupported_part_says_so_on_the_console(tmp_path: Path) -> None:
     import io
-    import json
 
     from rich.console import Console
 
@@ -88,8 +88,8 @@ def test_a_stage_passed_over_an_accepted_unsupported_part_says_so_on_the_console
     def gate_fn(gate, engine_dir, spec, out_dir):  # the toy gate, then an MFU part this machine cannot measure
         out = fake_gate(gate, engine_dir, spec, out_dir)
         report = out_dir / "m5.json"
-        report.write_text(json.dumps({"parts": [{"name": "loss", "verdict": out.verdict},
-                                                {"name": "mfu", "verdict": "unsupported", "message": "GPU only"}]}))
+        report.write_text(GateReport(gate=gate.name, verdict="unsupported", parts=[
+            Part(name="loss", verdict=out.verdict), Part(name="mfu", verdict="unsupported", message="GPU only")]).model_dump_json())
         return GateOutcome(gate.name, "unsupported", out.metrics, None, out.time_s, report,
                            {"loss": out.verdict, "mfu": "unsupported"})
 
