@@ -1,6 +1,7 @@
 """The one way the harness starts a process: in a session of its own, with an optional wall-time limit, its output
 captured (each line also handed to `on_line` as it arrives) or left on the terminal, and its whole tree killed
-however it ends (exit, timeout, `on_line` asking to stop, an exception or a signal in the caller).
+however it ends (exit, timeout, `on_line` asking to stop, an exception or a signal in the caller). A captured line
+can be cleaned (secrets redacted) before anything keeps it, and written to a log file as it arrives.
 
 The tree is killed while its root is still unreaped, so its group id cannot name anyone else yet and its
 descendants are still linked to it (harness/procs.py: kill_tree). Ctrl-C reaches only the harness (the child is
@@ -10,6 +11,7 @@ waited for (torchrun ends its ranks); otherwise the tree is killed and KeyboardI
 
 from __future__ import annotations
 
+import io
 import os
 import select
 import signal
@@ -17,6 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -24,6 +27,7 @@ from typing import IO
 from harness.procs import kill_tree
 
 LineFn = Callable[[str], "str | None"]  # sees each stdout line as it arrives; returns why to stop the process, or None
+CleanFn = Callable[[str], str]  # rewrites each captured line before it is kept, logged or seen (harness.secrets.redact)
 
 
 @dataclass
@@ -78,20 +82,27 @@ def wait_unreaped(pid: int, timeout_s: float | None) -> bool:
             os.close(fd)
 
 
-def _pump(stream: IO[str], into: list[str], on_line: LineFn | None, stop: Callable[[str], None]) -> None:
-    for line in iter(stream.readline, ""):
-        into.append(line)
-        if on_line is not None:
-            why = on_line(line)
-            if why:
-                stop(why)
+def _pump(stream: IO[str], into: list[str], on_line: LineFn | None, stop: Callable[[str], None],
+          clean: CleanFn | None, log: Path | None) -> None:
+    with open(log, "w") if log is not None else nullcontext() as f:
+        for line in iter(stream.readline, ""):
+            if clean is not None:
+                line = clean(line)
+            into.append(line)
+            if f is not None:
+                f.write(line)
+                f.flush()  # a log that survives the harness's own death
+            if on_line is not None:
+                why = on_line(line)
+                if why:
+                    stop(why)
 
 
-def _feed(stdin: IO[str] | None, text: str) -> None:
+def _feed(stdin: IO[bytes] | None, text: str) -> None:
     if stdin is None:
         return
     try:
-        stdin.write(text)
+        stdin.write(text.encode())
         stdin.close()
     except (BrokenPipeError, OSError):
         pass
@@ -100,16 +111,23 @@ def _feed(stdin: IO[str] | None, text: str) -> None:
 def run(argv: list[str], *, cwd: Path | str | None = None, env: dict[str, str] | None = None,
         timeout_s: float | None = None, capture: bool = True, merge_stderr: bool = False,
         stdin_text: str | None = None, on_line: LineFn | None = None,
-        on_spawn: Callable[[int], None] = lambda pid: None, forward_interrupt: bool = False) -> Finished:
+        on_spawn: Callable[[int], None] = lambda pid: None, forward_interrupt: bool = False,
+        clean: CleanFn | None = None, logs: tuple[Path, Path] | None = None, lf_only: bool = False) -> Finished:
     """Run `argv` to its end (or `timeout_s`, or until `on_line` says stop); every end kills its whole tree.
-    `capture=False` leaves stdin, stdout and stderr on the caller's terminal. OSError if it cannot start."""
+    `capture=False` leaves stdin, stdout and stderr on the caller's terminal. Captured output is read as UTF-8 (bad
+    bytes replaced), each line passed through `clean` and, with `logs`, appended to (stdout file, stderr file) as
+    it arrives. A line ends at \\n, \\r or \\r\\n (written \\n), or with `lf_only` at \\n only, its \\r kept.
+    OSError if it cannot start."""
     t0 = time.monotonic()
     out_pipe = subprocess.PIPE if capture else None
     err_pipe = (subprocess.STDOUT if merge_stderr else subprocess.PIPE) if capture else None
     stdin = subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL if capture else None
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out_pipe, stderr=err_pipe, stdin=stdin, text=True,
-                            errors="replace", bufsize=1, start_new_session=True)
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out_pipe, stderr=err_pipe, stdin=stdin,
+                            start_new_session=True)
     on_spawn(proc.pid)
+    newline = "\n" if lf_only else None
+    streams = [None if s is None else io.TextIOWrapper(s, encoding="utf-8", errors="replace", newline=newline)
+               for s in (proc.stdout, proc.stderr)]
     out: list[str] = []
     err: list[str] = []
     stopped: list[str] = []
@@ -122,8 +140,8 @@ def run(argv: list[str], *, cwd: Path | str | None = None, env: dict[str, str] |
                 kill_tree(proc.pid)
                 reaped.release()
 
-    pumps = [threading.Thread(target=_pump, args=(s, into, fn, stop), daemon=True)
-             for s, into, fn in ((proc.stdout, out, on_line), (proc.stderr, err, None)) if s is not None]
+    pumps = [threading.Thread(target=_pump, args=(s, into, fn, stop, clean, log), daemon=True)
+             for s, into, fn, log in zip(streams, (out, err), (on_line, None), logs or (None, None)) if s is not None]
     for t in pumps:
         t.start()
     if stdin_text is not None:

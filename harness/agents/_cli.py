@@ -11,9 +11,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from harness.agents._proc import ProcResult, run_process
+from harness.agents._proc import run_process
 from harness.agents.base import FATAL_TEXT, AgentFatal, AgentTask, BudgetSpent
 from harness.egress import EgressProxy
+from harness.launcher import Finished
 from harness.secrets import VAULT, redact
 
 
@@ -27,7 +28,7 @@ def find_cli(command: str, task: AgentTask) -> Path:
 
 
 def run_cli(task: AgentTask, argv: list[str], *, name: str, key_env: str | None, key_names: tuple[str, ...],
-            home_state: list[str], network_allow: list[str], on_event: Callable[[dict[str, Any]], None]) -> ProcResult:
+            home_state: list[str], network_allow: list[str], on_event: Callable[[dict[str, Any]], None]) -> Finished:
     """Run a CLI agent in the round's sandbox with its own key (and no other), its login state under HOME,
     and egress to `network_allow` only; `on_event` sees each JSON line of its stdout."""
     env = dict(task.env)

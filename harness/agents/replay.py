@@ -11,11 +11,11 @@ no edit (or is an error with `strict = true`).
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from harness import launcher
 from harness.agents.base import AgentBackend, AgentResult, AgentTask
 
 
@@ -33,8 +33,8 @@ def find_patch(recording: Path, key: str, round_no: int) -> Path | None:
     return None
 
 
-def _git(worktree: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=worktree, capture_output=True, text=True)
+def _git(worktree: Path, *args: str) -> launcher.Finished:
+    return launcher.run(["git", *args], cwd=worktree)
 
 
 class ReplayBackend(AgentBackend):

@@ -1,12 +1,13 @@
 """The launcher: every end of a process kills its whole tree (a timeout, a normal exit that left a child behind,
 `on_line` stopping it), also a descendant that moved to a session of its own; Ctrl-C is passed on to the child
-when asked; a failing command says what failed."""
+when asked; a failing command says what failed; captured lines are cleaned and logged as they arrive."""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,30 @@ def test_a_failure_names_the_command_and_its_last_error_line() -> None:
     with pytest.raises(launcher.LaunchFailed, match=r"bash -c .* exited 2: no such thing"):
         launcher.run(["bash", "-c", "echo first >&2; echo no such thing >&2; exit 2"]).check()
     assert launcher.run(["true"]).check().ok
+
+
+def _raw(path: Path) -> str:
+    return path.read_bytes().decode()  # read_text would turn a \r into \n
+
+
+def test_clean_and_logs_see_each_line_as_it_arrives(tmp_path: Path) -> None:
+    logs = (tmp_path / "out.log", tmp_path / "err.log")
+    seen: list[str] = []
+
+    def on_line(line: str) -> None:
+        seen.append(line if _raw(logs[0]).endswith(line) else "not yet logged")
+
+    done = launcher.run(["bash", "-c", "echo secret-1; printf 'a\\rb\\n'; echo secret-2 >&2"], on_line=on_line,
+                        clean=lambda line: line.replace("secret", "[hidden]"), logs=logs, lf_only=True)
+    assert seen == ["[hidden]-1\n", "a\rb\n"] and done.stdout == _raw(logs[0]) == "".join(seen)
+    assert done.stderr == _raw(logs[1]) == "[hidden]-2\n"
+
+
+def test_a_line_ends_at_cr_unless_lf_only() -> None:
+    argv = ["bash", "-c", "printf 'a\\rb\\r\\nc\\n'"]
+    assert launcher.run(argv).stdout == "a\nb\nc\n"
+    assert launcher.run(argv, lf_only=True).stdout == "a\rb\r\nc\n"
+
+
+def test_stdin_text_reaches_the_child() -> None:
+    assert launcher.run(["cat"], stdin_text="prompt é\n").stdout == "prompt é\n"
