@@ -1,33 +1,24 @@
-"""CUDA-event timing for the standalone GPU scripts here (the engine keeps its own in op_table.py: exports
-stay self-contained, and these scripts do not import engine internals)."""
+"""The GPU scripts' clock: engine_core/core/timer.py, the one the engines vendor (`from cuda_timer import ...`,
+beside each script). Loaded by path: engine_core is no installed package, and the scripts run without an engine
+on their path."""
 
 from __future__ import annotations
 
-import statistics
-from typing import Callable, Mapping
+import importlib.util
+import sys
+from pathlib import Path
 
-import torch
-
-
-def median_ms(fn: Callable[[], object], iters: int = 20, warmup: int = 5) -> float:
-    """Median milliseconds of `fn` on the current stream, each call timed alone between two events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+SOURCE = Path(__file__).resolve().parents[2] / "engine_core" / "core" / "timer.py"
 
 
-def interleaved_ms(fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
-    """median_ms of each fn once per round, the rounds interleaved so clock and temperature drift hit every fn."""
-    out: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            out[name].append(median_ms(fn, warmup=warmup))
-    return out
+def _load():
+    spec = importlib.util.spec_from_file_location("engine_core_timer", SOURCE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+_timer = _load()
+L2_FLUSH_BYTES, Timing, interleaved_ms, time_calls = (_timer.L2_FLUSH_BYTES, _timer.Timing, _timer.interleaved_ms,
+                                                      _timer.time_calls)

@@ -119,7 +119,7 @@ def main() -> None:
             rows.append({"variant": name, "layout": layout, "config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(f"bwd {name:22s} error {type(e).__name__}: {str(e)[:200]}", flush=True)
     by_name = {r["variant"]: r for r in rows}
-    for name, times in interleaved_ms(fns, args.rounds).items():
+    for name, times in interleaved_ms(fns, args.rounds, device="cuda").items():
         by_name[name]["ms_rounds"] = times
     fi._tile_size_bwd_sm90, fi._flash_attn_bwd.compile_cache = own_pick, own_cache
     base = statistics.median(by_name["gqa default"]["ms_rounds"]) if "gqa default" in fns else None

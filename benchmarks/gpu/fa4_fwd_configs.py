@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from cuda_timer import interleaved_ms, median_ms  # beside this script
+from cuda_timer import interleaved_ms, time_calls  # beside this script
 
 
 VARIANTS: dict[str, dict] = {  # name -> keyword arguments of _flash_attn_fwd beyond causal / return_lse
@@ -68,7 +68,7 @@ def main() -> None:
             rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(f"fwd {name:26s} error {type(e).__name__}: {str(e)[:160]}", flush=True)
     by_name = {r["variant"]: r for r in rows}
-    for name, times in interleaved_ms(fns, args.rounds).items():
+    for name, times in interleaved_ms(fns, args.rounds, device="cuda").items():
         by_name[name]["ms_rounds"] = times
     for name in fns:
         r = by_name[name]
@@ -77,7 +77,8 @@ def main() -> None:
         print(f"fwd {name:26s} {r['ms']:7.3f} ms {r['tflops']:6.1f} TFLOP/s  rounds {[round(x, 3) for x in r['ms_rounds']]}"
               f"  |out-default| {r['max_abs_diff_vs_default']:.2e}", flush=True)
     do = torch.randn_like(base_out)
-    bwd_ms = median_ms(lambda: _flash_attn_bwd(q, k, v, base_out, do, base_lse, causal=True), warmup=3)
+    bwd_ms = time_calls(lambda: _flash_attn_bwd(q, k, v, base_out, do, base_lse, causal=True), device="cuda",
+                        warmup=3).median_ms
     print(f"bwd default {bwd_ms:7.3f} ms {2.5 * flop / bwd_ms / 1e9:6.1f} TFLOP/s", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": {"batch": B, "seq": S, "heads": n, "kv_heads": g, "head_dim": d, "causal": True, "dtype": "bfloat16"},

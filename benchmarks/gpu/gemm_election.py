@@ -117,7 +117,7 @@ def main() -> None:
             save()
         if not ok:
             return
-        times = interleaved_ms(ok, rounds=args.rounds)
+        times = interleaved_ms(ok, rounds=args.rounds, device="cuda")
         for row in rows:
             if row["site"] == site and row["variant"] in times:
                 ms = sorted(times[row["variant"]])[len(times[row["variant"]]) // 2]

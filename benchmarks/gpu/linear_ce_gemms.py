@@ -64,7 +64,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - a mode that cannot run here is a result
             rows[mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     ok = {m: (lambda m=m: run_mode(m)) for m in rows if "error" not in rows[m]}
-    for mode, times in interleaved_ms(ok, rounds=args.rounds).items():
+    for mode, times in interleaved_ms(ok, rounds=args.rounds, device="cuda").items():
         rows[mode].update(ms=sorted(times)[len(times) // 2], rounds_ms=times)
     for mode, r in rows.items():
         print(mode, json.dumps(r), flush=True)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from cuda_timer import median_ms  # beside this script
+from cuda_timer import time_calls  # beside this script
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
             "d_weight acc + dz^T @ x": lambda: torch.addmm(acc, dz.t(), x),
         }
         for name, fn in variants.items():
-            ms = median_ms(fn)
+            ms = time_calls(fn, device="cuda").median_ms
             rows.append({"vocab": V, "gemm": name, "ms": ms, "tflops": flop / ms / 1e9})
             print(f"V={V:6d} {name:28s} {ms:7.3f} ms {flop / ms / 1e9:7.1f} TFLOP/s", flush=True)
         del w, dz, acc

@@ -7,9 +7,10 @@ allocator poisoned (blocks the size of every output filled with NaN and freed, s
 allocates and leaves unwritten is NaN: certain on CUDA's caching allocator, likely on a CPU's malloc), then the
 candidate; every output and gradient must be finite where the reference's is and within the dtype's bound of it
 (max |a - b| / max |b|).
-Timing, at the production shape: the median of `reps` calls after `warmup`. CPU: perf_counter around each call.
-CUDA (GPU-only path, `_cuda_times`): the L2 flushed (a 256 MiB buffer written) before each call, CUDA events around
-it, and a CUDA graph of the call replayed when one call takes under `graph_below_ms`.
+Timing, at the production shape, on the engine's own clock (`<package>.core.timer`, its vendored copy of
+engine_core's): the median of `reps` calls after `warmup`. CPU: perf_counter around each call. CUDA (GPU-only path,
+`_cuda_times`): the L2 flushed before each call, CUDA events around it, and a CUDA graph of the call replayed when
+one call takes under `graph_below_ms`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,14 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
-L2_FLUSH_BYTES = 256 << 20
 PEAKS = {  # device name substring -> (dense bf16 TFLOP/s, HBM GB/s); DESIGN.md's MFU peak for Hopper
     "H200": (989.4, 4800.0), "H100": (989.4, 3350.0)}
 
@@ -61,25 +60,12 @@ def _check(got: list[torch.Tensor], want: list[torch.Tensor], bound: float) -> t
     return worst, None
 
 
-def _cpu_times(run, reps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def _cuda_times(run, reps: int, warmup: int, graph_below_ms: float) -> tuple[list[float], bool]:  # GPU-only
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    for _ in range(warmup):
-        run()
-    torch.cuda.synchronize()
-    graphed, call = False, run
-    probe = _events(run, flush, 3)
-    if statistics.median(probe) < graph_below_ms:
+def _cuda_times(timer: ModuleType, run, reps: int, warmup: int, graph_below_ms: float) -> tuple[object, bool]:
+    """GPU-only: the Timing of `run` (of a CUDA graph of it when one call is short) and whether it was graphed."""
+    flush = timer.L2_FLUSH_BYTES
+    probe = timer.time_calls(run, device="cuda", reps=3, warmup=warmup, l2_flush_bytes=flush)
+    call, graphed = run, False
+    if probe.median_ms < graph_below_ms:
         try:
             graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -91,20 +77,7 @@ def _cuda_times(run, reps: int, warmup: int, graph_below_ms: float) -> tuple[lis
             call, graphed = graph.replay, True
         except Exception:  # noqa: BLE001 - not capturable (host syncs, CPU tables): timed eagerly
             torch.cuda.synchronize()
-    return _events(call, flush, reps), graphed
-
-
-def _events(call, flush: torch.Tensor, reps: int) -> list[float]:  # GPU-only
-    times = []
-    for _ in range(reps):
-        flush.fill_(1)  # the L2 holds none of the op's inputs
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+    return timer.time_calls(call, device="cuda", reps=reps, warmup=0, l2_flush_bytes=flush), graphed
 
 
 def _roofline(flops: float, nbytes: float, ms: float, device: str, peaks: dict) -> dict:
@@ -128,6 +101,7 @@ def main(request_path: str, result_path: str) -> int:
         cases = importlib.import_module(f"{pkg}.ops.cases")
         space = importlib.import_module(f"{pkg}.ops.space")
         table = importlib.import_module(f"{pkg}.ops.table")
+        timer = importlib.import_module(f"{pkg}.core.timer")
         device, dtype = req["device"], getattr(torch, req["dtype"])
         key = space.runtime_key(device).model_dump()
         result["runtime"] = key
@@ -162,15 +136,15 @@ def main(request_path: str, result_path: str) -> int:
                                                for k, v in dims.items()}), dtype, device, 0)
         run = call.timed(candidate)  # inputs made once: the clock sees the op, not copies
         if device == "cuda":
-            times, graphed = _cuda_times(run, req["reps"], req["warmup"], req["graph_below_ms"])
+            timing, graphed = _cuda_times(timer, run, req["reps"], req["warmup"], req["graph_below_ms"])
         else:
-            times, graphed = _cpu_times(run, req["reps"], req["warmup"]), False
-        ms = statistics.median(times)
+            timing, graphed = timer.time_calls(run, device="cpu", reps=req["reps"], warmup=req["warmup"]), False
+        ms = timing.median_ms
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         result |= {"verdict": "passed", "shapes": shapes, "message": f"correct at {len(shapes)} shapes",
-                   "timing": {"shape": label, "median_ms": ms, "min_ms": min(times), "reps": len(times),
-                              "graphed": graphed, "l2_flushed": device == "cuda", "clock": "cuda events" if
-                              device == "cuda" else "perf_counter", "flops": call.flops, "bytes": call.bytes,
+                   "timing": {"shape": label, "median_ms": ms, "min_ms": timing.min_ms, "reps": timing.reps,
+                              "graphed": graphed, "l2_flushed": timing.l2_flushed, "clock": timing.clock,
+                              "flops": call.flops, "bytes": call.bytes,
                               **_roofline(call.flops, call.bytes, ms, name, req.get("peaks", {}))}}
     except Exception as e:  # noqa: BLE001 - a candidate that crashes is a failed candidate, with its traceback
         result |= {"verdict": "failed", "message": f"{type(e).__name__}: {e}"[:2000],

@@ -6,7 +6,7 @@ Two views, both at the bench run's shapes (tokens = micro_batch_size x seq_lengt
   one step) on fresh random inputs, for the implementation the run selected and for the op's
   `reference`, then multiplied by its calls per step (`calls_per_step`). Eager, even when the bench
   compiles the loss path (torch.compile fuses across ops; the profile below shows that effect).
-  Median of `reps` after `warmup` calls: CUDA events on a GPU, wall clock on a CPU. An op that fails
+  Median of `reps` after `warmup` calls (core/timer.py): CUDA events on a GPU, wall clock on a CPU. An op that fails
   (e.g. out of memory: the reference attention materializes the (B, n, S, S) scores) gets its error
   string in the row instead of numbers.
 - `profile_steps`: torch.profiler over real training steps; device kernel time (on a CPU: each op's
@@ -28,7 +28,6 @@ from __future__ import annotations
 import gc
 import math
 import re
-import statistics
 import time
 import warnings
 from collections import defaultdict
@@ -36,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from train_engine_0_5b.core.timer import time_calls
 from train_engine_0_5b.model_config import MiniCPMConfig
 from train_engine_0_5b.ops.cases import Dims, build
 from train_engine_0_5b.ops.registry import OPS, Ops
@@ -83,37 +83,12 @@ def calls_per_step(num_layers: int, grad_accum: int, fused_mlp: bool = False,
 # ---- per-op microbenchmark ---------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def free_memory(device: torch.device) -> None:
     """Collect garbage and hand cached GPU blocks back, so the next op starts from a clean allocator."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-
-
-def _median_ms(run: Callable[[], None], device: torch.device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        run()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _case(op: str, fn: Callable, cfg: MiniCPMConfig, batch: int, seq: int, dtype: torch.dtype, device: torch.device,
@@ -128,7 +103,7 @@ def _time_op(op: str, fn: Callable, args: tuple, warmup: int, reps: int) -> tupl
     `args`: _case's after `fn`."""
     device = args[4]
     try:
-        return _median_ms(_case(op, fn, *args), device, warmup, reps), None
+        return time_calls(_case(op, fn, *args), device=device, reps=reps, warmup=warmup).median_ms, None
     except Exception as e:  # out of memory, an unsupported shape, ...: a row, not a crash
         return None, f"{type(e).__name__}: {e}"[:500]
     finally:
