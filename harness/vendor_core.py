@@ -1,6 +1,6 @@
 """Vendor the engine core (engine_core/) into exports: `python -m harness.vendor_core [EXPORT ...]`.
 
-Each export's package gets the core's `core/`, `ops/` and `data/` Python files (the previous copy's files
+Each export's package gets the core's `core/`, `ops/`, `data/` and `minicpm/` Python files (the previous copy's files
 removed first) and `vendored_core.json`, their hashes (engine_core/core/vendored.py). `--check` changes
 nothing and exits 1 when a copy drifted; `--adopt EXPORT` copies that export's vendored files back into
 engine_core/ (an op round edited them there), to be vendored into the other exports next.

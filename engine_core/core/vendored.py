@@ -1,5 +1,5 @@
 """The vendored core's stamp. An engine package carries the forge workspace's engine_core/ (its `core/`,
-`ops/` and `data/` Python files, copied by `python -m harness.vendor_core`) and, at the package root,
+`ops/`, `data/` and `minicpm/` Python files, copied by `python -m harness.vendor_core`) and, at the package root,
 `vendored_core.json`: the sha256 of every copied file and of the whole set. `drift` says where a copy no
 longer matches its stamp, so an edit made in one export is found before it silently forks the core.
 
@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-TREES = ("core", "ops", "data")  # the package folders the core owns (their .py files; other files are the engine's)
+TREES = ("core", "ops", "data", "minicpm")  # the package folders the core owns (their .py files; other files are the engine's)
 STAMP = "vendored_core.json"
 
 

@@ -1,4 +1,4 @@
-"""Every export's vendored core (core/, ops/, data/) is engine_core/'s, byte for byte, and matches its stamp."""
+"""Every export's vendored core (core/, ops/, data/, minicpm/) is engine_core/'s, byte for byte, and matches its stamp."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_drift_is_found(tmp_path):
 
 
 def test_the_core_imports_nothing_of_the_model_part():
-    """engine_core's imports stay inside core/, ops/ and data/ (relative), so any engine package can carry it."""
+    """engine_core's imports stay inside core/, ops/, data/ and minicpm/ (relative), so any engine package can carry it."""
     import ast
 
     for rel in vendor_core.vendored.files(vendor_core.SOURCE):

@@ -124,7 +124,7 @@ def test_reference_engine_and_hf_export_agree_in_fp64(make, S, tmp_path):
 
 def test_export_writes_transformers_longrope():
     """The Llama config carries transformers' own longrope with MiniCPM's factor and cos/sin scale pinned."""
-    from train_engine_0_5b.hf_fold import llama_config_dict
+    from train_engine_0_5b.minicpm.hf_fold import llama_config_dict
 
     cfg = _beyond_original()
     rope = llama_config_dict(cfg)["rope_scaling"]
@@ -139,9 +139,9 @@ def test_export_writes_transformers_longrope():
 
 def test_fresh_weights_zero_the_padding_row():
     """As MiniCPM's nn.Embedding(padding_idx) initializes it; the other rows are drawn."""
-    from train_engine_0_5b.model import init_weights
+    from train_engine_0_5b.minicpm.init import init_weights
 
     cfg = _beyond_original()
     model = build_model(cfg, resolve(OpSelection(), "cpu", torch.float32), "meta", torch.float32)
-    emb = init_weights(model, 0.1, seed=0)["model.embed_tokens.weight"]
+    emb = init_weights(model.cfg, 0.1, seed=0)["model.embed_tokens.weight"]
     assert emb[2].abs().max() == 0 and emb[1].abs().min() > 0 and emb[3].abs().max() > 0

@@ -1,6 +1,6 @@
-"""The engine vendors workspace code so it installs alone (cli_help.py from harness/cli_help.py; model_config.py
-from gates/model_config.py and gates/case.py's hf_param_shapes; hf_fold.py from gates/hf_fold.py; probe.py's case.json schema from
-gates/case.py). The copies must stay faithful: same presets, FLOP count, parameter layout, HF config and
+"""The engine vendors workspace code so it installs alone (cli_help.py from harness/cli_help.py; the MiniCPM config,
+its HF reader and writer and hf_param_shapes (minicpm/, through model_config.py) from gates/model_config.py and
+gates/case.py; minicpm/hf_fold.py from gates/hf_fold.py; probe.py's case.json schema from gates/case.py). The copies must stay faithful: same presets, FLOP count, parameter layout, HF config and
 fold, checked on every preset and fresh random weights, and the same case fields, types, defaults and bounds."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from gates import case as ws_case, hf_fold as ws_fold, model_config as ws_cfg
-from train_engine_0_5b import hf_fold as eng_fold, model_config as eng_cfg, probe as eng_probe
+from train_engine_0_5b import model_config as eng_cfg, probe as eng_probe
+from train_engine_0_5b.minicpm import hf_fold as eng_fold
 
 
 def _schema(model) -> dict:

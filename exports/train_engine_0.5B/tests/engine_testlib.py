@@ -102,7 +102,8 @@ def train_tiny(selection: str, device: str, ignore_first: int = 0) -> tuple[list
     import torch
 
     from train_engine_0_5b.core.dist import DistContext
-    from train_engine_0_5b.model import build_model, init_weights
+    from train_engine_0_5b.minicpm.init import init_weights
+    from train_engine_0_5b.model import build_model
     from train_engine_0_5b.model_config import preset
     from train_engine_0_5b.ops.cross_entropy.reference import IGNORE_INDEX
     from train_engine_0_5b.ops.registry import OpSelection, resolve
@@ -116,7 +117,7 @@ def train_tiny(selection: str, device: str, ignore_first: int = 0) -> tuple[list
         op, _, impl = item.partition("=")
         assert ops.names[op] == impl, (op, ops.names[op])
     model = build_model(cfg, ops, device, torch.float32)
-    opt = AdamW(dict(model.named_parameters()), init_weights(model, 0.1, seed=3), adamw_op=ops.adamw,
+    opt = AdamW(dict(model.named_parameters()), init_weights(model.cfg, 0.1, seed=3), adamw_op=ops.adamw,
                 betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
     trainer = Trainer(model, opt, Schedule("constant", 3e-3, 3e-3, 1, 2), DistContext(device=torch.device(device)),
                       micro_batch_size=2, grad_clip=1.0, master_dtype=torch.float32)

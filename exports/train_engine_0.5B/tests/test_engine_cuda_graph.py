@@ -18,7 +18,8 @@ from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.core.optim import AdamW, Schedule
 from train_engine_0_5b.core.trainer import Trainer
-from train_engine_0_5b.model import build_model, init_weights
+from train_engine_0_5b.minicpm.init import init_weights
+from train_engine_0_5b.model import build_model
 from train_engine_0_5b.model_config import MiniCPMConfig, preset
 from train_engine_0_5b.ops.adamw import reference
 from train_engine_0_5b.ops.registry import OpSelection, resolve
@@ -36,7 +37,7 @@ def _trainer(cfg: MiniCPMConfig, device: str, dtype: torch.dtype, adamw_op, *, c
     apply_recompute(model, recompute)
     if compile:
         apply_compile(model)
-    opt = AdamW(dict(model.named_parameters()), init_weights(model, 0.1, seed=3), adamw_op=adamw_op,
+    opt = AdamW(dict(model.named_parameters()), init_weights(model.cfg, 0.1, seed=3), adamw_op=adamw_op,
                 betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
     schedule = schedule or Schedule("constant", 1e-3, 1e-3, 1, 10)
     return Trainer(model, opt, schedule, DistContext(device=torch.device(device)), micro_batch_size=mb,

@@ -8,7 +8,8 @@ import engine_testlib  # noqa: F401 - puts the engine's src on sys.path
 import pytest
 import torch
 
-from train_engine_0_5b.model import RECOMPUTE, build_model, init_weights, load_weights
+from train_engine_0_5b.minicpm.init import init_weights
+from train_engine_0_5b.model import RECOMPUTE, build_model, load_weights
 from train_engine_0_5b.model_config import preset
 from train_engine_0_5b.ops.registry import OpSelection, resolve
 from train_engine_0_5b.parallelize import apply_recompute
@@ -19,7 +20,7 @@ CFG = preset("tiny")
 def _run(recompute: str, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
     model = build_model(CFG, resolve(OpSelection(), "cpu"), "cpu", torch.float32)
     apply_recompute(model, recompute)
-    load_weights(model, init_weights(model, 0.1, seed=5))
+    load_weights(model, init_weights(model.cfg, 0.1, seed=5))
     saved = 0
 
     def pack(t: torch.Tensor):
@@ -53,7 +54,7 @@ def test_no_grad_forward_is_untouched():
     for r in ("none", "layer"):
         model = build_model(CFG, resolve(OpSelection(), "cpu"), "cpu", torch.float32)
         apply_recompute(model, r)
-        load_weights(model, init_weights(model, 0.1, seed=5))
+        load_weights(model, init_weights(model.cfg, 0.1, seed=5))
         hidden: list[torch.Tensor] = []
         with torch.no_grad():
             outs.append((model(ids, hidden_states=hidden), hidden))

@@ -11,7 +11,8 @@ import torch
 
 from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.core.optim import AdamW
-from train_engine_0_5b.model import build_model, init_weights, load_weights
+from train_engine_0_5b.minicpm.init import init_weights
+from train_engine_0_5b.model import build_model, load_weights
 from train_engine_0_5b.model_config import preset
 from train_engine_0_5b.ops import registry
 from train_engine_0_5b.ops.registry import OPS, OpSelection, resolve
@@ -117,7 +118,7 @@ def test_every_op_is_called_through_the_registry(monkeypatch, fused):
     for sel in (spy_sel, OpSelection()):
         ops = resolve(sel, "cpu")
         model = build_model(cfg, ops, "cpu", torch.float32)
-        weights = init_weights(model, 0.1, seed=7)
+        weights = init_weights(model.cfg, 0.1, seed=7)
         load_weights(model, weights)
         opt = AdamW(dict(model.named_parameters()), weights, adamw_op=ops.adamw, betas=(0.9, 0.95), eps=1e-8,
                     weight_decay=0.1, master_dtype=torch.float32)

@@ -15,7 +15,8 @@ import torch
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.optim import AdamW, Schedule, fuses_clip_and_copy
 from train_engine_0_5b.core.trainer import Trainer
-from train_engine_0_5b.model import build_model, init_weights
+from train_engine_0_5b.minicpm.init import init_weights
+from train_engine_0_5b.model import build_model
 from train_engine_0_5b.model_config import preset
 from train_engine_0_5b.ops.adamw import foreach, reference
 from train_engine_0_5b.ops.registry import OpSelection, resolve
@@ -28,7 +29,7 @@ def _train(adamw_op, device: str, rows: int, mb: int, steps: int = 3):
     cfg = preset("tiny")
     ops = resolve(OpSelection.parse("attention=sdpa,mlp=unfused"), device, torch.bfloat16)  # the tiny model's
     model = build_model(cfg, ops, device, torch.bfloat16)  # head dim is not FA4's; this test is about the optimizer
-    opt = AdamW(dict(model.named_parameters()), init_weights(model, 0.1, seed=3), adamw_op=adamw_op,
+    opt = AdamW(dict(model.named_parameters()), init_weights(model.cfg, 0.1, seed=3), adamw_op=adamw_op,
                 betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
     trainer = Trainer(model, opt, Schedule("constant", 3e-3, 3e-3, 1, steps), DistContext(device=torch.device(device)),
                       micro_batch_size=mb, grad_clip=0.05, master_dtype=torch.float32)  # small: clipping engages

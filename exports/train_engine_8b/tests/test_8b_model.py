@@ -9,9 +9,11 @@ assert 1e-5, while a RoPE off by its LongRoPE factors misses by > 0.1.
 import pytest
 import torch
 
-from train_engine_8b.model import MiniCPM, check_names, init_weights
+from train_engine_8b.minicpm.hf_fold import fold_to_llama, llama_config_dict
+from train_engine_8b.minicpm.init import init_weights
+from train_engine_8b.model import MiniCPM, check_names
 from train_engine_8b.model_config import ConfigError, LongRope, MiniCPMConfig, preset
-from train_engine_8b.state_dict_adapter import fold_to_llama, llama_config_dict, load_hf, to_hf
+from train_engine_8b.state_dict_adapter import load_hf, to_hf
 
 
 def _rel(a, b):

@@ -89,7 +89,7 @@ def test_tp2_hf_export_reproduces_logits_in_transformers(tp2, tmp_path_factory):
     """The TP model's gathered state dict (after its step), folded, gives transformers' LlamaForCausalLM the
     TP model's own logits (1e-5: transformers' fp32 RoPE angles, test_8b_model.py)."""
     transformers = pytest.importorskip("transformers")
-    from train_engine_8b.state_dict_adapter import fold_to_llama, llama_config_dict
+    from train_engine_8b.minicpm.hf_fold import fold_to_llama, llama_config_dict
 
     cfg = preset("minicpm4-8b-reduced")
     saved = torch.load(tp2["_dir"] / "tp2.pt")

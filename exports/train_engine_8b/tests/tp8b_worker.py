@@ -18,7 +18,8 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from train_engine_8b.model import MiniCPM, build_model, init_weights
+from train_engine_8b.minicpm.init import init_weights
+from train_engine_8b.model import MiniCPM, build_model
 from train_engine_8b.model_config import preset
 from train_engine_8b.parallelize import (GradSync, ParallelDims, ParallelError, local_batch, parallelize_model,
                                         train_context)

@@ -12,7 +12,8 @@ from train_engine_0_5b.config import EngineConfig
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.optim import AdamW, Schedule
 from train_engine_0_5b.core.trainer import Trainer
-from train_engine_0_5b.model import build_model, init_weights
+from train_engine_0_5b.minicpm.init import init_weights
+from train_engine_0_5b.model import build_model
 from train_engine_0_5b.ops.registry import Ops
 from train_engine_0_5b.parallelize import parallelize_model
 
@@ -26,7 +27,7 @@ def build_trainer(cfg: EngineConfig, ctx: DistContext, ops: Ops, initial: dict[s
     (`trainer.optimizer.load`), which also works once ZeRO-1 has sharded the optimizer."""
     t, o = cfg.train, cfg.optim
     model = parallelize_model(build_model(cfg.model, ops, ctx.device, dtype), cfg.runtime)
-    master = initial if initial is not None else init_weights(model, t.init_std, t.seed)
+    master = initial if initial is not None else init_weights(cfg.model, t.init_std, t.seed)
     optimizer = AdamW(dict(model.named_parameters()), master, adamw_op=ops.adamw, betas=o.betas, eps=o.eps,
                       weight_decay=o.weight_decay, master_dtype=master_dtype)
     schedule = Schedule(o.lr_schedule, o.lr, o.min_lr, o.warmup_steps, t.num_steps, o.decay_steps)

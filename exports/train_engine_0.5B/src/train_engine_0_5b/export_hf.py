@@ -1,6 +1,6 @@
 """`export-hf`: a checkpoint -> a Hugging Face directory, plus the tokenizer files the checkpoint carries (the
 run's; the shipped one for a probe's). Two layouts:
-- `llama`: MiniCPM's scales folded into the weights and RoPE as transformers' own rope type (hf_fold.py), so
+- `llama`: MiniCPM's scales folded into the weights and RoPE as transformers' own rope type (minicpm/hf_fold.py), so
   `transformers.AutoModelForCausalLM.from_pretrained` loads it without remote code;
 - `minicpm`: the native layout OpenBMB publishes (MiniCPM config.json, HF MiniCPM names, unfolded), which
   `pretrain --init-from` reads back to the checkpoint's weights."""
@@ -16,7 +16,7 @@ from train_engine_0_5b.core import checkpoint as ckpt
 from train_engine_0_5b.core.config import DTYPES
 from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.data.tokenizer import TextTokenizer
-from train_engine_0_5b.hf_fold import fold_to_llama, llama_config_dict
+from train_engine_0_5b.minicpm.hf_fold import fold_to_llama, llama_config_dict
 from train_engine_0_5b.model_config import MiniCPMConfig, to_hf_minicpm_config
 
 LAYOUTS = ("llama", "minicpm")

@@ -5,7 +5,7 @@
     logits = (rms_norm(h) / (hidden / dim_model_base)) @ W_out^T                W_out tied to the embedding
 
 RoPE is the config's (plain, linear or LongRoPE): its per-frequency factors and cos/sin scale live in the
-tables every RoPE op reads (rope_cos_sin). The embedding's padding_idx is the config's pad_token_id (that row
+tables every RoPE op reads (minicpm/rope.py). The embedding's padding_idx is the config's pad_token_id (that row
 gets no gradient from the lookup, as in MiniCPM's nn.Embedding).
 
 The residual add and the norm after it are one op (`add_rms_norm`), so the loop carries the residual
@@ -24,7 +24,6 @@ math, so the same values: it trades one more forward of that part for memory.
 
 from __future__ import annotations
 
-import math
 from typing import get_args
 
 import torch
@@ -33,9 +32,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from train_engine_0_5b.core.config import Recompute
-from train_engine_0_5b.model_config import MiniCPMConfig, hf_param_shapes
+from train_engine_0_5b.minicpm.config import MiniCPMConfig, hf_param_shapes
+from train_engine_0_5b.minicpm.rope import rope_cos_sin
 from train_engine_0_5b.ops.registry import Ops
-from train_engine_0_5b.ops.rope.reference import rope_tables
 
 
 class Weight(nn.Module):
@@ -104,12 +103,6 @@ class Body(nn.Module):
         self.embed_tokens = Weight(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = Weight(cfg.hidden_size)
-
-
-def rope_cos_sin(cfg: MiniCPMConfig, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos / sin tables (seq, d) of the config's RoPE (plain, linear or LongRoPE) for positions 0..seq_len-1."""
-    divisors, scale = cfg.rope_at(seq_len)
-    return rope_tables(seq_len, cfg.dim_head, cfg.rope_theta, divisors, scale, device, dtype)
 
 
 RECOMPUTE: tuple[str, ...] = get_args(Recompute)
@@ -182,7 +175,7 @@ class MiniCPM(nn.Module):
 
 
 def build_model(cfg: MiniCPMConfig, ops: Ops, device: torch.device | str, dtype: torch.dtype) -> MiniCPM:
-    """An uninitialized single-device model (weights come from `load_weights` or `init_weights`;
+    """An uninitialized single-device model (weights come from `load_weights` or minicpm/init.py;
     recomputation and compile from parallelize.py)."""
     with torch.device("meta"):
         model = MiniCPM(cfg, ops)
@@ -193,26 +186,6 @@ def check_names(cfg: MiniCPMConfig, model: MiniCPM) -> None:
     """The engine's parameter names and shapes are HF MiniCPM's, in the same order."""
     got = {k: tuple(p.shape) for k, p in model.named_parameters()}
     assert list(got.items()) == list(hf_param_shapes(cfg).items()), "model parameters drifted from HF names"
-
-
-@torch.no_grad()
-def init_weights(model: MiniCPM, init_std: float, seed: int) -> dict[str, Tensor]:
-    """Fresh fp32 weights (HF names), the same on every rank for a seed: norms 1; the embedding
-    N(0, init_std) with the padding row (pad_token_id) zero; hidden matrices N(0, init_std / sqrt(hidden /
-    dim_model_base)) (muP's width scaling)."""
-    cfg = model.cfg
-    gen = torch.Generator().manual_seed(seed)
-    hidden_std = init_std / math.sqrt(cfg.hidden_size / cfg.dim_model_base)
-    out: dict[str, Tensor] = {}
-    for name, p in model.named_parameters():
-        if p.ndim == 1:
-            out[name] = torch.ones(p.shape)
-        else:
-            std = init_std if name in ("model.embed_tokens.weight", "lm_head.weight") else hidden_std
-            out[name] = torch.randn(p.shape, generator=gen) * std
-    if cfg.pad_token_id is not None:  # as nn.Embedding(padding_idx) and MiniCPM's init leave it
-        out["model.embed_tokens.weight"][cfg.pad_token_id] = 0.0
-    return out
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ import pytest
 import torch
 from engine_testlib import rel_err
 
-from train_engine_0_5b.model import build_model, init_weights, load_weights
+from train_engine_0_5b.minicpm.init import init_weights
+from train_engine_0_5b.model import build_model, load_weights
 from train_engine_0_5b.model_config import preset
 from train_engine_0_5b.ops.registry import OpSelection, resolve
 from train_engine_0_5b.ops.residual_scale import weight
@@ -51,7 +52,7 @@ def test_weight_placement_matches_the_reference(dtype, mlp, recompute):
     labels = torch.randint(0, CFG.vocab_size, (2, 11), generator=gen)
     labels[0, :3] = -100
     model = build_model(CFG, resolve(OpSelection(), "cpu"), "cpu", dtype)
-    weights = init_weights(model, 0.1, seed=seed)
+    weights = init_weights(model.cfg, 0.1, seed=seed)
     seen_ref, seen_w = [], []
     want = _loss_and_grads(f"mlp={mlp}", dtype, weights, ids, labels, recompute, seen_ref)
     got = _loss_and_grads(f"mlp={mlp},residual_scale=weight", dtype, weights, ids, labels, recompute, seen_w)
@@ -81,7 +82,7 @@ def test_no_multiply_by_r_over_activations_in_the_traced_step():
     def muls_by_r(sel: str) -> list[tuple[int, ...]]:
         ops = resolve(OpSelection.parse(sel), "cpu")
         model = build_model(CFG, ops, "cpu", torch.float32)
-        load_weights(model, init_weights(model, 0.1, seed=3))
+        load_weights(model, init_weights(model.cfg, 0.1, seed=3))
         graphs = []
 
         def keep(g, _inputs):

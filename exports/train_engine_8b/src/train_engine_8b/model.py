@@ -6,49 +6,32 @@
 
 Built from nn.Linear / nn.Embedding so that torch's tensor-parallel styles apply to them unchanged
 (parallelize.py). Every reshape infers the head count (`-1`): under TP a rank holds n / tp query and g / tp KV
-heads and the same code runs on its shard. RoPE is the config's (plain or LongRoPE), tables built once per
-(seq, device, dtype) from the full sequence length, which the token ids keep under sequence parallelism.
+heads and the same code runs on its shard. RoPE is the config's (plain, linear or LongRoPE): the shared tables
+(minicpm/rope.py) built once per (seq, device, dtype) from the full sequence length, which the token ids keep
+under sequence parallelism, applied by the core's reference rope. Fresh weights: minicpm/init.py.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from train_engine_8b.model_config import MiniCPMConfig, hf_param_shapes
+from train_engine_8b.core.config import Recompute
+from train_engine_8b.core.trainer import IGNORE_INDEX
+from train_engine_8b.minicpm.config import MiniCPMConfig, hf_param_shapes
+from train_engine_8b.minicpm.rope import rope_cos_sin
+from train_engine_8b.ops.rope.reference import rope
 
-IGNORE_INDEX = -100
-Recompute = Literal["none", "mlp", "attention", "layer"]
 RECOMPUTE: tuple[str, ...] = get_args(Recompute)
 
 
 def _upcast(x: Tensor) -> Tensor:
     """At least float32 (float64 stays float64): norm statistics and the loss."""
     return x if x.dtype == torch.float64 else x.float()
-
-
-def rope_tables(cfg: MiniCPMConfig, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin (seq_len, head_dim), rotate-half layout: angles in float64, then cast (the 0.5B engine's math)."""
-    divisors, scale = cfg.rope_at(seq_len)
-    d = cfg.dim_head
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
-    if divisors is not None:
-        inv_freq = inv_freq / torch.tensor(divisors, dtype=torch.float64, device=device)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
-    emb = torch.cat([angles, angles], dim=-1)  # (S, d)
-    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, S, heads, d) rotated by the tables (S, d)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (S, 1, d): broadcast over heads
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class RMSNorm(nn.Module):
@@ -77,8 +60,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, S, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, S, -1, self.d), cos, sin)  # (B, S, n, d)
-        k = apply_rope(self.k_proj(x).view(B, S, -1, self.d), cos, sin)  # (B, S, g, d)
+        q = self.q_proj(x).view(B, S, -1, self.d)  # (B, S, n, d)
+        k = self.k_proj(x).view(B, S, -1, self.d)  # (B, S, g, d)
+        q, k = rope(q, k, cos, sin)
         v = self.v_proj(x).view(B, S, -1, self.d)  # (B, S, g, d)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=True)  # (B, n, S, d)
@@ -146,7 +130,7 @@ class MiniCPM(nn.Module):
     def rope_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (seq_len, device, dtype)
         if key not in self._rope:
-            self._rope[key] = rope_tables(self.cfg, seq_len, device, dtype)
+            self._rope[key] = rope_cos_sin(self.cfg, seq_len, device, dtype)
         return self._rope[key]
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -180,21 +164,3 @@ def check_names(cfg: MiniCPMConfig, model: MiniCPM) -> None:
     got = {k: tuple(p.shape) for k, p in model.named_parameters()}
     if list(got.items()) != list(hf_param_shapes(cfg).items()):
         raise AssertionError("model parameters drifted from HF MiniCPM names")
-
-
-def init_weights(cfg: MiniCPMConfig, init_std: float, seed: int) -> dict[str, Tensor]:
-    """Fresh fp32 weights (HF names), the same on every rank for a seed (the 0.5B engine's rule): norms 1; the
-    embedding and lm_head N(0, init_std) with the padding row zero; hidden matrices N(0, init_std / sqrt(hidden /
-    dim_model_base)) (muP's width scaling)."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden_std = init_std / math.sqrt(cfg.hidden_size / cfg.dim_model_base)
-    out: dict[str, Tensor] = {}
-    for name, shape in hf_param_shapes(cfg).items():
-        if len(shape) == 1:
-            out[name] = torch.ones(shape)
-        else:
-            std = init_std if name in ("model.embed_tokens.weight", "lm_head.weight") else hidden_std
-            out[name] = torch.randn(shape, generator=gen) * std
-    if cfg.pad_token_id is not None:  # as nn.Embedding(padding_idx) and MiniCPM's init leave it
-        out["model.embed_tokens.weight"][cfg.pad_token_id] = 0.0
-    return out

@@ -1,4 +1,4 @@
-"""The package's vendored core (core/, ops/, data/) is the one its vendored_core.json stamps: an edit made
+"""The package's vendored core (core/, ops/, data/, minicpm/) is the one its vendored_core.json stamps: an edit made
 here instead of in the forge workspace's engine_core/ fails this test."""
 
 from __future__ import annotations

@@ -9,8 +9,6 @@ MiniCPM differs from Llama only by three scalar scales, each of which commutes w
 With a tied embedding, the folded input embedding and output head differ, so the Llama checkpoint
 is always untied. RoPE maps to transformers' own rope types (`longrope`, `linear`) and pad_token_id to
 Llama's padding_idx, so `LlamaForCausalLM` computes the same function and trains the same rows.
-
-Vendored from the workspace's gates/hf_fold.py (the engine imports nothing from the workspace).
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from typing import Any
 
 import torch
 
-from train_engine_0_5b.model_config import MiniCPMConfig
+from .config import MiniCPMConfig
 
 
 def fold_to_llama(cfg: MiniCPMConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
