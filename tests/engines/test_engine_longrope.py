@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from gates.case import random_weights
 from gates.stacks.torch_ref.model import MiniCPM as Reference
 from train_engine_0_5b.core import checkpoint as ckpt
+from train_engine_0_5b.core.dist import DistContext
+from train_engine_0_5b.core.optim import AdamW
 from train_engine_0_5b.export_hf import export
 from train_engine_0_5b.model import build_model, load_weights
 from train_engine_0_5b.model_config import LongRope, MiniCPMConfig, preset
@@ -64,7 +66,10 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def _hf_logits(cfg: MiniCPMConfig, weights: dict[str, torch.Tensor], ids: torch.Tensor, tmp_path) -> torch.Tensor:
     """Logits of the engine's `export-hf` directory (Llama layout, float32 file) in transformers, run in float64."""
     state = {"config": {"model": cfg.model_dump(mode="json")}}
-    saved = ckpt.save(tmp_path / "save", 1, {k: v.float() for k, v in weights.items()}, {}, {}, state)
+    master = {k: v.float() for k, v in weights.items()}
+    opt = AdamW({k: torch.nn.Parameter(v.clone()) for k, v in master.items()}, master, adamw_op=lambda *a, **k: None,
+                betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, master_dtype=torch.float32)
+    saved = ckpt.save(tmp_path / "save", 1, opt, DistContext(), {}, state)
     out = export(saved, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float64).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"

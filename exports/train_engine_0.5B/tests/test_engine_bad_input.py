@@ -109,11 +109,11 @@ def test_truncated_checkpoint_file(cli, trained, tmp_path):
     save = tmp_path / "copy"
     shutil.copytree(trained, save)
     step = save / (save / "latest").read_text().strip()
-    weights = step / "model.safetensors"
+    weights = step / "optimizer" / "__0_0.distcp"  # the DCP shard holding the masters and moments
     size = weights.stat().st_size
     with weights.open("r+b") as f:
         f.truncate(size // 2)
-    check_fails(cli, save, ["--resume", "--num-steps", "2"], "model.safetensors", "truncated", str(size))
+    check_fails(cli, save, ["--resume", "--num-steps", "2"], "optimizer/__0_0.distcp", "truncated", str(size))
     res = cli(["export-hf", "--checkpoint", save, "--out", tmp_path / "hf"])
     assert res.exit_code != 0 and "truncated" in res.stderr and not (tmp_path / "hf").exists()
 

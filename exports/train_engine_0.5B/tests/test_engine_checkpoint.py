@@ -1,18 +1,23 @@
 """Checkpoints: 6 straight steps == 3 steps + resume + 3 steps, bitwise (losses, grad norms, weights,
 optimizer state); the Hugging Face export reproduces the engine's logits in `transformers`; an
-interrupted save leaves the last good checkpoint and pointer untouched."""
+interrupted save leaves the last good checkpoint and pointer untouched; checkpoints of formats 1 and 2
+(whole safetensors files) still load and resume bit for bit."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from engine_testlib import TINY, read_jsonl, read_log, rel_err
-from safetensors.torch import load_file
+from safetensors.torch import save_file
 
 from train_engine_0_5b.core import checkpoint as ckpt
+from train_engine_0_5b.core import checksums
+from train_engine_0_5b.core.dist import DistContext
+from train_engine_0_5b.core.optim import AdamW
 
 TRAIN = [*TINY, "--num-steps", "6", "--global-batch-size", "4", "--micro-batch-size", "2", "--lr-schedule", "cosine"]
 HF_REL_TOL = 1e-5  # the fold rescales weights instead of activations: fp32 rounding only
@@ -69,17 +74,33 @@ def test_checkpoint_layout_and_latest_pointer(runs):
     assert sorted(p.name for p in save.iterdir()) == ["config.toml", "latest", "step_00000003", "step_00000006"]
     step = save / "step_00000006"
     state = json.loads((step / "state.json").read_text())
-    assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "tokenizer/tokenizer.json"} <= set(state["files"])
+    assert state["format"] == 3
+    assert {"optimizer/.metadata", "optimizer/__0_0.distcp", "rng.safetensors", "tokenizer/tokenizer.json"} <= set(state["files"])
+    assert set(state["checksums"]["files"]) == set(state["files"])
     assert state["config"]["train"]["num_steps"] == 6 and state["world_size"] == 1
-    weights = load_file(str(step / "model.safetensors"))
+    weights = ckpt.load(step).master  # the fp32 masters, whole, from the DCP shards
     assert "model.layers.1.mlp.down_proj.weight" in weights and all(w.dtype == torch.float32 for w in weights.values())
+    assert list(weights["model.layers.1.mlp.down_proj.weight"].shape) == state["shapes"]["model.layers.1.mlp.down_proj.weight"]
+
+
+def optimizer_of(loaded: ckpt.Checkpoint) -> AdamW:
+    """An AdamW holding a loaded checkpoint's masters, moments and step count (one process, whole tensors)."""
+    params = {n: torch.nn.Parameter(w.clone()) for n, w in loaded.master.items()}
+    opt = AdamW(params, loaded.master, adamw_op=lambda *a, **k: None, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                master_dtype=torch.float32)
+    opt.load(loaded.master, loaded.optim, loaded.step)
+    return opt
 
 
 def test_interrupted_save_keeps_the_last_good_checkpoint(runs, tmp_path, monkeypatch):
     root, _ = runs
-    save = tmp_path / "save"
+    save, ctx = tmp_path / "save", DistContext()
     good = ckpt.load(root / "straight")
-    ckpt.save(save, 6, good.master, good.optim, good.rng, {"identity": {}})
+    opt = optimizer_of(good)
+    ckpt.save(save, 6, opt, ctx, good.rng, {"identity": {}})
+    again = ckpt.load(save)  # what was saved reads back bit for bit
+    assert all(torch.equal(again.master[k], good.master[k]) for k in good.master)
+    assert all(torch.equal(again.optim[k], good.optim[k]) for k in good.optim)
     before = sorted(p.name for p in save.iterdir())
 
     class Boom(RuntimeError):
@@ -90,7 +111,7 @@ def test_interrupted_save_keeps_the_last_good_checkpoint(runs, tmp_path, monkeyp
 
     monkeypatch.setattr(ckpt, "fsync", fail)  # dies after the files are written, before the rename
     with pytest.raises(Boom):
-        ckpt.save(save, 7, good.master, good.optim, good.rng, {"identity": {}})
+        ckpt.save(save, 7, opt, ctx, good.rng, {"identity": {}})
     assert sorted(p.name for p in save.iterdir()) == before  # no step_00000007, no leftover .tmp-*
     assert ckpt.find_latest(save).name == "step_00000006"
 
@@ -132,3 +153,42 @@ def test_resuming_a_finished_run_does_nothing(runs, cli):
     res = cli(["pretrain", *TRAIN, "--seed", seed, "--save-dir", save, "--resume"])
     assert res.exit_code == 0 and "nothing to train" in res.output
     assert sorted((p.name, p.stat().st_mtime_ns) for p in save.rglob("*")) == before
+
+
+def write_old_format(source: Path, save: Path, fmt: int) -> Path:
+    """The writer of formats 1-2 (rank 0 alone; whole safetensors files; format 2 adds checksums), kept here to
+    make old checkpoints: `source`'s step as it would have been saved then, with `latest` pointing at it."""
+    loaded = ckpt.load(source)
+    step = save / loaded.path.name
+    step.mkdir(parents=True)
+    parts = {"model.safetensors": loaded.master, "optimizer.safetensors": loaded.optim, "rng.safetensors": loaded.rng}
+    for name, tensors in parts.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(step / name))
+    shutil.copytree(loaded.path / "tokenizer", step / "tokenizer")
+    files = {str(f.relative_to(step)): f for f in sorted(step.rglob("*")) if f.is_file()}
+    state = {k: v for k, v in loaded.state.items() if k not in ("checksums", "shapes", "zero1")}
+    state |= {"format": fmt, "files": {n: f.stat().st_size for n, f in files.items()}}
+    if fmt == 2:
+        sums = {n: checksums.tensor_digests(t) for n, t in parts.items()}
+        state["checksums"] = {"algorithm": "sha256", "files": sums | {n: checksums.file_digest(f) for n, f in files.items()
+                                                                       if n not in parts}}
+    (step / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    (save / "latest").write_text(step.name + "\n")
+    return step
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_old_format_checkpoints_load_and_resume_bitwise(runs, cli, tmp_path, fmt):
+    root, _ = runs
+    save = tmp_path / "old"
+    write_old_format(root / "straight" / "step_00000003", save, fmt)
+    old, new = ckpt.load(save), ckpt.load(root / "straight" / "step_00000003")
+    assert old.format == fmt and new.format == 3
+    for part in ("master", "optim", "rng"):
+        assert all(torch.equal(getattr(old, part)[k], getattr(new, part)[k]) for k in getattr(new, part)), part
+    res = cli(["pretrain", *TRAIN, "--seed", new.state["config"]["train"]["seed"], "--save-dir", save, "--resume"])
+    assert res.exit_code == 0 and "resumed from" in res.output, res.output + res.stderr
+    a, b = ckpt.load(root / "straight"), ckpt.load(save)
+    assert b.format == 3 and a.step == b.step == 6
+    for part in ("master", "optim"):
+        assert all(torch.equal(getattr(a, part)[k], getattr(b, part)[k]) for k in getattr(a, part)), part

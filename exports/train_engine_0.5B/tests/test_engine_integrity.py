@@ -110,23 +110,27 @@ def test_a_kill_right_after_resuming_leaves_the_log_intact(save, batches, tmp_pa
 
 # -- checksums ------------------------------------------------------------------------------------------
 
-def overwrite_tensor(file: Path, name: str, payload: bytes) -> None:
-    """Write `payload` (repeated) over tensor `name`'s bytes in a safetensors file: same size, same header."""
-    raw = file.read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
-    start, end = json.loads(raw[8 : 8 + header_len])[name]["data_offsets"]
-    with file.open("r+b") as f:
-        f.seek(8 + header_len + start)
+SHARD = "optimizer/__0_0.distcp"  # the one rank's DCP shard file: masters, moments, step count
+
+
+def overwrite_tensor(step_dir: Path, name: str, payload: bytes) -> None:
+    """Write `payload` (repeated) over the middle of tensor `name`'s bytes in the shard file (as state.json's
+    checksums place them): same size, the rest untouched."""
+    segments = json.loads((step_dir / "state.json").read_text())["checksums"]["files"][SHARD]["segments"]
+    start, end = next((a, b) for n, a, b, _ in segments if n == name)
+    start, end = start + (end - start) // 3, end - (end - start) // 3
+    with (step_dir / SHARD).open("r+b") as f:
+        f.seek(start)
         f.write((payload * (end - start))[: end - start])
 
 
-@pytest.mark.parametrize("file,tensor,payload", [
-    ("model.safetensors", "model.layers.1.mlp.down_proj.weight", b"\x5a\xa5\x13"),  # garbage
-    ("optimizer.safetensors", "exp_avg_sq.model.norm.weight", struct.pack("<f", float("nan"))),  # NaN
+@pytest.mark.parametrize("tensor,payload", [
+    ("master.model.layers.1.mlp.down_proj.weight", b"\x5a\xa5\x13"),  # garbage
+    ("exp_avg_sq.model.norm.weight", struct.pack("<f", float("nan"))),  # NaN
 ])
-def test_changed_tensor_bytes_are_refused_naming_file_and_tensor(cli, save, batches, tmp_path, file, tensor, payload):
-    overwrite_tensor(save / "step_00000002" / file, tensor, payload)
-    resume_fails(cli, save, batches, f"step_00000002/{file}", tensor, "checksum")
+def test_changed_tensor_bytes_are_refused_naming_file_and_tensor(cli, save, batches, tmp_path, tensor, payload):
+    overwrite_tensor(save / "step_00000002", tensor, payload)
+    resume_fails(cli, save, batches, f"step_00000002/{SHARD}", tensor, "checksum")
     for command in (["export-hf", "--out", tmp_path / "hf"], ["dump-state", "--out", tmp_path / "dump"]):
         line = one_error_line(cli([command[0], "--checkpoint", save, *command[1:]]))
         assert tensor in line and not (tmp_path / "hf").exists()
@@ -199,8 +203,8 @@ def test_missing_latest_names_the_newest_valid_step(cli, save, batches):
     line = resume_fails(cli, save, batches, "no `latest`", "step_00000002")
     assert "echo step_00000002" in line
     one_error_line(pretrain(cli, save, batches, 4))  # without --resume: no silent restart over step folders
-    weights = save / "step_00000002" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # step 2 is no longer valid: step 1 is the newest valid one
+    shard = save / "step_00000002" / SHARD
+    shard.write_bytes(shard.read_bytes()[:100])  # step 2 is no longer valid: step 1 is the newest valid one
     resume_fails(cli, save, batches, "step_00000001")
 
 

@@ -1,7 +1,9 @@
 """core/sharded_state.py: the optimizer state through torch.distributed.checkpoint, resharded across world
 sizes and ZeRO-1 layouts (gloo ranks under torchrun, small buckets so that ZeRO-1 pieces cut parameters).
 Saved by 2 ZeRO-1 ranks after 2 steps, it loads bit for bit on 1 rank, on 2 ZeRO-1 ranks and on 2 plain
-DP ranks (masters, moments, parameters, step count); saved again by 1 rank, it loads on 2 ZeRO-1 ranks."""
+DP ranks (masters, moments, parameters, step count); saved again by 1 rank, it loads on 2 ZeRO-1 ranks. A
+`pretrain` checkpoint of 2 ZeRO-1 ranks restores (checkpoint.restore) on 1 rank, 2 plain and 2 ZeRO-1 ranks with
+the values `checkpoint.load` reads whole in one process."""
 
 from __future__ import annotations
 
@@ -10,15 +12,19 @@ import sys
 
 import pytest
 import torch
-from engine_testlib import ENGINE, engine_env
+from engine_testlib import ENGINE, TINY, engine_env, torchrun
 from safetensors.torch import load_file
+
+from train_engine_0_5b.core import checkpoint as ckpt
 
 SCRIPT = '''
 import sys
+from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from train_engine_0_5b import config
 from train_engine_0_5b.build import build_trainer
+from train_engine_0_5b.core import checkpoint as ckpt
 from train_engine_0_5b.core import runtime, sharded_state
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.model_config import preset
@@ -35,6 +41,8 @@ if mode == "train":
     for _ in range(2):
         tokens = torch.randint(0, cfg.model.vocab_size, (4, 17), generator=gen)[ctx.rank * rows : (ctx.rank + 1) * rows]
         trainer.train_step(tokens[:, :-1], tokens[:, 1:])
+elif mode == "restore":
+    ckpt.restore(ckpt.open_to_resume(Path(src), ctx), trainer)
 else:
     sharded_state.load(src, trainer)
 if dst != "-":
@@ -71,3 +79,18 @@ def test_optimizer_state_reshards_across_world_sizes(tmp_path):
     _same(saved, _run(tmp_path, 2, "load", "ck2", "-", "two_zero1.st", "zero1"))
     _same(saved, _run(tmp_path, 2, "load", "ck2", "-", "two_plain.st", "plain"))
     _same(saved, _run(tmp_path, 2, "load", "ck1", "-", "back.st", "zero1"))
+
+
+@pytest.mark.slow
+def test_a_zero1_pretrain_checkpoint_restores_on_other_layouts(tmp_path):
+    proc = torchrun(2, ["pretrain", *TINY, "--global-batch-size", "4", "--micro-batch-size", "1", "--bucket-mb", "0.05",
+                        "--num-steps", "2", "--zero1", "--save-dir", tmp_path / "save"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole = ckpt.load(tmp_path / "save")  # one process, no process group
+    assert whole.state["zero1"] and whole.state["world_size"] == 2
+    want = whole.master | whole.optim
+    for nproc, layout in ((1, "plain"), (2, "plain"), (2, "zero1")):
+        got = _run(tmp_path, nproc, "restore", "save", "-", f"{nproc}{layout}.st", layout)
+        assert int(got["step_count"]) == 2, (nproc, layout)
+        assert all(torch.equal(got[k], want[k]) for k in want), (nproc, layout, [k for k in want if not torch.equal(got[k], want[k])][:5])
+        assert all(torch.equal(got[f"param.{n}"], w) for n, w in whole.master.items()), (nproc, layout)

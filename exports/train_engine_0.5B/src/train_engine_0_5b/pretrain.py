@@ -15,7 +15,6 @@ import statistics
 import sys
 
 import torch
-from safetensors import SafetensorError
 
 from train_engine_0_5b import run_config
 from train_engine_0_5b.build import build_trainer
@@ -59,7 +58,7 @@ def _checkpoint_to_resume(cfg: EngineConfig, data: Data, ctx: DistContext) -> ck
     if not cfg.checkpoint.resume:
         raise EngineError(f"--save-dir {save_dir} already holds checkpoints (latest: {latest.name}); "
                           "pass --resume to continue from it, or choose another --save-dir")
-    loaded = ckpt.load(latest)
+    loaded = ckpt.open_to_resume(latest, ctx)
     saved = {k: loaded.state.get("identity", {}).get(k) for k in RESUME_KEYS}
     diff = ckpt.mismatches(saved, _identity(cfg, data))
     if diff:
@@ -71,25 +70,19 @@ def _checkpoint_to_resume(cfg: EngineConfig, data: Data, ctx: DistContext) -> ck
 def _save(cfg: EngineConfig, ctx: DistContext, step: int, optimizer: AdamW, loader, data: Data, log: StepLog,
           skipped: int, ops: dict) -> None:
     rng, py_rng = runtime.gather_rng(ctx)
-    master, optim_state = optimizer.master_weights(), optimizer.state_tensors()  # collective under ZeRO-1
-    failure = None
-    if ctx.is_main:
-        state = {"identity": _identity(cfg, data), "config": json.loads(cfg.model_dump_json()),
-                 "data": loader.cursor(step), "schedule": {"next_step": step + 1, "kind": cfg.optim.lr_schedule},
-                 "optimizer_steps": optimizer.step_count, "skipped_steps": skipped,
-                 "world_size": ctx.world, "python_rng": py_rng, "torch": torch.__version__, "ops": ops}
-        try:
-            path = ckpt.save(cfg.checkpoint.save_dir, step, master, optim_state, rng, state, data.tokenizer)
-            log.print(f"saved checkpoint {path}")
-        except (OSError, SafetensorError) as e:  # a full disk, a permission: one line, nothing lost
-            failure = _save_failure(cfg.checkpoint.save_dir, step, e)
-    failure = ctx.all_gather_object(failure)[0]  # every rank stops with rank 0 (and waits for its save)
-    if failure is not None:
-        raise EngineError(failure if ctx.is_main else f"rank 0 could not save: {failure}")
+    state = {"identity": _identity(cfg, data), "config": json.loads(cfg.model_dump_json()),
+             "data": loader.cursor(step), "schedule": {"next_step": step + 1, "kind": cfg.optim.lr_schedule},
+             "optimizer_steps": optimizer.step_count, "skipped_steps": skipped,
+             "world_size": ctx.world, "zero1": optimizer.units is not None, "python_rng": py_rng,
+             "torch": torch.__version__, "ops": ops}
+    try:  # a collective: every rank writes its own optimizer shards
+        path = ckpt.save(cfg.checkpoint.save_dir, step, optimizer, ctx, rng, state, data.tokenizer)
+    except ckpt.SaveFailed as e:  # a full disk, a permission: one line, nothing lost
+        raise EngineError(_save_failure(cfg.checkpoint.save_dir, step, str(e))) from None
+    log.print(f"saved checkpoint {path}")
 
 
-def _save_failure(save_dir, step: int, e: Exception) -> str:
-    reason = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e)
+def _save_failure(save_dir, step: int, reason: str) -> str:
     try:
         kept = f"the last good checkpoint ({ckpt.find_latest(save_dir).name}) and `latest` are untouched"
     except (EngineError, AttributeError, OSError):
@@ -97,8 +90,8 @@ def _save_failure(save_dir, step: int, e: Exception) -> str:
     return f"cannot write checkpoint {ckpt.step_dir_name(step)} in {save_dir}: {reason}; {kept}"
 
 
-def _restore(loaded: ckpt.Checkpoint, optimizer: AdamW, ctx: DistContext, log: StepLog) -> None:
-    optimizer.load(loaded.master, loaded.optim, int(loaded.state.get("optimizer_steps", loaded.step)))
+def _restore(loaded: ckpt.Checkpoint, trainer: Trainer, ctx: DistContext, log: StepLog) -> None:
+    ckpt.restore(loaded, trainer)  # on this run's ranks and ZeRO-1 layout, whatever wrote it
     if loaded.state.get("world_size") == ctx.world:
         runtime.restore_rank_rng(loaded.rng, loaded.state["python_rng"], ctx)
     else:
@@ -155,11 +148,13 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
             print(f"checkpoint {loaded.path} is at step {start} >= --num-steps {t.num_steps}: nothing to train")
         return {"steps": start, "first_step": start + 1, "losses": []}
 
-    trainer = build_trainer(cfg, ctx, ops, loaded.master if loaded is not None else initial, dtype=dtype)
+    # a format-3 checkpoint's masters are read into the built (maybe sharded) trainer by _restore
+    trainer = build_trainer(cfg, ctx, ops, loaded.master if loaded is not None and loaded.master is not None else initial,
+                            dtype=dtype)
     log = StepLog(sinks.open_sinks(cfg) if ctx.is_main else [], ctx.is_main, t.num_steps, start)
     try:
         if loaded is not None:
-            _restore(loaded, trainer.optimizer, ctx, log)
+            _restore(loaded, trainer, ctx, log)
         rows = t.global_batch_size // ctx.world
         train_step, graphed = step_function(trainer, cfg, rows)  # asked for and refused: before any step or checkpoint
         loader = data.loader(t.global_batch_size, ctx.rank, ctx.world)

@@ -198,20 +198,18 @@ def _checkpoint(case: Case, ctx: DistContext, ops: Ops, out: Path) -> dict[str, 
     first = _Run(case, ctx, ops)
     first.train_until(half)
     rng, py_rng = runtime.gather_rng(ctx)
-    if ctx.is_main:
-        # The model config and (when it fits the vocabulary) the shipped tokenizer go along, so that
-        # `export-hf --checkpoint OUT/ckpt` works on this checkpoint as on a pretrain one (gate M6).
-        tokenizer = TextTokenizer()
-        state = {"world_size": ctx.world, "data": {"next_step": half}, "python_rng": py_rng,
-                 "config": {"model": json.loads(s.model.model_dump_json())}}
-        ckpt.save(out / "ckpt", half, first.optimizer.master_weights(), first.optimizer.state_tensors(), rng, state,
-                  tokenizer if tokenizer.vocab_size <= s.model.vocab_size else None)
-    ctx.barrier()
+    # The model config and (when it fits the vocabulary) the shipped tokenizer go along, so that
+    # `export-hf --checkpoint OUT/ckpt` works on this checkpoint as on a pretrain one (gate M6).
+    tokenizer = TextTokenizer() if ctx.is_main else None
+    state = {"world_size": ctx.world, "data": {"next_step": half}, "python_rng": py_rng,
+             "config": {"model": json.loads(s.model.model_dump_json())}}
+    ckpt.save(out / "ckpt", half, first.optimizer, ctx, rng, state,
+              tokenizer if tokenizer is not None and tokenizer.vocab_size <= s.model.vocab_size else None)
     history = (first.losses, first.norms, first.lrs)
     del first
-    loaded = ckpt.load(out / "ckpt")
+    loaded = ckpt.open_to_resume(out / "ckpt", ctx)
     second = _Run(case, ctx, ops)
-    second.optimizer.load(loaded.master, loaded.optim, loaded.step)
+    ckpt.restore(loaded, second.trainer)
     runtime.restore_rank_rng(loaded.rng, loaded.state["python_rng"], ctx)
     second.train_until(case.spec.steps)
     return second.outputs(history[0] + second.losses, history[1] + second.norms, history[2] + second.lrs)

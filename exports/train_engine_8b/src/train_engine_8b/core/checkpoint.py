@@ -24,6 +24,7 @@ Formats 1 and 2 (whole safetensors files, ckpt_legacy.py) are still read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -121,15 +122,21 @@ def atomic_directory(final: Path, before_rename: Callable[[], None] | None = Non
 # -- save --------------------------------------------------------------------------------------------------
 
 WRITE_ERRORS = (OSError, SafetensorError)
+FULL_BYTES = 1 << 20  # a write that failed with less free space than this failed for the full disk
 
 
-def _reason(e: BaseException) -> str:
-    """One line for a failed write (DCP wraps each rank's exception: the first one is named)."""
+def _reason(e: BaseException, where: Path) -> str:
+    """One line for a failed write into `where` (DCP wraps each rank's exception: the first one is named)."""
     failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
     if failures:
         inner = next(iter(failures.values()))
-        e = getattr(inner, "exc", inner)
-    return f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e)
+        e = inner[0] if isinstance(inner, tuple) else inner  # (exception, its traceback)
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({e.filename or where})"
+    with contextlib.suppress(OSError):  # torch's zip writer reports a short write (ENOSPC) as "unexpected pos"
+        if shutil.disk_usage(where).free < FULL_BYTES:
+            return f"No space left on device ({where}: {e})"
+    return str(e)
 
 
 def _shard_segments(metadata, tmp: Path) -> dict[str, list[checksums.Segment]]:
@@ -176,7 +183,7 @@ def save(save_dir: Path, step: int, optimizer: AdamW, ctx: DistContext, rng: dic
         try:
             made = str(_temporary(final))
         except WRITE_ERRORS as e:
-            made = "!" + _reason(e)
+            made = "!" + _reason(e, save_dir)
     made = ctx.all_gather_object(made)[0]
     if made.startswith("!"):
         raise SaveFailed(made[1:])
@@ -190,9 +197,9 @@ def save(save_dir: Path, step: int, optimizer: AdamW, ctx: DistContext, rng: dic
             save_file({k: v.detach().contiguous().cpu() for k, v in rng.items()}, str(tmp / RNG_FILE))
             if tokenizer is not None:
                 tokenizer.save(tmp / TOKENIZER_DIR)
-    except Exception as e:  # noqa: BLE001 (any rank's failure stops every rank, after the gather below)
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException; any rank's failure stops every rank below
         failure = e
-    gathered = ctx.all_gather_object((sums, None if failure is None else _reason(failure)))
+    gathered = ctx.all_gather_object((sums, None if failure is None else _reason(failure, save_dir)))
     reason = next((why for _, why in gathered if why is not None), None)
     if reason is None and ctx.is_main:
         try:
@@ -209,7 +216,7 @@ def save(save_dir: Path, step: int, optimizer: AdamW, ctx: DistContext, rng: dic
         except BaseException as e:
             if not final.is_dir() or problem(final) is not None:  # the rename did not happen: nothing to point at
                 pending.unlink(missing_ok=True)
-            failure, reason = e, _reason(e)
+            failure, reason = e, _reason(e, save_dir)
     if ctx.is_main and tmp.exists():
         shutil.rmtree(tmp, ignore_errors=True)
     reason = ctx.all_gather_object(reason)[0]  # every rank stops with rank 0 (and waits for its rename)

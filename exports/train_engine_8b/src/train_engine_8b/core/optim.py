@@ -77,8 +77,9 @@ class AdamW:
 
     After `shard` (ZeRO-1) it keeps masters and moments only for this rank's pieces of the parameters
     (dist.Piece), takes those pieces' gradients, and writes those pieces of the parameters; the norm is
-    summed over ranks. `master_weights` / `state_tensors` / `load` still speak whole tensors (a checkpoint
-    does not depend on sharding), assembling them across ranks: every rank must call them."""
+    summed over ranks. `master_weights` / `state_tensors` / `load` speak whole tensors (probes, checkpoints
+    of formats 1-2), assembling them across ranks: every rank must call them. Checkpoints save and load
+    each rank's own pieces (sharded_state.py)."""
 
     def __init__(
         self, params: dict[str, nn.Parameter], master: dict[str, Tensor], *, adamw_op: Callable, betas: tuple[float, float],
