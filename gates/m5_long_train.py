@@ -36,9 +36,9 @@ import math
 
 import torch
 
-from gates.case import OptimizerSpec, ScheduleSpec, make_spec
+from gates.case import CaseError, OptimizerSpec, ScheduleSpec, make_spec
 from gates.case_data import corpus_batches
-from gates.context import Case, GateRun, GateStop
+from gates.context import GateRun, GateStop
 from gates.model_config import MiniCPMConfig
 from gates.policies import Diff
 from gates.pretrain_runs import PretrainBox, metrics_line
@@ -53,21 +53,15 @@ SPEED_LR = 3e-4  # the timed runs must learn (skipped work shows in the loss) wi
 
 def run(g: GateRun) -> GateReport:
     o = g.options
-    if g.is_preset():
-        k = o.long_train_steps
-        spec = g.make_case(steps=k, world_size=1, grad_accum=1,
-                           optimizer=OptimizerSpec(lr=1e-2, min_lr=1e-3),
-                           schedule=ScheduleSpec(kind="wsd", warmup_steps=max(1, k // 10),
-                                                 decay_steps=max(1, k // 5))).spec
-        case = g.write_case(spec, batches=corpus_batches(spec, spec.seed), label="case (default corpus)")
+    if o.m5_parts == "mfu":  # the speed part writes its own case from the model: no long-train case to write
+        loss_part, loc = not_run("loss", o.m5_parts), None
+        try:
+            model = g.preset_spec().model if g.is_preset() else g.make_case().spec.model
+        except CaseError as e:
+            raise GateStop("error", str(e), "case") from None
     else:
-        case = g.make_case()
-    loc = None
-    if o.m5_parts == "mfu":
-        loss_part = not_run("loss", o.m5_parts)
-    else:
-        loss_part, loc = long_train(g, case)
-    parts = [loss_part, not_run("mfu", o.m5_parts) if o.m5_parts == "loss" else speed_part(g, case.spec.model)]
+        loss_part, loc, model = long_train(g)
+    parts = [loss_part, not_run("mfu", o.m5_parts) if o.m5_parts == "loss" else speed_part(g, model)]
     g.report.parts = parts
     verdict = worst([p.verdict for p in parts])
     if verdict == "passed":
@@ -82,11 +76,22 @@ def not_run(name: str, chosen: str) -> Part:
     return Part(name=name, verdict="unsupported", message=f"not run: this run asked for M5's {chosen} part alone")
 
 
-def long_train(g: GateRun, case: Case) -> tuple[Part, Localization | None]:
-    """The loss part: `pretrain` on the long-train case against the reference (and its float32 twin for bf16)."""
+def long_train(g: GateRun) -> tuple[Part, Localization | None, MiniCPMConfig]:
+    """The loss part: `pretrain` on the long-train case (a preset's: the default corpus, lr 1e-2 with warmup and
+    WSD decay) against the reference and, for bf16, its float32 twin; with the case's model."""
+    o = g.options
+    if g.is_preset():
+        k = o.long_train_steps
+        spec = g.make_case(steps=k, world_size=1, grad_accum=1,
+                           optimizer=OptimizerSpec(lr=1e-2, min_lr=1e-3),
+                           schedule=ScheduleSpec(kind="wsd", warmup_steps=max(1, k // 10),
+                                                 decay_steps=max(1, k // 5))).spec
+        case = g.write_case(spec, batches=corpus_batches(spec, spec.seed), label="case (default corpus)")
+    else:
+        case = g.make_case()
     box = PretrainBox(g, case)
     try:
-        box.run("long", "engine pretrain (long train)", extra=g.options.pretrain_args)
+        box.run("long", "engine pretrain (long train)", extra=o.pretrain_args)
         eng = box.series("long", 1, case.spec.steps, "engine pretrain (long train)")
     except GateStop as stop:
         stop.verdict = "failed" if stop.verdict == "unsupported" else stop.verdict
@@ -97,7 +102,7 @@ def long_train(g: GateRun, case: Case) -> tuple[Part, Localization | None]:
         fp32 = g.write_case(case.spec.model_copy(update={"dtype": "float32"}), batches=case.batches, weights=case.weights,
                             label="the same case in float32 (the loss curve's baseline)")
         ref32 = g.reference_probe("steps", fp32)["losses"]
-    return loss_curve(g, eng["losses"], ref["losses"], ref32)
+    return (*loss_curve(g, eng["losses"], ref["losses"], ref32), case.spec.model)
 
 
 def loss_curve(g: GateRun, eng: torch.Tensor, ref: torch.Tensor,
