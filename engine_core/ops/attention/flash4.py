@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from ...core.env import default_fa4_disk_cache
 from ...core.errors import EngineError
 from .. import LIBRARY, space
 from .._hopper import gpu_too_old, require_hopper_half
@@ -41,6 +42,7 @@ class Kernels(NamedTuple):
 
 
 def _load() -> tuple[Kernels | None, str | None]:
+    default_fa4_disk_cache()
     try:
         from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
     except Exception as e:  # noqa: BLE001 - missing package, or CuTeDSL / CUDA libraries it cannot load

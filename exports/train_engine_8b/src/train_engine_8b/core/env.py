@@ -6,6 +6,12 @@ Engine switches (prefix FORGE_ENGINE_), read when a command starts, never at imp
 - FORGE_ENGINE_PEAK_TFLOPS    dense bf16 peak per GPU for MFU (default 989.4, H100/H200 SXM, DESIGN.md).
 - FORGE_ENGINE_PROGRESS       "1" forces the rich progress bar, "0" hides it (default: shown on a TTY).
 
+Defaulted, not owned (a value the user sets wins):
+- FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED  "1" before flash-attn-4 is imported: FA4 keeps its compiled kernels
+                              on disk (keyed by its own sources and versions) instead of compiling them again in
+                              every process; its directory is FLASH_ATTENTION_CUTE_DSL_CACHE_DIR (FA4's default
+                              under the temp dir).
+
 Read, not owned (set by torchrun or Hugging Face):
 - RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (torchrun's rendezvous);
 - HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, HF_ENDPOINT (a Hub dataset name fails at once when offline).
@@ -39,6 +45,11 @@ def peak_tflops() -> float:
 def progress_bar(is_tty: bool) -> bool:
     raw = os.environ.get("FORGE_ENGINE_PROGRESS", "")
     return is_tty if raw == "" else raw not in ("0", "false", "no")
+
+
+def default_fa4_disk_cache() -> None:
+    """Turn FA4's persistent kernel cache on unless the user chose; called just before FA4 is imported."""
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
 
 
 def hub_offline() -> bool:
