@@ -141,6 +141,9 @@ for part in "$@"; do
         timeout ${M5_S:-450} python3 -m benchmarks.gpu.gate_stage --engine exports/train_engine_0.5B --gates m5 --out "$dir" \
           --speed-steps "${SPEED_STEPS:-10}" --speed-global-batch-size "${SPEED_GB:-64}" --speed-micro-batch-size 8 \
           --long-train-steps "${LT:-20}" --timeout "${M5_GATE_S:-430}" $SANDBOX_ARG ${M5_ARGS:-}; } > "$dir/log.txt" 2>&1 ;;
+    fa4cache)  # FA4's persistent kernel cache in two processes: loaded, and bitwise the same results
+      export PYTHONPATH="$PWD/exports/train_engine_0.5B/src:$PYTHONPATH"
+      timeout 200 python3 benchmarks/gpu/fa4_cache_check.py --out "$dir" > "$dir/log.txt" 2>&1 ;;
     agreement)  # torch vs megatron stacks: bf16 probes and the fp32 steps probe
       OUT="$dir" PART=agreement BUDGET_S=${BUDGET_S:-330} timeout 360 bash benchmarks/gpu/compare_0.5b.sh > "$dir/log.txt" 2>&1 ;;
     *) echo "unknown part $part"; continue ;;
