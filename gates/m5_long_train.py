@@ -82,10 +82,12 @@ def long_train(g: GateRun) -> tuple[Part, Localization | None, MiniCPMConfig]:
     o = g.options
     if g.is_preset():
         k = o.long_train_steps
-        spec = g.make_case(steps=k, world_size=1, grad_accum=1,
-                           optimizer=OptimizerSpec(lr=1e-2, min_lr=1e-3),
-                           schedule=ScheduleSpec(kind="wsd", warmup_steps=max(1, k // 10),
-                                                 decay_steps=max(1, k // 5))).spec
+        try:
+            spec = g.preset_spec(steps=k, world_size=1, grad_accum=1, optimizer=OptimizerSpec(lr=1e-2, min_lr=1e-3),
+                                 schedule=ScheduleSpec(kind="wsd", warmup_steps=max(1, k // 10),
+                                                       decay_steps=max(1, k // 5)))
+        except CaseError as e:
+            raise GateStop("error", str(e), "case") from None
         case = g.write_case(spec, batches=corpus_batches(spec, spec.seed), label="case (default corpus)")
     else:
         case = g.make_case()
