@@ -146,6 +146,10 @@ for part in "$@"; do
       timeout 200 python3 benchmarks/gpu/fa4_cache_check.py --out "$dir" > "$dir/log.txt" 2>&1 ;;
     agreement)  # torch vs megatron stacks: bf16 probes and the fp32 steps probe
       OUT="$dir" PART=agreement BUDGET_S=${BUDGET_S:-330} timeout 360 bash benchmarks/gpu/compare_0.5b.sh > "$dir/log.txt" 2>&1 ;;
+    tune)  # stage 2's tune search per Triton op at the 0.5B's shapes (tune_ops.py): leaderboards, summary.md, tuned values;
+           # TUNE_ARGS is parsed as shell words (e.g. TUNE_ARGS="--ops rms_norm,swiglu --max-trials 12")
+      eval "extra=(${TUNE_ARGS:-})"
+      timeout ${TUNE_S:-290} python3 -m benchmarks.gpu.tune_ops --out "$dir" --budget-s ${TUNE_BUDGET_S:-260} "${extra[@]}" > "$dir/log.txt" 2>&1 ;;
     *) echo "unknown part $part"; continue ;;
   esac
   echo "[$part] exit $? in $(( $(date +%s) - t0 ))s"; tail -n 25 "$dir/log.txt"

@@ -9,6 +9,7 @@ the op's leaderboard in the export; the best correct values are written into the
 under this runtime's key. The loop's gates and its election on the gates' clock then decide whether they count.
 Every trial goes to `op_trials.json` in the round's log dir; the loop puts them on the op's leaderboard.
 Offline, free. An unknown op, implementation or parameter, or a value outside the declared domain, is an error.
+The search of one op (`tune_op`) is also what the GPU session's tune part runs (benchmarks/gpu/tune_ops.py).
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ import itertools
 import json
 import math
 import random
-from pathlib import Path
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gates.ops.harness import Candidate, CandidateResult, EngineOps, HarnessOptions, OpSpecError, Runner, check_candidate
 from gates.launch import discover_engine
-from gates.ops.harness import describe
+from gates.ops.harness import (Candidate, CandidateResult, EngineOps, HarnessOptions, OpSpecError, Runner,
+                               check_candidate, describe, run_plain)
 from harness.agents._proc import run_process
 from harness.agents.base import AgentBackend, AgentResult, AgentTask
 from harness.secrets import child_env
@@ -56,7 +59,7 @@ class TuneError(ValueError):
     """The round cannot search: an unknown name, or nothing to tune."""
 
 
-def _space(engine_ops: EngineOps, op: str, impl: str, chosen: dict[str, list[Any]]) -> dict[str, list[Any]]:
+def search_space(engine_ops: EngineOps, op: str, impl: str, chosen: dict[str, list[Any]]) -> dict[str, list[Any]]:
     declared = engine_ops.space(op, impl)
     for name, values in chosen.items():  # every value must be declared: checked here, and again in the engine
         for v in values:
@@ -110,7 +113,7 @@ def check_options(options: TuneOptions, engine_ops: EngineOps, op: str, device: 
     """The implementation the options tune for `op`; raises OpSpecError / TuneError on a name the engine does not
     declare (the loop calls it before a run starts, the backend again each round)."""
     impl = _pick_impl(engine_ops, op, options.impl, device)
-    _space(engine_ops, op, impl, options.space)
+    search_space(engine_ops, op, impl, options.space)
     return impl
 
 
@@ -128,53 +131,97 @@ class TuneBackend(AgentBackend):
             runner = round_runner(task.env, task.box, task.on_spawn)
             engine_ops = describe(task.engine_dir, runner=runner)
             impl = check_options(o, engine_ops, op, device)
-            space = _space(engine_ops, op, impl, o.space)
+            space = search_space(engine_ops, op, impl, o.space)
         except (OpSpecError, TuneError) as e:
             return AgentResult(error=f"tune: {e}")
         if not space:
             return AgentResult(error=f"tune: {op}={impl} declares no tunable parameters")
         preset = task.extra.get("preset") or "tiny"
-        trials: list[CandidateResult] = []
-
-        def score(point: dict[str, Any]) -> float:
-            for t in trials:
-                if t.values == point:
-                    return t.ms if t.ms is not None else math.inf
-            r = check_candidate(task.engine_dir, Candidate(op=op, impl=impl, values=point), preset=preset,
-                                options=harness, engine_ops=engine_ops, runner=runner)
-            trials.append(r)
-            return r.ms if r.ms is not None else math.inf
-
-        best = self._search(space, score, lambda: len(trials))
+        trials = tune_op(task.engine_dir, op, impl, space, o.model_copy(update={"harness": harness}), preset=preset,
+                         engine_ops=engine_ops, runner=runner)
         task.log_dir.mkdir(parents=True, exist_ok=True)
         (task.log_dir / TRIALS).write_text(json.dumps({"harness": harness.model_dump(),  # the loop's leaderboard reads it
                                                        "trials": [t.model_dump() for t in trials]}, indent=1) + "\n")
         rejected = sum(t.verdict != "passed" for t in trials)
-        if best is None or math.isinf(score(best)):
+        best = best_trial(trials)
+        if best is None:
             return AgentResult(summary=f"tune: {len(trials)} trials, none correct", error="no correct candidate",
                                turns=len(trials))
         key = engine_ops.runtime["cuda" if device == "cuda" else "cpu"]
         path = task.engine_dir / o.tuned_file.format(package=discover_engine(task.engine_dir).package)
-        write_tuned(path, key, op.partition(".")[0], impl, best)
+        write_tuned(path, key, op.partition(".")[0], impl, best.values)
         return AgentResult(summary=f"tune: {op}={impl}: {len(trials)} trials ({rejected} rejected by the per-op "
-                                   f"harness); best {best} at {score(best):.4g} ms", turns=len(trials))
+                                   f"harness); best {best.values} at {best.ms:.4g} ms", turns=len(trials))
 
     def _search(self, space: dict[str, list[Any]], score, spent) -> dict[str, Any] | None:
         o = self.options
-        keys = list(space)
-        grid = [dict(zip(keys, combo)) for combo in itertools.product(*space.values())]
-        if len(grid) <= o.max_trials:
-            return min(grid, key=score)
-        rng = random.Random(o.seed)
-        best = min((rng.choice(grid) for _ in range(min(o.random_trials, o.max_trials))), key=score)
-        improved = True
-        while improved and spent() < o.max_trials:  # coordinate descent from the best random point
-            improved = False
-            for k in keys:
-                for v in space[k]:
-                    if spent() >= o.max_trials:
-                        break
-                    cand = best | {k: v}
-                    if score(cand) < score(best):
-                        best, improved = cand, True
-        return best
+        return search(space, score, spent, max_trials=o.max_trials, random_trials=o.random_trials, seed=o.seed)
+
+
+def search(space: dict[str, list[Any]], score: Callable[[dict[str, Any]], float], spent: Callable[[], int], *,
+           max_trials: int, random_trials: int, seed: int) -> dict[str, Any] | None:
+    """The best point of `space` by `score` (lower is better, inf: wrong): the full grid when it fits in
+    `max_trials` (as `spent` counts them), else random points, then coordinate descent from the best."""
+    keys = list(space)
+    grid = [dict(zip(keys, combo)) for combo in itertools.product(*space.values())]
+    if len(grid) <= max_trials:
+        return min(grid, key=score)
+    rng = random.Random(seed)
+    best = min((rng.choice(grid) for _ in range(max(1, min(random_trials, max_trials - spent())))), key=score)
+    improved = True
+    while improved and spent() < max_trials:  # coordinate descent from the best random point
+        improved = False
+        for k in keys:
+            for v in space[k]:
+                if spent() >= max_trials:
+                    break
+                cand = best | {k: v}
+                if score(cand) < score(best):
+                    best, improved = cand, True
+    return best
+
+
+@dataclass(frozen=True)
+class Window:
+    """When trials may run (time.monotonic() values): none starts at or after `last_start`; each is killed at `end`."""
+
+    last_start: float
+    end: float
+
+
+def tune_op(engine_dir: Path, op: str, impl: str, space: dict[str, list[Any]], options: TuneOptions, *, preset: str,
+            engine_ops: EngineOps, runner: Runner = run_plain, baseline: dict[str, Any] | None = None,
+            window: Window | None = None,
+            on_trial: Callable[[CandidateResult], None] | None = None) -> list[CandidateResult]:
+    """Every trial of the search of `space` for op=impl, each checked and timed by the per-op harness with
+    `options.harness`; `baseline` (e.g. the declared defaults) is tried first; outside `window` no trial runs
+    (a point not run scores inf and is not a trial)."""
+    trials: list[CandidateResult] = []
+
+    def score(point: dict[str, Any]) -> float:
+        for t in trials:
+            if t.values == point:
+                return t.ms if t.ms is not None else math.inf
+        harness = options.harness
+        if window is not None:
+            now = time.monotonic()
+            if now >= window.last_start or now >= window.end:
+                return math.inf
+            harness = harness.model_copy(update={"timeout_s": min(harness.timeout_s, window.end - now)})
+        r = check_candidate(engine_dir, Candidate(op=op, impl=impl, values=point), preset=preset, options=harness,
+                            engine_ops=engine_ops, runner=runner)
+        trials.append(r)
+        if on_trial is not None:
+            on_trial(r)
+        return r.ms if r.ms is not None else math.inf
+
+    if baseline is not None:
+        score(baseline)
+    search(space, score, lambda: len(trials), max_trials=options.max_trials, random_trials=options.random_trials,
+           seed=options.seed)
+    return trials
+
+
+def best_trial(trials: list[CandidateResult]) -> CandidateResult | None:
+    """The fastest correct trial, or None."""
+    return min((t for t in trials if t.ms is not None), key=lambda t: t.ms, default=None)
