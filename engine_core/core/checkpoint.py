@@ -2,7 +2,7 @@
 state, and a `latest` pointer.
 
     SAVE_DIR/step_00000120/  optimizer/             DCP: master.NAME (fp32 master weights, HF MiniCPM names),
-                                                    exp_avg.NAME, exp_avg_sq.NAME (flattened), step_count;
+                                                    exp_avg.NAME, exp_avg_sq.NAME (global shapes), step_count;
                                                     `__{rank}_{i}.distcp` written by each rank, `.metadata`
                              rng.safetensors        rank{r}.torch_cpu, rank{r}.cuda (every rank's generators)
                              tokenizer/             the tokenizer files the run used
@@ -16,10 +16,11 @@ optimizer state into it, hashes and fsyncs its own shard files; rank 0 writes rn
 state.json (with every rank's digests), fsyncs, writes the pointer it will install (`.latest.tmp`), renames
 the directory into place, then installs the pointer. A crash at any point leaves the last good checkpoint
 and pointer intact (ckpt_dir.clean finishes or removes what it left). A checkpoint written by N ranks,
-ZeRO-1 or not, resumes on M (`open_to_resume` + `restore`); `load` reads it whole in one process
+ZeRO-1 or not, at one tensor-parallel degree, resumes on M at any other (`open_to_resume` + `restore`); `load` reads it whole in one process
 (export-hf, dump-state). Before any tensor is trusted: the step against the folder name, each file's
 size (a truncated or missing file is named), each checksum (a changed byte is named with its tensor).
-Formats 1 and 2 (whole safetensors files, ckpt_legacy.py) are still read.
+Formats 1 and 2 (whole safetensors files, ckpt_legacy.py) and 3 (the optimizer state flattened to 1-D, before
+tensor parallelism) are still read.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ from .errors import EngineError
 from .optim import AdamW
 from .trainer import Trainer
 
-FORMAT = 3  # 3: sharded optimizer state through DCP; formats 1 and 2 (ckpt_legacy.py) are still read
-READABLE_FORMATS = (*ckpt_legacy.FORMATS, FORMAT)
+FORMAT = 4  # 4: sharded optimizer state through DCP in global shapes; 3: the same flattened; 1-2: ckpt_legacy.py
+FLAT_FORMAT = 3
+READABLE_FORMATS = (*ckpt_legacy.FORMATS, FLAT_FORMAT, FORMAT)
 OPTIM_DIR, RNG_FILE, TOKENIZER_DIR = "optimizer", "rng.safetensors", "tokenizer"
 SHARD_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # DCP's FileSystemWriter: file i of rank r
 __all__ = ["LATEST", "STATE_FILE", "find_latest", "step_dir_name"]  # the layout's names, re-exported
@@ -64,7 +66,7 @@ class Checkpoint:
     path: Path
     state: dict  # state.json
     rng: dict[str, torch.Tensor]
-    # whole tensors: always after `load`; after `open_to_resume` only for formats 1-2 (format 3 restores sharded)
+    # whole tensors: always after `load`; after `open_to_resume` only for formats 1-2 (formats 3-4 restore sharded)
     master: dict[str, torch.Tensor] | None = None
     optim: dict[str, torch.Tensor] | None = None
 
@@ -144,7 +146,7 @@ def _shard_segments(metadata, tmp: Path) -> dict[str, list[checksums.Segment]]:
     covering the whole file."""
     items: dict[str, list[tuple[int, str]]] = {}
     for index, info in metadata.storage_data.items():
-        offset = f"@{index.offset[0]}" if index.offset is not None and any(index.offset) else ""
+        offset = f"@{','.join(map(str, index.offset))}" if index.offset is not None and any(index.offset) else ""
         items.setdefault(f"{OPTIM_DIR}/{info.relative_path}", []).append((info.offset, index.fqn + offset))
     out = {}
     for rel, found in items.items():
@@ -252,7 +254,7 @@ def _open(path: Path) -> tuple[Path, dict]:
     why = problem(path)
     if why is not None:
         raise EngineError(why)
-    if state["format"] == FORMAT and not isinstance(state.get("checksums", {}).get("files"), dict):
+    if state["format"] in (FLAT_FORMAT, FORMAT) and not isinstance(state.get("checksums", {}).get("files"), dict):
         raise EngineError(f"checkpoint file {path / STATE_FILE} is damaged: it has no checksums")
     return path, state
 
@@ -283,7 +285,7 @@ def load(path: Path) -> Checkpoint:
 
 
 def open_to_resume(path: Path, ctx: DistContext) -> Checkpoint:
-    """A checkpoint to resume, verified (a collective: each rank checks a share of the files). Format 3 holds
+    """A checkpoint to resume, verified (a collective: each rank checks a share of the files). Formats 3-4 hold
     no tensors yet (`restore` reads this run's shards); formats 1-2 are read whole on every rank."""
     path, state = _open(path)
     if state["format"] in ckpt_legacy.FORMATS:
@@ -302,10 +304,10 @@ def open_to_resume(path: Path, ctx: DistContext) -> Checkpoint:
 
 
 def restore(loaded: Checkpoint, trainer: Trainer) -> None:
-    """The checkpoint's masters, moments and step count into `trainer`, on this run's ranks and ZeRO-1
-    layout (a collective for format 3)."""
-    if loaded.format == FORMAT:
-        sharded_state.load(loaded.path / OPTIM_DIR, trainer)
+    """The checkpoint's masters, moments and step count into `trainer`, on this run's ranks, ZeRO-1 and
+    tensor-parallel layout (a collective for formats 3-4)."""
+    if loaded.format in (FLAT_FORMAT, FORMAT):
+        sharded_state.load(loaded.path / OPTIM_DIR, trainer, flat=loaded.format == FLAT_FORMAT)
     else:
         trainer.optimizer.load(loaded.master, loaded.optim, int(loaded.state.get("optimizer_steps", loaded.step)))
 

@@ -117,6 +117,8 @@ class RuntimeConfig(_Section):
                                     "batch per step); default: where it applies")
     recompute: Recompute = Field("none", description="activation recomputation per layer: none | mlp | attention | layer "
                                  "(memory for compute)")
+    tp: int = Field(1, ge=1, description="tensor-parallel degree (the ranks of one model replica; the data-parallel "
+                    "degree is the world size / tp); an engine without tensor parallelism takes 1 only")
     log_file: Path | None = Field(None, strict=False, description="JSONL step log, appended (rank 0)")
     tensorboard_dir: Path | None = Field(None, strict=False, description="also log each step to TensorBoard here "
                                          "(needs the tensorboard package)")

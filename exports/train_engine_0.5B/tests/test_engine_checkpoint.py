@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from engine_testlib import TINY, read_jsonl, read_log, rel_err
 from safetensors.torch import save_file
 
@@ -74,7 +75,7 @@ def test_checkpoint_layout_and_latest_pointer(runs):
     assert sorted(p.name for p in save.iterdir()) == ["config.toml", "latest", "step_00000003", "step_00000006"]
     step = save / "step_00000006"
     state = json.loads((step / "state.json").read_text())
-    assert state["format"] == 3
+    assert state["format"] == 4
     assert {"optimizer/.metadata", "optimizer/__0_0.distcp", "rng.safetensors", "tokenizer/tokenizer.json"} <= set(state["files"])
     assert set(state["checksums"]["files"]) == set(state["files"])
     assert state["config"]["train"]["num_steps"] == 6 and state["world_size"] == 1
@@ -156,18 +157,28 @@ def test_resuming_a_finished_run_does_nothing(runs, cli):
 
 
 def write_old_format(source: Path, save: Path, fmt: int) -> Path:
-    """The writer of formats 1-2 (rank 0 alone; whole safetensors files; format 2 adds checksums), kept here to
-    make old checkpoints: `source`'s step as it would have been saved then, with `latest` pointing at it."""
+    """The writers of formats 1-3, kept here to make old checkpoints: `source`'s step as it would have been saved
+    then, with `latest` pointing at it. 1-2: rank 0 alone, whole safetensors files (2 adds checksums); 3: the
+    optimizer state through DCP flattened to 1-D (as one process wrote it), each file's sha256."""
     loaded = ckpt.load(source)
     step = save / loaded.path.name
     step.mkdir(parents=True)
     parts = {"model.safetensors": loaded.master, "optimizer.safetensors": loaded.optim, "rng.safetensors": loaded.rng}
+    if fmt == 3:
+        flat = {f"master.{k}": v.reshape(-1) for k, v in loaded.master.items()} | {
+            k: v.reshape(-1) for k, v in loaded.optim.items()}
+        dcp.save(flat | {"step_count": torch.tensor(loaded.state["optimizer_steps"])},
+                 checkpoint_id=str(step / "optimizer"), no_dist=True)
+        parts = {"rng.safetensors": loaded.rng}
     for name, tensors in parts.items():
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(step / name))
     shutil.copytree(loaded.path / "tokenizer", step / "tokenizer")
     files = {str(f.relative_to(step)): f for f in sorted(step.rglob("*")) if f.is_file()}
     state = {k: v for k, v in loaded.state.items() if k not in ("checksums", "shapes", "zero1")}
     state |= {"format": fmt, "files": {n: f.stat().st_size for n, f in files.items()}}
+    if fmt == 3:
+        state |= {"shapes": loaded.state["shapes"], "zero1": False, "checksums": {
+            "algorithm": "sha256", "files": {n: checksums.file_digest(f) for n, f in files.items()}}}
     if fmt == 2:
         sums = {n: checksums.tensor_digests(t) for n, t in parts.items()}
         state["checksums"] = {"algorithm": "sha256", "files": sums | {n: checksums.file_digest(f) for n, f in files.items()
@@ -177,18 +188,18 @@ def write_old_format(source: Path, save: Path, fmt: int) -> Path:
     return step
 
 
-@pytest.mark.parametrize("fmt", [1, 2])
+@pytest.mark.parametrize("fmt", [1, 2, 3])
 def test_old_format_checkpoints_load_and_resume_bitwise(runs, cli, tmp_path, fmt):
     root, _ = runs
     save = tmp_path / "old"
     write_old_format(root / "straight" / "step_00000003", save, fmt)
     old, new = ckpt.load(save), ckpt.load(root / "straight" / "step_00000003")
-    assert old.format == fmt and new.format == 3
+    assert old.format == fmt and new.format == ckpt.FORMAT == 4
     for part in ("master", "optim", "rng"):
         assert all(torch.equal(getattr(old, part)[k], getattr(new, part)[k]) for k in getattr(new, part)), part
     res = cli(["pretrain", *TRAIN, "--seed", new.state["config"]["train"]["seed"], "--save-dir", save, "--resume"])
     assert res.exit_code == 0 and "resumed from" in res.output, res.output + res.stderr
     a, b = ckpt.load(root / "straight"), ckpt.load(save)
-    assert b.format == 3 and a.step == b.step == 6
+    assert b.format == 4 and a.step == b.step == 6
     for part in ("master", "optim"):
         assert all(torch.equal(getattr(a, part)[k], getattr(b, part)[k]) for k in getattr(a, part)), part

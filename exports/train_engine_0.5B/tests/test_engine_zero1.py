@@ -53,7 +53,7 @@ def test_zero1_matches_unsharded_and_resumes(tmp_path):
     for key in ("loss", "grad_norm", "lr"):
         assert [r[key] for r in resumed] == [r[key] for r in sharded], key
     a, b = ckpt.load(tmp_path / "resumed"), ckpt.load(tmp_path / "zero1")
-    assert a.state["format"] == 3 and a.state["zero1"] and {"optimizer/__0_0.distcp", "optimizer/__1_0.distcp"} <= set(a.state["files"])
+    assert a.state["format"] == 4 and a.state["zero1"] and {"optimizer/__0_0.distcp", "optimizer/__1_0.distcp"} <= set(a.state["files"])
     for part in ("master", "optim"):
         ta, tb = getattr(a, part), getattr(b, part)
         assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in tb), part

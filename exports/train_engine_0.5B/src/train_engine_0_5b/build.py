@@ -10,6 +10,7 @@ from torch import Tensor
 
 from train_engine_0_5b.config import EngineConfig
 from train_engine_0_5b.core.dist import DistContext
+from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.core.optim import AdamW, Schedule
 from train_engine_0_5b.core.trainer import Trainer
 from train_engine_0_5b.minicpm.init import init_weights
@@ -26,6 +27,8 @@ def build_trainer(cfg: EngineConfig, ctx: DistContext, ops: Ops, initial: dict[s
     weights from train.init_std and train.seed. A checkpoint's moments and step are loaded afterwards
     (`trainer.optimizer.load`), which also works once ZeRO-1 has sharded the optimizer."""
     t, o = cfg.train, cfg.optim
+    if cfg.runtime.tp != 1:  # the 0.5B fits one rank: its model has no tensor-parallel layout
+        raise EngineError(f"--tp {cfg.runtime.tp}: this engine is data parallel only (--tp 1)")
     model = parallelize_model(build_model(cfg.model, ops, ctx.device, dtype), cfg.runtime)
     master = initial if initial is not None else init_weights(cfg.model, t.init_std, t.seed)
     optimizer = AdamW(dict(model.named_parameters()), master, adamw_op=ops.adamw, betas=o.betas, eps=o.eps,

@@ -148,7 +148,7 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype) -> dict:
             print(f"checkpoint {loaded.path} is at step {start} >= --num-steps {t.num_steps}: nothing to train")
         return {"steps": start, "first_step": start + 1, "losses": []}
 
-    # a format-3 checkpoint's masters are read into the built (maybe sharded) trainer by _restore
+    # a format-3 or -4 checkpoint's masters are read into the built (maybe sharded) trainer by _restore
     trainer = build_trainer(cfg, ctx, ops, loaded.master if loaded is not None and loaded.master is not None else initial,
                             dtype=dtype)
     log = StepLog(sinks.open_sinks(cfg) if ctx.is_main else [], ctx.is_main, t.num_steps, start)

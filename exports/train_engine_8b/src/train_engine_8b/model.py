@@ -18,6 +18,7 @@ from typing import get_args
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from train_engine_8b.core.config import Recompute
@@ -25,6 +26,7 @@ from train_engine_8b.core.trainer import IGNORE_INDEX
 from train_engine_8b.minicpm.config import MiniCPMConfig, hf_param_shapes
 from train_engine_8b.minicpm.rope import rope_cos_sin
 from train_engine_8b.ops.rope.reference import rope
+from train_engine_8b.vocab_parallel_ce import vocab_parallel_cross_entropy_sum
 
 RECOMPUTE: tuple[str, ...] = get_args(Recompute)
 
@@ -146,10 +148,16 @@ class MiniCPM(nn.Module):
         return self.lm_head(x)  # (B, S, V)
 
     def loss_sum(self, input_ids: Tensor, labels: Tensor) -> Tensor:
-        """Summed token cross-entropy over labels != -100 (>= float32); the caller divides by the global count.
-        Under TP it runs inside parallelize.train_context (loss_parallel: the logits stay sharded on V)."""
-        logits = _upcast(self(input_ids))
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        """Summed token cross-entropy over labels != -100 (>= float32), a plain tensor; the caller divides by the
+        global count. Under TP the logits stay sharded on V (vocab_parallel_ce.py)."""
+        logits = self(input_ids)
+        if isinstance(logits, DTensor):
+            mesh = logits.device_mesh
+            part = _upcast(logits.to_local()).flatten(0, 1)  # (B * S, V / tp)
+            start = mesh.get_local_rank() * part.shape[-1]
+            return vocab_parallel_cross_entropy_sum(part, labels.flatten(), start, mesh.get_group(), IGNORE_INDEX)
+        return F.cross_entropy(_upcast(logits).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
 
 
 def build_model(cfg: MiniCPMConfig, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> MiniCPM:

@@ -5,13 +5,16 @@
    - q/k/v_proj and gate/up_proj column-parallel (a rank holds n / tp query, g / tp KV heads and f / tp of
      the SwiGLU width); o_proj and down_proj row-parallel, reduce-scattered onto the sequence;
    - the embedding vocab-parallel (row-wise), its output scattered onto the sequence; lm_head vocab-parallel
-     (column-wise) with its logits left sharded on the vocabulary for `loss_parallel` (train_context);
+     (column-wise) with its logits left sharded on the vocabulary for the vocab-parallel cross-entropy
+     (vocab_parallel_ce.py; `loss_parallel` under train_context is the reference it is tested against);
    - every RMSNorm sequence-parallel: the residual stream between the sublayers is (B, S / tp, h) per rank.
 2. activation recomputation (`apply_recompute`): the named part of every layer keeps only its inputs.
 3. torch.compile (`apply_compile`): each decoder layer, after recomputation so its graph holds the checkpoints
    (under TP, compile and recomputation together are refused: torch 2.13 gets their gradients wrong).
-4. data parallelism over mesh["dp"] (`GradSync`): gradients summed over the DP ranks after backward; the
-   shared core's ZeRO-1 reducer takes this place once it handles DTensor shards.
+4. data parallelism over mesh["dp"]: the shared core's reducer (core/dist.py; build.py hands it the DP group)
+   sums each rank's local gradient shards over the DP ranks in buckets during backward, or with ZeRO-1
+   reduce-scatters them and splits the optimizer state of each TP shard over the DP group. `GradSync` below is
+   the plain reference the tests compare with.
 
 Build order for a real run: `build_model` on meta -> `parallelize_model` -> `to_empty` -> load or init weights
 (state_dict_adapter.load_hf), so no rank ever holds the whole unsharded model.
@@ -74,9 +77,11 @@ def check_tp(cfg: MiniCPMConfig, tp: int) -> None:
         raise ParallelError("tensor parallelism needs an untied lm_head (tie_word_embeddings = false)")
 
 
-def parallelize_model(model: MiniCPM, mesh: DeviceMesh, recompute: Recompute = "none", compile: bool = False) -> MiniCPM:
-    """Steps 1-3 on `model` in place (call on a meta-device model); returns it. Step 4 is GradSync(model, mesh)."""
-    tp = mesh["tp"].size()
+def parallelize_model(model: MiniCPM, mesh: DeviceMesh | None, recompute: Recompute = "none",
+                      compile: bool = False) -> MiniCPM:
+    """Steps 1-3 on `model` in place (call on a meta-device model); returns it. `mesh` None: no tensor
+    parallelism (one process, or data parallel only). Step 4 is the core's reducer (build.py)."""
+    tp = mesh["tp"].size() if mesh is not None else 1
     check_tp(model.cfg, tp)
     if tp > 1 and compile and recompute != "none":
         # torch 2.13, CPU: a compiled layer that checkpoints DTensors fails in AOT autograd, and compiled

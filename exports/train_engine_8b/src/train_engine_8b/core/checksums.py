@@ -1,6 +1,6 @@
 """Checksums a checkpoint records in state.json and verifies on load: sha256 of each tensor (its dtype,
 shape and bytes) of a safetensors file (formats 1-2), of each named byte range of a file whose ranges are
-tensors (format 3: DCP's shard files, a range per stored tensor), and of each other file. A byte changed
+tensors (formats 3-4: DCP's shard files, a range per stored tensor), and of each other file. A byte changed
 after the save, even at the same size (garbage, a NaN written over a weight), is named on load.
 
 Hashing runs on a thread pool: hashlib releases the GIL on large buffers, so the 0.5B model's ~6 GB of

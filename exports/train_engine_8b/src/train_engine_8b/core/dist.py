@@ -14,6 +14,10 @@ slice of every bucket (`pieces`: the parameter ranges in it); the optimizer keep
 for those pieces only, writes the updated compute-dtype parameters of its slice, and `gather_params`
 all-gathers them. For that the parameters are re-pointed at one flat buffer per bucket, laid out as the
 gradient buffer.
+
+Under tensor parallelism the reducer's context is the data-parallel group (DistContext.subgroup) and it
+holds each parameter's local shard (tensor_parallel.py): buffers, pieces and ZeRO-1 slices are of the local
+shards, so ZeRO-1 splits each TP rank's shards over its DP group.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import env
+from .tensor_parallel import local, local_grad, repoint
 
 
 @dataclass
@@ -36,10 +41,17 @@ class DistContext:
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    group: dist.ProcessGroup | None = None  # the collectives' group; None: every process (the default group)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def subgroup(self, group: dist.ProcessGroup | None) -> "DistContext":
+        """This process within `group` (e.g. a DeviceMesh dimension's: the data-parallel ranks); None: self."""
+        if group is None:
+            return self
+        return DistContext(dist.get_rank(group), dist.get_world_size(group), self.local_rank, self.device, group)
 
     @classmethod
     def start(cls, device_kind: str, timeout_s: float = 600.0) -> "DistContext":
@@ -60,7 +72,7 @@ class DistContext:
 
     def all_reduce_sum_(self, t: Tensor) -> Tensor:
         if self.world > 1:
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.group)
         return t
 
     def all_gather(self, t: Tensor) -> list[Tensor]:
@@ -68,22 +80,22 @@ class DistContext:
         if self.world == 1:
             return [t]
         out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t.contiguous())
+        dist.all_gather(out, t.contiguous(), group=self.group)
         return out
 
     def all_gather_object(self, obj) -> list:
         if self.world == 1:
             return [obj]
         out: list = [None] * self.world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
+        if self.world > 1 and self.group is None and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -104,7 +116,7 @@ class Piece:
     start: int
     end: int
     grad: Tensor  # its summed gradient: a view into the reducer's buffer (fp32)
-    param: Tensor  # a view into the parameter's storage (compute dtype)
+    param: Tensor  # a view into the parameter's (local shard's) storage (compute dtype)
 
 
 @dataclass
@@ -138,7 +150,7 @@ class GradReducer:
         filled = 0
         for name, p in reversed(list(params.items())):  # backward meets the last layers first
             group.append((name, p))
-            filled += p.numel()
+            filled += local(p).numel()
             if filled >= limit:
                 self._add_bucket(group, dtype, views)
                 group, filled = [], 0
@@ -149,7 +161,7 @@ class GradReducer:
         self._next = 0
 
     def _add_bucket(self, group: list[tuple[str, nn.Parameter]], dtype: torch.dtype, views: dict[str, Tensor]) -> None:
-        total, world, device = sum(p.numel() for _, p in group), self.ctx.world, group[0][1].device
+        total, world, device = sum(local(p).numel() for _, p in group), self.ctx.world, local(group[0][1]).device
         padded = -(-total // world) * world if self.shard else total  # padding stays zero: never written
         bucket = _Bucket(torch.zeros(padded, dtype=dtype, device=device), len(group))
         if self.shard:
@@ -158,14 +170,15 @@ class GradReducer:
             bucket.params_flat = torch.zeros(padded, dtype=group[0][1].dtype, device=device)
         offset = 0
         for name, p in group:
-            n = p.numel()
-            view = bucket.buffer[offset : offset + n].view(p.shape)
+            mine = local(p)
+            n = mine.numel()
+            view = bucket.buffer[offset : offset + n].view(mine.shape)
             views[name] = view
             p.register_post_accumulate_grad_hook(self._hook(bucket, _Slot(view)))
             if self.shard:
                 storage = bucket.params_flat[offset : offset + n]
-                storage.copy_(p.detach().reshape(-1))
-                p.data = storage.view(p.shape)  # the parameter now lives in the gathered buffer
+                storage.copy_(mine.reshape(-1))
+                repoint(p, storage.view(mine.shape))  # the parameter now lives in the gathered buffer
                 lo, hi = max(offset, bucket.own.start), min(offset + n, bucket.own.stop)
                 if lo < hi:
                     start, end = lo - offset, hi - offset
@@ -179,11 +192,12 @@ class GradReducer:
         def on_grad(p: Tensor) -> None:
             if not self.active:
                 return
+            grad = local_grad(p)
             if slot.fresh:  # upcast into fp32: the sum over micro batches stays fp32
-                slot.view.copy_(p.grad)
+                slot.view.copy_(grad)
                 slot.fresh = False
             else:
-                slot.view.add_(p.grad)
+                slot.view.add_(grad)
             p.grad = None  # free the compute-dtype grad now
             if self.sync and self.ctx.world > 1:
                 bucket.pending -= 1
@@ -196,16 +210,17 @@ class GradReducer:
         while self._next < len(self.buckets) and self.buckets[self._next].pending == 0:
             b = self.buckets[self._next]
             if self.shard:  # in place: this rank's slice of the buffer receives the sum of everyone's
-                self._handles.append(dist.reduce_scatter_tensor(b.buffer[b.own], b.buffer, async_op=True))
+                self._handles.append(dist.reduce_scatter_tensor(b.buffer[b.own], b.buffer, group=self.ctx.group,
+                                                                  async_op=True))
             else:
-                self._handles.append(dist.all_reduce(b.buffer, async_op=True))
+                self._handles.append(dist.all_reduce(b.buffer, group=self.ctx.group, async_op=True))
             self._next += 1
 
     def gather_params(self) -> None:
         """ZeRO-1, after the optimizer step: every rank's updated slice of the parameters to every rank."""
         for b in self.buckets:
             if b.params_flat is not None:
-                dist.all_gather_into_tensor(b.params_flat, b.params_flat[b.own])
+                dist.all_gather_into_tensor(b.params_flat, b.params_flat[b.own], group=self.ctx.group)
 
     def zero(self) -> None:
         for b in self.buckets:

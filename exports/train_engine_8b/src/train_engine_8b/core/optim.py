@@ -17,6 +17,8 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
+from .tensor_parallel import is_sharded, local, shard_of, whole
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -79,7 +81,11 @@ class AdamW:
     (dist.Piece), takes those pieces' gradients, and writes those pieces of the parameters; the norm is
     summed over ranks. `master_weights` / `state_tensors` / `load` speak whole tensors (probes, checkpoints
     of formats 1-2), assembling them across ranks: every rank must call them. Checkpoints save and load
-    each rank's own pieces (sharded_state.py)."""
+    each rank's own pieces (sharded_state.py).
+
+    Tensor-parallel parameters (DTensors): everything above acts on each rank's local shard
+    (tensor_parallel.py); after `tensor_parallel(tp)` the norm sums the squares of sharded gradients over the
+    TP group and counts replicated ones once."""
 
     def __init__(
         self, params: dict[str, nn.Parameter], master: dict[str, Tensor], *, adamw_op: Callable, betas: tuple[float, float],
@@ -90,28 +96,31 @@ class AdamW:
         self.shared = all(p.dtype == master_dtype for p in self.params)
         self.master_dtype = master_dtype
         with torch.no_grad():
+            mine = [shard_of(master[n], p) for p, n in zip(self.params, self.names)]
             if self.shared:
-                for p, n in zip(self.params, self.names):
-                    p.copy_(master[n])
-                self.master = [p.data for p in self.params]
+                for p, m in zip(self.params, mine):
+                    local(p).copy_(m)
+                self.master = [local(p) for p in self.params]
             else:
-                self.master = [master[n].to(p.device, master_dtype, copy=True) for p, n in zip(self.params, self.names)]
-                torch._foreach_copy_(self.params, self.master)
+                self.master = [m.to(local(p).device, master_dtype, copy=True) for p, m in zip(self.params, mine)]
+                torch._foreach_copy_([local(p) for p in self.params], self.master)
         # The update's units: whole parameters, or after `shard` this rank's pieces, `units` then naming
         # each one's (name, start, end) in the flattened parameter; `_copies()` are their compute-dtype targets.
         self.exp_avg = [torch.zeros_like(m) for m in self.master]
         self.exp_avg_sq = [torch.zeros_like(m) for m in self.master]
         self._decay = {n: weight_decay if p.ndim >= 2 else 0.0 for n, p in zip(self.names, self.params)}
         self.weight_decays = [self._decay[n] for n in self.names]
-        self.units: list[tuple[str, int, int]] | None = None  # None: whole parameters
+        self.units: list[tuple[str, int, int]] | None = None  # None: whole parameters (local shards)
         self.ctx = None
+        self.tp = None  # tensor_parallel(): the TP group's DistContext
+        self._tp_sharded = [is_sharded(p) for p in self.params]  # per unit: its squares are summed over TP
         self.betas, self.eps, self.op = betas, eps, adamw_op
         self.fused = fuses_clip_and_copy(adamw_op)
         self.step_count = 0
 
     def _copies(self) -> list[Tensor]:
         if self.units is None:
-            return [p.data for p in self.params]
+            return [local(p) for p in self.params]
         return self._piece_params
 
     @torch.no_grad()
@@ -124,16 +133,37 @@ class AdamW:
         self.master = list(self._piece_params) if self.shared else cut(self.master)
         self.exp_avg, self.exp_avg_sq = cut(self.exp_avg), cut(self.exp_avg_sq)
         self.weight_decays = [self._decay[pc.name] for pc in pieces]
+        self._tp_sharded = [self._tp_sharded[index[pc.name]] for pc in pieces]
         self.units = [(pc.name, pc.start, pc.end) for pc in pieces]
         self.ctx = ctx
 
+    def tensor_parallel(self, tp) -> None:
+        """The parameters are DTensors over the TP group `tp` (a DistContext): the norm then reduces over it."""
+        self.tp = tp if tp is not None and tp.world > 1 else None
+
     def _norm(self, grads: list[Tensor]) -> Tensor:
+        if self.tp is not None:
+            return self._tp_norm(grads)
         if self.units is None:
             return global_norm(grads)
         acc = torch.promote_types(grads[0].dtype, torch.float32) if grads else self.master_dtype
         sq = torch.stack(torch._foreach_norm(grads, 2, dtype=acc)).square().sum() if grads else None
         device = self.params[0].device
         return self.ctx.all_reduce_sum_(sq if sq is not None else torch.zeros((), dtype=acc, device=device)).sqrt()
+
+    def _tp_norm(self, grads: list[Tensor]) -> Tensor:
+        """Squares of TP-sharded units summed over the TP group, replicated ones counted once; both summed over
+        the DP group under ZeRO-1 (each rank holds its pieces only)."""
+        acc = torch.promote_types(grads[0].dtype, torch.float32) if grads else self.master_dtype
+        sq = torch.zeros(2, dtype=acc, device=local(self.params[0]).device)  # [sharded, replicated]
+        if grads:
+            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=acc)).square()
+            flags = torch.tensor(self._tp_sharded, device=norms.device)
+            sq = torch.stack([norms[flags].sum(), norms[~flags].sum()])
+        if self.units is not None:
+            self.ctx.all_reduce_sum_(sq)
+        self.tp.all_reduce_sum_(sq[:1])
+        return sq.sum().sqrt()
 
     @torch.no_grad()
     def grad_norm(self, grads: list[Tensor]) -> Tensor:
@@ -170,15 +200,17 @@ class AdamW:
 
     def _whole(self, parts: list[Tensor]) -> dict[str, Tensor]:
         """Unit tensors -> whole tensors by name (sharded: assembled by a sum over ranks, each element
-        being nonzero on the one rank that owns it)."""
+        being nonzero on the one rank that owns it; TP shards then gathered over the TP group)."""
         if self.units is None:
-            return dict(zip(self.names, parts))
-        out = {n: torch.zeros(p.shape, dtype=self.master_dtype, device=p.device) for n, p in zip(self.names, self.params)}
-        for (n, a, b), t in zip(self.units, parts):
-            out[n].view(-1)[a:b] = t
-        for t in out.values():
-            self.ctx.all_reduce_sum_(t)
-        return out
+            out = dict(zip(self.names, parts))
+        else:
+            out = {n: torch.zeros(local(p).shape, dtype=self.master_dtype, device=local(p).device)
+                   for n, p in zip(self.names, self.params)}
+            for (n, a, b), t in zip(self.units, parts):
+                out[n].view(-1)[a:b] = t
+            for t in out.values():
+                self.ctx.all_reduce_sum_(t)
+        return {n: whole(out[n], p) for n, p in zip(self.names, self.params)}
 
     def master_weights(self) -> dict[str, Tensor]:
         return self._whole(self.master)
@@ -189,13 +221,14 @@ class AdamW:
 
     @torch.no_grad()
     def load(self, master: dict[str, Tensor], state: dict[str, Tensor], step_count: int) -> None:
-        units = self.units or [(n, 0, p.numel()) for n, p in zip(self.names, self.params)]
-        part = lambda t, a, b: t.reshape(-1)[a:b]  # noqa: E731
+        units = self.units or [(n, 0, local(p).numel()) for n, p in zip(self.names, self.params)]
+        param = dict(zip(self.names, self.params))
+        part = lambda t, n, a, b: shard_of(t, param[n]).reshape(-1)[a:b]  # noqa: E731
         for (n, a, b), m, ea, es in zip(units, self.master, self.exp_avg, self.exp_avg_sq):
-            m.view(-1).copy_(part(master[n], a, b))
-            ea.view(-1).copy_(part(state[f"exp_avg.{n}"], a, b))
-            es.view(-1).copy_(part(state[f"exp_avg_sq.{n}"], a, b))
-        if not self.shared or self.units is not None:  # every rank holds the whole parameters
+            m.view(-1).copy_(part(master[n], n, a, b))
+            ea.view(-1).copy_(part(state[f"exp_avg.{n}"], n, a, b))
+            es.view(-1).copy_(part(state[f"exp_avg_sq.{n}"], n, a, b))
+        if not self.shared or self.units is not None:  # every rank holds the whole parameters (its TP shards)
             for p, n in zip(self.params, self.names):
-                p.data.copy_(master[n])
+                local(p).copy_(shard_of(master[n], p))
         self.step_count = step_count

@@ -13,6 +13,11 @@ math is the same without the fp32 copy (1.8 ms of the 0.5B step on an H100).
 `zero1` (more than one rank): the optimizer state is sharded over the ranks (dist.py's module doc): the
 reducer reduce-scatters, the optimizer updates this rank's pieces, the parameters are all-gathered.
 
+Tensor parallelism (`dp` and `tp`, the process's DistContexts in the data- and tensor-parallel groups; the
+model's parameters DTensors over tp): every TP rank of a DP group gets the same rows and computes the same
+global loss, so counts, losses and gradients are summed over `dp` only; the reducer and optimizer hold local
+shards, and the gradient norm reduces over `tp` (optim.py).
+
 `skip_nonfinite` (--nan-policy skip): a step whose loss or gradient norm is not finite updates nothing
 (weights, moments, step count); the check reads both on the host, so it is one sync per step.
 """
@@ -58,15 +63,18 @@ class Trainer:
     def __init__(
         self, model: LossModel, optimizer: AdamW, schedule: Schedule, ctx: DistContext, *, micro_batch_size: int,
         grad_clip: float, master_dtype: torch.dtype, bucket_mb: float = 25.0, zero1: bool = False,
-        skip_nonfinite: bool = False,
+        skip_nonfinite: bool = False, dp: DistContext | None = None, tp: DistContext | None = None,
     ):  # fmt: skip
         self.model, self.optimizer, self.schedule, self.ctx = model, optimizer, schedule, ctx
+        self.dp = dp if dp is not None else ctx  # who shares the global batch: counts and gradients sum over it
+        self.tp = tp if tp is not None and tp.world > 1 else None
+        optimizer.tensor_parallel(self.tp)
         self.skip_nonfinite = skip_nonfinite  # check each step on the host before its update (one sync per step)
         self.micro_batch_size, self.grad_clip, self.master_dtype = micro_batch_size, grad_clip, master_dtype
         self.params = dict(model.named_parameters())
-        self.reducer = GradReducer(self.params, ctx, master_dtype, bucket_mb, shard=zero1)
+        self.reducer = GradReducer(self.params, self.dp, master_dtype, bucket_mb, shard=zero1)
         if self.reducer.shard:
-            optimizer.shard(self.reducer.pieces, ctx)
+            optimizer.shard(self.reducer.pieces, self.dp)
         # after compute_grads: the step's gradients (with zero1 summed only inside this rank's pieces)
         self.grads: dict[str, Tensor] = self.reducer.grads
 
@@ -82,10 +90,10 @@ class Trainer:
         rows, mb = input_ids.shape[0], self.micro_batch_size
         if rows % mb:
             raise ValueError(f"{rows} rows per rank do not split into micro batches of {mb}")
-        direct = self.ctx.world == 1 and rows == mb and self.optimizer.fused
+        direct = self.ctx.world == 1 and rows == mb and self.optimizer.fused  # (one rank: no tensor parallelism)
         # this rank's own share, before the all-reduces (the probe contract's per-rank outputs)
         self.rank_valid_tokens = (labels != IGNORE_INDEX).sum().to(self.ctx.device)
-        count = self.ctx.all_reduce_sum_(self.rank_valid_tokens.clone())
+        count = self.dp.all_reduce_sum_(self.rank_valid_tokens.clone())
         loss = torch.zeros((), dtype=self.master_dtype, device=self.ctx.device)
         self.rank_loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         self.reducer.active = not direct
@@ -101,7 +109,7 @@ class Trainer:
         else:
             self.reducer.finish()
             self.grads = self.reducer.grads
-        return self.ctx.all_reduce_sum_(loss), count
+        return self.dp.all_reduce_sum_(loss), count
 
     def train_step(self, input_ids: Tensor, labels: Tensor, coefs: tuple[Tensor, Tensor] | None = None) -> StepResult:
         """One optimizer step on this rank's rows. `coefs`: (lr, step count) as 0-dim fp64 device tensors

@@ -1,0 +1,76 @@
+"""One setup path: `build_trainer` turns an EngineConfig into a ready Trainer on a ("dp", "tp") layout of the
+world: the model built on meta, parallelized (parallelize.py's steps 1-3), materialized and given its weights
+shard by shard, then the core's AdamW (fp32 masters and moments of each rank's local shards), LR schedule and
+Trainer, whose reducer sums gradients over the DP group (ZeRO-1: splits each TP shard's optimizer state over
+it) and whose gradient norm reduces over the TP group (core/trainer.py, core/optim.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+
+from train_engine_8b.config import EngineConfig
+from train_engine_8b.core.dist import DistContext
+from train_engine_8b.core.errors import EngineError
+from train_engine_8b.core.optim import AdamW, Schedule
+from train_engine_8b.core.trainer import Trainer
+from train_engine_8b.minicpm.init import init_weights
+from train_engine_8b.model import build_model
+from train_engine_8b.ops.registry import resolve
+from train_engine_8b.parallelize import ParallelDims, ParallelError, parallelize_model
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits: the mesh (None with tp 1: no DTensors), its DP and TP groups as DistContexts."""
+
+    dims: ParallelDims
+    mesh: DeviceMesh | None
+    dp: DistContext
+    tp: DistContext
+
+    @classmethod
+    def of(cls, cfg: EngineConfig, ctx: DistContext) -> "Layout":
+        """runtime.tp ranks per replica, world / tp replicas; raises EngineError for a layout the model refuses."""
+        tp = cfg.runtime.tp
+        if ctx.world % tp:
+            raise EngineError(f"--tp {tp} does not divide the world size ({ctx.world} ranks)")
+        dims = ParallelDims(dp=ctx.world // tp, tp=tp)
+        try:
+            dims.check(cfg.model, ctx.world)
+        except ParallelError as e:
+            raise EngineError(str(e)) from None
+        alone = DistContext(0, 1, ctx.local_rank, ctx.device)
+        if tp == 1:  # no mesh: plain parameters, data parallel over the world
+            return cls(dims, None, ctx, alone)
+        mesh = dims.build_mesh(ctx.device.type)
+        dp = ctx.subgroup(mesh["dp"].get_group()) if dims.dp > 1 else alone
+        return cls(dims, mesh, dp, ctx.subgroup(mesh["tp"].get_group()))
+
+
+def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: dict[str, Tensor] | None = None, *,
+                  dtype: torch.dtype, master_dtype: torch.dtype = torch.float32, layout: Layout | None = None) -> Trainer:
+    """The Trainer of `cfg`'s run on `ctx` (every rank calls it), its model in `dtype`.
+
+    `initial`: whole master weights by HF name (--init-from's, a probe case's); None: fresh weights from
+    train.init_std and train.seed, the same on every rank, each rank keeping its shards. A checkpoint is
+    restored afterwards (core/checkpoint.restore), on whatever layout wrote it."""
+    t, o, r = cfg.train, cfg.optim, cfg.runtime
+    layout = layout or Layout.of(cfg, ctx)
+    try:
+        model = parallelize_model(build_model(cfg.model), layout.mesh, r.recompute, r.resolved_compile())
+    except ParallelError as e:
+        raise EngineError(str(e)) from None
+    model = model.to_empty(device=ctx.device).to(dtype)
+    master = initial if initial is not None else init_weights(cfg.model, t.init_std, t.seed)
+    ops = resolve(cfg.ops, ctx.device.type, dtype)
+    optimizer = AdamW(dict(model.named_parameters()), master, adamw_op=ops.adamw, betas=o.betas, eps=o.eps,
+                      weight_decay=o.weight_decay, master_dtype=master_dtype)
+    schedule = Schedule(o.lr_schedule, o.lr, o.min_lr, o.warmup_steps, t.num_steps, o.decay_steps)
+    return Trainer(model, optimizer, schedule, ctx, micro_batch_size=t.micro_batch_size, grad_clip=o.grad_clip,
+                   master_dtype=master_dtype, bucket_mb=t.bucket_mb, zero1=o.zero1,
+                   skip_nonfinite=t.nan_policy == "skip", dp=layout.dp, tp=layout.tp)
