@@ -69,7 +69,8 @@ def _row(op: str, impl: str | None, trials: list[CandidateResult], baseline: dic
     timing = (best.timing or {}) if best else {}
     default_ms = default.ms if default else None
     return {"op": op, "impl": impl, "status": status, "trials": len(trials),
-            "rejected": sum(t.verdict != "passed" for t in trials),
+            "failed": sum(t.verdict == "failed" for t in trials),  # wrong, or crashed: rejected by the harness
+            "errors": sum(t.verdict == "error" for t in trials),  # the child timed out (the budget) or died
             "winner": best.values if best else None, "winner_ms": best.ms if best else None,
             "tflops": timing.get("tflops"), "gbps": timing.get("gbps"), "roofline_pct": timing.get("roofline_pct"),
             "bound": timing.get("bound"), "graphed": timing.get("graphed"), "l2_flushed": timing.get("l2_flushed"),
@@ -85,13 +86,13 @@ def write_summary(out: Path, head: dict, rows: list[dict]) -> None:
     (out / "summary.json").write_text(json.dumps(head | {"ops": rows}, indent=1, default=str) + "\n")
     lines = [f"# tune_ops: {head['runtime'].get('device')} ({head['preset']}, {head['dtype']}, batch {head['batch']} "
              f"x seq {head['seq']}), {head['elapsed_s']:.0f} of {head['budget_s']:.0f} s",
-             "", "| op | impl | winner | ms | TFLOP/s | GB/s | % roofline | default ms | speedup | trials (rejected) | "
-             "status |", "|" + "---|" * 11]
+             "", "| op | impl | winner | ms | TFLOP/s | GB/s | % roofline | default ms | speedup | "
+             "trials (failed, errors) | status |", "|" + "---|" * 11]
     for r in rows:
         winner = json.dumps(r["winner"]) if r["winner"] is not None else "-"
         lines.append(f"| {r['op']} | {r['impl']} | `{winner}` | {_fmt(r['winner_ms'])} | {_fmt(r['tflops'], '.1f')} | "
                      f"{_fmt(r['gbps'], '.0f')} | {_fmt(r['roofline_pct'], '.1f')} | {_fmt(r['default_ms'])} | "
-                     f"{_fmt(r['speedup'], '.3f')} | {r['trials']} ({r['rejected']}) | {r['status']} |")
+                     f"{_fmt(r['speedup'], '.3f')} | {r['trials']} ({r['failed']}, {r['errors']}) | {r['status']} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -113,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     def flush(current: list[dict]) -> None:
         write_summary(a.out, head | {"elapsed_s": time.monotonic() - t0}, current)
 
+    shortest = [0.0]  # the shortest trial so far: one is not started with less time left than that
+
     for i, op in enumerate(ops):
         share = (end - time.monotonic()) / (len(ops) - i)
-        window = Window(last_start=time.monotonic() + share, end=end)
+        window = Window(last_start=min(time.monotonic() + share, end - shortest[0]), end=end)
         try:
             impl = check_options(options, engine_ops, op, a.device)
             space = search_space(engine_ops, op, impl, {})
@@ -126,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         baseline = {n: p["default"] for n, p in engine_ops.space(op, impl).items()}
         trials: list[CandidateResult] = []
+        started = [time.monotonic()]
 
         def on_trial(r: CandidateResult, op: str = op, impl: str = impl, trials: list = trials,
-                     baseline: dict = baseline) -> None:
+                     baseline: dict = baseline, started: list = started) -> None:
+            now = time.monotonic()
+            if r.verdict != "error":
+                shortest[0] = min(shortest[0] or math.inf, now - started[0])
+            started[0] = now
             trials.append(r)
             record(a.out, r, options=harness, source=f"tune_ops ({a.device}, seed {a.seed})")
             ms = f"{r.ms:.4g} ms" if r.ms is not None else r.message[:300]

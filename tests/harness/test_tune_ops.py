@@ -27,7 +27,7 @@ def test_the_tune_part_writes_leaderboards_summary_and_tuned_values(tmp_path):
     assert rows["rmsnorm"]["status"].startswith("error: unknown op 'rmsnorm'")
     for op, default in (("rms_norm", {"num_warps": None}), ("swiglu", {"block": 1024, "num_warps": 4})):
         r = rows[op]
-        assert (r["impl"], r["status"], r["trials"], r["rejected"]) == ("triton_fused", "done", 2, 0)
+        assert (r["impl"], r["status"], r["trials"], r["failed"], r["errors"]) == ("triton_fused", "done", 2, 0, 0)
         assert r["default"] == default  # the declared defaults, tried first
         assert r["winner_ms"] <= r["default_ms"] and r["speedup"] >= 1.0 and r["gbps"] > 0
         board = json.loads((out / "forge/leaderboards" / f"{op}.json").read_text())
