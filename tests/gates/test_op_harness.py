@@ -131,3 +131,27 @@ def test_the_leaderboard_keeps_every_candidate(engine, engine_ops, tmp_path):
                                                                       ({"block": 256}, "failed", "round 2")]
     assert board["best"]["values"] == {"block": 1024} and board["best"]["ms"] == again.ms
     assert board["hardware"]["device"] == "cpu" and board["versions"]["torch"] and board["harness"]["reps"] == 2
+
+
+def test_the_error_is_the_max_over_finite_elements_chunk_by_chunk(monkeypatch):
+    """child._rel compares in float64 chunks (a production CE gradient has 2.4 G elements): the same number as one
+    pass over the finite elements, however the chunks fall; NaN or inf only where the reference has them."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("op_child", Path(__file__).resolve().parents[2] / "gates/ops/child.py")
+    child = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(child)
+    want = torch.randn(5, 13).to(torch.bfloat16)
+    got = (want.float() + 1e-2 * torch.randn(5, 13)).to(torch.bfloat16)
+    for t in (want, got):
+        t[1, 2], t[3, 3] = float("inf"), float("nan")
+    finite = torch.isfinite(want)
+    whole = (got[finite].double() - want[finite].double()).abs().max() / want[finite].double().abs().max()
+    for chunk in (1, 7, 64, 1 << 26):
+        monkeypatch.setattr(child, "_CHUNK", chunk)
+        assert child._rel(got, want) == pytest.approx(whole.item(), rel=1e-12)
+        assert child._check([got], [want], 0.1) == (pytest.approx(whole.item(), rel=1e-12), None)
+    got[0, 0] = float("nan")
+    assert "NaN never passes" in child._check([got], [want], 0.1)[1]
