@@ -140,7 +140,8 @@ def test_the_error_is_the_max_over_finite_elements_chunk_by_chunk(monkeypatch):
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("op_child", Path(__file__).resolve().parents[2] / "gates/ops/child.py")
+    path = Path(__file__).resolve().parents[2] / "gates" / "ops" / "child.py"
+    spec = importlib.util.spec_from_file_location("op_child", path)
     child = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(child)
     want = torch.randn(5, 13).to(torch.bfloat16)
