@@ -3,7 +3,6 @@ its options to a config or call and turns EngineError into a message and a non-z
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -13,36 +12,16 @@ import typer
 from rich.console import Console
 
 from train_engine_0_5b.cli_help import PlainHelpGroup
+from train_engine_0_5b.core.cli_guard import err, guard
 from train_engine_0_5b.core.cli_options import with_config_options
-from train_engine_0_5b.core.errors import EXIT_ERROR, EXIT_UNSUPPORTED, EngineError, Unsupported
+from train_engine_0_5b.core.errors import EngineError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=PlainHelpGroup,
                   help="MiniCPM4-0.5B pretraining engine (data parallel; run under torchrun for more than one process).")
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay one line per line
 DEFAULT_MODEL = "minicpm4-0.5b"  # model_spec.toml's [model]; `tiny` runs the same math on a CPU
 
 
-def _guard(fn):
-    """EngineError -> 'error: ...' on stderr and exit 1 (Unsupported: exit 77, the probe contract); an OSError
-    (a full disk, a permission) -> its one line too."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from train_engine_0_5b.model_config import ConfigError
-
-        try:
-            return fn(*args, **kwargs)
-        except (EngineError, ConfigError) as e:
-            world = int(os.environ.get("WORLD_SIZE", 1))
-            who = f" (rank {os.environ.get('RANK', 0)})" if world > 1 else ""
-            label = "unsupported" if isinstance(e, Unsupported) else "error"
-            err.print(f"{label}{who}: {e}", markup=False)
-            raise typer.Exit(EXIT_UNSUPPORTED if isinstance(e, Unsupported) else EXIT_ERROR) from None
-        except OSError as e:
-            err.print(f"error: {e}", markup=False)
-            raise typer.Exit(EXIT_ERROR) from None
-
-    return wrapper
+_guard = guard  # core/cli_guard.py: EngineError -> one line and exit 1, Unsupported -> exit 77
 
 
 def _model(spec: str):

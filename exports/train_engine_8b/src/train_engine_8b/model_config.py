@@ -16,7 +16,7 @@ from pathlib import Path
 from train_engine_8b.minicpm.config import ConfigError, LongRope, MiniCPMConfig, hf_param_shapes
 from train_engine_8b.minicpm.hf_config import from_hf_config
 
-__all__ = ["ConfigError", "LongRope", "MiniCPMConfig", "PRESETS", "from_hf_config", "hf_param_shapes", "preset"]
+__all__ = ["ConfigError", "LongRope", "MiniCPMConfig", "PRESETS", "from_hf_config", "hf_param_shapes", "load", "preset"]
 
 _RELEASED = Path(__file__).parent / "data" / "released"  # the published config.json of the released model
 
@@ -35,3 +35,14 @@ def preset(name: str) -> MiniCPMConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def load(spec: str | Path) -> MiniCPMConfig:
+    """A preset name, or a Hugging Face MiniCPM config.json (or the directory holding it)."""
+    s = str(spec)
+    if s in PRESETS:
+        return PRESETS[s]
+    p = Path(s)
+    if p.suffix == ".json" or p.is_dir():
+        return from_hf_config(p)[0]
+    raise ConfigError(f"model {s!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json path")
