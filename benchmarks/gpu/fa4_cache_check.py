@@ -1,6 +1,7 @@
 """FA4's persistent kernel cache across processes: the engine's flash4 op at the step's shape, run in two fresh
-processes sharing one cache directory. The second must load the kernels (shorter first call) and give bitwise the
-same outputs and gradients as the first.
+processes sharing one cache directory, with deterministic algorithms on (FA4's default backward accumulates dq
+with atomics, so only its deterministic kernel repeats bitwise). The second must load the kernels (shorter first
+call) and give bitwise the same outputs and gradients as the first.
 
     python3 benchmarks/gpu/fa4_cache_check.py --out DIR     (exit 0: cache works; 1: it does not)
 """
@@ -24,6 +25,7 @@ def child(result: Path) -> None:
 
     if flash4.UNAVAILABLE_REASON:
         raise SystemExit(f"flash4 unavailable: {flash4.UNAVAILABLE_REASON}")
+    torch.use_deterministic_algorithms(True)
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(8, 4096, 16, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
     k = torch.randn(8, 4096, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)

@@ -129,9 +129,11 @@ def save(path: Path, trainer: Trainer) -> Metadata:
 
 
 def save_optimizer(path: Path, opt: AdamW) -> Metadata:
-    """`save` for an optimizer alone (one process, or every rank)."""
+    """`save` for an optimizer alone (one process, or every rank); the metadata as written to `path`."""
     with _alone():
-        return dcp.save(state_dict(opt), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        dcp.save(state_dict(opt), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    # read back: the Metadata dcp.save returns has no storage_data on torch 2.11 (2.13's has)
+    return FileSystemReader(str(path)).read_metadata()
 
 
 @contextmanager
