@@ -67,8 +67,10 @@ def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: dict[str, Tensor
         raise EngineError(str(e)) from None
     model = model.to_empty(device=ctx.device).to(dtype)
     master = initial if initial is not None else init_weights(cfg.model, t.init_std, t.seed)
-    ops = resolve(cfg.ops, ctx.device.type, dtype)  # of the registry this model runs only the optimizer's op
-    model.op_record = {"names": {"adamw": ops.names["adamw"], "attention": "sdpa", "cross_entropy":
+    ops = resolve(cfg.ops, ctx.device.type, dtype)  # of the registry this model runs attention and AdamW
+    for layer in model.model.layers:
+        layer.self_attn.attention_op = ops.attention
+    model.op_record = {"names": {"attention": ops.names["attention"], "adamw": ops.names["adamw"], "cross_entropy":
                                  "vocab_parallel" if layout.mesh is not None else "torch"}}  # for logs, checkpoints
     optimizer = AdamW(dict(model.named_parameters()), master, adamw_op=ops.adamw, betas=o.betas, eps=o.eps,
                       weight_decay=o.weight_decay, master_dtype=master_dtype)

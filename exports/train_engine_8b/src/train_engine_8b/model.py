@@ -13,7 +13,7 @@ under sequence parallelism, applied by the core's reference rope. Fresh weights:
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import Callable, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from train_engine_8b.core.config import Recompute
 from train_engine_8b.core.trainer import IGNORE_INDEX
 from train_engine_8b.minicpm.config import MiniCPMConfig, hf_param_shapes
 from train_engine_8b.minicpm.rope import rope_cos_sin
+from train_engine_8b.ops.attention.reference import attention as reference_attention
 from train_engine_8b.ops.rope.reference import rope
 from train_engine_8b.vocab_parallel_ce import vocab_parallel_cross_entropy_sum
 
@@ -50,12 +51,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal GQA: query head i reads KV head i // (n / g) (SDPA's enable_gqa)."""
+    """Causal GQA: query head i reads KV head i // (n / g). The attention itself is the op registry's
+    (`attention_op`, (B, S, n, d) x (B, S, g, d) x2 -> (B, S, n, d): the reference on a CPU, FA4 or SDPA on
+    CUDA; build.py sets the resolved one); under TP it sees the rank's local heads."""
 
     def __init__(self, cfg: MiniCPMConfig):
         super().__init__()
         h, d, n, g = cfg.hidden_size, cfg.dim_head, cfg.num_heads, cfg.num_kv_heads
         self.d = d
+        self.attention_op: Callable[[Tensor, Tensor, Tensor], Tensor] = reference_attention
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(h, n * d, bias=False), nn.Linear(h, g * d, bias=False),
                                                  nn.Linear(h, g * d, bias=False))
         self.o_proj = nn.Linear(n * d, h, bias=False)
@@ -66,9 +70,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, S, -1, self.d)  # (B, S, g, d)
         q, k = rope(q, k, cos, sin)
         v = self.v_proj(x).view(B, S, -1, self.d)  # (B, S, g, d)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=True)  # (B, n, S, d)
-        return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))  # (B, S, h)
+        o = self.attention_op(q, k, v)  # (B, S, n, d)
+        return self.o_proj(o.reshape(B, S, -1))  # (B, S, h)
 
 
 class MLP(nn.Module):

@@ -24,10 +24,11 @@ _8B = from_hf_config(_RELEASED / "minicpm4-8b.json")[0].model_copy(update={"name
 
 PRESETS: dict[str, MiniCPMConfig] = {
     "minicpm4-8b": _8B,
-    # 8B per-head shapes (head dim 128, GQA 16:1 on 2 KV heads, the released LongRoPE factors), toy size elsewhere
+    # 8B per-head shapes (head dim 128, GQA 16:1 on 2 KV heads, the released LongRoPE factors), toy size elsewhere;
+    # vocab 4096: the shipped tokenizer's, so checkpoints and HF exports of the preset carry it
     "minicpm4-8b-reduced": _8B.model_copy(update={
         "name": "minicpm4-8b-reduced", "hidden_size": 256, "num_layers": 2, "ffn_hidden_size": 512,
-        "vocab_size": 512, "head_dim": 128}),
+        "vocab_size": 4096, "head_dim": 128}),
 }
 
 
