@@ -327,6 +327,11 @@ def _released(name: str) -> MiniCPMConfig:
 PRESETS: dict[str, MiniCPMConfig] = {
     "minicpm4-0.5b": _released("minicpm4-0.5b"),
     "minicpm4-8b": _released("minicpm4-8b"),
+    # The 8B's per-head shapes (head dim 128, 32 heads on 2 KV heads, untied, LongRoPE, pad 2) at toy width and
+    # depth, vocab = the default tokenizer's size: the 8B engine's gates at TP=2 on a CPU (its preset of the same name)
+    "minicpm4-8b-reduced": _released("minicpm4-8b").model_copy(update={
+        "name": "minicpm4-8b-reduced", "hidden_size": 256, "num_layers": 2, "ffn_hidden_size": 512,
+        "vocab_size": 4096, "head_dim": 128}),
     # Same math at toy size: every gate runs on a CPU in seconds. Vocab = the default tokenizer's size.
     "tiny": MiniCPMConfig(
         name="tiny", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -43,8 +43,10 @@ class PretrainBox:
 
     def run(self, name: str, role: str, nproc: int = 1, extra: list[str] | None = None, bucket_mb: float = 25.0,
             args: list[str] | None = None) -> None:
-        """Run pretrain (GateStop on a decline or crash, as every engine command)."""
-        self.g.run_engine(args if args is not None else self.args(name, extra, bucket_mb), self.box, role, nproc)
+        """Run pretrain (GateStop on a decline or crash, as every engine command), tensor parallel per
+        options.tp (`with_tp`)."""
+        argv, procs = with_tp(self.g, args if args is not None else self.args(name, extra, bucket_mb), nproc)
+        self.g.run_engine(argv, self.box, role, procs)
 
     def series(self, name: str, first: int, last: int, role: str) -> dict[str, torch.Tensor]:
         """The log's steps first..last; a log that breaks the contract fails the gate, naming the problem."""
@@ -101,6 +103,13 @@ def metrics_line(path: Path, limit: int = 2000) -> str:
         return lines[-1][:limit]
 
 
+def with_tp(g: GateRun, args: list[str], nproc: int) -> tuple[list[str], int]:
+    """pretrain's argv and process count for `nproc` data-parallel ranks: with options.tp > 1 each rank is tp
+    processes and the engine gets `--tp`."""
+    tp = g.options.tp
+    return (args + ["--tp", str(tp)], nproc * tp) if tp > 1 else (args, nproc)
+
+
 def run_killed_in_save(g: GateRun, box: PretrainBox, name: str, args: list[str], role: str,
                        poll_s: float = 0.001) -> dict:
     """Start `pretrain`, and SIGKILL its whole process tree the moment its save dir changes after the second
@@ -118,7 +127,7 @@ def run_killed_in_save(g: GateRun, box: PretrainBox, name: str, args: list[str],
     save, log = box.save_dir(name), box.log(name)
     env = _engine_environ(engine_env(g.engine))
     seen: dict = {"killed": False, "at_step": 0, "changed": []}
-    argv = engine_argv(g.engine, args)
+    argv = engine_argv(g.engine, *with_tp(g, args, 1))
     full = sandboxed_argv(g, argv, box.root)  # the same sandbox as every engine command; killing it ends its tree
     before_fp = fingerprint(watched_paths())
     t0 = time.monotonic()
