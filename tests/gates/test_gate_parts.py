@@ -10,7 +10,7 @@ import torch
 
 from gates.case import ScheduleSpec, make_spec
 from gates.case_data import corpus_batches
-from gates.context import GateRun
+from gates.context import GateRun, GateStop
 from gates.launch import Engine
 from gates import m5_long_train
 from gates.m5_long_train import loss_curve, speed_part
@@ -162,3 +162,22 @@ def test_m5_mfu_part_alone_never_passes(monkeypatch):
     assert not any("long" in c.role for c in report.commands)
     with pytest.raises(ValueError):
         GateOptions(m5_parts="speed")
+
+
+def test_speed_keeps_the_clock_when_the_reference_check_stops(monkeypatch):
+    """A reference that runs out of the gate's budget: the part is `error`, never passed, and the report still
+    holds the walls and the gate-clock tokens/s (the numbers a GPU call paid for)."""
+    fake_speed_runs(monkeypatch, {"warm": 50.0, "N": 20.0, "2N": 30.0})
+
+    def out_of_time(self, probe, case, **kw):
+        raise GateStop("error", "reference probe steps ran past the gate budget of 1s", "timeout")
+
+    monkeypatch.setattr(GateRun, "reference_probe", out_of_time)
+    g = gate_run(cpu_peak_tflops=1.0, mfu_threshold=0.0, speed_steps=3, speed_seq_length=32,
+                 speed_global_batch_size=4, speed_micro_batch_size=2, seed=1)
+    try:
+        part = speed_part(g, preset("tiny"))
+    finally:
+        g.cleanup()
+    assert part.verdict == "error" and "not checked" in part.message and "gate budget" in part.message
+    assert part.numbers["tokens_per_s"] == pytest.approx(3 * 4 * 32 / 10.0) and part.numbers["wall_2n_s"] == 30.0
