@@ -192,8 +192,11 @@ class GateRun:
         The sandbox is removed unless `keep` (the caller removes it then)."""
         role = role or f"engine probe {probe}"
         sandbox = self.sandbox(case.dir)
+        args = ["probe", probe, "--case", str(sandbox.case), "--out", str(sandbox.out)]
+        if self.options.tp > 1:  # each of the nproc data-parallel ranks is tp processes
+            args, nproc = args + ["--tp", str(self.options.tp)], nproc * self.options.tp
         try:
-            self.run_engine(["probe", probe, "--case", str(sandbox.case), "--out", str(sandbox.out)], sandbox, role, nproc)
+            self.run_engine(args, sandbox, role, nproc)
             tensors, metrics = self._read(sandbox.out, role, engine=True)
             self.report.engine_metrics[role] = _bounded(metrics)
         finally:

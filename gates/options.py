@@ -47,7 +47,7 @@ class GateOptions(BaseModel):
                                           "runs there (without it the part is `unsupported` on a CPU)")
     pretrain_args: list[str] = Field([], description="the spec's production flags, added to every `pretrain` the "
                                      "gates run (default none: the engine's defaults are what users get)")
-    tp: int = Field(1, ge=1, description="tensor-parallel degree of the engine's pretrain runs: each gets `--tp TP` "
+    tp: int = Field(1, ge=1, description="tensor-parallel degree of the engine's pretrain runs and probes: each gets `--tp TP` "
                     "and TP x its data-parallel processes (an engine with tensor parallelism, e.g. train_engine_8b)")
     timeout_s: float = Field(1800.0, gt=0, description="wall-clock budget of one gate; exceeding it is verdict `error` (timeout)")
     out_dir: Path | None = Field(None, description="where reports (<gate>.json) are written; None: not written")

@@ -1,4 +1,4 @@
-"""The engine's command line (typer): pretrain, export-hf, dump-state, info. Thin: each command maps its options to
+"""The engine's command line (typer): pretrain, probe, export-hf, dump-state, info. Thin: each command maps its options to
 a config or call; errors are one line and a non-zero exit (core/cli_guard.py). Run under torchrun for more than
 one process; `--tp N` makes every N consecutive ranks one tensor-parallel model replica."""
 
@@ -54,6 +54,22 @@ def pretrain(
     if summary_json is not None and int(os.environ.get("RANK", 0)) == 0:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+@app.command()
+@guard
+def probe(
+    name: str = typer.Argument(..., help="forward | backward | steps | checkpoint"),
+    case: Path = typer.Option(..., "--case", help="case directory"),
+    out: Path = typer.Option(..., "--out", help="output directory"),
+    ops: str = typer.Option("", "--ops", help="op=implementation,... (default: the device's defaults)"),
+    tp: int = typer.Option(1, "--tp", help="tensor-parallel degree (the processes of one model replica)"),
+) -> None:
+    """Answer one probe of the probe contract on a case (exit 77 when unsupported)."""
+    from train_engine_8b.ops.registry import OpSelection
+    from train_engine_8b.probe import run_probe
+
+    run_probe(name, case, out, OpSelection.parse(ops), tp)
 
 
 @app.command("export-hf")

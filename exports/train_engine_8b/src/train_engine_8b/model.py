@@ -138,13 +138,19 @@ class MiniCPM(nn.Module):
             self._rope[key] = rope_cos_sin(self.cfg, seq_len, device, dtype)
         return self._rope[key]
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """input_ids (B, S) -> logits (B, S, V); under TP a DTensor sharded on V (parallelize.py)."""
+    def forward(self, input_ids: Tensor, hidden_states: list[Tensor] | None = None) -> Tensor:
+        """input_ids (B, S) -> logits (B, S, V); under TP a DTensor sharded on V (parallelize.py). With a list,
+        appends the residual stream after the embedding and after each layer (the probe contract's
+        hidden_states; under TP DTensors sharded on the sequence)."""
         cfg = self.cfg
         cos, sin = self.rope_tables(input_ids.shape[1], input_ids.device, self.model.norm.weight.dtype)
         h = self.model.embed_tokens(input_ids) * cfg.scale_emb  # (B, S, h)
+        if hidden_states is not None:
+            hidden_states.append(h)
         for layer in self.model.layers:
             h = layer(h, cos, sin)
+            if hidden_states is not None:
+                hidden_states.append(h)
         x = self.model.norm(h) / cfg.logit_scale  # (B, S, h)
         if self.lm_head is None:
             return F.linear(x, self.model.embed_tokens.weight)
