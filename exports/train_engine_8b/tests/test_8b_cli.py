@@ -185,3 +185,22 @@ def test_resume_across_tp_layouts(tp_runs):
 def test_export_of_tp2_checkpoint_in_transformers(tp_runs):
     d = tp_runs["dir"]
     _assert_logits_in_transformers(d, d / "tp2", "hf-tp2", _dump(d, d / "tp2"))
+
+
+@pytest.mark.slow
+def test_prepared_data_and_validation_at_tp2(tmp_path):
+    """prepare-data (the shipped corpus), then pretrain on it with a held-out split validated every 3 steps:
+    TP=2's training and validation losses follow TP=1's (fp32; each validation counts the DP group's tokens
+    once, not once per TP rank)."""
+    corpus = SRC / "train_engine_8b" / "data" / "default_corpus.jsonl.gz"
+    _ok(engine(1, ["prepare-data", "--input", corpus, "--out", tmp_path / "prep", "--workers", 1], tmp_path))
+    args = ["pretrain", "--model", "minicpm4-8b-reduced", "--device", "cpu", "--seq-length", 64, "--global-batch-size", 4,
+            "--micro-batch-size", 2, "--num-steps", 6, "--warmup-steps", 2, "--lr", 3e-3, "--prepared-data",
+            tmp_path / "prep", "--eval-split", 0.05, "--eval-interval", 3, "--eval-iters", 2]
+    _ok(engine(2, [*args, "--tp", 2, "--log-file", tmp_path / "tp2.jsonl"], tmp_path))
+    _ok(engine(1, [*args, "--log-file", tmp_path / "tp1.jsonl"], tmp_path))
+    a, b = _log(tmp_path / "tp2.jsonl"), _log(tmp_path / "tp1.jsonl")
+    evals = [(x["eval_loss"], y["eval_loss"]) for x, y in zip(a, b) if "eval_loss" in y]
+    assert len(evals) == 2 and all("eval_loss" in x for x, y in zip(a, b) if "eval_loss" in y)
+    assert all(abs(x - y) / y < 1e-4 for x, y in evals)
+    assert all(abs(x["loss"] - y["loss"]) / y["loss"] < 1e-4 for x, y in zip(a, b))

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from train_engine_0_5b.cli_help import PlainHelpGroup
+from train_engine_0_5b.core import cli_commands
 from train_engine_0_5b.core.cli_guard import err, guard
 from train_engine_0_5b.core.cli_options import with_config_options
 from train_engine_0_5b.core.errors import EngineError
@@ -142,69 +143,9 @@ def probe(
     run_probe(name, case, out, _ops(ops))
 
 
-@app.command("export-hf")
-@_guard
-def export_hf(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint directory, or a save dir (its latest)"),
-    out: Path = typer.Option(..., "--out", help="output directory (must be empty or absent unless --force)"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16"),
-    force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
-    layout: str = typer.Option("llama", "--layout", help="llama: LlamaForCausalLM, MiniCPM scales folded, no remote code; "
-                               "minicpm: the official MiniCPM layout, which --init-from reads back"),
-) -> None:
-    """Write a Hugging Face checkpoint (Llama layout, MiniCPM scales folded; or the native MiniCPM layout) plus
-    the tokenizer files."""
-    from train_engine_0_5b.export_hf import export
-
-    path = export(checkpoint, out, dtype, force=force, layout=layout)
-    typer.echo(f"exported {path}")
-
-
-@app.command("dump-state")
-@_guard
-def dump_state(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint directory, or a save dir (its latest)"),
-    out: Path = typer.Option(..., "--out", help="output directory: tensors.safetensors + metrics.json"),
-) -> None:
-    """Write a checkpoint's fp32 master weights (weight.NAME) and AdamW moments (exp_avg.NAME, exp_avg_sq.NAME)."""
-    from train_engine_0_5b.core.checkpoint import dump_state as dump
-
-    typer.echo(f"wrote {dump(checkpoint, out)}")
-
-
-@app.command("prepare-data")
-@_guard
-def prepare_data(
-    inputs: list[str] = typer.Option([], "--input", help="a local file or directory (Parquet, Arrow, JSON/JSONL, text, "
-                                     "a save_to_disk directory) or a Hub dataset name (streamed); repeat for several"),
-    out: Optional[Path] = typer.Option(None, "--out", help="the prepared dataset's directory (rerun the same command to "
-                                       "resume an interrupted run)"),
-    tokenizer_path: Optional[str] = typer.Option(None, "--tokenizer-path", help="HF tokenizer directory; default: the shipped tokenizer"),
-    hf_dataset_config: Optional[str] = typer.Option(None, "--hf-dataset-config", help="Hub dataset configuration"),
-    hf_dataset_split: str = typer.Option("train", "--hf-dataset-split", help="split of a Hub / save_to_disk dataset"),
-    hf_text_template: Optional[str] = typer.Option(None, "--hf-text-template", help='e.g. "Question: {question}\\nAnswer: {answer}"; default: the text column'),
-    workers: Optional[int] = typer.Option(None, "--workers", help="tokenizer processes (default: one per core)"),
-    shard_mb: float = typer.Option(32.0, "--shard-mb", help="MB (million characters) of text per shard: the unit of "
-                                   "parallelism and resume (a shard holds ~1/4 as many tokens)"),
-    docs_per_shard: int = typer.Option(1_000_000, "--docs-per-shard", help="at most this many documents per shard"),
-    verify: Optional[Path] = typer.Option(None, "--verify", help="instead: rehash every shard of this prepared dataset "
-                                          "against its manifest"),
-) -> None:
-    """Tokenize a corpus once into memory-mapped token shards with a manifest (train on them with --prepared-data)."""
-    from train_engine_0_5b.data import prepare_data as prepare_mod, shards
-
-    if verify is not None:
-        m = shards.verify(verify)
-        typer.echo(f"{verify}: {len(m.shards)} shards, {m.n_tokens:,} tokens, {m.n_docs:,} documents: every file matches its manifest")
-        return
-    if out is None:
-        raise EngineError("prepare-data needs --out (or --verify DIR)")
-    res = prepare_mod.run(inputs, out, tokenizer_path, hf_dataset_config, hf_dataset_split, hf_text_template, workers,
-                          docs_per_shard, shard_mb, console=err)
-    m = res.manifest
-    rate = f", {m.n_tokens / res.seconds:,.0f} tokens/s" if res.seconds > 0 else ""
-    typer.echo(f"prepared {out}: {m.n_tokens:,} tokens ({m.dtype}), {m.n_docs:,} documents, {len(m.shards)} shards "
-               f"({res.reused} kept from an interrupted run) in {res.seconds:.1f} s{rate}")
+app.command("export-hf")(cli_commands.export_hf)
+app.command("dump-state")(cli_commands.dump_state)
+app.command("prepare-data")(cli_commands.prepare_data)
 
 
 @app.command()

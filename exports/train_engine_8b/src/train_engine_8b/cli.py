@@ -1,4 +1,4 @@
-"""The engine's command line (typer): pretrain, probe, export-hf, dump-state, info. Thin: each command maps its options to
+"""The engine's command line (typer): pretrain, probe, export-hf, dump-state, prepare-data, info. Thin: each command maps its options to
 a config or call; errors are one line and a non-zero exit (core/cli_guard.py). Run under torchrun for more than
 one process; `--tp N` makes every N consecutive ranks one tensor-parallel model replica."""
 
@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from train_engine_8b.core import cli_commands
 from train_engine_8b.core.cli_guard import guard
 from train_engine_8b.core.cli_options import with_config_options
 from train_engine_8b.core.errors import EngineError
@@ -72,32 +73,9 @@ def probe(
     run_probe(name, case, out, OpSelection.parse(ops), tp)
 
 
-@app.command("export-hf")
-@guard
-def export_hf(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint directory, or a save dir (its latest)"),
-    out: Path = typer.Option(..., "--out", help="output directory (must be empty or absent unless --force)"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16"),
-    force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
-    layout: str = typer.Option("llama", "--layout", help="llama: LlamaForCausalLM, MiniCPM scales folded, no remote code; "
-                               "minicpm: the official MiniCPM layout, which --init-from reads back"),
-) -> None:
-    """Write one unsharded Hugging Face checkpoint from a checkpoint of any layout (read whole in this process)."""
-    from train_engine_8b.minicpm.export_hf import export
-
-    typer.echo(f"exported {export(checkpoint, out, dtype, force=force, layout=layout)}")
-
-
-@app.command("dump-state")
-@guard
-def dump_state(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint directory, or a save dir (its latest)"),
-    out: Path = typer.Option(..., "--out", help="output directory: tensors.safetensors + metrics.json"),
-) -> None:
-    """Write a checkpoint's fp32 master weights (weight.NAME) and AdamW moments (exp_avg.NAME, exp_avg_sq.NAME)."""
-    from train_engine_8b.core.checkpoint import dump_state as dump
-
-    typer.echo(f"wrote {dump(checkpoint, out)}")
+app.command("export-hf")(cli_commands.export_hf)  # one unsharded HF checkpoint from any layout, read whole
+app.command("dump-state")(cli_commands.dump_state)
+app.command("prepare-data")(cli_commands.prepare_data)
 
 
 @app.command()
