@@ -13,7 +13,7 @@ import pytest
 import torch
 from engine_testlib import TINY, read_jsonl
 
-from train_engine_0_5b import pretrain as pretrain_mod
+from train_engine_0_5b.core import pretrain as pretrain_mod  # the shared loop
 from train_engine_0_5b.core import step_reports
 from train_engine_0_5b.data import Loader, PackedRows, Prefetcher, TokenStream
 from train_engine_0_5b.data.sources import Source, renderer
@@ -128,7 +128,7 @@ def test_batches_for_a_cuda_device_are_pinned(stream):
         assert all(torch.equal(d.cpu(), y) for d, y in zip(on_device, loader(stream).batch(step)))
 
 
-def synchronous_loop(cfg, ctx, trainer, train_step, loader, data, log, start, skipped):
+def synchronous_loop(cfg, ctx, trainer, train_step, loader, data, log, start, skipped, ops):
     """The loop before prefetching and late reads (no checkpoints): build, copy, step, read, log."""
     t = cfg.train
     tokens = t.global_batch_size * t.seq_length

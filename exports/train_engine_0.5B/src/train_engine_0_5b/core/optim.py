@@ -114,6 +114,7 @@ class AdamW:
         self.ctx = None
         self.tp = None  # tensor_parallel(): the TP group's DistContext
         self._tp_sharded = [is_sharded(p) for p in self.params]  # per unit: its squares are summed over TP
+        self._tp_split: list[Tensor] | None = None
         self.betas, self.eps, self.op = betas, eps, adamw_op
         self.fused = fuses_clip_and_copy(adamw_op)
         self.step_count = 0
@@ -134,6 +135,7 @@ class AdamW:
         self.exp_avg, self.exp_avg_sq = cut(self.exp_avg), cut(self.exp_avg_sq)
         self.weight_decays = [self._decay[pc.name] for pc in pieces]
         self._tp_sharded = [self._tp_sharded[index[pc.name]] for pc in pieces]
+        self._tp_split = None
         self.units = [(pc.name, pc.start, pc.end) for pc in pieces]
         self.ctx = ctx
 
@@ -155,11 +157,14 @@ class AdamW:
         """Squares of TP-sharded units summed over the TP group, replicated ones counted once; both summed over
         the DP group under ZeRO-1 (each rank holds its pieces only)."""
         acc = torch.promote_types(grads[0].dtype, torch.float32) if grads else self.master_dtype
-        sq = torch.zeros(2, dtype=acc, device=local(self.params[0]).device)  # [sharded, replicated]
+        device = local(self.params[0]).device
+        sq = torch.zeros(2, dtype=acc, device=device)  # [sharded, replicated]
         if grads:
+            if self._tp_split is None:  # unit indices of each kind, on the device once
+                self._tp_split = [torch.tensor([i for i, s in enumerate(self._tp_sharded) if s == want], dtype=torch.long,
+                                               device=device) for want in (True, False)]
             norms = torch.stack(torch._foreach_norm(grads, 2, dtype=acc)).square()
-            flags = torch.tensor(self._tp_sharded, device=norms.device)
-            sq = torch.stack([norms[flags].sum(), norms[~flags].sum()])
+            sq = torch.stack([norms.index_select(0, idx).sum() for idx in self._tp_split])
         if self.units is not None:
             self.ctx.all_reduce_sum_(sq)
         self.tp.all_reduce_sum_(sq[:1])
