@@ -16,10 +16,10 @@ Parts and their rules:
   cancel. FLOPs per token come from the case's model (the forge spec's), docs/DESIGN.md's formula, never from the
   engine's files; the device and its peak are read on the gate's side (989.4 TFLOP/s bf16 for H100 / H200
   SXM). The timed runs' losses must match the reference's on the same data (mean relative difference below
-  `long_train_threshold`), so skipped work fails; that reference takes the rows one at a time with fused
-  attention (gates/stacks SPEED_STACKS: `torch-sdpa` for `torch`), so the check costs about what the
-  timed runs do. The engine's own tokens/s and MFU (its log's last line)
-  are recorded beside the gate's and decide nothing. On a CPU the part is `unsupported` unless a test gives
+  `long_train_threshold`), so skipped work fails; that reference takes the engine's micro batches with fused
+  attention (gates/stacks SPEED_STACKS: `torch-sdpa` for `torch`; a stack without one takes one row at a time).
+  The walls and the gate's tokens/s are recorded before that check runs. The engine's own figures (its log's
+  last line, the sum of the step times it logged per run) are recorded beside the gate's and decide nothing. On a CPU the part is `unsupported` unless a test gives
   a CPU peak (`cpu_peak_tflops`).
 
 `m5_parts` runs one part alone (a GPU run split over machine calls of limited length); the other is then
@@ -32,7 +32,10 @@ correct engine gets `unsupported` with `loss: passed` in the report, never a sil
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -161,6 +164,15 @@ def device_peak(g: GateRun) -> tuple[str, float | None, str]:
     return o.device, None, f"MFU is measured on GPU only (peak {PEAK_FLOPS / 1e12:.1f} TFLOP/s bf16); this run is on {o.device}"
 
 
+def engine_step_times(log: Path) -> list[float]:
+    """The `step_time_s` each log record claims: shown beside the walls (where a run's time went), never judged."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines() if log.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError, TypeError, ValueError):
+            out.append(round(float(json.loads(line)["step_time_s"]), 4))
+    return out
+
+
 def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
     """Time `pretrain` from outside: wall(2N steps) - wall(N steps), on a corpus case; see the module doc."""
     o = g.options
@@ -192,16 +204,20 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
     numbers = {"threshold": o.mfu_threshold, "device": device, "model": model.name, "flops_per_token": flops,
                "flops_source": "the case's model (forge spec), docs/DESIGN.md's formula", "seq_length": seq,
                "global_batch_size": rows, "micro_batch_size": micro, "timed_steps": n, "wall_warm_s": walls["warm"],
-               "wall_n_s": walls["N"], "wall_2n_s": walls["2N"], "engine_log_last_line": metrics_line(box.log("2N"))}
+               "wall_n_s": walls["N"], "wall_2n_s": walls["2N"], "engine_log_last_line": metrics_line(box.log("2N")),
+               **{f"engine_steps_sum_s_{name}": round(sum(engine_step_times(box.log(name))), 3) for name in ("N", "2N")}}
     if dt > 0:  # recorded whatever the verdict, the reference's check included
         numbers |= {"tokens_per_s": n * rows * seq / dt, "step_time_s": dt / n, "mfu": flops * n * rows * seq / dt / peak}
-    # The reference takes the same global batches one row at a time, with fused attention where its stack has it.
-    one_row = spec.model_copy(update={"micro_batch_size": 1, "grad_accum": rows})
-    stack = SPEED_STACKS.get(o.reference, o.reference)
+    # The reference checks the same global batches: in the engine's micro batches where its stack has fused
+    # attention (memory linear in the sequence), else one row at a time (unfused scores of 8 x 4096^2 per layer
+    # filled an H100).
+    stack = SPEED_STACKS.get(o.reference)
+    ref_micro = micro if stack is not None else 1
+    ref_spec = spec.model_copy(update={"micro_batch_size": ref_micro, "grad_accum": rows // ref_micro})
     try:
-        ref = g.reference_probe("steps", g.write_case(one_row, batches=case.batches, weights=case.weights,
-                                                      label="the speed case, one row per reference micro batch"),
-                                twin=False, stack=stack)
+        ref = g.reference_probe("steps", g.write_case(ref_spec, batches=case.batches, weights=case.weights,
+                                                      label=f"the speed case, {ref_micro} row(s) per reference micro batch"),
+                                twin=False, stack=stack or o.reference)
     except GateStop as stop:  # the clock's numbers stay in the report; without the loss check they decide nothing
         return Part(name="mfu", verdict="error" if stop.verdict in ("passed", "unsupported") else stop.verdict,
                     numbers=numbers, message=f"the timed runs' losses were not checked: {stop.message}")

@@ -81,12 +81,12 @@ def fake_speed_runs(monkeypatch, walls: dict[str, float], loss_scale: float = 1.
         steps = int(args[args.index("--num-steps") + 1])
         self.g.report.commands.append(Command(role=role, argv=args, cwd=str(self.root), rc=0, time_s=walls[name]))
         lines = [f'{{"step": {t}, "loss": {(8 - 0.1 * t) * loss_scale}, "grad_norm": 1.0, "lr": 3e-4, '
-                 f'"valid_tokens": 1, "mfu": {claim}}}' for t in range(1, steps + 1)]
+                 f'"valid_tokens": 1, "step_time_s": 0.5, "mfu": {claim}}}' for t in range(1, steps + 1)]
         self.log(name).write_text("\n".join(lines) + "\n")
 
     def reference(self, probe, case, twin=True, stack=None):
-        # one row per reference micro batch, torch's fused attention, no float32 twin: the check's cost
-        assert (stack, twin, case.spec.micro_batch_size) == ("torch-sdpa", False, 1)
+        # the engine's micro batches, torch's fused attention, no float32 twin: the check's cost
+        assert (stack, twin, case.spec.micro_batch_size) == ("torch-sdpa", False, 2)
         return {"losses": torch.tensor([8 - 0.1 * t for t in range(1, case.spec.steps + 1)])}
 
     monkeypatch.setattr(m5_long_train.PretrainBox, "run", run)
@@ -109,6 +109,7 @@ def test_speed_is_the_gates_clock_and_the_cases_flops(monkeypatch):
     assert n["flops_per_token"] == preset("tiny").flops_per_token(32)
     assert n["mfu"] == pytest.approx(n["flops_per_token"] * n["tokens_per_s"] / 1e12)
     assert '"mfu": 0.52' in n["engine_log_last_line"] and n["mfu"] < 1e-3
+    assert n["engine_steps_sum_s_N"] == pytest.approx(1.5) and n["engine_steps_sum_s_2N"] == pytest.approx(3.0)
     assert n["device"] == "cpu" and [c.role.split(",")[-1] for c in g.report.commands] == [" warm)", " N)", " 2N)"]
 
 
