@@ -52,7 +52,8 @@ def rectangles(start: int, end: int, values: Tensor, shape: tuple[int, ...], at:
         row, col = divmod(i, cols)
         n = (end - i) // cols * cols if col == 0 and end - i >= cols else min(cols - col, end - i)
         rows = n // cols if col == 0 and n >= cols else 1
-        out.append(((at[0] + row, at[1] + col), (rows, n // rows), values[i - start : i - start + n].view(rows, n // rows)))
+        part = values[i - start : i - start + n].view(rows, n // rows)
+        out.append(((at[0] + row, at[1] + col), (rows, n // rows), part))
         i += n
     return out
 

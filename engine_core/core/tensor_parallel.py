@@ -10,7 +10,6 @@ Shard placements must split evenly (the engines' parallelize.py refuses degrees 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -68,8 +67,3 @@ def repoint(p: Tensor, storage: Tensor) -> None:
         p._local_tensor.data = storage
     else:
         p.data = storage
-
-
-def any_dtensor(params) -> bool:
-    """Whether any of `params` is a DTensor (the model is tensor-parallel)."""
-    return any(isinstance(p, DTensor) for p in params)

@@ -131,6 +131,7 @@ class MiniCPM(nn.Module):
         self.model = Body(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope: dict[tuple, tuple[Tensor, Tensor]] = {}  # (seq, device, dtype) -> tables
+        self.op_record: dict = {}  # build.py: which implementation each op runs (logs, checkpoints)
 
     def rope_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (seq_len, device, dtype)

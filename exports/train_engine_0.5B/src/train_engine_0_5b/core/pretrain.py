@@ -182,7 +182,8 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype, engine: Engi
         tp = f" x TP {cfg.runtime.tp}" if cfg.runtime.tp > 1 else ""
         log.print(f"model {cfg.model.name} ({cfg.model.num_params() / 1e6:.1f} M params) on {ctx.world} x {ctx.device.type} "
                   f"{str(dtype).removeprefix('torch.')}; data: {data.describe()}; "
-                  f"global batch {t.global_batch_size} x {t.seq_length} = micro {t.micro_batch_size} x accum {accum} x DP {dp.world}{tp}; "
+                  f"global batch {t.global_batch_size} x {t.seq_length} = micro {t.micro_batch_size} x accum {accum} "
+                  f"x DP {dp.world}{tp}; "
                   f"ops {engine.ops_record(trainer)}; compile {cfg.runtime.resolved_compile()}, CUDA graph {graphed}, "
                   f"deterministic {cfg.runtime.resolved_deterministic()}")
         skipped = int(loaded.state.get("skipped_steps", 0)) if loaded is not None else 0
