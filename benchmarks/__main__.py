@@ -1,7 +1,8 @@
 """`python -m benchmarks [NAME [ARGS...]]`: the named experiments; without a name, what exists.
 
-Each name runs one module's own typed command line (`python -m benchmarks compare --help`). The GPU sessions
-under `gpu/` run on a lent GPU machine through `gpu/session.sh`; they are listed with their first line.
+Each name runs one module's own typed command line (`python -m benchmarks compare --help`). On a lent GPU machine
+`bash benchmarks/gpu/session.sh PART [options]` runs the session parts (`python -m benchmarks.gpu.session --help`:
+each part's typed options); they are listed here, and so is every script under `gpu/`, with its first line.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from benchmarks.gpu.session_parts import PARTS
 
 # name -> (module with main(argv), one line); the one list of what can be run
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -49,7 +53,14 @@ def listing(console: Console) -> None:
     for name, (_, what) in COMMANDS.items():
         t.add_row(name, what)
     console.print(t)
-    g = Table(title="GPU sessions (benchmarks/gpu/, run through gpu/session.sh on a lent GPU)")
+    p = Table(title=escape("GPU session parts: bash benchmarks/gpu/session.sh PART [options] [-- PART ...] "
+                           "(PART --help)"))
+    p.add_column("part")
+    p.add_column("what it runs", overflow="fold")
+    for name, part in PARTS.items():
+        p.add_row(name, part.help)
+    console.print(p)
+    g = Table(title="GPU scripts (benchmarks/gpu/; the parts above run them)")
     g.add_column("script")
     g.add_column("what it runs", overflow="fold")
     for path in sorted(p for p in GPU_DIR.iterdir() if p.suffix in (".py", ".sh")):
