@@ -1,5 +1,6 @@
 """Commands every engine's CLI registers as they are (`app.command("export-hf")(cli_commands.export_hf)`):
-export-hf, dump-state, prepare-data. Each maps its options to a core call; errors are one line (cli_guard.py)."""
+export-hf, dump-state, prepare-data; and `pretrain`'s shared part (`pretrain_config`, `write_summary`). Each maps
+its options to a core call; errors are one line (cli_guard.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,51 @@ from typing import Optional
 
 import typer
 
+from ..minicpm.config_files import Presets, load
 from .cli_guard import err, guard
+from .engine_config import EngineConfig
 from .errors import EngineError
+
+
+def pretrain_model(spec: str | None, init_from: Path | None, presets: Presets, default_model: str):
+    """--model, else --init-from's config.json, else the engine's model."""
+    if spec is None and init_from is not None:
+        if not (init_from / "config.json").is_file():
+            raise EngineError(f"--init-from {init_from}: no config.json (expected a Hugging Face MiniCPM checkpoint directory)")
+        return load(init_from / "config.json", presets)
+    return load(spec or default_model, presets)
+
+
+def pretrain_config(ctx: typer.Context, config: Path | None, model: str | None, ops: str, options: dict,
+                    presets: Presets, default_model: str) -> EngineConfig:
+    """The run's config from `pretrain`'s command line: a --config file's values with the options typed on the
+    command line over them; the model from --model, else the file's, else --init-from's config.json, else
+    `default_model`; the ops from --ops, else the file's."""
+    from ..ops.registry import OpSelection
+    from . import cli_options, run_config
+    from .engine_config import build
+
+    explicit = cli_options.given(ctx)
+    file = run_config.read(config) if config is not None else {}
+    sections = cli_options.sections(options, file, explicit)
+    init_from = sections["checkpoint"].get("init_from")
+    if model is None and "model" in file:
+        model_cfg = run_config.model_from(file["model"], str(config), presets)
+    else:
+        model_cfg = pretrain_model(model, Path(init_from) if init_from is not None else None, presets, default_model)
+    use_file = "ops" in file and "ops" not in explicit
+    selection = run_config.ops_from(file["ops"], str(config)) if use_file else OpSelection.parse(ops)
+    return build(model=model_cfg, ops=selection, **sections)
+
+
+def write_summary(summary: dict, path: Path | None) -> None:
+    """--summary-json: the run summary (rank 0)."""
+    import json
+    import os
+
+    if path is not None and int(os.environ.get("RANK", 0)) == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 @guard

@@ -113,10 +113,20 @@ def test_pretrain_one_process_dump_and_export(inputs):
     log = _log(d / "tp1.jsonl")
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))
     assert all(r["loss"] > 1.0 and r["grad_norm"] > 0 for r in log)
+    written = (d / "tp1" / "config.toml").read_text()  # the resolved run config, itself a valid --config
+    assert "[runtime]" in written and "tp = 1" in written and "train_engine_8b pretrain --config" in written
     state = _dump(d, d / "tp1")
     assert state["weight.model.embed_tokens.weight"][2].abs().max() == 0  # the padding row stays zero
     assert {"exp_avg.lm_head.weight", "exp_avg_sq.model.norm.weight"} <= set(state)
     _assert_logits_in_transformers(d, d / "tp1", "hf-tp1", state)
+
+
+def test_config_file_sets_tp(inputs, tmp_path):
+    """--config: a TOML's [runtime] tp is the run's, and an option on the command line overrides the file."""
+    d = inputs
+    (tmp_path / "run.toml").write_text('model = "minicpm4-8b-reduced"\n[runtime]\ntp = 3\n')
+    res = engine(1, [*pretrain_args(d, "cfg-tp"), "--config", tmp_path / "run.toml"], d)
+    assert res.returncode == 1 and "--tp 3 does not divide the world size (1 ranks)" in res.stderr
 
 
 def test_bad_tp_degree_is_one_line(inputs):

@@ -4,7 +4,6 @@ its options to a config or call and turns EngineError into a message and a non-z
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -31,17 +30,6 @@ def _model(spec: str):
     return load(spec)
 
 
-def _pretrain_model(spec: str | None, init_from: Path | None):
-    """--model, else --init-from's config.json, else the engine's model."""
-    if spec is None and init_from is not None:
-        from train_engine_0_5b.model_config import from_hf_config
-
-        if not (init_from / "config.json").is_file():
-            raise EngineError(f"--init-from {init_from}: no config.json (expected a Hugging Face MiniCPM checkpoint directory)")
-        return from_hf_config(init_from / "config.json")[0]
-    return _model(spec or DEFAULT_MODEL)
-
-
 def _ops(text: str):
     from train_engine_0_5b.ops.registry import OpSelection
 
@@ -61,23 +49,11 @@ def pretrain(
     **options,
 ) -> None:
     """Train (and with --resume, continue bit-identically from the latest checkpoint)."""
-    from train_engine_0_5b import config as config_mod, pretrain as pretrain_mod, run_config
-    from train_engine_0_5b.core import cli_options
+    from train_engine_0_5b import pretrain as pretrain_mod
+    from train_engine_0_5b.model_config import PRESETS
 
-    explicit = cli_options.given(ctx)
-    file = run_config.read(config) if config is not None else {}
-    sections = cli_options.sections(options, file, explicit)
-    init_from = sections["checkpoint"].get("init_from")
-    if model is None and "model" in file:
-        model_cfg = run_config.model_from(file["model"], str(config))
-    else:
-        model_cfg = _pretrain_model(model, Path(init_from) if init_from is not None else None)
-    selection = run_config.ops_from(file["ops"], str(config)) if "ops" in file and "ops" not in explicit else _ops(ops)
-    cfg = config_mod.build(model=model_cfg, ops=selection, **sections)
-    summary = pretrain_mod.run(cfg)
-    if summary_json is not None and int(os.environ.get("RANK", 0)) == 0:
-        summary_json.parent.mkdir(parents=True, exist_ok=True)
-        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    cfg = cli_commands.pretrain_config(ctx, config, model, ops, options, PRESETS, DEFAULT_MODEL)
+    cli_commands.write_summary(pretrain_mod.run(cfg), summary_json)
 
 
 @app.command()

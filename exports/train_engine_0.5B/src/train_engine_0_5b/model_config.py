@@ -12,12 +12,12 @@ value that would change the math in a way not implemented here is refused).
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from train_engine_0_5b.minicpm import config_files
 from train_engine_0_5b.minicpm.config import (ConfigError, LinearRope, LongRope, MiniCPMConfig, RopeScaling,
-                                              build_config, hf_param_shapes, validation_lines)
+                                              hf_param_shapes, validation_lines)
 from train_engine_0_5b.minicpm.hf_config import from_hf_config, to_hf_minicpm_config
 
 __all__ = ["ConfigError", "LinearRope", "LongRope", "MiniCPMConfig", "PRESETS", "RopeScaling", "from_dict",
@@ -26,33 +26,17 @@ __all__ = ["ConfigError", "LinearRope", "LongRope", "MiniCPMConfig", "PRESETS", 
 
 
 def preset(name: str) -> MiniCPMConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return config_files.preset(name, PRESETS)
 
 
 def from_toml(path: str | Path) -> MiniCPMConfig:
-    """A TOML file with the fields of MiniCPMConfig at top level or under [model]; `preset = "..."`
-    starts from a preset and overrides the fields given."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model config file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return from_dict(data.get("model", data), str(path))
+    """A TOML file with the fields of MiniCPMConfig at top level or under [model] (minicpm/config_files.py)."""
+    return config_files.from_toml(path, PRESETS)
 
 
 def from_dict(values: dict[str, Any], source: str) -> MiniCPMConfig:
-    """MiniCPMConfig fields (a TOML table); `preset = "..."` starts from a preset and overrides the fields given."""
-    data = dict(values)
-    base = data.pop("preset", None)
-    if base is not None:
-        merged = preset(base).model_dump() | data
-        merged.pop("name")
-        return build_config(data.get("name", base), {k: v for k, v in merged.items() if k != "name"})
-    return build_config(str(data.pop("name", source)), data)
+    """MiniCPMConfig fields (a TOML table); `preset = "..."` starts from a preset."""
+    return config_files.from_dict(values, source, PRESETS)
 
 
 _RELEASED = Path(__file__).parent / "data" / "released"  # the published config.json of each released model
@@ -74,12 +58,4 @@ PRESETS: dict[str, MiniCPMConfig] = {
 
 def load(spec: str | Path) -> MiniCPMConfig:
     """A preset name, a .toml file, or a HF config.json / model directory."""
-    s = str(spec)
-    if s in PRESETS:
-        return PRESETS[s]
-    p = Path(s)
-    if p.suffix == ".toml":
-        return from_toml(p)
-    if p.suffix == ".json" or p.is_dir():
-        return from_hf_config(p)[0]
-    raise ConfigError(f"model {s!r} is neither a preset ({', '.join(PRESETS)}) nor a .toml / config.json path")
+    return config_files.load(spec, PRESETS)

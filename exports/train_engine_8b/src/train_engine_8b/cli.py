@@ -1,11 +1,9 @@
-"""The engine's command line (typer): pretrain, probe, export-hf, dump-state, prepare-data, info. Thin: each command maps its options to
-a config or call; errors are one line and a non-zero exit (core/cli_guard.py). Run under torchrun for more than
-one process; `--tp N` makes every N consecutive ranks one tensor-parallel model replica."""
+"""The engine's command line (typer): pretrain, probe, export-hf, dump-state, prepare-data, info. Thin: each command
+maps its options to a config or call; errors are one line and a non-zero exit (core/cli_guard.py). Run under
+torchrun for more than one process; `--tp N` makes every N consecutive ranks one tensor-parallel model replica."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -14,22 +12,10 @@ import typer
 from train_engine_8b.core import cli_commands
 from train_engine_8b.core.cli_guard import guard
 from train_engine_8b.core.cli_options import with_config_options
-from train_engine_8b.core.errors import EngineError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MiniCPM4-8B pretraining engine (tensor parallel x data parallel; run under torchrun).")
 DEFAULT_MODEL = "minicpm4-8b"  # `minicpm4-8b-reduced` runs the same per-head shapes on a CPU
-
-
-def _model(spec: str | None, init_from: Path | None):
-    """--model, else --init-from's config.json, else the engine's model."""
-    from train_engine_8b.model_config import load
-
-    if spec is None and init_from is not None:
-        if not (init_from / "config.json").is_file():
-            raise EngineError(f"--init-from {init_from}: no config.json (expected a Hugging Face MiniCPM checkpoint directory)")
-        return load(init_from / "config.json")
-    return load(spec or DEFAULT_MODEL)
 
 
 @app.command()
@@ -37,24 +23,19 @@ def _model(spec: str | None, init_from: Path | None):
 @guard
 def pretrain(
     ctx: typer.Context,
-    model: Optional[str] = typer.Option(None, "--model", help=f"preset (minicpm4-8b, minicpm4-8b-reduced) or HF config.json; default: --init-from's config.json, else {DEFAULT_MODEL}"),
-    ops: str = typer.Option("", "--ops", help="op=implementation pairs (this engine runs the registry's adamw only)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="a run config (TOML: model, ops and the sections train, "
+                                          "optim, data, checkpoint, runtime); options given here override it"),
+    model: Optional[str] = typer.Option(None, "--model", help=f"preset (minicpm4-8b, minicpm4-8b-reduced), model .toml or HF config.json; default: --init-from's config.json, else {DEFAULT_MODEL}"),
+    ops: str = typer.Option("", "--ops", help="op=implementation pairs (this engine runs the registry's attention and adamw)"),
     summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="write the run summary here (rank 0)"),
     **options,
 ) -> None:
     """Train (and with --resume, continue from the latest checkpoint, at any --tp and world size)."""
-    from train_engine_8b import config as config_mod, pretrain as pretrain_mod
-    from train_engine_8b.core import cli_options
-    from train_engine_8b.ops.registry import OpSelection
+    from train_engine_8b import pretrain as pretrain_mod
+    from train_engine_8b.model_config import PRESETS
 
-    sections = cli_options.sections(options, {}, cli_options.given(ctx))
-    init_from = sections["checkpoint"].get("init_from")
-    model_cfg = _model(model, Path(init_from) if init_from is not None else None)
-    cfg = config_mod.build(model=model_cfg, ops=OpSelection.parse(ops), **sections)
-    summary = pretrain_mod.run(cfg)
-    if summary_json is not None and int(os.environ.get("RANK", 0)) == 0:
-        summary_json.parent.mkdir(parents=True, exist_ok=True)
-        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    cfg = cli_commands.pretrain_config(ctx, config, model, ops, options, PRESETS, DEFAULT_MODEL)
+    cli_commands.write_summary(pretrain_mod.run(cfg), summary_json)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from train_engine_8b.minicpm import config_files
 from train_engine_8b.minicpm.config import ConfigError, LongRope, MiniCPMConfig, hf_param_shapes
 from train_engine_8b.minicpm.hf_config import from_hf_config
 
@@ -33,17 +34,9 @@ PRESETS: dict[str, MiniCPMConfig] = {
 
 
 def preset(name: str) -> MiniCPMConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return config_files.preset(name, PRESETS)
 
 
 def load(spec: str | Path) -> MiniCPMConfig:
-    """A preset name, or a Hugging Face MiniCPM config.json (or the directory holding it)."""
-    s = str(spec)
-    if s in PRESETS:
-        return PRESETS[s]
-    p = Path(s)
-    if p.suffix == ".json" or p.is_dir():
-        return from_hf_config(p)[0]
-    raise ConfigError(f"model {s!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json path")
+    """A preset name, a model .toml, or a Hugging Face MiniCPM config.json (or its directory)."""
+    return config_files.load(spec, PRESETS)

@@ -1,10 +1,12 @@
 """`pretrain`: the shared loop (core/pretrain.py: data, resume, steps, logs, checkpoints) with this engine's model
-part: build.py's Trainer on the ("dp", "tp") layout. No CUDA graph and no run-config file yet."""
+part: build.py's Trainer on the ("dp", "tp") layout, the run config written beside the checkpoints (run_config.py).
+No CUDA graph yet."""
 
 from __future__ import annotations
 
 import torch
 
+from train_engine_8b import run_config
 from train_engine_8b.build import build_trainer
 from train_engine_8b.config import EngineConfig
 from train_engine_8b.core import pretrain as core_pretrain
@@ -24,7 +26,7 @@ def _step_function(trainer: Trainer, cfg: EngineConfig, rows: int):
 
 
 ENGINE = core_pretrain.EngineParts(build_trainer=_build, step_function=_step_function,
-                                   ops_record=lambda trainer: trainer.model.op_record)
+                                   ops_record=lambda trainer: trainer.model.op_record, write_config=run_config.write)
 
 
 def run(cfg: EngineConfig) -> dict:
