@@ -184,3 +184,23 @@ def test_the_readme_names_every_part_and_its_examples_parse(tmp_path: Path) -> N
     for words in examples:
         start = 2 if words[0] == "bash" else 3  # after `bash session.sh` / `python3 -m benchmarks.gpu.session`
         assert session.parse(["--out", str(tmp_path), *words[start:]]).parts
+
+
+def test_every_gpu_script_is_reached_from_a_part(tmp_path: Path) -> None:
+    """A script in benchmarks/gpu/ that no part runs, directly or through a script a part runs, is dead weight."""
+    named: set[str] = set()
+    for name in PARTS:
+        [(_, plan, _)] = _plans([name, *MINIMAL.get(name, [])], tmp_path)
+        for s in plan.steps:
+            named |= {Path(w).name for w in s.argv if re.fullmatch(r"[\w./-]+\.(py|sh)", w)}
+            named |= {w.split(".")[-1] + ".py" for i, w in enumerate(s.argv[1:]) if s.argv[i] == "-m"}
+    gpu = ROOT / "benchmarks/gpu"
+    reached, frontier = set(named), set(named)
+    while frontier:  # scripts and modules those name in turn (imports, calls)
+        text = " ".join((gpu / f).read_text() for f in frontier if (gpu / f).is_file())
+        frontier = {p.name for p in gpu.glob("*.*") if p.suffix in (".py", ".sh") and p.name not in reached
+                    and re.search(rf"\b{p.stem}\.(py|sh)\b|gpu\.{p.stem}\b|from \.?{p.stem} import|import {p.stem}\b", text)}
+        reached |= frontier
+    own = {"session.sh", "session.py", "session_parts.py", "session_steps.py", "split_big_carry.sh", "__init__.py"}
+    dead = sorted(p.name for p in gpu.glob("*.*") if p.suffix in (".py", ".sh") and p.name not in reached | own)
+    assert not dead, f"benchmarks/gpu scripts no session part reaches: {dead}"
