@@ -11,7 +11,8 @@ import torch
 
 from train_engine_8b.minicpm.hf_fold import fold_to_llama, llama_config_dict
 from train_engine_8b.minicpm.init import init_weights
-from train_engine_8b.model import MiniCPM, check_names
+from train_engine_8b.minicpm.config import check_hf_names
+from train_engine_8b.model import MiniCPM
 from train_engine_8b.model_config import ConfigError, LongRope, MiniCPMConfig, preset
 from train_engine_8b.state_dict_adapter import load_hf, to_hf
 
@@ -51,7 +52,7 @@ def test_bad_config_names_the_field():
 
 def test_names_are_hf_minicpm():
     cfg = preset("minicpm4-8b-reduced")
-    check_names(cfg, MiniCPM(cfg))
+    check_hf_names(cfg, MiniCPM(cfg))
     w = _weights(cfg)
     assert all(torch.equal(a, w[k]) for k, a in to_hf(_model(cfg, w)).items())
 

@@ -29,10 +29,10 @@ from typing import get_args
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from train_engine_0_5b.core.config import Recompute
-from train_engine_0_5b.minicpm.config import MiniCPMConfig, hf_param_shapes
+from train_engine_0_5b.core.recompute import maybe_recompute
+from train_engine_0_5b.minicpm.config import MiniCPMConfig
 from train_engine_0_5b.minicpm.rope import rope_cos_sin
 from train_engine_0_5b.ops.registry import Ops
 
@@ -108,13 +108,6 @@ class Body(nn.Module):
 RECOMPUTE: tuple[str, ...] = get_args(Recompute)
 
 
-def _maybe_recompute(on: bool, fn, *args):
-    """fn(*args), keeping only the inputs for backward when `on` and autograd records."""
-    if on and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
 class MiniCPM(nn.Module):
     def __init__(self, cfg: MiniCPMConfig, ops: Ops):
         super().__init__()
@@ -148,7 +141,7 @@ class MiniCPM(nn.Module):
         x = ops.rms_norm(h, layers[0].input_layernorm.weight, cfg.rms_norm_eps)
         for i, layer in enumerate(layers):
             next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            x, h = _maybe_recompute(self.recompute == "layer", self._layer, layer, x, h, cos, sin, next_norm.weight)
+            x, h = maybe_recompute(self.recompute == "layer", self._layer, layer, x, h, cos, sin, next_norm.weight)
             if hidden_states is not None:
                 hidden_states.append(h)
         return x / cfg.logit_scale
@@ -158,9 +151,9 @@ class MiniCPM(nn.Module):
         cfg, ops = self.cfg, self.ops
         eps, r = cfg.rms_norm_eps, cfg.residual_scale
         r_add = r if ops.residual_scale is None else 1.0  # residual_scale=weight: r is in the out-projection weights
-        a = _maybe_recompute(self.recompute == "attention", layer.self_attn, x, cos, sin, ops, r)
+        a = maybe_recompute(self.recompute == "attention", layer.self_attn, x, cos, sin, ops, r)
         x, h = ops.add_rms_norm(h, a, layer.post_attention_layernorm.weight, eps, r_add)
-        m = _maybe_recompute(self.recompute == "mlp", layer.mlp, x, ops, r)
+        m = maybe_recompute(self.recompute == "mlp", layer.mlp, x, ops, r)
         return ops.add_rms_norm(h, m, next_norm, eps, r_add)
 
     def _output(self, x: Tensor) -> Tensor:
@@ -181,11 +174,6 @@ def build_model(cfg: MiniCPMConfig, ops: Ops, device: torch.device | str, dtype:
         model = MiniCPM(cfg, ops)
     return model.to_empty(device=device).to(dtype)
 
-
-def check_names(cfg: MiniCPMConfig, model: MiniCPM) -> None:
-    """The engine's parameter names and shapes are HF MiniCPM's, in the same order."""
-    got = {k: tuple(p.shape) for k, p in model.named_parameters()}
-    assert list(got.items()) == list(hf_param_shapes(cfg).items()), "model parameters drifted from HF names"
 
 
 @torch.no_grad()

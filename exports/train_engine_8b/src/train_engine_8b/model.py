@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 
 from train_engine_8b.core.config import Recompute
+from train_engine_8b.core.recompute import maybe_recompute
 from train_engine_8b.core.trainer import IGNORE_INDEX
-from train_engine_8b.minicpm.config import MiniCPMConfig, hf_param_shapes
+from train_engine_8b.minicpm.config import MiniCPMConfig
 from train_engine_8b.minicpm.rope import rope_cos_sin
 from train_engine_8b.ops.attention.reference import attention as reference_attention
 from train_engine_8b.ops.rope.reference import rope
@@ -87,13 +87,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, S, h)
 
 
-def _maybe_recompute(on: bool, fn, *args):
-    """fn(*args), keeping only the inputs for backward when `on` and autograd records."""
-    if on and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: MiniCPMConfig):
         super().__init__()
@@ -105,12 +98,12 @@ class DecoderLayer(nn.Module):
         self.recompute: Recompute = "none"  # parallelize.apply_recompute sets it
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        return _maybe_recompute(self.recompute == "layer", self._forward, h, cos, sin)
+        return maybe_recompute(self.recompute == "layer", self._forward, h, cos, sin)
 
     def _forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        a = _maybe_recompute(self.recompute == "attention", self.self_attn, self.input_layernorm(h), cos, sin)
+        a = maybe_recompute(self.recompute == "attention", self.self_attn, self.input_layernorm(h), cos, sin)
         h = h + a * self.r
-        m = _maybe_recompute(self.recompute == "mlp", self.mlp, self.post_attention_layernorm(h))
+        m = maybe_recompute(self.recompute == "mlp", self.mlp, self.post_attention_layernorm(h))
         return h + m * self.r
 
 
@@ -176,9 +169,3 @@ def build_model(cfg: MiniCPMConfig, device: torch.device | str = "meta", dtype: 
         model = MiniCPM(cfg)
     return model if str(device) == "meta" else model.to_empty(device=device).to(dtype)
 
-
-def check_names(cfg: MiniCPMConfig, model: MiniCPM) -> None:
-    """The model's parameter names and shapes are HF MiniCPM's, in the same order."""
-    got = {k: tuple(p.shape) for k, p in model.named_parameters()}
-    if list(got.items()) != list(hf_param_shapes(cfg).items()):
-        raise AssertionError("model parameters drifted from HF MiniCPM names")

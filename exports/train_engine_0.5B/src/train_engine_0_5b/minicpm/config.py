@@ -194,3 +194,10 @@ def hf_param_shapes(cfg: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
+
+
+def check_hf_names(cfg: MiniCPMConfig, model) -> None:
+    """Raise AssertionError unless `model`'s parameter names and shapes are HF MiniCPM's, in the same order."""
+    got = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    if list(got.items()) != list(hf_param_shapes(cfg).items()):
+        raise AssertionError("model parameters drifted from HF MiniCPM names")
