@@ -32,10 +32,7 @@ correct engine gets `unsupported` with `loss: passed` in the report, never a sil
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -44,7 +41,7 @@ from gates.case_data import corpus_batches
 from gates.context import GateRun, GateStop
 from gates.model_config import MiniCPMConfig
 from gates.policies import Diff
-from gates.pretrain_runs import PretrainBox, metrics_line
+from gates.pretrain_runs import PretrainBox, logged_step_times, metrics_line
 from gates.report import GateReport, Localization, Part, worst
 from gates.stacks import SPEED_STACKS
 
@@ -164,15 +161,6 @@ def device_peak(g: GateRun) -> tuple[str, float | None, str]:
     return o.device, None, f"MFU is measured on GPU only (peak {PEAK_FLOPS / 1e12:.1f} TFLOP/s bf16); this run is on {o.device}"
 
 
-def engine_step_times(log: Path) -> list[float]:
-    """The `step_time_s` each log record claims: shown beside the walls (where a run's time went), never judged."""
-    out = []
-    for line in log.read_text(errors="replace").splitlines() if log.is_file() else []:
-        with contextlib.suppress(json.JSONDecodeError, TypeError, ValueError):
-            out.append(round(float(json.loads(line)["step_time_s"]), 4))
-    return out
-
-
 def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
     """Time `pretrain` from outside: wall(2N steps) - wall(N steps), on a corpus case; see the module doc."""
     o = g.options
@@ -205,7 +193,7 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
                "flops_source": "the case's model (forge spec), docs/DESIGN.md's formula", "seq_length": seq,
                "global_batch_size": rows, "micro_batch_size": micro, "timed_steps": n, "wall_warm_s": walls["warm"],
                "wall_n_s": walls["N"], "wall_2n_s": walls["2N"], "engine_log_last_line": metrics_line(box.log("2N")),
-               **{f"engine_steps_sum_s_{name}": round(sum(engine_step_times(box.log(name))), 3) for name in ("N", "2N")}}
+               **{f"engine_steps_sum_s_{name}": round(sum(logged_step_times(box.log(name))), 3) for name in ("N", "2N")}}
     if dt > 0:  # recorded whatever the verdict, the reference's check included
         numbers |= {"tokens_per_s": n * rows * seq / dt, "step_time_s": dt / n, "mfu": flops * n * rows * seq / dt / peak}
     # The reference checks the same global batches: in the engine's micro batches where its stack has fused

@@ -4,6 +4,7 @@ back into the probe contract's series. Used by M5 (speed), M7 (the training path
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -101,6 +102,15 @@ def metrics_line(path: Path, limit: int = 2000) -> str:
         return json.dumps(json.loads(lines[-1]))[:limit]
     except json.JSONDecodeError:
         return lines[-1][:limit]
+
+
+def logged_step_times(path: Path) -> list[float]:
+    """The `step_time_s` of each log line that has one, as the engine claims it (shown beside the gate's walls)."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError, TypeError, ValueError, KeyError):
+            out.append(float(json.loads(line)["step_time_s"]))
+    return out
 
 
 def with_tp(g: GateRun, args: list[str], nproc: int) -> tuple[list[str], int]:
