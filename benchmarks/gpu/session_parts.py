@@ -142,15 +142,18 @@ def stage(ctx: Context, a: argparse.Namespace) -> Plan:
       opt("--long-train-steps", type=int, default=20, help="M5 loss part's steps (default 20)"),
       opt("--gate-timeout-s", type=int, default=430, help="M5's own timeout (default 430)"),
       timeout(450, "gate_stage.py"),
+      opt("--no-bench", action="store_true", help="skip the engine's bench before the gate (a call's 600 s cap)"),
       fwd("--m5-parts", str, "which parts of M5 run", "gate_stage.py", choices=("both", "loss", "mfu")),
       fwd("--mfu-threshold", float, "M5's MFU bar", "gate_stage.py"),
       fwd("--speed-seq-length", int, "M5 speed part's sequence length", "gate_stage.py"),
       fwd("--seed", int, "the case's seed", "gate_stage.py"))
 def m5(ctx: Context, a: argparse.Namespace) -> Plan:
     d = ctx.part_dir("m5")
-    return with_env(ctx.engine_pythonpath(), [
+    bench = [] if a.no_bench else [
         step(*BENCH, "--seq-length", 4096, "--micro-batch-size", 8, "--steps", 10, "--json", d / "bench_mb8.json",
-             timeout_s=150, note="[m5] bench exit {rc}"),
+             timeout_s=150, note="[m5] bench exit {rc}")]
+    return with_env(ctx.engine_pythonpath(), [
+        *bench,
         step(PY, "-m", "benchmarks.gpu.gate_stage", "--engine", ENGINE, "--gates", "m5", "--out", d,
              "--speed-steps", a.speed_steps, "--speed-global-batch-size", a.speed_global_batch_size,
              "--speed-micro-batch-size", 8, "--long-train-steps", a.long_train_steps, "--timeout", a.gate_timeout_s,

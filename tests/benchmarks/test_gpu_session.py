@@ -60,6 +60,13 @@ def test_forwarded_options_reach_the_scripts_that_take_them(tmp_path: Path) -> N
             assert f'"{f}"' in src or f'"{f[2:]}"' in src, (name, f, script)
 
 
+def test_m5_without_its_bench_runs_the_gate_alone(tmp_path: Path) -> None:
+    [(_, with_bench, _)] = _plans(["m5"], tmp_path)
+    [(_, gate_only, _)] = _plans(["m5", "--no-bench"], tmp_path)
+    assert [s.argv[2] for s in with_bench.steps] == ["train_engine_0_5b", "benchmarks.gpu.gate_stage"]
+    assert [s.argv for s in gate_only.steps] == [with_bench.steps[1].argv]
+
+
 @pytest.mark.parametrize("words, message", [
     (["kernels", "bogus"], "unknown part 'bogus'"),
     (["kernels", "--budget", "9"], "unrecognized arguments: --budget"),
