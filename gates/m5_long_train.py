@@ -9,11 +9,13 @@ Parts and their rules:
   |l_r(t)|; the statistic is the mean of d(t) over the trailing window of W = min(`long_train_window`, K)
   steps. `passed` iff that mean < `long_train_threshold` (1 %) and every loss is finite. The report also
   gives max d(t) and the first step where d(t) exceeds the threshold (the localization).
-- `mfu`: the gate's clock. `pretrain` runs three times on one corpus case of 2N steps (N =
-  `speed_steps`) at `speed_seq_length` x `speed_global_batch_size` rows in micro batches of
-  `speed_micro_batch_size` (accumulation, as real pretraining): N steps to warm the compile caches, then N,
-  then 2N. Tokens/s = N x rows x seq / (wall(2N) - wall(N)): start-up, compilation and the final save
-  cancel. FLOPs per token come from the case's model (the forge spec's), docs/DESIGN.md's formula, never from the
+- `mfu`: the gate's clock. `pretrain` runs three times on corpus cases at `speed_seq_length` x
+  `speed_global_batch_size` rows in micro batches of `speed_micro_batch_size` (accumulation, as real
+  pretraining): `speed_steps` steps to warm the compile caches, then N, then 2N steps. N is `speed_steps`
+  raised so that N steps should last `speed_target_timed_s` at the warm run's logged step time (at most
+  `speed_max_steps`): a claim that only sizes the window. Tokens/s = N x rows x seq / (wall(2N) - wall(N)):
+  start-up, compilation and the final save cancel. A window under `speed_min_timed_s` is `error` (start-up
+  varies by seconds between runs), one of zero or less `failed`. FLOPs per token come from the case's model (the forge spec's), docs/DESIGN.md's formula, never from the
   engine's files; the device and its peak are read on the gate's side (989.4 TFLOP/s bf16 for H100 / H200
   SXM). The timed runs' losses must match the reference's on the same data (mean relative difference below
   `long_train_threshold`), so skipped work fails; that reference takes the engine's micro batches with fused
@@ -161,6 +163,25 @@ def device_peak(g: GateRun) -> tuple[str, float | None, str]:
     return o.device, None, f"MFU is measured on GPU only (peak {PEAK_FLOPS / 1e12:.1f} TFLOP/s bf16); this run is on {o.device}"
 
 
+def sized_steps(warm_step_times: list[float], n: int, target_s: float, max_steps: int) -> int:
+    """N for the timed runs: at least `n`, raised so N steps should take `target_s` at the warm run's median logged
+    step time after its first two steps (compile, capture). The engine's claim only sizes the window."""
+    times = warm_step_times[2:] or warm_step_times
+    if not times or target_s <= 0:
+        return n
+    per_step = sorted(times)[len(times) // 2]
+    if not per_step > 0:
+        return max(n, max_steps)
+    return max(n, min(max_steps, math.ceil(target_s / per_step)))
+
+
+def timed_run(g: GateRun, box: PretrainBox, name: str, steps: int) -> float:
+    """One `pretrain` of `steps` steps in `box`; its wall time on the gate's clock."""
+    before = len(g.report.commands)
+    box.run(name, f"engine pretrain {steps} steps (speed, {name})", args=box.args(name, g.options.pretrain_args, steps=steps))
+    return g.report.commands[before].time_s
+
+
 def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
     """Time `pretrain` from outside: wall(2N steps) - wall(N steps), on a corpus case; see the module doc."""
     o = g.options
@@ -171,19 +192,27 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
     if rows % micro:
         return Part(name="mfu", verdict="error", message=f"speed_global_batch_size {rows} is not a multiple of "
                     f"speed_micro_batch_size {micro}")
-    spec = make_spec(model, steps=2 * n, world_size=1, micro_batch_size=micro, grad_accum=rows // micro,
-                     seq_length=seq, dtype=o.case_dtype, device=o.device, seed=(o.seed or 0) + 7,
-                     optimizer=OptimizerSpec(lr=SPEED_LR, min_lr=SPEED_LR), schedule=ScheduleSpec(kind="constant",
-                                                                                                  warmup_steps=2))
-    case = g.write_case(spec, batches=corpus_batches(spec, spec.seed), label=f"speed case ({2 * n} steps)")
+    def speed_case(steps: int, weights=None):
+        spec = make_spec(model, steps=2 * steps, world_size=1, micro_batch_size=micro, grad_accum=rows // micro,
+                         seq_length=seq, dtype=o.case_dtype, device=o.device, seed=(o.seed or 0) + 7,
+                         optimizer=OptimizerSpec(lr=SPEED_LR, min_lr=SPEED_LR),
+                         schedule=ScheduleSpec(kind="constant", warmup_steps=2))
+        return spec, g.write_case(spec, batches=corpus_batches(spec, spec.seed), weights=weights,
+                                  label=f"speed case ({2 * steps} steps)")
+
+    target_s, floor_s = o.speed_window_s()
+    spec, case = speed_case(n)
     box = PretrainBox(g, case)
     walls: dict[str, float] = {}
     try:
-        for name, steps in (("warm", n), ("N", n), ("2N", 2 * n)):
-            args = box.args(name, o.pretrain_args, steps=steps)
-            before = len(g.report.commands)
-            box.run(name, f"engine pretrain {steps} steps (speed, {name})", args=args)
-            walls[name] = g.report.commands[before].time_s
+        walls["warm"] = timed_run(g, box, "warm", n)
+        sized = sized_steps(logged_step_times(box.log("warm")), n, target_s, o.speed_max_steps)
+        if sized != n:  # a longer case on the same weights; the warm run's compile caches still apply
+            n = sized
+            spec, case = speed_case(n, weights=case.weights)
+            box = PretrainBox(g, case)
+        for name, steps in (("N", n), ("2N", 2 * n)):
+            walls[name] = timed_run(g, box, name, steps)
         logs = {name: box.series(name, 1, steps, f"speed run {name}") for name, steps in (("N", n), ("2N", 2 * n))}
     except GateStop as stop:
         return Part(name="mfu", verdict="failed" if stop.verdict == "unsupported" else stop.verdict, message=stop.message)
@@ -192,6 +221,7 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
     numbers = {"threshold": o.mfu_threshold, "device": device, "model": model.name, "flops_per_token": flops,
                "flops_source": "the case's model (forge spec), docs/DESIGN.md's formula", "seq_length": seq,
                "global_batch_size": rows, "micro_batch_size": micro, "timed_steps": n, "wall_warm_s": walls["warm"],
+               "timed_window_s": dt, "min_timed_s": floor_s,
                "wall_n_s": walls["N"], "wall_2n_s": walls["2N"], "engine_log_last_line": metrics_line(box.log("2N")),
                **{f"engine_steps_sum_s_{name}": round(sum(logged_step_times(box.log(name))), 3) for name in ("N", "2N")}}
     if dt > 0:  # recorded whatever the verdict, the reference's check included
@@ -222,6 +252,11 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
         return Part(name="mfu", verdict="failed", numbers=numbers,
                     message=f"the {2 * n}-step run took {walls['2N']:.1f}s, no longer than the {n}-step run "
                             f"({walls['N']:.1f}s): the gate cannot time steps that cost nothing")
+    if dt < floor_s:
+        return Part(name="mfu", verdict="error", numbers=numbers,
+                    message=f"the timed window ({n} steps: wall(2N) - wall(N) = {dt:.1f}s) is shorter than "
+                            f"{floor_s:g}s, too short to time against the runs' start-up; raise "
+                            f"speed_steps (the sizing took N from the warm run's logged step times)")
     tps, mfu = numbers["tokens_per_s"], numbers["mfu"]
     ok = mfu >= o.mfu_threshold
     return Part(name="mfu", verdict="passed" if ok else "failed", numbers=numbers,

@@ -72,6 +72,11 @@ def test_truncated_schedule_keeps_every_lr(steps, sched, cut):
                [lr_at(t, steps, spec.optimizer, spec.schedule) for t in range(1, steps // 2 + 1)]
 
 
+# the speed part's options in these tests: N fixed at 3 (no sizing from the logged step times, no floor on the window)
+FIXED_N = dict(cpu_peak_tflops=1.0, mfu_threshold=0.0, speed_steps=3, speed_seq_length=32, speed_global_batch_size=4,
+               speed_micro_batch_size=2, seed=1, speed_target_timed_s=0, speed_min_timed_s=0)
+
+
 def fake_speed_runs(monkeypatch, walls: dict[str, float], loss_scale: float = 1.0, claim: float = 0.52):
     """PretrainBox.run and the reference replaced: each run 'takes' walls[name] seconds on the gate's clock and
     logs the losses 8 - 0.1 t (scaled for its own runs by loss_scale) with an engine-claimed MFU of `claim`."""
@@ -97,8 +102,7 @@ def test_speed_is_the_gates_clock_and_the_cases_flops(monkeypatch):
     """tokens/s = N x rows x seq / (wall(2N) - wall(N)) on the gate's clock; FLOPs from the case's model; the
     engine's own (absurd) MFU claim is recorded and decides nothing."""
     fake_speed_runs(monkeypatch, {"warm": 50.0, "N": 20.0, "2N": 30.0})
-    g = gate_run(cpu_peak_tflops=1.0, mfu_threshold=0.0, speed_steps=3, speed_seq_length=32,
-                 speed_global_batch_size=4, speed_micro_batch_size=2, seed=1)
+    g = gate_run(**FIXED_N)
     try:
         part = speed_part(g, preset("tiny"))
     finally:
@@ -119,8 +123,7 @@ def test_speed_is_the_gates_clock_and_the_cases_flops(monkeypatch):
 ])
 def test_speed_fails_skipped_or_free_work(monkeypatch, walls, scale, why):
     fake_speed_runs(monkeypatch, walls, loss_scale=scale)
-    g = gate_run(cpu_peak_tflops=1.0, mfu_threshold=0.0, speed_steps=3, speed_seq_length=32,
-                 speed_global_batch_size=4, speed_micro_batch_size=2, seed=1)
+    g = gate_run(**FIXED_N)
     try:
         part = speed_part(g, preset("tiny"))
     finally:
@@ -151,8 +154,7 @@ def test_m5_mfu_part_alone_never_passes(monkeypatch):
     """m5_parts=mfu (a GPU run split over machine calls): the loss part is not run (no "long" pretrain, which the
     fake would refuse) and reads `unsupported`, so the gate's verdict is unsupported even with the MFU part passed."""
     fake_speed_runs(monkeypatch, {"warm": 50.0, "N": 20.0, "2N": 30.0})
-    g = gate_run(case="tiny", cpu_peak_tflops=1.0, mfu_threshold=0.0, speed_steps=3, speed_seq_length=32,
-                 speed_global_batch_size=4, speed_micro_batch_size=2, seed=1, m5_parts="mfu")
+    g = gate_run(case="tiny", **FIXED_N, m5_parts="mfu")
     try:
         report = m5_long_train.run(g)
     finally:
@@ -174,11 +176,55 @@ def test_speed_keeps_the_clock_when_the_reference_check_stops(monkeypatch):
         raise GateStop("error", "reference probe steps ran past the gate budget of 1s", "timeout")
 
     monkeypatch.setattr(GateRun, "reference_probe", out_of_time)
-    g = gate_run(cpu_peak_tflops=1.0, mfu_threshold=0.0, speed_steps=3, speed_seq_length=32,
-                 speed_global_batch_size=4, speed_micro_batch_size=2, seed=1)
+    g = gate_run(**FIXED_N)
     try:
         part = speed_part(g, preset("tiny"))
     finally:
         g.cleanup()
     assert part.verdict == "error" and "not checked" in part.message and "gate budget" in part.message
     assert part.numbers["tokens_per_s"] == pytest.approx(3 * 4 * 32 / 10.0) and part.numbers["wall_2n_s"] == 30.0
+
+
+def test_speed_sizes_its_window_from_the_warm_run_and_times_it_on_its_own_clock(monkeypatch):
+    """The warm run logs 0.5 s a step: N = 3 is raised to 10 so the window should last 5 s; the figure still
+    comes from the walls (N 20 s, 2N 30 s), and the reference checks the sized case's 20 steps."""
+    fake_speed_runs(monkeypatch, {"warm": 50.0, "N": 20.0, "2N": 30.0})
+    g = gate_run(**(FIXED_N | {"speed_target_timed_s": 5.0, "speed_min_timed_s": 4.0, "case": "tiny"}))
+    try:
+        part = speed_part(g, preset("tiny"))
+    finally:
+        g.cleanup()
+    assert part.verdict == "passed", part.message
+    steps = [int(c.argv[c.argv.index("--num-steps") + 1]) for c in g.report.commands]
+    assert steps == [3, 10, 20] and part.numbers["timed_steps"] == 10
+    assert part.numbers["tokens_per_s"] == pytest.approx(10 * 4 * 32 / 10.0)
+    assert part.numbers["timed_window_s"] == pytest.approx(10.0)
+
+
+def test_speed_window_too_short_to_time_is_an_error_with_its_numbers(monkeypatch):
+    fake_speed_runs(monkeypatch, {"warm": 50.0, "N": 20.0, "2N": 30.0})
+    g = gate_run(**(FIXED_N | {"speed_min_timed_s": 12.0}))
+    try:
+        part = speed_part(g, preset("tiny"))
+    finally:
+        g.cleanup()
+    assert part.verdict == "error" and "too short to time" in part.message
+    assert part.numbers["tokens_per_s"] == pytest.approx(3 * 4 * 32 / 10.0)
+
+
+@pytest.mark.parametrize("times, n, target, cap, want", [
+    ([30.0, 2.0, 0.2, 0.2, 0.25], 10, 20.0, 200, 100),   # compile and capture skipped; median 0.2 s
+    ([30.0, 2.0, 1.6, 1.6, 1.7], 10, 20.0, 200, 13),
+    ([30.0, 2.0, 0.001, 0.001, 0.001], 10, 20.0, 200, 200),  # capped
+    ([30.0, 2.0, 5.0, 5.0], 10, 20.0, 200, 10),           # never fewer than asked
+    ([], 10, 20.0, 200, 10),                                # nothing logged: as asked
+    ([30.0, 2.0, 0.0, 0.0], 10, 20.0, 200, 200),          # zero-cost claims: the cap
+])
+def test_sized_steps(times, n, target, cap, want):
+    assert m5_long_train.sized_steps(times, n, target, cap) == want
+
+
+def test_speed_window_defaults_by_device():
+    assert GateOptions(device="cuda").speed_window_s() == (20.0, 12.0)
+    assert GateOptions(device="cpu").speed_window_s() == (0.0, 0.0)
+    assert GateOptions(device="cuda", speed_min_timed_s=3.0).speed_window_s() == (20.0, 3.0)
