@@ -128,7 +128,7 @@ def _graph_check_env(ctx: Context, part: str, variants: list[str] | str | None, 
       opt("--gates", default="m1,m2,m3,m7", help="comma-separated gate names (default m1,m2,m3,m7)"),
       opt("--seq-length", type=int, default=2048, help="the gates' case sequence length (default 2048)"),
       opt("--gate-timeout-s", type=int, default=300, help="each gate's timeout (default 300)"),
-      timeout(540, "the whole stage"))
+      timeout(540, "the whole stage (at least --gate-timeout-s + 30)"))
 def stage(ctx: Context, a: argparse.Namespace) -> Plan:
     d = ctx.part_dir("stage")
     return Plan((step(PY, "-m", "benchmarks.gpu.gate_stage", "--engine", ENGINE, "--gates", a.gates, "--out", d,
@@ -140,7 +140,7 @@ def stage(ctx: Context, a: argparse.Namespace) -> Plan:
       opt("--speed-steps", type=int, default=10, help="M5 speed part's timed steps (default 10)"),
       opt("--speed-global-batch-size", type=int, default=64, help="M5 speed part's global batch (default 64)"),
       opt("--long-train-steps", type=int, default=20, help="M5 loss part's steps (default 20)"),
-      opt("--gate-timeout-s", type=int, default=430, help="M5's own timeout (default 430)"),
+      opt("--gate-timeout-s", type=int, default=420, help="M5's own timeout (default 420)"),
       timeout(450, "gate_stage.py"),
       opt("--no-bench", action="store_true", help="skip the engine's bench before the gate (a call's 600 s cap)"),
       fwd("--m5-parts", str, "which parts of M5 run", "gate_stage.py", choices=("both", "loss", "mfu")),
@@ -482,7 +482,18 @@ def tune(ctx: Context, a: argparse.Namespace) -> Plan:
                       *PARTS["tune"].forwarded(a), timeout_s=a.timeout_s),))
 
 
-CHECKS: dict[str, Callable[[argparse.Namespace, argparse.ArgumentParser], None]] = {"ab": check_ab}
+GATE_MARGIN_S = 30  # after the gate's own timeout: it still writes its report (10 s lost a whole call)
+
+
+def check_gate_margin(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """The part's outer timeout leaves the gate time to write its report once its own timeout hits."""
+    if a.timeout_s < a.gate_timeout_s + GATE_MARGIN_S:
+        p.error(f"--timeout-s {a.timeout_s} leaves the gate (--gate-timeout-s {a.gate_timeout_s}) less than "
+                f"{GATE_MARGIN_S} s to write its report: a killed gate returns nothing")
+
+
+CHECKS: dict[str, Callable[[argparse.Namespace, argparse.ArgumentParser], None]] = {
+    "ab": check_ab, "m5": check_gate_margin, "stage": check_gate_margin}
 
 # What session.sh once read from the environment: set now, it would be ignored, so the dispatcher refuses it.
 LEGACY_ENV: dict[str, str] = {

@@ -78,6 +78,8 @@ def test_m5_without_its_bench_runs_the_gate_alone(tmp_path: Path) -> None:
     (["stage", "--", "stage"], "part stage given twice"),
     (["stage", "--seq-length", "long"], "invalid int value"),
     (["--"], "expected a part name"),
+    (["m5", "--timeout-s", "330", "--gate-timeout-s", "320"], "less than 30 s to write its report"),
+    (["stage", "--timeout-s", "230", "--gate-timeout-s", "220"], "less than 30 s to write its report"),
 ])
 def test_a_bad_word_fails_before_anything_runs(words, message, tmp_path: Path, capsys, monkeypatch) -> None:
     ran: list[str] = []
