@@ -11,7 +11,9 @@ the hardware lacks GPUs), and the message names the limit.
 
 Comparisons (`compare_names`): under the comparative policy (bf16, gates/policies.py) every reference
 answer comes with its float32 twin's (the same probe on the same case in float32), and each tensor's
-bounds are K x the bf16 reference's own error against that twin.
+bounds are K x the bf16 reference's own error against that twin. Under the default float32 policy the
+per-step grad norms are measured against the reference's float64-accumulated norm of its own gradients,
+bounded by its own float32 norm's error (the float64-twin rule, gates/policies.py).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from gates.launch import (Deadline, Engine, GateTimeout, Proc, Sandbox, engine_a
                           reference_env, run_process)
 from gates.model_config import PRESETS
 from gates.options import GateOptions
-from gates.policies import (Diff, Policy, Scale, compare, compare_scaled, compare_series, reference_scale, resolve_policy,
-                            scalar_scale, series_scale)
+from gates.policies import (EXACT_TWINS, Diff, Policy, Scale, compare, compare_scaled, compare_series, compare_twin_series,
+                            reference_scale, resolve_policy, scalar_scale, series_scale, twin_scale)
 from gates.probe import EXIT_UNSUPPORTED, METRICS_FILE, TENSORS_FILE
 from gates.report import Command, GateReport, Localization, Part, Verdict, now_iso
 
@@ -299,11 +301,33 @@ class GateRun:
             diffs = []
             for n in layer_order(names, case):
                 if n in SERIES_NAMES:
-                    diffs += compare_series(prefix + n, eng[n], ref[n], policy)
+                    twin = self._twin_series(n, eng, ref, policy, prefix, scale)
+                    diffs += twin if twin is not None else compare_series(prefix + n, eng[n], ref[n], policy)
                 else:
                     diffs.append(compare(prefix + n, eng[n], ref[n], policy, step_cap))
         self.report.tensors += diffs
         return diffs
+
+    def _twin_series(self, n: str, eng: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], policy: Policy,
+                     prefix: str, scale: dict[str, torch.Tensor] | None) -> list[Diff] | None:
+        """Series `n` under the float64-twin rule (gates/policies.py), or None where it does not apply. The
+        reference answer (`scale` when given, else `ref`) sets the bound from its own error against its float64
+        twin; the engine is measured against that twin, or against `ref` when `scale` is given (the engine's
+        other run)."""
+        exact = EXACT_TWINS.get(n)
+        if exact is None or not policy.twin_rule:
+            return None
+        base = scale if scale is not None else ref
+        if exact not in base:
+            self.report.artifacts[f"{prefix}{n} bounds"] = (f"the policy's fixed bounds: the reference's answer has no "
+                                                            f"{exact} (its float64 twin) to set them by")
+            return None
+        try:
+            s = twin_scale(base[n], base[exact])
+        except ValueError as e:
+            raise GateStop("error", f"{prefix}{n}: {e}", "reference_crash") from None
+        target, against = (ref[n], "the engine's other run") if scale is not None else (base[exact], "the reference's float64 twin")
+        return compare_twin_series(prefix + n, eng[n], target, s, policy, against)
 
     def _compare_scaled(self, names: list[str], eng: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
                         case: Case, policy: Policy, prefix: str, step_cap: float | None,

@@ -25,7 +25,9 @@ with `loss_sums` (steps,) float64, the sum of token cross-entropy over the rows 
 step (at that step's weights), and `valid_tokens` (steps,) int64, the count of its labels != -100. The
 gate requires a file from every rank and ties each to that rank's rows (gate M4): a rank that did no
 work, or another rank's work, shows there even when the summed gradient is right. The reference's `steps` and
-`checkpoint` answers carry what every rank's `loss_sums` must be, as `rank_loss_sums` (steps, world_size).
+`checkpoint` answers carry what every rank's `loss_sums` must be, as `rank_loss_sums` (steps, world_size),
+and `grad_norms_exact` (steps,) float64: the norm of the same gradients as `grad_norms`, accumulated in
+float64 (the yardstick of gates/policies.py's float64-twin rule for grad norms).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ METRICS_FILE = "metrics.json"
 RANKS_DIR = "ranks"
 RANK_NAMES = ("loss_sums", "valid_tokens")
 REFERENCE_RANK_SUMS = "rank_loss_sums"  # a reference-only name (see above)
+REFERENCE_EXACT_NORMS = "grad_norms_exact"  # a reference-only name (see above)
+REFERENCE_NAMES = (REFERENCE_RANK_SUMS, REFERENCE_EXACT_NORMS)  # the reference's answers beyond the contract's
 
 
 def rank_file(out: str | Path, rank: int) -> Path:

@@ -17,7 +17,7 @@ import torch
 from engine_testlib import assert_adamw_weights_close, rel_err
 
 from gates.case import hf_param_shapes, load_case, make_spec, new_case
-from gates.probe import EXIT_UNSUPPORTED, REFERENCE_RANK_SUMS, expected_names, read_outputs, write_outputs
+from gates.probe import EXIT_UNSUPPORTED, REFERENCE_NAMES, expected_names, read_outputs, write_outputs
 from gates.stacks.torch_ref.probes import run_probe as reference_probe
 from train_engine_0_5b.ops.registry import OpSelection
 from train_engine_0_5b.probe import run_probe
@@ -44,7 +44,8 @@ def answers(tmp_path_factory):
         tensors, metrics = reference_probe(name, case, ref_dir)
         write_outputs(ref_dir, tensors, metrics)
         ref = read_outputs(ref_dir)[0]
-        ref.pop(REFERENCE_RANK_SUMS, None)  # steps and checkpoint only  # per-rank answers: tests/engines/test_engine_dp.py checks the engine's
+        for extra in REFERENCE_NAMES:  # steps and checkpoint only
+            ref.pop(extra, None)  # per-rank answers: tests/engines/test_engine_dp.py checks the engine's
         out[name] = {"ref": ref}
         for label, ops in (("engine", ""), ("alternatives", ALTERNATIVES)):
             if label == "alternatives" and name not in ("backward", "steps"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gates.case import hf_param_shapes, load_case, make_spec, new_case
-from gates.probe import EXIT_UNSUPPORTED, REFERENCE_RANK_SUMS, expected_names, read_outputs
+from gates.probe import EXIT_UNSUPPORTED, REFERENCE_NAMES, REFERENCE_RANK_SUMS, expected_names, read_outputs
 
 REF = [sys.executable, "-m", "gates.stacks.torch_ref"]
 
@@ -30,7 +30,7 @@ def test_probe_round_trip(case_dir, tmp_path, name):
     cfg, spec = case.spec.model, case.spec
     tensors, metrics = _probe(name, case_dir, tmp_path / "a")
     params = list(hf_param_shapes(cfg))
-    extra = {REFERENCE_RANK_SUMS} if name in ("steps", "checkpoint") else set()  # each rank's share (M4)
+    extra = set(REFERENCE_NAMES) if name in ("steps", "checkpoint") else set()  # each rank's share (M4), the fp64 norms
     assert set(tensors) == expected_names(name, params, cfg.num_layers) | extra
     assert metrics["probe"] == name and metrics["stack"] == "torch"
     for k, t in tensors.items():

@@ -54,6 +54,12 @@ def clip_grads_(grads: list[Tensor], max_norm: float) -> Tensor:
     return total
 
 
+def exact_norm(grads: list[Tensor]) -> Tensor:
+    """||all grads||_2 of the same gradients, every square summed in float64 (a 0-dim float64 tensor): the
+    float64 twin of `clip_grads_`'s total, what gates/policies.py's rule for grad norms measures it against."""
+    return torch.stack([g.double().square().sum() for g in grads]).sum().sqrt()
+
+
 class AdamW:
     """Holds master weights (float32, or float64 for fp64 cases) and moment estimates by parameter name."""
 

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gates.case import Case
-from gates.probe import REFERENCE_RANK_SUMS
+from gates.probe import REFERENCE_EXACT_NORMS, REFERENCE_RANK_SUMS
 from gates.stacks.torch_ref.model import MiniCPM, loss_sum
-from gates.stacks.torch_ref.optim import AdamW, clip_grads_, lr_at
+from gates.stacks.torch_ref.optim import AdamW, clip_grads_, exact_norm, lr_at
 
 
 OPTIONS = {"attention": "eager"}  # set once by the CLI (--attention)
@@ -96,6 +96,7 @@ class Trainer:
         self.opt = AdamW(master, case.spec.optimizer)
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []
+        self.exact_norms: list[torch.Tensor] = []  # the same gradients' norm accumulated in float64
         self.lrs: list[float] = []
         self.rank_loss_sums: list[torch.Tensor] = []
 
@@ -107,6 +108,7 @@ class Trainer:
         spec = self.case.spec
         grads, loss, rank_sums = _grads(self.model, self.case, self.step)
         names = list(grads)
+        exact = exact_norm([grads[k] for k in names])  # before clipping scales them
         norm = clip_grads_([grads[k] for k in names], spec.optimizer.grad_clip)
         lr = lr_at(self.step + 1, spec.steps, spec.optimizer, spec.schedule)
         self.opt.step(grads, lr)
@@ -115,6 +117,7 @@ class Trainer:
                 p.copy_(self.opt.master[k].to(p.dtype))
         self.losses.append(loss)
         self.grad_norms.append(norm)
+        self.exact_norms.append(exact)
         self.lrs.append(lr)
         self.rank_loss_sums.append(rank_sums)
 
@@ -125,6 +128,7 @@ class Trainer:
             "lrs": torch.tensor(self.lrs, dtype=torch.float64),
         }
         out[REFERENCE_RANK_SUMS] = torch.stack(self.rank_loss_sums)
+        out[REFERENCE_EXACT_NORMS] = torch.stack(self.exact_norms)
         return out | {f"weight.{k}": v for k, v in self.opt.master.items()}
 
     def save(self, path: Path) -> None:
@@ -132,6 +136,7 @@ class Trainer:
         sd = self.opt.state_dict()
         sd["history.losses"] = torch.stack(self.losses)
         sd["history.grad_norms"] = torch.stack(self.grad_norms)
+        sd["history.exact_norms"] = torch.stack(self.exact_norms)
         sd["history.lrs"] = torch.tensor(self.lrs, dtype=torch.float64)
         sd["history.rank_loss_sums"] = torch.stack(self.rank_loss_sums)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +154,7 @@ class Trainer:
                 p.copy_(self.opt.master[k].to(p.dtype))
         self.losses = list(sd["history.losses"].unbind())
         self.grad_norms = list(sd["history.grad_norms"].unbind())
+        self.exact_norms = list(sd["history.exact_norms"].unbind())
         self.lrs = sd["history.lrs"].tolist()
         self.rank_loss_sums = list(sd["history.rank_loss_sums"].unbind())
         return self
