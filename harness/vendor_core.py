@@ -1,9 +1,11 @@
 """Vendor the engine core (engine_core/) into exports: `python -m harness.vendor_core [EXPORT ...]`.
 
 Each export's package gets the core's `core/`, `ops/`, `data/` and `minicpm/` Python files (the previous copy's files
-removed first) and `vendored_core.json`, their hashes (engine_core/core/vendored.py). `--check` changes
-nothing and exits 1 when a copy drifted; `--adopt EXPORT` copies that export's vendored files back into
-engine_core/ (an op round edited them there), to be vendored into the other exports next.
+removed first) and `vendored_core.json`, their hashes (engine_core/core/vendored.py); its tests folder gets the
+core's tests (engine_core/tests/) in `tests/core_<package>/` with `vendored_tests.json`, beside the export's own
+`engine_fixture.py` there (which this leaves alone). `--check` changes nothing and exits 1 when a copy drifted;
+`--adopt EXPORT` copies that export's vendored files back into engine_core/ (an op round edited them there), to
+be vendored into the other exports next.
 """
 
 from __future__ import annotations
@@ -45,22 +47,36 @@ def stamped_exports() -> list[Path]:
     return sorted(p.parents[2] for p in (ROOT / "exports").glob(f"*/src/*/{vendored.STAMP}"))
 
 
-def _copy(src_root: Path, dst_root: Path) -> None:
-    """Replace dst_root's core files by src_root's (both laid out as TREES/...)."""
-    for rel in vendored.files(dst_root):
+def _copy(src_root: Path, dst_root: Path, tests: bool = False) -> None:
+    """Replace dst_root's core files by src_root's (both laid out as TREES/...; with tests: the core's tests)."""
+    listed = vendored.test_files if tests else vendored.files
+    for rel in listed(dst_root) if dst_root.is_dir() else ():
         (dst_root / rel).unlink()
-    for rel in vendored.files(src_root):
+    for rel in listed(src_root):
         (dst_root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src_root / rel, dst_root / rel)
 
 
 def vendor(export: Path) -> dict:
-    """Copy engine_core into `export` and write its stamp; returns the stamp."""
+    """Copy engine_core and its tests into `export` and write their stamps; returns the core's stamp."""
     pkg = package_dir(export)
     _copy(SOURCE, pkg)
     stamp = vendored.stamp(pkg)
     (pkg / vendored.STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
+    tests = vendored.tests_dir(pkg)
+    _copy(SOURCE / vendored.TESTS, tests, tests=True)
+    if not (tests / vendored.LOCAL[0]).is_file():
+        raise SystemExit(f"{tests}: the export's {vendored.LOCAL[0]} is missing (its package, small model and "
+                         f"small-run options for the core's tests; see engine_core/tests/README.md)")
+    test_stamp = vendored.stamp(tests, tests=True)
+    (tests / vendored.TEST_STAMP).write_text(json.dumps(test_stamp, indent=2) + "\n", encoding="utf-8")
     return stamp
+
+
+def drift(export: Path) -> list[str]:
+    """Where `export`'s vendored core or core tests differ from their stamps or from engine_core/."""
+    pkg = package_dir(export)
+    return vendored.drift(pkg, SOURCE) + vendored.drift_tests(vendored.tests_dir(pkg), SOURCE / vendored.TESTS)
 
 
 def main(exports: Optional[list[Path]] = typer.Argument(None, help="export folders (default: every stamped export)"),
@@ -68,6 +84,7 @@ def main(exports: Optional[list[Path]] = typer.Argument(None, help="export folde
          adopt: Optional[Path] = typer.Option(None, "--adopt", help="copy this export's vendored core into engine_core/")) -> None:
     if adopt is not None:
         _copy(package_dir(adopt), SOURCE)
+        _copy(vendored.tests_dir(package_dir(adopt)), SOURCE / vendored.TESTS, tests=True)
         print(f"engine_core/ <- {adopt}; vendor it into the other exports next")
         return
     targets = [Path(e) for e in exports] if exports else stamped_exports()
@@ -75,7 +92,7 @@ def main(exports: Optional[list[Path]] = typer.Argument(None, help="export folde
     for export in targets:
         name = export.resolve().relative_to(ROOT) if export.resolve().is_relative_to(ROOT) else export
         if check:
-            problems = vendored.drift(package_dir(export), SOURCE)
+            problems = drift(export)
             drifted |= bool(problems)
             print(f"{name}: " + ("drifted\n  " + "\n  ".join(problems) if problems else "matches engine_core"))
         else:

@@ -232,7 +232,7 @@ def mlp(ctx: Context, a: argparse.Namespace) -> Plan:
     d, e, x = ctx.part_dir("mlp"), _compiled_bench(), a.bench_args
     return with_env(ctx.engine_pythonpath(), [
         step(*PYTEST, f"{T}/ops/test_mlp_quack.py", f"{T}/ops/test_dswiglu_triton.py",
-             f"{T}/test_trainer_direct_grads.py", f"{T}/ops/test_adamw_triton.py", timeout_s=240),
+             f"{T}/core_train_engine_0_5b/test_trainer_direct_grads.py", f"{T}/ops/test_adamw_triton.py", timeout_s=240),
         step(*e, "--ops", "mlp=quack_gated", *x, "--json", d / "compile_quack_gated_mb8.json", timeout_s=200),
         step(*e, "--ops", "mlp=unfused", *x, "--json", d / "compile_unfused_mb8.json", timeout_s=200),
         step(PY, f"{ENGINE}/scripts/gpu_mlp.py", "--out", d, timeout_s=a.table_timeout_s)])

@@ -1,4 +1,5 @@
-"""Every export's vendored core (core/, ops/, data/, minicpm/) is engine_core/'s, byte for byte, and matches its stamp."""
+"""Every export's vendored core (core/, ops/, data/, minicpm/) and core tests (tests/core_<package>/) are engine_core/'s,
+byte for byte, and match their stamps; the core's tests import the engine only through the export's engine_fixture."""
 
 from __future__ import annotations
 
@@ -16,8 +17,44 @@ def test_the_engines_carry_a_vendored_core():
 
 @pytest.mark.parametrize("export", EXPORTS, ids=[e.name for e in EXPORTS])
 def test_vendored_core_is_engine_core(export):
-    problems = vendor_core.vendored.drift(vendor_core.package_dir(export), vendor_core.SOURCE)
+    problems = vendor_core.drift(export)
     assert not problems, "run `python -m harness.vendor_core` (or --adopt the export):\n" + "\n".join(problems)
+
+
+def test_test_drift_is_found(tmp_path):
+    """An edited, an added and a removed core test each show, against the stamp and against engine_core/tests;
+    the export's own engine_fixture.py is not the core's."""
+    import json
+    import shutil
+
+    v, source = vendor_core.vendored, vendor_core.SOURCE / vendor_core.vendored.TESTS
+    copy = tmp_path / "core_pkg"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "engine_fixture.py").write_text("PACKAGE = 'pkg'\n")
+    (copy / v.TEST_STAMP).write_text(json.dumps(v.stamp(copy, tests=True)))
+    assert v.drift_tests(copy, source) == [] and "engine_fixture.py" not in v.test_files(copy)
+    (copy / "test_timer.py").write_text("# edited\n")
+    (copy / "test_extra.py").write_text("")
+    (copy / "test_data.py").unlink()
+    problems = v.drift_tests(copy, source)
+    for name in ("test_timer.py: differs", "test_extra.py: in the export", "test_data.py: in the"):
+        assert sum(p.startswith(name) for p in problems) == 2, (name, problems)
+    (copy / v.TEST_STAMP).unlink()
+    assert "missing" in v.drift_tests(copy, source)[0]
+
+
+def test_the_core_tests_reach_the_engine_only_through_its_fixture():
+    """engine_core/tests names no engine package and imports nothing of the workspace: the export's
+    engine_fixture.py (PACKAGE, SMALL_RUN, small_model) is how a vendored copy finds its engine."""
+    import re
+
+    pattern = re.compile(r"train_engine_|^\s*(from|import)\s+(gates|harness|benchmarks|engine_testlib)\b", re.M)
+    source = vendor_core.SOURCE / vendor_core.vendored.TESTS
+    assert not [rel for rel in vendor_core.vendored.test_files(source) if pattern.search((source / rel).read_text())]
+    for export in EXPORTS:
+        fixture = vendor_core.vendored.tests_dir(vendor_core.package_dir(export)) / "engine_fixture.py"
+        text = fixture.read_text()
+        assert all(name in text for name in ("PACKAGE =", "SMALL_RUN =", "def small_model(")), fixture
 
 
 def test_drift_is_found(tmp_path):

@@ -1,17 +1,15 @@
 """Helpers for the engine's tests (CPU, tiny model); imported as `engine_testlib` (a name no other
 test folder uses, so the repository-wide pytest run cannot confuse it with another module).
 
-Importing it puts the engine's src/ on sys.path (the tests run without installing the engine). Nothing
+Importing it puts the engine's src/ on sys.path (the tests run without installing the engine); the helpers it
+shares with the core's tests are core_train_engine_0_5b/core_testlib.py's (vendored from the workspace). Nothing
 here or in these tests imports the forge workspace: they pass from an unpacked copy of the export alone.
 The workspace's own tests of this engine against its reference live in the workspace (tests/engines/).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,76 +19,20 @@ ENGINE = Path(__file__).resolve().parents[1]
 SRC = ENGINE / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
-# the gates' cap on one weight element's difference after AdamW steps, as a share of the summed LRs
-# (the workspace's gates/policies.py ADAMW_STEP_SHARE; a workspace test checks they agree)
-ADAMW_STEP_SHARE = 0.25
 
-# Small enough for a slow 2-core CPU: the tiny preset (vocab 4096 = the shipped tokenizer's size).
-TINY = ["--model", "tiny", "--device", "cpu", "--seq-length", "32", "--warmup-steps", "2", "--lr", "3e-3"]
+# the helpers the core's tests share (vendored beside them; ADAMW_STEP_SHARE: the gates' AdamW step cap share)
+from core_train_engine_0_5b.core_testlib import (ADAMW_STEP_SHARE, assert_adamw_weights_close,  # noqa: E402, F401
+                                                 engine_env, read_jsonl, read_log, rel_err, torchrun)
+from core_train_engine_0_5b.engine_fixture import SMALL_RUN  # noqa: E402
 
-
-def engine_env(**extra: str) -> dict[str, str]:
-    """Environment for engine subprocesses: src on PYTHONPATH, one thread per process (several processes
-    share this machine's cores)."""
-    path = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", FORGE_ENGINE_PROGRESS="0", **extra)
+# Small enough for a slow 2-core CPU: the tiny preset (vocab 4096 = the shipped tokenizer's).
+TINY = SMALL_RUN
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "train_engine_0_5b", *map(str, args)]
-    return subprocess.run(cmd, env=engine_env(), capture_output=True, text=True, timeout=timeout, cwd=ENGINE)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def read_log(path: Path) -> list[dict]:
-    """A step log as its readers take it: each step's last line, in step order; a line a kill cut short
-    (not JSON) is skipped."""
-    last: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        last[record["step"]] = record
-    return [last[step] for step in sorted(last)]
-
-
-def rel_err(a, b) -> float:
-    """max |a - b| / max |a| (normwise relative error; 0 for two zero tensors)."""
-    a, b = a.double(), b.double()
-    scale = a.abs().max().item()
-    diff = (a - b).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
-def assert_adamw_weights_close(ref: dict, other: dict, lrs, tol: float = 1e-5) -> None:
-    """Weights after AdamW steps at learning rates `lrs` from two runs that differ only in fp32 summation order.
-
-    No fixed max bound fits: an element whose gradient nearly cancels turns its rounding difference into
-    a large part of an AdamW step, so the worst element is heavy-tailed across seeds (a 1e-4 max bound
-    failed CI once, at 1.9e-4). Held instead: 99 % of each tensor's elements within `tol` x max |ref|, and
-    no element off by more than the gates' AdamW step cap (ADAMW_STEP_SHARE of the summed LRs).
-    """
-    import torch
-
-    cap = ADAMW_STEP_SHARE * float(torch.as_tensor(lrs, dtype=torch.float64).abs().sum())
-    assert set(ref) == set(other)
-    for name, r in ref.items():
-        diff = (r.double() - other[name].double()).abs().flatten()
-        assert torch.isfinite(diff).all(), name
-        within = (diff <= tol * r.abs().max().item()).double().mean().item()
-        assert within >= 0.99, (name, f"only {within:.4f} of elements within {tol:g}")
-        assert diff.max().item() <= cap, (name, diff.max().item(), cap)
 
 
 def train_tiny(selection: str, device: str, ignore_first: int = 0) -> tuple[list[float], list[float], dict, list[float]]:

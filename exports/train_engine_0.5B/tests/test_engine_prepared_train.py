@@ -12,8 +12,8 @@ import types
 
 import numpy as np
 import pytest
+from core_train_engine_0_5b.test_prepared_data import VOCAB, prepared, shipped_tokenizer_plus  # the core's data tests
 from engine_testlib import TINY, read_jsonl, read_log, torchrun
-from test_engine_prepared_data import VOCAB, prepared, shipped_tokenizer_plus
 
 from train_engine_0_5b.core import checkpoint as ckpt
 from train_engine_0_5b.data import open_prepared

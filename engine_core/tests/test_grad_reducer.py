@@ -4,11 +4,12 @@ no gradient reads zero after finish()."""
 
 from __future__ import annotations
 
-import engine_testlib  # noqa: F401 - puts the engine's src on sys.path
 import torch
 from torch import nn
 
-from train_engine_0_5b.core.dist import DistContext, GradReducer
+from .core_testlib import engine_import
+
+DistContext, GradReducer = engine_import("core.dist", "DistContext", "GradReducer")
 
 
 def test_slots_sum_micro_batches_and_restart_each_step():

@@ -1,6 +1,6 @@
 """ZeRO-1 (`--zero1`): two gloo ranks under torchrun, optimizer state sharded, small buckets so that
 the shards cut parameters mid-way. Against the unsharded DP=2 run on the same data: the same losses and
-grad norms, and the same final weights (engine_testlib.assert_adamw_weights_close, as in test_engine_dp.py:
+grad norms, and the same final weights (core_testlib.assert_adamw_weights_close, as in the workspace's tests/engines/test_engine_dp.py:
 only the order of fp32 additions in the gradient norm differs). A sharded run stopped and resumed from its checkpoint (each
 rank's shards, through DCP) repeats the straight sharded run bit for bit (losses, grad norms, weights, moments), and that
 checkpoint resumes without sharding too, on 2 ranks and on 1."""
@@ -14,11 +14,13 @@ import sys
 
 import pytest
 import torch
-from engine_testlib import ENGINE, TINY, assert_adamw_weights_close, engine_env, read_jsonl, rel_err, torchrun
 
-from train_engine_0_5b.core import checkpoint as ckpt
+from .core_testlib import assert_adamw_weights_close, engine_env, engine_import, read_jsonl, rel_err, torchrun
+from .engine_fixture import ENGINE, PACKAGE, SMALL_RUN
 
-BASE = [*TINY, "--global-batch-size", "4", "--micro-batch-size", "1", "--bucket-mb", "0.05", "--grad-clip", "0.5"]
+ckpt = engine_import("core.checkpoint")
+
+BASE = [*SMALL_RUN, "--global-batch-size", "4", "--micro-batch-size", "1", "--bucket-mb", "0.05", "--grad-clip", "0.5"]
 
 
 def _run(tmp_path, name: str, *extra) -> None:
@@ -95,7 +97,7 @@ def test_a_save_failing_on_one_rank_stops_every_rank_and_loses_nothing(tmp_path)
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
     save = tmp_path / "save"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train_engine_0_5b",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", PACKAGE,
            "pretrain", *map(str, BASE), "--num-steps", "3", "--zero1", "--save-interval", "1", "--save-dir", str(save)]
     env = engine_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "inject"), env["PYTHONPATH"]])

@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train_engine_0_5b.core.errors import EngineError
-from train_engine_0_5b.data import Loader, open_prepared
-from train_engine_0_5b.data import prepare_data, shards
-from train_engine_0_5b.data.mixture import MixtureRows, block_counts, check_weights
-from train_engine_0_5b.data.sampler import Permutation, SampleOrder
-from train_engine_0_5b.data.tokenizer import DEFAULT_DIR, TextTokenizer
+from .core_testlib import engine_import
+
+EngineError = engine_import("core.errors").EngineError
+Loader, open_prepared = engine_import("data", "Loader", "open_prepared")
+prepare_data, shards = engine_import("data", "prepare_data", "shards")
+MixtureRows, block_counts, check_weights = engine_import("data.mixture", "MixtureRows", "block_counts", "check_weights")
+Permutation, SampleOrder = engine_import("data.sampler", "Permutation", "SampleOrder")
+DEFAULT_DIR, TextTokenizer = engine_import("data.tokenizer", "DEFAULT_DIR", "TextTokenizer")
 
 WORDS = ["alpha", "beta", "gamma", "delta", "tensor", "kernel", "norm", "rope", "swiglu", "adam", "shard", "memmap"]
 VOCAB = 4096  # the shipped tokenizer's, the tiny model's

@@ -3,32 +3,32 @@ micro batch on one rank skips the fp32 reducer and hands the backward's own grad
 micro batches go through the reducer. Either way the losses, gradient norms and weights must match the
 unfused path (clip pass, AdamW, copy pass over fp32 gradients) with clipping engaged.
 
-CPU: a bf16 model with fp32 masters, the fused op's plain-torch twin (triton_fused.adamw_reference, the
-same signature). GPU: the Triton kernel itself against the foreach op."""
+CPU: the engine's small model in bf16 with fp32 masters, the fused op's plain-torch twin
+(triton_fused.adamw_reference, the same signature). GPU: the Triton kernel itself against the foreach op."""
 
 from __future__ import annotations
 
-import engine_testlib  # noqa: F401 - puts the engine's src on sys.path
 import pytest
 import torch
 
-from train_engine_0_5b.core.dist import DistContext
-from train_engine_0_5b.core.optim import AdamW, Schedule, fuses_clip_and_copy
-from train_engine_0_5b.core.trainer import Trainer
-from train_engine_0_5b.minicpm.init import init_weights
-from train_engine_0_5b.model import build_model
-from train_engine_0_5b.model_config import preset
-from train_engine_0_5b.ops.adamw import foreach, reference
-from train_engine_0_5b.ops.registry import OpSelection, resolve
+from .core_testlib import engine_import
+from .engine_fixture import PACKAGE, small_model
 
-triton_fused = pytest.importorskip("train_engine_0_5b.ops.adamw.triton_fused")
+DistContext = engine_import("core.dist").DistContext
+AdamW, Schedule, fuses_clip_and_copy = engine_import("core.optim", "AdamW", "Schedule", "fuses_clip_and_copy")
+Trainer = engine_import("core.trainer").Trainer
+init_weights = engine_import("minicpm.init").init_weights
+foreach, reference = engine_import("ops.adamw", "foreach", "reference")
+OpSelection, resolve = engine_import("ops.registry", "OpSelection", "resolve")
+
+triton_fused = pytest.importorskip(f"{PACKAGE}.ops.adamw.triton_fused")
 
 
 def _train(adamw_op, device: str, rows: int, mb: int, steps: int = 3):
     torch.manual_seed(0)
-    cfg = preset("tiny")
-    ops = resolve(OpSelection.parse("attention=sdpa,mlp=unfused"), device, torch.bfloat16)  # the tiny model's
-    model = build_model(cfg, ops, device, torch.bfloat16)  # head dim is not FA4's; this test is about the optimizer
+    ops = resolve(OpSelection.parse("attention=sdpa,mlp=unfused"), device, torch.bfloat16)  # the small models'
+    model = small_model(ops, device, torch.bfloat16)  # head dims are not FA4's; this test is about the optimizer
+    cfg = model.cfg
     opt = AdamW(dict(model.named_parameters()), init_weights(model.cfg, 0.1, seed=3), adamw_op=adamw_op,
                 betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
     trainer = Trainer(model, opt, Schedule("constant", 3e-3, 3e-3, 1, steps), DistContext(device=torch.device(device)),

@@ -8,7 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from train_engine_0_5b.core import timer
+from .core_testlib import engine_import
+
+timer = engine_import("core.timer")
 
 
 class FakeClock:

@@ -11,13 +11,15 @@ import time
 
 import pytest
 import torch
-from engine_testlib import TINY, read_jsonl
 
-from train_engine_0_5b.core import pretrain as pretrain_mod  # the shared loop
-from train_engine_0_5b.core import step_reports
-from train_engine_0_5b.data import Loader, PackedRows, Prefetcher, TokenStream
-from train_engine_0_5b.data.sources import Source, renderer
-from train_engine_0_5b.data.tokenizer import TextTokenizer
+from .core_testlib import engine_import, read_jsonl
+from .engine_fixture import SMALL_RUN
+
+pretrain_mod = engine_import("core.pretrain")  # the shared loop
+step_reports = engine_import("core.step_reports")
+Loader, PackedRows, Prefetcher, TokenStream = engine_import("data", "Loader", "PackedRows", "Prefetcher", "TokenStream")
+Source, renderer = engine_import("data.sources", "Source", "renderer")
+TextTokenizer = engine_import("data.tokenizer").TextTokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "tensor", "kernel", "norm", "rope", "swiglu", "adam"]
 CPU = torch.device("cpu")
@@ -144,7 +146,7 @@ def synchronous_loop(cfg, ctx, trainer, train_step, loader, data, log, start, sk
 
 
 def test_pretrain_log_matches_the_synchronous_loop(cli, tmp_path, monkeypatch):
-    args = [*TINY, "--num-steps", "5", "--global-batch-size", "4", "--micro-batch-size", "2",
+    args = [*SMALL_RUN, "--num-steps", "5", "--global-batch-size", "4", "--micro-batch-size", "2",
             "--seed", str(random.randint(0, 2**31 - 1))]
     with monkeypatch.context() as m:
         m.setattr(pretrain_mod, "_loop", synchronous_loop)
@@ -170,7 +172,7 @@ def test_pretrain_log_matches_the_synchronous_loop(cli, tmp_path, monkeypatch):
 
 
 def test_a_failing_step_still_logs_the_steps_before_it(cli, tmp_path, monkeypatch):
-    from train_engine_0_5b.core.trainer import Trainer
+    Trainer = engine_import("core.trainer").Trainer
 
     real, calls = Trainer.train_step, []
 
@@ -181,7 +183,7 @@ def test_a_failing_step_still_logs_the_steps_before_it(cli, tmp_path, monkeypatc
         return real(self, ids, labels)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
-    res = cli(["pretrain", *TINY, "--num-steps", "5", "--global-batch-size", "2", "--micro-batch-size", "2",
+    res = cli(["pretrain", *SMALL_RUN, "--num-steps", "5", "--global-batch-size", "2", "--micro-batch-size", "2",
                "--log-file", tmp_path / "log.jsonl"])
     assert isinstance(res.exception, FloatingPointError)
     assert [r["step"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2]  # step 2 was held when step 3 failed
@@ -189,7 +191,7 @@ def test_a_failing_step_still_logs_the_steps_before_it(cli, tmp_path, monkeypatc
 
 
 def _result(device: str, loss: float, norm: float, valid: int):
-    from train_engine_0_5b.core.trainer import StepResult
+    StepResult = engine_import("core.trainer").StepResult
 
     return StepResult(torch.tensor(loss, device=device), torch.tensor(norm, device=device), 1e-3,
                       torch.tensor(valid, device=device))

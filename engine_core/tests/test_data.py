@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from train_engine_0_5b.core.errors import EngineError
-from train_engine_0_5b.data import Loader, PackedRows, TokenStream, prepare
-from train_engine_0_5b.data.sources import Source, _looks_local, open_source, renderer
-from train_engine_0_5b.data.tokenizer import TextTokenizer
+from .core_testlib import engine_import
+
+EngineError = engine_import("core.errors").EngineError
+Loader, PackedRows, TokenStream, prepare = engine_import("data", "Loader", "PackedRows", "TokenStream", "prepare")
+Source, _looks_local, open_source, renderer = engine_import("data.sources", "Source", "_looks_local", "open_source", "renderer")
+TextTokenizer = engine_import("data.tokenizer").TextTokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "tensor", "kernel", "norm", "rope", "swiglu", "adam"]
 

@@ -1,0 +1,25 @@
+"""The engine under test for the core's tests in this folder, which are the forge workspace's engine_core/tests
+vendored with the core (`python -m harness.vendor_core`; stamped in vendored_tests.json). This file is the
+export's own, not vendored: its package, its small model and its CLI's small-run options."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ENGINE = Path(__file__).resolve().parents[2]  # exports/train_engine_0.5B
+SRC = ENGINE / "src"
+if str(SRC) not in sys.path:  # the tests run from an unpacked copy of the export, uninstalled
+    sys.path.insert(0, str(SRC))
+
+PACKAGE = "train_engine_0_5b"
+# `pretrain` on the small model, small enough for a slow 2-core CPU (the tiny preset, vocab 4096: the shipped tokenizer's)
+SMALL_RUN = ["--model", "tiny", "--device", "cpu", "--seq-length", "32", "--warmup-steps", "2", "--lr", "3e-3"]
+
+
+def small_model(ops, device, dtype):
+    """The tiny preset's model with the resolved ops `ops`, uninitialized (AdamW copies its masters in)."""
+    from train_engine_0_5b.model import build_model
+    from train_engine_0_5b.model_config import preset
+
+    return build_model(preset("tiny"), ops, device, dtype)
