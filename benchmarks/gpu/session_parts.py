@@ -468,8 +468,8 @@ def fa4cache(ctx: Context, a: argparse.Namespace) -> Plan:
         step(PY, "benchmarks/gpu/fa4_cache_check.py", "--out", ctx.part_dir("fa4cache"), timeout_s=200)])
 
 
-@part("tune", "stage 2's tune search per Triton op at the 0.5B's shapes (tune_ops.py): leaderboards, summary, "
-      "tuned values",
+@part("tune", "stage 2's tune search per op of the 0.5B's default step that declares a space (tune_ops.py; with "
+      "CuTeDSL unpacked that includes FA4 and quack): leaderboards, summary, tuned values",
       timeout(290, "tune_ops.py"),
       opt("--budget-s", type=int, default=260, help="tune_ops.py's budget (default 260)"),
       fwd("--ops", str, "comma-separated ops, searched in this order", "tune_ops.py"),

@@ -1,6 +1,8 @@
-"""Stage 2's tune search on one GPU, op after op, within one time budget: each op's Triton implementation searched
-over the space the engine declares, every candidate checked and timed by the per-op harness (gates/ops), as the
-`tune` backend's rounds do (harness/agents/tune.py: `tune_op`).
+"""Stage 2's tune search on one GPU, op after op, within one time budget: each op's implementation searched over
+the space the engine declares, every candidate checked and timed by the per-op harness (gates/ops), as the
+`tune` backend's rounds do (harness/agents/tune.py: `tune_op`). By default the ops tuned are the ones the engine's
+default step runs on the device (`auto`'s resolution there) that declare a space: tuning an implementation the
+step does not run changes nothing users get. With CuTeDSL installed that includes the FA4 and quack ops.
 
     python3 -m benchmarks.gpu.tune_ops --out DIR --budget-s 260                # H200: 0.5B shapes, bf16, seq 4096, mb 8
     python3 -m benchmarks.gpu.tune_ops --out DIR --budget-s 100 --device cpu   # CPU: tiny preset, fp32, interpreter
@@ -24,13 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gates.ops.harness import CandidateResult, HarnessOptions, OpSpecError, describe, record
+from gates.ops.harness import CandidateResult, EngineOps, HarnessOptions, OpSpecError, describe, record
 from harness.agents.tune import (TuneError, TuneOptions, Window, best_trial, check_options, search_space, tune_op,
                                  write_tuned)
 
 ENGINE = Path(__file__).resolve().parents[2] / "exports" / "train_engine_0.5B"
-# the engine's Triton ops with declared spaces, most step time first (CuTeDSL ones need a carry this part lacks)
-OPS = ("qkv_rope", "adamw", "rms_norm", "add_rms_norm", "swiglu", "cross_entropy")
 # per device: preset, dtype, micro batch, sequence, reps, warmup
 DEFAULTS: dict[str, dict[str, Any]] = {
     "cuda": dict(preset="minicpm4-0.5b", dtype="bfloat16", batch=8, seq=4096, reps=50, warmup=5),
@@ -47,7 +47,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=260.0, help="wall seconds for everything, describe included")
     ap.add_argument("--device", choices=sorted(DEFAULTS), default="cuda")
     ap.add_argument("--engine", type=Path, default=ENGINE)
-    ap.add_argument("--ops", default=",".join(OPS), help="comma-separated, searched in this order")
+    ap.add_argument("--ops", default=None, help="comma-separated, searched in this order (default: the ops the "
+                    "engine's default step runs on the device that declare a space)")
     ap.add_argument("--max-trials", type=int, default=8, help="per op, the default's trial included")
     ap.add_argument("--random-trials", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -62,13 +63,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def _row(op: str, impl: str | None, trials: list[CandidateResult], baseline: dict | None, status: str) -> dict:
+def default_path(engine_ops: EngineOps, device: str) -> list[tuple[str, str]]:
+    """(op, impl) for each op the engine's default step runs on `device` with an implementation that declares a
+    space, in the op table's order (a sited or fused name, the reference and `unfused` have nothing to tune)."""
+    names = engine_ops.resolved.get(device, {}).get("names", {})
+    out = []
+    for op, impl in names.items():
+        if impl in ("reference", "unfused") or impl.startswith("(") or op.partition(".")[0] not in engine_ops.table:
+            continue
+        if engine_ops.table[op.partition(".")[0]]["impls"].get(impl, {}).get("space"):
+            out.append((op, impl))
+    return out
+
+
+def _row(op: str, impl: str | None, trials: list[CandidateResult], baseline: dict | None, status: str,
+         on_path: bool = False) -> dict:
     """The summary's line for one op."""
     best = best_trial(trials)
     default = next((t for t in trials if t.values == baseline), None)
     timing = (best.timing or {}) if best else {}
     default_ms = default.ms if default else None
-    return {"op": op, "impl": impl, "status": status, "trials": len(trials),
+    return {"op": op, "impl": impl, "on_default_path": on_path, "status": status, "trials": len(trials),
             "failed": sum(t.verdict == "failed" for t in trials),  # wrong, or crashed: rejected by the harness
             "errors": sum(t.verdict == "error" for t in trials),  # the child timed out (the budget) or died
             "winner": best.values if best else None, "winner_ms": best.ms if best else None,
@@ -86,11 +101,11 @@ def write_summary(out: Path, head: dict, rows: list[dict]) -> None:
     (out / "summary.json").write_text(json.dumps(head | {"ops": rows}, indent=1, default=str) + "\n")
     lines = [f"# tune_ops: {head['runtime'].get('device')} ({head['preset']}, {head['dtype']}, batch {head['batch']} "
              f"x seq {head['seq']}), {head['elapsed_s']:.0f} of {head['budget_s']:.0f} s",
-             "", "| op | impl | winner | ms | TFLOP/s | GB/s | % roofline | default ms | speedup | "
-             "trials (failed, errors) | status |", "|" + "---|" * 11]
+             "", "| op | impl | on the default step | winner | ms | TFLOP/s | GB/s | % roofline | default ms | "
+             "speedup | trials (failed, errors) | status |", "|" + "---|" * 12]
     for r in rows:
         winner = json.dumps(r["winner"]) if r["winner"] is not None else "-"
-        lines.append(f"| {r['op']} | {r['impl']} | `{winner}` | {_fmt(r['winner_ms'])} | {_fmt(r['tflops'], '.1f')} | "
+        lines.append(f"| {r['op']} | {r['impl']} | {'yes' if r.get('on_default_path') else 'no'} | `{winner}` | {_fmt(r['winner_ms'])} | {_fmt(r['tflops'], '.1f')} | "
                      f"{_fmt(r['gbps'], '.0f')} | {_fmt(r['roofline_pct'], '.1f')} | {_fmt(r['default_ms'])} | "
                      f"{_fmt(r['speedup'], '.3f')} | {r['trials']} ({r['failed']}, {r['errors']}) | {r['status']} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
@@ -108,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     head = {"runtime": runtime, "host": platform.node(), "engine": str(a.engine), "preset": a.preset,
             "dtype": a.dtype, "batch": a.batch, "seq": a.seq, "budget_s": a.budget_s, "harness": harness.model_dump()}
     options = TuneOptions(max_trials=a.max_trials, random_trials=a.random_trials, seed=a.seed, harness=harness)
-    ops = [o for o in a.ops.split(",") if o]
+    on_path = dict(default_path(engine_ops, a.device))
+    ops = [o for o in a.ops.split(",") if o] if a.ops is not None else list(on_path)
+    if not ops:
+        print(f"[tune_ops] nothing to tune: no op of the default step on {a.device} declares a space", flush=True)
     rows: list[dict] = []
 
     def flush(current: list[dict]) -> None:
@@ -120,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         share = (end - time.monotonic()) / (len(ops) - i)
         window = Window(last_start=min(time.monotonic() + share, end - shortest[0]), end=end)
         try:
-            impl = check_options(options, engine_ops, op, a.device)
+            impl = check_options(options.model_copy(update={"impl": on_path.get(op)}), engine_ops, op, a.device)
             space = search_space(engine_ops, op, impl, {})
         except (OpSpecError, TuneError) as e:
-            rows.append(_row(op, None, [], None, f"error: {e}"))
+            rows.append(_row(op, None, [], None, f"error: {e}", on_path=op in on_path))
             print(f"[tune_ops] {op}: {e}", flush=True)
             flush(rows)
             continue
@@ -142,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             ms = f"{r.ms:.4g} ms" if r.ms is not None else r.message[:300]
             print(f"[tune_ops] {op}={impl} {json.dumps(r.values)}: {r.verdict}, {ms} "
                   f"({time.monotonic() - t0:.0f} s)", flush=True)
-            flush([*rows, _row(op, impl, trials, baseline, "running")])
+            flush([*rows, _row(op, impl, trials, baseline, "running", on_path.get(op) == impl)])
 
         print(f"[tune_ops] {op}={impl}: space {json.dumps(space)}, {share:.0f} s", flush=True)
         tune_op(a.engine, op, impl, space, options, preset=a.preset, engine_ops=engine_ops, baseline=baseline,
@@ -150,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         planned = min(math.prod(len(v) for v in space.values()), a.max_trials)
         cut = len(trials) < planned and time.monotonic() >= window.last_start
         best = best_trial(trials)
-        rows.append(_row(op, impl, trials, baseline, "cut by its time share" if cut else "done"))
+        rows.append(_row(op, impl, trials, baseline, "cut by its time share" if cut else "done", on_path.get(op) == impl))
         if best is not None:
             write_tuned(a.out / "tuned" / "configs.json", runtime, op, impl, best.values)
         flush(rows)

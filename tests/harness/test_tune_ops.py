@@ -28,6 +28,7 @@ def test_the_tune_part_writes_leaderboards_summary_and_tuned_values(tmp_path):
     for op, default in (("rms_norm", {"num_warps": None}), ("swiglu", {"block": 1024, "num_warps": 4})):
         r = rows[op]
         assert (r["impl"], r["status"], r["trials"], r["failed"], r["errors"]) == ("triton_fused", "done", 2, 0, 0)
+        assert r["on_default_path"] is False  # the CPU's default step runs the reference math
         assert r["default"] == default  # the declared defaults, tried first
         assert r["winner_ms"] <= r["default_ms"] and r["speedup"] >= 1.0 and r["gbps"] > 0
         board = json.loads((out / "forge/leaderboards" / f"{op}.json").read_text())
@@ -39,7 +40,19 @@ def test_the_tune_part_writes_leaderboards_summary_and_tuned_values(tmp_path):
     assert entry["key"] == summary["runtime"]
     assert entry["ops"] == {op: {"triton_fused": rows[op]["winner"]} for op in ("rms_norm", "swiglu")}
     table = (out / "summary.md").read_text()
-    assert "| op | impl | winner | ms |" in table and "| swiglu | triton_fused |" in table
+    assert "| op | impl | on the default step | winner | ms |" in table and "| swiglu | triton_fused | no |" in table
+
+
+def test_the_default_ops_are_the_default_steps_tunable_ones():
+    """Without --ops: the (op, impl) pairs `auto` resolves to on the device with a declared space, never an
+    implementation the step does not run (rms_norm's Triton kernel: the CUDA step runs it as compiled reference math)."""
+    engine_ops = describe(ENGINE)
+    pairs = tune_ops.default_path(engine_ops, "cuda")
+    names = engine_ops.resolved["cuda"]["names"]
+    assert pairs and ("adamw", "triton_fused") in pairs and ("qkv_rope", "triton_fused") in pairs
+    assert all(names[op] == impl and engine_ops.space(op, impl) for op, impl in pairs)
+    assert names["rms_norm"] == "reference" and "rms_norm" not in dict(pairs)
+    assert tune_ops.default_path(engine_ops, "cpu") == []  # all reference math: nothing to tune
 
 
 def test_no_trial_starts_after_its_window():
