@@ -11,7 +11,9 @@ replaced its figures (`superseded_by`). A superseded result that nothing cites m
 (`python -m benchmarks results-archive`, benchmarks/archive.py); a cited one stays where its citations point.
 
     python -m benchmarks.results_index check     # every file in exactly one entry, every path exists, README current
-    python -m benchmarks.results_index readme    # rewrite results/README.md's tables from the index
+    python -m benchmarks.results_index readme    # rewrite results/README.md's tables from the index, and the
+                                                 # repository README's table of M5's gate-clock figures
+    python -m benchmarks.results_index refresh   # re-read every entry's figures from its files
     python -m benchmarks.results_index add engine-foo-2026-12-03-h200/ --kind engine-experiment --what "..." \\
         [--supersedes ID ...]                    # append one entry (result writers call `add_entry`)
 """
@@ -154,6 +156,10 @@ def problems(root: Path = RESULTS_DIR) -> list[str]:
               for p in files_under(root) if p not in owner]
     if not found and (root / README_FILE).read_text() != render_readme(entries):
         found.append(f"{README_FILE} is not the rendering of {INDEX_FILE}: python -m benchmarks.results_index readme")
+    top = root.parents[1] / README_FILE
+    if not found and top.is_file() and GATE_CLOCK_BEGIN in (text := top.read_text()):
+        if text != with_gate_clock_block(text, entries):
+            found.append(f"{top.name}'s gate-clock table is not the index's: python -m benchmarks.results_index readme")
     return found
 
 
@@ -274,6 +280,7 @@ def headline(root: Path, result: str, paths: list[str]) -> tuple[dict[str, Stack
                             metrics[f"{row['stack']} x {base}"] = round(r, 4)
         elif "gate" in data and "verdict" in data:
             metrics[key or data["gate"]] = data["verdict"]
+            metrics |= gate_clock(key or data["gate"], data)
         elif group and isinstance(data.get("tokens_per_s"), (int, float)):
             metrics["tokens_per_s"] = _round(data["tokens_per_s"], 1)
             if isinstance(data.get("mfu"), (int, float)):
@@ -284,6 +291,30 @@ def headline(root: Path, result: str, paths: list[str]) -> tuple[dict[str, Stack
             continue
         read.append(p)
     return stacks, metrics, read
+
+
+CLOCK = " mfu part"  # the metric keys of M5's speed part: "<report> mfu part" (verdict), "... tokens_per_s", ...
+CLOCK_NUMBERS = ("tokens_per_s", "mfu", "global_batch_size", "seq_length")
+
+
+def gate_clock(key: str, report: dict) -> dict[str, float | int | str]:
+    """M5's speed part, when its report timed `pretrain` (the gate's clock): its verdict and figures."""
+    part = next((p for p in report.get("parts") or [] if p.get("name") == "mfu"), None)
+    numbers = (part or {}).get("numbers") or {}
+    if not isinstance(numbers.get("tokens_per_s"), (int, float)):
+        return {}
+    out: dict[str, float | int | str] = {key + CLOCK: part["verdict"]}
+    for name in CLOCK_NUMBERS:
+        if isinstance(numbers.get(name), (int, float)):
+            out[f"{key}{CLOCK} {name}"] = _round(numbers[name], 6) if isinstance(numbers[name], float) else numbers[name]
+    return out
+
+
+def gate_clock_rows(e: Entry) -> list[dict]:
+    """One dict per M5 speed part the entry holds: report key, verdict and CLOCK_NUMBERS."""
+    return [{"report": k[: -len(CLOCK)], "verdict": v,
+             **{n: e.metrics.get(f"{k} {n}") for n in CLOCK_NUMBERS}}
+            for k, v in e.metrics.items() if k.endswith(CLOCK)]
 
 
 def recorded_model(root: Path, paths: list[str]) -> str | None:
@@ -368,7 +399,9 @@ def figures(e: Entry) -> str:
             ratios.setdefault(stack.removeprefix("engine:"), []).append(f"{value:.3f}x {base}")
     parts += [f"{stack}: {', '.join(r)}" for stack, r in ratios.items()]
     verdicts = Counter(f"{k.rsplit('/', 1)[-1]} {v}" for k, v in e.metrics.items()
-                       if isinstance(v, str) and " x " not in k)
+                       if isinstance(v, str) and " x " not in k and not k.endswith(CLOCK))
+    parts += [f"M5 speed {r['verdict']}: {r['tokens_per_s']:,.0f} tok/s ({100 * r['mfu']:.1f} %) at global batch "
+              f"{r['global_batch_size']}" for r in gate_clock_rows(e)]
     parts += [v if n == 1 else f"{v} x{n}" for v, n in verdicts.items()]
     if isinstance(e.metrics.get("tokens_per_s"), float):
         mfu = e.metrics.get("mfu")
@@ -400,7 +433,55 @@ def render_readme(entries: list[Entry]) -> str:
 
 
 def write_readme(root: Path = RESULTS_DIR) -> None:
-    (root / README_FILE).write_text(render_readme(load(root)))
+    entries = load(root)
+    (root / README_FILE).write_text(render_readme(entries))
+    top = root.parents[1] / README_FILE
+    if top.is_file() and GATE_CLOCK_BEGIN in (text := top.read_text()):
+        top.write_text(with_gate_clock_block(text, entries))
+
+
+# -- the repository README's figures on the gates' clock ---------------------------------------------------------
+
+GATE_CLOCK_BEGIN = "<!-- gate-clock table: generated from benchmarks/results/index.jsonl by `python -m benchmarks.results_index readme` -->"
+GATE_CLOCK_END = "<!-- gate-clock table end -->"
+
+
+def gate_clock_table(entries: list[Entry]) -> str:
+    """Every current result's M5 speed parts (what users run, timed by the gate), newest first."""
+    order = {e.id: n for n, e in enumerate(entries)}
+    lines = ["| result | device | commit | M5 speed part | tokens/s | MFU | global batch x seq |", "|---|---|---|---|---|---|---|"]
+    for e in sorted(entries, key=lambda e: (e.date, order[e.id]), reverse=True):
+        if e.status != "current":
+            continue
+        for r in gate_clock_rows(e):
+            where = f"[`{e.id}/{r['report']}`](benchmarks/results/{e.id}/{r['report']}.json)"
+            lines.append(f"| {where} | {e.device} | {'`' + e.commit[:7] + '`' if e.commit else 'not recorded'} | "
+                         f"{r['verdict']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f} % | "
+                         f"{r['global_batch_size']} x {r['seq_length']} |")
+    return "\n".join(lines)
+
+
+def with_gate_clock_block(text: str, entries: list[Entry]) -> str:
+    """`text` with the block between the gate-clock markers replaced by the table rendered from `entries`."""
+    head, rest = text.split(GATE_CLOCK_BEGIN, 1)
+    if GATE_CLOCK_END not in rest:
+        raise ValueError(f"README: {GATE_CLOCK_BEGIN!r} without {GATE_CLOCK_END!r}")
+    tail = rest.split(GATE_CLOCK_END, 1)[1]
+    return f"{head}{GATE_CLOCK_BEGIN}\n{gate_clock_table(entries)}\n{GATE_CLOCK_END}{tail}"
+
+
+def refresh(root: Path = RESULTS_DIR) -> list[str]:
+    """Re-read every entry's headline figures from its files (after the reader learns a new figure); the ids whose
+    figures changed."""
+    entries, changed = load(root), []
+    for e in entries:
+        stacks, metrics, read = headline(root, e.id, e.paths)
+        if (stacks, metrics, read) != (e.stacks, e.metrics, e.metrics_from):
+            e.stacks, e.metrics, e.metrics_from = stacks, metrics, read
+            changed.append(e.id)
+    save(entries, root)
+    write_readme(root)
+    return changed
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
@@ -410,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=RESULTS_DIR, help="the results folder (default: benchmarks/results)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="every file in exactly one entry, every indexed path exists, README current")
-    sub.add_parser("readme", help="rewrite README.md from the index")
+    sub.add_parser("readme", help="rewrite README.md (and the repository README's gate-clock table) from the index")
+    sub.add_parser("refresh", help="re-read every entry's headline figures from its files, then rewrite the READMEs")
     a = sub.add_parser("add", help="append one entry for files already under the results folder")
     a.add_argument("paths", nargs="+", help="the result's folder, or its files (relative to the results folder)")
     a.add_argument("--kind", required=True, choices=get_args(Kind))
@@ -430,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "readme":
         write_readme(root)
+        return 0
+    if args.command == "refresh":
+        changed = refresh(root)
+        print(f"results index: figures re-read; changed: {', '.join(changed) or 'none'}")
         return 0
     rel = [Path(x).resolve().relative_to(root).as_posix() if Path(x).is_absolute() else x for x in args.paths]
     try:
