@@ -86,9 +86,10 @@ still sets the bound. Each such Diff records s (`ref_rel`), the bound (`bound_re
 target and how the bound was made. It admits a norm that rounds like the reference's (error s), more exactly
 (~0) or the other way (up to 2s). Measured bounds: 3.8e-5-1.3e-4 on tiny cases, 1.50-1.60e-4 on the reduced
 8B at TP=2 (M3, M4, M7 on the seed of tests/gates/test_tp_gates.py), where the engine used at most 0.19 of it.
-It still rejects a norm off by a constant (x1.001: rel 9.8e-4 against a bound of 8.1e-5 on tiny seed 0), a
-TP shard's squares left out of the sum, a wrong DP loss average (3.1e-3 vs 3.8e-5) or a wrong step before
-(2x lr: 1.4e-2 vs 5.9e-5 at step 1); tests/gates/test_grad_norm_twin.py. Bitwise policies, overrides (fixed
+It still rejects a norm off by a constant (x1.001: rel 9.8e-4 against a bound of 8.1e-5 on tiny seed 0, 9.7e-4
+against 1.55e-4 on the reduced 8B at TP=2), a TP shard's squares left out of the sum (0.26-0.35 vs 1.6e-4), a
+wrong DP loss average (red-team dp_mean_of_means: 3.1e-3 vs 3.8e-5) or a wrong step before (gate_detect's 2x
+lr: 1.4e-2 vs 5.9e-5 at step 1); tests/gates/test_grad_norm_twin.py. Bitwise policies, overrides (fixed
 bounds for everything), fp64 cases (the reference's norm is already fp64), bf16 (the comparative rule, whose
 fp32 twin's norm error is ~1e-2 of bf16's least scale u) and a reference without the twin (the megatron
 stack; the report's artifacts say so) keep the usual bounds.
