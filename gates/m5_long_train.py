@@ -4,8 +4,8 @@ tokenizer), its loss curve against the reference; and its speed, timed by the ga
 Parts and their rules:
 - `loss`: `pretrain` (gates/train_contract.py: the engine's defaults plus the spec's production flags)
   and the reference's `steps` probe on the same case: fresh random weights (seeded), batches packed from
-  the shipped default corpus (gates/case_data.py), K = `long_train_steps`, lr 1e-2 with warmup then WSD
-  decay so the curve actually falls. With l_e(t), l_r(t) the per-step losses, d(t) = |l_e(t) - l_r(t)| /
+  the shipped default corpus (gates/case_data.py), K = `long_train_steps`, lr `long_train_lr` (1e-2) with
+  warmup then WSD decay so the curve actually falls. With l_e(t), l_r(t) the per-step losses, d(t) = |l_e(t) - l_r(t)| /
   |l_r(t)|; the statistic is the mean of d(t) over the trailing window of W = min(`long_train_window`, K)
   steps. `passed` iff that mean < `long_train_threshold` (1 %) and every loss is finite. The report also
   gives max d(t) and the first step where d(t) exceeds the threshold (the localization).
@@ -79,13 +79,13 @@ def not_run(name: str, chosen: str) -> Part:
 
 
 def long_train(g: GateRun) -> tuple[Part, Localization | None, MiniCPMConfig]:
-    """The loss part: `pretrain` on the long-train case (a preset's: the default corpus, lr 1e-2 with warmup and
-    WSD decay) against the reference and, for bf16, its float32 twin; with the case's model."""
+    """The loss part: `pretrain` on the long-train case (a preset's: the default corpus, lr `long_train_lr` with
+    warmup and WSD decay) against the reference and, for bf16, its float32 twin; with the case's model."""
     o = g.options
     if g.is_preset():
         k = o.long_train_steps
         try:
-            spec = g.preset_spec(steps=k, world_size=1, grad_accum=1, optimizer=OptimizerSpec(lr=1e-2, min_lr=1e-3),
+            spec = g.preset_spec(steps=k, world_size=1, grad_accum=1, optimizer=OptimizerSpec(lr=o.long_train_lr, min_lr=o.long_train_lr / 10),
                                  schedule=ScheduleSpec(kind="wsd", warmup_steps=max(1, k // 10),
                                                        decay_steps=max(1, k // 5)))
         except CaseError as e:

@@ -33,6 +33,8 @@ class GateOptions(BaseModel):
     long_train_steps: int = Field(40, ge=2, description="M5: K steps of training on the default corpus")
     long_train_window: int = Field(10, ge=1, description="M5: trailing window (steps) of the loss statistic")
     long_train_threshold: float = Field(0.01, gt=0, description="M5: bound on the window's mean relative loss difference")
+    long_train_lr: float = Field(1e-2, gt=0, description="M5: peak lr of a preset's long-train case (min lr a tenth of "
+                                 "it); lower it for a preset whose training at 1e-2 is chaotic (the spec says why)")
     mfu_threshold: float = Field(0.36, ge=0, description="M5: MFU the engine's pretrain must reach, timed by the gate (GPU only)")
     m5_parts: Literal["both", "loss", "mfu"] = Field(
         "both", description="M5: the parts to run; one alone (a run split over machine calls of limited length) "

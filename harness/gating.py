@@ -65,8 +65,10 @@ def runner_available() -> bool:
 
 
 def runner_options(gate: GateCheck, spec: ForgeSpec, out_dir: Path) -> dict[str, Any]:
-    return {"reference": spec.reference, "device": gate.device or spec.hardware.device, **gate.runner_options(),
-            "out_dir": out_dir}
+    """GateOptions for one gate of `spec`: the spec's reference, device and tensor-parallel degree (every engine
+    command's data-parallel rank is hardware.tp processes), then the gate's own fields."""
+    return {"reference": spec.reference, "device": gate.device or spec.hardware.device, "tp": spec.hardware.tp,
+            **gate.runner_options(), "out_dir": out_dir}
 
 
 def load_report(path: str | Path | None) -> GateReport | None:

@@ -164,6 +164,17 @@ def read_log(path: Path) -> TrainLog:
                     [r for r in recs if "step" in r and isinstance(r.get("eval_loss"), (int, float))])
 
 
+def case_label(g: dict[str, Any]) -> str:
+    """What a recorded gate ran: its case and dtype, the tensor-parallel degree and data-parallel size when set
+    (`minicpm4-8b-reduced float32 TP=2 DP=2`: each of 2 data-parallel ranks was 2 processes)."""
+    words = [str(g.get("case") or "-")] + ([str(g["dtype"])] if g.get("dtype") else [])
+    if (g.get("tp") or 1) > 1:
+        words.append(f"TP={g['tp']}")
+    if g.get("world_size"):
+        words.append(f"DP={g['world_size']}")
+    return " ".join(words)
+
+
 def gate_rows(manifest: dict[str, Any], engine: Path) -> list[dict[str, Any]]:
     """manifest.json's gates as rows; an accepted `unsupported` reads `passed (PART unsupported)` (the parts from
     the manifest, else from the gate's report the engine carries)."""
@@ -175,6 +186,7 @@ def gate_rows(manifest: dict[str, Any], engine: Path) -> list[dict[str, Any]]:
             unsupported = unsupported_parts(engine / g["report"] if g.get("report") else None) or {"some part": ""}
         rows.append({"gate": name, "verdict": accepted_label(verdict, unsupported), "why": unsupported,
                      "metrics": g.get("metrics") or {}, "hardware": hardware_label(g.get("hardware")),
+                     "case": case_label(g),
                      "commit": str(g.get("commit") or "-")[:10], "report": g.get("report")})
     return rows
 

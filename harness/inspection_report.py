@@ -28,9 +28,9 @@ def markdown(ins: Inspection) -> str:
     lines += ["## Gates passed (manifest.json)", "", f"spec: {spec.get('name', '-')} ({spec.get('path', '-')}), "
               f"reference {spec.get('reference', '-')}, commit {_fmt(m.get('commit'))}", ""]
     if ins.gates:
-        lines += _table(["gate", "verdict", "key numbers", "hardware", "commit"],
+        lines += _table(["gate", "verdict", "key numbers", "case", "hardware", "commit"],
                         [[g["gate"], g["verdict"], ", ".join(f"{k}={_fmt(v)}" for k, v in key_numbers(g["metrics"], 5)),
-                          g["hardware"], g["commit"]] for g in ins.gates])
+                          g.get("case", "-"), g["hardware"], g["commit"]] for g in ins.gates])
         lines += [f"- {g['gate']} {part} unsupported: {why}" for g in ins.gates for part, why in g["why"].items() if why]
     else:
         lines.append("no gate recorded")

@@ -5,7 +5,7 @@
       "engine": "train_engine_0.5B",
       "spec": {"name", "path", "sha256", "model", "reference", "hardware"},
       "gates": {"m1_forward": {"verdict", "metrics", "time_s", "stage", "round", "commit", "hardware",
-                               "reference", "case", "dtype", "world_size", "policy", "report", "by", "at",
+                               "reference", "case", "dtype", "world_size", "tp", "policy", "report", "by", "at",
                                "unsupported": {part: the gate's reason} (parts the spec accepted unsupported)}},
       "ops": {"rmsnorm": {"metric", "value", "baseline", "commit", "round"}},
       "hardware": where the newest gates ran,
@@ -82,7 +82,8 @@ def record_gates(manifest: dict[str, Any], *, spec: ForgeSpec, spec_path: str, s
         gates[gate.name] = {
             "verdict": out.verdict, "metrics": out.key_numbers(limit=40), "time_s": out.time_s, "stage": stage,
             "round": round_no, "commit": commit, "hardware": hardware, "reference": spec.reference,
-            "case": gate.case, "dtype": gate.dtype, "world_size": gate.world_size, "policy": gate.policy,
+            "case": gate.case, "dtype": gate.dtype, "world_size": gate.world_size, "tp": spec.hardware.tp,
+            "policy": gate.policy,
             "report": report, "by": writer, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "unsupported": unsupported_parts(out.report) if out.verdict == "unsupported" else {},
         }

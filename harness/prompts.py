@@ -42,10 +42,13 @@ def gate_command(spec: ForgeSpec, gate: GateCheck, engine_dir: Path) -> str:
              "--sandbox", "preferred"]  # the round sandbox already isolates it, and bwrap cannot nest inside it
     flags = {"case": "--case", "dtype": "--dtype", "policy": "--policy", "world_size": "--world-size",
              "steps": "--steps", "seq_length": "--seq-length", "long_train_steps": "--long-train-steps",
+             "long_train_lr": "--long-train-lr",
              "mfu_threshold": "--mfu-threshold", "timeout_s": "--timeout"}
     for key, flag in flags.items():
         if key in o:
             parts += [flag, str(o[key])]
+    if spec.hardware.tp > 1:  # as the loop's gates run it (harness/gating.py runner_options)
+        parts += ["--tp", str(spec.hardware.tp)]
     return " ".join(shlex.quote(p) for p in parts)
 
 

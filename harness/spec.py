@@ -71,6 +71,7 @@ class GateCheck(_Strict):
     long_train_steps: int | None = Field(None, ge=2, description="M5: steps of the long run")
     long_train_window: int | None = Field(None, ge=1, description="M5: trailing window of the loss statistic")
     long_train_threshold: float | None = Field(None, gt=0, description="M5: bound on the window's mean relative loss difference")
+    long_train_lr: float | None = Field(None, gt=0, description="M5: peak lr of the long run (default 1e-2)")
     mfu_threshold: float | None = Field(None, ge=0, le=1, description="M5: MFU the engine must reach (GPU)")
     speed_seq_length: int | None = Field(None, ge=2, description="M5 speed: sequence length of the timed pretrain")
     speed_micro_batch_size: int | None = Field(None, ge=1)
@@ -202,16 +203,16 @@ class HardwareSpec(_Strict):
     name: str = Field("cpu", description="e.g. cpu, h100, h200")
     device: Literal["cpu", "cuda"] = "cpu"
     gpus: int = Field(0, ge=0)
-    tp: int = Field(1, ge=1)
-    dp: int = Field(1, ge=1)
+    tp: int = Field(1, ge=1, description="tensor-parallel degree: every gate runs each engine data-parallel rank as tp "
+                    "processes with `--tp` (GateOptions.tp); cuda or cpu (gloo)")
+    dp: int = Field(1, ge=1, description="the data-parallel size the engine targets (M4 / M7 take theirs from each "
+                    "gate's world_size)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "HardwareSpec":
         if self.device == "cuda" and self.gpus < self.tp * self.dp:
             raise ValueError(f"gpus ({self.gpus}) must be at least tp x dp ({self.tp * self.dp})")
-        if self.device == "cpu" and self.tp != 1:
-            raise ValueError("tensor parallelism needs device = 'cuda'")
-        return self
+        return self  # on a CPU tp x dp processes share its cores over gloo: slow, but the gates judge TP there
 
 
 class EngineSpec(_Strict):

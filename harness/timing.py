@@ -20,7 +20,7 @@ StepClock = Callable[[Path, "TimingSpec", "ForgeSpec"], tuple[float | None, str]
 def gate_step_clock(engine_dir: Path, timing: "TimingSpec", spec: "ForgeSpec") -> tuple[float | None, str]:
     """The whole step on the gates' clock: M5's speed part on the spec's model and device."""
     return run_gate_timing(engine_dir, case=spec.model.preset, device=spec.hardware.device, metric=timing.metric,
-                           timeout_s=timing.timeout_s, options=timing.options)
+                           timeout_s=timing.timeout_s, options={"tp": spec.hardware.tp} | timing.options)
 
 
 def run_gate_timing(engine_dir: Path, *, case: str, device: str, metric: str, timeout_s: float,

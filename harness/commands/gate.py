@@ -32,6 +32,7 @@ def main(
     micro_batch_size: int = typer.Option(2, "--rows", help="rows per micro batch of generated cases"),
     steps: int = typer.Option(4, "--steps", help="optimizer steps of M3 / M4 / M6"),
     long_train_steps: int = typer.Option(40, "--long-train-steps", help="M5's K"),
+    long_train_lr: float = typer.Option(1e-2, "--long-train-lr", help="M5's peak lr (a preset's long-train case)"),
     mfu_threshold: float = typer.Option(0.36, "--mfu-threshold", help="M5's MFU bar (GPU)"),
     tp: int = typer.Option(1, "--tp", help="tensor-parallel degree: each engine rank runs as TP processes with --tp"),
     timeout_s: float = typer.Option(1800.0, "--timeout", help="seconds per gate; exceeding it is verdict error"),
@@ -48,8 +49,8 @@ def main(
     try:
         options = GateOptions(reference=reference, case=case, world_size=world_size, device=device, dtype=dtype,
                               policy=policy, seed=seed, seq_length=seq_length, micro_batch_size=micro_batch_size,
-                              steps=steps, long_train_steps=long_train_steps, mfu_threshold=mfu_threshold,
-                              tp=tp, timeout_s=timeout_s, out_dir=out, sandbox=sandbox)
+                              steps=steps, long_train_steps=long_train_steps, long_train_lr=long_train_lr,
+                              mfu_threshold=mfu_threshold, tp=tp, timeout_s=timeout_s, out_dir=out, sandbox=sandbox)
         gate = None if name == "all" else resolve_name(name)
     except (ValidationError, KeyError) as e:
         console.print(f"[red]error:[/] {e}")

@@ -41,9 +41,9 @@ def show(ins, out: Console) -> None:  # noqa: ANN001 - harness.inspection.Inspec
                       for r in ins.ops])
     m = ins.manifest
     _print_table(out, f"gates (manifest.json; commit {_fmt(m.get('commit'))[:10]})",
-                 ["gate", "verdict", "key numbers", "hardware", "commit"],
+                 ["gate", "verdict", "key numbers", "case", "hardware", "commit"],
                  [[g["gate"], g["verdict"], ", ".join(f"{k}={_fmt(v)}" for k, v in key_numbers(g["metrics"], 3)),
-                   g["hardware"], g["commit"]] for g in ins.gates])  # printed even when empty
+                   g["case"], g["hardware"], g["commit"]] for g in ins.gates])  # printed even when empty
     for g in ins.gates:
         for part, why in g["why"].items():
             if why:
