@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..data import Data, Prefetcher, attach_eval, open_prepared, prepare, prepare_batches
-from ..minicpm.init_from import load_init, tokenizer_dir
+from ..minicpm.init_from import open_init, tokenizer_dir
 from . import checkpoint as ckpt
 from . import ckpt_dir, runtime, sinks
 from .dist import DistContext
@@ -32,6 +32,7 @@ from .metrics import StepLog, mfu
 from .optim import AdamW
 from .step_reports import StepReports
 from .trainer import StepResult, Trainer
+from .weights import Initial
 
 TrainStep = Callable[[torch.Tensor, torch.Tensor], StepResult]
 
@@ -41,8 +42,9 @@ class EngineParts:
     """What `pretrain` needs of an engine's model part."""
 
     # (cfg, world context, initial master weights by HF name or None, compute dtype) -> the Trainer, whose `dp`
-    # is the data-parallel group (the loader's ranks) and whose model's parameters may be TP-sharded
-    build_trainer: Callable[[EngineConfig, DistContext, dict | None, torch.dtype], Trainer]
+    # is the data-parallel group (the loader's ranks) and whose model's parameters may be TP-sharded; the
+    # weights: whole tensors (a checkpoint's) or --init-from's lazy reader (weights.local_masters reads them)
+    build_trainer: Callable[[EngineConfig, DistContext, Initial | None, torch.dtype], Trainer]
     # (trainer, cfg, rows per rank per step) -> (the step the loop calls, whether it is a CUDA graph)
     step_function: Callable[[Trainer, EngineConfig, int], tuple[TrainStep, bool]]
     # the op implementations a run uses, recorded in the log and each checkpoint
@@ -156,7 +158,7 @@ def _train(cfg: EngineConfig, ctx: DistContext, dtype: torch.dtype, engine: Engi
         data = attach_eval(data, d.eval_data, t.seq_length, cfg.model.vocab_size)
     initial = None
     if init_dir is not None:
-        init_cfg, initial = load_init(init_dir)
+        init_cfg, initial = open_init(init_dir)  # lazy: each rank reads its shards in build_trainer
         diff = init_cfg.differences(cfg.model)
         if diff:
             raise EngineError(f"--init-from {init_dir}: its config.json describes another model than --model "

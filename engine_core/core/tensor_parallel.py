@@ -32,14 +32,24 @@ def offset(p: Tensor) -> tuple[int, ...]:
     return tuple(compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1])
 
 
-def shard_of(full: Tensor, p: Tensor) -> Tensor:
-    """This rank's part of `full` (a whole tensor of `p`'s global shape), a view."""
+def region(p: Tensor) -> tuple[slice, ...]:
+    """Where this rank's local shard of `p` lies in `p`'s global coordinates, one slice per dimension (the whole
+    tensor for a plain tensor or a replicated DTensor)."""
     if not isinstance(p, DTensor):
-        return full
+        return tuple(slice(0, n) for n in p.shape)
     shape, start = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    for dim, (a, n) in enumerate(zip(start, shape)):
-        full = full.narrow(dim, a, n)
-    return full
+    return tuple(slice(a, a + n) for a, n in zip(start, shape))
+
+
+def shard_of(full: Tensor, p: Tensor) -> Tensor:
+    """This rank's part of `full` (a whole tensor of `p`'s global shape), a view. A DTensor `full` laid out as
+    `p` already is this rank's part (weights.local_masters): its local tensor."""
+    if isinstance(full, DTensor):
+        if not isinstance(p, DTensor) or tuple(full.placements) != tuple(p.placements) or full.shape != p.shape:
+            raise ValueError(f"a DTensor of shape {tuple(full.shape)} {full.placements} is not laid out as the "
+                             f"parameter ({tuple(p.shape)} {getattr(p, 'placements', 'plain')})")
+        return full.to_local()
+    return full if not isinstance(p, DTensor) else full[region(p)]
 
 
 def whole(local_values: Tensor, p: Tensor) -> Tensor:
