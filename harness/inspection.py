@@ -115,7 +115,7 @@ def registry_ops(engine: Path, package: str) -> tuple[list[dict[str, Any]], str 
 
     rows = [{"op": op, "implementations": names, **{f"default_{dev}": default(d, op, names) for dev, d in defaults.items()}}
             for op, names in impls.items()]
-    return rows, None
+    return rows, None if rows else f"`{package} info` lists no op registry (no `op NAME: ...` lines)"
 
 
 def benchmark_rows(path: Path) -> list[dict[str, Any]]:

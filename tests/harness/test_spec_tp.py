@@ -117,3 +117,13 @@ def test_a_spec_long_train_lr_sets_m5s_case_lr(tmp_path: Path, monkeypatch) -> N
     finally:
         g.cleanup()
     assert seen["optimizer"].lr == 3e-3 and seen["optimizer"].min_lr == pytest.approx(3e-4)
+
+
+def test_inspect_says_when_an_engine_lists_no_ops(tmp_path: Path) -> None:
+    from harness.inspection import registry_ops
+
+    eng = tmp_path / "eng"
+    (eng / "src/quiet_pkg").mkdir(parents=True)
+    (eng / "src/quiet_pkg/__main__.py").write_text("print('presets: a, b')\n")
+    rows, note = registry_ops(eng, "quiet_pkg")
+    assert rows == [] and "lists no op registry" in note
