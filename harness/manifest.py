@@ -30,6 +30,7 @@ from harness.gating import GateOutcome, unsupported_parts
 from harness.spec import ForgeSpec, GateCheck
 
 MANIFEST = "manifest.json"
+WORKSPACE_ROOT = Path(__file__).resolve().parents[1]
 REPORTS = "forge/reports"  # the accepted gates' reports, beside the manifest in the engine's tree
 
 
@@ -45,6 +46,15 @@ def hardware_info() -> dict[str, Any]:
     info["gpus"] = gpus
     info["gpu"] = gpus[0] if gpus else None
     return info
+
+
+def portable_path(path: str) -> str:
+    """`path` relative to the workspace root when it lies inside it (the manifest ships in the repository: an absolute
+    path names the machine that wrote it), else as given."""
+    try:
+        return Path(path).resolve().relative_to(WORKSPACE_ROOT).as_posix()
+    except ValueError:
+        return path
 
 
 def load(raw: bytes | None) -> dict[str, Any]:
@@ -68,7 +78,7 @@ def record_gates(manifest: dict[str, Any], *, spec: ForgeSpec, spec_path: str, s
     gate's `by`; a forge round also names its run (`run`: run id, branch, backend), where its history lies."""
     m = dict(manifest)
     m["engine"] = engine_name
-    m["spec"] = {"name": spec.name, "path": spec_path, "sha256": spec_sha256, "model": spec.model.preset,
+    m["spec"] = {"name": spec.name, "path": portable_path(spec_path), "sha256": spec_sha256, "model": spec.model.preset,
                  "reference": spec.reference, "hardware": spec.hardware.model_dump()}
     gates = dict(m.get("gates") or {})
     files: dict[str, bytes] = {}

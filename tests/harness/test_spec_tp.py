@@ -127,3 +127,15 @@ def test_inspect_says_when_an_engine_lists_no_ops(tmp_path: Path) -> None:
     (eng / "src/quiet_pkg/__main__.py").write_text("print('presets: a, b')\n")
     rows, note = registry_ops(eng, "quiet_pkg")
     assert rows == [] and "lists no op registry" in note
+
+
+def test_the_manifest_names_a_workspace_spec_relative_to_the_workspace(tmp_path: Path) -> None:
+    """certify resolves --spec; the manifest ships in the repository, so it must not name the writer's checkout."""
+    spec = load_spec(TP_SPEC)
+    m1 = spec.stage("m1").gates[0]
+    for given, recorded in [(str(TP_SPEC.resolve()), "specs/minicpm4-8b-reduced-cpu-tp2.toml"),
+                            (str(tmp_path / "mine.toml"), str(tmp_path / "mine.toml"))]:
+        m, _ = mf.record_gates({}, spec=spec, spec_path=given, spec_sha256="0", engine_name="e", stage="m1",
+                               round_no=None, commit="c" * 40, results=[(m1, GateOutcome(m1.name, "passed"))],
+                               hardware={}, writer="certify")
+        assert m["spec"]["path"] == recorded
