@@ -265,11 +265,12 @@ def collect(engine: Path, *, ledgers: list[Path] = (), logs: list[Path] = (), be
     return ins
 
 
-PREFERRED = ("worst_tensor", "worst_rel", "worst_max_rel", "loss.window_mean_rel_diff", "mfu.mfu", "error_type")
+PREFERRED = ("loss.window_mean_rel_diff", "mfu.mfu", "worst_tensor", "worst_rel", "worst_max_rel", "error_type")
 
 
 def key_numbers(metrics: dict[str, Any], n: int = 3) -> list[tuple[str, Any]]:
-    """The numbers a reader wants first: the worst tensor and its errors, M5's loss statistic and MFU."""
+    """The numbers a reader wants first: M5's statistics where there are (the loss window's mean and the MFU decide
+    it, not its worst single step), then the worst tensor and its errors."""
     first = [(k, metrics[k]) for k in PREFERRED if k in metrics]
     return (first + [(k, v) for k, v in metrics.items() if k not in PREFERRED])[:n]
 

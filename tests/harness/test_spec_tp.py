@@ -139,3 +139,13 @@ def test_the_manifest_names_a_workspace_spec_relative_to_the_workspace(tmp_path:
                                round_no=None, commit="c" * 40, results=[(m1, GateOutcome(m1.name, "passed"))],
                                hardware={}, writer="certify")
         assert m["spec"]["path"] == recorded
+
+
+def test_inspect_shows_m5s_deciding_statistic_first() -> None:
+    from harness.inspection import key_numbers
+
+    m5 = {"tensors": 40, "worst_tensor": "loss_curve:losses[38]", "worst_rel": 6.6e-5, "worst_max_rel": 6.6e-5,
+          "loss.window_mean_rel_diff": 1.6e-5}
+    assert [k for k, _ in key_numbers(m5)] == ["loss.window_mean_rel_diff", "worst_tensor", "worst_rel"]
+    m1 = {"tensors": 5, "worst_tensor": "logits", "worst_rel": 3.6e-7, "worst_max_rel": 4.3e-7, "seed": 1}
+    assert [k for k, _ in key_numbers(m1)] == ["worst_tensor", "worst_rel", "worst_max_rel"]
