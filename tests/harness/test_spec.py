@@ -17,6 +17,8 @@ def test_shipped_specs_load() -> None:
     for p in SPECS:
         spec = load_spec(p)
         assert spec.stages and all(s.gates for s in spec.stages)
+        engine = p.parents[1] / spec.engine.path  # the export it forges or certifies is in the tree
+        assert (engine / "src" / spec.engine.package).is_dir(), (p.name, spec.engine.path, spec.engine.package)
     tiny = load_spec(SPECS[[p.name for p in SPECS].index("tiny-cpu.toml")])
     assert [s.name for s in tiny.stages] == ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8"] and tiny.hardware.device == "cpu"
     big = load_spec(SPECS[[p.name for p in SPECS].index("minicpm4-8b-h100-tp2.toml")])
