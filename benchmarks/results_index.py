@@ -12,7 +12,8 @@ replaced its figures (`superseded_by`). A superseded result that nothing cites m
 
     python -m benchmarks.results_index check     # every file in exactly one entry, every path exists, README current
     python -m benchmarks.results_index readme    # rewrite results/README.md's tables from the index, and the
-                                                 # repository README's table of M5's gate-clock figures
+                                                 # repository README's generated blocks (BLOCKS: M5's gate-clock
+                                                 # figures, the current side-by-side comparisons)
     python -m benchmarks.results_index refresh   # re-read every entry's figures from its files
     python -m benchmarks.results_index add engine-foo-2026-12-03-h200/ --kind engine-experiment --what "..." \\
         [--supersedes ID ...]                    # append one entry (result writers call `add_entry`)
@@ -157,9 +158,8 @@ def problems(root: Path = RESULTS_DIR) -> list[str]:
     if not found and (root / README_FILE).read_text() != render_readme(entries):
         found.append(f"{README_FILE} is not the rendering of {INDEX_FILE}: python -m benchmarks.results_index readme")
     top = root.parents[1] / README_FILE
-    if not found and top.is_file() and GATE_CLOCK_BEGIN in (text := top.read_text()):
-        if text != with_gate_clock_block(text, entries):
-            found.append(f"{top.name}'s gate-clock table is not the index's: python -m benchmarks.results_index readme")
+    if not found and top.is_file() and (text := top.read_text()) != with_blocks(text, entries):
+        found.append(f"{top.name}'s generated tables are not the index's: python -m benchmarks.results_index readme")
     return found
 
 
@@ -436,14 +436,18 @@ def write_readme(root: Path = RESULTS_DIR) -> None:
     entries = load(root)
     (root / README_FILE).write_text(render_readme(entries))
     top = root.parents[1] / README_FILE
-    if top.is_file() and GATE_CLOCK_BEGIN in (text := top.read_text()):
-        top.write_text(with_gate_clock_block(text, entries))
+    if top.is_file() and (text := top.read_text()) != (new := with_blocks(text, entries)):
+        top.write_text(new)
 
 
-# -- the repository README's figures on the gates' clock ---------------------------------------------------------
+# -- the repository README's tables of current figures ---------------------------------------------------------
 
-GATE_CLOCK_BEGIN = "<!-- gate-clock table: generated from benchmarks/results/index.jsonl by `python -m benchmarks.results_index readme` -->"
-GATE_CLOCK_END = "<!-- gate-clock table end -->"
+def begin_marker(name: str) -> str:
+    return f"<!-- generated: {name} (from benchmarks/results/index.jsonl by `python -m benchmarks.results_index readme`) -->"
+
+
+def end_marker(name: str) -> str:
+    return f"<!-- end generated: {name} -->"
 
 
 def gate_clock_table(entries: list[Entry]) -> str:
@@ -461,13 +465,39 @@ def gate_clock_table(entries: list[Entry]) -> str:
     return "\n".join(lines)
 
 
-def with_gate_clock_block(text: str, entries: list[Entry]) -> str:
-    """`text` with the block between the gate-clock markers replaced by the table rendered from `entries`."""
-    head, rest = text.split(GATE_CLOCK_BEGIN, 1)
-    if GATE_CLOCK_END not in rest:
-        raise ValueError(f"README: {GATE_CLOCK_BEGIN!r} without {GATE_CLOCK_END!r}")
-    tail = rest.split(GATE_CLOCK_END, 1)[1]
-    return f"{head}{GATE_CLOCK_BEGIN}\n{gate_clock_table(entries)}\n{GATE_CLOCK_END}{tail}"
+def compare_table(entries: list[Entry]) -> str:
+    """The current side-by-side comparisons: one row per stack, fastest first, then the engine's ratios."""
+    out = []
+    for e in (e for e in entries if e.kind == "compare" and e.status == "current"):
+        rows = sorted(e.stacks.items(), key=lambda kv: -(kv[1].tokens_per_s or 0))
+        out += [f"{result_cell(e).replace('](', '](benchmarks/results/')}, {e.device}, {e.date}, commit "
+                f"{'`' + e.commit[:7] + '`' if e.commit else 'not recorded'}:", "",
+                "| stack | micro batch | tokens/s | MFU | peak GiB |", "|---|---|---|---|---|"]
+        for name, f in rows:
+            cells = [f"{f.tokens_per_s:,.0f}" if f.tokens_per_s else "-", f"{100 * f.mfu:.1f} %" if f.mfu else "-",
+                     f"{f.peak_gib:.1f}" if f.peak_gib else "-"]
+            out.append(f"| {name.removeprefix('engine:')}{'' if f.status == 'ok' else ' (' + f.status + ')'} | "
+                       f"{f.micro_batch_size or '-'} | {' | '.join(cells)} |")
+        ratios = [f"{k.split(' x ')[0].removeprefix('engine:')} / {k.split(' x ')[1]} = {v:.3f}x"
+                  for k, v in e.metrics.items() if " x " in k]
+        out += ["", "; ".join(ratios) + "." if ratios else "", ""]
+    return "\n".join(out).rstrip()
+
+
+BLOCKS = {"gate-clock": gate_clock_table, "compare": compare_table}  # README blocks rendered from the index
+
+
+def with_blocks(text: str, entries: list[Entry]) -> str:
+    """`text` with every generated block (between its markers) replaced by its rendering from `entries`."""
+    for name, render in BLOCKS.items():
+        begin, end = begin_marker(name), end_marker(name)
+        if begin not in text:
+            continue
+        head, rest = text.split(begin, 1)
+        if end not in rest:
+            raise ValueError(f"README: {begin!r} without {end!r}")
+        text = f"{head}{begin}\n{render(entries)}\n{end}{rest.split(end, 1)[1]}"
+    return text
 
 
 def refresh(root: Path = RESULTS_DIR) -> list[str]:
@@ -491,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=RESULTS_DIR, help="the results folder (default: benchmarks/results)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="every file in exactly one entry, every indexed path exists, README current")
-    sub.add_parser("readme", help="rewrite README.md (and the repository README's gate-clock table) from the index")
+    sub.add_parser("readme", help="rewrite README.md (and the repository README's generated blocks) from the index")
     sub.add_parser("refresh", help="re-read every entry's headline figures from its files, then rewrite the READMEs")
     a = sub.add_parser("add", help="append one entry for files already under the results folder")
     a.add_argument("paths", nargs="+", help="the result's folder, or its files (relative to the results folder)")

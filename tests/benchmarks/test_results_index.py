@@ -113,21 +113,24 @@ def test_add_of_a_folder_without_a_commit_says_not_recorded(results_copy: Path) 
 def test_the_gate_clock_figures_come_from_the_reports_and_fill_the_repository_readme(tmp_path: Path, capsys) -> None:
     """M5's speed part in a gate report becomes index metrics (verdict, tokens/s, MFU, batch) and a row of the
     repository README's generated table; a hand edit of that table fails `check`, `readme` restores it."""
-    from benchmarks.results_index import GATE_CLOCK_BEGIN, GATE_CLOCK_END, gate_clock_rows
+    from benchmarks.results_index import begin_marker, end_marker, gate_clock_rows
 
     root = tmp_path / "benchmarks" / "results"
     shutil.copytree(RESULTS_DIR, root)
     top = tmp_path / "README.md"
-    top.write_text(f"# x\n\n{GATE_CLOCK_BEGIN}\nstale\n{GATE_CLOCK_END}\nafter\n")
+    top.write_text(f"# x\n\n{begin_marker('gate-clock')}\nstale\n{end_marker('gate-clock')}\nmid\n"
+                   f"{begin_marker('compare')}\n{end_marker('compare')}\nafter\n")
     assert main(["--root", str(root), "check"]) == 1  # the stale table
-    assert "gate-clock table is not the index's" in capsys.readouterr().err
+    assert "generated tables are not the index's" in capsys.readouterr().err
     assert main(["--root", str(root), "readme"]) == 0 and main(["--root", str(root), "check"]) == 0
     entry = {e.id: e for e in load(root)}["gates/2026-12-03-h200-m5-verdict"]
     [row] = gate_clock_rows(entry)
     assert row == {"report": "call2_gb64/m5_long_train", "verdict": "passed", "tokens_per_s": pytest.approx(154684.6, abs=0.1),
                    "mfu": pytest.approx(0.501376, abs=1e-6), "global_batch_size": 64, "seq_length": 4096}
     text = top.read_text()
-    assert "| passed | 154,685 | 50.1 % | 64 x 4096 |" in text and text.endswith(f"{GATE_CLOCK_END}\nafter\n")
+    assert "| passed | 154,685 | 50.1 % | 64 x 4096 |" in text and text.endswith(f"{end_marker('compare')}\nafter\n")
+    assert "| train_engine_0.5B | 8 | 158,241 | 51.3 % | 31.1 |" in text  # the current comparison's rows
+    assert "train_engine_0.5B / torch-compile = 1.294x" in text and f"{end_marker('gate-clock')}\nmid\n" in text
     top.write_text(text.replace("154,685", "164,685"))
     assert main(["--root", str(root), "check"]) == 1
 
