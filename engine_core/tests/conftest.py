@@ -4,20 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .core_testlib import engine_import
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread per test module (module scope: set before module fixtures run): on a small shared CPU
-    two OpenMP threads wait on each other at every op (a 40x slowdown measured on the 2-core CI box);
-    subprocesses get OMP_NUM_THREADS=1 from core_testlib.engine_env."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from .core_testlib import engine_import, one_thread  # noqa: F401 - the autouse fixture, applied here
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 # the helpers the core's tests share (vendored beside them; ADAMW_STEP_SHARE: the gates' AdamW step cap share)
+from core_train_engine_0_5b.core_testlib import one_thread  # noqa: E402, F401 - re-exported for conftest
 from core_train_engine_0_5b.core_testlib import (ADAMW_STEP_SHARE, assert_adamw_weights_close,  # noqa: E402, F401
                                                  engine_env, read_jsonl, read_log, rel_err, torchrun)
 from core_train_engine_0_5b.engine_fixture import SMALL_RUN  # noqa: E402
@@ -85,19 +86,6 @@ def assert_same_training(fused: tuple, unfused: tuple) -> None:
     torch.testing.assert_close(fused[1], unfused[1], rtol=1e-4, atol=0)
     assert fused[3] == unfused[3]
     assert_adamw_weights_close(unfused[2], fused[2], unfused[3])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread per test module (module scope: set before module fixtures run): on a small shared CPU
-    two OpenMP threads wait on each other at every op (a 40x slowdown measured on the 2-core CI box);
-    subprocesses get OMP_NUM_THREADS=1 from engine_env. A conftest imports it to apply it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .engine_fixture import ENGINE, PACKAGE, SRC
 
 # the gates' cap on one weight element's difference after AdamW steps, as a share of the summed LRs
@@ -82,3 +84,16 @@ def assert_adamw_weights_close(ref: dict, other: dict, lrs, tol: float = 1e-5) -
         within = (diff <= tol * r.abs().max().item()).double().mean().item()
         assert within >= 0.99, (name, f"only {within:.4f} of elements within {tol:g}")
         assert diff.max().item() <= cap, (name, diff.max().item(), cap)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread per test module (module scope: set before module fixtures run): on a small shared CPU
+    two OpenMP threads wait on each other at every op (a 40x slowdown measured on the 2-core CI box);
+    subprocesses get OMP_NUM_THREADS=1 from engine_env. A conftest imports it to apply it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
