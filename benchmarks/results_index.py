@@ -285,6 +285,11 @@ def headline(root: Path, result: str, paths: list[str]) -> tuple[dict[str, Stack
             metrics["tokens_per_s"] = _round(data["tokens_per_s"], 1)
             if isinstance(data.get("mfu"), (int, float)):
                 metrics["mfu"] = _round(data["mfu"], 6)
+        elif is_bench(data):  # a bench run inside a folder result (beside the gates it was run with)
+            metrics[f"{key}{BENCH} tokens_per_s"] = _round(data["tokens_per_s"], 1)
+            metrics[f"{key}{BENCH} mfu"] = _round(data["mfu"], 6)
+            if isinstance(data["config"].get("micro_batch_size"), int):
+                metrics[f"{key}{BENCH} micro_batch_size"] = data["config"]["micro_batch_size"]
         elif group and isinstance(data.get("agree"), bool):
             metrics["agree"] = data["agree"]
         else:
@@ -293,6 +298,7 @@ def headline(root: Path, result: str, paths: list[str]) -> tuple[dict[str, Stack
     return stacks, metrics, read
 
 
+BENCH = " bench"  # the metric keys of an engine bench JSON inside a folder result: "<file> bench tokens_per_s", "... mfu"
 CLOCK = " mfu part"  # the metric keys of M5's speed part: "<report> mfu part" (verdict), "... tokens_per_s", ...
 CLOCK_NUMBERS = ("tokens_per_s", "mfu", "global_batch_size", "seq_length")
 
@@ -308,6 +314,18 @@ def gate_clock(key: str, report: dict) -> dict[str, float | int | str]:
         if isinstance(numbers.get(name), (int, float)):
             out[f"{key}{CLOCK} {name}"] = _round(numbers[name], 6) if isinstance(numbers[name], float) else numbers[name]
     return out
+
+
+def is_bench(data: dict) -> bool:
+    """An engine `bench --json` file: its tokens/s and MFU with the config and step times it ran."""
+    return (isinstance(data.get("tokens_per_s"), (int, float)) and isinstance(data.get("mfu"), (int, float))
+            and isinstance(data.get("config"), dict) and isinstance(data.get("step_times_s"), list))
+
+
+def bench_figures(e: Entry) -> list[tuple[float, float, int | None]]:
+    """(tokens/s, MFU, micro batch) of every engine bench inside the entry."""
+    return [(v, e.metrics.get(k[: -len(" tokens_per_s")] + " mfu"), e.metrics.get(k[: -len(" tokens_per_s")] + " micro_batch_size"))
+            for k, v in e.metrics.items() if k.endswith(BENCH + " tokens_per_s")]
 
 
 def gate_clock_rows(e: Entry) -> list[dict]:
@@ -400,6 +418,7 @@ def figures(e: Entry) -> str:
     parts += [f"{stack}: {', '.join(r)}" for stack, r in ratios.items()]
     verdicts = Counter(f"{k.rsplit('/', 1)[-1]} {v}" for k, v in e.metrics.items()
                        if isinstance(v, str) and " x " not in k and not k.endswith(CLOCK))
+    parts += [f"bench {t:,.0f} tok/s ({100 * m:.1f} %)" for t, m, _ in bench_figures(e)]
     parts += [f"M5 speed {r['verdict']}: {r['tokens_per_s']:,.0f} tok/s ({100 * r['mfu']:.1f} %) at global batch "
               f"{r['global_batch_size']}" for r in gate_clock_rows(e)]
     parts += [v if n == 1 else f"{v} x{n}" for v, n in verdicts.items()]
@@ -453,15 +472,19 @@ def end_marker(name: str) -> str:
 def gate_clock_table(entries: list[Entry]) -> str:
     """Every current result's M5 speed parts (what users run, timed by the gate), newest first."""
     order = {e.id: n for n, e in enumerate(entries)}
-    lines = ["| result | device | commit | M5 speed part | tokens/s | MFU | global batch x seq |", "|---|---|---|---|---|---|---|"]
+    lines = ["| result | device | commit | M5 speed part | tokens/s | MFU | global batch x seq | `bench` in the same result "
+             "| gate / bench |", "|---|---|---|---|---|---|---|---|---|"]
     for e in sorted(entries, key=lambda e: (e.date, order[e.id]), reverse=True):
         if e.status != "current":
             continue
+        benches = bench_figures(e)
+        bench = ", ".join(f"{t:,.0f} ({100 * m:.1f} %, micro batch {mb or '?'})" for t, m, mb in benches) or "-"
         for r in gate_clock_rows(e):
             where = f"[`{e.id}/{r['report']}`](benchmarks/results/{e.id}/{r['report']}.json)"
+            ratio = ", ".join(f"{r['tokens_per_s'] / t:.3f}" for t, _, _ in benches) or "-"
             lines.append(f"| {where} | {e.device} | {'`' + e.commit[:7] + '`' if e.commit else 'not recorded'} | "
                          f"{r['verdict']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f} % | "
-                         f"{r['global_batch_size']} x {r['seq_length']} |")
+                         f"{r['global_batch_size']} x {r['seq_length']} | {bench} | {ratio} |")
     return "\n".join(lines)
 
 
