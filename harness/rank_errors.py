@@ -15,6 +15,43 @@ ENGINE_ERROR = re.compile(r"^(?:\[rank(\d+)\]:\s*)?((?:error|unsupported)(?: \(r
 EXCEPTION = re.compile(r"^(?:\[rank(\d+)\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*)$")
 TORCHRUN_FAILED = re.compile(r"failed \(exitcode: -?\d+\) local_rank: \d+")  # torchrun's E-line: its report follows
 ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+RANK_PREFIX = re.compile(r"^\[rank\d+\]: ?")
+USAGE_BOX = re.compile(r"^(?:\[rank\d+\]:\s*)?╭─ Error ─")  # click/typer's usage error, as a rich panel
+BOX_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?│\s*(.*?)\s*│\s*$")
+PLAIN_USAGE = re.compile(r"^(?:\[rank\d+\]:\s*)?Error: (.+)$")  # the same without rich
+DETAIL_LINES = 4  # at most this many indented detail lines joined to an error line that ends with ':'
+
+
+def _with_detail(text: str, after: list[str]) -> str:
+    """An error line that ends with ':' (e.g. 'invalid engine config:') with its indented detail lines joined on,
+    so the one line says what was wrong."""
+    if not text.endswith(":"):
+        return text
+    details = []
+    for line in after[:DETAIL_LINES]:
+        line = RANK_PREFIX.sub("", line)
+        if not line[:1].isspace() or not line.strip():
+            break
+        details.append(line.strip())
+    return f"{text} {'; '.join(details)}" if details else text
+
+
+def _usage_error(lines: list[str]) -> str | None:
+    """A rank's command-line usage error (an unknown option, a bad value), as click/typer print it."""
+    for i, line in enumerate(lines):
+        if USAGE_BOX.match(line):
+            text = []
+            for inner in lines[i + 1:i + 6]:
+                m = BOX_LINE.match(inner)
+                if not m:
+                    break
+                text.append(m.group(1))
+            if any(text):
+                return "usage error: " + " ".join(t for t in text if t)
+        m = PLAIN_USAGE.match(line)
+        if m:
+            return "usage error: " + m.group(1)
+    return None
 
 
 def root_cause_rank(lines: list[str]) -> int | None:
@@ -29,16 +66,21 @@ def root_cause_rank(lines: list[str]) -> int | None:
 
 
 def failing_rank_line(lines: list[str]) -> str | None:
-    """The failing rank's one-line error: the engine's `error (rank N): ...` of the root-cause rank, else any
-    such line, else the last exception line a rank printed (torchrun's own ChildFailedError excluded)."""
+    """The failing rank's one-line error: the engine's `error (rank N): ...` of the root-cause rank (with its
+    indented detail lines when it ends with ':'), else any such line, else a rank's command-line usage error,
+    else the last exception line a rank printed (torchrun's own ChildFailedError excluded)."""
     rank = root_cause_rank(lines)
-    engine = [(m.group(1) or m.group(3), m.group(2)) for m in map(ENGINE_ERROR.match, lines) if m]
+    engine = [(m.group(1) or m.group(3), _with_detail(m.group(2), lines[i + 1:]))
+              for i, m in enumerate(map(ENGINE_ERROR.match, lines)) if m]
     for r, text in engine:
         if rank is not None and r is not None and int(r) == rank:
             return text
     if engine:
         return engine[-1][1]
     launcher = next((i for i, line in enumerate(lines) if TORCHRUN_FAILED.search(line)), len(lines))
+    usage = _usage_error(lines[:launcher])
+    if usage:
+        return usage
     found = [m.group(2) for m in map(EXCEPTION.match, lines[:launcher]) if m and "ChildFailedError" not in m.group(2)]
     return found[-1] if found else None
 

@@ -32,6 +32,27 @@ def test_the_root_cause_ranks_line_is_picked() -> None:
     assert failing_rank_line(REPORT) is None  # torchrun's own ChildFailedError is never the rank's error
 
 
+def test_an_error_line_ending_in_a_colon_carries_its_detail() -> None:
+    """The engines' config errors say `invalid engine config:` and name each field on an indented line below."""
+    lines = ["error (rank 1): invalid engine config:",
+             "  train.global_batch_size (4) is not a multiple of train.micro_batch_size (3)",
+             "error (rank 0): invalid engine config:", "  train.seq_length (4096) exceeds the model's max_seq_length",
+             "  model.x: bad", "[STEP 1] not a detail", *REPORT]
+    assert failing_rank_line(lines) == ("error (rank 1): invalid engine config: train.global_batch_size (4) is not a "
+                                        "multiple of train.micro_batch_size (3)")
+    assert failing_rank_line(lines[2:]) == ("error (rank 0): invalid engine config: train.seq_length (4096) exceeds "
+                                            "the model's max_seq_length; model.x: bad")
+
+
+def test_a_ranks_usage_error_is_its_line() -> None:
+    """An unknown option fails in the ranks as click/typer's usage error, a rich panel or a plain `Error:` line."""
+    panel = ["Usage: eng pretrain [OPTIONS]", "Try 'eng pretrain --help' for help.", "╭─ Error ─────────╮",
+             "│ No such option: --bogus (Possible options: --log-file)   │", "╰─────────────────╯", *REPORT]
+    assert failing_rank_line(panel) == "usage error: No such option: --bogus (Possible options: --log-file)"
+    plain = ["Usage: eng pretrain [OPTIONS]", "Error: No such option: --bogus", *REPORT]
+    assert failing_rank_line(plain) == "usage error: No such option: --bogus"
+
+
 def test_train_says_the_failing_ranks_error_last(tmp_path: Path) -> None:
     pkg = tmp_path / "engine/src/fail_engine"
     pkg.mkdir(parents=True)
