@@ -19,7 +19,7 @@ EXIT_CODES = {"passed": 0, "failed": 1, "error": 3, "unsupported": 4}
 
 
 def main(
-    name: str = typer.Argument(..., help="m1_forward .. m6_checkpoint (or m1 .. m6), or `all`"),
+    name: str = typer.Argument(..., help="m1_forward .. m8_resume (or m1 .. m8), or `all`"),
     engine: Path = typer.Option(..., "--engine", help="engine directory (ENGINE/src/<pkg>/__main__.py)"),
     reference: str = typer.Option("torch", "--reference", help="reference stack: torch | megatron"),
     case: str = typer.Option("tiny", "--case", help="model preset (fresh random case) or a case directory"),
@@ -30,7 +30,7 @@ def main(
     seed: Optional[int] = typer.Option(None, "--seed", help="default: fresh random (recorded)"),
     seq_length: int = typer.Option(16, "--seq-length", help="sequence length of generated cases"),
     micro_batch_size: int = typer.Option(2, "--rows", help="rows per micro batch of generated cases"),
-    steps: int = typer.Option(4, "--steps", help="optimizer steps of M3 / M4 / M6"),
+    steps: int = typer.Option(4, "--steps", help="optimizer steps of M3 / M4 / M6 / M7 (M7: at least 4)"),
     long_train_steps: int = typer.Option(40, "--long-train-steps", help="M5's K"),
     long_train_lr: float = typer.Option(1e-2, "--long-train-lr", help="M5's peak lr (a preset's long-train case)"),
     mfu_threshold: float = typer.Option(0.36, "--mfu-threshold", help="M5's MFU bar (GPU)"),
