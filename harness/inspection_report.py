@@ -18,7 +18,8 @@ def markdown(ins: Inspection) -> str:
     if ins.model:
         lines += ["## Model", "", ", ".join(f"{k} {v}" for k, v in ins.model.items()), ""]
     if ins.engine_info:
-        lines += [", ".join(f"{k}: {v}" for k, v in ins.engine_info.items() if not isinstance(v, dict)), ""]
+        lines += ["built for (model_spec.toml [engine]; where it was proven: the gates' hardware below): "
+                  + ", ".join(f"{k}: {v}" for k, v in ins.engine_info.items() if not isinstance(v, dict)), ""]
     if ins.ops:
         cols = sorted({k for r in ins.ops for k in r} - {"op"})
         lines += ["## Ops", ""] + _table(["op", *cols], [[r["op"]] + [", ".join(r[c]) if isinstance(r.get(c), list)

@@ -71,6 +71,16 @@ def test_collect_shows_the_manifests_run_and_labels_hardware(tmp_path: Path) -> 
     assert "MFU" in texts  # nothing measured: the panel says so, no unlabelled bar
 
 
+def test_the_engines_target_hardware_is_labelled_as_its_target(tmp_path: Path) -> None:
+    """model_spec.toml's [engine] hardware (what the engine is built for) never reads as where it was proven."""
+    eng = _engine(tmp_path)
+    spec = eng / "model_spec.toml"
+    spec.write_text(spec.read_text().replace('package = "eng_pkg"\n', 'package = "eng_pkg"\nhardware = "nvidia-h100"\n'))
+    md = markdown(collect(eng, probe_ops=False))
+    (line,) = [x for x in md.splitlines() if "nvidia-h100" in x]
+    assert line.startswith("built for (model_spec.toml [engine]") and "hardware: nvidia-h100" in line
+
+
 def test_mfu_bars_name_their_hardware(tmp_path: Path) -> None:
     eng = _engine(tmp_path)
     bench = tmp_path / "bench.json"
