@@ -105,6 +105,8 @@ def test_pth_hook_and_workspace_writes_are_refused_and_nothing_changes():
         workspace = [t for t in targets if t.name == ".forge_escape_pth_hook"]  # where the editable install points
         assert system and workspace, esc["detail"]
         for t in system + workspace:
+            if t.is_relative_to("/tmp") and targets[t] == "written":
+                continue  # a workspace cloned under /tmp: the sandbox's /tmp is its own empty tmpfs (checked below)
             assert "errno 30" in targets[t], (t, targets[t])  # EROFS: read-only file system
         for t in targets:  # the user site-packages write went to the sandbox's private HOME, if anywhere
             assert not t.exists(), f"{t} reached the host"
