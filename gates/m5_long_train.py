@@ -15,9 +15,9 @@ Parts and their rules:
   raised so that N steps should last `speed_target_timed_s` at the warm run's logged step time (at most
   `speed_max_steps`): a claim that only sizes the window. Tokens/s = N x rows x seq / (wall(2N) - wall(N)):
   start-up, compilation and the final save cancel. A window under `speed_min_timed_s` is `error` (start-up
-  varies by seconds between runs), one of zero or less `failed`. FLOPs per token come from the case's model (the forge spec's), docs/DESIGN.md's formula, never from the
-  engine's files; the device and its peak are read on the gate's side (989.4 TFLOP/s bf16 for H100 / H200
-  SXM). The timed runs' losses must match the reference's on the same data (mean relative difference below
+  varies by seconds between runs), one of zero or less `failed`. FLOPs per token come from the case's model
+  (the forge spec's), docs/DESIGN.md's formula, never from the engine's files; the device and its peak are
+  read on the gate's side (989.4 TFLOP/s bf16 for H100 / H200 SXM). The timed runs' losses must match the reference's on the same data (mean relative difference below
   `long_train_threshold`), so skipped work fails; that reference takes the engine's micro batches with fused
   attention (gates/stacks SPEED_STACKS: `torch-sdpa` for `torch`; a stack without one takes one row at a time).
   The walls and the gate's tokens/s are recorded before that check runs. The engine's own figures (its log's
@@ -207,10 +207,10 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
     try:
         walls["warm"] = timed_run(g, box, "warm", n)
         sized = sized_steps(logged_step_times(box.log("warm")), n, target_s, o.speed_max_steps)
-        if sized != n:  # a longer case on the same weights; the warm run's compile caches still apply
+        if sized != n:  # a longer case on the same weights, in the same box; the warm run's compile caches apply
             n = sized
             spec, case = speed_case(n, weights=case.weights)
-            box = PretrainBox(g, case)
+            box.use_case(case)
         for name, steps in (("N", n), ("2N", 2 * n)):
             walls[name] = timed_run(g, box, name, steps)
         logs = {name: box.series(name, 1, steps, f"speed run {name}") for name, steps in (("N", n), ("2N", 2 * n))}

@@ -29,6 +29,14 @@ class PretrainBox:
         self.init = write_init_dir(self.root / "init", case.spec.model, case.weights)
         self.batches = write_token_batches(self.root / "batches.safetensors", case)
 
+    def use_case(self, case: Case) -> None:
+        """Run `case` from now on: its batches written anew, `init/` kept as written, so `case` must carry this
+        box's weights (M5 writes its sized case with them)."""
+        if case.spec.model != self.case.spec.model:
+            raise ValueError("use_case keeps init/: the new case must be of the same model, with the same weights")
+        self.case = case
+        self.batches = write_token_batches(self.root / "batches.safetensors", case)
+
     def args(self, name: str, extra: list[str] | None = None, bucket_mb: float = 25.0, log: str | None = None,
              steps: int | None = None) -> list[str]:
         """pretrain argv for the run `name`: its save dir `save-NAME` and log `NAME.jsonl` (or `LOG.jsonl`: a

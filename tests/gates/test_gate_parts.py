@@ -197,6 +197,7 @@ def test_speed_sizes_its_window_from_the_warm_run_and_times_it_on_its_own_clock(
     assert part.verdict == "passed", part.message
     steps = [int(c.argv[c.argv.index("--num-steps") + 1]) for c in g.report.commands]
     assert steps == [3, 10, 20] and part.numbers["timed_steps"] == 10
+    assert len({c.cwd for c in g.report.commands}) == 1  # one box: init/ written once, the sized batches anew
     assert part.numbers["tokens_per_s"] == pytest.approx(10 * 4 * 32 / 10.0)
     assert part.numbers["timed_window_s"] == pytest.approx(10.0)
 
