@@ -64,15 +64,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def default_path(engine_ops: EngineOps, device: str) -> list[tuple[str, str]]:
-    """(op, impl) for each op the engine's default step runs on `device` with an implementation that declares a
-    space, in the op table's order (a sited or fused name, the reference and `unfused` have nothing to tune)."""
-    names = engine_ops.resolved.get(device, {}).get("names", {})
+    """(op, impl) for each op the engine's default step runs on `device` (EngineOps.default_candidate: not the
+    reference, unfused or fused into another op) with an implementation that declares a space, in resolution order."""
     out = []
-    for op, impl in names.items():
-        if impl in ("reference", "unfused") or impl.startswith("(") or op.partition(".")[0] not in engine_ops.table:
-            continue
-        if engine_ops.table[op.partition(".")[0]]["impls"].get(impl, {}).get("space"):
-            out.append((op, impl))
+    for op in engine_ops.resolved.get(device, {}).get("names", {}):
+        c = engine_ops.default_candidate(op, device)
+        impls = engine_ops.table.get(op.partition(".")[0], {}).get("impls", {})
+        if c is not None and impls.get(c.impl, {}).get("space"):
+            out.append((op, c.impl))
     return out
 
 
