@@ -27,10 +27,10 @@ from typing import Any, Literal
 
 from harness import launcher
 from harness.gating import GateOutcome, unsupported_parts
+from harness.prompts import WORKSPACE_ROOT
 from harness.spec import ForgeSpec, GateCheck
 
 MANIFEST = "manifest.json"
-WORKSPACE_ROOT = Path(__file__).resolve().parents[1]
 REPORTS = "forge/reports"  # the accepted gates' reports, beside the manifest in the engine's tree
 
 
