@@ -36,7 +36,7 @@ from .dist import DistContext
 from .engine_config import EngineConfig, build
 from .errors import EngineError, Unsupported
 from .tensor_parallel import whole
-from .trainer import Trainer
+from .trainer import IGNORE_INDEX, Trainer
 
 PROBES = ("forward", "backward", "steps", "checkpoint")
 CASE_FORMAT = 1
@@ -142,6 +142,17 @@ class ProbeParts:
     # (case, world context, resolved ops, tp) -> {"logits", "loss", "hidden_states.{i}"} of step 0's whole batch
     # (the residual stream after the embedding and after each layer), whole tensors on rank 0
     forward: Callable[["Case", DistContext, Any, int], dict[str, torch.Tensor]]
+
+
+def forward_answer(dp: DistContext, logits: torch.Tensor, loss_sum: torch.Tensor, labels: torch.Tensor,
+                   hidden: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The forward probe's answer from each data-parallel rank's local rows: the loss summed over the ranks and
+    divided by all their valid labels, logits and residual streams gathered in rank order (a model part's `forward`
+    ends here)."""
+    count = dp.all_reduce_sum_((labels != IGNORE_INDEX).sum())
+    total = dp.all_reduce_sum_(loss_sum.clone())
+    out = {"logits": torch.cat(dp.all_gather(logits)), "loss": total / count}
+    return out | {f"hidden_states.{i}": torch.cat(dp.all_gather(h)) for i, h in enumerate(hidden)}
 
 
 class _Run:

@@ -14,7 +14,6 @@ from train_engine_0_5b.build import build_trainer
 from train_engine_0_5b.core import probe as core_probe
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.probe import CASE_FORMAT, PROBES, Case, CaseSpec
-from train_engine_0_5b.core.trainer import IGNORE_INDEX
 from train_engine_0_5b.model import build_model, load_weights
 from train_engine_0_5b.ops.registry import OpSelection, Ops
 
@@ -30,10 +29,7 @@ def _forward(case: Case, ctx: DistContext, ops: Ops, tp: int) -> dict[str, torch
     with torch.no_grad():
         logits = model(ids, hidden_states=hidden)
         total = ops.cross_entropy(logits, labels)
-    count = ctx.all_reduce_sum_((labels != IGNORE_INDEX).sum())
-    total = ctx.all_reduce_sum_(total.clone())
-    out = {"logits": torch.cat(ctx.all_gather(logits)), "loss": total / count}
-    return out | {f"hidden_states.{i}": torch.cat(ctx.all_gather(h)) for i, h in enumerate(hidden)}
+    return core_probe.forward_answer(ctx, logits, total, labels, hidden)
 
 
 PARTS = core_probe.ProbeParts(

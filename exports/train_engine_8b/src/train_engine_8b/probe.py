@@ -16,7 +16,6 @@ from train_engine_8b.build import Layout, build_trainer
 from train_engine_8b.core import probe as core_probe
 from train_engine_8b.core.dist import DistContext
 from train_engine_8b.core.probe import Case
-from train_engine_8b.core.trainer import IGNORE_INDEX
 from train_engine_8b.ops.registry import OpSelection
 
 STACK = "train_engine_8b"
@@ -40,10 +39,7 @@ def _forward(case: Case, ctx: DistContext, ops, tp: int) -> dict[str, torch.Tens
         total = model.loss_sum(ids, labels).to(logits.dtype)
     if layout.tp.world > 1:  # the residual stream is sequence-parallel: each TP rank holds (B, S / tp, h)
         hidden = [torch.cat(layout.tp.all_gather(h.contiguous()), dim=1) for h in hidden]
-    count = dp.all_reduce_sum_((labels != IGNORE_INDEX).sum())
-    total = dp.all_reduce_sum_(total.clone())
-    out = {"logits": torch.cat(dp.all_gather(logits)), "loss": total / count}
-    return out | {f"hidden_states.{i}": torch.cat(dp.all_gather(h)) for i, h in enumerate(hidden)}
+    return core_probe.forward_answer(dp, logits, total, labels, hidden)
 
 
 PARTS = core_probe.ProbeParts(
