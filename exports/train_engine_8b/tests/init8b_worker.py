@@ -10,7 +10,6 @@ tensor `get_tensor` / `get_slice(...)[...]` returned), and the EngineError messa
 from __future__ import annotations
 
 import json
-import os
 import resource
 from pathlib import Path
 
@@ -19,11 +18,12 @@ import torch.multiprocessing as mp
 
 import train_engine_8b.minicpm.init_from as init_from
 from train_engine_8b import config
-from train_engine_8b.build import Layout, build_trainer
+from train_engine_8b.build import build_trainer
 from train_engine_8b.core.dist import DistContext
 from train_engine_8b.core.errors import EngineError
 from train_engine_8b.core.tensor_parallel import local, shard_of
 from train_engine_8b.model_config import preset
+from trainer8b_worker import start_rank
 
 
 class _Counted:
@@ -102,10 +102,7 @@ def run_job(job: dict, ctx: DistContext, out: Path) -> dict:
 
 
 def _rank(rank: int, world: int, port: int, jobs: list[dict], out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # the ranks share the test machine's cores
-    ctx = DistContext.start("cpu")
+    ctx = start_rank(rank, world, port)
     try:
         for job in jobs:
             res = run_job(job, ctx, Path(out))

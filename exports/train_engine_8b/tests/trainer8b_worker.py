@@ -72,11 +72,16 @@ def run_job(job: dict, ctx: DistContext, seed: int, out: Path) -> None:
                     "step_count": trainer.optimizer.step_count}, out / f"{job['name']}.pt")
 
 
-def _rank(rank: int, world: int, port: int, jobs: list[dict], seed: int, out: str) -> None:
+def start_rank(rank: int, world: int, port: int) -> DistContext:
+    """This spawned process as rank `rank` of a CPU (gloo) world on 127.0.0.1:`port`, with one intra-op thread."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)  # the ranks share the test machine's cores
-    ctx = DistContext.start("cpu")
+    return DistContext.start("cpu")
+
+
+def _rank(rank: int, world: int, port: int, jobs: list[dict], seed: int, out: str) -> None:
+    ctx = start_rank(rank, world, port)
     try:
         for job in jobs:
             run_job(job, ctx, seed, Path(out))
