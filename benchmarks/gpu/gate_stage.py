@@ -1,6 +1,12 @@
 """Run gates on one GPU as the forge loop does, and write each report plus a one-line-per-gate summary.
 
     python3 -m benchmarks.gpu.gate_stage --engine exports/train_engine_0.5B --gates m7,m5 --out DIR [--seed N]
+    python3 -m benchmarks.gpu.gate_stage ... --gates m1,m2,m3/m6,m7/m8 --out DIR   # three lanes at once
+
+`/` splits the gates into lanes: each lane is a child process of its own (its reports under DIR/lane<i>/), all
+lanes run at once on the one GPU and the summary merges theirs. Correctness gates do not care that they share
+the GPU, and most of a gate's wall time is the engine's start-up on the CPU; never put M5's speed part in a lane
+beside others (it times the GPU).
 
 Cases are the full MiniCPM4-0.5B config in bf16 on cuda against the torch reference; M5's speed part times
 `pretrain` with its defaults at seq 4096, global batch 64 in micro batches of 8 (options below).
@@ -10,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +29,8 @@ from gates.runner import GateOptions, resolve_name, run_gate
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engine", type=Path, required=True)
-    ap.add_argument("--gates", default="m7,m5", help="comma-separated gate names or aliases, run in this order")
+    ap.add_argument("--gates", default="m7,m5", help="comma-separated gate names or aliases, run in this order; "
+                                                    "'/' separates lanes run at once")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--case", default="minicpm4-0.5b")
     ap.add_argument("--seed", type=int, default=1234)
@@ -37,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sandbox", default=None, help="required | preferred | off (default: the gates' default)")
     ap.add_argument("--timeout", type=float, default=900.0)
     a = ap.parse_args(argv)
+    lanes = [x for x in a.gates.split("/") if x.strip()]
+    if len(lanes) > 1:
+        if any(g.strip() in ("m5", "m5_long_train") for lane in lanes for g in lane.split(",")) and a.m5_parts != "loss":
+            ap.error("M5's speed part times the GPU: run it alone, or give --m5-parts loss when M5 shares a lane")
+        return run_lanes(lanes, a.out, list(argv if argv is not None else sys.argv[1:]))
     fields = dict(case=a.case, device="cuda", dtype="bfloat16", seed=a.seed, seq_length=a.seq_length, micro_batch_size=1,
                   steps=4, long_train_steps=a.long_train_steps, speed_steps=a.speed_steps,
                   speed_seq_length=a.speed_seq_length, speed_global_batch_size=a.speed_global_batch_size,
@@ -57,6 +71,71 @@ def main(argv: list[str] | None = None) -> int:
                       "hardware": report.hardware, "versions": report.versions})
         (a.out / "summary.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return 0 if all(x["verdict"] == "passed" for x in lines) else 1
+
+
+def lane_argv(argv: list[str], gates: str, out: Path) -> list[str]:
+    """The parent's arguments with --gates and --out replaced by one lane's."""
+    rest: list[str] = []
+    skip = False
+    for w in argv:
+        if skip:
+            skip = False
+            continue
+        if w in ("--gates", "--out"):
+            skip = True
+            continue
+        if w.startswith(("--gates=", "--out=")):
+            continue
+        rest.append(w)
+    return [*rest, "--gates", gates, "--out", str(out)]
+
+
+def merge_lanes(lanes: list[str], out: Path, rcs: list[int]) -> list[dict]:
+    """The lanes' summary lines (each with its lane), an `error` line for every gate a lane never reported, all
+    written to out/summary.jsonl."""
+    lines: list[dict] = []
+    for i, (lane, rc) in enumerate(zip(lanes, rcs)):
+        f = out / f"lane{i}" / "summary.jsonl"
+        got = [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
+        lines += [{**x, "lane": i} for x in got]
+        wanted = [g.strip() for g in lane.split(",") if g.strip()]
+        if len(got) < len(wanted):
+            lines.append({"gate": ",".join(wanted[len(got):]), "verdict": "error", "lane": i,
+                          "message": f"lane{i} ended (exit {rc}) before these gates reported"})
+    (out / "summary.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return lines
+
+
+def run_lanes(lanes: list[str], out: Path, argv: list[str]) -> int:
+    """Each lane a child gate_stage.py at once; their summaries merged (lane and its wall time added) into
+    out/summary.jsonl once all have ended. Exit 0 only when every gate of every lane passed."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    procs = []
+    for i, lane in enumerate(lanes):
+        d = out / f"lane{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        log = open(d / "log.txt", "wb")
+        cmd = [sys.executable, "-m", "benchmarks.gpu.gate_stage", *lane_argv(argv, lane, d)]
+        procs.append((lane, d, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+        print(f"[lanes] lane{i}: {lane}", flush=True)
+
+    def stop(signum: int, _frame: object) -> None:  # the part's `timeout`: end the lanes, still merge what they wrote
+        print(f"[lanes] signal {signum}: ending the lanes", flush=True)
+        for *_, q in procs:
+            q.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    rcs = []
+    for i, (lane, d, log, p) in enumerate(procs):
+        rcs.append(p.wait())
+        log.close()
+        print(f"[lanes] lane{i} ({lane}) exit {rcs[-1]} at {time.monotonic() - t0:.0f} s", flush=True)
+    lines = merge_lanes(lanes, out, rcs)
+    for x in lines:
+        print(f"{x['gate']}: {x['verdict']} (lane {x['lane']}, {x.get('wall_s', '-')} s) {x.get('message', '')}",
+              flush=True)
+    return 0 if all(x["verdict"] == "passed" for x in lines) and not any(rcs) else 1
 
 
 if __name__ == "__main__":

@@ -125,15 +125,19 @@ def _graph_check_env(ctx: Context, part: str, variants: list[str] | str | None, 
 # ---- the loop's gates ---------------------------------------------------------------------------------------
 
 @part("stage", "gates on one GPU as the loop runs them (gate_stage.py)",
-      opt("--gates", default="m1,m2,m3,m7", help="comma-separated gate names (default m1,m2,m3,m7)"),
+      opt("--gates", default="m1,m2,m3,m7", help="comma-separated gate names (default m1,m2,m3,m7); '/' separates "
+                                                 "lanes run at once (m1,m2,m3/m6,m7/m8)"),
       opt("--seq-length", type=int, default=2048, help="the gates' case sequence length (default 2048)"),
       opt("--gate-timeout-s", type=int, default=300, help="each gate's timeout (default 300)"),
-      timeout(540, "the whole stage (at least --gate-timeout-s + 30)"))
+      timeout(540, "the whole stage (at least --gate-timeout-s + 30)"),
+      fwd("--m5-parts", str, "M5's parts (loss when M5 shares a stage with lanes)", "gate_stage.py",
+          choices=("both", "loss", "mfu")),
+      fwd("--long-train-steps", int, "M5 loss part's steps", "gate_stage.py"))
 def stage(ctx: Context, a: argparse.Namespace) -> Plan:
     d = ctx.part_dir("stage")
     return Plan((step(PY, "-m", "benchmarks.gpu.gate_stage", "--engine", ENGINE, "--gates", a.gates, "--out", d,
                       "--seq-length", a.seq_length, "--timeout", a.gate_timeout_s, *ctx.sandbox_args(),
-                      timeout_s=a.timeout_s),))
+                      *PARTS["stage"].forwarded(a), timeout_s=a.timeout_s),))
 
 
 @part("m5", "the engine's bench at micro batch 8, then M5 (loss part and pretrain at its defaults) on the gate's clock",
