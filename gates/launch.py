@@ -119,6 +119,10 @@ def run_process(argv: list[str], cwd: Path, env_set: dict[str, str], deadline: D
             timed_out = True
             _kill_group(p)
             rc = None
+        except BaseException:  # the gate itself is interrupted: the command's whole group ends with it
+            _kill_group(p)
+            shutil.rmtree(logs, ignore_errors=True)
+            raise
     proc = Proc(argv, cwd, env_set, rc, time.monotonic() - t0, timed_out, _tail(logs / "out"), _tail(logs / "err"))
     shutil.rmtree(logs, ignore_errors=True)
     return proc

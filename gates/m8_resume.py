@@ -3,7 +3,9 @@
 Case (preset): one rank, two micro batches per step, at least 6 steps; each step's batch ignores a
 distinct number of labels, so the `valid_tokens` a step logs names the batch it trained on.
 
-Runs (each its own process, the engine's defaults plus the spec's production flags):
+Runs (each its own process, the engine's defaults plus the spec's production flags and `--deterministic`: a
+bitwise comparison of two processes needs run-to-run determinism, which GPU defaults trade for speed (atomics in
+attention's backward); the production numerics are M5's and M7's to check):
 - A: `pretrain` straight through, T steps;
 - B: `--exit-after-steps k` (k = T // 2), then a new process with `--resume` to T;
 - C: `--save-interval 1`, SIGKILLed (whole process tree) the moment its save directory changes after
@@ -26,11 +28,13 @@ import torch
 from gates.case import hf_param_shapes
 from gates.context import GateRun, GateStop, localize_training, part
 from gates.pretrain_runs import PretrainBox, data_position, run_killed_in_save
+from gates.probe import EXIT_UNSUPPORTED
 from gates.policies import compare
 from gates.report import GateReport, Localization, Part, worst
 
 SERIES = ["losses", "grad_norms", "lrs"]
 MIN_STEPS = 6
+DETERMINISTIC = "--deterministic"  # the training contract's switch
 
 
 def distinct_counts(labels: torch.Tensor, seed: int) -> torch.Tensor:
@@ -51,7 +55,7 @@ def run(g: GateRun) -> GateReport:
     spec, T = case.spec, case.spec.steps
     k = T // 2
     box = PretrainBox(g, case)
-    extra = g.options.pretrain_args
+    extra = [*g.options.pretrain_args, DETERMINISTIC]  # last: it wins over a spec's --no-deterministic
     bitwise = g.policy.model_copy(update={"name": "bitwise", "rel": None, "max_rel": None})
     names = [f"{kind}.{n}" for n in hf_param_shapes(spec.model) for kind in ("weight", "exp_avg", "exp_avg_sq")]
 
@@ -119,6 +123,11 @@ def kill_part(g: GateRun, box: PretrainBox, a_log, a_state, names, bitwise,
               extra: list[str]) -> tuple[list[Part], Localization | None]:
     seen = run_killed_in_save(g, box, "C", box.args("C", [*extra, "--save-interval", "1"]),
                               "engine pretrain --save-interval 1 (SIGKILL during a save)")
+    if not seen["killed"] and seen["rc"] != 0:  # as every engine command: a crash is an error, 77 a decline
+        verdict = "failed" if seen["rc"] == EXIT_UNSUPPORTED else "error"
+        return [Part(name="kill_during_save", verdict=verdict,
+                     message=f"the run exited {seen['rc']} before the gate saw a checkpoint being written: "
+                             f"{seen['stderr_last'] or '(no stderr)'}")], None
     if not seen["killed"]:
         return [Part(name="kill_during_save", verdict="error",
                      message="the run finished before the gate saw a checkpoint being written; nothing was killed")], None

@@ -132,8 +132,8 @@ def run_killed_in_save(g: GateRun, box: PretrainBox, name: str, args: list[str],
                        poll_s: float = 0.001) -> dict:
     """Start `pretrain`, and SIGKILL its whole process tree the moment its save dir changes after the second
     logged step (a checkpoint being written). Returns what was seen: {"killed": bool, "at_step": the last
-    logged step, "changed": the entries that appeared or changed}. The run may finish before a save is seen
-    (then killed is False)."""
+    logged step, "changed": the entries that appeared or changed, "rc": the exit code, "stderr_last": its
+    stderr's last line}. The run may end before a save is seen (then killed is False)."""
     import os
     import signal
     import subprocess
@@ -174,7 +174,16 @@ def run_killed_in_save(g: GateRun, box: PretrainBox, name: str, args: list[str],
     g.report.commands.append(Command(role=role, argv=argv, cwd=str(box.root), env=engine_env(g.engine), rc=p.returncode,
                                      time_s=round(time.monotonic() - t0, 3), timed_out=False))
     verify_untouched(g, role, before_fp, box.root)
+    seen |= {"rc": p.returncode, "stderr_last": _last_line(box.root / f"{name}.stderr")}
     return seen
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:500] if lines else ""
 
 
 def _logged_steps(log: Path) -> int:

@@ -4,7 +4,7 @@
                     --num-steps T --global-batch-size G --micro-batch-size M --seq-length S
                     --lr X --min-lr X --warmup-steps N --lr-schedule wsd|cosine|constant [--decay-steps N]
                     --weight-decay X --grad-clip X --bucket-mb X --seed N --device cpu|cuda
-                    --save-dir DIR [--save-interval K] [--resume] [--exit-after-steps K]
+                    --save-dir DIR [--save-interval K] [--resume] [--exit-after-steps K] [--deterministic]
                     --log-file FILE  [the spec's production flags]
     ENGINE export-hf  --checkpoint DIR --out DIR
     ENGINE dump-state --checkpoint DIR --out DIR
@@ -24,6 +24,8 @@
   gate's figures and never decide a verdict.
 - `--exit-after-steps K`: stop after K steps of this invocation, with a checkpoint; `--resume` then
   continues from `--save-dir`'s newest checkpoint as if never stopped (bit for bit on the same hardware).
+- `--deterministic`: deterministic kernels, so two processes on the same data give the same bits; M8 passes it
+  (its comparisons are bitwise), every other gate runs the engine's defaults.
 - `dump-state`: writes `tensors.safetensors` with `weight.NAME` (float32 master weights), `exp_avg.NAME`
   and `exp_avg_sq.NAME` (AdamW moments) for every parameter, and `metrics.json` with at least {"step"}.
   `--checkpoint` names a step directory or a save dir (its newest checkpoint), as for `export-hf`.

@@ -6,7 +6,9 @@
 `/` splits the gates into lanes: each lane is a child process of its own (its reports under DIR/lane<i>/), all
 lanes run at once on the one GPU and the summary merges theirs. Correctness gates do not care that they share
 the GPU, and most of a gate's wall time is the engine's start-up on the CPU; never put M5's speed part in a lane
-beside others (it times the GPU).
+beside others (it times the GPU). Lanes share the disk too: at the 0.5B's size each of M5-M8 holds about 25 GB
+(initial weights, checkpoints, dump-states, exports, the reference's outputs) while it runs, so the parent prints the
+free space of the temporary folder and warns below TRAINING_GATE_GB per lane that runs one.
 
 Cases are the full MiniCPM4-0.5B config in bf16 on cuda against the torch reference; M5's speed part times
 `pretrain` with its defaults at seq 4096, global batch 64 in micro batches of 8 (options below).
@@ -16,14 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from gates.report import print_summary
 from gates.runner import GateOptions, resolve_name, run_gate
+from harness.procs import Interrupted, exit_code, stop_signals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     for name in a.gates.split(","):
         t0 = time.monotonic()
-        report = run_gate(resolve_name(name.strip()), a.engine, options)
+        try:  # the part's timeout (SIGTERM): the gate's engine commands and work folders end with it
+            with stop_signals():
+                report = run_gate(resolve_name(name.strip()), a.engine, options)
+        except Interrupted as e:
+            print(f"{name}: {e}; its processes and work folders are gone", flush=True)
+            return exit_code(e.signum)
         print_summary([report])
         parts = {p.name: {"verdict": p.verdict, "message": p.message, "numbers": p.numbers} for p in report.parts}
         lines.append({"gate": report.gate, "verdict": report.verdict, "message": report.message,
@@ -71,6 +81,18 @@ def main(argv: list[str] | None = None) -> int:
                       "hardware": report.hardware, "versions": report.versions})
         (a.out / "summary.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return 0 if all(x["verdict"] == "passed" for x in lines) else 1
+
+
+TRAINING_GATE_GB = 25
+TRAINING_GATES = ("m5", "m6", "m7", "m8")
+
+
+def disk_note(lanes: list[str], free_gb: float) -> str:
+    """The free space against what the lanes' training gates hold at once (a warning when short)."""
+    heavy = sum(any(g.strip()[:2] in TRAINING_GATES for g in lane.split(",")) for lane in lanes)
+    need = heavy * TRAINING_GATE_GB
+    msg = f"[lanes] {free_gb:.0f} GB free in the temporary folder; {heavy} lane(s) with M5-M8 hold ~{need} GB at once"
+    return msg + (": WARNING, short of disk (ENOSPC fails gates as `error`)" if free_gb < need else "")
 
 
 def lane_argv(argv: list[str], gates: str, out: Path) -> list[str]:
@@ -110,6 +132,7 @@ def run_lanes(lanes: list[str], out: Path, argv: list[str]) -> int:
     """Each lane a child gate_stage.py at once; their summaries merged (lane and its wall time added) into
     out/summary.jsonl once all have ended. Exit 0 only when every gate of every lane passed."""
     out.mkdir(parents=True, exist_ok=True)
+    print(disk_note(lanes, shutil.disk_usage(tempfile.gettempdir()).free / 1e9), flush=True)
     t0 = time.monotonic()
     procs = []
     for i, lane in enumerate(lanes):

@@ -2,7 +2,7 @@
 
 Exit codes: 0 every gate run passed; 1 a gate failed; 2 usage error; 3 a gate ended in `error`
 (timeout, crash, bad engine layout); 4 nothing failed but a gate was `unsupported` (e.g. M5's MFU on
-CPU, M4 on cuda with too few GPUs): not a pass.
+CPU, M4 on cuda with too few GPUs): not a pass; 128 + N: signal N (SIGINT, SIGTERM, SIGHUP) ended it.
 """
 
 from __future__ import annotations
@@ -57,7 +57,14 @@ def main(
         raise typer.Exit(2)
     if options.out_dir is None:
         options.out_dir = out = Path(tempfile.mkdtemp(prefix="forge-gate-reports-"))
-    reports = run_all(engine, options) if gate is None else [run_gate(gate, engine, options)]
+    from harness.procs import Interrupted, exit_code, stop_signals
+
+    try:  # a signal ends the running gate's engine commands and removes its work folders before exiting
+        with stop_signals():
+            reports = run_all(engine, options) if gate is None else [run_gate(gate, engine, options)]
+    except Interrupted as e:
+        console.print(f"[red]{e}[/]: the running gate's processes and work folders are gone; reports so far: {out}")
+        raise typer.Exit(exit_code(e.signum))
     print_summary(reports)
     verdict = stage_verdict(reports) if gate is None else reports[0].verdict
     console.print(f"reports: {out}  (seed {reports[0].case.get('seed', options.seed)})  verdict: {verdict}", highlight=False)

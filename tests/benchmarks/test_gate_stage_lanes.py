@@ -36,3 +36,9 @@ def test_m5s_speed_part_never_shares_the_gpu_with_a_lane(tmp_path: Path, parts: 
         gate_stage.main(["--engine", "E", "--gates", "m1/m5", "--out", str(tmp_path), "--m5-parts", parts])
     assert "run it alone" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_the_disk_note_counts_lanes_with_training_gates_and_warns_when_short() -> None:
+    assert "WARNING" not in gate_stage.disk_note(["m1,m2", "m6,m7", "m8"], 60.0)
+    note = gate_stage.disk_note(["m1,m2", "m6,m7", "m8"], 38.0)
+    assert "2 lane(s)" in note and "~50 GB" in note and "WARNING" in note

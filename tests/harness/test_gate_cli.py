@@ -33,3 +33,42 @@ def test_gate_help_names_the_first_and_last_gate() -> None:
     first, *_, last = gates.runner.GATES
     assert f"{first} .. {last}" in r.output
     assert f"{first.split('_')[0]} .. {last.split('_')[0]}" in r.output
+
+
+def test_sigterm_ends_the_gate_its_engine_and_its_work_folders(tmp_path: Path) -> None:
+    """A gate killed from outside (a CI or device timeout) leaves no engine running and no work folder behind:
+    on the H200 such leftovers (checkpoints) once filled the disk for the next gates."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    eng = tmp_path / "eng" / "src" / "fake"
+    eng.mkdir(parents=True)
+    pid_file = tmp_path / "pid"
+    (eng / "__main__.py").write_text(
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    p = subprocess.Popen([sys.executable, "-m", "harness", "gate", "m1", "--engine", str(tmp_path / "eng"),
+                          "--sandbox", "off", "--timeout", "100", "--out", str(tmp_path / "reports")],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    end = time.monotonic() + 60
+    while not pid_file.is_file() and time.monotonic() < end:
+        time.sleep(0.1)
+    assert pid_file.is_file(), "the fake engine never started"
+    assert any(tmp.iterdir()), "the gate made no work folder under TMPDIR"
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=30)[0].decode()
+    assert p.returncode == 128 + signal.SIGTERM, out
+    assert "SIGTERM" in out
+    time.sleep(0.2)
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "the engine outlived the gate"
+    assert not list(tmp.iterdir()), f"left behind: {sorted(x.name for x in tmp.iterdir())}"

@@ -43,6 +43,8 @@ def test_base_engine_passes_pretrain_and_resume(reports):
     assert m8.verdict == "passed", m8.message
     assert parts(m8) == {"resume": "passed", "data_position": "passed", "kill_during_save": "passed"}
     assert "killed after step" in part(m8, "kill_during_save").message
+    runs = [c.argv for c in m8.commands if "pretrain" in c.argv]  # bitwise needs run-to-run determinism
+    assert len(runs) == 5 and all("--deterministic" in a for a in runs)
     log = json.loads(m7.artifacts["engine log (last line, its own figures)"])
     assert log["grad_buckets"] > 1, "the gate's --bucket-mb must split the gradients into several buckets"
     m5 = base["m5_long_train"]  # no CPU peak given: the speed part cannot be measured
