@@ -124,6 +124,10 @@ def _graph_check_env(ctx: Context, part: str, variants: list[str] | str | None, 
 
 # ---- the loop's gates ---------------------------------------------------------------------------------------
 
+ENGINES = (ENGINE, "exports/train_engine_8b")
+ENGINE_OPT = opt("--engine", default=ENGINE, choices=ENGINES, help=f"the engine the gates check (default {ENGINE})")
+
+
 @part("stage", "gates on one GPU as the loop runs them (gate_stage.py)",
       opt("--gates", default="m1,m2,m3,m7", help="comma-separated gate names (default m1,m2,m3,m7); '/' separates "
                                                  "lanes run at once (m1,m2,m3/m6,m7/m8)"),
@@ -132,10 +136,11 @@ def _graph_check_env(ctx: Context, part: str, variants: list[str] | str | None, 
       timeout(540, "the whole stage (at least --gate-timeout-s + 30)"),
       fwd("--m5-parts", str, "M5's parts (loss when M5 shares a stage with lanes)", "gate_stage.py",
           choices=("both", "loss", "mfu")),
-      fwd("--long-train-steps", int, "M5 loss part's steps", "gate_stage.py"))
+      fwd("--long-train-steps", int, "M5 loss part's steps", "gate_stage.py"),
+      ENGINE_OPT, fwd("--case", str, "the gates' model preset", "gate_stage.py"))
 def stage(ctx: Context, a: argparse.Namespace) -> Plan:
     d = ctx.part_dir("stage")
-    return Plan((step(PY, "-m", "benchmarks.gpu.gate_stage", "--engine", ENGINE, "--gates", a.gates, "--out", d,
+    return Plan((step(PY, "-m", "benchmarks.gpu.gate_stage", "--engine", a.engine, "--gates", a.gates, "--out", d,
                       "--seq-length", a.seq_length, "--timeout", a.gate_timeout_s, *ctx.sandbox_args(),
                       *PARTS["stage"].forwarded(a), timeout_s=a.timeout_s),))
 
@@ -150,7 +155,9 @@ def stage(ctx: Context, a: argparse.Namespace) -> Plan:
       fwd("--m5-parts", str, "which parts of M5 run", "gate_stage.py", choices=("both", "loss", "mfu")),
       fwd("--mfu-threshold", float, "M5's MFU bar", "gate_stage.py"),
       fwd("--speed-seq-length", int, "M5 speed part's sequence length", "gate_stage.py"),
-      fwd("--seed", int, "the case's seed", "gate_stage.py"))
+      fwd("--seed", int, "the case's seed", "gate_stage.py"),
+      opt("--speed-micro-batch-size", type=int, default=8, help="M5 speed part's micro batch (default 8)"),
+      ENGINE_OPT, fwd("--case", str, "the gates' model preset", "gate_stage.py"))
 def m5(ctx: Context, a: argparse.Namespace) -> Plan:
     d = ctx.part_dir("m5")
     bench = [] if a.no_bench else [
@@ -158,9 +165,9 @@ def m5(ctx: Context, a: argparse.Namespace) -> Plan:
              timeout_s=150, note="[m5] bench exit {rc}")]
     return with_env(ctx.engine_pythonpath(), [
         *bench,
-        step(PY, "-m", "benchmarks.gpu.gate_stage", "--engine", ENGINE, "--gates", "m5", "--out", d,
+        step(PY, "-m", "benchmarks.gpu.gate_stage", "--engine", a.engine, "--gates", "m5", "--out", d,
              "--speed-steps", a.speed_steps, "--speed-global-batch-size", a.speed_global_batch_size,
-             "--speed-micro-batch-size", 8, "--long-train-steps", a.long_train_steps, "--timeout", a.gate_timeout_s,
+             "--speed-micro-batch-size", a.speed_micro_batch_size, "--long-train-steps", a.long_train_steps, "--timeout", a.gate_timeout_s,
              *ctx.sandbox_args(), *PARTS["m5"].forwarded(a), timeout_s=a.timeout_s)])
 
 
@@ -176,10 +183,15 @@ def gates(ctx: Context, a: argparse.Namespace) -> Plan:
 
 @part("compare", "every stack side by side at seq 4096 (compare_0.5b.sh's compare part)",
       opt("--budget-s", type=int, default=300, help="compare_0.5b.sh's budget (default 300)"),
-      opt("--stacks", default=None, help="comma-separated stacks in table order (default: compare_0.5b.sh's)"))
+      opt("--stacks", default=None, help="comma-separated stacks in table order (default: compare_0.5b.sh's; "
+                                         "engine:train_engine_8b for the 8B, gate-timed)"),
+      opt("--model", default=None, help="model preset (default minicpm4-0.5b; minicpm4-8b-8l: the 8B's anchors)"),
+      opt("--micro-batch-size", type=int, default=None, help="every stack's micro batch (default 8)"),
+      opt("--seq-length", type=int, default=None, help="tokens per row (default 4096)"))
 def compare(ctx: Context, a: argparse.Namespace) -> Plan:
     env = {"OUT": str(ctx.part_dir("compare")), "PART": "compare", "BUDGET_S": str(a.budget_s)}
     env |= {"STACKS": a.stacks} if a.stacks else {}
+    env |= {k: str(v) for k, v in (("MODEL", a.model), ("MBS", a.micro_batch_size), ("SEQ", a.seq_length)) if v}
     return Plan((step("bash", "benchmarks/gpu/compare_0.5b.sh", env=env, timeout_s=360),))
 
 
@@ -496,8 +508,14 @@ def check_gate_margin(a: argparse.Namespace, p: argparse.ArgumentParser) -> None
                 f"{GATE_MARGIN_S} s to write its report: a killed gate returns nothing")
 
 
+def check_m5(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    check_gate_margin(a, p)
+    if a.engine != ENGINE and not a.no_bench:
+        p.error(f"the bench before M5 is {ENGINE}'s command; give --no-bench with --engine {a.engine}")
+
+
 CHECKS: dict[str, Callable[[argparse.Namespace, argparse.ArgumentParser], None]] = {
-    "ab": check_ab, "m5": check_gate_margin, "stage": check_gate_margin}
+    "ab": check_ab, "m5": check_m5, "stage": check_gate_margin}
 
 # What session.sh once read from the environment: set now, it would be ignored, so the dispatcher refuses it.
 LEGACY_ENV: dict[str, str] = {

@@ -80,6 +80,8 @@ def test_m5_without_its_bench_runs_the_gate_alone(tmp_path: Path) -> None:
     (["--"], "expected a part name"),
     (["m5", "--timeout-s", "330", "--gate-timeout-s", "320"], "less than 30 s to write its report"),
     (["stage", "--timeout-s", "230", "--gate-timeout-s", "220"], "less than 30 s to write its report"),
+    (["m5", "--engine", "exports/train_engine_8b"], "give --no-bench"),
+    (["stage", "--engine", "exports/train_engine_8B"], "invalid choice"),
 ])
 def test_a_bad_word_fails_before_anything_runs(words, message, tmp_path: Path, capsys, monkeypatch) -> None:
     ran: list[str] = []
@@ -213,3 +215,13 @@ def test_every_gpu_script_is_reached_from_a_part(tmp_path: Path) -> None:
     own = {"session.sh", "session.py", "session_parts.py", "session_steps.py", "split_big_carry.sh", "__init__.py"}
     dead = sorted(p.name for p in gpu.glob("*.*") if p.suffix in (".py", ".sh") and p.name not in reached | own)
     assert not dead, f"benchmarks/gpu scripts no session part reaches: {dead}"
+
+
+def test_the_8b_runs_through_the_gate_parts_and_never_through_the_0_5bs_bench(tmp_path: Path) -> None:
+    [(_, plan, _)] = _plans(["m5", "--engine", "exports/train_engine_8b", "--case", "minicpm4-8b-8l", "--no-bench",
+                             "--speed-micro-batch-size", "2"], tmp_path)
+    [argv] = [s.argv for s in plan.steps]
+    assert argv[argv.index("--engine") + 1] == "exports/train_engine_8b"
+    assert argv[argv.index("--case") + 1] == "minicpm4-8b-8l" and argv[argv.index("--speed-micro-batch-size") + 1] == "2"
+    [(_, plan, _)] = _plans(["compare", "--model", "minicpm4-8b-8l", "--micro-batch-size", "2"], tmp_path)
+    assert {k: plan.steps[0].env[k] for k in ("MODEL", "MBS")} == {"MODEL": "minicpm4-8b-8l", "MBS": "2"}

@@ -25,6 +25,10 @@ def test_presets_match_design_table():
 def test_mfu_formula_matches_measured_value():
     # MEASURED.md: 3.207 GFLOP/token for 0.5B at seq 4096.
     assert PRESETS["minicpm4-0.5b"].flops_per_token(4096) == pytest.approx(3.207e9, rel=1e-3)
+    # the 8B engine issue's anchors: 13.985 GFLOP/token at 8 of the 8B's 32 layers
+    eight = PRESETS["minicpm4-8b-8l"]
+    assert eight.flops_per_token(4096) == pytest.approx(13.985e9, rel=1e-4)
+    assert eight.model_copy(update={"num_layers": 32}) == PRESETS["minicpm4-8b"].model_copy(update={"name": eight.name})
 
 
 @pytest.mark.parametrize(
