@@ -1,10 +1,26 @@
-"""Fixtures of the core's tests: one intra-op thread per test module, and the engine's CLI in this process."""
+"""Fixtures of the core's tests: one intra-op thread per test module, and the engine's CLI in this process; the
+tests the engine names slow on it (engine_fixture.SLOW) join the slow tier."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from .core_testlib import engine_import, one_thread  # noqa: F401 - the autouse fixture, applied here
+from .engine_fixture import SLOW
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped on CPU machines")
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:  # every item of the session: this folder's only
+        path = Path(item.path)
+        if path.parent == here and f"{path.stem}::{item.originalname}" in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The engine under test for the core's tests in this folder, which are the forge workspace's engine_core/tests
 vendored with the core (`python -m harness.vendor_core`; stamped in vendored_tests.json). This file is the
-export's own, not vendored: its package, its small model and its CLI's small-run options."""
+export's own, not vendored: its package, its small model, its CLI's small-run options, and which core tests
+are slow on it."""
 
 from __future__ import annotations
 
@@ -13,19 +14,37 @@ if str(SRC) not in sys.path:  # the tests run from an unpacked copy of the expor
     sys.path.insert(0, str(SRC))
 
 PACKAGE = "train_engine_8b"
-# `pretrain` on the small model, one replica per rank (TP=1), small enough for a slow 2-core CPU: the reduced 8B
-# (the 8B's per-head shapes, hidden 256, 2 layers, vocab 4096: the shipped tokenizer's)
-SMALL_RUN = ["--model", "minicpm4-8b-reduced", "--device", "cpu", "--seq-length", "32", "--warmup-steps", "2",
-             "--lr", "3e-3"]
+# the small model (`--model`): small_model.toml here, the reduced 8B's per-head shapes at hidden 64, 2 layers
+MODEL = str(Path(__file__).with_name("small_model.toml"))
+# `pretrain` on the small model, one replica per rank (TP=1), small enough for a slow 2-core CPU
+SMALL_RUN = ["--model", MODEL, "--device", "cpu", "--seq-length", "32", "--warmup-steps", "2", "--lr", "3e-3"]
+SLOW: frozenset[str] = frozenset()  # core tests (module::function) in the slow tier on this engine only
 
 
 def small_model(ops, device, dtype):
-    """The reduced 8B on one rank (no TP), its attention the resolved ops' `ops.attention`, uninitialized (AdamW
+    """The small model on one rank (no TP), its attention the resolved ops' `ops.attention`, uninitialized (AdamW
     copies its masters in)."""
     from train_engine_8b.model import build_model
-    from train_engine_8b.model_config import preset
+    from train_engine_8b.model_config import load
 
-    model = build_model(preset("minicpm4-8b-reduced"), device, dtype)
+    model = build_model(load(MODEL), device, dtype)
     for layer in model.model.layers:
         layer.self_attn.attention_op = ops.attention
     return model
+
+
+def build_trainer(cfg, ctx, dtype):
+    """build_trainer of `cfg` on `ctx` (its runtime.tp), fresh weights."""
+    from train_engine_8b.build import build_trainer as build
+
+    return build(cfg, ctx, dtype=dtype)
+
+
+def model_holding(cfg, weights):
+    """The single-device fp32 model of MiniCPMConfig `cfg` holding whole HF-named `weights`."""
+    from train_engine_8b.model import MiniCPM
+    from train_engine_8b.state_dict_adapter import load_hf
+
+    model = MiniCPM(cfg)
+    load_hf(model, cfg, weights)
+    return model.eval()

@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from engine_testlib import TINY, read_jsonl, read_log, rel_err
 from safetensors.torch import save_file
 
-from train_engine_0_5b.core import checkpoint as ckpt
-from train_engine_0_5b.core import checksums
-from train_engine_0_5b.core.dist import DistContext
-from train_engine_0_5b.core.optim import AdamW
+from .core_testlib import engine_import, read_jsonl, read_log, rel_err
+from .engine_fixture import SMALL_RUN, model_holding
 
-TRAIN = [*TINY, "--num-steps", "6", "--global-batch-size", "4", "--micro-batch-size", "2", "--lr-schedule", "cosine"]
-HF_REL_TOL = 1e-5  # the fold rescales weights instead of activations: fp32 rounding only
+ckpt, checksums = engine_import("core", "checkpoint", "checksums")
+(DistContext,) = engine_import("core.dist", "DistContext")
+(AdamW,) = engine_import("core.optim", "AdamW")
+
+TRAIN = [*SMALL_RUN, "--num-steps", "6", "--global-batch-size", "4", "--micro-batch-size", "2", "--lr-schedule", "cosine"]
+HF_REL_TOL = 1e-5  # the fold rescales weights instead of activations: fp32 rounding only (8B small model: 1.7e-6)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,7 @@ def runs(tmp_path_factory):
     """One straight 6-step run and one run stopped after 3 steps then resumed, with the same options."""
     from typer.testing import CliRunner
 
-    from train_engine_0_5b.cli import app
-
+    app = engine_import("cli").app
     root = tmp_path_factory.mktemp("ckpt")
     seed = str(int(torch.randint(0, 2**31 - 1, (1,))))
     runner = CliRunner()
@@ -119,9 +119,8 @@ def test_interrupted_save_keeps_the_last_good_checkpoint(runs, tmp_path, monkeyp
 
 def test_hf_export_reproduces_the_engine_logits(runs, cli, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from train_engine_0_5b.model import build_model, load_weights
-    from train_engine_0_5b.model_config import MiniCPMConfig
-    from train_engine_0_5b.ops.registry import OpSelection, resolve
+    (MiniCPMConfig,) = engine_import("model_config", "MiniCPMConfig")
+    (TextTokenizer,) = engine_import("data.tokenizer", "TextTokenizer")
 
     root, _ = runs
     out = tmp_path / "hf"
@@ -129,8 +128,7 @@ def test_hf_export_reproduces_the_engine_logits(runs, cli, tmp_path):
     assert res.exit_code == 0, res.output + res.stderr
     loaded = ckpt.load(root / "straight")
     cfg = MiniCPMConfig(**loaded.state["config"]["model"])
-    engine = build_model(cfg, resolve(OpSelection(), "cpu"), "cpu", torch.float32)
-    load_weights(engine, loaded.master)
+    engine = model_holding(cfg, loaded.master)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     assert type(hf).__name__ == "LlamaForCausalLM"
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
@@ -139,8 +137,6 @@ def test_hf_export_reproduces_the_engine_logits(runs, cli, tmp_path):
     assert got.shape == want.shape
     assert rel_err(want, got) <= HF_REL_TOL, rel_err(want, got)
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    from train_engine_0_5b.data.tokenizer import TextTokenizer
-
     text = "def f(x):\n    return x  # MiniCPM"
     assert tok(text, add_special_tokens=False)["input_ids"] == TextTokenizer(Path(out)).encode_batch([text])[0]
     assert tok.eos_token_id == TextTokenizer(Path(out)).eos_id

@@ -1,14 +1,12 @@
 """The run config and strictness: `pretrain --config run.toml` (command-line options override it, the resolved
 config is written beside the checkpoints), options derived from the config, strict types, export-hf's
---force, the warmup warning, seeded generators, the README's smoke run, metrics sinks, step timing."""
+--force, the warmup warning, seeded generators, metrics sinks, step timing."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import random
-import re
-import shlex
 import sys
 import time
 import tomllib
@@ -16,16 +14,20 @@ import types
 
 import pytest
 import torch
-from engine_testlib import ENGINE, TINY, read_jsonl
 from safetensors.torch import load_file
 
-from train_engine_0_5b import config, run_config
-from train_engine_0_5b.core import checkpoint as ckpt
-from train_engine_0_5b.core import cli_options
+from .core_testlib import engine_import, read_jsonl
+from .engine_fixture import MODEL, SMALL_RUN
 
-RUN = [*TINY, "--global-batch-size", "2", "--micro-batch-size", "2"]
-RUN_TOML = """\
-model = "tiny"
+config = engine_import("config")
+ckpt, cli_options, run_config = engine_import("core", "checkpoint", "cli_options", "run_config")
+PRESETS, load = engine_import("model_config", "PRESETS", "load")
+SMALL = load(MODEL)
+A_PRESET = next(iter(PRESETS))  # for [model] tables refused before a model is built
+
+RUN = [*SMALL_RUN, "--global-batch-size", "2", "--micro-batch-size", "2"]
+RUN_TOML = f"""\
+model = "{MODEL}"
 [train]
 num_steps = 2
 global_batch_size = 2
@@ -51,9 +53,9 @@ def test_config_file_with_command_line_overrides_and_the_resolved_config(cli, tm
     assert [r["step"] for r in read_jsonl(tmp_path / "a.jsonl")] == [1, 2, 3]  # the option beat the file's 2
     written = tomllib.loads((save / "config.toml").read_text())
     assert written["train"]["num_steps"] == 3 and written["train"]["seed"] == 5 and written["optim"]["lr"] == 3e-3
-    assert written["model"]["name"] == "tiny" and written["optim"]["lr_schedule"] == "cosine"
+    assert written["model"]["name"] == SMALL.name and written["optim"]["lr_schedule"] == "cosine"
     assert ckpt.load(save).state["config"] == json.loads(config.build(
-        model=run_config.model_from(written["model"], "x"), ops=run_config.ops_from(written["ops"], "x"),
+        model=run_config.model_from(written["model"], "x", PRESETS), ops=run_config.ops_from(written["ops"], "x"),
         **{s: written[s] for s in run_config.SECTIONS}).model_dump_json())  # the file is the checkpoint's config
 
     # the written file is itself a --config: the same run again, bit for bit
@@ -64,13 +66,13 @@ def test_config_file_with_command_line_overrides_and_the_resolved_config(cli, tm
 
 
 @pytest.mark.parametrize("text,needle", [
-    ('model = "tiny"\n[train]\nnum_steps = true\n', "train.num_steps: Input should be a valid integer"),
-    ('model = "tiny"\n[optim]\nzero1 = 1\n', "optim.zero1: Input should be a valid boolean"),
-    ('model = "tiny"\n[train]\nnum_step = 3\n', "train.num_step: Extra inputs are not permitted"),
-    ('model = "tiny"\n[trian]\n', "unknown key 'trian'"),
-    ('[model]\npreset = "tiny"\nnum_layers = true\n', "num_layers: Input should be a valid integer"),
-    ('model = "tiny"\n[train\n', "not valid TOML"),
-])
+    (f'model = "{MODEL}"\n[train]\nnum_steps = true\n', "train.num_steps: Input should be a valid integer"),
+    (f'model = "{MODEL}"\n[optim]\nzero1 = 1\n', "optim.zero1: Input should be a valid boolean"),
+    (f'model = "{MODEL}"\n[train]\nnum_step = 3\n', "train.num_step: Extra inputs are not permitted"),
+    (f'model = "{MODEL}"\n[trian]\n', "unknown key 'trian'"),
+    (f'[model]\npreset = "{A_PRESET}"\nnum_layers = true\n', "num_layers: Input should be a valid integer"),
+    (f'model = "{MODEL}"\n[train\n', "not valid TOML"),
+], ids=["num_steps", "zero1", "num_step", "trian", "num_layers", "toml"])
 def test_config_files_are_strict(cli, tmp_path, text, needle):
     (tmp_path / "run.toml").write_text(text)
     res = cli(["pretrain", "--config", tmp_path / "run.toml", "--device", "cpu"])
@@ -78,16 +80,19 @@ def test_config_files_are_strict(cli, tmp_path, text, needle):
 
 
 def test_model_toml_types_are_strict(cli, tmp_path):
-    (tmp_path / "m.toml").write_text('[model]\npreset = "tiny"\nnum_layers = true\n')
+    (tmp_path / "m.toml").write_text(f'[model]\npreset = "{A_PRESET}"\nnum_layers = true\n')
     res = cli(["pretrain", *RUN, "--num-steps", "1", "--model", tmp_path / "m.toml"])
     assert res.exit_code == 1 and "num_layers: Input should be a valid integer" in res.stderr, res.stderr
-    (tmp_path / "m.toml").write_text('[model]\npreset = "tiny"\nscale_emb = 12\n')  # an int fills a float field
-    assert config.build(model=run_config.model_from(str(tmp_path / "m.toml"), "m"), train=dict(seq_length=32)).model.scale_emb == 12.0
+    (tmp_path / "m.toml").write_text(f'[model]\npreset = "{A_PRESET}"\nscale_emb = 12\n')  # an int fills a float field
+    model = run_config.model_from(str(tmp_path / "m.toml"), "m", PRESETS)
+    assert config.build(model=model, train=dict(seq_length=32)).model.scale_emb == 12.0
 
 
-def test_every_config_field_is_an_option_of_pretrain(cli):
-    res = cli(["pretrain", "--help"])
-    flags = set(re.findall(r"--[a-z0-9-]+", res.output))
+def test_every_config_field_is_an_option_of_pretrain():
+    import typer.main
+
+    command = typer.main.get_command(engine_import("cli").app).commands["pretrain"]
+    flags = {flag for p in command.params if not getattr(p, "hidden", False) for flag in (*p.opts, *p.secondary_opts)}
     for name, (section, info) in cli_options.fields().items():
         flag = "--" + name.replace("_", "-")
         assert flag in flags, flag
@@ -134,21 +139,6 @@ def test_generators_start_from_the_seed(cli, tmp_path):
     assert torch.equal(saved, torch.Generator().manual_seed(seed).get_state())  # nothing in the step draws from it
     random.seed(seed)
     assert json.loads((step / "state.json").read_text())["python_rng"][0][1] == list(random.getstate()[1])
-
-
-@pytest.mark.slow
-def test_the_readme_smoke_run_learns(cli, tmp_path):
-    readme = (ENGINE / "README.md").read_text()
-    block = readme[readme.index("# CPU smoke run"):]
-    command = block[block.index("\n") + 1 : block.index("```")].replace("\\\n", " ")
-    args = shlex.split(command)
-    assert args[:3] == ["python", "-m", "train_engine_0_5b"] and "--num-steps" in args
-    res = cli([*args[3:], "--log-file", tmp_path / "log.jsonl"])
-    assert res.exit_code == 0, res.output + res.stderr
-    assert "warning" not in res.stderr
-    losses = [r["loss"] for r in read_jsonl(tmp_path / "log.jsonl")]
-    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert last < first - 1.0, losses  # visibly learning, not warming up
 
 
 class FakeSummaryWriter:
@@ -211,8 +201,7 @@ def test_wandb_sink_only_when_asked_and_installed(cli, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_every_step_time_is_its_own_the_last_included(cli, tmp_path, monkeypatch):
-    from train_engine_0_5b.core.trainer import Trainer
-
+    (Trainer,) = engine_import("core.trainer", "Trainer")
     real, delay = Trainer.train_step, 0.15
 
     def slow_step(self, ids, labels):
@@ -236,13 +225,12 @@ def test_every_step_time_is_its_own_the_last_included(cli, tmp_path, monkeypatch
 def test_step_times_on_a_gpu_when_the_host_sees_completions_late():
     """The host is held inside each step until the device finishes it, so it reads step N only once step N+1 is
     done: host time would give the last step ~0 ms. Device events give every step its ~0.1 s."""
-    from train_engine_0_5b.core.dist import DistContext
-    from train_engine_0_5b.core.metrics import StepLog
-    from train_engine_0_5b.model_config import preset
-    from train_engine_0_5b.core.step_reports import StepReports
-    from train_engine_0_5b.core.trainer import StepResult
+    (DistContext,) = engine_import("core.dist", "DistContext")
+    (StepLog,) = engine_import("core.metrics", "StepLog")
+    (StepReports,) = engine_import("core.step_reports", "StepReports")
+    (StepResult,) = engine_import("core.trainer", "StepResult")
 
-    cfg = config.build(model=preset("tiny"), train=dict(seq_length=32, global_batch_size=2, micro_batch_size=2))
+    cfg = config.build(model=SMALL, train=dict(seq_length=32, global_batch_size=2, micro_batch_size=2))
     reports = StepReports(cfg, DistContext(device=torch.device("cuda", torch.cuda.current_device())), StepLog([], False, 4, 0))
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)

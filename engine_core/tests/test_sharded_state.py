@@ -9,33 +9,38 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from engine_testlib import ENGINE, TINY, engine_env, torchrun
 from safetensors.torch import load_file
 
-from train_engine_0_5b.core import checkpoint as ckpt
+from .core_testlib import engine_env, engine_import, torchrun
+from .engine_fixture import ENGINE, SMALL_RUN
+
+ckpt = engine_import("core.checkpoint")
 
 SCRIPT = '''
+import importlib
 import sys
 from pathlib import Path
 import torch
 from safetensors.torch import save_file
-from train_engine_0_5b import config
-from train_engine_0_5b.build import build_trainer
-from train_engine_0_5b.core import checkpoint as ckpt
-from train_engine_0_5b.core import runtime, sharded_state
-from train_engine_0_5b.core.dist import DistContext
-from train_engine_0_5b.model_config import preset
-from train_engine_0_5b.ops.registry import OpSelection, resolve
 
+sys.path.insert(0, sys.argv[6])  # the folder of engine_fixture.py: the engine under test
+import engine_fixture as fixture
+
+def engine(module):
+    return importlib.import_module(f"{fixture.PACKAGE}.{module}")
+
+config, ckpt, runtime, sharded_state = (engine(m) for m in ("config", "core.checkpoint", "core.runtime", "core.sharded_state"))
 mode, src, dst, out, zero1 = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "zero1"
 runtime.setup("cpu", True)
-ctx = DistContext.start("cpu")
-cfg = config.build(model=preset("tiny"), optim=dict(zero1=zero1, warmup_steps=1), runtime=dict(device="cpu"),
+ctx = engine("core.dist").DistContext.start("cpu")
+cfg = config.build(model=engine("model_config").load(fixture.MODEL), optim=dict(zero1=zero1, warmup_steps=1),
+                   runtime=dict(device="cpu"),
                    train=dict(num_steps=4, global_batch_size=4, micro_batch_size=1, seq_length=16, bucket_mb=0.05))
-trainer = build_trainer(cfg, ctx, resolve(OpSelection(), "cpu", torch.float32), dtype=torch.float32)
+trainer = fixture.build_trainer(cfg, ctx, torch.float32)
 if mode == "train":
     gen, rows = torch.Generator().manual_seed(0), 4 // ctx.world
     for _ in range(2):
@@ -60,7 +65,8 @@ def _run(tmp_path, nproc: int, mode: str, src: str, dst: str, out: str, layout: 
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script),
-           mode, str(tmp_path / src), str(tmp_path / dst) if dst != "-" else "-", str(tmp_path / out), layout]
+           mode, str(tmp_path / src), str(tmp_path / dst) if dst != "-" else "-", str(tmp_path / out), layout,
+           str(Path(__file__).parent)]
     proc = subprocess.run(cmd, env=engine_env(), capture_output=True, text=True, timeout=240, cwd=ENGINE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(str(tmp_path / out))
@@ -83,7 +89,7 @@ def test_optimizer_state_reshards_across_world_sizes(tmp_path):
 
 @pytest.mark.slow
 def test_a_zero1_pretrain_checkpoint_restores_on_other_layouts(tmp_path):
-    proc = torchrun(2, ["pretrain", *TINY, "--global-batch-size", "4", "--micro-batch-size", "1", "--bucket-mb", "0.05",
+    proc = torchrun(2, ["pretrain", *SMALL_RUN, "--global-batch-size", "4", "--micro-batch-size", "1", "--bucket-mb", "0.05",
                         "--num-steps", "2", "--zero1", "--save-dir", tmp_path / "save"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     whole = ckpt.load(tmp_path / "save")  # one process, no process group

@@ -12,14 +12,16 @@ import types
 
 import numpy as np
 import pytest
-from core_train_engine_0_5b.test_prepared_data import VOCAB, prepared, shipped_tokenizer_plus  # the core's data tests
-from engine_testlib import TINY, read_jsonl, read_log, torchrun
 
-from train_engine_0_5b.core import checkpoint as ckpt
-from train_engine_0_5b.data import open_prepared
+from .core_testlib import engine_import, read_jsonl, read_log, torchrun
+from .engine_fixture import SMALL_RUN
+from .test_prepared_data import VOCAB, prepared, shipped_tokenizer_plus
+
+(ckpt,) = engine_import("core", "checkpoint")
+(open_prepared,) = engine_import("data", "open_prepared")
 
 SEQ, ROWS = 32, 4
-TRAIN = [*TINY, "--global-batch-size", str(ROWS), "--micro-batch-size", "2", "--lr-schedule", "cosine"]
+TRAIN = [*SMALL_RUN, "--global-batch-size", str(ROWS), "--micro-batch-size", "2", "--lr-schedule", "cosine"]
 
 
 @pytest.fixture(scope="module")

@@ -15,27 +15,31 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_testlib import ENGINE, TINY, engine_env, read_log
 from safetensors.torch import load_file, save_file
+
+from .core_testlib import engine_env, engine_import, read_log
+from .engine_fixture import ENGINE, MODEL, PACKAGE, SMALL_RUN
+
+VOCAB = engine_import("model_config").load(MODEL).vocab_size
 
 STEPS, KILLS = 10, 3
 SAVING = (".tmp-step_", ".latest.tmp", ".old-")  # on disk only while a save is under way
 
 
 def _batches(path: Path) -> Path:
-    ids = torch.randint(0, 4096, (STEPS, 2, 32), generator=torch.Generator().manual_seed(11))
+    ids = torch.randint(0, VOCAB, (STEPS, 2, 32), generator=torch.Generator().manual_seed(11))
     save_file({"input_ids": ids, "labels": torch.roll(ids, -1, dims=2)}, str(path))
     return path
 
 
 def _args(batches: Path, save: Path, log: Path) -> list[str]:
-    return ["pretrain", *TINY, "--global-batch-size", "2", "--micro-batch-size", "2", "--num-steps", str(STEPS),
+    return ["pretrain", *SMALL_RUN, "--global-batch-size", "2", "--micro-batch-size", "2", "--num-steps", str(STEPS),
             "--lr-schedule", "cosine", "--token-batches", str(batches), "--save-dir", str(save), "--save-interval", "1",
             "--log-file", str(log)]
 
 
 def _engine(*args) -> list[str]:
-    return [sys.executable, "-m", "train_engine_0_5b", *map(str, args)]
+    return [sys.executable, "-m", PACKAGE, *map(str, args)]
 
 
 def _kill_during_a_save(cmd: list[str], save: Path, rng: random.Random) -> list[str] | None:
@@ -50,7 +54,7 @@ def _kill_during_a_save(cmd: list[str], save: Path, rng: random.Random) -> list[
             saving = save.is_dir() and any(n.startswith(SAVING) and n not in stale for n in os.listdir(save))
             if saving and not seen_saving:
                 if skip == 0:
-                    time.sleep(rng.uniform(0, 0.03))  # into the save (a tiny one takes ~10-50 ms)
+                    time.sleep(rng.uniform(0, 0.03))  # into the save (a small one takes ~10-50 ms)
                     proc.send_signal(signal.SIGKILL)
                     proc.wait(timeout=30)
                     return sorted(os.listdir(save))
@@ -98,7 +102,7 @@ def test_kills_during_saves_then_resume_equals_the_uninterrupted_run(cli, tmp_pa
 
 
 def _torchrun(*args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train_engine_0_5b",
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", PACKAGE,
             *map(str, args)]
 
 

@@ -8,9 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from engine_testlib import TINY
 
-RUN = [*TINY, "--num-steps", "1", "--global-batch-size", "2", "--micro-batch-size", "2"]
+from .core_testlib import engine_import
+from .engine_fixture import MODEL, PACKAGE, SMALL_RUN
+
+config = engine_import("config")
+(to_toml,) = engine_import("core.run_config", "to_toml")
+SMALL = engine_import("model_config").load(MODEL)
+RUN = [*SMALL_RUN, "--num-steps", "1", "--global-batch-size", "2", "--micro-batch-size", "2"]
 
 
 def snapshot(save: Path) -> list[str]:
@@ -31,11 +36,10 @@ def check_fails(cli, save: Path, args: list, *needles: str, env: dict | None = N
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A save dir with one good checkpoint (tiny, seq 32)."""
+    """A save dir with one good checkpoint (the small model, seq 32)."""
     from typer.testing import CliRunner
 
-    from train_engine_0_5b.cli import app
-
+    app = engine_import("cli").app
     save = tmp_path_factory.mktemp("bad") / "good"
     res = CliRunner().invoke(app, ["pretrain", *RUN, "--save-dir", str(save)])
     assert res.exit_code == 0, res.output + res.stderr
@@ -85,14 +89,16 @@ def test_unreadable_tokenizer(cli, tmp_path):
 
 def test_global_batch_not_divisible(cli, tmp_path):
     before = snapshot(tmp_path / "s")
-    res = cli(["pretrain", *TINY, "--num-steps", "1", "--global-batch-size", "6", "--micro-batch-size", "4",
+    res = cli(["pretrain", *SMALL_RUN, "--num-steps", "1", "--global-batch-size", "6", "--micro-batch-size", "4",
                "--save-dir", tmp_path / "s"])
     assert res.exit_code != 0 and "global_batch_size (6) is not a multiple of train.micro_batch_size (4)" in res.stderr
     assert snapshot(tmp_path / "s") == before
 
 
 def test_sequence_longer_than_the_model_allows(cli, tmp_path):
-    check_fails(cli, tmp_path / "s", ["--seq-length", "2048"], "seq_length (2048) exceeds", "max_seq_length (1024")
+    longest = SMALL.max_seq_length
+    check_fails(cli, tmp_path / "s", ["--seq-length", 2 * longest], f"seq_length ({2 * longest}) exceeds",
+                f"max_seq_length ({longest}")
 
 
 def test_checkpoint_from_another_config(cli, trained, tmp_path):
@@ -100,9 +106,11 @@ def test_checkpoint_from_another_config(cli, trained, tmp_path):
     shutil.copytree(trained, save)
     check_fails(cli, save, ["--resume", "--seq-length", "16"], "different configuration", "seq_length: 32 -> 16")
     model = tmp_path / "wider.toml"
-    model.write_text('[model]\npreset = "tiny"\nhidden_size = 128\n')
+    hidden = SMALL.hidden_size
+    wider = config.build(model=SMALL.model_copy(update={"hidden_size": 2 * hidden}), train=dict(seq_length=32))
+    model.write_text(to_toml(wider, PACKAGE))  # a run config: --model reads its [model] table
     msg = check_fails(cli, save, ["--resume", "--model", model], "different configuration")
-    assert "model.hidden_size: 64 -> 128" in msg
+    assert f"model.hidden_size: {hidden} -> {2 * hidden}" in msg
 
 
 def test_truncated_checkpoint_file(cli, trained, tmp_path):

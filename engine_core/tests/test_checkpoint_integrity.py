@@ -15,21 +15,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_testlib import ENGINE, TINY, engine_env, read_log
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from train_engine_0_5b.core import checkpoint as ckpt
-from train_engine_0_5b.core import ckpt_dir
+from .core_testlib import engine_env, engine_import, read_log
+from .engine_fixture import ENGINE, MODEL, PACKAGE, SMALL_RUN
+
+ckpt, ckpt_dir = engine_import("core", "checkpoint", "ckpt_dir")
+VOCAB = engine_import("model_config").load(MODEL).vocab_size
 
 ROWS, SEQ = 2, 32
-RUN = [*TINY, "--global-batch-size", str(ROWS), "--micro-batch-size", str(ROWS)]
+RUN = [*SMALL_RUN, "--global-batch-size", str(ROWS), "--micro-batch-size", str(ROWS)]
 
 
 def token_batches(path: Path, steps: int, nan_steps: tuple[int, ...] = ()) -> Path:
     """Random ids, next-token labels; the steps in `nan_steps` (1-based) ignore every label, so their loss is
     0 / 0 (a non-finite loss and gradient, as a real divergence gives)."""
-    ids = torch.randint(0, 4096, (steps, ROWS, SEQ), generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(0, VOCAB, (steps, ROWS, SEQ), generator=torch.Generator().manual_seed(7))
     labels = torch.roll(ids, -1, dims=2)
     for step in nan_steps:
         labels[step - 1] = -100
@@ -58,8 +60,7 @@ def trained(tmp_path_factory):
     """A save dir with checkpoints at steps 1 and 2 (of a 4-step run stopped after 2), and its batches."""
     from typer.testing import CliRunner
 
-    from train_engine_0_5b.cli import app
-
+    app = engine_import("cli").app
     root = tmp_path_factory.mktemp("integrity")
     batches = token_batches(root / "batches.safetensors", 4)
     res = CliRunner().invoke(app, ["pretrain", *RUN, "--num-steps", "4", "--token-batches", str(batches), "--save-dir",
@@ -95,7 +96,7 @@ def test_a_kill_right_after_resuming_leaves_the_log_intact(save, batches, tmp_pa
     log = tmp_path / "log.jsonl"  # as a run killed during step 3 left it
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2)) + '{"step": 3, "lo')
     before = log.read_bytes()
-    cmd = [sys.executable, "-m", "train_engine_0_5b", "pretrain", *RUN, "--num-steps", "4", "--token-batches",
+    cmd = [sys.executable, "-m", PACKAGE, "pretrain", *RUN, "--num-steps", "4", "--token-batches",
            str(batches), "--save-dir", str(save), "--resume", "--log-file", str(log)]
     proc = subprocess.Popen(cmd, env=engine_env(PYTHONUNBUFFERED="1"), cwd=ENGINE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -280,7 +281,7 @@ def test_a_real_full_disk_keeps_the_last_good_checkpoint(batches, tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 4}", "tmpfs", str(disk)]).returncode != 0:
         pytest.skip("mount is not permitted here")
     try:
-        cmd = [sys.executable, "-m", "train_engine_0_5b", "pretrain", *RUN, "--num-steps", "4", "--token-batches",
+        cmd = [sys.executable, "-m", PACKAGE, "pretrain", *RUN, "--num-steps", "4", "--token-batches",
                str(batches), "--save-dir", str(disk / "save"), "--save-interval", "1"]
         proc = subprocess.run(cmd, env=engine_env(), cwd=ENGINE, capture_output=True, text=True, timeout=240)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
