@@ -18,7 +18,7 @@ from train_engine_8b.core.errors import EngineError
 from train_engine_8b.core.optim import AdamW, Schedule
 from train_engine_8b.core.trainer import Trainer
 from train_engine_8b.core.weights import Initial, local_masters
-from train_engine_8b.minicpm.init import init_weights
+from train_engine_8b.minicpm.init import FreshWeights
 from train_engine_8b.model import build_model
 from train_engine_8b.ops.registry import resolve
 from train_engine_8b.parallelize import ParallelDims, ParallelError, parallelize_model
@@ -58,8 +58,9 @@ def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: Initial | None =
 
     `initial`: whole master weights by HF name (a probe case's), each rank keeping its shards, or --init-from's
     lazy reader (core/weights.py), of which each rank reads only its shards; None: fresh weights from
-    train.init_std and train.seed, the same on every rank, each rank keeping its shards. A checkpoint is
-    restored afterwards (core/checkpoint.restore), on whatever layout wrote it."""
+    train.init_std and train.seed (minicpm/init.py's FreshWeights), of which each rank draws only its shards,
+    equal to its shards of the whole init. A checkpoint is restored afterwards (core/checkpoint.restore), on
+    whatever layout wrote it."""
     t, o, r = cfg.train, cfg.optim, cfg.runtime
     layout = layout or Layout.of(cfg, ctx)
     try:
@@ -67,14 +68,15 @@ def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: Initial | None =
     except ParallelError as e:
         raise EngineError(str(e)) from None
     model = model.to_empty(device=ctx.device).to(dtype)
-    params = dict(model.named_parameters())  # from --init-from's reader each rank reads only what it holds
-    master = local_masters(initial, params) if initial is not None else init_weights(cfg.model, t.init_std, t.seed)
+    params = dict(model.named_parameters())  # from a WeightSource each rank reads (or draws) only what it holds
+    source = initial if initial is not None else FreshWeights(cfg.model, t.init_std, t.seed)
     ops = resolve(cfg.ops, ctx.device.type, dtype)  # of the registry this model runs attention and AdamW
     for layer in model.model.layers:
         layer.self_attn.attention_op = ops.attention
     model.op_record = {"names": {"attention": ops.names["attention"], "adamw": ops.names["adamw"], "cross_entropy":
                                  "vocab_parallel" if layout.mesh is not None else "torch"}}  # for logs, checkpoints
-    optimizer = AdamW(params, master, adamw_op=ops.adamw, betas=o.betas, eps=o.eps,
+    # the local masters unnamed: freed once AdamW has copied them, before the Trainer allocates its buffers
+    optimizer = AdamW(params, local_masters(source, params), adamw_op=ops.adamw, betas=o.betas, eps=o.eps,
                       weight_decay=o.weight_decay, master_dtype=master_dtype)
     schedule = Schedule(o.lr_schedule, o.lr, o.min_lr, o.warmup_steps, t.num_steps, o.decay_steps)
     return Trainer(model, optimizer, schedule, ctx, micro_batch_size=t.micro_batch_size, grad_clip=o.grad_clip,

@@ -1,12 +1,13 @@
-"""Initial master weights that each rank reads only its part of (issue 29: `--init-from` at 8B size).
+"""Initial master weights that each rank reads only its part of (issue 29: `--init-from` and fresh inits at 8B size).
 
 `WeightSource` is what a lazily read checkpoint offers (minicpm/init_from.py's `HFWeights`: safetensors read
-slice by slice through their metadata): the names, each tensor's whole shape, and `read(name, region)`, a
-rectangle of one tensor in float32. `local_masters` gives every parameter of a built model its initial values
-from a source, reading only the rectangle this rank holds (`tensor_parallel.region`: the whole tensor for a
-plain parameter or a replicated DTensor, its shard for a sharded one), so no rank ever holds the whole model.
-Both engines' `build_trainer` call it; a dict of whole tensors already in memory (a checkpoint's or a probe
-case's masters) passes through unchanged and AdamW takes each rank's shard of it as before.
+slice by slice through their metadata) and a fresh init too (minicpm/init.py's `FreshWeights`: a region's rows
+drawn from the generator's stream, the rest skipped): the names, each tensor's whole shape, and
+`read(name, region)`, a rectangle of one tensor in float32. `local_masters` gives every parameter of a built
+model its initial values from a source, reading only the rectangle this rank holds (`tensor_parallel.region`:
+the whole tensor for a plain parameter or a replicated DTensor, its shard for a sharded one), so no rank ever
+holds the whole model. Both engines' `build_trainer` call it; a dict of whole tensors already in memory (a
+checkpoint's or a probe case's masters) passes through unchanged and AdamW takes each rank's shard of it.
 """
 
 from __future__ import annotations
