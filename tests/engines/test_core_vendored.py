@@ -45,7 +45,8 @@ def test_test_drift_is_found(tmp_path):
 
 def test_the_core_tests_reach_the_engine_only_through_its_fixture():
     """engine_core/tests names no engine package and imports nothing of the workspace: the export's
-    engine_fixture.py (PACKAGE, SMALL_RUN, small_model) is how a vendored copy finds its engine."""
+    engine_fixture.py (PACKAGE, MODEL, SMALL_RUN, SLOW, small_model, build_trainer, model_holding) is how a vendored
+    copy finds its engine."""
     import re
 
     pattern = re.compile(r"train_engine_|^\s*(from|import)\s+(gates|harness|benchmarks|engine_testlib)\b", re.M)
@@ -54,7 +55,8 @@ def test_the_core_tests_reach_the_engine_only_through_its_fixture():
     for export in EXPORTS:
         fixture = vendor_core.vendored.tests_dir(vendor_core.package_dir(export)) / "engine_fixture.py"
         text = fixture.read_text()
-        assert all(name in text for name in ("PACKAGE =", "SMALL_RUN =", "def small_model(")), fixture
+        names = ("PACKAGE =", "MODEL =", "SMALL_RUN =", "SLOW:", "def small_model(", "def build_trainer(", "def model_holding(")
+        assert all(name in text for name in names), fixture
 
 
 def test_drift_is_found(tmp_path):
