@@ -92,5 +92,7 @@ def test_cli_help_is_the_workspace_one():
     """The engine's plain `--help` (cli_help.py) is the harness's, byte for byte."""
     import harness.cli_help
     import train_engine_0_5b.cli_help
+    import train_engine_8b.cli_help
 
-    assert Path(train_engine_0_5b.cli_help.__file__).read_bytes() == Path(harness.cli_help.__file__).read_bytes()
+    for copy in (train_engine_0_5b.cli_help, train_engine_8b.cli_help):
+        assert Path(copy.__file__).read_bytes() == Path(harness.cli_help.__file__).read_bytes(), copy.__name__

@@ -9,11 +9,12 @@ from typing import Optional
 
 import typer
 
+from train_engine_8b.cli_help import PlainHelpGroup
 from train_engine_8b.core import cli_commands
 from train_engine_8b.core.cli_guard import guard
 from train_engine_8b.core.cli_options import with_config_options
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=PlainHelpGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MiniCPM4-8B pretraining engine (tensor parallel x data parallel; run under torchrun).")
 DEFAULT_MODEL = "minicpm4-8b"  # `minicpm4-8b-reduced` runs the same per-head shapes on a CPU
 
