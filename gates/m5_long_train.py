@@ -35,6 +35,7 @@ correct engine gets `unsupported` with `loss: passed` in the report, never a sil
 from __future__ import annotations
 
 import math
+import shutil
 
 import torch
 
@@ -176,9 +177,11 @@ def sized_steps(warm_step_times: list[float], n: int, target_s: float, max_steps
 
 
 def timed_run(g: GateRun, box: PretrainBox, name: str, steps: int) -> float:
-    """One `pretrain` of `steps` steps in `box`; its wall time on the gate's clock."""
+    """One `pretrain` of `steps` steps in `box`; its wall time on the gate's clock. Its checkpoint goes once it
+    ends: only the log is read, and three runs' checkpoints at once would not fit a GPU machine's disk at 8B shapes."""
     before = len(g.report.commands)
     box.run(name, f"engine pretrain {steps} steps (speed, {name})", args=box.args(name, g.options.pretrain_args, steps=steps))
+    shutil.rmtree(box.save_dir(name), ignore_errors=True)
     return g.report.commands[before].time_s
 
 

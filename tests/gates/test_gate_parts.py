@@ -79,8 +79,11 @@ FIXED_N = dict(cpu_peak_tflops=1.0, mfu_threshold=0.0, speed_steps=3, speed_seq_
 
 def fake_speed_runs(monkeypatch, walls: dict[str, float], loss_scale: float = 1.0, claim: float = 0.52):
     """PretrainBox.run and the reference replaced: each run 'takes' walls[name] seconds on the gate's clock and
-    logs the losses 8 - 0.1 t (scaled for its own runs by loss_scale) with an engine-claimed MFU of `claim`."""
+    logs the losses 8 - 0.1 t (scaled for its own runs by loss_scale) with an engine-claimed MFU of `claim`.
+    Returns, per run, the save dirs that were still there when it started."""
     from gates.report import Command
+
+    saves_seen: list[list[str]] = []
 
     def run(self, name, role, nproc=1, extra=None, bucket_mb=25.0, args=None):
         steps = int(args[args.index("--num-steps") + 1])
@@ -88,6 +91,9 @@ def fake_speed_runs(monkeypatch, walls: dict[str, float], loss_scale: float = 1.
         lines = [f'{{"step": {t}, "loss": {(8 - 0.1 * t) * loss_scale}, "grad_norm": 1.0, "lr": 3e-4, '
                  f'"valid_tokens": 1, "step_time_s": 0.5, "mfu": {claim}}}' for t in range(1, steps + 1)]
         self.log(name).write_text("\n".join(lines) + "\n")
+        saves_seen.append(sorted(d.name for d in self.root.glob("save-*")))  # earlier runs' checkpoints still here
+        self.save_dir(name).mkdir()
+        (self.save_dir(name) / "checkpoint").write_bytes(b"x")
 
     def reference(self, probe, case, twin=True, stack=None):
         # the engine's micro batches, torch's fused attention, no float32 twin: the check's cost
@@ -96,12 +102,13 @@ def fake_speed_runs(monkeypatch, walls: dict[str, float], loss_scale: float = 1.
 
     monkeypatch.setattr(m5_long_train.PretrainBox, "run", run)
     monkeypatch.setattr(GateRun, "reference_probe", reference)
+    return saves_seen
 
 
 def test_speed_is_the_gates_clock_and_the_cases_flops(monkeypatch):
     """tokens/s = N x rows x seq / (wall(2N) - wall(N)) on the gate's clock; FLOPs from the case's model; the
     engine's own (absurd) MFU claim is recorded and decides nothing."""
-    fake_speed_runs(monkeypatch, {"warm": 50.0, "N": 20.0, "2N": 30.0})
+    saves_seen = fake_speed_runs(monkeypatch, {"warm": 50.0, "N": 20.0, "2N": 30.0})
     g = gate_run(**FIXED_N)
     try:
         part = speed_part(g, preset("tiny"))
@@ -115,6 +122,7 @@ def test_speed_is_the_gates_clock_and_the_cases_flops(monkeypatch):
     assert '"mfu": 0.52' in n["engine_log_last_line"] and n["mfu"] < 1e-3
     assert n["engine_steps_sum_s_N"] == pytest.approx(1.5) and n["engine_steps_sum_s_2N"] == pytest.approx(3.0)
     assert n["device"] == "cpu" and [c.role.split(",")[-1] for c in g.report.commands] == [" warm)", " N)", " 2N)"]
+    assert saves_seen == [[], [], []]  # each timed run's checkpoint went once it ended: one on disk at a time
 
 
 @pytest.mark.parametrize("walls, scale, why", [
