@@ -178,8 +178,14 @@ def run_stack(stack: Stack, args: argparse.Namespace, mbs: int, out: Path, flops
     if r["status"] == "ok":
         if stack.engine_contract and "mfu" in r:
             row["reported_mfu"] = r["mfu"]
-        row["mfu"] = mfu(row["tokens_per_s"], flops_per_token)  # one formula for every stack
+        row["mfu"] = row_mfu(row["tokens_per_s"], flops_per_token, args)  # one formula for every stack
     return row
+
+
+def row_mfu(tokens_per_s: float, flops_per_token: float, args: argparse.Namespace) -> float | None:
+    """MFU against the GPU's peak; on a CPU only against the peak given (--cpu-peak-tflops), else None."""
+    peak = PEAK_TFLOPS_BF16 if args.device == "cuda" else args.cpu_peak_tflops
+    return None if peak is None else mfu(tokens_per_s, flops_per_token, peak_tflops=peak)
 
 
 def tokens_per_s(x: float) -> str:
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         if s.engine_dir is not None and s.argv is not None and args.gate_timed:
             row = gate_timed_row(s, args, mbs, out, deadline)
             if row["status"] == "ok":
-                row["mfu"] = mfu(row["tokens_per_s"], flops)
+                row["mfu"] = row_mfu(row["tokens_per_s"], flops, args)
             rows.append(row)
     add_ratios(rows)
     given = os.environ.get("FORGE_GIT_COMMIT")  # a device copy of the tree: its own git state says nothing

@@ -93,7 +93,7 @@ class StepReports:
         dt, res, t = self._elapsed(staged, returned), staged.res, self.cfg.train
         record = {"step": step + 1, "loss": loss, "grad_norm": norm, "lr": res.lr, "tokens": self.tokens,
                   "valid_tokens": valid, "step_time_s": dt, "tokens_per_s": self.tokens / dt,
-                  "mfu": mfu(self.cfg.model, t.seq_length, self.tokens, dt, self.ctx.world),
+                  "mfu": mfu(self.cfg.model, t.seq_length, self.tokens, dt, self.ctx.world, self.ctx.device.type),
                   "tflops_per_gpu": self.cfg.model.flops_per_token(t.seq_length) * self.tokens / dt / self.ctx.world / 1e12,
                   "peak_mem_gib": runtime.peak_memory_gib(self.ctx.device)}
         if res.skipped:

@@ -165,6 +165,7 @@ def test_tensorboard_sink_logs_every_step(cli, tmp_path, monkeypatch):
     fake.SummaryWriter = FakeSummaryWriter
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     FakeSummaryWriter.made.clear()
+    monkeypatch.setenv("FORGE_ENGINE_PEAK_TFLOPS", "1")  # a CPU peak given: MFU is reported
     res = cli(["pretrain", *RUN, "--num-steps", "3", "--tensorboard-dir", tmp_path / "tb", "--log-file", tmp_path / "l.jsonl"])
     assert res.exit_code == 0, res.output + res.stderr
     (writer,) = FakeSummaryWriter.made
@@ -196,7 +197,9 @@ def test_wandb_sink_only_when_asked_and_installed(cli, tmp_path, monkeypatch):
     res = cli(["pretrain", *RUN, "--num-steps", "2", "--wandb-project", "p"])
     assert res.exit_code == 0, res.output + res.stderr
     assert run.project == "p" and run.config["train"]["num_steps"] == 2 and run.finished
-    assert [step for step, _ in logged] == [1, 2] and "train/mfu" in logged[0][1]
+    assert [step for step, _ in logged] == [1, 2] and "train/loss" in logged[0][1]
+    assert "train/mfu" not in logged[0][1]  # the CPU without a peak: no MFU, rather than one against a GPU's peak
+    assert "mfu=n/a" in res.output
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ def test_cpu_smoke_run_writes_a_well_formed_report(tmp_path) -> None:
         assert len(row["step_times_s"]) == 3 and all(t > 0 for t in row["step_times_s"])
         assert row["step_time_s"] == pytest.approx(sum(row["step_times_s"][1:]) / 2)  # median of 2 measured steps
         assert row["tokens_per_s"] == pytest.approx(2 * 64 / row["step_time_s"])
-        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * flops / 989.4e12)
+        assert row["mfu"] is None  # a CPU without --cpu-peak-tflops: no MFU against a GPU's peak
         assert all(x == x for x in row["losses"])  # finite, not NaN
     assert rows["torch-compile"]["vs"]["torch-compile"] == pytest.approx(1.0)
     assert rows["torch-eager"]["vs"]["torch-compile"] == pytest.approx(rows["torch-eager"]["tokens_per_s"] / rows["torch-compile"]["tokens_per_s"])
@@ -174,3 +174,12 @@ def test_an_engine_gets_a_gate_timed_row_beside_its_own_bench(tmp_path) -> None:
     assert n["loss_mean_rel_diff"] < 1e-2 and row["source"] == "gate"
     no_peak = gate_timed_row(stack, compare.parse_args(["--model", "tiny", "--device", "cpu"]), 2, tmp_path / "b", None)
     assert no_peak["status"] == "unsupported" and "tokens_per_s" not in no_peak and "GPU only" in no_peak["message"]
+
+
+def test_mfu_needs_the_devices_peak() -> None:
+    """The GPU's peak on cuda; on a CPU only the peak given, else no figure (never CPU work over an H100's peak)."""
+    import argparse
+
+    assert compare.row_mfu(1e5, 1e9, argparse.Namespace(device="cuda", cpu_peak_tflops=None)) == pytest.approx(1e14 / 989.4e12)
+    assert compare.row_mfu(100.0, 1e9, argparse.Namespace(device="cpu", cpu_peak_tflops=None)) is None
+    assert compare.row_mfu(100.0, 1e9, argparse.Namespace(device="cpu", cpu_peak_tflops=0.5)) == pytest.approx(1e11 / 0.5e12)

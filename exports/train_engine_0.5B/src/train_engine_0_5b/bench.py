@@ -101,7 +101,7 @@ def run(model_cfg: MiniCPMConfig, *, seq_length: int, micro_batch_size: int, gra
         device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else (platform.processor() or "cpu")
         result = {
             "tokens_per_s": global_tokens / step_time, "step_time_s": step_time,
-            "mfu": mfu(model_cfg, seq_length, global_tokens, step_time, ctx.world), "peak_mem_gib": peak,
+            "mfu": mfu(model_cfg, seq_length, global_tokens, step_time, ctx.world, ctx.device.type), "peak_mem_gib": peak,
             "device": device_name, "torch": torch.__version__, "world_size": ctx.world, "step_times_s": times,
             "config": {"model": model_cfg.name, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
                        "grad_accum": grad_accum, "global_batch_size": rows * ctx.world, "dtype": str(dtype).removeprefix("torch."),

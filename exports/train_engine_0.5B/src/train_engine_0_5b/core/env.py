@@ -3,7 +3,8 @@
 Engine switches (prefix FORGE_ENGINE_), read when a command starts, never at import time:
 - FORGE_ENGINE_HUB_TIMEOUT_S  seconds to wait for the Hugging Face Hub before a Hub dataset name fails
                               (default 10); a local path never touches the network.
-- FORGE_ENGINE_PEAK_TFLOPS    dense bf16 peak per GPU for MFU (default 989.4, H100/H200 SXM, DESIGN.md).
+- FORGE_ENGINE_PEAK_TFLOPS    dense bf16 peak per device for MFU (default on CUDA 989.4, H100/H200 SXM, DESIGN.md;
+                              on the CPU none: MFU is not reported unless this names the CPU's peak).
 - FORGE_ENGINE_PROGRESS       "1" forces the rich progress bar, "0" hides it (default: shown on a TTY).
 
 Defaulted, not owned (a value the user sets wins):
@@ -38,7 +39,10 @@ def hub_timeout_s() -> float:
     return _float("FORGE_ENGINE_HUB_TIMEOUT_S", 10.0)
 
 
-def peak_tflops() -> float:
+def peak_tflops(device: str = "cuda") -> float | None:
+    """The peak MFU divides by: FORGE_ENGINE_PEAK_TFLOPS, else the H100/H200's on CUDA and none on the CPU."""
+    if os.environ.get("FORGE_ENGINE_PEAK_TFLOPS", "") == "" and device != "cuda":
+        return None
     return _float("FORGE_ENGINE_PEAK_TFLOPS", DEFAULT_PEAK_TFLOPS)
 
 

@@ -53,7 +53,7 @@ def _last_byte(path: Path) -> bytes:
 
 def _scalars(record: dict) -> dict[str, float]:
     """Tag -> value: train/<key>, and eval/loss, eval/ppl on a step that validated."""
-    out = {f"train/{k}": float(record[k]) for k in SCALARS if k in record}
+    out = {f"train/{k}": float(record[k]) for k in SCALARS if record.get(k) is not None}
     out.update({f"eval/{k.removeprefix('eval_')}": float(record[k]) for k in EVAL_SCALARS if k in record})
     return out
 

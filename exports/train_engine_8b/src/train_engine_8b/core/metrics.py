@@ -2,7 +2,8 @@
 TensorBoard, Weights & Biases).
 
 MFU is DESIGN.md's formula: Megatron-LM's training FLOPs per token (causal attention halved, the
-true vocabulary) x tokens / (step time x GPUs x peak); the peak is FORGE_ENGINE_PEAK_TFLOPS.
+true vocabulary) x tokens / (step time x GPUs x peak); the peak is FORGE_ENGINE_PEAK_TFLOPS (env.py): none on
+the CPU unless given, and then MFU is None (a GPU's peak would make a CPU figure meaningless).
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from . import env
 from .config import ModelConfig
 
 
-def mfu(cfg: ModelConfig, seq_length: int, tokens: int, seconds: float, gpus: int) -> float:
-    """Model FLOPs utilization in [0, 1] (tokens over all GPUs in `seconds`)."""
-    return cfg.flops_per_token(seq_length) * tokens / (seconds * gpus * env.peak_tflops() * 1e12)
+def mfu(cfg: ModelConfig, seq_length: int, tokens: int, seconds: float, gpus: int, device: str) -> float | None:
+    """Model FLOPs utilization in [0, 1] (tokens over all `gpus` devices in `seconds`); None without a peak."""
+    peak = env.peak_tflops(device)
+    return None if peak is None else cfg.flops_per_token(seq_length) * tokens / (seconds * gpus * peak * 1e12)
 
 
-def console_line(step: int, loss: float, step_time_s: float, tokens_per_s: float, mfu_value: float) -> str:
+def console_line(step: int, loss: float, step_time_s: float, tokens_per_s: float, mfu_value: float | None) -> str:
+    shown = "n/a (no CPU peak)" if mfu_value is None else f"{mfu_value * 100:.2f}%"
     return (f"[STEP {step}] loss={loss:.4f} | step_time={step_time_s * 1e3:.1f}ms | "
-            f"tokens/s={tokens_per_s:,.0f} | mfu={mfu_value * 100:.2f}%")
+            f"tokens/s={tokens_per_s:,.0f} | mfu={shown}")
 
 
 class StepLog:

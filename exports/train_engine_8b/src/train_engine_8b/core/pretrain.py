@@ -241,7 +241,7 @@ def _summary(cfg: EngineConfig, ctx: DistContext, trainer: Trainer, start: int, 
     timed = times[1:] or times  # the first step pays one-time costs
     median = statistics.median(timed)
     return {"steps": start + len(losses), "first_step": start + 1, "losses": losses, "step_time_s": median,
-            "tokens_per_s": tokens / median, "mfu": mfu(cfg.model, t.seq_length, tokens, median, ctx.world),
+            "tokens_per_s": tokens / median, "mfu": mfu(cfg.model, t.seq_length, tokens, median, ctx.world, ctx.device.type),
             "peak_mem_gib": runtime.peak_memory_gib(ctx.device), "world_size": ctx.world,
             "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
             "dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."), "torch": torch.__version__}
