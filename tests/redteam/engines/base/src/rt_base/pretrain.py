@@ -57,6 +57,7 @@ def add_args(sub) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--exit-after-steps", type=int, default=0)
     p.add_argument("--log-file", type=Path, required=True)
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (this engine's CPU path always is)")
     d = sub.add_parser("dump-state")
     d.add_argument("--checkpoint", type=Path, required=True)
     d.add_argument("--out", type=Path, required=True)
@@ -102,6 +103,8 @@ def run(a, flaws: Flaws) -> int:
     if flaws.pretrain_declines:
         print("rt_base pretrain: declined (exit 77)", file=sys.stderr)
         return EXIT_UNSUPPORTED
+    if a.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     d = Dist(a.device)
     case = make_case(a, d.world)
     if isinstance(case, str):
