@@ -184,7 +184,7 @@ class GateRun:
             self.report.artifacts["stderr_tail"] = proc.stderr
             rank = _failed_rank(proc.stderr + proc.stdout) if nproc > 1 else None
             where = f" (rank {rank})" if rank is not None else ""
-            raise GateStop("error", f"{role} exited {proc.rc}{where}: {_last_line(proc.stderr)}", "engine_crash",
+            raise GateStop("error", f"{role} exited {proc.rc}{where}: {last_line(proc.stderr)}", "engine_crash",
                            Localization(what=f"{role} crashed{where}", rank=rank) if rank is not None else None)
         return proc
 
@@ -244,7 +244,7 @@ class GateRun:
                                f"(exit {EXIT_UNSUPPORTED})")
             if proc.rc != 0:
                 self.report.artifacts["stderr_tail"] = proc.stderr
-                raise GateStop("error", f"reference {ref!r} probe {probe} exited {proc.rc}: {_last_line(proc.stderr)}",
+                raise GateStop("error", f"reference {ref!r} probe {probe} exited {proc.rc}: {last_line(proc.stderr)}",
                                "reference_crash")
             tensors = self._read(sandbox.out, f"reference probe {probe}", engine=False)[0]
             if cache is not None:
@@ -432,7 +432,8 @@ def _bounded(metrics: object, limit: int = 8192) -> dict:
     return metrics if len(text) <= limit else {"note": f"metrics.json left out: {len(text)} characters > {limit}"}
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
+    """A command's stderr as one line for a verdict: its last non-blank line."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1][:300] if lines else "(no stderr)"
 

@@ -111,21 +111,22 @@ def run_process(argv: list[str], cwd: Path, env_set: dict[str, str], deadline: D
     logs = Path(tempfile.mkdtemp(prefix="forge-gate-log-"))
     t0 = time.monotonic()
     timed_out = False
-    with open(logs / "out", "wb") as out, open(logs / "err", "wb") as err:
-        p = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            rc: int | None = p.wait(timeout=max(0.1, deadline.end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(p)
-            rc = None
-        except BaseException:  # the gate itself is interrupted: the command's whole group ends with it
-            _kill_group(p)
-            shutil.rmtree(logs, ignore_errors=True)
-            raise
-    proc = Proc(argv, cwd, env_set, rc, time.monotonic() - t0, timed_out, _tail(logs / "out"), _tail(logs / "err"))
-    shutil.rmtree(logs, ignore_errors=True)
-    return proc
+    try:
+        with open(logs / "out", "wb") as out, open(logs / "err", "wb") as err:
+            p = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
+            try:
+                rc: int | None = p.wait(timeout=max(0.1, deadline.end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(p)
+                rc = None
+            except BaseException:  # the gate itself is interrupted: the command's whole group ends with it
+                _kill_group(p)
+                raise
+        return Proc(argv, cwd, env_set, rc, time.monotonic() - t0, timed_out, _tail(logs / "out"), _tail(logs / "err"))
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def _kill_group(p: subprocess.Popen) -> None:

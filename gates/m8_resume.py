@@ -127,7 +127,7 @@ def kill_part(g: GateRun, box: PretrainBox, a_log, a_state, names, bitwise,
         verdict = "failed" if seen["rc"] == EXIT_UNSUPPORTED else "error"
         return [Part(name="kill_during_save", verdict=verdict,
                      message=f"the run exited {seen['rc']} before the gate saw a checkpoint being written: "
-                             f"{seen['stderr_last'] or '(no stderr)'}")], None
+                             f"{seen['stderr_last']}")], None
     if not seen["killed"]:
         return [Part(name="kill_during_save", verdict="error",
                      message="the run finished before the gate saw a checkpoint being written; nothing was killed")], None

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from gates.case import Case
-from gates.context import GateRun, GateStop
+from gates.context import GateRun, GateStop, last_line
 from gates.launch import Sandbox
 from gates.report import Command, Localization
 from gates.train_contract import LogError, pretrain_args, read_log, read_state, write_init_dir, write_token_batches
@@ -174,16 +174,8 @@ def run_killed_in_save(g: GateRun, box: PretrainBox, name: str, args: list[str],
     g.report.commands.append(Command(role=role, argv=argv, cwd=str(box.root), env=engine_env(g.engine), rc=p.returncode,
                                      time_s=round(time.monotonic() - t0, 3), timed_out=False))
     verify_untouched(g, role, before_fp, box.root)
-    seen |= {"rc": p.returncode, "stderr_last": _last_line(box.root / f"{name}.stderr")}
+    seen |= {"rc": p.returncode, "stderr_last": last_line((box.root / f"{name}.stderr").read_text(errors="replace"))}
     return seen
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1][:500] if lines else ""
 
 
 def _logged_steps(log: Path) -> int:
