@@ -17,11 +17,12 @@ Parts and their rules:
   start-up, compilation and the final save cancel. A window under `speed_min_timed_s` is `error` (start-up
   varies by seconds between runs), one of zero or less `failed`. FLOPs per token come from the case's model
   (the forge spec's), docs/DESIGN.md's formula, never from the engine's files; the device and its peak are
-  read on the gate's side (989.4 TFLOP/s bf16 for H100 / H200 SXM). The timed runs' losses must match the reference's on the same data (mean relative difference below
-  `long_train_threshold`), so skipped work fails; that reference takes the engine's micro batches with fused
-  attention (gates/stacks SPEED_STACKS: `torch-sdpa` for `torch`; a stack without one takes one row at a time).
-  The walls and the gate's tokens/s are recorded before that check runs. The engine's own figures (its log's
-  last line, the sum of the step times it logged per run) are recorded beside the gate's and decide nothing. On a CPU the part is `unsupported` unless a test gives
+  read on the gate's side (989.4 TFLOP/s bf16 for H100 / H200 SXM). The timed runs' losses must match the
+  reference's on the same data (mean relative difference below `long_train_threshold`), so skipped work fails;
+  that reference takes the engine's micro batches with fused attention (gates/stacks SPEED_STACKS: `torch-sdpa`
+  for `torch`; a stack without one takes one row at a time). The walls and the gate's tokens/s are recorded
+  before that check runs. The engine's own figures (its log's last line, the sum of the step times it logged per
+  run) are recorded beside the gate's and decide nothing. On a CPU the part is `unsupported` unless a test gives
   a CPU peak (`cpu_peak_tflops`).
 
 `m5_parts` runs one part alone (a GPU run split over machine calls of limited length); the other is then

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     lanes = [x for x in a.gates.split("/") if x.strip()]
     if len(lanes) > 1:
-        if any(g.strip() in ("m5", "m5_long_train") for lane in lanes for g in lane.split(",")) and a.m5_parts != "loss":
+        if any("m5_long_train" in lane_gates(lane) for lane in lanes) and a.m5_parts != "loss":
             ap.error("M5's speed part times the GPU: run it alone, or give --m5-parts loss when M5 shares a lane")
         return run_lanes(lanes, a.out, list(argv if argv is not None else sys.argv[1:]))
     fields = dict(case=a.case, device="cuda", dtype="bfloat16", seed=a.seed, seq_length=a.seq_length, micro_batch_size=1,
@@ -84,12 +84,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 TRAINING_GATE_GB = 25
-TRAINING_GATES = ("m5", "m6", "m7", "m8")
+TRAINING_GATES = ("m5_long_train", "m6_checkpoint", "m7_pretrain", "m8_resume")
+
+
+def lane_gates(lane: str) -> list[str]:
+    """A lane's gates by their full names (aliases such as m5 resolved; an unknown name raises KeyError)."""
+    return [resolve_name(g.strip()) for g in lane.split(",") if g.strip()]
 
 
 def disk_note(lanes: list[str], free_gb: float) -> str:
     """The free space against what the lanes' training gates hold at once (a warning when short)."""
-    heavy = sum(any(g.strip()[:2] in TRAINING_GATES for g in lane.split(",")) for lane in lanes)
+    heavy = sum(any(g in TRAINING_GATES for g in lane_gates(lane)) for lane in lanes)
     need = heavy * TRAINING_GATE_GB
     msg = f"[lanes] {free_gb:.0f} GB free in the temporary folder; {heavy} lane(s) with M5-M8 hold ~{need} GB at once"
     return msg + (": WARNING, short of disk (ENOSPC fails gates as `error`)" if free_gb < need else "")
@@ -120,7 +125,7 @@ def merge_lanes(lanes: list[str], out: Path, rcs: list[int]) -> list[dict]:
         f = out / f"lane{i}" / "summary.jsonl"
         got = [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
         lines += [{**x, "lane": i} for x in got]
-        wanted = [g.strip() for g in lane.split(",") if g.strip()]
+        wanted = [g.strip() for g in lane.split(",") if g.strip()]  # as given: the gates a lane never reached
         if len(got) < len(wanted):
             lines.append({"gate": ",".join(wanted[len(got):]), "verdict": "error", "lane": i,
                           "message": f"lane{i} ended (exit {rc}) before these gates reported"})

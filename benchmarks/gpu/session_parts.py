@@ -126,6 +126,7 @@ def _graph_check_env(ctx: Context, part: str, variants: list[str] | str | None, 
 
 ENGINES = (ENGINE, "exports/train_engine_8b")
 ENGINE_OPT = opt("--engine", default=ENGINE, choices=ENGINES, help=f"the engine the gates check (default {ENGINE})")
+CASE_OPT = fwd("--case", str, "the gates' model preset", "gate_stage.py")
 
 
 @part("stage", "gates on one GPU as the loop runs them (gate_stage.py)",
@@ -137,7 +138,7 @@ ENGINE_OPT = opt("--engine", default=ENGINE, choices=ENGINES, help=f"the engine 
       fwd("--m5-parts", str, "M5's parts (loss when M5 shares a stage with lanes)", "gate_stage.py",
           choices=("both", "loss", "mfu")),
       fwd("--long-train-steps", int, "M5 loss part's steps", "gate_stage.py"),
-      ENGINE_OPT, fwd("--case", str, "the gates' model preset", "gate_stage.py"))
+      ENGINE_OPT, CASE_OPT)
 def stage(ctx: Context, a: argparse.Namespace) -> Plan:
     d = ctx.part_dir("stage")
     return Plan((step(PY, "-m", "benchmarks.gpu.gate_stage", "--engine", a.engine, "--gates", a.gates, "--out", d,
@@ -157,7 +158,7 @@ def stage(ctx: Context, a: argparse.Namespace) -> Plan:
       fwd("--speed-seq-length", int, "M5 speed part's sequence length", "gate_stage.py"),
       fwd("--seed", int, "the case's seed", "gate_stage.py"),
       opt("--speed-micro-batch-size", type=int, default=8, help="M5 speed part's micro batch (default 8)"),
-      ENGINE_OPT, fwd("--case", str, "the gates' model preset", "gate_stage.py"))
+      ENGINE_OPT, CASE_OPT)
 def m5(ctx: Context, a: argparse.Namespace) -> Plan:
     d = ctx.part_dir("m5")
     bench = [] if a.no_bench else [
@@ -167,7 +168,8 @@ def m5(ctx: Context, a: argparse.Namespace) -> Plan:
         *bench,
         step(PY, "-m", "benchmarks.gpu.gate_stage", "--engine", a.engine, "--gates", "m5", "--out", d,
              "--speed-steps", a.speed_steps, "--speed-global-batch-size", a.speed_global_batch_size,
-             "--speed-micro-batch-size", a.speed_micro_batch_size, "--long-train-steps", a.long_train_steps, "--timeout", a.gate_timeout_s,
+             "--speed-micro-batch-size", a.speed_micro_batch_size, "--long-train-steps", a.long_train_steps,
+             "--timeout", a.gate_timeout_s,
              *ctx.sandbox_args(), *PARTS["m5"].forwarded(a), timeout_s=a.timeout_s)])
 
 
