@@ -6,7 +6,7 @@ embedding and lm_head are N(0, init_std) with the padding row (pad_token_id) zer
 N(0, init_std / sqrt(hidden / dim_model_base)) (muP's width scaling).
 
 `init_weights` returns every tensor whole. `FreshWeights` offers the same values as a WeightSource
-(core/weights.py), so a tensor-parallel rank builds only its shard (issue 29): a read draws only the row blocks
+(core/weights.py), so a tensor-parallel rank builds only its shard: a read draws only the row blocks
 that overlap its region and skips the rest of the generator's stream. That reproduces the whole draw because
 torch's CPU randn of n >= 16 float32 values takes one 32-bit uniform per value, turns each 16-aligned group of 16
 into normals within the group (Box-Muller), and when 16 does not divide n redraws the last 16 values from 16
