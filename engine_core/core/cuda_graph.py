@@ -4,13 +4,18 @@ bf16 parameter write-back, replayed with one launch per step (`--cuda-graph`).
 Why: a replay has no Python, no launch overhead and no host-side gaps between the step's ~1,500 kernels
 (the measurements: benchmarks/results, engine-0.5b-cudagraph-*).
 
-Where it applies: CUDA, one rank, and an AdamW op that takes the LR and step count on the device. With
-one micro batch per step the backward's own gradient buffers feed the optimizer (the trainer's direct
-path); with several, the captured step holds every micro batch's forward and backward and the reducer's
-fp32 accumulation into its persistent buffers (the graph's private pool reuses one micro batch's
-activations for the next). `check` refuses anything else with a message that names the option to change.
-`supported` (what `pretrain` and `bench` graph by default) is every step `check` allows, accumulation
-included (its GPU test, graphed against eager with the default ops: benchmarks/results/gates/2026-12-03-h200-stage).
+Where it applies: CUDA, data parallelism (no tensor parallelism), and an AdamW op that takes the LR and step
+count on the device. With one micro batch per step on one rank the backward's own gradient buffers feed the
+optimizer (the trainer's direct path); otherwise the captured step holds every micro batch's forward and
+backward and the reducer's fp32 accumulation into its persistent buffers (the graph's private pool reuses one
+micro batch's activations for the next). With more than one rank it also holds the NCCL collectives: the
+count's and the loss's all-reduces, the buckets' async all-reduces (or ZeRO-1's reduce-scatters) launched by
+the backward hooks and waited on by the stream, and ZeRO-1's all-gather; NCCL replays a captured collective as
+a collective, so every rank captures the same step. `check` refuses anything else with a message that names
+the option to change. `supported` (what `pretrain` and `bench` graph by default) is every one-rank step
+`check` allows, accumulation included (its GPU test, graphed against eager with the default ops:
+benchmarks/results/gates/2026-12-03-h200-stage); more ranks are graphed when asked (`--cuda-graph`), as no
+run on two GPUs has measured them yet (their GPU test holds a one-process NCCL group).
 
 How (torch.cuda.graphs' whole-network capture):
 1. the first `warmup` steps run eagerly, on the capture's side stream, with the LR and the step count
@@ -28,12 +33,17 @@ in an eager run. A different batch shape after the capture is an error: the grap
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from ..ops.adamw import triton_fused
 from .errors import EngineError
 from .trainer import StepResult, Trainer
+
+if TYPE_CHECKING:
+    from .engine_config import EngineConfig
 
 
 # int64 entries set aside (outside the graph's memory) for the AdamW tables the capture misses: the pointer
@@ -46,8 +56,9 @@ def check(trainer: Trainer, rows: int | None = None) -> None:
     ctx = trainer.ctx
     if ctx.device.type != "cuda":
         raise EngineError(f"--cuda-graph needs a CUDA device (this run is on {ctx.device.type})")
-    if ctx.world != 1:
-        raise EngineError(f"--cuda-graph runs one rank for now ({ctx.world} here): the bucketed all-reduce is not captured")
+    if getattr(trainer, "tp", None) is not None:
+        raise EngineError("--cuda-graph with tensor parallelism: the model's TP collectives are not captured "
+                          "(use --no-cuda-graph)")
     if not trainer.optimizer.fused:
         raise EngineError("--cuda-graph needs --ops adamw=triton_fused (the AdamW that takes the LR and step on the device)")
     if rows is not None and rows % trainer.micro_batch_size:
@@ -56,12 +67,28 @@ def check(trainer: Trainer, rows: int | None = None) -> None:
 
 
 def supported(trainer: Trainer, rows: int) -> bool:
-    """Whether a run is graphed by default: wherever `check` passes."""
+    """Whether a run is graphed by default: one rank, wherever `check` passes."""
+    if trainer.ctx.world != 1:
+        return False
     try:
         check(trainer, rows)
     except EngineError:
         return False
     return True
+
+
+def step_function(trainer: Trainer, cfg: EngineConfig, rows: int, eager_steps: int = 2):
+    """The step the loop calls, and whether it is a CUDA graph: (train_step or a GraphedStep, graphed).
+    runtime.cuda_graph True: asked for (refused here, before any step, where it cannot run); None: wherever
+    `supported` (and --nan-policy stop: a captured step cannot skip itself); False: never. `rows` per rank per
+    step; `eager_steps` run before the capture."""
+    want = cfg.runtime.cuda_graph
+    if want:
+        check(trainer, rows)
+    graphed = want or (want is None and cfg.train.nan_policy == "stop" and supported(trainer, rows))
+    if not graphed:
+        return trainer.train_step, False
+    return GraphedStep(trainer, warmup=eager_steps), True
 
 
 class GraphedStep:

@@ -31,7 +31,8 @@ RUN = ["--num-steps", "1", "--global-batch-size", "2", "--micro-batch-size", "2"
 
 
 def _trainer(cfg: MiniCPMConfig, device: str, dtype: torch.dtype, adamw_op, *, compile: bool = False,
-             schedule: Schedule | None = None, mb: int = 2, ops: str | None = None, recompute: str = "none") -> Trainer:
+             schedule: Schedule | None = None, mb: int = 2, ops: str | None = None, recompute: str = "none",
+             ctx: DistContext | None = None, bucket_mb: float = 25.0) -> Trainer:
     ops = resolve(OpSelection.parse(ops if ops is not None else "attention=sdpa"), device, dtype)
     model = build_model(cfg, ops, device, dtype)
     apply_recompute(model, recompute)
@@ -40,8 +41,8 @@ def _trainer(cfg: MiniCPMConfig, device: str, dtype: torch.dtype, adamw_op, *, c
     opt = AdamW(dict(model.named_parameters()), init_weights(model.cfg, 0.1, seed=3), adamw_op=adamw_op,
                 betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, master_dtype=torch.float32)
     schedule = schedule or Schedule("constant", 1e-3, 1e-3, 1, 10)
-    return Trainer(model, opt, schedule, DistContext(device=torch.device(device)), micro_batch_size=mb,
-                   grad_clip=0.05, master_dtype=torch.float32)
+    return Trainer(model, opt, schedule, ctx or DistContext(device=torch.device(device)), micro_batch_size=mb,
+                   grad_clip=0.05, master_dtype=torch.float32, bucket_mb=bucket_mb)
 
 
 # ---- CPU: refusals ----------------------------------------------------------------------------------
@@ -70,23 +71,50 @@ def test_bench_with_cuda_graph_needs_two_warmup_steps(cli):
 
 
 def test_what_a_graph_covers_and_what_runs_graphed_by_default():
-    """Accumulation is captured (rows a multiple of the micro batch), by default too; rows that do not split
-    into micro batches and more than one rank are refused."""
+    """Accumulation is captured (rows a multiple of the micro batch), by default too; more data-parallel ranks are
+    captured when asked, not by default; rows that do not split into micro batches and tensor parallelism are
+    refused."""
     from types import SimpleNamespace
 
     from train_engine_0_5b.core.cuda_graph import check, supported
 
-    def fake(world: int = 1):
-        return SimpleNamespace(ctx=SimpleNamespace(device=torch.device("cuda"), world=world),
+    def fake(world: int = 1, tp=None):
+        return SimpleNamespace(ctx=SimpleNamespace(device=torch.device("cuda"), world=world), tp=tp,
                                optimizer=SimpleNamespace(fused=True), micro_batch_size=2)
 
     check(fake(), 2)
     check(fake(), 6)
+    check(fake(world=2), 2)
+    check(fake(world=4), 6)
     with pytest.raises(EngineError, match="5 rows per step do not split into micro batches of 2"):
         check(fake(), 5)
-    with pytest.raises(EngineError, match="one rank"):
-        check(fake(world=2), 2)
-    assert supported(fake(), 2) and supported(fake(), 6) and not supported(fake(), 5) and not supported(fake(2), 2)
+    with pytest.raises(EngineError, match="tensor parallelism: the model's TP collectives are not captured"):
+        check(fake(world=2, tp=SimpleNamespace(world=2)), 2)
+    assert supported(fake(), 2) and supported(fake(), 6) and not supported(fake(), 5)
+    assert not supported(fake(world=2), 2) and not supported(fake(world=2, tp=SimpleNamespace(world=2)), 2)
+
+
+def test_step_function_graphs_what_is_asked_and_the_default_only_where_supported(monkeypatch):
+    """runtime.cuda_graph True: checked, then graphed (a CPU trainer is refused before any step); None: graphed
+    where `supported` and --nan-policy stop; False: never."""
+    from types import SimpleNamespace
+
+    from train_engine_0_5b.core import cuda_graph
+
+    trainer = _trainer(preset("tiny"), "cpu", torch.float32, triton_fused.adamw_reference)
+
+    def cfg(want, nan_policy="stop"):
+        return SimpleNamespace(runtime=SimpleNamespace(cuda_graph=want), train=SimpleNamespace(nan_policy=nan_policy))
+
+    with pytest.raises(EngineError, match="needs a CUDA device"):
+        cuda_graph.step_function(trainer, cfg(True), 2)
+    assert cuda_graph.step_function(trainer, cfg(None), 2) == (trainer.train_step, False)  # a CPU: not supported
+    made = []
+    monkeypatch.setattr(cuda_graph, "supported", lambda tr, rows: True)
+    monkeypatch.setattr(cuda_graph, "GraphedStep", lambda tr, warmup: made.append(warmup) or "graphed")
+    assert cuda_graph.step_function(trainer, cfg(None), 2, eager_steps=3) == ("graphed", True) and made == [3]
+    assert cuda_graph.step_function(trainer, cfg(None, "skip"), 2) == (trainer.train_step, False)
+    assert cuda_graph.step_function(trainer, cfg(False), 2) == (trainer.train_step, False)
 
 
 def test_device_lr_needs_the_fused_op():
@@ -137,11 +165,26 @@ GPU_CFG = MiniCPMConfig(  # head dim 64 and bf16: FA4 and the quack MLP run wher
 )
 
 
-def _run_gpu(graphed: bool, ops: str, compile: bool, recompute: str = "none", steps: int = 7, accum: int = 1):
+def _one_process_nccl_group():
+    """The default process group as NCCL over this one process (an in-memory store, no launcher)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    return dist.group.WORLD
+
+
+def _run_gpu(graphed: bool, ops: str, compile: bool, recompute: str = "none", steps: int = 7, accum: int = 1,
+             dp: int = 1):
+    """`dp` > 1: the trainer takes the data-parallel path (the reducer's buckets and async all-reduces, the count's
+    and loss's all-reduces) over a NCCL group of this one process standing in for `dp` ranks: every sum is over one
+    process, so the result is the one-rank run's (one GPU cannot hold two NCCL ranks)."""
     torch._dynamo.reset()
+    ctx = DistContext(0, dp, 0, torch.device("cuda"), _one_process_nccl_group()) if dp > 1 else None
     # warm-up over 10 steps: the LR changes every step, so a graph that baked it in would drift
     trainer = _trainer(GPU_CFG, "cuda", torch.bfloat16, triton_fused.adamw, compile=compile,
-                       schedule=Schedule("constant", 3e-4, 3e-4, 10, 20), ops=ops, recompute=recompute)
+                       schedule=Schedule("constant", 3e-4, 3e-4, 10, 20), ops=ops, recompute=recompute, ctx=ctx,
+                       bucket_mb=1.0 if dp > 1 else 25.0)  # several buckets, launched in order under capture
     start = [m.clone() for m in trainer.optimizer.master]
     step = GraphedStep(trainer, warmup=2) if graphed else trainer.train_step
     gen = torch.Generator().manual_seed(1)
@@ -160,7 +203,8 @@ def _run_gpu(graphed: bool, ops: str, compile: bool, recompute: str = "none", st
                 lrs=[r.lr for r in results], master=[m.clone() for m in trainer.optimizer.master])
 
 
-GPU_VARIANTS = {  # id: (ops, compile, recompute[, micro batches per step]); "default": the CUDA defaults (FA4, quack MLP where installed)
+GPU_VARIANTS = {  # id: (ops, compile, recompute[, micro batches per step[, data-parallel stand-in ranks]]); "default":
+    # the CUDA defaults (FA4, quack MLP where installed)
     "plain-eager": ("attention=sdpa,mlp=unfused", False, "none"),
     "plain-compiled": ("attention=sdpa,mlp=unfused", True, "none"),
     "flash4": ("attention=flash4,mlp=unfused", True, "none"),
@@ -175,20 +219,37 @@ GPU_VARIANTS = {  # id: (ops, compile, recompute[, micro batches per step]); "de
     "default": ("", True, "none"),
     "plain-compiled-accum3": ("attention=sdpa,mlp=unfused", True, "none", 3),  # the reducer's fp32 sums in the graph
     "default-accum2": ("", True, "none", 2),
+    "dp-stand-in": ("attention=sdpa,mlp=unfused", True, "none", 2, 2),  # NCCL collectives in the graph (_run_gpu)
 }
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("variant", list(GPU_VARIANTS))
-def test_graphed_run_matches_the_eager_run(variant):
-    ops, compile, recompute, accum = (*GPU_VARIANTS[variant], 1)[:4]
+def test_graphed_run_matches_the_eager_run(variant, monkeypatch):
+    ops, compile, recompute, accum, dp = (*GPU_VARIANTS[variant], 1, 1)[:5]
     try:
         resolve(OpSelection.parse(ops), "cuda", torch.bfloat16)
     except EngineError as e:  # FA4 / quack not installed here
         pytest.skip(str(e))
-    eager = _run_gpu(False, ops, compile, recompute, accum=accum)
-    graphed = _run_gpu(True, ops, compile, recompute, accum=accum)
+    eager = _run_gpu(False, ops, compile, recompute, accum=accum)  # one rank: what the stand-in must reproduce
+    if dp > 1:
+        import torch.distributed as dist
+
+        capturing: list[bool] = []  # per all-reduce call: issued while the graph was being captured
+        real = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: capturing.append(
+            torch.cuda.is_current_stream_capturing()) or real(*a, **k))
+        try:
+            graphed = _run_gpu(True, ops, compile, recompute, accum=accum, dp=dp)
+        finally:
+            dist.destroy_process_group()
+        per_step = 2 + len(graphed["trainer"].reducer.buckets)  # the count, each bucket, the loss
+        assert len(graphed["trainer"].reducer.buckets) > 1
+        # 2 eager warm-up steps and the capture called them; the 5 replays called none: they are in the graph
+        assert capturing == [False] * 2 * per_step + [True] * per_step
+    else:
+        graphed = _run_gpu(True, ops, compile, recompute, accum=accum)
     assert graphed["step"].captured  # steps 3..7 were replays
     assert graphed["trainer"].optimizer.step_count == eager["trainer"].optimizer.step_count == 7
     assert graphed["lrs"] == eager["lrs"] and len(set(eager["lrs"])) == 7

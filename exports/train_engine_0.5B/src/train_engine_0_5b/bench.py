@@ -16,12 +16,12 @@ import torch
 from train_engine_0_5b import config, op_table as op_table_mod
 from train_engine_0_5b.build import build_trainer
 from train_engine_0_5b.core import runtime
+from train_engine_0_5b.core.cuda_graph import step_function
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.errors import EngineError
 from train_engine_0_5b.core.metrics import mfu
 from train_engine_0_5b.model_config import MiniCPMConfig
 from train_engine_0_5b.ops.registry import OpSelection, resolve
-from train_engine_0_5b.parallelize import step_function
 
 
 # A constant LR, so every timed step does the same work; everything else is pretrain's default optimizer.

@@ -12,22 +12,16 @@
 5. CUDA graph (runtime.cuda_graph): the whole step captured and replayed (core/cuda_graph.py), last,
    because it records what 1-4 launch.
 
-`parallelize_model` applies 1-3 to a built model; `step_function` applies 5 to the built Trainer.
+`parallelize_model` applies 1-3 to a built model; the core's `cuda_graph.step_function` applies 5 to the built
+Trainer (the same in every engine).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from train_engine_0_5b.config import EngineConfig
-from train_engine_0_5b.core import cuda_graph
 from train_engine_0_5b.core.config import Recompute, RuntimeConfig
-from train_engine_0_5b.core.trainer import StepResult, Trainer
 from train_engine_0_5b.model import RECOMPUTE, MiniCPM
-
-TrainStep = Callable[[torch.Tensor, torch.Tensor], StepResult]
 
 
 def parallelize_model(model: MiniCPM, runtime: RuntimeConfig) -> MiniCPM:
@@ -50,17 +44,3 @@ def apply_compile(model: MiniCPM) -> None:
     Probes and `forward(hidden_states=...)` stay eager; only `loss_sum`, what the trainer calls, is compiled.
     Whole-graph fusion of the reference ops is what makes this the fast GPU path (see README, bench)."""
     model.loss_sum = torch.compile(model.loss_sum)  # instance attribute shadows the method
-
-
-def step_function(trainer: Trainer, cfg: EngineConfig, rows: int, eager_steps: int = 2) -> tuple[TrainStep, bool]:
-    """5. The step the loop calls, and whether it is a CUDA graph. runtime.cuda_graph True: asked for (refused
-    here, before any step, where it cannot run); None: wherever it applies by default (cuda_graph.supported,
-    and --nan-policy stop: a captured step cannot skip itself); False: never. `rows` per rank per step;
-    `eager_steps` run before the capture."""
-    want = cfg.runtime.cuda_graph
-    if want:
-        cuda_graph.check(trainer, rows)
-    graphed = want or (want is None and cfg.train.nan_policy == "stop" and cuda_graph.supported(trainer, rows))
-    if not graphed:
-        return trainer.train_step, False
-    return cuda_graph.GraphedStep(trainer, warmup=eager_steps), True

@@ -10,10 +10,10 @@ from train_engine_0_5b import run_config
 from train_engine_0_5b.build import build_trainer
 from train_engine_0_5b.config import EngineConfig
 from train_engine_0_5b.core import pretrain as core_pretrain
+from train_engine_0_5b.core.cuda_graph import step_function
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.trainer import Trainer
 from train_engine_0_5b.ops.registry import resolve
-from train_engine_0_5b.parallelize import step_function
 
 
 def _build(cfg: EngineConfig, ctx: DistContext, initial: dict | None, dtype: torch.dtype) -> Trainer:

@@ -113,8 +113,8 @@ class RuntimeConfig(_Section):
     deterministic: bool | None = Field(None, description="deterministic kernels (bit-identical resume on one GPU); "
                                        "default: on for a CPU, off on CUDA")
     compile: bool | None = Field(None, description="torch.compile the forward + loss; default: on with CUDA")
-    cuda_graph: bool | None = Field(None, description="replay the whole step as one CUDA graph (CUDA, one rank, one micro "
-                                    "batch per step); default: where it applies")
+    cuda_graph: bool | None = Field(None, description="replay the whole step as one CUDA graph (CUDA, no tensor "
+                                    "parallelism); default: on for one rank where it applies, more ranks when asked")
     recompute: Recompute = Field("none", description="activation recomputation per layer: none | mlp | attention | layer "
                                  "(memory for compute)")
     tp: int = Field(1, ge=1, description="tensor-parallel degree (the ranks of one model replica; the data-parallel "
