@@ -35,7 +35,7 @@ from benchmarks import results_index
 from benchmarks.gate_timed import gate_timed_row
 from benchmarks.metrics import PEAK_TFLOPS_BF16, mfu, ratio
 from benchmarks.report import BASELINES, markdown
-from benchmarks.stacks import DEFAULT_STACKS, REPO, Stack, resolve
+from benchmarks.stacks import DEFAULT_STACKS, REPO, Stack, engine_model, resolve
 from gates.model_config import load
 
 RESULTS_DIR = results_index.RESULTS_DIR
@@ -101,12 +101,29 @@ def stack_mbs(args: argparse.Namespace) -> dict[str, int]:
     return out
 
 
+def _model_config(stack: Stack, args: argparse.Namespace, result: Path) -> Path | None:
+    """The config.json an engine's bench reads (`--model`) when the compared model is not its own; None: its own
+    model (or tiny). Written by run_attempt, beside the run's raw results."""
+    if args.model == "tiny" or stack.engine_dir is None or engine_model(stack.engine_dir) == args.model:
+        return None
+    return result.parent.parent / "models" / args.model / "config.json"
+
+
+def _write_model_config(model: str, path: Path) -> None:
+    from gates.model_config import load, to_hf_minicpm_config
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_hf_minicpm_config(load(model)), indent=2) + "\n")
+
+
 def command(stack: Stack, args: argparse.Namespace, mbs: int, result: Path) -> list[str]:
     if stack.engine_contract:
         cmd = [*stack.argv, "--seq-length", str(args.seq_length), "--micro-batch-size", str(mbs),
                "--steps", str(args.steps), "--json", str(result)]
         if args.model == "tiny":  # the tiny preset of the engine's own math (as the gates' CPU cases)
             cmd += ["--model", "tiny", "--device", args.device, "--warmup", str(args.warmup)]
+        elif (model_config := _model_config(stack, args, result)) is not None:
+            cmd += ["--model", str(model_config)]
         return cmd
     cmd = [*stack.argv, "--model", args.model, "--seq-length", str(args.seq_length), "--micro-batch-size", str(mbs),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device, "--seed", str(args.seed),
@@ -123,6 +140,8 @@ def run_attempt(stack: Stack, args: argparse.Namespace, mbs: int, out: Path, tim
     result.parent.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
+    if stack.engine_contract and (model_config := _model_config(stack, args, result)) is not None:
+        _write_model_config(args.model, model_config)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(x for x in [stack.env.get("PYTHONPATH"), str(REPO), os.environ.get("PYTHONPATH")] if x)
     t0 = time.perf_counter()

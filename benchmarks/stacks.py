@@ -29,7 +29,7 @@ class Stack:
     kind: str  # megatron | torch | torchtitan | engine
     argv: list[str] | None
     env: dict[str, str] = field(default_factory=dict)
-    engine_contract: bool = False  # True: `bench --seq-length --micro-batch-size --steps --json` only
+    engine_contract: bool = False  # True: `bench --seq-length --micro-batch-size --steps --json` (+ `--model CONFIG.json` for another model)
     engine_dir: Path | None = None  # engines: their folder (the gate-timed row runs its `pretrain`)
     skip_reason: str | None = None
     note: str = ""

@@ -1,11 +1,12 @@
 """Commands every engine's CLI registers as they are (`app.command("export-hf")(cli_commands.export_hf)`):
-export-hf, dump-state, prepare-data; and `pretrain`'s shared part (`pretrain_config`, `write_summary`). Each maps
+export-hf, dump-state, prepare-data; `bench` made for the engine (`bench_command`); and `pretrain`'s shared part
+(`pretrain_config`, `write_summary`). Each maps
 its options to a core call; errors are one line (cli_guard.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
@@ -13,6 +14,10 @@ from ..minicpm.config_files import Presets, load
 from .cli_guard import err, guard
 from .engine_config import EngineConfig
 from .errors import EngineError
+
+if TYPE_CHECKING:
+    from .bench import Extra
+    from .pretrain import EngineParts
 
 
 def pretrain_model(spec: str | None, init_from: Path | None, presets: Presets, default_model: str):
@@ -116,3 +121,57 @@ def prepare_data(
     rate = f", {m.n_tokens / res.seconds:,.0f} tokens/s" if res.seconds > 0 else ""
     typer.echo(f"prepared {out}: {m.n_tokens:,} tokens ({m.dtype}), {m.n_docs:,} documents, {len(m.shards)} shards "
                f"({res.reused} kept from an interrupted run) in {res.seconds:.1f} s{rate}")
+
+
+def bench_command(engine: Callable[[], "EngineParts"], presets: Presets, default_model: str,
+                  op_table: Callable[[], "Extra"] | None = None):
+    """The engine's `bench` command (core/bench.py) over its EngineParts (`engine()`, imported when it runs);
+    `op_table`: the engine's per-op table for --op-table (None: refused)."""
+
+    @guard
+    def bench(
+        seq_length: int = typer.Option(4096, "--seq-length", help="tokens per row"),
+        micro_batch_size: int = typer.Option(4, "--micro-batch-size", help="rows per micro batch and data-parallel rank"),
+        grad_accum: int = typer.Option(1, "--grad-accum", help="micro batches per step"),
+        steps: int = typer.Option(10, "--steps", help="timed steps"),
+        warmup: int = typer.Option(3, "--warmup", help="untimed steps first"),
+        model: str = typer.Option(default_model, "--model", help=f"preset ({', '.join(presets)}), model .toml or HF "
+                                  "config.json; on a CPU the small presets take seconds per step, full-size ones minutes"),
+        device: str = typer.Option("auto", "--device", help="auto (cuda when there is one) | cuda | cpu"),
+        dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on cuda, float32 on a CPU) | bfloat16 | float32"),
+        ops: str = typer.Option("", "--ops", help="op=implementation,... (default: the device's defaults)"),
+        deterministic: bool = typer.Option(False, "--deterministic/--no-deterministic", help="off by default: timing needs no bit-exact replay"),
+        compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="default: on with CUDA, off on a CPU"),
+        recompute: str = typer.Option("none", "--recompute", help="activation recomputation per layer: none | mlp | attention | layer"),
+        zero1: bool = typer.Option(False, "--zero1/--no-zero1", help="shard optimizer state over data-parallel ranks (ZeRO-1)"),
+        cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="time replays of the step captured as one CUDA graph; default: on where it can be (CUDA, one rank, adamw=triton_fused, --warmup >= 2)"),
+        tp: int = typer.Option(1, "--tp", help="tensor-parallel degree (an engine without tensor parallelism takes 1 only)"),
+        json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here (rank 0)"),
+        with_op_table: bool = typer.Option(False, "--op-table", help="also: each op timed alone vs its reference, and a profiler breakdown of 2 steps (JSON key op_table; tables on stderr)"),
+    ) -> None:
+        """Time training steps on random tokens (median after warm-up): tokens/s, step time, MFU, peak memory."""
+        import json
+
+        from ..ops.registry import OpSelection
+        from . import bench as core_bench
+        from .env import torchrun_world
+
+        if with_op_table and op_table is None:
+            raise EngineError("--op-table: this engine has no per-op table")
+        world = torchrun_world()[1]
+        if world % tp:
+            raise EngineError(f"--tp {tp} does not divide the world size ({world} ranks)")
+        cfg = core_bench.config(load(model, presets), OpSelection.parse(ops), seq_length=seq_length,
+                                micro_batch_size=micro_batch_size, grad_accum=grad_accum, steps=steps, warmup=warmup,
+                                data_parallel=world // tp, zero1=zero1, device=device, dtype=dtype,
+                                deterministic=deterministic, compile=compile, recompute=recompute, cuda_graph=cuda_graph,
+                                tp=tp)
+        result, is_main = core_bench.run(cfg, engine(), warmup=warmup, extra=op_table() if with_op_table else None)
+        if is_main:
+            text = json.dumps(result, indent=2)
+            if json_path is not None:
+                json_path.parent.mkdir(parents=True, exist_ok=True)
+                json_path.write_text(text + "\n")
+            typer.echo(text)
+
+    return bench

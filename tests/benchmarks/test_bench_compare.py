@@ -106,6 +106,33 @@ def test_engines_are_discovered_and_run_through_their_bench_contract(tmp_path) -
     row = compare.run_stack(good, args, 4, tmp_path / "out", flops)
     assert row["status"] == "ok" and row["tokens_per_s"] == 4 * 32 / 0.5
     assert row["reported_mfu"] == 0.123 and row["mfu"] == pytest.approx(row["tokens_per_s"] * flops / 989.4e12)
+    on_own = compare.parse_args(["--model", "minicpm4-0.5b", "--seq-length", "32", "--steps", "2"])
+    assert "--model" not in compare.command(good, on_own, 4, tmp_path / "raw" / "r.json")  # its own model: no --model
+
+
+def test_an_engine_without_a_model_spec_benches_the_compared_model(tmp_path) -> None:
+    """An engine for several models (no model_spec.toml: the 8B's) gets the compared model as a config.json."""
+    import json
+
+    from gates.model_config import from_hf_config
+
+    engine = {s.name: s for s in discover_engines(_fake_engine(tmp_path / "exports", "many", None).parent,
+                                                   "minicpm4-8b-8l")}["engine:many"]
+    args = compare.parse_args(["--model", "minicpm4-8b-8l", "--seq-length", "32", "--steps", "2"])
+    cmd = compare.command(engine, args, 2, tmp_path / "raw" / "r.json")
+    assert cmd[-2] == "--model" and Path(cmd[-1]) == tmp_path / "models" / "minicpm4-8b-8l" / "config.json"
+    assert not Path(cmd[-1]).exists()  # a plan (--dry-run) writes nothing; the run writes it
+    compare.run_attempt(engine, args, 2, tmp_path, 120)
+    cfg, _ = from_hf_config(cmd[-1])
+    assert (cfg.num_layers, cfg.hidden_size, cfg.head_dim) == (8, 4096, 128) and json.loads(Path(cmd[-1]).read_text())
+
+
+def test_an_engine_without_a_cli_is_skipped(tmp_path) -> None:
+    exports = tmp_path / "exports"
+    _fake_engine(exports, "nocli", None, with_main=False)
+    stacks = {s.name: s for s in discover_engines(exports, "tiny")}
+    args = compare.parse_args(["--model", "tiny", "--seq-length", "32", "--steps", "2"])
+    flops = preset("tiny").flops_per_token(32)
     skipped = compare.run_stack(stacks["engine:nocli"], args, 4, tmp_path / "out", flops)
     assert skipped["status"] == "skipped" and skipped["attempts"] == []
     with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-"""The engine's command line (typer): pretrain, probe, export-hf, dump-state, prepare-data, info. Thin: each command
+"""The engine's command line (typer): pretrain, bench, probe, export-hf, dump-state, prepare-data, info. Thin: each command
 maps its options to a config or call; errors are one line and a non-zero exit (core/cli_guard.py). Run under
 torchrun for more than one process; `--tp N` makes every N consecutive ranks one tensor-parallel model replica."""
 
@@ -13,6 +13,7 @@ from train_engine_8b.cli_help import PlainHelpGroup
 from train_engine_8b.core import cli_commands
 from train_engine_8b.core.cli_guard import guard
 from train_engine_8b.core.cli_options import with_config_options
+from train_engine_8b.model_config import PRESETS
 
 app = typer.Typer(cls=PlainHelpGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MiniCPM4-8B pretraining engine (tensor parallel x data parallel; run under torchrun).")
@@ -33,7 +34,6 @@ def pretrain(
 ) -> None:
     """Train (and with --resume, continue from the latest checkpoint, at any --tp and world size)."""
     from train_engine_8b import pretrain as pretrain_mod
-    from train_engine_8b.model_config import PRESETS
 
     cfg = cli_commands.pretrain_config(ctx, config, model, ops, options, PRESETS, DEFAULT_MODEL)
     cli_commands.write_summary(pretrain_mod.run(cfg), summary_json)
@@ -55,6 +55,13 @@ def probe(
     run_probe(name, case, out, OpSelection.parse(ops), tp)
 
 
+def _engine():
+    from train_engine_8b.pretrain import ENGINE
+
+    return ENGINE
+
+
+app.command("bench")(cli_commands.bench_command(_engine, PRESETS, DEFAULT_MODEL))
 app.command("export-hf")(cli_commands.export_hf)  # one unsharded HF checkpoint from any layout, read whole
 app.command("dump-state")(cli_commands.dump_state)
 app.command("prepare-data")(cli_commands.prepare_data)
@@ -64,7 +71,6 @@ app.command("prepare-data")(cli_commands.prepare_data)
 def info() -> None:
     """Presets and environment switches."""
     from train_engine_8b.core import env
-    from train_engine_8b.model_config import PRESETS
 
     typer.echo(f"presets: {', '.join(PRESETS)} (default {DEFAULT_MODEL})")
     typer.echo((env.__doc__ or "").strip())
