@@ -97,3 +97,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def assert_graphed_matches_eager(graphed: dict, eager: dict, steps: int, valid_tokens: int) -> None:
+    """A CUDA-graphed run against the eager run of the same weights, data and LR schedule (GPU tests of both
+    engines). Each run: per-step `losses`, `norms`, `counts`, `lrs`; the `start` and final `master` weights; its
+    `trainer` and `step`. Replays happened, the LRs and counts are the eager ones, and losses, norms and updates
+    agree (FA4's backward accumulates dQ with atomics: closely, not bit for bit)."""
+    import torch
+
+    assert graphed["step"].captured  # the steps after the warm-up and the capture were replays
+    assert graphed["trainer"].optimizer.step_count == eager["trainer"].optimizer.step_count == steps
+    assert graphed["lrs"] == eager["lrs"] and len(set(eager["lrs"])) == steps
+    assert graphed["counts"] == eager["counts"] == [valid_tokens] * steps
+    assert len(set(graphed["losses"])) == steps  # distinct batches gave distinct losses: inputs were re-read
+    torch.testing.assert_close(graphed["losses"], eager["losses"], rtol=2e-3, atol=0)
+    torch.testing.assert_close(graphed["norms"], eager["norms"], rtol=2e-2, atol=0)
+    assert min(eager["norms"]) > 0.05  # clipping engaged every step
+    moved = sum((m - s).abs().sum() for m, s in zip(eager["master"], eager["start"]))
+    apart = sum((g - e).abs().sum() for g, e in zip(graphed["master"], eager["master"]))
+    assert apart < 0.05 * moved, (float(apart), float(moved))  # the graph's updates are the eager ones
