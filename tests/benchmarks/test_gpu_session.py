@@ -225,3 +225,20 @@ def test_the_8b_runs_through_the_gate_parts_and_never_through_the_0_5bs_bench(tm
     assert argv[argv.index("--case") + 1] == "minicpm4-8b-8l" and argv[argv.index("--speed-micro-batch-size") + 1] == "2"
     [(_, plan, _)] = _plans(["compare", "--model", "minicpm4-8b-8l", "--micro-batch-size", "2"], tmp_path)
     assert {k: plan.steps[0].env[k] for k in ("MODEL", "MBS")} == {"MODEL": "minicpm4-8b-8l", "MBS": "2"}
+
+
+def test_the_8b_bench_models_are_the_anchors_shapes_and_one_tp2_ranks() -> None:
+    """bench8b's TOMLs: the 8-layer 8B is the gates' preset minicpm4-8b-8l; the TP=2 rank holds half of every
+    sharded dimension (query and KV heads at head dim 128, FFN, vocabulary) and about half the FLOPs."""
+    from gates.model_config import load
+
+    from benchmarks.gpu.session_parts import M8L, M8L_TP2
+
+    repo = Path(__file__).resolve().parents[2]
+    full, rank = load(repo / M8L), load(repo / M8L_TP2)
+    assert full.model_dump() == load("minicpm4-8b-8l").model_dump()
+    assert (rank.num_heads, rank.num_kv_heads, rank.head_dim, rank.ffn_hidden_size, rank.vocab_size) == (
+        full.num_heads // 2, full.num_kv_heads // 2, full.head_dim or full.hidden_size // full.num_heads,
+        full.ffn_hidden_size // 2, full.vocab_size // 2)
+    assert (rank.hidden_size, rank.num_layers) == (full.hidden_size, full.num_layers)
+    assert 0.49 < rank.flops_per_token(4096) / full.flops_per_token(4096) < 0.51
