@@ -329,11 +329,13 @@ def graphpre(ctx: Context, a: argparse.Namespace) -> Plan:
 
 @dataclass
 class Variant:
-    """One arm of `ab`: its name (file stem), its --ops value (None: the engine's defaults), its environment."""
+    """One arm of `ab`: its name (file stem), its --ops value (None: the engine's defaults), its environment, the
+    engine's source folder it runs (None: this tree's)."""
 
     name: str
     ops: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    src: str | None = None
 
 
 class _NewVariant(argparse.Action):
@@ -364,6 +366,15 @@ class _VariantEnv(argparse.Action):
         namespace.variants[-1].env[key] = val
 
 
+class _VariantSrc(argparse.Action):
+    def __call__(self, parser, namespace, value, option_string=None):  # type: ignore[no-untyped-def]
+        if not namespace.variants:
+            raise argparse.ArgumentError(self, "comes after the --variant it belongs to")
+        if namespace.variants[-1].src is not None:
+            raise argparse.ArgumentError(self, f"given twice for variant {namespace.variants[-1].name!r}")
+        namespace.variants[-1].src = value
+
+
 def _ab_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(variants=[])
     p.add_argument("--variant", action=_NewVariant, metavar="NAME", required=True,
@@ -373,6 +384,9 @@ def _ab_options(p: argparse.ArgumentParser) -> None:
                    help="the variant's bench --ops (omitted: the engine's defaults)")
     p.add_argument("--env", action=_VariantEnv, metavar="NAME=VALUE",
                    help="an environment variable of the variant's runs, repeatable (e.g. TORCHINDUCTOR_* switches)")
+    p.add_argument("--engine-src", action=_VariantSrc, metavar="DIR",
+                   help="the variant runs the engine package under DIR (another version's src/, e.g. unpacked from "
+                        "a `git archive`) instead of this tree's")
     p.add_argument("--fa4-launch", default=None, metavar="JSON",
                    help="FA4 forward launch values for fa4_* variants, a JSON object")
 
@@ -395,8 +409,10 @@ def ab(ctx: Context, a: argparse.Namespace) -> Plan:
             out = d / f"{v.name}_r{r}.json"
             argv = (*run, *common, *(("--ops", v.ops) if v.ops else ()), "--json", str(out))
             first_dump = a.code and not steps
+            rest = ctx.env.get("PYTHONPATH", "")
+            src = {"PYTHONPATH": f"{v.src}{':' + rest if rest else ''}"} if v.src else {}
             steps.append(step(*argv, timeout_s=240 if first_dump else a.timeout_s,
-                              env={**v.env, **({"TORCH_LOGS": "output_code"} if first_dump else {})},
+                              env={**src, **v.env, **({"TORCH_LOGS": "output_code"} if first_dump else {})},
                               stderr_file=d / "output_code.txt" if first_dump else None,
                               note=f"[ab] {v.name} round {r}: exit {{rc}}", json_summary=out))
     plan = with_env(ctx.engine_pythonpath(), steps)

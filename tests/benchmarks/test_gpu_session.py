@@ -242,3 +242,15 @@ def test_the_8b_bench_models_are_the_anchors_shapes_and_one_tp2_ranks() -> None:
         full.ffn_hidden_size // 2, full.vocab_size // 2)
     assert (rank.hidden_size, rank.num_layers) == (full.hidden_size, full.num_layers)
     assert 0.49 < rank.flops_per_token(4096) / full.flops_per_token(4096) < 0.51
+
+
+def test_an_ab_variant_runs_another_engine_version_from_its_source_folder(tmp_path: Path) -> None:
+    """--engine-src: that variant's runs import the engine from DIR (e.g. the version before a refactor, unpacked
+    from a `git archive`), the carried wheels still after it; the other variants keep this tree's engine."""
+    [(_, plan, _)] = _plans(["ab", "--rounds", "2", "--variant", "now", "--variant", "before",
+                             "--engine-src", "/tmp/old/src"], tmp_path)
+    paths = [(s.argv[-1].rsplit("/", 1)[-1], s.env["PYTHONPATH"]) for s in plan.steps]
+    now, before = f"{ROOT}/exports/train_engine_0.5B/src:/carried", "/tmp/old/src:/carried"
+    assert paths == [("now_r1.json", now), ("before_r1.json", before), ("now_r2.json", now), ("before_r2.json", before)]
+    with pytest.raises(SystemExit):
+        _plans(["ab", "--engine-src", "/tmp/old/src", "--variant", "x"], tmp_path / "b")
