@@ -20,7 +20,7 @@ from train_engine_8b.core.trainer import Trainer
 from train_engine_8b.core.weights import Initial, local_masters
 from train_engine_8b.minicpm.init import FreshWeights
 from train_engine_8b.model import build_model
-from train_engine_8b.ops.registry import resolve
+from train_engine_8b.ops.registry import UNFUSED, resolve
 from train_engine_8b.parallelize import ParallelDims, ParallelError, parallelize_model
 
 
@@ -70,11 +70,18 @@ def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: Initial | None =
     model = model.to_empty(device=ctx.device).to(dtype)
     params = dict(model.named_parameters())  # from a WeightSource each rank reads (or draws) only what it holds
     source = initial if initial is not None else FreshWeights(cfg.model, t.init_std, t.seed)
-    ops = resolve(cfg.ops, ctx.device.type, dtype)  # of the registry this model runs attention and AdamW
+    ops = resolve(cfg.ops, ctx.device.type, dtype)  # of the registry this model runs attention, AdamW and (TP=1) linear_cross_entropy
     for layer in model.model.layers:
         layer.self_attn.attention_op = ops.attention
-    model.op_record = {"names": {"attention": ops.names["attention"], "adamw": ops.names["adamw"], "cross_entropy":
-                                 "vocab_parallel" if layout.mesh is not None else "torch"}}  # for logs, checkpoints
+    fused_ce = ops.names["linear_cross_entropy"] != UNFUSED
+    if layout.mesh is not None and fused_ce and cfg.ops.linear_cross_entropy != "auto":
+        raise EngineError(f"--ops linear_cross_entropy={cfg.ops.linear_cross_entropy}: under tensor parallelism the "
+                          "loss is the vocab-parallel cross-entropy (omit it, or --tp 1)")
+    if layout.mesh is None and fused_ce:  # the output GEMM and the loss as one op (none under TP: vocab-parallel)
+        model.linear_cross_entropy = ops.linear_cross_entropy
+    ce = "vocab_parallel" if layout.mesh is not None else ops.names["linear_cross_entropy"] if fused_ce else "torch"
+    model.op_record = {"names": {"attention": ops.names["attention"], "adamw": ops.names["adamw"],
+                                 "cross_entropy": ce}}  # for logs, checkpoints
     # the local masters unnamed: freed once AdamW has copied them, before the Trainer allocates its buffers
     optimizer = AdamW(params, local_masters(source, params), adamw_op=ops.adamw, betas=o.betas, eps=o.eps,
                       weight_decay=o.weight_decay, master_dtype=master_dtype)

@@ -125,6 +125,9 @@ class MiniCPM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope: dict[tuple, tuple[Tensor, Tensor]] = {}  # (seq, device, dtype) -> tables
         self.op_record: dict = {}  # build.py: which implementation each op runs (logs, checkpoints)
+        # build.py, without TP: the registry's output GEMM + loss as one op (never holding the logits); None: logits
+        # then cross-entropy (and always under TP: vocab_parallel_ce.py)
+        self.linear_cross_entropy: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     def rope_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (seq_len, device, dtype)
@@ -132,10 +135,10 @@ class MiniCPM(nn.Module):
             self._rope[key] = rope_cos_sin(self.cfg, seq_len, device, dtype)
         return self._rope[key]
 
-    def forward(self, input_ids: Tensor, hidden_states: list[Tensor] | None = None) -> Tensor:
-        """input_ids (B, S) -> logits (B, S, V); under TP a DTensor sharded on V (parallelize.py). With a list,
-        appends the residual stream after the embedding and after each layer (the probe contract's
-        hidden_states; under TP DTensors sharded on the sequence)."""
+    def final_hidden(self, input_ids: Tensor, hidden_states: list[Tensor] | None = None) -> Tensor:
+        """The normalized, 1/logit_scale-scaled last hidden state (B, S, h): the output GEMM's input. With a list,
+        appends the residual stream after the embedding and after each layer (the probe contract's hidden_states;
+        under TP DTensors sharded on the sequence)."""
         cfg = self.cfg
         cos, sin = self.rope_tables(input_ids.shape[1], input_ids.device, self.model.norm.weight.dtype)
         h = self.model.embed_tokens(input_ids) * cfg.scale_emb  # (B, S, h)
@@ -145,7 +148,15 @@ class MiniCPM(nn.Module):
             h = layer(h, cos, sin)
             if hidden_states is not None:
                 hidden_states.append(h)
-        x = self.model.norm(h) / cfg.logit_scale  # (B, S, h)
+        return self.model.norm(h) / cfg.logit_scale  # (B, S, h)
+
+    def output_weight(self) -> Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: Tensor, hidden_states: list[Tensor] | None = None) -> Tensor:
+        """input_ids (B, S) -> logits (B, S, V); under TP a DTensor sharded on V (parallelize.py). `hidden_states`:
+        final_hidden's."""
+        x = self.final_hidden(input_ids, hidden_states)
         if self.lm_head is None:
             return F.linear(x, self.model.embed_tokens.weight)
         return self.lm_head(x)  # (B, S, V)
@@ -153,6 +164,8 @@ class MiniCPM(nn.Module):
     def loss_sum(self, input_ids: Tensor, labels: Tensor) -> Tensor:
         """Summed token cross-entropy over labels != -100 (>= float32), a plain tensor; the caller divides by the
         global count. Under TP the logits stay sharded on V (vocab_parallel_ce.py)."""
+        if self.linear_cross_entropy is not None:  # the output GEMM and the loss as one op
+            return self.linear_cross_entropy(self.final_hidden(input_ids), self.output_weight(), labels)
         logits = self(input_ids)
         if isinstance(logits, DTensor):
             mesh = logits.device_mesh
