@@ -347,13 +347,15 @@ class _NewVariant(argparse.Action):
         namespace.variants = [*namespace.variants, Variant(value)]
 
 
-class _VariantOps(argparse.Action):
+class _VariantField(argparse.Action):
+    """An option set once on the variant just started: the Variant field named by the option's dest."""
+
     def __call__(self, parser, namespace, value, option_string=None):  # type: ignore[no-untyped-def]
         if not namespace.variants:
             raise argparse.ArgumentError(self, "comes after the --variant it belongs to")
-        if namespace.variants[-1].ops is not None:
+        if getattr(namespace.variants[-1], self.dest) is not None:
             raise argparse.ArgumentError(self, f"given twice for variant {namespace.variants[-1].name!r}")
-        namespace.variants[-1].ops = value
+        setattr(namespace.variants[-1], self.dest, value)
 
 
 class _VariantEnv(argparse.Action):
@@ -366,25 +368,16 @@ class _VariantEnv(argparse.Action):
         namespace.variants[-1].env[key] = val
 
 
-class _VariantSrc(argparse.Action):
-    def __call__(self, parser, namespace, value, option_string=None):  # type: ignore[no-untyped-def]
-        if not namespace.variants:
-            raise argparse.ArgumentError(self, "comes after the --variant it belongs to")
-        if namespace.variants[-1].src is not None:
-            raise argparse.ArgumentError(self, f"given twice for variant {namespace.variants[-1].name!r}")
-        namespace.variants[-1].src = value
-
-
 def _ab_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(variants=[])
     p.add_argument("--variant", action=_NewVariant, metavar="NAME", required=True,
                    help="start a variant, repeatable; runs write NAME_r<round>.json; a name starting fa4_ runs "
                         "through bench_fa4_launch.py with --fa4-launch")
-    p.add_argument("--ops", action=_VariantOps, metavar="OP=IMPL,...",
+    p.add_argument("--ops", action=_VariantField, dest="ops", metavar="OP=IMPL,...",
                    help="the variant's bench --ops (omitted: the engine's defaults)")
     p.add_argument("--env", action=_VariantEnv, metavar="NAME=VALUE",
                    help="an environment variable of the variant's runs, repeatable (e.g. TORCHINDUCTOR_* switches)")
-    p.add_argument("--engine-src", action=_VariantSrc, metavar="DIR",
+    p.add_argument("--engine-src", action=_VariantField, dest="src", metavar="DIR",
                    help="the variant runs the engine package under DIR (another version's src/, e.g. unpacked from "
                         "a `git archive`) instead of this tree's")
     p.add_argument("--fa4-launch", default=None, metavar="JSON",
