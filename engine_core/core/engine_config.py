@@ -49,6 +49,10 @@ class EngineConfig(BaseModel):
             raise ValueError("data.eval_split and data.eval_data: validate on one of them")
         if d.eval_interval and d.eval_split == 0 and d.eval_data is None:
             raise ValueError("data.eval_interval needs something to validate on: data.eval_split or data.eval_data")
+        r = self.runtime
+        if r.async_tp and (r.tp == 1 or r.resolved_device() != "cuda" or not r.resolved_compile()):
+            raise ValueError(f"runtime.async_tp needs CUDA, runtime.tp > 1 and runtime.compile (here: device "
+                             f"{r.resolved_device()}, tp {r.tp}, compile {r.resolved_compile()})")
         if self.runtime.cuda_graph and t.nan_policy == "skip":
             raise ValueError("runtime.cuda_graph with train.nan_policy skip: a captured step cannot skip itself "
                              "(use --nan-policy stop or --no-cuda-graph)")

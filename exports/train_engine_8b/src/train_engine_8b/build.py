@@ -64,7 +64,8 @@ def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: Initial | None =
     t, o, r = cfg.train, cfg.optim, cfg.runtime
     layout = layout or Layout.of(cfg, ctx)
     try:
-        model = parallelize_model(build_model(cfg.model), layout.mesh, r.recompute, r.resolved_compile())
+        model = parallelize_model(build_model(cfg.model), layout.mesh, r.recompute, r.resolved_compile(),
+                                  r.async_tp)
     except ParallelError as e:
         raise EngineError(str(e)) from None
     model = model.to_empty(device=ctx.device).to(dtype)

@@ -10,7 +10,10 @@
    - every RMSNorm sequence-parallel: the residual stream between the sublayers is (B, S / tp, h) per rank.
 2. activation recomputation (`apply_recompute`): the named part of every layer keeps only its inputs.
 3. torch.compile (`apply_compile`): each decoder layer, after recomputation so its graph holds the checkpoints
-   (under TP, compile and recomputation together are refused: torch 2.13 gets their gradients wrong).
+   (under TP, compile and recomputation together are refused: torch 2.13 gets their gradients wrong). With
+   `async_tp` (runtime.async_tp; CUDA, TP > 1) Inductor's micro-pipeline TP pass splits each all-gather -> GEMM and
+   GEMM -> reduce-scatter of the compiled layers into chunks over symmetric memory, so the collectives overlap
+   the GEMMs (`apply_async_tp`, torchtitan's switch).
 4. data parallelism over mesh["dp"]: the shared core's reducer (core/dist.py; build.py hands it the DP group)
    sums each rank's local gradient shards over the DP ranks in buckets during backward, or with ZeRO-1
    reduce-scatters them and splits the optimizer state of each TP shard over the DP group. `GradSync` below is
@@ -78,7 +81,7 @@ def check_tp(cfg: MiniCPMConfig, tp: int) -> None:
 
 
 def parallelize_model(model: MiniCPM, mesh: DeviceMesh | None, recompute: Recompute = "none",
-                      compile: bool = False) -> MiniCPM:
+                      compile: bool = False, async_tp: bool = False) -> MiniCPM:
     """Steps 1-3 on `model` in place (call on a meta-device model); returns it. `mesh` None: no tensor
     parallelism (one process, or data parallel only). Step 4 is the core's reducer (build.py)."""
     tp = mesh["tp"].size() if mesh is not None else 1
@@ -91,9 +94,22 @@ def parallelize_model(model: MiniCPM, mesh: DeviceMesh | None, recompute: Recomp
     if tp > 1:
         apply_tp(model, mesh["tp"])
     apply_recompute(model, recompute)
+    if async_tp:
+        if tp == 1 or not compile:
+            raise ParallelError("async TP needs tensor parallelism and compile (runtime.async_tp)")
+        apply_async_tp(mesh["tp"])
     if compile:
         apply_compile(model)
     return model
+
+
+def apply_async_tp(tp_mesh: DeviceMesh) -> None:
+    """3. (with compile) Let Inductor overlap the TP group's collectives with the GEMMs it compiles."""
+    import torch._inductor.config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    torch._inductor.config._micro_pipeline_tp = True
+    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
 
 def apply_tp(model: MiniCPM, tp_mesh: DeviceMesh) -> None:

@@ -119,6 +119,8 @@ class RuntimeConfig(_Section):
                                  "(memory for compute)")
     tp: int = Field(1, ge=1, description="tensor-parallel degree (the ranks of one model replica; the data-parallel "
                     "degree is the world size / tp); an engine without tensor parallelism takes 1 only")
+    async_tp: bool = Field(False, description="overlap the TP collectives with the GEMMs (Inductor's micro-pipeline "
+                           "TP over symmetric memory; needs CUDA, --tp > 1 and --compile)")
     log_file: Path | None = Field(None, strict=False, description="JSONL step log, appended (rank 0)")
     tensorboard_dir: Path | None = Field(None, strict=False, description="also log each step to TensorBoard here "
                                          "(needs the tensorboard package)")
