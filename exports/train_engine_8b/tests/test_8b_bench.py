@@ -45,6 +45,18 @@ def test_bench_refusals_are_one_line(tmp_path, args, message):
     assert "Traceback" not in res.stderr
 
 
+def test_bench_needs_a_timed_step():
+    from train_engine_8b.core import bench
+    from train_engine_8b.core.errors import EngineError
+    from train_engine_8b.model_config import preset
+    from train_engine_8b.ops.registry import OpSelection
+
+    for steps, warmup in ((0, 3), (2, -1)):
+        with pytest.raises(EngineError, match="bench needs --steps >= 1 and --warmup >= 0"):
+            bench.config(preset("minicpm4-8b-reduced"), OpSelection.parse(""), seq_length=32, micro_batch_size=2,
+                         grad_accum=1, steps=steps, warmup=warmup, data_parallel=1)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun over gloo")
 def test_bench_tp2(tmp_path):

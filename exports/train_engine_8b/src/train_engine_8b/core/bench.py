@@ -50,6 +50,8 @@ def config(model, ops, *, seq_length: int, micro_batch_size: int, grad_accum: in
            data_parallel: int, seed: int = 0, zero1: bool = False, **runtime_values) -> EngineConfig:
     """The bench run as an EngineConfig: `steps` + `warmup` steps of `grad_accum` micro batches per data-parallel
     rank, BENCH_OPTIM, runtime.cuda_graph from `graph_choice`."""
+    if steps < 1 or warmup < 0:
+        raise EngineError(f"bench needs --steps >= 1 and --warmup >= 0 (got {steps} and {warmup})")
     runtime_values["cuda_graph"] = graph_choice(runtime_values.get("cuda_graph"), warmup)
     rows = micro_batch_size * grad_accum
     return build(model=model, ops=ops, optim=BENCH_OPTIM | dict(zero1=zero1), runtime=runtime_values,
