@@ -261,23 +261,28 @@ BENCH8 = (PY, "-m", "train_engine_8b", "bench", "--seq-length", "4096", "--steps
 M8L, M8L_TP2 = "benchmarks/models/minicpm4-8b-8l.toml", "benchmarks/models/minicpm4-8b-8l-tp2-rank.toml"
 
 
-@part("bench8b", "the 8B's graph tests, then its bench at 8 layers, seq 4096: the default ops, SDPA, and one rank's "
-      "shapes of TP=2 (benchmarks/models/)", opt("--micro-batch-size", type=int, default=2,
-                                                  help="the bench's micro batch (default 2, the anchors')"),
+# bench8b's runs: name -> (model TOML, bench --ops)
+BENCH8_RUNS = {"default": (M8L, ""), "sdpa": (M8L, "attention=sdpa"), "quack_mlp": (M8L, "mlp=quack_dgated"),
+               "tp2_rank": (M8L_TP2, "")}
+
+
+@part("bench8b", "the 8B's graph tests, then its bench at 8 layers, seq 4096: the default ops, SDPA, the quack "
+      "MLP, and one rank's shapes of TP=2 (benchmarks/models/)",
+      opt("--micro-batch-size", type=int, default=2, help="the bench's micro batch (default 2, the anchors')"),
+      opt("--runs", nargs="+", choices=list(BENCH8_RUNS), default=list(BENCH8_RUNS), metavar="RUN",
+          help=f"which benches, in order (default all: {', '.join(BENCH8_RUNS)}); ~100 s each"),
       opt("--no-tests", action="store_true", help="skip the graph tests"))
 def bench8b(ctx: Context, a: argparse.Namespace) -> Plan:
     d, m = ctx.part_dir("bench8b"), a.micro_batch_size
     rest = ctx.env.get("PYTHONPATH", "")
     env = {"PYTHONPATH": f"{ctx.root / E8 / 'src'}{':' + rest if rest else ''}"}
-    b = (*BENCH8, "--micro-batch-size", m)
-    tests = [] if a.no_tests else [step(*PYTEST, f"{E8}/tests/test_8b_cuda_graph.py", timeout_s=240)]
-    return with_env(env, [
-        *tests,
-        step(*b, "--model", M8L, "--json", d / f"default_8l_mb{m}.json", timeout_s=240, json_summary=d / f"default_8l_mb{m}.json"),
-        step(*b, "--model", M8L, "--ops", "attention=sdpa", "--json", d / f"sdpa_8l_mb{m}.json", timeout_s=240,
-             json_summary=d / f"sdpa_8l_mb{m}.json"),
-        step(*b, "--model", M8L_TP2, "--json", d / f"tp2_rank_8l_mb{m}.json", timeout_s=240,
-             json_summary=d / f"tp2_rank_8l_mb{m}.json")])
+    steps = [] if a.no_tests else [step(*PYTEST, f"{E8}/tests/test_8b_cuda_graph.py", timeout_s=240)]
+    for name in a.runs:
+        model, ops = BENCH8_RUNS[name]
+        out = d / f"{name}_8l_mb{m}.json"
+        steps.append(step(*BENCH8, "--micro-batch-size", m, "--model", model, *(("--ops", ops) if ops else ()),
+                          "--json", out, timeout_s=240, json_summary=out))
+    return with_env(env, steps)
 
 
 @part("optable", "the default compiled step with the per-op table and the profiler breakdown", MBS, BENCH_ARGS)

@@ -19,7 +19,7 @@ from train_engine_8b.core.optim import AdamW, Schedule
 from train_engine_8b.core.trainer import Trainer
 from train_engine_8b.core.weights import Initial, local_masters
 from train_engine_8b.minicpm.init import FreshWeights
-from train_engine_8b.model import build_model
+from train_engine_8b.model import MiniCPM, build_model
 from train_engine_8b.ops.registry import UNFUSED, resolve
 from train_engine_8b.parallelize import ParallelDims, ParallelError, parallelize_model
 
@@ -52,6 +52,26 @@ class Layout:
         return cls(dims, mesh, dp, ctx.subgroup(mesh["tp"].get_group()))
 
 
+def attach_ops(model: MiniCPM, cfg: EngineConfig, ops, *, tp: bool) -> dict[str, str]:
+    """Hand `model` the registry ops it runs (`ops`, resolved from cfg.ops); returns what runs, by op. Attention and
+    AdamW always. Without TP the output GEMM + loss as `linear_cross_entropy` (fused kernels by default on CUDA) and,
+    when asked, the MLP as `mlp` (no election at the 8B's shapes yet); under TP the vocab-parallel cross-entropy and
+    the parallel projections, and asking for either fused op is an error."""
+    fused_ce = ops.names["linear_cross_entropy"] != UNFUSED
+    fused_mlp = cfg.ops.mlp != "auto" and ops.names["mlp"] != UNFUSED
+    asked = {"linear_cross_entropy": fused_ce and cfg.ops.linear_cross_entropy != "auto", "mlp": fused_mlp}
+    for name in (n for n, yes in asked.items() if yes and tp):
+        raise EngineError(f"--ops {name}={getattr(cfg.ops, name)}: not under tensor parallelism (the vocab-parallel "
+                          "cross-entropy and the parallel projections run there); omit it, or --tp 1")
+    for layer in model.model.layers:
+        layer.self_attn.attention_op = ops.attention
+        layer.mlp.mlp_op = ops.mlp if fused_mlp and not tp else None
+    model.linear_cross_entropy = ops.linear_cross_entropy if fused_ce and not tp else None
+    ce = "vocab_parallel" if tp else ops.names["linear_cross_entropy"] if fused_ce else "torch"
+    return {"attention": ops.names["attention"], "adamw": ops.names["adamw"], "cross_entropy": ce,
+            "mlp": ops.names["mlp"] if fused_mlp and not tp else UNFUSED}
+
+
 def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: Initial | None = None, *,
                   dtype: torch.dtype, master_dtype: torch.dtype = torch.float32, layout: Layout | None = None) -> Trainer:
     """The Trainer of `cfg`'s run on `ctx` (every rank calls it), its model in `dtype`.
@@ -71,18 +91,8 @@ def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: Initial | None =
     model = model.to_empty(device=ctx.device).to(dtype)
     params = dict(model.named_parameters())  # from a WeightSource each rank reads (or draws) only what it holds
     source = initial if initial is not None else FreshWeights(cfg.model, t.init_std, t.seed)
-    ops = resolve(cfg.ops, ctx.device.type, dtype)  # of the registry this model runs attention, AdamW and (TP=1) linear_cross_entropy
-    for layer in model.model.layers:
-        layer.self_attn.attention_op = ops.attention
-    fused_ce = ops.names["linear_cross_entropy"] != UNFUSED
-    if layout.mesh is not None and fused_ce and cfg.ops.linear_cross_entropy != "auto":
-        raise EngineError(f"--ops linear_cross_entropy={cfg.ops.linear_cross_entropy}: under tensor parallelism the "
-                          "loss is the vocab-parallel cross-entropy (omit it, or --tp 1)")
-    if layout.mesh is None and fused_ce:  # the output GEMM and the loss as one op (none under TP: vocab-parallel)
-        model.linear_cross_entropy = ops.linear_cross_entropy
-    ce = "vocab_parallel" if layout.mesh is not None else ops.names["linear_cross_entropy"] if fused_ce else "torch"
-    model.op_record = {"names": {"attention": ops.names["attention"], "adamw": ops.names["adamw"],
-                                 "cross_entropy": ce}}  # for logs, checkpoints
+    ops = resolve(cfg.ops, ctx.device.type, dtype)
+    model.op_record = {"names": attach_ops(model, cfg, ops, tp=layout.mesh is not None)}  # logs, checkpoints
     # the local masters unnamed: freed once AdamW has copied them, before the Trainer allocates its buffers
     optimizer = AdamW(params, local_masters(source, params), adamw_op=ops.adamw, betas=o.betas, eps=o.eps,
                       weight_decay=o.weight_decay, master_dtype=master_dtype)

@@ -28,7 +28,7 @@ def pretrain(
     config: Optional[Path] = typer.Option(None, "--config", help="a run config (TOML: model, ops and the sections train, "
                                           "optim, data, checkpoint, runtime); options given here override it"),
     model: Optional[str] = typer.Option(None, "--model", help=f"preset (minicpm4-8b, minicpm4-8b-reduced), model .toml or HF config.json; default: --init-from's config.json, else {DEFAULT_MODEL}"),
-    ops: str = typer.Option("", "--ops", help="op=implementation pairs (this engine runs the registry's attention, adamw and, at --tp 1, linear_cross_entropy)"),
+    ops: str = typer.Option("", "--ops", help="op=implementation pairs (this engine runs the registry's attention, adamw and, at --tp 1, linear_cross_entropy and mlp: build.attach_ops)"),
     summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="write the run summary here (rank 0)"),
     **options,
 ) -> None:

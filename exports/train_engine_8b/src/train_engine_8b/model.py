@@ -82,8 +82,12 @@ class MLP(nn.Module):
         h, f = cfg.hidden_size, cfg.ffn_hidden_size
         self.gate_proj, self.up_proj = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False)
         self.down_proj = nn.Linear(f, h, bias=False)
+        # build.py at TP=1, when asked (--ops mlp=...): the registry's MLP as one op; None: the three modules
+        self.mlp_op: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.mlp_op is not None:
+            return self.mlp_op(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, S, h)
 
 
