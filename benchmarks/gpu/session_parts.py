@@ -274,15 +274,13 @@ BENCH8_RUNS = {"default": (M8L, ""), "sdpa": (M8L, "attention=sdpa"), "quack_mlp
       opt("--no-tests", action="store_true", help="skip the graph tests"))
 def bench8b(ctx: Context, a: argparse.Namespace) -> Plan:
     d, m = ctx.part_dir("bench8b"), a.micro_batch_size
-    rest = ctx.env.get("PYTHONPATH", "")
-    env = {"PYTHONPATH": f"{ctx.root / E8 / 'src'}{':' + rest if rest else ''}"}
     steps = [] if a.no_tests else [step(*PYTEST, f"{E8}/tests/test_8b_cuda_graph.py", timeout_s=240)]
     for name in a.runs:
         model, ops = BENCH8_RUNS[name]
         out = d / f"{name}_8l_mb{m}.json"
         steps.append(step(*BENCH8, "--micro-batch-size", m, "--model", model, *(("--ops", ops) if ops else ()),
                           "--json", out, timeout_s=240, json_summary=out))
-    return with_env(env, steps)
+    return with_env(ctx.engine_pythonpath(ctx.root / E8 / "src"), steps)
 
 
 @part("optable", "the default compiled step with the per-op table and the profiler breakdown", MBS, BENCH_ARGS)
@@ -407,8 +405,7 @@ def ab(ctx: Context, a: argparse.Namespace) -> Plan:
             out = d / f"{v.name}_r{r}.json"
             argv = (*run, *common, *(("--ops", v.ops) if v.ops else ()), "--json", str(out))
             first_dump = a.code and not steps
-            rest = ctx.env.get("PYTHONPATH", "")
-            src = {"PYTHONPATH": f"{v.src}{':' + rest if rest else ''}"} if v.src else {}
+            src = ctx.engine_pythonpath(v.src) if v.src else {}
             steps.append(step(*argv, timeout_s=240 if first_dump else a.timeout_s,
                               env={**src, **v.env, **({"TORCH_LOGS": "output_code"} if first_dump else {})},
                               stderr_file=d / "output_code.txt" if first_dump else None,

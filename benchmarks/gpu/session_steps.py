@@ -30,10 +30,12 @@ class Context:
     def part_dir(self, part: str) -> Path:
         return self.out / part
 
-    def engine_pythonpath(self) -> dict[str, str]:
-        """The engine's package first on PYTHONPATH (it is not installed on the GPU image)."""
+    def engine_pythonpath(self, src: Path | str | None = None) -> dict[str, str]:
+        """An engine's package first on PYTHONPATH (it is not installed on the GPU image): `src`, a source folder
+        (default: the 0.5B's in this tree)."""
         rest = self.env.get("PYTHONPATH", "")
-        return {"PYTHONPATH": f"{self.root / ENGINE / 'src'}{':' + rest if rest else ''}"}
+        first = src if src is not None else self.root / ENGINE / "src"
+        return {"PYTHONPATH": f"{first}{':' + rest if rest else ''}"}
 
     def sandbox_args(self) -> list[str]:
         return ["--sandbox", self.gate_sandbox] if self.gate_sandbox else []
