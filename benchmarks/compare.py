@@ -36,7 +36,7 @@ from benchmarks.gate_timed import gate_timed_row
 from benchmarks.metrics import PEAK_TFLOPS_BF16, mfu, ratio
 from benchmarks.report import BASELINES, markdown
 from benchmarks.stacks import DEFAULT_STACKS, REPO, Stack, engine_model, resolve
-from gates.model_config import load
+from gates.model_config import load, to_hf_minicpm_config
 
 RESULTS_DIR = results_index.RESULTS_DIR
 
@@ -110,8 +110,6 @@ def _model_config(stack: Stack, args: argparse.Namespace, result: Path) -> Path 
 
 
 def _write_model_config(model: str, path: Path) -> None:
-    from gates.model_config import load, to_hf_minicpm_config
-
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_hf_minicpm_config(load(model)), indent=2) + "\n")
 
