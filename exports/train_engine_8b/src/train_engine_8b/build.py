@@ -63,13 +63,14 @@ def attach_ops(model: MiniCPM, cfg: EngineConfig, ops, *, tp: bool) -> dict[str,
     for name in (n for n, yes in asked.items() if yes and tp):
         raise EngineError(f"--ops {name}={getattr(cfg.ops, name)}: not under tensor parallelism (the vocab-parallel "
                           "cross-entropy and the parallel projections run there); omit it, or --tp 1")
+    run_ce, run_mlp = fused_ce and not tp, fused_mlp and not tp  # the fused ops this model runs
     for layer in model.model.layers:
         layer.self_attn.attention_op = ops.attention
-        layer.mlp.mlp_op = ops.mlp if fused_mlp and not tp else None
-    model.linear_cross_entropy = ops.linear_cross_entropy if fused_ce and not tp else None
-    ce = "vocab_parallel" if tp else ops.names["linear_cross_entropy"] if fused_ce else "torch"
+        layer.mlp.mlp_op = ops.mlp if run_mlp else None
+    model.linear_cross_entropy = ops.linear_cross_entropy if run_ce else None
+    ce = "vocab_parallel" if tp else ops.names["linear_cross_entropy"] if run_ce else "torch"
     return {"attention": ops.names["attention"], "adamw": ops.names["adamw"], "cross_entropy": ce,
-            "mlp": ops.names["mlp"] if fused_mlp and not tp else UNFUSED}
+            "mlp": ops.names["mlp"] if run_mlp else UNFUSED}
 
 
 def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: Initial | None = None, *,
