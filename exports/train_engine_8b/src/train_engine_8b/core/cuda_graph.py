@@ -56,7 +56,7 @@ def check(trainer: Trainer, rows: int | None = None) -> None:
     ctx = trainer.ctx
     if ctx.device.type != "cuda":
         raise EngineError(f"--cuda-graph needs a CUDA device (this run is on {ctx.device.type})")
-    if getattr(trainer, "tp", None) is not None:
+    if trainer.tp is not None:
         raise EngineError("--cuda-graph with tensor parallelism: the model's TP collectives are not captured "
                           "(use --no-cuda-graph)")
     if not trainer.optimizer.fused:
