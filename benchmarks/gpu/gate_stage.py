@@ -10,7 +10,8 @@ beside others (it times the GPU). Lanes share the disk too: at the 0.5B's size e
 (initial weights, checkpoints, dump-states, exports, the reference's outputs) while it runs, so the parent prints the
 free space of the temporary folder and warns below TRAINING_GATE_GB per lane that runs one.
 
-Cases are the full MiniCPM4-0.5B config in bf16 on cuda against the torch reference; M5's speed part times
+Cases are the full MiniCPM4-0.5B config (or --case) in bf16 on cuda against the torch reference (or
+--reference megatron, which answers M1-M3's probes; the others read unsupported); M5's speed part times
 `pretrain` with its defaults at seq 4096, global batch 64 in micro batches of 8 (options below).
 """
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mfu-threshold", type=float, default=0.36)
     ap.add_argument("--m5-parts", default="both", choices=("both", "loss", "mfu"),
                     help="M5's parts to run (one alone fits a 10-minute device call; the other reads unsupported)")
+    ap.add_argument("--reference", default="torch", choices=("torch", "megatron"),
+                    help="the reference stack (megatron answers the forward, backward and steps probes only)")
     ap.add_argument("--sandbox", default=None, help="required | preferred | off (default: the gates' default)")
     ap.add_argument("--timeout", type=float, default=900.0)
     a = ap.parse_args(argv)
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         if any("m5_long_train" in lane_gates(lane) for lane in lanes) and a.m5_parts != "loss":
             ap.error("M5's speed part times the GPU: run it alone, or give --m5-parts loss when M5 shares a lane")
         return run_lanes(lanes, a.out, list(argv if argv is not None else sys.argv[1:]))
-    fields = dict(case=a.case, device="cuda", dtype="bfloat16", seed=a.seed, seq_length=a.seq_length, micro_batch_size=1,
+    fields = dict(case=a.case, reference=a.reference, device="cuda", dtype="bfloat16", seed=a.seed,
+                  seq_length=a.seq_length, micro_batch_size=1,
                   steps=4, long_train_steps=a.long_train_steps, speed_steps=a.speed_steps,
                   speed_seq_length=a.speed_seq_length, speed_global_batch_size=a.speed_global_batch_size,
                   speed_micro_batch_size=a.speed_micro_batch_size, mfu_threshold=a.mfu_threshold, m5_parts=a.m5_parts, timeout_s=a.timeout,

@@ -138,6 +138,7 @@ CASE_OPT = fwd("--case", str, "the gates' model preset", "gate_stage.py")
       fwd("--m5-parts", str, "M5's parts (loss when M5 shares a stage with lanes)", "gate_stage.py",
           choices=("both", "loss", "mfu")),
       fwd("--long-train-steps", int, "M5 loss part's steps", "gate_stage.py"),
+      fwd("--reference", str, "the reference stack", "gate_stage.py", choices=("torch", "megatron")),
       ENGINE_OPT, CASE_OPT)
 def stage(ctx: Context, a: argparse.Namespace) -> Plan:
     d = ctx.part_dir("stage")
