@@ -21,8 +21,8 @@ Parts and their rules:
   reference's on the same data (mean relative difference below `long_train_threshold`), so skipped work fails;
   that reference takes the engine's micro batches with fused attention (gates/stacks SPEED_STACKS: `torch-sdpa`
   for `torch`; a stack without one takes one row at a time). The walls and the gate's tokens/s are recorded
-  before that check runs. The engine's own figures (its log's last line, the sum of the step times it logged per
-  run) are recorded beside the gate's and decide nothing. On a CPU the part is `unsupported` unless a test gives
+  before that check runs. The engine's own figures (its log's last line, the step times it logged in each run
+  and their sums) are recorded beside the gate's and decide nothing. On a CPU the part is `unsupported` unless a test gives
   a CPU peak (`cpu_peak_tflops`).
 
 `m5_parts` runs one part alone (a GPU run split over machine calls of limited length); the other is then
@@ -227,7 +227,9 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
                "global_batch_size": rows, "micro_batch_size": micro, "timed_steps": n, "wall_warm_s": walls["warm"],
                "timed_window_s": dt, "min_timed_s": floor_s,
                "wall_n_s": walls["N"], "wall_2n_s": walls["2N"], "engine_log_last_line": metrics_line(box.log("2N")),
-               **{f"engine_steps_sum_s_{name}": round(sum(logged_step_times(box.log(name))), 3) for name in ("N", "2N")}}
+               **{f"engine_steps_sum_s_{name}": round(sum(logged_step_times(box.log(name))), 3) for name in ("N", "2N")},
+               **{f"engine_step_times_s_{name}": " ".join(f"{t:.4g}" for t in logged_step_times(box.log(name)))
+                  for name in ("warm", "N", "2N")}}
     if dt > 0:  # recorded whatever the verdict, the reference's check included
         numbers |= {"tokens_per_s": n * rows * seq / dt, "step_time_s": dt / n, "mfu": flops * n * rows * seq / dt / peak}
     # The reference checks the same global batches: in the engine's micro batches where its stack has fused

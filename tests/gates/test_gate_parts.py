@@ -121,6 +121,7 @@ def test_speed_is_the_gates_clock_and_the_cases_flops(monkeypatch):
     assert n["mfu"] == pytest.approx(n["flops_per_token"] * n["tokens_per_s"] / 1e12)
     assert '"mfu": 0.52' in n["engine_log_last_line"] and n["mfu"] < 1e-3
     assert n["engine_steps_sum_s_N"] == pytest.approx(1.5) and n["engine_steps_sum_s_2N"] == pytest.approx(3.0)
+    assert n["engine_step_times_s_N"] == "0.5 0.5 0.5" and n["engine_step_times_s_2N"] == " ".join(["0.5"] * 6)
     assert n["device"] == "cpu" and [c.role.split(",")[-1] for c in g.report.commands] == [" warm)", " N)", " 2N)"]
     assert saves_seen == [[], [], []]  # each timed run's checkpoint went once it ended: one on disk at a time
 
