@@ -157,6 +157,8 @@ def stage(ctx: Context, a: argparse.Namespace) -> Plan:
       fwd("--m5-parts", str, "which parts of M5 run", "gate_stage.py", choices=("both", "loss", "mfu")),
       fwd("--mfu-threshold", float, "M5's MFU bar", "gate_stage.py"),
       fwd("--speed-seq-length", int, "M5 speed part's sequence length", "gate_stage.py"),
+      fwd("--speed-target-timed-s", float, "M5 speed part's timed window (the gates' default: 40 s on a GPU)",
+          "gate_stage.py"),
       fwd("--seed", int, "the case's seed", "gate_stage.py"),
       opt("--speed-micro-batch-size", type=int, default=8, help="M5 speed part's micro batch (default 8)"),
       ENGINE_OPT, CASE_OPT)

@@ -235,6 +235,6 @@ def test_sized_steps(times, n, target, cap, want):
 
 
 def test_speed_window_defaults_by_device():
-    assert GateOptions(device="cuda").speed_window_s() == (20.0, 12.0)
+    assert GateOptions(device="cuda").speed_window_s() == (40.0, 12.0)
     assert GateOptions(device="cpu").speed_window_s() == (0.0, 0.0)
-    assert GateOptions(device="cuda", speed_min_timed_s=3.0).speed_window_s() == (20.0, 3.0)
+    assert GateOptions(device="cuda", speed_min_timed_s=3.0).speed_window_s() == (40.0, 3.0)
