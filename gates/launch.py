@@ -1,7 +1,8 @@
 """How gates start stacks: engine discovery, isolated sandboxes, subprocesses under a deadline.
 
 Engine: a directory ENGINE with exactly one package `ENGINE/src/<pkg>/` holding `__main__.py`. It runs
-as `python -m <pkg> ...` (under torchrun for more than one process) with PYTHONPATH=ENGINE/src and
+as `python -m <pkg> ...` (under torchrun for more than one process), `python` being the engine's own venv's
+(gates/engine_venv.py), with PYTHONPATH=ENGINE/src and
 nothing else from the gate's environment on PYTHONPATH, in a fresh temporary directory that holds
 only a copy of the case and the output directory, inside the bubblewrap sandbox of gates/sandbox.py
 (read-only /, the workspace hidden, own PID and network namespaces; GateOptions.sandbox says whether
@@ -139,10 +140,14 @@ def _kill_group(p: subprocess.Popen) -> None:
 
 def engine_argv(engine: Engine, args: list[str], nproc: int = 1) -> list[str]:
     """`python -m <pkg> ARGS`, or torchrun's `--standalone --nproc-per-node N -m <pkg> ARGS` (torchrun is
-    the console name of `torch.distributed.run`; running it as a module pins the same interpreter)."""
+    the console name of `torch.distributed.run`; running it as a module pins the same interpreter), with the
+    engine's own venv's python (gates/engine_venv.py)."""
+    from gates.engine_venv import engine_python  # it builds on this module's Engine and cache root
+
+    python = str(engine_python(engine))
     if nproc == 1:
-        return [sys.executable, "-m", engine.package, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        return [python, "-m", engine.package, *args]
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             "-m", engine.package, *args]
 
 

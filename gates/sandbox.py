@@ -2,6 +2,7 @@
 
 Under bubblewrap (isolation method `bwrap`) an engine command:
 - sees / read-only: it cannot write the interpreter, its site-packages (no `.pth` hook) or the workspace;
+- runs on its own venv's python (gates/engine_venv.py), bound back read-only;
 - sees the workspace, HOME, /tmp, /run, the gate's temp dir, the forge cache and the reference cache as
   empty tmpfs's (so `import gates` fails and no credential file or reference output is there to read); the
   interpreter and the engine's own tree are bound back read-only;
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Literal
 
 from gates.context import GateStop
+from gates.engine_venv import venv_dir
 from gates.launch import (WORKSPACE, Engine, Proc, Sandbox, engine_cache_dir, engine_cache_env, forge_cache_root,
                           reference_tree, run_process)
 from gates.report import Localization
@@ -49,6 +51,7 @@ GUARANTEES = [
     "/ read-only: interpreter, site-packages and workspace unwritable",
     "workspace, HOME, /tmp, /run, forge and reference caches hidden (empty tmpfs)",
     "writable: the command's sandbox directory and the engine's compile cache only",
+    "the engine's own venv (read-only), never the reference's interpreter prefix",
     "own PID namespace and /proc: no other process or environment visible; all killed when the command ends",
     "no network: loopback only",
     "no capabilities, no nested user namespaces",
@@ -155,8 +158,8 @@ def _outermost(paths: list[Path]) -> list[Path]:
 def bwrap_argv(iso: Isolation, argv: list[str], box: Path, engine: Engine, cache: Path,
                reference_cache: Path | None) -> list[str]:
     """`argv` wrapped in bwrap: / read-only; scratch paths (/tmp, the temp dir, HOME) as fresh writable
-    tmpfs's and secret ones (workspace, /run, caches) as empty read-only ones; the interpreter and the
-    engine's tree bound back read-only; `box` and `cache` writable; cwd `box`."""
+    tmpfs's and secret ones (workspace, /run, caches) as empty read-only ones; the interpreter, the engine's
+    tree and its venv bound back read-only; `box` and `cache` writable; cwd `box`."""
     home = Path.home().resolve()
     scratch = _existing_dirs([Path("/tmp"), Path(tempfile.gettempdir())] + ([home] if home != Path("/") else []))
     empty = _existing_dirs([Path("/var/tmp"), Path("/run"), Path("/var/run"), WORKSPACE, forge_cache_root()]
@@ -169,7 +172,8 @@ def bwrap_argv(iso: Isolation, argv: list[str], box: Path, engine: Engine, cache
     if home in scratch:
         out += ["--dir", str(home)]  # a fresh HOME, also when it lies inside another scratch path
     shown = [p for p in interpreter_dirs() if any(_inside(p, h) for h in hidden)]
-    shown = _outermost(shown + [p for p in engine_view(engine) if p not in shown])
+    own = [p for p in [*engine_view(engine), *_existing_dirs([venv_dir(engine)])] if p not in shown]
+    shown = _outermost(shown + own)
     for p in shown:
         out += ["--ro-bind", str(p), str(p)]
     rehidden = [p for p in empty if any(_inside(p, s) for s in shown)]  # secrets inside a bound-back tree

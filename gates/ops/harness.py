@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gates.engine_venv import engine_python
 from gates.launch import Deadline, discover_engine, engine_env, run_process
 
 CHILD = Path(__file__).with_name("child.py")
@@ -140,7 +141,7 @@ def describe(engine_dir: Path, timeout_s: float = 300.0, runner: Runner = run_pl
     engine = discover_engine(engine_dir)
     with tempfile.TemporaryDirectory(prefix="forge-ops-") as tmp:
         out = Path(tmp) / "table.json"
-        rc, _, stderr = runner([sys.executable, str(CHILD), "--describe", engine.package, str(out)], engine_env(engine),
+        rc, _, stderr = runner([str(engine_python(engine)), str(CHILD), "--describe", engine.package, str(out)], engine_env(engine),
                                Path(tmp), timeout_s)
         if rc != 0 or not out.is_file():
             raise OpSpecError(f"engine {engine_dir}: cannot read its op table (exit {rc}): {stderr[-800:]}")
@@ -172,7 +173,7 @@ def check_candidate(engine_dir: Path, candidate: Candidate, *, preset: str, opti
         req, out = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps(request))
         env = engine_env(engine) | ({"TRITON_INTERPRET": "1"} if options.device == "cpu" else {})
-        rc, timed_out, stderr = runner([sys.executable, str(CHILD), str(req), str(out)], env, Path(tmp),
+        rc, timed_out, stderr = runner([str(engine_python(engine)), str(CHILD), str(req), str(out)], env, Path(tmp),
                                        options.timeout_s)
         base = candidate.model_dump()
         if timed_out:

@@ -22,8 +22,9 @@ def attempt() -> dict:
         except ImportError as e:
             imports[name] = f"{type(e).__name__}: {e}"
     listings: dict[str, list[str] | str] = {}
-    for sp in site.getsitepackages():  # where the editable finder says the workspace is, and what is there
-        for finder in sorted(Path(sp).glob("__editable___*_finder.py")):
+    # where the editable finder says the workspace is, and what is there: in any package dir on the path
+    for sp in dict.fromkeys([*site.getsitepackages(), *sys.path]):
+        for finder in sorted(Path(sp or ".").glob("__editable___*_finder.py")):
             try:
                 mapping = importlib.import_module(finder.stem).MAPPING
             except Exception as e:  # noqa: BLE001 - recorded

@@ -18,9 +18,15 @@ NAME = "zz_forge_escape_pth_hook.pth"
 MARK = "# forge red-team escape_pth_hook: a real hook would put an `import` line here\n"
 
 
+def site_dirs() -> list[str]:
+    """Its own site-packages and every package dir on its path (the shared interpreter's, where it has one)."""
+    on_path = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    return list(dict.fromkeys([*site.getsitepackages(), *on_path]))
+
+
 def targets() -> list[Path]:
-    out = [Path(sp) / NAME for sp in site.getsitepackages()] + [Path(site.getusersitepackages()) / NAME]
-    for sp in site.getsitepackages():  # the workspace, found through the editable install's finder
+    out = [Path(sp) / NAME for sp in site_dirs()] + [Path(site.getusersitepackages()) / NAME]
+    for sp in site_dirs():  # the workspace, found through the editable install's finder
         for finder in sorted(Path(sp).glob("__editable___*_finder.py")):
             try:
                 mapping = importlib.import_module(finder.stem).MAPPING
