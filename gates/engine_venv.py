@@ -53,19 +53,12 @@ def engine_python(engine: Engine) -> Path:
     """The engine's interpreter (`<venv>/bin/python`), making its venv on first use (about a second)."""
     root = venv_dir(engine)
     with _LOCK:
-        if not _ready(root):
-            _make(root)
+        if not ((root / MARKER).is_file() and (root / "bin" / "python").exists()):  # the name keys the recipe
+            _make(root, _recipe())
     return root / "bin" / "python"
 
 
-def _ready(root: Path) -> bool:
-    try:
-        return json.loads((root / MARKER).read_text()) == _recipe() and (root / "bin" / "python").exists()
-    except (OSError, ValueError):
-        return False
-
-
-def _make(root: Path) -> None:
+def _make(root: Path, recipe: dict) -> None:
     """Build the venv beside its final place and rename it there (a half-made venv is never used)."""
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
@@ -75,9 +68,8 @@ def _make(root: Path) -> None:
         purelib = subprocess.run([str(tmp / "bin" / "python"), "-c",
                                   "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                  capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-        dirs = _recipe()["site_dirs"]
-        (Path(purelib) / PTH).write_text(f"import site; list(map(site.addsitedir, {dirs!r}))\n")
-        (tmp / MARKER).write_text(json.dumps(_recipe(), sort_keys=True))
+        (Path(purelib) / PTH).write_text(f"import site; list(map(site.addsitedir, {recipe['site_dirs']!r}))\n")
+        (tmp / MARKER).write_text(json.dumps(recipe, sort_keys=True))
         shutil.rmtree(root, ignore_errors=True)
         tmp.rename(root)
     finally:

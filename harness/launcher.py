@@ -142,12 +142,12 @@ def run(argv: list[str], *, cwd: Path | str | None = None, env: dict[str, str] |
 
     pumps = [threading.Thread(target=_pump, args=(s, into, fn, stop, clean, log), daemon=True)
              for s, into, fn, log in zip(streams, (out, err), (on_line, None), logs or (None, None)) if s is not None]
-    for t in pumps:
-        t.start()
-    if stdin_text is not None:
-        threading.Thread(target=_feed, args=(proc.stdin, stdin_text), daemon=True).start()
     timed_out = False
-    try:
+    try:  # from here on every way out, a Ctrl-C among them, ends the child's tree
+        for t in pumps:
+            t.start()
+        if stdin_text is not None:
+            threading.Thread(target=_feed, args=(proc.stdin, stdin_text), daemon=True).start()
         while True:
             try:
                 timed_out = not wait_unreaped(proc.pid, None if timeout_s is None else timeout_s - (time.monotonic() - t0))
@@ -165,6 +165,7 @@ def run(argv: list[str], *, cwd: Path | str | None = None, env: dict[str, str] |
         reaped.acquire()
         proc.wait()
         for t in pumps:
-            t.join(timeout=5)
+            if t.ident is not None:  # started
+                t.join(timeout=5)
     return Finished(list(argv), None if timed_out or stopped else proc.returncode, "".join(out), "".join(err),
                     timed_out, time.monotonic() - t0, stopped[0] if stopped else None)

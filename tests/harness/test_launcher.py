@@ -41,7 +41,15 @@ def test_on_line_stops_it_and_says_why() -> None:
     assert done.wall_s < 30
 
 
-def test_ctrl_c_is_forwarded_and_the_childs_own_exit_awaited() -> None:
+@pytest.fixture
+def python_sigint():
+    """Ctrl-C raises KeyboardInterrupt, as in a fresh interpreter, whatever handler an earlier test left."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_is_forwarded_and_the_childs_own_exit_awaited(python_sigint) -> None:
     child = ("import signal, sys, time\nsignal.signal(signal.SIGINT, lambda *a: sys.exit(7))\n"
              "print('ready', flush=True)\ntime.sleep(60)")
 
