@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from gates.ops.harness import Candidate, HarnessOptions, OpSpecError, check_candidate, describe, leaderboard_path, record
 
@@ -46,7 +47,11 @@ def swiglu(gate, up):
     return out.index_fill(-1, out.new_zeros(1, dtype=__import__("torch").long), float("nan"))
 '''
 ROWS = ('"swiglu", (Impl("reference", "swiglu.reference"), ',
-        '"swiglu", (Impl("reference", "swiglu.reference"), Impl("lazy", "swiglu.lazy"), Impl("nan", "swiglu.nan"), ')
+        '"swiglu", (Impl("reference", "swiglu.reference"), Impl("lazy", "swiglu.lazy"), Impl("nan", "swiglu.nan"), '
+        # correct, but declaring shapes it cannot run: one edge shape, the production shape, every edge shape
+        'Impl("no_1x1", "swiglu.reference", supports=lambda d: "not one token" if d.seq == 1 else None), '
+        'Impl("no_prod", "swiglu.reference", supports=lambda d: "not 8 tokens" if d.seq == 8 else None), '
+        'Impl("no_edges", "swiglu.reference", supports=lambda d: None if d.seq == 8 else "only 8 tokens"), ')
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +143,6 @@ def test_the_error_is_the_max_over_finite_elements_chunk_by_chunk(monkeypatch):
     pass over the finite elements, however the chunks fall; NaN or inf only where the reference has them."""
     import importlib.util
 
-    import torch
-
     path = Path(__file__).resolve().parents[2] / "gates" / "ops" / "child.py"
     spec = importlib.util.spec_from_file_location("op_child", path)
     child = importlib.util.module_from_spec(spec)
@@ -156,3 +159,30 @@ def test_the_error_is_the_max_over_finite_elements_chunk_by_chunk(monkeypatch):
         assert child._check([got], [want], 0.1) == (pytest.approx(whole.item(), rel=1e-12), None)
     got[0, 0] = float("nan")
     assert "NaN never passes" in child._check([got], [want], 0.1)[1]
+
+
+def test_a_shape_the_implementation_cannot_run_is_unsupported_not_passed(engine, engine_ops):
+    r = _check(engine, engine_ops, "no_1x1")
+    assert r.verdict == "passed", r.message
+    assert [c.get("unsupported") for c in r.shapes] == [None, "not one token", None]
+    assert r.shapes[2]["error"] is None and r.shapes[2]["max_rel_err"] <= 1e-6
+    prod = _check(engine, engine_ops, "no_prod")
+    assert prod.verdict == "failed" and "not 8 tokens" in prod.message and prod.timing is None
+    edges = _check(engine, engine_ops, "no_edges")
+    assert edges.verdict == "failed" and "none of the edge shapes" in edges.message
+
+
+def test_half_precision_beyond_the_bound_passes_only_as_close_to_float32_as_the_reference():
+    from gates.ops import child
+
+    gen = torch.Generator().manual_seed(5)
+    exact = torch.randn(4096, generator=gen)
+    noise = torch.randn(4096, generator=gen)
+    want = (exact + 0.05 * noise).bfloat16()  # the bf16 reference: ~5 % of max off its float32 twin
+    near = (exact - 0.06 * noise).bfloat16()  # ~11 % off the reference, ~6 % off the twin
+    far = (exact + 0.2 * torch.randn(4096, generator=gen)).bfloat16()
+    assert child._check([near], [want], child.TOLERANCE["bfloat16"])[1] is not None
+    why, rows = child._check_by_twin([near], [want], [exact])
+    assert why is None and rows[0]["rel_err_vs_float32"] < 2 * rows[0]["reference_rel_err_vs_float32"]
+    why, _ = child._check_by_twin([far], [want], [exact])
+    assert why is not None and "float32 twin" in why

@@ -4,11 +4,11 @@
 #
 #   OUT=/path/to/results bash exports/train_engine_0.5B/scripts/gpu_check.sh
 #
+# 0. pytest:   the engine's suite on the GPU machine first (the GPU tests run instead of being skipped)
 # 1. bench:    the full 0.5B config, seq 4096, micro batch 4, random tokens, 3 warm-up + 10 timed steps
 # 2. pretrain: 200 steps on the shipped corpus, seq 4096, global batch 8 = micro 4 x accum 2, bf16 compute,
-#              fp32 master weights / grads / AdamW state, SDPA attention; JSONL log + summary; a checkpoint at
+#              fp32 master weights / grads / AdamW state, the default ops; JSONL log + summary; a checkpoint at
 #              the end (under $CKPT, default /tmp: 5 GB), exported to HF and reloaded in transformers
-# 3. pytest:   the engine's suite on the GPU machine (the GPU tests run instead of being skipped)
 # Writes into $OUT: gpu_check_summary.json (the numbers to quote), train.jsonl (the step log),
 # train_summary.json, bench.json, hf_check.json, pytest.txt and each step's log.
 # Takes about 5 minutes; each step runs even if an earlier one failed, and the summary records every exit code.
@@ -38,12 +38,17 @@ run() {  # run NAME CMD...: stdout+stderr to $OUT/NAME.log, exit code to rc[NAME
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/nvidia_smi.txt" 2>&1
 
+if [ "$PYTEST" = 1 ]; then
+  run pytest "$py" -m pytest exports/train_engine_0.5B/tests -q -p no:cacheprovider -rs
+  cp "$OUT/pytest.log" "$OUT/pytest.txt"
+fi
+
 run bench "$py" -m train_engine_0_5b bench --model "$MODEL" --seq-length "$SEQ" --micro-batch-size "$MB" \
   --steps 10 --warmup 3 --json "$OUT/bench.json"
 
 run pretrain "$py" -m train_engine_0_5b pretrain --model "$MODEL" --num-steps "$STEPS" --global-batch-size "$GBS" \
   --micro-batch-size "$MB" --seq-length "$SEQ" --lr 1e-3 --min-lr 1e-4 --warmup-steps 20 --lr-schedule wsd \
-  --ops attention=sdpa --save-dir "$CKPT" --log-file "$OUT/train.jsonl" --summary-json "$OUT/train_summary.json"
+  --save-dir "$CKPT" --log-file "$OUT/train.jsonl" --summary-json "$OUT/train_summary.json"
 
 if "$py" -c "import transformers" 2>/dev/null; then
   run export_hf "$py" -m train_engine_0_5b export-hf --checkpoint "$CKPT" --out "$CKPT.hf"
@@ -52,7 +57,7 @@ if "$py" -c "import transformers" 2>/dev/null; then
 import json, sys
 from pathlib import Path
 import torch, transformers
-from train_engine_0_5b import checkpoint as ckpt
+from train_engine_0_5b.core import checkpoint as ckpt
 from train_engine_0_5b.model import build_model, load_weights
 from train_engine_0_5b.model_config import MiniCPMConfig
 from train_engine_0_5b.ops.registry import OpSelection, resolve
@@ -80,11 +85,6 @@ else
 fi
 rm -rf "$CKPT" "$CKPT.hf"
 
-if [ "$PYTEST" = 1 ]; then
-  run pytest "$py" -m pytest exports/train_engine_0.5B/tests -q -p no:cacheprovider -rs
-  cp "$OUT/pytest.log" "$OUT/pytest.txt"
-fi
-
 rcs=""
 for k in "${!rc[@]}"; do rcs+="\"$k\": ${rc[$k]}, "; done
 "$py" - "$OUT" "{${rcs%, }}" "$MODEL" "$SEQ" "$GBS" "$MB" <<'PY'
@@ -94,6 +94,9 @@ from pathlib import Path
 import torch
 out, rcs = Path(sys.argv[1]), json.loads(sys.argv[2])
 model, seq, gbs, mb = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+def median(values):  # None where the engine logs none (mfu on a CPU: no peak)
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 def read(name):
     p = out / name
     return json.loads(p.read_text()) if p.is_file() else None
@@ -109,9 +112,7 @@ summary = {
         "loss_min": min(r["loss"] for r in log),
         "loss_mean_first_10": statistics.mean(r["loss"] for r in log[:10]),
         "loss_mean_last_10": statistics.mean(r["loss"] for r in log[-10:]),
-        "step_time_s_median": statistics.median(r["step_time_s"] for r in timed),
-        "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in timed),
-        "mfu_median": statistics.median(r["mfu"] for r in timed),
+        **{f"{k}_median": median(r.get(k) for r in timed) for k in ("step_time_s", "tokens_per_s", "mfu")},
         **{k: (read("train_summary.json") or {}).get(k) for k in ("peak_mem_gib", "dtype", "device", "world_size")},
         "mfu_formula": "DESIGN.md (Megatron-LM v0.15 FLOPs, causal halving, true vocab), peak 989.4 TFLOP/s",
     },

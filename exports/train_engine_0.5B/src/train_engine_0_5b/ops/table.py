@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..core.errors import EngineError
 
@@ -75,6 +75,7 @@ class Impl:
     optional: bool = False
     dtypes: tuple[str, ...] | None = None
     space: dict[str, Param] = field(default_factory=dict)
+    supports: Callable[[Any], str | None] | None = None  # cases.Dims -> why it cannot run them (None: it can)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,14 @@ _BY_SHAPE = "None: chosen from the row width, as before any election"
 # quack SM90 GEMM tile configs: (tile_m, tile_n, pingpong, cluster_m, cluster_n)
 _TILES = ((128, 128, True, 1, 2), (128, 128, True, 2, 1), (128, 160, True, 2, 1), (128, 192, True, 2, 1),
           (128, 256, False, 1, 2), (128, 256, True, 1, 2))
+_LSE_TILES = tuple(t for t in _TILES if t[1] <= 208)  # quack's GEMM + log-sum-exp epilogue takes tile N <= 208
 _ROW_NORM = {"num_warps": Param(None, (None, *_WARPS), _BY_SHAPE)}
+
+
+def _fa4_shapes(d: Any) -> str | None:
+    """FA4 on SM90 runs head dims that are multiples of 8, from 8 to 256."""
+    ok = d.head_dim % 8 == 0 and 8 <= d.head_dim <= 256
+    return None if ok else f"FA4 needs a head dim that is a multiple of 8 in 8..256, not {d.head_dim}"
 _ROPE = {"num_warps": Param(None, (None, 1, 2, 4, 8), _BY_SHAPE)}
 
 TABLE: tuple[OpSpec, ...] = (
@@ -117,7 +125,7 @@ TABLE: tuple[OpSpec, ...] = (
         Impl("flash4", "attention.flash4", optional=True, dtypes=HALF, space={
             "fwd_tile_mn": Param(None, (None, (128, 128), (192, 128)), "None: FA4's own pick"),
             "fwd_intra_wg_overlap": Param(None, (None, False), "None: FA4's own pick"),
-            "fwd_pack_gqa": Param(None, (None, False), "None: FA4's own pick")}),
+            "fwd_pack_gqa": Param(None, (None, False), "None: FA4's own pick")}, supports=_fa4_shapes),
     ), defaults={"cuda": ("flash4", "sdpa")}),
     OpSpec("gemm", (Impl("reference", "gemm.reference"), Impl("concat", "gemm.concat")),
            sites=("qkv", "attn_out", "fc1", "fc2", "output")),
@@ -156,7 +164,7 @@ TABLE: tuple[OpSpec, ...] = (
         Impl("quack_triton", "cross_entropy.quack_triton", optional=True, dtypes=HALF, space={
             "grad_block_v": Param(4096, (1024, 2048, 4096, 8192)), "grad_num_warps": Param(8, (2, 4, 8)),
             "grad_split": Param(True, (True, False), "a program per block of a row, not per row"),
-            "logits_tile": Param((128, 160, True, 2, 1), _TILES),
+            "logits_tile": Param((128, 160, True, 2, 1), _LSE_TILES),
             "dgrad_tile": Param((128, 256, False, 1, 2), _TILES)}),
     ), defaults={"cuda": ("quack_triton", "triton_fused", UNFUSED)}, fallback=UNFUSED,
         replaces=("gemm.output", "cross_entropy")),
