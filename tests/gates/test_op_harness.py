@@ -182,7 +182,12 @@ def test_half_precision_beyond_the_bound_passes_only_as_close_to_float32_as_the_
     near = (exact - 0.06 * noise).bfloat16()  # ~11 % off the reference, ~6 % off the twin
     far = (exact + 0.2 * torch.randn(4096, generator=gen)).bfloat16()
     assert child._check([near], [want], child.TOLERANCE["bfloat16"])[1] is not None
-    why, rows = child._check_by_twin([near], [want], [exact])
+    bound = child.TOLERANCE["bfloat16"]
+    why, rows = child._check_by_twin([near], [want], [exact], bound)
     assert why is None and rows[0]["rel_err_vs_float32"] < 2 * rows[0]["reference_rel_err_vs_float32"]
-    why, _ = child._check_by_twin([far], [want], [exact])
+    why, _ = child._check_by_twin([far], [want], [exact], bound)
     assert why is not None and "float32 twin" in why
+    # an output within the bound of the reference's passes as it did, however exact the reference is
+    loss, loss_ref = torch.tensor([2.0001]), torch.tensor([2.0])
+    why, rows = child._check_by_twin([loss, near], [loss_ref, want], [loss_ref, exact], bound)
+    assert why is None and [r["output"] for r in rows] == [1]

@@ -4,7 +4,8 @@
 #
 #   OUT=/path/to/results bash exports/train_engine_0.5B/scripts/gpu_check.sh
 #
-# 0. pytest:   the engine's suite on the GPU machine first (the GPU tests run instead of being skipped)
+# 0. pytest:   the engine's GPU tier first: the tests marked gpu, skipped on a CPU (MARKS="" runs the whole suite;
+#              on the H200 that is over 10 minutes, mostly compiling)
 # 1. bench:    the full 0.5B config, seq 4096, micro batch 4, random tokens, 3 warm-up + 10 timed steps
 # 2. pretrain: 200 steps on the shipped corpus, seq 4096, global batch 8 = micro 4 x accum 2, bf16 compute,
 #              fp32 master weights / grads / AdamW state, the default ops; JSONL log + summary; a checkpoint at
@@ -16,7 +17,7 @@
 set -uo pipefail
 OUT=${OUT:?set OUT to the results directory}
 CKPT=${CKPT:-/tmp/forge_gpu_check_ckpt}
-MODEL=${MODEL:-minicpm4-0.5b} STEPS=${STEPS:-200} SEQ=${SEQ:-4096} MB=${MB:-4} GBS=${GBS:-8} PYTEST=${PYTEST:-1}
+MODEL=${MODEL:-minicpm4-0.5b} STEPS=${STEPS:-200} SEQ=${SEQ:-4096} MB=${MB:-4} GBS=${GBS:-8} PYTEST=${PYTEST:-1} MARKS=${MARKS-gpu}
 engine=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 root=$(cd "$engine/../.." && pwd)
 mkdir -p "$OUT"
@@ -39,7 +40,7 @@ run() {  # run NAME CMD...: stdout+stderr to $OUT/NAME.log, exit code to rc[NAME
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/nvidia_smi.txt" 2>&1
 
 if [ "$PYTEST" = 1 ]; then
-  run pytest "$py" -m pytest exports/train_engine_0.5B/tests -q -p no:cacheprovider -rs
+  run pytest "$py" -m pytest exports/train_engine_0.5B/tests -v -p no:cacheprovider -rs --durations=20 -m "$MARKS"
   cp "$OUT/pytest.log" "$OUT/pytest.txt"
 fi
 
