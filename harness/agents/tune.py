@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from gates.launch import discover_engine
+from gates.engine_venv import MARKER as VENV_MARKER
 from gates.ops.harness import (Candidate, CandidateResult, EngineOps, HarnessOptions, OpSpecError, Runner,
                                check_candidate, describe, run_plain)
 from harness.agents._proc import run_process
@@ -100,8 +101,10 @@ def round_runner(base_env: dict[str, str], box: "RoundBox | None", on_spawn: Cal
 
     def run(argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> tuple[int | None, bool, str]:
         run_env = child_env(base_env) | env
-        if box is not None:
-            argv, run_env = box.wrap(argv, run_env, worktree_rw=False, writable=(cwd,), cwd=cwd)
+        if box is not None:  # the engine's venv (gates/engine_venv.py) lives in the forge cache, a scratch path there
+            venv = Path(argv[0]).parent.parent
+            shown = (venv,) if (venv / VENV_MARKER).is_file() else ()
+            argv, run_env = box.wrap(argv, run_env, worktree_rw=False, writable=(cwd,), read_only=shown, cwd=cwd)
         r = run_process(argv, cwd=cwd, env=run_env, timeout_s=timeout_s, log_dir=cwd / "logs", name="op-harness",
                         on_spawn=on_spawn)
         return (None if r.timed_out else r.returncode), r.timed_out, r.stderr

@@ -19,12 +19,17 @@ from engine_testlib import sm90
 
 pytest.importorskip("triton")
 from train_engine_0_5b.core.errors import EngineError  # noqa: E402
-from train_engine_0_5b.ops import _quack  # noqa: E402
+from train_engine_0_5b.ops import _quack, space  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy import quack_triton, triton_fused  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy.reference import cross_entropy as cross_entropy_reference  # noqa: E402
 
 IGNORE_INDEX = -100
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the plain-math seam tests: fp32, on either
+
+
+def _use_gemms(monkeypatch, gemms: str) -> None:
+    """The op's GEMM mode through its declared `lse_epilogue` ("quack_lse": on, "quack": off), for this test."""
+    monkeypatch.setitem(space._ACTIVE, ("linear_cross_entropy", "quack_triton"), {"lse_epilogue": gemms == "quack_lse"})
 
 
 def _inputs(B, S, h, V, dtype, device, seed):
@@ -72,7 +77,7 @@ def math_quack(monkeypatch):
 @pytest.mark.parametrize("chunk", [5, 4096], ids=["chunks of 5", "one chunk"])
 def test_matches_fp64_and_takes_every_chunk_from_quack(monkeypatch, math_quack, chunk, gemms):
     monkeypatch.setattr(quack_triton, "LINEAR_CE_CHUNK", chunk)
-    monkeypatch.setattr(quack_triton, "GEMMS", gemms)
+    _use_gemms(monkeypatch, gemms)
     x, w, labels = _inputs(2, 7, 40, 517, torch.float32, DEVICE, seed=chunk)
     loss = quack_triton.linear_cross_entropy(x, w, labels)
     (loss * 0.37).backward()
@@ -101,7 +106,7 @@ def test_poisoned_gemm_output_is_visible(monkeypatch, math_quack, poisoned, gemm
         return torch.logsumexp(a.double() @ b.double(), dim=-1, keepdim=True).float()  # one partial per row
 
     monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=half_written, gemm_lse=half_written_lse))
-    monkeypatch.setattr(quack_triton, "GEMMS", gemms)
+    _use_gemms(monkeypatch, gemms)
     x, w, labels = _inputs(1, 6, 16, 300, torch.float32, DEVICE, seed=3)
     labels[0, -1] = 7  # the poisoned row's label counts
     loss = quack_triton.linear_cross_entropy(x, w, labels)
@@ -112,9 +117,38 @@ def test_poisoned_gemm_output_is_visible(monkeypatch, math_quack, poisoned, gemm
         assert torch.isfinite(loss) and torch.isnan(x.grad[0, -1]).all() and torch.isfinite(x.grad[0, :-1]).all()
 
 
+def test_without_the_lse_epilogue_the_gradient_is_as_exact_as_the_reference_on_rounded_logits(monkeypatch):
+    """Logits stored rounded to bf16 (as on the GPU), the epilogue's logsumexp from the unrounded product: with
+    `lse_epilogue` off the gradient pass takes the logsumexp of the logits it reads, and its input gradient is
+    as close to fp64 as the reference computed on the same rounded logits (within 25 %)."""
+    def rounded(p):
+        return p.to(torch.bfloat16).to(torch.float32)
+
+    def gemm_into(a, b, out, site):
+        return out.copy_(rounded(a.double() @ b.double()))
+
+    def gemm_lse(a, b, out, site):
+        product = a.double() @ b.double()
+        out.copy_(rounded(product))
+        return torch.logsumexp(product, dim=-1, keepdim=True).float()
+
+    monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=gemm_into, gemm_lse=gemm_lse))
+    monkeypatch.setattr(quack_triton, "require_hopper_half", lambda *a: None)
+    _use_gemms(monkeypatch, "quack")
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 48, 64, generator=gen, device=DEVICE).requires_grad_()
+    w = torch.randn(2048, 64, generator=gen, device=DEVICE) * 3 * 64**-0.5  # logits of std 3, as the harness's
+    labels = torch.randint(0, 2048, (1, 48), generator=gen, device=DEVICE)
+    quack_triton.linear_cross_entropy(x, w, labels).backward()
+    exact = _reference(x, w, labels, 1.0)[1]
+    xr = x.detach().clone().requires_grad_()
+    cross_entropy_reference(rounded(xr @ w.t()), labels).backward()
+    assert _rel(x.grad, exact) <= 1.25 * _rel(xr.grad, exact), (_rel(x.grad, exact), _rel(xr.grad, exact))
+
+
 def test_quack_lse_without_gradients_gives_the_loss_alone(monkeypatch, math_quack):
     """No gradients: the logits GEMM without the LSE epilogue and the loss-only kernel (one read)."""
-    monkeypatch.setattr(quack_triton, "GEMMS", "quack_lse")
+    _use_gemms(monkeypatch, "quack_lse")
     x, w, labels = _inputs(1, 9, 24, 300, torch.float32, DEVICE, seed=5)
     with torch.no_grad():
         loss = quack_triton.linear_cross_entropy(x, w, labels)
@@ -161,7 +195,7 @@ def test_registry_lists_quack_triton_only_when_it_can_run():
 def test_kernel_bf16_against_fp64(monkeypatch, tokens, chunk, gemms):
     """MiniCPM4's vocabulary and hidden size; one full chunk, partial chunks, one token."""
     monkeypatch.setattr(quack_triton, "LINEAR_CE_CHUNK", chunk)
-    monkeypatch.setattr(quack_triton, "GEMMS", gemms)
+    _use_gemms(monkeypatch, gemms)
     monkeypatch.setattr(triton_fused, "LINEAR_CE_CHUNK", chunk)
     x, w, labels = _inputs(1, tokens, 1024, 73448, torch.bfloat16, "cuda", seed=tokens)
     ref_loss, ref_dx, ref_dw = _reference(x, w, labels, 1.0)
