@@ -12,7 +12,7 @@
 #              the end (under $CKPT, default /tmp: 5 GB), exported to HF and reloaded in transformers
 # Writes into $OUT: gpu_check_summary.json (the numbers to quote), train.jsonl (the step log),
 # train_summary.json, bench.json, hf_check.json, pytest.txt and each step's log.
-# Takes about 5 minutes; each step runs even if an earlier one failed, and the summary records every exit code.
+# Each step runs even if an earlier one failed; the summary records every exit code, and the script exits 1 if any failed.
 # A plumbing check of this script on a CPU: OUT=/tmp/x MODEL=tiny STEPS=3 SEQ=64 MB=2 GBS=4 PYTEST=0 bash ...
 set -uo pipefail
 OUT=${OUT:?set OUT to the results directory}
@@ -122,3 +122,6 @@ summary = {
 (out / "gpu_check_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps({k: v for k, v in summary.items() if k != "bench"}, indent=2))
 PY
+failed=""
+for k in "${!rc[@]}"; do [ "${rc[$k]}" = 0 ] || failed+=" $k"; done
+[ -z "$failed" ] || { echo "gpu_check: failed:$failed" >&2; exit 1; }

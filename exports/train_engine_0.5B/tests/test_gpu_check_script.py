@@ -25,3 +25,14 @@ def test_the_gpu_check_runs_whole_on_a_cpu(tmp_path):
     assert summary["hf_check"]["ok"] and summary["hf_check"]["max_rel_err_logits"] <= 1e-4
     assert summary["train"]["steps"] == 3 and summary["train"]["mfu_median"] is None  # a CPU has no peak
     assert summary["bench"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_a_failed_step_fails_the_script_and_is_named(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "CKPT": str(tmp_path / "ckpt"), "MODEL": "no-such-model",
+           "STEPS": "1", "SEQ": "16", "MB": "1", "GBS": "1", "PYTEST": "0", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ENGINE / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 1 and "gpu_check: failed:" in done.stderr and " bench" in done.stderr, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "gpu_check_summary.json").read_text())
+    assert summary["exit_codes"]["bench"] != 0 and summary["exit_codes"]["pretrain"] != 0
