@@ -8,7 +8,7 @@ for the GPU as usual.
 Tiers (markers, set by folder below; a test may add `slow` itself):
 - `unit`: in-process checks of one piece (ops, configs, policies, parsers);
 - `integration`: subprocesses, gates, engines and the loop end to end;
-- `slow`: the second tier, run by CI after the default one (`python3 -m pytest -m slow`);
+- `slow`: the second tier (`python3 -m pytest -m slow`, or `.ci/run --slow` after the default one; ~60 min): before a release;
 - `gpu`: needs a CUDA device; skipped on CPU machines.
 The default tier is `python3 -m pytest -m "not slow"` (README.md).
 """
