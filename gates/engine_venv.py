@@ -58,6 +58,12 @@ def engine_python(engine: Engine) -> Path:
     return root / "bin" / "python"
 
 
+def venv_of(python: str | Path) -> Path | None:
+    """The engine venv whose interpreter `python` is, or None (a sandbox that hides the forge cache binds it)."""
+    root = Path(python).parent.parent
+    return root if (root / MARKER).is_file() else None
+
+
 def _make(root: Path, recipe: dict) -> None:
     """Build the venv beside its final place and rename it there (a half-made venv is never used)."""
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import sys
 import traceback
@@ -56,15 +55,24 @@ def _poison(outputs: list[torch.Tensor]) -> None:
     del blocks
 
 
-def _check(got: list[torch.Tensor], want: list[torch.Tensor], bound: float) -> tuple[float, str | None]:
+def _mismatch(got: list[torch.Tensor], want: list[torch.Tensor]) -> str | None:
+    """Why the outputs cannot be compared by value with the reference's (count, shape, dtype, non-finite where
+    the reference is finite), or None."""
     if len(got) != len(want):
-        return float("inf"), f"{len(got)} outputs and gradients, the reference has {len(want)}"
-    worst = 0.0
+        return f"{len(got)} outputs and gradients, the reference has {len(want)}"
     for i, (a, b) in enumerate(zip(got, want)):
         if a.shape != b.shape or a.dtype != b.dtype:
-            return float("inf"), f"output {i}: {tuple(a.shape)} {a.dtype}, the reference's {tuple(b.shape)} {b.dtype}"
+            return f"output {i}: {tuple(a.shape)} {a.dtype}, the reference's {tuple(b.shape)} {b.dtype}"
         if a.is_floating_point() and not torch.equal(torch.isfinite(a), torch.isfinite(b)):
-            return float("inf"), f"output {i}: non-finite values where the reference's are finite (NaN never passes)"
+            return f"output {i}: non-finite values where the reference's are finite (NaN never passes)"
+    return None
+
+
+def _check(got: list[torch.Tensor], want: list[torch.Tensor], bound: float) -> tuple[float, str | None]:
+    if (why := _mismatch(got, want)) is not None:
+        return float("inf"), why
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(got, want)):
         err = _rel(a, b)  # non-finite only where the reference's are (checked above): compared where finite
         worst = max(worst, err)
         if not err <= bound:
@@ -151,7 +159,7 @@ def main(request_path: str, result_path: str) -> int:
         supports = table.spec(op).impl(req["impl"]).supports or (lambda d: None)
         shapes = []
         for i, (label, dims) in enumerate(req["shapes"]):
-            d = cases.Dims(**{k: tuple(map(tuple, v)) if k == "params" else v for k, v in dims.items()})
+            d = _dims(cases, dims)
             if (cannot := supports(d)) is not None:
                 shapes.append({"shape": label, "unsupported": cannot})
                 if i == 0:  # the production shape is the point
@@ -165,7 +173,7 @@ def main(request_path: str, result_path: str) -> int:
             got = call.run(candidate)
             err, why = _check(got, want, bound)
             checked = {"shape": label, "seed": seed, "max_rel_err": err, "error": why}
-            if why and dtype != torch.float32 and _check(got, want, math.inf)[1] is None:
+            if why and dtype != torch.float32 and _mismatch(got, want) is None:
                 exact = cases.build(site, d, torch.float32, device, seed).run(reference)
                 why, checked["twin"] = _check_by_twin(got, want, exact, bound)
                 checked["error"] = why
@@ -177,8 +185,7 @@ def main(request_path: str, result_path: str) -> int:
             result |= {"verdict": "failed", "shapes": shapes, "message": "it runs none of the edge shapes"}
             return _write(result_path, result)
         label, dims = req["shapes"][0]
-        call = cases.build(site, cases.Dims(**{k: tuple(map(tuple, v)) if k == "params" else v
-                                               for k, v in dims.items()}), dtype, device, 0)
+        call = cases.build(site, _dims(cases, dims), dtype, device, 0)
         run = call.timed(candidate)  # inputs made once: the clock sees the op, not copies
         if device == "cuda":
             timing, graphed = _cuda_times(timer, run, req["reps"], req["warmup"], req["graph_below_ms"])
@@ -195,6 +202,11 @@ def main(request_path: str, result_path: str) -> int:
         result |= {"verdict": "failed", "message": f"{type(e).__name__}: {e}"[:2000],
                    "traceback": traceback.format_exc()[-4000:]}
     return _write(result_path, result)
+
+
+def _dims(cases: ModuleType, raw: dict) -> object:
+    """The request's shape (JSON: lists) as the engine's cases.Dims."""
+    return cases.Dims(**{k: tuple(map(tuple, v)) if k == "params" else v for k, v in raw.items()})
 
 
 def _write(path: str, result: dict) -> int:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from gates.launch import discover_engine
-from gates.engine_venv import MARKER as VENV_MARKER
+from gates.engine_venv import venv_of
 from gates.ops.harness import (Candidate, CandidateResult, EngineOps, HarnessOptions, OpSpecError, Runner,
                                check_candidate, describe, run_plain)
 from harness.agents._proc import run_process
@@ -101,9 +101,8 @@ def round_runner(base_env: dict[str, str], box: "RoundBox | None", on_spawn: Cal
 
     def run(argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> tuple[int | None, bool, str]:
         run_env = child_env(base_env) | env
-        if box is not None:  # the engine's venv (gates/engine_venv.py) lives in the forge cache, a scratch path there
-            venv = Path(argv[0]).parent.parent
-            shown = (venv,) if (venv / VENV_MARKER).is_file() else ()
+        if box is not None:  # the engine's venv lives in the forge cache, a scratch path there
+            shown = tuple(v for v in [venv_of(argv[0])] if v is not None)
             argv, run_env = box.wrap(argv, run_env, worktree_rw=False, writable=(cwd,), read_only=shown, cwd=cwd)
         r = run_process(argv, cwd=cwd, env=run_env, timeout_s=timeout_s, log_dir=cwd / "logs", name="op-harness",
                         on_spawn=on_spawn)

@@ -59,16 +59,19 @@ def run_fake(engine: Path, sandbox: str = "required", nproc: int = 1, **options)
     return g, box.root
 
 
-def editable_gates_dir() -> str | None:
-    """Where the workspace's editable install maps `gates` (what an escaping engine would reach), or None."""
+NO_EDITABLE = "the editable install maps `gates` to no existing dir on this host: nothing for the escape to reach"
+
+
+def editable_gates_dir() -> Path | None:
+    """Where the workspace's editable install maps `gates` (what an escaping engine would reach), if that dir exists."""
     import importlib
     import site
 
     for sp in dict.fromkeys([*site.getsitepackages(), *sys.path]):
         for finder in sorted(Path(sp or ".").glob("__editable___*_finder.py")):
-            mapping = getattr(importlib.import_module(finder.stem), "MAPPING", {})
-            if "gates" in mapping:
-                return mapping["gates"]
+            found = getattr(importlib.import_module(finder.stem), "MAPPING", {}).get("gates")
+            if found:
+                return Path(found) if Path(found).is_dir() else None
     return None
 
 
@@ -99,18 +102,16 @@ def test_import_gates_fails_inside_and_the_report_says_how_it_ran():
     esc = r.engine_metrics["engine probe forward"]["escape"]
     assert esc["escaped"] is False, esc
     assert all(v.startswith("ModuleNotFoundError") for v in esc["imports"].values()), esc["imports"]
-    gates_dir = editable_gates_dir()
-    if not gates_dir or not Path(gates_dir).is_dir():  # else a missing dir inside proves nothing about the sandbox
-        pytest.skip(f"the editable install maps `gates` to {gates_dir!r}, not an existing dir on this host")
-    assert esc["workspace_listing"][gates_dir].startswith("FileNotFoundError"), esc["workspace_listing"]
+    if (gates_dir := editable_gates_dir()) is None:  # else a missing dir inside proves nothing about the sandbox
+        pytest.skip(NO_EDITABLE)
+    assert esc["workspace_listing"][str(gates_dir)].startswith("FileNotFoundError"), esc["workspace_listing"]
 
 
 def test_import_gates_control_without_the_sandbox_reaches_the_workspace():
-    gates_dir = editable_gates_dir()
-    if not gates_dir or not Path(gates_dir).is_dir():
-        pytest.skip(f"the editable install maps `gates` to {gates_dir!r}, not an existing dir: nothing to reach")
+    if (gates_dir := editable_gates_dir()) is None:
+        pytest.skip(NO_EDITABLE)
     _, control = escape_probe("escape_import_gates", sandbox="off")
-    assert control["escaped"] is True and control["imports"]["gates"] == f"imported from {Path(gates_dir) / '__init__.py'}"
+    assert control["escaped"] is True and control["imports"]["gates"] == f"imported from {gates_dir / '__init__.py'}"
 
 
 def test_pth_hook_and_workspace_writes_are_refused_and_nothing_changes():
