@@ -43,6 +43,7 @@ import torch
 from gates.case import CaseError, OptimizerSpec, ScheduleSpec, make_spec
 from gates.case_data import corpus_batches
 from gates.context import GateRun, GateStop
+from gates.launch import GateTimeout
 from gates.model_config import MiniCPMConfig
 from gates.policies import Diff
 from gates.pretrain_runs import PretrainBox, logged_step_times, metrics_line
@@ -245,6 +246,8 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
     except GateStop as stop:  # the clock's numbers stay in the report; without the loss check they decide nothing
         return Part(name="mfu", verdict="error" if stop.verdict in ("passed", "unsupported") else stop.verdict,
                     numbers=numbers, message=f"the timed runs' losses were not checked: {stop.message}")
+    except GateTimeout as e:  # likewise when the gate's budget ends inside the reference's run
+        return Part(name="mfu", verdict="error", numbers=numbers, message=f"the timed runs' losses were not checked: {e}")
     diffs = {name: (log["losses"] - ref["losses"][: len(log["losses"])].double()).abs() / ref["losses"][: len(log["losses"])].double().abs()
              for name, log in logs.items()}
     worst_mean = max(float(d.mean()) for d in diffs.values())

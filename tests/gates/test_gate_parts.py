@@ -11,7 +11,7 @@ import torch
 from gates.case import ScheduleSpec, make_spec
 from gates.case_data import corpus_batches
 from gates.context import GateRun, GateStop
-from gates.launch import Engine
+from gates.launch import Engine, GateTimeout
 from gates import m5_long_train
 from gates.m5_long_train import loss_curve, speed_part
 from gates.m6_checkpoint import truncated_spec
@@ -176,13 +176,17 @@ def test_m5_mfu_part_alone_never_passes(monkeypatch):
         GateOptions(m5_parts="speed")
 
 
-def test_speed_keeps_the_clock_when_the_reference_check_stops(monkeypatch):
-    """A reference that runs out of the gate's budget: the part is `error`, never passed, and the report still
-    holds the walls and the gate-clock tokens/s (the numbers a GPU call paid for)."""
+@pytest.mark.parametrize("stop", [GateStop("error", "reference probe steps ran past the gate budget of 1s", "timeout"),
+                                  GateTimeout("reference probe steps ran past the gate budget of 1s")],
+                         ids=["stop", "timeout"])
+def test_speed_keeps_the_clock_when_the_reference_check_stops(monkeypatch, stop):
+    """A reference that runs out of the gate's budget (GateTimeout is what a timed-out command raises): the part
+    is `error`, never passed, and the report still holds the walls and the gate-clock tokens/s (the numbers a GPU
+    call paid for)."""
     fake_speed_runs(monkeypatch, {"warm": 50.0, "N": 20.0, "2N": 30.0})
 
     def out_of_time(self, probe, case, **kw):
-        raise GateStop("error", "reference probe steps ran past the gate budget of 1s", "timeout")
+        raise stop
 
     monkeypatch.setattr(GateRun, "reference_probe", out_of_time)
     g = gate_run(**FIXED_N)

@@ -66,7 +66,7 @@ torch.backends.cuda.matmul.allow_tf32 = False
 loaded = ckpt.load(Path(sys.argv[1]))
 cfg = MiniCPMConfig(**loaded.state["config"]["model"])
 device = "cuda" if torch.cuda.is_available() else "cpu"
-engine = build_model(cfg, resolve(OpSelection(attention="reference"), device), device, torch.float32)
+engine = build_model(cfg, resolve(OpSelection(attention="reference"), device, torch.float32), device, torch.float32)
 load_weights(engine, loaded.master)
 ids = torch.randint(0, 4096, (2, 256), device=device)
 with torch.no_grad():
