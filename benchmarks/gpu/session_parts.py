@@ -217,10 +217,11 @@ def kernels(ctx: Context, a: argparse.Namespace) -> Plan:
 
 @part("engine", "the engine's GPU check: its test suite, bench, pretrain at its defaults, HF export (scripts/gpu_check.sh)",
       opt("--steps", type=int, default=50, help="pretrain steps (default 50: compiling takes 75 s of them)"),
+      opt("--no-tests", action="store_true", help="skip its GPU test tier (about 4 minutes)"),
       timeout(570, "gpu_check.sh"))
 def engine(ctx: Context, a: argparse.Namespace) -> Plan:
-    return Plan((step("bash", f"{ENGINE}/scripts/gpu_check.sh",
-                      env={"OUT": str(ctx.part_dir("engine")), "STEPS": str(a.steps)}, timeout_s=a.timeout_s),))
+    env = {"OUT": str(ctx.part_dir("engine")), "STEPS": str(a.steps), "PYTEST": "0" if a.no_tests else "1"}
+    return Plan((step("bash", f"{ENGINE}/scripts/gpu_check.sh", env=env, timeout_s=a.timeout_s),))
 
 
 @part("variants", "engine bench variants beyond its default: eager Triton ops, eager default, compiled at "
