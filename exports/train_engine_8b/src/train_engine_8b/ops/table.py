@@ -116,6 +116,12 @@ def _fa4_shapes(d: Any) -> str | None:
     """FA4 on SM90 runs head dims that are multiples of 8, from 8 to 256."""
     ok = d.head_dim % 8 == 0 and 8 <= d.head_dim <= 256
     return None if ok else f"FA4 needs a head dim that is a multiple of 8 in 8..256, not {d.head_dim}"
+
+
+def _quack_ce_shapes(d: Any) -> str | None:
+    """quack's GEMMs take row strides of 16 bytes: hidden size and vocabulary multiples of 8 (bf16)."""
+    ok = d.hidden % 8 == 0 and d.vocab % 8 == 0
+    return None if ok else f"quack's GEMMs need hidden size and vocabulary multiples of 8, not {d.hidden} and {d.vocab}"
 _ROPE = {"num_warps": Param(None, (None, 1, 2, 4, 8), _BY_SHAPE)}
 
 TABLE: tuple[OpSpec, ...] = (
@@ -167,7 +173,7 @@ TABLE: tuple[OpSpec, ...] = (
             "lse_epilogue": Param(True, (True, False), "each row's logsumexp from the logits GEMM's epilogue (one "
                                   "read of the logits; taken from the fp32 accumulators, not the rounded logits)"),
             "logits_tile": Param((128, 160, True, 2, 1), _LSE_TILES),
-            "dgrad_tile": Param((128, 256, False, 1, 2), _TILES)}),
+            "dgrad_tile": Param((128, 256, False, 1, 2), _TILES)}, supports=_quack_ce_shapes),
     ), defaults={"cuda": ("quack_triton", "triton_fused", UNFUSED)}, fallback=UNFUSED,
         replaces=("gemm.output", "cross_entropy")),
     OpSpec("residual_scale", (Impl("reference", "residual_scale.reference"), Impl("weight", "residual_scale.weight")),

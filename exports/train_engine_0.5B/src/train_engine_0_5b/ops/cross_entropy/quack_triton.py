@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import _quack, space
+from ...core.errors import EngineError
 from .._hopper import require_hopper_half
 from .triton_fused import HAS_TRITON, LINEAR_CE_CHUNK, _linear_ce_sum  # noqa: F401 - HAS_TRITON: read by the registry
 
@@ -22,5 +23,8 @@ UNAVAILABLE_REASON = _quack.UNAVAILABLE_REASON
 def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     """The registry op (reference.py's signature): sum of CE(x @ weight^T, labels) over labels != -100."""
     require_hopper_half(x, "linear_cross_entropy=quack_triton", "triton_fused")
+    if x.shape[-1] % 8 or weight.shape[0] % 8:  # quack's GEMMs take 16-byte row strides; its own error names none
+        raise EngineError(f"ops.linear_cross_entropy=quack_triton needs hidden size and vocabulary multiples of 8, "
+                          f"not {x.shape[-1]} and {weight.shape[0]}; use triton_fused")
     lse = space.value("linear_cross_entropy", "quack_triton", "lse_epilogue")
     return _linear_ce_sum(x, weight, labels, 1.0, LINEAR_CE_CHUNK, gemms="quack_lse" if lse else "quack")
