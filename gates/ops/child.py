@@ -134,6 +134,8 @@ def main(request_path: str, result_path: str) -> int:
     req = json.loads(Path(request_path).read_text())
     pkg = req["package"]
     result: dict = {"op": req["op"], "impl": req["impl"], "values": req["values"]}
+    shapes: list[dict] = []  # each shape's outcome so far: a crash says at which shape it came
+    at = None
     try:
         registry = importlib.import_module(f"{pkg}.ops.registry")
         cases = importlib.import_module(f"{pkg}.ops.cases")
@@ -157,9 +159,8 @@ def main(request_path: str, result_path: str) -> int:
         result["values_used"] = {n: space.value(op, req["impl"], n) for n in declared}
         bound = req.get("tolerance") or TOLERANCE[req["dtype"]]
         supports = table.spec(op).impl(req["impl"]).supports or (lambda d: None)
-        shapes = []
         for i, (label, dims) in enumerate(req["shapes"]):
-            d = _dims(cases, dims)
+            at, d = label, _dims(cases, dims)
             if (cannot := supports(d)) is not None:
                 shapes.append({"shape": label, "unsupported": cannot})
                 if i == 0:  # the production shape is the point
@@ -185,6 +186,7 @@ def main(request_path: str, result_path: str) -> int:
             result |= {"verdict": "failed", "shapes": shapes, "message": "it runs none of the edge shapes"}
             return _write(result_path, result)
         label, dims = req["shapes"][0]
+        at = f"{label} (timing)"
         call = cases.build(site, _dims(cases, dims), dtype, device, 0)
         run = call.timed(candidate)  # inputs made once: the clock sees the op, not copies
         if device == "cuda":
@@ -199,7 +201,8 @@ def main(request_path: str, result_path: str) -> int:
                               "flops": call.flops, "bytes": call.bytes,
                               **_roofline(call.flops, call.bytes, ms, name, req.get("peaks", {}))}}
     except Exception as e:  # noqa: BLE001 - a candidate that crashes is a failed candidate, with its traceback
-        result |= {"verdict": "failed", "message": f"{type(e).__name__}: {e}"[:2000],
+        where = f"{at}: " if at else ""
+        result |= {"verdict": "failed", "message": f"{where}{type(e).__name__}: {e}"[:2000], "shapes": shapes,
                    "traceback": traceback.format_exc()[-4000:]}
     return _write(result_path, result)
 

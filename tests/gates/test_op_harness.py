@@ -46,8 +46,18 @@ def swiglu(gate, up):
     out = _ref(gate, up)
     return out.index_fill(-1, out.new_zeros(1, dtype=__import__("torch").long), float("nan"))
 '''
+CRASH = '''"""Broken on purpose: raises at the 200-wide edge shape, as a kernel that cannot stride it does."""
+from train_engine_0_5b.ops.swiglu.reference import swiglu as _ref
+
+
+def swiglu(gate, up):
+    if gate.shape[-1] == 200:
+        raise ValueError("stride not divisible by 8")
+    return _ref(gate, up)
+'''
 ROWS = ('"swiglu", (Impl("reference", "swiglu.reference"), ',
         '"swiglu", (Impl("reference", "swiglu.reference"), Impl("lazy", "swiglu.lazy"), Impl("nan", "swiglu.nan"), '
+        'Impl("crash", "swiglu.crash"), '
         # correct, but declaring shapes it cannot run: one edge shape, the production shape, every edge shape
         'Impl("no_1x1", "swiglu.reference", supports=lambda d: "not one token" if d.seq == 1 else None), '
         'Impl("no_prod", "swiglu.reference", supports=lambda d: "not 8 tokens" if d.seq == 8 else None), '
@@ -66,6 +76,7 @@ def engine(tmp_path_factory) -> Path:
         path.write_text(text.replace(old, new))
     (pkg / "ops/swiglu/lazy.py").write_text(LAZY)
     (pkg / "ops/swiglu/nan.py").write_text(NAN)
+    (pkg / "ops/swiglu/crash.py").write_text(CRASH)
     return root
 
 
@@ -102,6 +113,13 @@ def test_unwritten_outputs_and_nans_fail(engine, engine_ops, impl):
     r = _check(engine, engine_ops, impl)
     assert r.verdict == "failed", r.message
     assert "non-finite values where the reference's are finite" in r.message or "relative error" in r.message
+
+
+def test_a_crash_says_at_which_shape_and_keeps_the_shapes_before_it(engine, engine_ops):
+    r = _check(engine, engine_ops, "crash")
+    assert r.verdict == "failed" and r.message.startswith("edge 3x5: ValueError: stride not divisible by 8"), r.message
+    assert [s["shape"] for s in r.shapes] == ["production 1x8", "edge 1x1"]
+    assert all(s["error"] is None for s in r.shapes)
 
 
 def test_seeds_are_fresh(engine, engine_ops):
