@@ -171,7 +171,8 @@ TABLE: tuple[OpSpec, ...] = (
             "grad_block_v": Param(4096, (1024, 2048, 4096, 8192)), "grad_num_warps": Param(8, (2, 4, 8)),
             "grad_split": Param(True, (True, False), "a program per block of a row, not per row"),
             "lse_epilogue": Param(True, (True, False), "each row's logsumexp from the logits GEMM's epilogue (one "
-                                  "read of the logits; taken from the fp32 accumulators, not the rounded logits)"),
+                                  "read of the logits; renormalized to the rounded logits by the row sums the "
+                                  "gradient pass takes)"),
             "logits_tile": Param((128, 160, True, 2, 1), _LSE_TILES),
             "dgrad_tile": Param((128, 256, False, 1, 2), _TILES)}, supports=_quack_ce_shapes),
     ), defaults={"cuda": ("quack_triton", "triton_fused", UNFUSED)}, fallback=UNFUSED,

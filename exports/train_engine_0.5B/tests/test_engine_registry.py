@@ -15,6 +15,7 @@ from train_engine_0_5b.minicpm.init import init_weights
 from train_engine_0_5b.model import build_model, load_weights
 from train_engine_0_5b.model_config import preset
 from train_engine_0_5b.ops import registry
+from train_engine_0_5b.ops.cases import Dims
 from train_engine_0_5b.ops.registry import OPS, OpSelection, resolve
 
 
@@ -60,6 +61,20 @@ def test_auto_quack_ops_in_half_precision_only(monkeypatch, op, impl, fallback):
     fp32 = resolve(OpSelection(), "cuda", torch.float32).names[op]
     assert fp32 == (fallback or next((n for n in ("triton_fused",) if n in OPS[op]), "unfused"))
     assert resolve(OpSelection(), "cpu", torch.bfloat16).names[op] == "unfused"
+
+
+def test_auto_skips_implementations_that_cannot_run_the_models_shapes(monkeypatch):
+    """quack_triton declares hidden size and vocabulary multiples of 8: with a vocabulary of 50257 (GPT-2's) auto
+    takes the next CUDA default, and naming it is an error at resolution, before any step."""
+    monkeypatch.setitem(OPS["linear_cross_entropy"], "quack_triton", OPS["linear_cross_entropy"]["reference"])
+    monkeypatch.setitem(OPS["linear_cross_entropy"], "triton_fused", OPS["linear_cross_entropy"]["reference"])
+    minicpm, odd = (Dims.of_model(preset("minicpm4-0.5b").model_copy(update={"vocab_size": v}), 2, 64)
+                    for v in (73448, 50257))
+    pick = lambda dims: resolve(OpSelection(), "cuda", torch.bfloat16, dims=dims).names["linear_cross_entropy"]  # noqa: E731
+    assert pick(minicpm) == pick(None) == "quack_triton"
+    assert pick(odd) == "triton_fused"
+    with pytest.raises(EngineError, match=r"ops.linear_cross_entropy: quack_triton cannot run this model: .*50257"):
+        resolve(OpSelection(linear_cross_entropy="quack_triton"), "cuda", torch.bfloat16, dims=odd)
 
 
 def test_fused_mlp_selection_is_logged_for_the_ops_it_replaces():

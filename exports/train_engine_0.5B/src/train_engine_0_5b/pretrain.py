@@ -13,11 +13,13 @@ from train_engine_0_5b.core import pretrain as core_pretrain
 from train_engine_0_5b.core.cuda_graph import step_function
 from train_engine_0_5b.core.dist import DistContext
 from train_engine_0_5b.core.trainer import Trainer
+from train_engine_0_5b.ops.cases import Dims
 from train_engine_0_5b.ops.registry import resolve
 
 
 def _build(cfg: EngineConfig, ctx: DistContext, initial: dict | None, dtype: torch.dtype) -> Trainer:
-    return build_trainer(cfg, ctx, resolve(cfg.ops, ctx.device.type, dtype), initial, dtype=dtype)
+    dims = Dims.of_model(cfg.model, cfg.train.micro_batch_size, cfg.train.seq_length)  # what `auto` must run
+    return build_trainer(cfg, ctx, resolve(cfg.ops, ctx.device.type, dtype, dims=dims), initial, dtype=dtype)
 
 
 ENGINE = core_pretrain.EngineParts(build_trainer=_build, step_function=step_function,

@@ -20,6 +20,7 @@ from train_engine_8b.core.trainer import Trainer
 from train_engine_8b.core.weights import Initial, local_masters
 from train_engine_8b.minicpm.init import FreshWeights
 from train_engine_8b.model import MiniCPM, build_model
+from train_engine_8b.ops.cases import Dims
 from train_engine_8b.ops.registry import UNFUSED, resolve
 from train_engine_8b.parallelize import ParallelDims, ParallelError, parallelize_model
 
@@ -92,7 +93,7 @@ def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: Initial | None =
     model = model.to_empty(device=ctx.device).to(dtype)
     params = dict(model.named_parameters())  # from a WeightSource each rank reads (or draws) only what it holds
     source = initial if initial is not None else FreshWeights(cfg.model, t.init_std, t.seed)
-    ops = resolve(cfg.ops, ctx.device.type, dtype)
+    ops = resolve(cfg.ops, ctx.device.type, dtype, dims=Dims.of_model(cfg.model, t.micro_batch_size, t.seq_length))
     model.op_record = {"names": attach_ops(model, cfg, ops, tp=layout.mesh is not None)}  # logs, checkpoints
     # the local masters unnamed: freed once AdamW has copied them, before the Trainer allocates its buffers
     optimizer = AdamW(params, local_masters(source, params), adamw_op=ops.adamw, betas=o.betas, eps=o.eps,

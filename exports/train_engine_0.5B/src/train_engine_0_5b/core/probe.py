@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.tokenizer import TextTokenizer
 from ..minicpm.config import MiniCPMConfig, hf_param_shapes
+from ..ops.cases import Dims
 from ..ops.registry import OpSelection, resolve
 from . import checkpoint as ckpt
 from . import runtime
@@ -246,7 +247,8 @@ def run_probe(name: str, case_dir: Path, out: Path, parts: ProbeParts, ops_selec
     try:
         if ctx.world % tp or s.world_size % (ctx.world // tp):
             raise Unsupported(f"the case has world_size {s.world_size}, which {ctx.world} processes at TP={tp} cannot split")
-        ops = resolve(ops_selection, s.device, case.compute_dtype)
+        ops = resolve(ops_selection, s.device, case.compute_dtype,
+                      dims=Dims.of_model(s.model, s.micro_batch_size, s.seq_length))
         t0 = time.perf_counter()
         if name == "forward":
             tensors = parts.forward(case, ctx, ops, tp)

@@ -119,11 +119,20 @@ Ops = make_dataclass("Ops", [(_field(label), Callable | None) for s in TABLE for
                      bases=(_OpsBase,), frozen=True, kw_only=True)
 
 
-def _pick(s: OpSpec, choice: str, device: str, label: str, dtype: torch.dtype | None) -> str:
+def _cannot(s: OpSpec, name: str, dims: Any) -> str | None:
+    """Why implementation `name` of op `s` cannot run the model's shapes `dims` (its declared `supports`), or None."""
+    impl = next((i for i in s.impls if i.name == name), None)
+    return impl.supports(dims) if dims is not None and impl is not None and impl.supports else None
+
+
+def _pick(s: OpSpec, choice: str, device: str, label: str, dtype: torch.dtype | None, dims: Any) -> str:
     if choice != "auto":
         name = choice
+        if name in OPS[s.name] and (why := _cannot(s, name, dims)):
+            raise EngineError(f"ops.{label}: {name} cannot run this model: {why}")
     else:
-        runs = lambda n: dtype is None or dtype in DTYPES.get((s.name, n), (dtype,))  # noqa: E731
+        def runs(n: str) -> bool:
+            return (dtype is None or dtype in DTYPES.get((s.name, n), (dtype,))) and not _cannot(s, n, dims)
         name = next((n for n in s.defaults.get(device, ()) if n in OPS[s.name] and runs(n)), s.fallback)
     if name in OPS[s.name]:
         return name
@@ -133,9 +142,11 @@ def _pick(s: OpSpec, choice: str, device: str, label: str, dtype: torch.dtype | 
 
 
 def resolve(selection: BaseModel, device: str, dtype: torch.dtype | None = None,
-            tuned: dict[str, dict[str, dict]] | None = None) -> Any:
+            tuned: dict[str, dict[str, dict]] | None = None, dims: Any = None) -> Any:
     """`Ops` for `selection` on `device` ("cpu" or "cuda") computing in `dtype` (None: any). `tuned`: the
     elected values ({op: {impl: {param: value}}}); None reads the tuned-config file's entry for this runtime.
+    `dims` (cases.Dims, None: any): the model's shapes; "auto" passes over implementations that declare they
+    cannot run them, and a named one that cannot is an error before any step.
     Raises EngineError naming the op, implementation or parameter."""
     key = space.runtime_key(device)
     elected = check_tuned(space.elected_for(space.read_tuned(), key) if tuned is None else tuned)
@@ -144,7 +155,7 @@ def resolve(selection: BaseModel, device: str, dtype: torch.dtype | None = None,
         for label in s.labels:
             chosen = getattr(selection, s.name)
             choice = getattr(chosen, label.partition(".")[2]) if s.sites else chosen
-            names[label] = _pick(s, choice, device, label, dtype)
+            names[label] = _pick(s, choice, device, label, dtype, dims)
     fns = {_field(label): OPS[label.partition(".")[0]][impl] for label, impl in names.items()}
     values: dict[tuple[str, str], dict] = {}
     for label, impl in names.items():

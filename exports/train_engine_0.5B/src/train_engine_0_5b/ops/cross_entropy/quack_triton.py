@@ -4,7 +4,8 @@ sm90+) instead of cuBLAS; the Triton loss / gradient pass and the cuBLAS dW GEMM
 Why: quack's GEMMs with SM90 tile configs beat cuBLAS at the output's shapes (measurements: benchmarks/results).
 With gradients and `lse_epilogue` (declared in the op table), the logits GEMM's epilogue also gives each row's
 logsumexp per N-tile (one small Triton kernel folds them and takes the loss), so the Triton gradient pass reads the
-logits once instead of twice (its launch: one_pass_launch, tunable). bf16 / fp16 CUDA tensors on compute
+logits once instead of twice (its launch: one_pass_launch, tunable); the row sums it also takes renormalize the
+loss and gradients to the rounded logits (triton_fused._renormalize). bf16 / fp16 CUDA tensors on compute
 capability 9.0+.
 """
 

@@ -59,19 +59,24 @@ def _row_lse(row_ptr, V, scale, BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
 @triton.jit
 def _block_grad(row_ptr, grad_ptr, start, V, label, lse, scale, mult, BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
     """grad[start:start + BLOCK_V] = mult * (softmax(scale * row) - onehot(label)) over that block of the row,
-    stored in grad_ptr's dtype (may be row_ptr: the block is read before it is overwritten)."""
+    stored in grad_ptr's dtype (may be row_ptr: the block is read before it is overwritten). Returns the block's
+    sum of exp(scale * row - lse): 1 over the whole row when lse is the row's own logsumexp."""
     cols = start + tl.arange(0, BLOCK_V)
     mask = cols < V
     z = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32) * scale
-    g = tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)
+    p = tl.exp(z - lse)
+    g = p - tl.where(cols == label, 1.0, 0.0)
     tl.store(grad_ptr + cols, (g * mult).to(grad_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+    return tl.sum(tl.where(mask, p, 0.0), axis=0)
 
 
 @triton.jit
 def _row_grad(row_ptr, grad_ptr, V, label, lse, scale, mult, BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
-    """_block_grad over the whole row, block by block (the row belongs to this program alone)."""
+    """_block_grad over the whole row, block by block (the row belongs to this program alone); returns the sum."""
+    total = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
-        _block_grad(row_ptr, grad_ptr, start, V, label, lse, scale, mult, BLOCK_V, EVICT)
+        total += _block_grad(row_ptr, grad_ptr, start, V, label, lse, scale, mult, BLOCK_V, EVICT)
+    return total
 
 
 @triton.jit
@@ -108,11 +113,14 @@ def _ce_fwd_kernel(
 
 @triton.jit
 def _ce_bwd_kernel(
-    logits_ptr, labels_ptr, lse_ptr, dloss_ptr, grad_ptr, V_units, stride_units, grad_stride_units, n_blocks, scale,
-    ignore_index, SPLIT: tl.constexpr, UNIT: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr, labels_ptr, lse_ptr, dloss_ptr, grad_ptr, sums_ptr, V_units, stride_units, grad_stride_units,
+    n_blocks, scale, ignore_index, SPLIT: tl.constexpr, UNIT: tl.constexpr, BLOCK_V: tl.constexpr,
+    SUMS: tl.constexpr,
 ):  # fmt: skip
     # A program per row, looping over its blocks; or with SPLIT, program pid takes block pid % n_blocks of row
-    # pid // n_blocks, so no program loops and the blocks of a row are read and written side by side.
+    # pid // n_blocks, so no program loops and the blocks of a row are read and written side by side. With
+    # SUMS, program pid stores its part of the row's sum of exp(logit - lse) at sums[pid]: (rows, n_blocks)
+    # partials, summed by the host (no atomics: the same bits every run).
     V = V_units * UNIT
     stride = stride_units * UNIT
     grad_stride = grad_stride_units * UNIT
@@ -123,9 +131,11 @@ def _ce_bwd_kernel(
     lse = tl.load(lse_ptr + row)
     row_ptr, grad_row_ptr = logits_ptr + row * stride, grad_ptr + row * grad_stride
     if SPLIT:
-        _block_grad(row_ptr, grad_row_ptr, (pid % n_blocks) * BLOCK_V, V, label, lse, scale, mult, BLOCK_V, "")
+        part = _block_grad(row_ptr, grad_row_ptr, (pid % n_blocks) * BLOCK_V, V, label, lse, scale, mult, BLOCK_V, "")
     else:
-        _row_grad(row_ptr, grad_row_ptr, V, label, lse, scale, mult, BLOCK_V, "")
+        part = _row_grad(row_ptr, grad_row_ptr, V, label, lse, scale, mult, BLOCK_V, "")
+    if SUMS:
+        tl.store(sums_ptr + pid, part)
 
 
 @triton.jit
@@ -221,20 +231,27 @@ def cross_entropy_bwd(
     """d(dloss * sum of losses)/d(logits) into `grad` (rows, V) (new when not given); dloss is a 0-dim
     device tensor (read by the kernel: no host sync). `launch`: BLOCK_V / num_warps (default by V), and
     split=True for a program per block of a row instead of per row."""
+    return _grad_pass(logits, labels, lse, dloss, scale, grad, launch, sums=False)[0]
+
+
+def _grad_pass(logits: Tensor, labels: Tensor, lse: Tensor, dloss: Tensor, scale: float, grad: Tensor | None,
+               launch: dict[str, int | bool] | None, sums: bool) -> tuple[Tensor, Tensor | None]:
+    """cross_entropy_bwd's launch; with `sums`, also each row's sum of exp(scale * logit - lse) (rows,) fp32."""
     rows, V = logits.shape
     grad = torch.empty_like(logits) if grad is None else grad
     _require_triton(logits, grad)
     dloss = dloss.to(device=logits.device, dtype=torch.float32).reshape(())
+    meta = dict(_launch_config(V) if launch is None else launch)
+    split = bool(meta.pop("split", False))
+    n_blocks = triton.cdiv(V, meta["BLOCK_V"]) if split else 1  # programs per row
+    parts = torch.empty(rows, n_blocks, dtype=torch.float32, device=logits.device) if sums else None
     if rows:
         u = _unit(V, logits, grad)
-        meta = dict(_launch_config(V) if launch is None else launch)
-        split = bool(meta.pop("split", False))
-        n_blocks = triton.cdiv(V, meta["BLOCK_V"]) if split else 1  # programs per row
         _ce_bwd_kernel[(rows * n_blocks,)](
-            logits, labels, lse, dloss, grad, V // u, logits.stride(0) // u, grad.stride(0) // u, n_blocks, scale,
-            IGNORE_INDEX, SPLIT=split, UNIT=u, **meta,
+            logits, labels, lse, dloss, grad, parts if sums else lse, V // u, logits.stride(0) // u,
+            grad.stride(0) // u, n_blocks, scale, IGNORE_INDEX, SPLIT=split, UNIT=u, SUMS=sums, **meta,
         )  # fmt: skip
-    return grad
+    return grad, parts.sum(dim=1) if sums else None
 
 
 # The registry op is a pair of `torch.library` custom ops (forward, backward) with fake implementations and
@@ -351,7 +368,8 @@ def fused_linear_cross_entropy_fwd_bwd(
     (torch.mm), "quack" (ops/_quack.py's pinned configs), or "quack_lse": quack, and with gradients at
     logit_scale 1 the logits GEMM's epilogue also gives each row's logsumexp per N-tile (from the fp32
     accumulator; `_lse_loss_kernel` folds them), so the gradient pass is one read + one write of the logits
-    instead of two reads + one write; the loss is that logsumexp minus the label's (rounded) logit. dW's GEMM
+    instead of two reads + one write; that pass also sums each row's exp(logit - lse), by which
+    `_renormalize` makes the loss and both gradients those of the rounded logits, as the other modes'. dW's GEMM
     stays on cuBLAS (fp32 output)."""
     T, h = hidden.shape
     V = weight.shape[0]
@@ -380,9 +398,11 @@ def fused_linear_cross_entropy_fwd_bwd(
             lse_c = lse[: r1 - r0]
             _lse_loss_kernel[(r1 - r0,)](parts, z, y, lse_c, losses[r0:r1], parts.shape[1], parts.stride(0),
                                          z.stride(0), IGNORE_INDEX, BLOCK_P=triton.next_power_of_2(parts.shape[1]))
-            cross_entropy_bwd(z, y, lse_c, grad_scale if grad_scale is not None else z.new_ones((), dtype=torch.float32),
-                              grad=z, launch=one_pass_launch())  # fmt: skip
+            gs = grad_scale if grad_scale is not None else z.new_ones((), dtype=torch.float32)
+            row_sums = _grad_pass(z, y, lse_c, gs, 1.0, z, one_pass_launch(), sums=True)[1]
+            inv_sums = _renormalize(z, y, row_sums, gs, losses[r0:r1])
         else:
+            inv_sums = None
             _mm(gemms, x, weight.t(), z, "output.logits")  # (c, V) in hidden's dtype
             grid, meta = _fwd_launch(V, r1 - r0, need_grad, z.device)
             _ce_fwd_kernel[(grid,)](
@@ -392,9 +412,27 @@ def fused_linear_cross_entropy_fwd_bwd(
             )  # fmt: skip
         if compute_dx:
             _mm(gemms, z, weight, dx[r0:r1], "output.dgrad")  # (c, h)
+            if inv_sums is not None:
+                dx[r0:r1].mul_(inv_sums[:, None])  # computed in fp32, rounded once
         if compute_dw:
-            _accumulate_mm(dw, z.t(), x, overwrite=r0 == 0 and dw_accum is None)  # (V, h)
+            xs = x if inv_sums is None else (x * inv_sums[:, None]).to(x.dtype)
+            _accumulate_mm(dw, z.t(), xs, overwrite=r0 == 0 and dw_accum is None)  # (V, h)
     return losses.sum(), (labels != IGNORE_INDEX).sum(), dx, dw
+
+
+def _renormalize(grad: Tensor, labels: Tensor, row_sums: Tensor, grad_scale: Tensor, losses: Tensor) -> Tensor:
+    """The epilogue's logsumexp (from the fp32 accumulators) against the rounded logits the gradient pass read:
+    each row's exp(logit - lse) sums to S, not 1. The exact gradient is grad / S with its label entry moved by
+    grad_scale * (1 - S) / S; this adds grad_scale * (1 - S) to the label entry in place (one element per row)
+    and returns 1 / S, by which the caller scales the dx GEMM's rows and x for the dW GEMM. The losses get
+    log S, so they are the rounded logits' logsumexp minus the label's logit."""
+    valid = labels != IGNORE_INDEX
+    rows = torch.arange(grad.shape[0], device=grad.device)
+    cols = torch.where(valid, labels, 0)
+    mult = torch.where(valid, grad_scale, 0.0)
+    grad[rows, cols] = (grad[rows, cols].float() + mult * (1.0 - row_sums)).to(grad.dtype)
+    losses.add_(torch.where(valid, torch.log(row_sums), 0.0))
+    return 1.0 / row_sums
 
 
 # As a `torch.library` custom-op pair, so torch.compile keeps each direction as one node (the launches read
