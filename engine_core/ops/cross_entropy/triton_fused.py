@@ -413,7 +413,7 @@ def fused_linear_cross_entropy_fwd_bwd(
         if compute_dx:
             _mm(gemms, z, weight, dx[r0:r1], "output.dgrad")  # (c, h)
             if inv_sums is not None:
-                dx[r0:r1].mul_(inv_sums[:, None])  # computed in fp32, rounded once
+                dx[r0:r1].mul_(inv_sums[:, None])  # in fp32, rounded back to dx's dtype
         if compute_dw:
             xs = x if inv_sums is None else (x * inv_sums[:, None]).to(x.dtype)
             _accumulate_mm(dw, z.t(), xs, overwrite=r0 == 0 and dw_accum is None)  # (V, h)
