@@ -127,7 +127,9 @@ def run(cfg: EngineConfig, engine: EngineParts) -> dict:
     runtime.setup(device, cfg.runtime.resolved_deterministic())
     ctx = DistContext.start(device)
     try:
-        return _train(cfg, ctx, dtype, engine)
+        summary = _train(cfg, ctx, dtype, engine)
+        ctx.barrier()  # no rank tears its group down while another still works (rank 0 ends the save alone)
+        return summary
     finally:
         ctx.close()
 
