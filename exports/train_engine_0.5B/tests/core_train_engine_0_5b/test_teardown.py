@@ -1,6 +1,6 @@
 """`pretrain`'s teardown: every rank meets at a barrier before it destroys its process group, so no rank
 finalizes while another still works (rank 0 ends the checkpoint save alone; a TP=2 gloo run whose other rank
-had torn down first aborted with SIGABRT: exports/train_engine_8b/scripts/teardown_loop.sh). A failed run
+had torn down first aborted with SIGABRT: the 8B export's scripts/teardown_loop.sh). A failed run
 skips the barrier (a peer may never reach it) and still closes."""
 
 from __future__ import annotations
