@@ -102,7 +102,8 @@ def round_runner(base_env: dict[str, str], box: "RoundBox | None", on_spawn: Cal
     def run(argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> tuple[int | None, bool, str]:
         run_env = child_env(base_env) | env
         if box is not None:  # the engine's venv lives in the forge cache, a scratch path there
-            shown = tuple(v for v in [venv_of(argv[0])] if v is not None)
+            venv = venv_of(argv[0])
+            shown = (venv,) if venv is not None else ()
             argv, run_env = box.wrap(argv, run_env, worktree_rw=False, writable=(cwd,), read_only=shown, cwd=cwd)
         r = run_process(argv, cwd=cwd, env=run_env, timeout_s=timeout_s, log_dir=cwd / "logs", name="op-harness",
                         on_spawn=on_spawn)
