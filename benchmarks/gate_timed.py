@@ -1,5 +1,5 @@
 """An engine's row on the gates' clock: its `pretrain` at its defaults, timed from outside by M5's speed part
-(wall(2N steps) - wall(N steps), tokens from the data the gate handed in, FLOPs from the model, the device read
+(the arrivals of its log lines on the gate's clock, tokens from the data the gate handed in, FLOPs from the model, the device read
 here, the timed steps' losses checked against the reference). Beside it, the engine's own `bench` row is
 labelled as self-reported; only this row is a figure that counts (README.md, "what users run").
 """
@@ -26,7 +26,7 @@ def gate_timed_row(stack: Stack, args: argparse.Namespace, mbs: int, out: Path, 
 
     name = f"{stack.name} pretrain (gate-timed)"
     row: dict = {"stack": name, "kind": "engine", "source": "gate", "micro_batch_size": mbs, "attempts": [],
-                 "note": "pretrain at its defaults, timed by M5's speed part: wall(2N) - wall(N)"}
+                 "note": "pretrain at its defaults, timed by M5's speed part: its log lines' arrivals on the gate's clock"}
     budget = args.timeout * 3 if deadline is None else min(args.timeout * 3, deadline - time.monotonic())
     if budget < 60:
         return row | {"status": "skipped", "message": "run budget (--budget) spent before this row"}

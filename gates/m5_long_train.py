@@ -9,21 +9,26 @@ Parts and their rules:
   |l_r(t)|; the statistic is the mean of d(t) over the trailing window of W = min(`long_train_window`, K)
   steps. `passed` iff that mean < `long_train_threshold` (1 %) and every loss is finite. The report also
   gives max d(t) and the first step where d(t) exceeds the threshold (the localization).
-- `mfu`: the gate's clock. `pretrain` runs three times on corpus cases at `speed_seq_length` x
+- `mfu`: the gate's clock. `pretrain` runs twice on corpus cases at `speed_seq_length` x
   `speed_global_batch_size` rows in micro batches of `speed_micro_batch_size` (accumulation, as real
-  pretraining): `speed_steps` steps to warm the compile caches, then N, then 2N steps. N is `speed_steps`
-  raised so that N steps should last `speed_target_timed_s` at the warm run's logged step time (at most
-  `speed_max_steps`): a claim that only sizes the window. Tokens/s = N x rows x seq / (wall(2N) - wall(N)):
-  start-up, compilation and the final save cancel. A window under `speed_min_timed_s` is `error` (start-up
-  varies by seconds between runs), one of zero or less `failed`. FLOPs per token come from the case's model
+  pretraining): a warm run of `speed_steps` steps (compile caches), then one timed run of S + N steps,
+  S = `speed_settle_steps`. N is `speed_steps` raised so that N steps should last `speed_target_timed_s` at
+  the warm run's logged step time (at most `speed_max_steps`): a claim that only sizes the window. While the
+  timed run runs, the gate stamps each log line's arrival on its own clock (gates/line_clock.py): a line
+  carries its step's loss, checked below, so it cannot appear before the step is done. Tokens/s = N x rows x
+  seq / (arrival of line S+N - arrival of line S), never more than the median gap between lines allows: the
+  run's one-time costs (start-up, compile, capture, the final save) stay outside the window, where two runs'
+  walls left 5-11 s of them inside it on an H200. A window under `speed_min_timed_s` is `error`; lines
+  that never appear or appear all at once are `failed` (the contract asks for each step's line as it ends).
+  FLOPs per token come from the case's model
   (the forge spec's), docs/DESIGN.md's formula, never from the engine's files; the device and its peak are
-  read on the gate's side (989.4 TFLOP/s bf16 for H100 / H200 SXM). The timed runs' losses must match the
+  read on the gate's side (989.4 TFLOP/s bf16 for H100 / H200 SXM). The timed run's losses must match the
   reference's on the same data (mean relative difference below `long_train_threshold`), so skipped work fails;
   that reference takes the engine's micro batches with fused attention (gates/stacks SPEED_STACKS: `torch-sdpa`
-  for `torch`; a stack without one takes one row at a time). The walls and the gate's tokens/s are recorded
-  before that check runs. The engine's own figures (its log's last line, the step times it logged in each run
-  and their sums) are recorded beside the gate's and decide nothing. On a CPU the part is `unsupported` unless a test gives
-  a CPU peak (`cpu_peak_tflops`).
+  for `torch`; a stack without one takes one row at a time). The clock's numbers are recorded before that
+  check runs, and the per-step differences with it. The engine's own figures (its log's last line, the step
+  times it logged) are recorded beside the gate's and decide nothing. On a CPU the part is `unsupported`
+  unless a test gives a CPU peak (`cpu_peak_tflops`).
 
 `m5_parts` runs one part alone (a GPU run split over machine calls of limited length); the other is then
 `unsupported` ("not run"), so such a run never passes.
@@ -44,6 +49,7 @@ from gates.case import CaseError, OptimizerSpec, ScheduleSpec, make_spec
 from gates.case_data import corpus_batches
 from gates.context import GateRun, GateStop
 from gates.launch import GateTimeout
+from gates.line_clock import LineClock, line_window
 from gates.model_config import MiniCPMConfig
 from gates.policies import Diff
 from gates.pretrain_runs import PretrainBox, logged_step_times, metrics_line
@@ -167,7 +173,7 @@ def device_peak(g: GateRun) -> tuple[str, float | None, str]:
 
 
 def sized_steps(warm_step_times: list[float], n: int, target_s: float, max_steps: int) -> int:
-    """N for the timed runs: at least `n`, raised so N steps should take `target_s` at the warm run's median logged
+    """The timed steps: at least `n`, raised so they should take `target_s` at the warm run's median logged
     step time after its first two steps (compile, capture). The engine's claim only sizes the window."""
     times = warm_step_times[2:] or warm_step_times
     if not times or target_s <= 0:
@@ -178,61 +184,78 @@ def sized_steps(warm_step_times: list[float], n: int, target_s: float, max_steps
     return max(n, min(max_steps, math.ceil(target_s / per_step)))
 
 
-def timed_run(g: GateRun, box: PretrainBox, name: str, steps: int) -> float:
-    """One `pretrain` of `steps` steps in `box`; its wall time on the gate's clock. Its checkpoint goes once it
-    ends: only the log is read, and three runs' checkpoints at once would not fit a GPU machine's disk at 8B shapes."""
+def timed_run(g: GateRun, box: PretrainBox, name: str, steps: int) -> tuple[float, dict[int, float]]:
+    """One `pretrain` of `steps` steps in `box`: its wall time on the gate's clock and its log lines' arrivals
+    (gates/line_clock.py). Its checkpoint goes once it ends: only the log is read, and the runs' checkpoints at
+    once would not fit a GPU machine's disk at 8B shapes."""
     before = len(g.report.commands)
-    box.run(name, f"engine pretrain {steps} steps (speed, {name})", args=box.args(name, g.options.pretrain_args, steps=steps))
+    with LineClock(box.log(name)) as clock:
+        box.run(name, f"engine pretrain {steps} steps (speed, {name})",
+                args=box.args(name, g.options.pretrain_args, steps=steps))
     shutil.rmtree(box.save_dir(name), ignore_errors=True)
-    return g.report.commands[before].time_s
+    return g.report.commands[before].time_s, clock.stamps
+
+
+def loss_diffs(log: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Per-step relative differences of the timed run's losses from the reference's, summarized for the report
+    (bf16 trajectories drift apart with the steps; a bug shows from the first steps)."""
+    d = (log - ref[: len(log)].double()).abs() / ref[: len(log)].double().abs()
+    half = max(1, len(d) // 2)
+    return {"loss_mean_rel_diff": float(d.mean()), "loss_max_rel_diff": float(d.max()),
+            "loss_mean_rel_diff_first_half": float(d[:half].mean()),
+            "loss_mean_rel_diff_second_half": float(d[half:].mean()) if len(d) > half else float(d.mean()),
+            "loss_rel_diff_by_step": " ".join(f"{float(x):.2e}" for x in d)}
 
 
 def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
-    """Time `pretrain` from outside: wall(2N steps) - wall(N steps), on a corpus case; see the module doc."""
+    """Time `pretrain` from outside: steps settle+1..M of one run, between their log lines' arrivals on the
+    gate's clock, on a corpus case; see the module doc."""
     o = g.options
     device, peak, why = device_peak(g)
     if peak is None:
         return Part(name="mfu", verdict="unsupported", message=why, numbers={"threshold": o.mfu_threshold})
-    n, rows, micro, seq = o.speed_steps, o.speed_global_batch_size, o.speed_micro_batch_size, o.speed_seq_length
+    n, rows, micro, seq, settle = o.speed_steps, o.speed_global_batch_size, o.speed_micro_batch_size, o.speed_seq_length, o.speed_settle_steps
     if rows % micro:
         return Part(name="mfu", verdict="error", message=f"speed_global_batch_size {rows} is not a multiple of "
                     f"speed_micro_batch_size {micro}")
     def speed_case(steps: int, weights=None):
-        spec = make_spec(model, steps=2 * steps, world_size=1, micro_batch_size=micro, grad_accum=rows // micro,
+        spec = make_spec(model, steps=steps, world_size=1, micro_batch_size=micro, grad_accum=rows // micro,
                          seq_length=seq, dtype=o.case_dtype, device=o.device, seed=(o.seed or 0) + 7,
                          optimizer=OptimizerSpec(lr=SPEED_LR, min_lr=SPEED_LR),
                          schedule=ScheduleSpec(kind="constant", warmup_steps=2))
         return spec, g.write_case(spec, batches=corpus_batches(spec, spec.seed), weights=weights,
-                                  label=f"speed case ({2 * steps} steps)")
+                                  label=f"speed case ({steps} steps)")
 
     target_s, floor_s = o.speed_window_s()
-    spec, case = speed_case(n)
+    spec, case = speed_case(settle + n)
     box = PretrainBox(g, case)
     walls: dict[str, float] = {}
     try:
-        walls["warm"] = timed_run(g, box, "warm", n)
-        sized = sized_steps(logged_step_times(box.log("warm")), n, target_s, o.speed_max_steps)
-        if sized != n:  # a longer case on the same weights, in the same box; the warm run's compile caches apply
-            n = sized
-            spec, case = speed_case(n, weights=case.weights)
+        walls["warm"], _ = timed_run(g, box, "warm", n)
+        n = sized_steps(logged_step_times(box.log("warm")), n, target_s, o.speed_max_steps)
+        total = settle + n
+        if total != spec.steps:  # the timed case, on the same weights, in the same box; the warm run's caches apply
+            spec, case = speed_case(total, weights=case.weights)
             box.use_case(case)
-        for name, steps in (("N", n), ("2N", 2 * n)):
-            walls[name] = timed_run(g, box, name, steps)
-        logs = {name: box.series(name, 1, steps, f"speed run {name}") for name, steps in (("N", n), ("2N", 2 * n))}
+        walls["timed"], stamps = timed_run(g, box, "timed", total)
+        log = box.series("timed", 1, total, "speed run")
     except GateStop as stop:
         return Part(name="mfu", verdict="failed" if stop.verdict == "unsupported" else stop.verdict, message=stop.message)
-    dt = walls["2N"] - walls["N"]
-    claimed = {name: logged_step_times(box.log(name)) for name in ("warm", "N", "2N")}  # the engine's own step times
+    dt, lines = line_window(stamps, settle, total)
+    claimed = {name: logged_step_times(box.log(name)) for name in ("warm", "timed")}  # the engine's own step times
     flops = model.flops_per_token(seq)
+    tokens = rows * seq
     numbers = {"threshold": o.mfu_threshold, "device": device, "model": model.name, "flops_per_token": flops,
                "flops_source": "the case's model (forge spec), docs/DESIGN.md's formula", "seq_length": seq,
-               "global_batch_size": rows, "micro_batch_size": micro, "timed_steps": n, "wall_warm_s": walls["warm"],
-               "timed_window_s": dt, "min_timed_s": floor_s,
-               "wall_n_s": walls["N"], "wall_2n_s": walls["2N"], "engine_log_last_line": metrics_line(box.log("2N")),
-               **{f"engine_steps_sum_s_{name}": round(sum(claimed[name]), 3) for name in ("N", "2N")},
+               "global_batch_size": rows, "micro_batch_size": micro, "settle_steps": settle, "timed_steps": n,
+               "run_steps": total, "clock": "gate-stamped arrivals of the run's log lines (gates/line_clock.py)",
+               "timed_window_s": dt, "min_timed_s": floor_s, "wall_warm_s": walls["warm"], "wall_timed_s": walls["timed"],
+               "whole_run_tokens_per_s": total * tokens / walls["timed"], **lines,
+               "engine_log_last_line": metrics_line(box.log("timed")),
+               "engine_steps_sum_s_timed": round(sum(claimed["timed"][settle:total]), 3),
                **{f"engine_step_times_s_{name}": " ".join(f"{t:.4g}" for t in times) for name, times in claimed.items()}}
-    if dt > 0:  # recorded whatever the verdict, the reference's check included
-        numbers |= {"tokens_per_s": n * rows * seq / dt, "step_time_s": dt / n, "mfu": flops * n * rows * seq / dt / peak}
+    if dt is not None and dt > 0:  # recorded whatever the verdict, the reference's check included
+        numbers |= {"tokens_per_s": n * tokens / dt, "step_time_s": dt / n, "mfu": flops * n * tokens / dt / peak}
     # The reference checks the same global batches: in the engine's micro batches where its stack has fused
     # attention (memory linear in the sequence), else one row at a time (unfused scores of 8 x 4096^2 per layer
     # filled an H100).
@@ -248,27 +271,29 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
                     numbers=numbers, message=f"the timed runs' losses were not checked: {stop.message}")
     except GateTimeout as e:  # likewise when the gate's budget ends inside the reference's run
         return Part(name="mfu", verdict="error", numbers=numbers, message=f"the timed runs' losses were not checked: {e}")
-    diffs = {name: (log["losses"] - ref["losses"][: len(log["losses"])].double()).abs() / ref["losses"][: len(log["losses"])].double().abs()
-             for name, log in logs.items()}
-    worst_mean = max(float(d.mean()) for d in diffs.values())
-    numbers["loss_mean_rel_diff"] = worst_mean
+    numbers |= loss_diffs(log["losses"], ref["losses"])
+    worst_mean = numbers["loss_mean_rel_diff"]
     if not worst_mean < o.long_train_threshold:
         return Part(name="mfu", verdict="failed", numbers=numbers,
-                    message=f"the timed runs' losses differ from the reference's on the same data (mean relative "
+                    message=f"the timed run's losses differ from the reference's on the same data (mean relative "
                             f"difference {worst_mean:.3e} >= {o.long_train_threshold:g}): the timed work is not the "
                             "training the reference does")
+    if dt is None:
+        return Part(name="mfu", verdict="failed", numbers=numbers,
+                    message=f"the gate never saw some of the timed steps' log lines appear ({lines['lines_missing']}): "
+                            "the training contract asks for each step's line as the step ends")
     if dt <= 0:
         return Part(name="mfu", verdict="failed", numbers=numbers,
-                    message=f"the {2 * n}-step run took {walls['2N']:.1f}s, no longer than the {n}-step run "
-                            f"({walls['N']:.1f}s): the gate cannot time steps that cost nothing")
+                    message=f"the log lines of steps {settle + 1}..{total} all appeared at once: the gate cannot time "
+                            "steps whose lines are not written as they end (the training contract asks for that)")
     if dt < floor_s:
         return Part(name="mfu", verdict="error", numbers=numbers,
-                    message=f"the timed window ({n} steps: wall(2N) - wall(N) = {dt:.1f}s) is shorter than "
-                            f"{floor_s:g}s, too short to time against the runs' start-up; raise "
-                            f"speed_steps (the sizing took N from the warm run's logged step times)")
+                    message=f"the timed window ({n} steps: {dt:.1f}s between the arrivals of the lines of steps "
+                            f"{settle} and {total}) is shorter than {floor_s:g}s; raise speed_steps or "
+                            "speed_target_timed_s (the sizing took the step count from the warm run's logged step times)")
     tps, mfu = numbers["tokens_per_s"], numbers["mfu"]
     ok = mfu >= o.mfu_threshold
     return Part(name="mfu", verdict="passed" if ok else "failed", numbers=numbers,
                 message=f"MFU {mfu:.2%} {'>=' if ok else '<'} {o.mfu_threshold:.2%} on the gate's clock ({tps:,.0f} "
                         f"tokens/s on {device}: {model.name}, seq {seq}, global batch {rows} in micro batches of "
-                        f"{micro}, {n} steps timed as wall(2N) {walls['2N']:.1f}s - wall(N) {walls['N']:.1f}s)")
+                        f"{micro}, {n} steps timed between the arrivals of the lines of steps {settle} and {total})")

@@ -43,16 +43,17 @@ class GateOptions(BaseModel):
     speed_micro_batch_size: int = Field(8, ge=1, description="M5 speed: pretrain --micro-batch-size")
     speed_global_batch_size: int = Field(64, ge=1, description="M5 speed: pretrain --global-batch-size (accumulation "
                                          "= global / micro: real pretraining accumulates)")
-    speed_steps: int = Field(10, ge=2, description="M5 speed: N, the gate times N steps as the wall time of a 2N-step "
-                             "run minus an N-step run (start-up cancels); raised to reach speed_target_timed_s")
+    speed_steps: int = Field(10, ge=2, description="M5 speed: the warm run's steps and the fewest timed steps N "
+                             "(raised to reach speed_target_timed_s)")
+    speed_settle_steps: int = Field(5, ge=1, description="M5 speed: S, the timed run's steps before its window "
+                                    "(compile, CUDA-graph capture); the window runs from step S's log line to step "
+                                    "S+N's")
     speed_target_timed_s: float | None = Field(None, ge=0, description="M5 speed: N is raised (up to speed_max_steps) "
                                                "so the timed window should last this long, sized from the warm run's "
                                                "logged step times (a claim used for sizing only: the figure is the "
-                                               "gate's walls). None: 40 s on a GPU (the two runs' one-time costs differ by 1-3 s: "
-                                               "under 5 % of it), 0 on a CPU (CPU timing is tests')")
-    speed_min_timed_s: float | None = Field(None, ge=0, description="M5 speed: a timed window wall(2N) - wall(N) "
-                                            "shorter than this is `error` (start-up varies by 1-3 s between runs on "
-                                            "an H200). None: 12 s on a GPU, 0 on a CPU")
+                                               "gate's clock). None: 20 s on a GPU, 0 on a CPU (CPU timing is tests')")
+    speed_min_timed_s: float | None = Field(None, ge=0, description="M5 speed: a timed window shorter than this is "
+                                            "`error`. None: 5 s on a GPU, 0 on a CPU")
     speed_max_steps: int = Field(200, ge=2, description="M5 speed: the most N the sizing may choose")
     cpu_peak_tflops: float | None = Field(None, gt=0, description="tests only: a peak for the CPU so M5's speed part "
                                           "runs there (without it the part is `unsupported` on a CPU)")
@@ -77,6 +78,6 @@ class GateOptions(BaseModel):
     def speed_window_s(self) -> tuple[float, float]:
         """(target, floor) of M5's timed window in seconds, the device's defaults filled in."""
         gpu = self.device != "cpu"
-        target = self.speed_target_timed_s if self.speed_target_timed_s is not None else (40.0 if gpu else 0.0)
-        floor = self.speed_min_timed_s if self.speed_min_timed_s is not None else (12.0 if gpu else 0.0)
+        target = self.speed_target_timed_s if self.speed_target_timed_s is not None else (20.0 if gpu else 0.0)
+        floor = self.speed_min_timed_s if self.speed_min_timed_s is not None else (5.0 if gpu else 0.0)
         return target, floor

@@ -77,6 +77,7 @@ class GateCheck(_Strict):
     speed_micro_batch_size: int | None = Field(None, ge=1)
     speed_global_batch_size: int | None = Field(None, ge=1)
     speed_steps: int | None = Field(None, ge=2)
+    speed_settle_steps: int | None = Field(None, ge=1, description="M5 speed: the timed run's steps before its window")
     pretrain_args: list[str] | None = Field(None, description="production flags added to every gated `pretrain`")
     timeout_s: float | None = Field(None, gt=0, description="a gate over time is verdict `error` (timeout)")
     sandbox: Literal["required", "preferred", "off"] | None = Field(

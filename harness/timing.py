@@ -1,5 +1,6 @@
 """The election's clock for ops stages: the gates' own, M5's speed part (the engine's `pretrain` at its defaults,
-timed from outside as wall(2N steps) - wall(N steps), its timed steps' losses checked against the reference).
+timed from outside by the arrivals of its log lines on the gate's clock, its timed steps' losses checked against
+the reference).
 The engine's own figures (`bench`, `step_time_s` in its log) are never read. A timing that fails, times out, lacks
 the metric, or whose losses differ from the reference's yields None: a candidate without a time is never elected.
 """

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-global-batch-size", type=int, default=64)
     ap.add_argument("--speed-micro-batch-size", type=int, default=8)
     ap.add_argument("--speed-target-timed-s", type=float, default=None,
-                    help="M5 speed part's timed window (default: the gates' own, 40 s on a GPU)")
+                    help="M5 speed part's timed window (default: the gates' own, 20 s on a GPU)")
     ap.add_argument("--mfu-threshold", type=float, default=0.36)
     ap.add_argument("--m5-parts", default="both", choices=("both", "loss", "mfu"),
                     help="M5's parts to run (one alone fits a 10-minute device call; the other reads unsupported)")

@@ -148,7 +148,7 @@ def stage(ctx: Context, a: argparse.Namespace) -> Plan:
 
 
 @part("m5", "the engine's bench at micro batch 8, then M5 (loss part and pretrain at its defaults) on the gate's clock",
-      opt("--speed-steps", type=int, default=10, help="M5 speed part's timed steps (default 10)"),
+      opt("--speed-steps", type=int, default=10, help="M5 speed part's warm-run steps and fewest timed steps (default 10)"),
       opt("--speed-global-batch-size", type=int, default=64, help="M5 speed part's global batch (default 64)"),
       opt("--long-train-steps", type=int, default=20, help="M5 loss part's steps (default 20)"),
       opt("--gate-timeout-s", type=int, default=420, help="M5's own timeout (default 420)"),
@@ -157,7 +157,7 @@ def stage(ctx: Context, a: argparse.Namespace) -> Plan:
       fwd("--m5-parts", str, "which parts of M5 run", "gate_stage.py", choices=("both", "loss", "mfu")),
       fwd("--mfu-threshold", float, "M5's MFU bar", "gate_stage.py"),
       fwd("--speed-seq-length", int, "M5 speed part's sequence length", "gate_stage.py"),
-      fwd("--speed-target-timed-s", float, "M5 speed part's timed window (the gates' default: 40 s on a GPU)",
+      fwd("--speed-target-timed-s", float, "M5 speed part's timed window (the gates' default: 20 s on a GPU)",
           "gate_stage.py"),
       fwd("--seed", int, "the case's seed", "gate_stage.py"),
       opt("--speed-micro-batch-size", type=int, default=8, help="M5 speed part's micro batch (default 8)"),

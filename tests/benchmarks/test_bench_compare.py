@@ -196,7 +196,7 @@ def test_an_engine_gets_a_gate_timed_row_beside_its_own_bench(tmp_path) -> None:
     row = gate_timed_row(stack, args, 2, tmp_path, None)
     n = row["gate"]["numbers"]
     assert row["status"] == "ok", row.get("message")
-    assert row["tokens_per_s"] == pytest.approx(200 * 2 * 16 / (n["wall_2n_s"] - n["wall_n_s"]))
+    assert row["tokens_per_s"] == pytest.approx(200 * 2 * 16 / n["timed_window_s"])
     assert (row["global_batch_size"], n["micro_batch_size"], n["seq_length"]) == (2, 2, 16)
     assert n["loss_mean_rel_diff"] < 1e-2 and row["source"] == "gate"
     no_peak = gate_timed_row(stack, compare.parse_args(["--model", "tiny", "--device", "cpu"]), 2, tmp_path / "b", None)

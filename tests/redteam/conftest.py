@@ -36,7 +36,7 @@ def seed_where(pred, start: int = SEED, tries: int = 1000) -> int:
 
 
 # M5's speed part on a CPU (a test-only peak of 10 GFLOP/s, so the part runs): one micro batch of 2 x 16
-# tokens per step, 200 steps timed as wall(400) - wall(200). A correct rt_base step takes ~7-10 ms on this
+# tokens per step, 200 steps timed between the arrivals of the log lines of steps 5 and 205. A correct rt_base step takes ~7-10 ms on this
 # box (MFU ~80-120 % of that peak, above the default 36 %); fake_speed sleeps 50 ms more per step (~15 %).
 # spec_claims_48_layers is held to 300 %: beyond its real speed, within reach had the gate taken its
 # claimed 48-layer model's FLOPs (~6x a drawn 3-4 layer tiny model's). Calibrated to a CPU like this one.
