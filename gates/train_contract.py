@@ -21,7 +21,8 @@
 - The log: JSONL, one object per optimizer step with at least `step` (1-based), `loss`, `grad_norm`
   (before clipping), `lr` and `valid_tokens` (labels != -100 in the step's global batch: which batch the
   step trained on). The gate reads only these; the engine's own timing fields are printed beside the
-  gate's figures and never decide a verdict.
+  gate's figures and never decide a verdict. Each step's line is written (and flushed) once the step's loss
+  is known, not held for later: M5's speed part times steps by when their lines appear (gates/line_clock.py).
 - `--exit-after-steps K`: stop after K steps of this invocation, with a checkpoint; `--resume` then
   continues from `--save-dir`'s newest checkpoint as if never stopped (bit for bit on the same hardware).
 - `--deterministic`: deterministic kernels, so two processes on the same data give the same bits; M8 passes it
