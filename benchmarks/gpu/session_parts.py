@@ -541,6 +541,36 @@ def tune(ctx: Context, a: argparse.Namespace) -> Plan:
                       *PARTS["tune"].forwarded(a), timeout_s=a.timeout_s),))
 
 
+@part("startup", "pretrain's one-time costs run by run (startup_probe.py): stdout, log lines and exit stamped, "
+      "dirty pages before each run",
+      timeout(400, "startup_probe.py"),
+      opt("--runs", nargs="+", default=["warm:10", "N:50", "2N:100"], metavar="NAME:STEPS[:nosave]",
+          help="the runs in order (default warm:10 N:50 2N:100)"),
+      fwd("--global-batch", int, "", "startup_probe.py"), fwd("--micro-batch", int, "", "startup_probe.py"))
+def startup(ctx: Context, a: argparse.Namespace) -> Plan:
+    d = ctx.part_dir("startup")
+    return Plan((step(PY, "benchmarks/gpu/startup_probe.py", "--out", d, "--runs", *a.runs, *PARTS["startup"].forwarded(a),
+                      timeout_s=a.timeout_s),
+                 step("rm", "-rf", d / "work"),))
+
+
+@part("elect", "stage 2's integration gate for one candidate (elect.py): the whole step before and after it on the "
+      "gates' clock (M5's speed part), the loop's election rule, optionally M5's loss part on the candidate",
+      timeout(570, "elect.py"),
+      fwd("--set", str, "OP=IMPL of the candidate (with --values)", "elect.py"),
+      fwd("--values", str, "JSON object of the op's parameters", "elect.py"),
+      fwd("--tuned", str, "a tuned-config file: its entry for this runtime is the candidate", "elect.py"),
+      fwd("--order", str, "the timings in order (default before,after)", "elect.py"),
+      fwd("--loss-steps", int, "also M5's loss part on the candidate, this many steps", "elect.py"),
+      fwd("--global-batch-size", int, "M5 speed's global batch (default 64)", "elect.py"),
+      fwd("--micro-batch-size", int, "M5 speed's micro batch (default 8)", "elect.py"),
+      fwd("--target-s", float, "M5 speed's timed window (default: the gates' own)", "elect.py"),
+      fwd("--gate-timeout-s", int, "each gate's budget", "elect.py"))
+def elect(ctx: Context, a: argparse.Namespace) -> Plan:
+    return Plan((step(PY, "-m", "benchmarks.gpu.elect", "--out", ctx.part_dir("elect"), *ctx.sandbox_args(),
+                      *PARTS["elect"].forwarded(a), timeout_s=a.timeout_s),))
+
+
 GATE_MARGIN_S = 30  # after the gate's own timeout: it still writes its report (10 s lost a whole call)
 
 
