@@ -7,9 +7,13 @@ one-time costs (start-up, compile, capture, the final save, exit) fall outside t
 assumed to cancel between two runs: on an H200 they differ by 5-11 s from one run of `pretrain` to the next
 (benchmarks/results/engine-startup-2026-12-04-h200/).
 
-An engine could hold lines back and release them in a burst to shorten a window; `line_window` never takes a
-window shorter than the timed steps x the median gap between consecutive lines, so a backlog released at once
-gains nothing unless it is held for more than half of the timed steps.
+What the window trusts: that line `first` is not held back. An engine that held lines and released them in a
+burst would shorten the window. `line_window` never takes a window shorter than the timed steps x the median gap
+between consecutive lines, so a backlog released at once gains nothing unless it is held for more than half of the
+timed steps. A backlog released at a fake pace is the remaining way to shorten it. The training contract forbids holding
+lines (gates/train_contract.py), and M5 also records the whole run's tokens / wall, a figure no engine can inflate.
+Feeding the batches from the gate as the run consumes them would remove the trust; the contract's token-batches file
+does not allow that yet.
 """
 
 from __future__ import annotations
