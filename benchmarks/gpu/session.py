@@ -4,13 +4,14 @@
 
 session.sh installs what the GPU image lacks, then runs `python3 -m benchmarks.gpu.session` with the same words.
 Parts follow one another; the options after the last part name of a group belong to that part, and `--` starts
-the next group. Everything is checked before anything runs: an unknown part or option runs nothing.
+the next group; a part given again writes <part>-2/ (its own bundle). Everything is checked before anything runs: an unknown part or option runs nothing.
 `PART --help` gives a part's options. Stdlib only: the GPU image runs this before any carried wheel is known to import.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -93,9 +94,6 @@ def parse(words: list[str]) -> Invocation:
             if name in CHECKS:
                 CHECKS[name](a, p)
             parts.append((name, a))
-    seen = [n for n, _ in parts]
-    if dup := sorted({n for n in seen if seen.count(n) > 1}):
-        g.error(f"part {', '.join(dup)} given twice (both would write the same $OUT/<part>.tgz)")
     if parts and not opts.out and not opts.check_only:
         g.error("no output folder: set OUT or pass --out")
     return Invocation(opts, tuple(parts))
@@ -105,7 +103,12 @@ def plans(inv: Invocation, env: dict[str, str] | None = None) -> list[tuple[str,
     """Each part's commands, from its options (nothing runs)."""
     ctx = Context(root=ROOT, out=Path(inv.options.out or ".").absolute(), env=dict(os.environ if env is None else env),
                   gate_sandbox=None if inv.options.gate_sandbox in (None, "required") else inv.options.gate_sandbox)
-    return [(name, PARTS[name].plan(ctx, a), ctx) for name, a in inv.parts]
+    out, seen = [], []
+    for name, a in inv.parts:  # a part given again writes <part>-2, -3, ...
+        seen.append(name)
+        c = dataclasses.replace(ctx, repeat=seen.count(name))
+        out.append((name, PARTS[name].plan(c, a), c))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

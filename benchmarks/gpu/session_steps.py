@@ -26,9 +26,13 @@ class Context:
     out: Path
     env: Mapping[str, str]
     gate_sandbox: str | None = None  # None: the gates' default (required); "preferred" where bwrap cannot run
+    repeat: int = 1  # the part's k-th group in this call: its folder and bundle are <part>-k from the second on
+
+    def label(self, part: str) -> str:
+        return part if self.repeat == 1 else f"{part}-{self.repeat}"
 
     def part_dir(self, part: str) -> Path:
-        return self.out / part
+        return self.out / self.label(part)
 
     def engine_pythonpath(self, src: Path | str | None = None) -> dict[str, str]:
         """An engine's package first on PYTHONPATH (it is not installed on the GPU image): `src`, a source folder
@@ -110,8 +114,9 @@ def _gzip(path: Path) -> None:
 
 
 def run_part(name: str, plan: Plan, ctx: Context) -> int:
-    """Run a part's steps into $OUT/<name>/, print its exit (the last step's) and log tail, bundle it as <name>.tgz."""
-    d = ctx.part_dir(name)
+    """Run a part's steps into $OUT/<label>/, print its exit (the last step's) and log tail, bundle it as <label>.tgz
+    (the label: the part's name, with -k for its k-th group in the call)."""
+    d, name = ctx.part_dir(name), ctx.label(name)
     d.mkdir(parents=True, exist_ok=True)
     log = d / "log.txt"
     log.write_text("")
@@ -134,7 +139,7 @@ def run_part(name: str, plan: Plan, ctx: Context) -> int:
 
 def print_plan(name: str, plan: Plan, ctx: Context) -> None:
     log = ctx.part_dir(name) / "log.txt"
-    print(f"[{name}] -> {ctx.out / (name + '.tgz')}")
+    print(f"[{ctx.label(name)}] -> {ctx.out / (ctx.label(name) + '.tgz')}")
     for s in plan.steps:
         print(f"  {s.describe(log)}")
     for path in plan.gzip:

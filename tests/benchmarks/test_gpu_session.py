@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks.gpu import session
 from benchmarks.gpu.session_parts import PARTS
+from benchmarks.gpu.session_steps import argv_lists
 from benchmarks.gpu.session_steps import Context, Plan, run_part, step
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +76,6 @@ def test_m5_without_its_bench_runs_the_gate_alone(tmp_path: Path) -> None:
     (["ab", "--variant", "a", "--env", "notanassignment"], "expected NAME=VALUE"),
     (["ab", "--variant", "fa4_x"], "needs --fa4-launch"),
     (["ab", "--variant", "a", "--variant", "a"], "given twice"),
-    (["stage", "--", "stage"], "part stage given twice"),
     (["stage", "--seq-length", "long"], "invalid int value"),
     (["--"], "expected a part name"),
     (["m5", "--timeout-s", "330", "--gate-timeout-s", "320"], "less than 30 s to write its report"),
@@ -254,3 +254,15 @@ def test_an_ab_variant_runs_another_engine_version_from_its_source_folder(tmp_pa
     assert paths == [("now_r1.json", now), ("before_r1.json", before), ("now_r2.json", now), ("before_r2.json", before)]
     with pytest.raises(SystemExit):
         _plans(["ab", "--engine-src", "/tmp/old/src", "--variant", "x"], tmp_path / "b")
+
+
+def test_a_part_given_again_writes_its_own_folder_and_bundle(tmp_path: Path) -> None:
+    """m5 at two global batches in one call: m5/ and m5-2/ (each its own .tgz), each with its own options."""
+    inv = session.parse(["--out", str(tmp_path), "m5", "--m5-parts", "mfu", "--", "m5", "--no-bench", "--m5-parts", "mfu",
+                         "--speed-global-batch-size", "8"])
+    (n1, plan1, c1), (n2, plan2, c2) = session.plans(inv)
+    assert (n1, n2) == ("m5", "m5") and (c1.label("m5"), c2.label("m5")) == ("m5", "m5-2")
+    assert c1.part_dir("m5") == tmp_path / "m5" and c2.part_dir("m5") == tmp_path / "m5-2"
+    gate1, gate2 = (next(a for a in argv_lists(p) if "benchmarks.gpu.gate_stage" in a) for p in (plan1, plan2))
+    assert gate1[gate1.index("--out") + 1] == str(tmp_path / "m5") and gate2[gate2.index("--out") + 1] == str(tmp_path / "m5-2")
+    assert gate2[gate2.index("--speed-global-batch-size") + 1] == "8" and len(argv_lists(plan1)) == 2
