@@ -214,7 +214,8 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
     device, peak, why = device_peak(g)
     if peak is None:
         return Part(name="mfu", verdict="unsupported", message=why, numbers={"threshold": o.mfu_threshold})
-    n, rows, micro, seq, settle = o.speed_steps, o.speed_global_batch_size, o.speed_micro_batch_size, o.speed_seq_length, o.speed_settle_steps
+    n, settle, rows, micro = o.speed_steps, o.speed_settle_steps, o.speed_global_batch_size, o.speed_micro_batch_size
+    seq = o.speed_seq_length
     if rows % micro:
         return Part(name="mfu", verdict="error", message=f"speed_global_batch_size {rows} is not a multiple of "
                     f"speed_micro_batch_size {micro}")
