@@ -300,7 +300,9 @@ def headline(root: Path, result: str, paths: list[str]) -> tuple[dict[str, Stack
 
 BENCH = " bench"  # the metric keys of an engine bench JSON inside a folder result: "<file> bench tokens_per_s", "... mfu"
 CLOCK = " mfu part"  # the metric keys of M5's speed part: "<report> mfu part" (verdict), "... tokens_per_s", ...
-CLOCK_NUMBERS = ("tokens_per_s", "mfu", "global_batch_size", "seq_length")
+CLOCK_NUMBERS = ("tokens_per_s", "mfu", "global_batch_size", "seq_length", "clock")
+# how the gate timed it: one run's log lines (gates/line_clock.py), or, in reports before that, two runs' walls
+CLOCKS = {True: "log lines", False: "walls 2N-N"}
 
 
 def gate_clock(key: str, report: dict) -> dict[str, float | int | str]:
@@ -309,8 +311,8 @@ def gate_clock(key: str, report: dict) -> dict[str, float | int | str]:
     numbers = (part or {}).get("numbers") or {}
     if not isinstance(numbers.get("tokens_per_s"), (int, float)):
         return {}
-    out: dict[str, float | int | str] = {key + CLOCK: part["verdict"]}
-    for name in CLOCK_NUMBERS:
+    out: dict[str, float | int | str] = {key + CLOCK: part["verdict"], f"{key}{CLOCK} clock": CLOCKS["lines_span_s" in numbers]}
+    for name in CLOCK_NUMBERS[:-1]:
         if isinstance(numbers.get(name), (int, float)):
             out[f"{key}{CLOCK} {name}"] = _round(numbers[name], 6) if isinstance(numbers[name], float) else numbers[name]
     return out
@@ -472,8 +474,8 @@ def end_marker(name: str) -> str:
 def gate_clock_table(entries: list[Entry]) -> str:
     """Every current result's M5 speed parts (what users run, timed by the gate), newest first."""
     order = {e.id: n for n, e in enumerate(entries)}
-    lines = ["| result | device | commit | M5 speed part | tokens/s | MFU | global batch x seq | `bench` in the same result "
-             "| gate / bench |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| result | device | commit | M5 speed part | clock | tokens/s | MFU | global batch x seq | `bench` in the same "
+             "result | gate / bench |", "|---|---|---|---|---|---|---|---|---|---|"]
     for e in sorted(entries, key=lambda e: (e.date, order[e.id]), reverse=True):
         if e.status != "current":
             continue
@@ -483,7 +485,7 @@ def gate_clock_table(entries: list[Entry]) -> str:
             where = f"[`{e.id}/{r['report']}`](benchmarks/results/{e.id}/{r['report']}.json)"
             ratio = ", ".join(f"{r['tokens_per_s'] / t:.3f}" for t, _, _ in benches) or "-"
             lines.append(f"| {where} | {e.device} | {'`' + e.commit[:7] + '`' if e.commit else 'not recorded'} | "
-                         f"{r['verdict']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f} % | "
+                         f"{r['verdict']} | {r['clock'] or CLOCKS[False]} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f} % | "
                          f"{r['global_batch_size']} x {r['seq_length']} | {bench} | {ratio} |")
     return "\n".join(lines)
 

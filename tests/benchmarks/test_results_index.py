@@ -126,9 +126,10 @@ def test_the_gate_clock_figures_come_from_the_reports_and_fill_the_repository_re
     entry = {e.id: e for e in load(root)}["gates/2026-12-03-h200-m5-verdict"]
     [row] = gate_clock_rows(entry)
     assert row == {"report": "call2_gb64/m5_long_train", "verdict": "passed", "tokens_per_s": pytest.approx(154684.6, abs=0.1),
-                   "mfu": pytest.approx(0.501376, abs=1e-6), "global_batch_size": 64, "seq_length": 4096}
+                   "mfu": pytest.approx(0.501376, abs=1e-6), "global_batch_size": 64, "seq_length": 4096,
+                   "clock": "walls 2N-N"}
     text = top.read_text()
-    assert "| passed | 154,685 | 50.1 % | 64 x 4096 |" in text and text.endswith(f"{end_marker('compare')}\nafter\n")
+    assert "| passed | walls 2N-N | 154,685 | 50.1 % | 64 x 4096 |" in text and text.endswith(f"{end_marker('compare')}\nafter\n")
     assert "| 163,723 (53.1 %, micro batch 8) | 0.945 |" in text  # the same result's bench beside the gate's figure
     assert "| train_engine_0.5B | 8 | 158,241 | 51.3 % | 31.1 |" in text  # the current comparison's rows
     assert "train_engine_0.5B / torch-compile = 1.294x" in text and f"{end_marker('gate-clock')}\nmid\n" in text
