@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import _quack, space
 from ...core.errors import EngineError
 from .._hopper import require_hopper_half
+from ..table import quack_widths
 from .triton_fused import HAS_TRITON, LINEAR_CE_CHUNK, _linear_ce_sum  # noqa: F401 - HAS_TRITON: read by the registry
 
 UNAVAILABLE_REASON = _quack.UNAVAILABLE_REASON
@@ -24,8 +25,7 @@ UNAVAILABLE_REASON = _quack.UNAVAILABLE_REASON
 def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     """The registry op (reference.py's signature): sum of CE(x @ weight^T, labels) over labels != -100."""
     require_hopper_half(x, "linear_cross_entropy=quack_triton", "triton_fused")
-    if x.shape[-1] % 8 or weight.shape[0] % 8:  # quack's GEMMs take 16-byte row strides; its own error names none
-        raise EngineError(f"ops.linear_cross_entropy=quack_triton needs hidden size and vocabulary multiples of 8, "
-                          f"not {x.shape[-1]} and {weight.shape[0]}; use triton_fused")
+    if why := quack_widths(x.shape[-1], weight.shape[0]):  # quack's own error names no width
+        raise EngineError(f"ops.linear_cross_entropy=quack_triton needs {why}; use triton_fused")
     lse = space.value("linear_cross_entropy", "quack_triton", "lse_epilogue")
     return _linear_ce_sum(x, weight, labels, 1.0, LINEAR_CE_CHUNK, gemms="quack_lse" if lse else "quack")

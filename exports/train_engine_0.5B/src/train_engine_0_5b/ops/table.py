@@ -118,10 +118,18 @@ def _fa4_shapes(d: Any) -> str | None:
     return None if ok else f"FA4 needs a head dim that is a multiple of 8 in 8..256, not {d.head_dim}"
 
 
+def quack_widths(hidden: int, vocab: int) -> str | None:
+    """What quack's GEMMs need and these widths lack (their row strides must be 16 bytes: multiples of 8 in bf16),
+    or None; read by the table below and by the op itself."""
+    ok = hidden % 8 == 0 and vocab % 8 == 0
+    return None if ok else f"hidden size and vocabulary multiples of 8, not {hidden} and {vocab}"
+
+
 def _quack_ce_shapes(d: Any) -> str | None:
-    """quack's GEMMs take row strides of 16 bytes: hidden size and vocabulary multiples of 8 (bf16)."""
-    ok = d.hidden % 8 == 0 and d.vocab % 8 == 0
-    return None if ok else f"quack's GEMMs need hidden size and vocabulary multiples of 8, not {d.hidden} and {d.vocab}"
+    why = quack_widths(d.hidden, d.vocab)
+    return None if why is None else f"quack's GEMMs need {why}"
+
+
 _ROPE = {"num_warps": Param(None, (None, 1, 2, 4, 8), _BY_SHAPE)}
 
 TABLE: tuple[OpSpec, ...] = (
