@@ -25,6 +25,12 @@ from harness.workspace import RoundTree
 ELECTION_MARGIN = 0.01  # a step time within 1 % of the best is noise, not an election
 
 
+def beats(value: float, best: float, minimize: bool) -> bool:
+    """The election's rule: `value` is better than `best` by more than ELECTION_MARGIN."""
+    gain = 1 + ELECTION_MARGIN
+    return value * gain < best if minimize else value > best * gain
+
+
 class Election(LoopParts):
     """ForgeLoop's election for ops stages."""
 
@@ -134,9 +140,7 @@ class Election(LoopParts):
             return False
         value, note = self.step_clock(rt.engine_dir, timing, self.spec)
         rec.timing = value
-        gain = 1 + ELECTION_MARGIN
-        better = value is not None and ctx.best is not None and (value * gain < ctx.best if timing.minimize
-                                                                  else value > ctx.best * gain)
+        better = value is not None and ctx.best is not None and beats(value, ctx.best, timing.minimize)
         rec.elected = better
         rec.note = None if better else (note if value is None else "not faster on the gates' clock" if ctx.best is
                                         not None else "the baseline has no time on the gates' clock: nothing to beat")

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from gates.launch import Engine
+    from gates.options import GateOptions
+    from gates.report import Part
     from harness.spec import ForgeSpec, TimingSpec
 
 # (engine dir, the stage's [stages.timing], the spec) -> (figure or None, a one-line note); tests pass fakes
@@ -24,27 +27,34 @@ def gate_step_clock(engine_dir: Path, timing: "TimingSpec", spec: "ForgeSpec") -
                            timeout_s=timing.timeout_s, options={"tp": spec.hardware.tp} | timing.options)
 
 
+def speed_part_on(engine: "Engine", options: "GateOptions") -> "Part":
+    """M5's speed part on `engine` with `options`: the verdict, message and numbers of the gate's own clock."""
+    from gates.context import GateRun
+    from gates.m5_long_train import speed_part
+    from gates.model_config import preset
+
+    g = GateRun("m5_long_train", engine, options)
+    try:
+        return speed_part(g, preset(options.case))
+    finally:
+        g.cleanup()
+
+
 def run_gate_timing(engine_dir: Path, *, case: str, device: str, metric: str, timeout_s: float,
                     options: dict) -> tuple[float | None, str]:
     """(metric or None, note) from M5's speed part on `engine_dir`: the gate's own clock, never the engine's."""
-    from gates.context import GateRun
     from gates.launch import EngineLayoutError, discover_engine
-    from gates.m5_long_train import speed_part
-    from gates.model_config import preset
     from gates.runner import GateOptions
 
     try:
         engine = discover_engine(engine_dir)
     except EngineLayoutError as e:
         return None, f"gate timing: {e}"
-    g = GateRun("m5_long_train", engine, GateOptions(case=case, device=device, timeout_s=timeout_s,
-                                                     **({"mfu_threshold": 0.0} | options)))
+    gate_options = GateOptions(case=case, device=device, timeout_s=timeout_s, **({"mfu_threshold": 0.0} | options))
     try:
-        part = speed_part(g, preset(case))
+        part = speed_part_on(engine, gate_options)
     except Exception as e:  # noqa: BLE001 - a timing that breaks is a candidate without a time
         return None, f"gate timing crashed: {type(e).__name__}: {e}"
-    finally:
-        g.cleanup()
     value = part.numbers.get(metric)
     if part.verdict != "passed" or not isinstance(value, (int, float)):
         return None, f"gate timing {part.verdict}: {part.message[:300]}"

@@ -108,30 +108,24 @@ def idle_ops(engine: Path, ops: dict, device: str) -> list[str]:
 
 
 def time_step(engine: Path, a: argparse.Namespace) -> dict:
-    """M5's speed part on `engine`: its verdict, message and numbers (the gates' clock)."""
-    from gates.context import GateRun
+    """M5's speed part on `engine` (harness/timing.py, as the loop's clock): its verdict, message and numbers."""
     from gates.launch import discover_engine
-    from gates.m5_long_train import speed_part
-    from gates.model_config import preset
     from gates.options import GateOptions
+    from harness.timing import speed_part_on
 
     options = GateOptions(case=a.case, device=a.device, timeout_s=a.gate_timeout_s, mfu_threshold=0.0,
                           speed_global_batch_size=a.global_batch_size, speed_micro_batch_size=a.micro_batch_size,
                           speed_seq_length=a.seq_length, speed_steps=a.speed_steps, speed_target_timed_s=a.target_s,
                           cpu_peak_tflops=a.cpu_peak_tflops, **({"sandbox": a.sandbox} if a.sandbox else {}))
-    g = GateRun("m5_long_train", discover_engine(engine), options)
     t0 = time.monotonic()
-    try:
-        part = speed_part(g, preset(a.case))
-    finally:
-        g.cleanup()
+    part = speed_part_on(discover_engine(engine), options)
     return {"verdict": part.verdict, "message": part.message, "numbers": part.numbers, "gate_s": time.monotonic() - t0}
 
 
 def decide(timings: list[dict]) -> dict:
     """The loop's rule on the step times (harness/election.py): the candidate's best 'after' against the
     baseline's best 'before'; a timing that did not pass has no time."""
-    from harness.election import ELECTION_MARGIN
+    from harness.election import ELECTION_MARGIN, beats
 
     def best(which: str) -> float | None:
         times = [t["numbers"]["step_time_s"] for t in timings if t["which"] == which and t["verdict"] == "passed"
@@ -142,7 +136,7 @@ def decide(timings: list[dict]) -> dict:
     if before is None or after is None:
         return {"elected": False, "before_step_s": before, "after_step_s": after, "margin": ELECTION_MARGIN,
                 "why": "a side has no time on the gates' clock: nothing to elect"}
-    elected = after * (1 + ELECTION_MARGIN) < before
+    elected = beats(after, before, minimize=True)
     return {"elected": elected, "before_step_s": before, "after_step_s": after, "speedup": before / after,
             "margin": ELECTION_MARGIN, "why": "faster on the gates' clock by more than the margin" if elected else
             "not faster on the gates' clock by more than the margin"}
