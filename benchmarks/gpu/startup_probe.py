@@ -17,11 +17,15 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-ENGINE_SRC = Path(__file__).resolve().parents[2] / "exports" / "train_engine_0.5B" / "src"
+REPO = Path(__file__).resolve().parents[2]
+ENGINE_SRC = REPO / "exports" / "train_engine_0.5B" / "src"
+sys.path.insert(0, str(REPO))  # run as a script: the gates' line clock and log reader
+
+from gates.line_clock import LineClock  # noqa: E402
+from gates.pretrain_runs import logged_step_times  # noqa: E402
 
 
 def meminfo() -> dict[str, int]:
@@ -34,21 +38,6 @@ def meminfo() -> dict[str, int]:
     return out
 
 
-def watch_log(path: Path, t0: float, stop: threading.Event, stamps: list[tuple[float, str]]) -> None:
-    """Stamp each whole line of `path` when it appears (polled every 2 ms)."""
-    seen = b""
-    while not stop.is_set():
-        if path.is_file():
-            data = path.read_bytes()
-            if len(data) > len(seen):
-                new = data[len(seen):]
-                whole = new[: new.rfind(b"\n") + 1]
-                now = time.monotonic() - t0
-                stamps += [(now, ln.decode(errors="replace")) for ln in whole.splitlines() if ln.strip()]
-                seen += whole
-        time.sleep(0.002)
-
-
 def run_one(name: str, steps: int, save: bool, work: Path, batches: Path, a: argparse.Namespace) -> dict:
     log, save_dir = work / f"{name}.jsonl", work / f"save-{name}"
     log.unlink(missing_ok=True)
@@ -59,34 +48,21 @@ def run_one(name: str, steps: int, save: bool, work: Path, batches: Path, a: arg
             "--warmup-steps", "2", "--seed", "7", "--log-file", str(log)] + (["--save-dir", str(save_dir)] if save else [])
     env = dict(os.environ, PYTHONPATH=f"{ENGINE_SRC}:{os.environ.get('PYTHONPATH', '')}", PYTHONUNBUFFERED="1")
     before = meminfo()
-    stamps: list[tuple[float, str]] = []
     out_lines: list[tuple[float, str]] = []
-    stop = threading.Event()
     t0 = time.monotonic()
-    watcher = threading.Thread(target=watch_log, args=(log, t0, stop, stamps), daemon=True)
-    watcher.start()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        out_lines.append((time.monotonic() - t0, line.rstrip()[:300]))
-    rc = proc.wait(timeout=a.timeout_s)
-    wall = time.monotonic() - t0
-    time.sleep(0.05)
-    stop.set()
-    watcher.join()
+    with LineClock(log) as clock:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out_lines.append((time.monotonic() - t0, line.rstrip()[:300]))
+        rc = proc.wait(timeout=a.timeout_s)
+        wall = time.monotonic() - t0
     after = meminfo()
     t = time.monotonic()
     shutil.rmtree(save_dir, ignore_errors=True)
     rm_s = time.monotonic() - t
-    arrivals, engine_times = [], []
-    for when, text in stamps:
-        try:
-            rec = json.loads(text)
-        except ValueError:
-            continue
-        if "step" in rec and "step_time_s" in rec:
-            arrivals.append((rec["step"], round(when, 4)))
-            engine_times.append(rec["step_time_s"])
+    arrivals = [(step, round(when - t0, 4)) for step, when in sorted(clock.stamps.items())]
+    engine_times = logged_step_times(log)
     return {"name": name, "steps": steps, "save": save, "rc": rc, "wall_s": round(wall, 3), "rmtree_s": round(rm_s, 3),
             "meminfo_before_kb": before, "meminfo_after_kb": after, "log_arrivals": arrivals,
             "engine_step_times_s": engine_times, "stdout": out_lines[-60:]}
@@ -129,7 +105,6 @@ def main() -> None:
               f"engine sum {sum(r['engine_step_times_s']):.2f}  rmtree {r['rmtree_s']}s  "
               f"dirty/wb before {r['meminfo_before_kb']['Dirty'] // 1024}/{r['meminfo_before_kb']['Writeback'] // 1024} MB",
               flush=True)
-        shutil.rmtree(a.out / "work" / f"save-{name}", ignore_errors=True)
         (a.out / "startup_probe.json").write_text(json.dumps({"runs": results, "args": vars(a) | {"out": str(a.out)}},
                                                              indent=1, default=str))
     (work / "batches.safetensors").unlink()
