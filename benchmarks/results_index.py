@@ -312,7 +312,7 @@ def gate_clock(key: str, report: dict) -> dict[str, float | int | str]:
     if not isinstance(numbers.get("tokens_per_s"), (int, float)):
         return {}
     out: dict[str, float | int | str] = {key + CLOCK: part["verdict"], f"{key}{CLOCK} clock": CLOCKS["lines_span_s" in numbers]}
-    for name in CLOCK_NUMBERS[:-1]:
+    for name in CLOCK_NUMBERS:  # the clock's own key is the string set above, never a number
         if isinstance(numbers.get(name), (int, float)):
             out[f"{key}{CLOCK} {name}"] = _round(numbers[name], 6) if isinstance(numbers[name], float) else numbers[name]
     return out
