@@ -17,8 +17,8 @@ Parts and their rules:
   timed run runs, the gate stamps each log line's arrival on its own clock (gates/line_clock.py): a line
   carries its step's loss, checked below, so it cannot appear before the step is done. Tokens/s = N x rows x
   seq / (arrival of line S+N - arrival of line S), never more than the median gap between lines allows: the
-  run's one-time costs (start-up, compile, capture, the final save) stay outside the window, where two runs'
-  walls left 5-11 s of them inside it on an H200. A window under `speed_min_timed_s` is `error`; lines
+  run's one-time costs (start-up, compile, capture, the final save) stay outside the window: they vary by
+  seconds between runs (gates/line_clock.py says how much). A window under `speed_min_timed_s` is `error`; lines
   that never appear or appear all at once are `failed` (the contract asks for each step's line as it ends).
   FLOPs per token come from the case's model
   (the forge spec's), docs/DESIGN.md's formula, never from the engine's files; the device and its peak are

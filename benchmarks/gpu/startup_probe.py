@@ -1,5 +1,5 @@
-"""Where `pretrain`'s one-time costs go, run by run: how much two runs of the same command differ outside their
-steps (what a clock made of two runs' walls cannot cancel; M5's speed part now times one run's log lines).
+"""Where `pretrain`'s one-time costs go, run by run, and how much two runs of the same command differ outside
+their steps.
 
 Each run is one `pretrain` process of the 0.5B at its defaults on random token batches (no --init-from).
 This script stamps, on its own clock: the launch, every stdout line, every JSONL log line as it appears,
