@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 
 import torch
 
@@ -228,16 +229,19 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
                                   label=f"speed case ({steps} steps)")
 
     target_s, floor_s = o.speed_window_s()
+    t_case = time.monotonic()
     spec, case = speed_case(settle + n)
     box = PretrainBox(g, case)
-    walls: dict[str, float] = {}
+    walls: dict[str, float] = {"cases": time.monotonic() - t_case}
     try:
         walls["warm"], _ = timed_run(g, box, "warm", n)
         n = sized_steps(logged_step_times(box.log("warm")), n, target_s, o.speed_max_steps)
         total = settle + n
         if total != spec.steps:  # the timed case, on the same weights, in the same box; the warm run's caches apply
+            t_case = time.monotonic()
             spec, case = speed_case(total, weights=case.weights)
             box.use_case(case)
+            walls["cases"] += time.monotonic() - t_case
         walls["timed"], stamps = timed_run(g, box, "timed", total)
         log = box.series("timed", 1, total, "speed run")
     except GateStop as stop:
@@ -251,6 +255,7 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
                "global_batch_size": rows, "micro_batch_size": micro, "settle_steps": settle, "timed_steps": n,
                "run_steps": total, "clock": "gate-stamped arrivals of the run's log lines (gates/line_clock.py)",
                "timed_window_s": dt, "min_timed_s": floor_s, "wall_warm_s": walls["warm"], "wall_timed_s": walls["timed"],
+               "wall_cases_s": round(walls["cases"], 3), "gate_budget_s": o.timeout_s,
                "whole_run_tokens_per_s": total * tokens / walls["timed"], **lines,
                "engine_log_last_line": metrics_line(box.log("timed")),
                "engine_steps_sum_s_timed": round(sum(claimed["timed"][settle:total]), 3),
@@ -263,15 +268,20 @@ def speed_part(g: GateRun, model: MiniCPMConfig) -> Part:
     stack = SPEED_STACKS.get(o.reference)
     ref_micro = micro if stack is not None else 1
     ref_spec = spec.model_copy(update={"micro_batch_size": ref_micro, "grad_accum": rows // ref_micro})
+    t_ref = time.monotonic()  # where the budget went is recorded, so a run that ran out says which phase to grow
     try:
         ref = g.reference_probe("steps", g.write_case(ref_spec, batches=case.batches, weights=case.weights,
                                                       label=f"the speed case, {ref_micro} row(s) per reference micro batch"),
                                 twin=False, stack=stack or o.reference)
     except GateStop as stop:  # the clock's numbers stay in the report; without the loss check they decide nothing
+        numbers["wall_reference_s"] = round(time.monotonic() - t_ref, 3)
         return Part(name="mfu", verdict="error" if stop.verdict in ("passed", "unsupported") else stop.verdict,
                     numbers=numbers, message=f"the timed run's losses were not checked: {stop.message}")
     except GateTimeout as e:  # likewise when the gate's budget ends inside the reference's run
-        return Part(name="mfu", verdict="error", numbers=numbers, message=f"the timed run's losses were not checked: {e}")
+        numbers["wall_reference_s"] = round(time.monotonic() - t_ref, 3)
+        return Part(name="mfu", verdict="error", numbers=numbers, message=f"the timed run's losses were not checked: "
+                    f"{e} (the reference had {numbers['wall_reference_s']:.0f}s of it; raise the gate's timeout)")
+    numbers["wall_reference_s"] = round(time.monotonic() - t_ref, 3)
     numbers |= loss_diffs(log["losses"], ref["losses"])
     mean_diff = numbers["loss_mean_rel_diff"]
     if not mean_diff < o.long_train_threshold:

@@ -11,7 +11,9 @@ under this runtime's key: from a tune run (`--tuned DIR/tuned/configs.json`) or 
     python3 -m benchmarks.gpu.elect --out DIR --tuned RUN/tuned/configs.json --order before,after,before
     python3 -m benchmarks.gpu.elect --out DIR --device cpu --case tiny --cpu-peak-tflops 0.01 --set ...  # CPU check
 
-Writes DIR/election.json as it goes (each timing as it ends): the candidate, every timing's numbers, the decision.
+Writes DIR/election.json as it goes (each timing as it ends): the candidate, every timing's numbers, the decision;
+and DIR/candidate_tuned.json, the candidate's tuned-config file (its engine copy is removed at the end: a GPU
+call's bundle carries the report, not a second copy of the engine).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def candidate_engine(engine: Path, out: Path, key: dict[str, Any], ops: dict) ->
     tuned = dst / "src" / discover_engine(dst).package / "tuned" / "configs.json"
     for op, impls in ops.items():
         for impl, values in impls.items():
-            write_tuned(tuned, key, op, impl, values)
+            write_tuned(tuned, key, op, impl, values, note="a candidate of stage 2's integration gate (elect.py)")
     return dst
 
 
@@ -151,6 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     key = runtime_key(a.device).model_dump()
     ops = candidate_ops(a, key)
     after = candidate_engine(a.engine.resolve(), a.out, key, ops)
+    try:
+        return elect(a, key, ops, after)
+    finally:
+        tuned = next((after / "src").glob("*/tuned/configs.json"), None)
+        if tuned is not None:
+            shutil.copyfile(tuned, a.out / "candidate_tuned.json")
+        shutil.rmtree(a.out / "candidate", ignore_errors=True)
+
+
+def elect(a: argparse.Namespace, key: dict[str, Any], ops: dict, after: Path) -> int:
+    """Time the step before and after the candidate engine `after`, in `a.order`; the loss part; the decision."""
     report: dict[str, Any] = {"engine": str(a.engine), "runtime_key": key, "candidate": ops,
                               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                               "timings": []}

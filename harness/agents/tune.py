@@ -84,12 +84,14 @@ def _pick_impl(engine_ops: EngineOps, op: str, impl: str | None, device: str) ->
     raise TuneError(f"{op}: no registered implementation declares a tunable space here")
 
 
-def write_tuned(path: Path, key: dict, op: str, impl: str, values: dict[str, Any]) -> None:
-    """Set `values` for op=impl in the entry of runtime `key` (the engine's tuned-config format, ops/space.py)."""
+def write_tuned(path: Path, key: dict, op: str, impl: str, values: dict[str, Any],
+                note: str = "elected by forge's tune backend") -> None:
+    """Set `values` for op=impl in the entry of runtime `key` (the engine's tuned-config format, ops/space.py);
+    `note` says where a new entry came from."""
     data = json.loads(path.read_text()) if path.is_file() else {"entries": []}
     entry = next((e for e in data["entries"] if e["key"] == key), None)
     if entry is None:
-        entry = {"key": key, "ops": {}, "note": "elected by forge's tune backend"}
+        entry = {"key": key, "ops": {}, "note": note}
         data["entries"].append(entry)
     entry["ops"].setdefault(op, {}).setdefault(impl, {}).update(values)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -58,10 +58,11 @@ def run(tmp_path, monkeypatch, steps: dict[str, float], extra: list[str], loss: 
 def test_the_candidate_is_an_engine_copy_with_its_values_under_this_runtime(tmp_path, monkeypatch):
     report = run(tmp_path, monkeypatch, {"before": 1.0, "after": 0.9},
                  ["--set", "adamw=triton_fused", "--values", '{"block": 512}', "--loss-steps", "5"], loss="passed")
-    tuned = json.loads((tmp_path / "candidate" / ENGINE.name / "src" / "train_engine_0_5b" / "tuned" /
-                        "configs.json").read_text())
+    tuned = json.loads((tmp_path / "candidate_tuned.json").read_text())
+    assert not (tmp_path / "candidate").exists()  # the engine copy goes; its tuned file stays beside the report
     (entry,) = tuned["entries"]
     assert entry["key"] == report["runtime_key"] and entry["ops"] == {"adamw": {"triton_fused": {"block": 512}}}
+    assert "candidate" in entry["note"]  # not "elected": the file is written before anything is timed
     assert report["decision"]["elected"] and report["loss_part"]["verdict"] == "passed"
     original = json.loads((ENGINE / "src" / "train_engine_0_5b" / "tuned" / "configs.json").read_text())
     assert original == {"entries": []}  # the engine itself is untouched

@@ -3,6 +3,7 @@ verdict rule, the MFU part on CPU, cutting a schedule for M6's reference at step
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,7 @@ def test_speed_is_the_gates_clock_and_the_cases_flops(monkeypatch):
     assert (n["settle_steps"], n["timed_steps"], n["run_steps"]) == (5, 3, 8)
     assert n["loss_mean_rel_diff"] < 1e-7 and len(n["loss_rel_diff_by_step"].split()) == 8  # float32 reference vs float64 log
     assert saves_seen == [[], []]  # each run's checkpoint went once it ended: one on disk at a time
+    assert n["wall_cases_s"] >= 0 and n["wall_reference_s"] >= 0 and n["gate_budget_s"] == g.options.timeout_s
 
 
 def test_a_line_backlog_released_at_once_gains_nothing(monkeypatch):
@@ -217,12 +219,14 @@ def test_speed_keeps_the_clock_when_the_reference_check_stops(monkeypatch, stop)
     fake_speed_runs(monkeypatch, {"warm": 50.0, "timed": 20.0})
 
     def out_of_time(self, probe, case, **kw):
+        time.sleep(0.05)
         raise stop
 
     monkeypatch.setattr(GateRun, "reference_probe", out_of_time)
     part, _ = speed()
     assert part.verdict == "error" and "not checked" in part.message and "gate budget" in part.message
     assert part.numbers["tokens_per_s"] == pytest.approx(3 * 4 * 32 / 1.5) and part.numbers["wall_timed_s"] == 20.0
+    assert part.numbers["wall_reference_s"] >= 0.05  # the phase that ran out, so the next run knows what to grow
 
 
 def test_speed_sizes_its_window_from_the_warm_run_and_times_it_on_its_own_clock(monkeypatch):
