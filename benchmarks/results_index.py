@@ -330,6 +330,14 @@ def bench_figures(e: Entry) -> list[tuple[float, float, int | None]]:
             for k, v in e.metrics.items() if k.endswith(BENCH + " tokens_per_s")]
 
 
+def benches_beside(e: Entry, report: str) -> list[tuple[float, float, int | None]]:
+    """The entry's benches from the same call as `report` (its folder) when there are any, else all of them."""
+    folder = report.rpartition("/")[0]
+    same = [(v, e.metrics.get(k[: -len(" tokens_per_s")] + " mfu"), e.metrics.get(k[: -len(" tokens_per_s")] + " micro_batch_size"))
+            for k, v in e.metrics.items() if k.endswith(BENCH + " tokens_per_s") and k.rpartition("/")[0] == folder]
+    return same or bench_figures(e)
+
+
 def gate_clock_rows(e: Entry) -> list[dict]:
     """One dict per M5 speed part the entry holds: report key, verdict and CLOCK_NUMBERS."""
     return [{"report": k[: -len(CLOCK)], "verdict": v,
@@ -479,9 +487,9 @@ def gate_clock_table(entries: list[Entry]) -> str:
     for e in sorted(entries, key=lambda e: (e.date, order[e.id]), reverse=True):
         if e.status != "current":
             continue
-        benches = bench_figures(e)
-        bench = ", ".join(f"{t:,.0f} ({100 * m:.1f} %, micro batch {mb or '?'})" for t, m, mb in benches) or "-"
         for r in gate_clock_rows(e):
+            benches = benches_beside(e, r["report"])
+            bench = ", ".join(f"{t:,.0f} ({100 * m:.1f} %, micro batch {mb or '?'})" for t, m, mb in benches) or "-"
             where = f"[`{e.id}/{r['report']}`](benchmarks/results/{e.id}/{r['report']}.json)"
             ratio = ", ".join(f"{r['tokens_per_s'] / t:.3f}" for t, _, _ in benches) or "-"
             lines.append(f"| {where} | {e.device} | {'`' + e.commit[:7] + '`' if e.commit else 'not recorded'} | "

@@ -131,6 +131,9 @@ def test_the_gate_clock_figures_come_from_the_reports_and_fill_the_repository_re
     text = top.read_text()
     assert "| passed | walls 2N-N | 154,685 | 50.1 % | 64 x 4096 |" in text and text.endswith(f"{end_marker('compare')}\nafter\n")
     assert "| 163,723 (53.1 %, micro batch 8) | 0.945 |" in text  # the same result's bench beside the gate's figure
+    # a result of two calls: each row beside its own call's bench (its folder), not the other call's
+    assert "| log lines | 157,170 | 50.9 % | 64 x 4096 | 157,355 (51.0 %, micro batch 8) | 0.999 |" in text
+    assert "| log lines | 156,747 | 50.8 % | 8 x 4096 | 158,430 (51.4 %, micro batch 8) | 0.989 |" in text
     assert "| train_engine_0.5B | 8 | 158,241 | 51.3 % | 31.1 |" in text  # the current comparison's rows
     assert "train_engine_0.5B / torch-compile = 1.294x" in text and f"{end_marker('gate-clock')}\nmid\n" in text
     top.write_text(text.replace("154,685", "164,685"))
