@@ -345,6 +345,7 @@ class Variant:
     ops: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     src: str | None = None
+    deterministic: bool = False
 
 
 class _NewVariant(argparse.Action):
@@ -365,6 +366,18 @@ class _VariantField(argparse.Action):
         if getattr(namespace.variants[-1], self.dest) is not None:
             raise argparse.ArgumentError(self, f"given twice for variant {namespace.variants[-1].name!r}")
         setattr(namespace.variants[-1], self.dest, value)
+
+
+class _VariantDeterministic(argparse.Action):
+    """--deterministic on the variant just started: its bench runs with torch's deterministic algorithms."""
+
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(*args, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):  # type: ignore[no-untyped-def]
+        if not namespace.variants:
+            raise argparse.ArgumentError(self, "comes after the --variant it belongs to")
+        namespace.variants[-1].deterministic = True
 
 
 class _VariantEnv(argparse.Action):
@@ -389,6 +402,8 @@ def _ab_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-src", action=_VariantField, dest="src", metavar="DIR",
                    help="the variant runs the engine package under DIR (another version's src/, e.g. unpacked from "
                         "a `git archive`) instead of this tree's")
+    p.add_argument("--deterministic", action=_VariantDeterministic, dest="variant_deterministic",
+                   help="the variant's bench runs with --deterministic (what `pretrain --deterministic` costs)")
     p.add_argument("--fa4-launch", default=None, metavar="JSON",
                    help="FA4 forward launch values for fa4_* variants, a JSON object")
 
@@ -409,7 +424,8 @@ def ab(ctx: Context, a: argparse.Namespace) -> Plan:
         for v in a.variants:
             run = (PY, "benchmarks/gpu/bench_fa4_launch.py", a.fa4_launch) if v.name.startswith("fa4_") else BENCH
             out = d / f"{v.name}_r{r}.json"
-            argv = (*run, *common, *(("--ops", v.ops) if v.ops else ()), "--json", str(out))
+            argv = (*run, *common, *(("--ops", v.ops) if v.ops else ()), *(("--deterministic",) if v.deterministic else ()),
+                    "--json", str(out))
             first_dump = a.code and not steps
             src = ctx.engine_pythonpath(v.src) if v.src else {}
             steps.append(step(*argv, timeout_s=240 if first_dump else a.timeout_s,

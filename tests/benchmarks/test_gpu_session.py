@@ -256,6 +256,15 @@ def test_an_ab_variant_runs_another_engine_version_from_its_source_folder(tmp_pa
         _plans(["ab", "--engine-src", "/tmp/old/src", "--variant", "x"], tmp_path / "b")
 
 
+def test_an_ab_variant_can_run_deterministic(tmp_path: Path) -> None:
+    """--deterministic belongs to the variant before it: what `pretrain --deterministic` costs, beside the default."""
+    [(_, plan, _)] = _plans(["ab", "--variant", "fast", "--variant", "det", "--deterministic"], tmp_path)
+    runs = {s.argv[-1].rsplit("/", 1)[-1]: "--deterministic" in s.argv for s in plan.steps}
+    assert runs == {"fast_r1.json": False, "det_r1.json": True}
+    with pytest.raises(SystemExit):
+        _plans(["ab", "--deterministic", "--variant", "x"], tmp_path / "b")
+
+
 def test_a_part_given_again_writes_its_own_folder_and_bundle(tmp_path: Path) -> None:
     """m5 at two global batches in one call: m5/ and m5-2/ (each its own .tgz), each with its own options."""
     inv = session.parse(["--out", str(tmp_path), "m5", "--m5-parts", "mfu", "--", "m5", "--no-bench", "--m5-parts", "mfu",
