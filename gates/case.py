@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -161,13 +163,23 @@ def random_batches(spec: CaseSpec, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels}
 
 
-def new_case(out: str | Path, spec: CaseSpec, weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a case directory. Weights default to `random_weights(spec.model, spec.seed)`."""
+def new_case(out: str | Path, spec: CaseSpec, weights: dict[str, torch.Tensor] | None = None,
+             batches: dict[str, torch.Tensor] | None = None, weights_file: Path | None = None) -> Path:
+    """Write a case directory. Weights default to `random_weights(spec.model, spec.seed)`, batches to
+    `random_batches(spec, spec.seed)`; `weights_file`: another case's weights file, hard-linked (copied across
+    file systems) instead of written again (an 8B-shaped case's weights are 10 GB)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = weights if weights is not None else random_weights(spec.model, spec.seed, spec.master_dtype)
-    save_file({k: v.contiguous() for k, v in weights.items()}, out / "weights.safetensors")
-    save_file(random_batches(spec, spec.seed), out / "batches.safetensors")
+    if weights_file is not None:
+        try:
+            os.link(weights_file, out / "weights.safetensors")
+        except OSError:
+            shutil.copyfile(weights_file, out / "weights.safetensors")
+    else:
+        weights = weights if weights is not None else random_weights(spec.model, spec.seed, spec.master_dtype)
+        save_file({k: v.contiguous() for k, v in weights.items()}, out / "weights.safetensors")
+    batches = batches if batches is not None else random_batches(spec, spec.seed)
+    save_file({k: v.contiguous() for k, v in batches.items()}, out / "batches.safetensors")
     (out / "case.json").write_text(spec.model_dump_json(indent=2) + "\n")
     return out
 
@@ -206,11 +218,24 @@ def load_case(directory: str | Path) -> Case:
     return Case(d, spec, weights, batches)
 
 
+_DIGESTS: dict[tuple[int, int, int, int], str] = {}  # (device, inode, size, mtime): a linked weights file is read once
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of one file, streamed, remembered for this process by the file's identity and mtime."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _DIGESTS[key]
+
+
 def case_hash(directory: str | Path) -> str:
-    """sha256 over the three case files, recorded in every gate report."""
+    """sha256 over the three case files' own sha256 digests, recorded in every gate report."""
     h = hashlib.sha256()
     for f in ("case.json", "weights.safetensors", "batches.safetensors"):
-        h.update((Path(directory) / f).read_bytes())
+        h.update(f"{f} {file_digest(Path(directory) / f)}\n".encode())
     return h.hexdigest()
 
 

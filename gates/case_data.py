@@ -14,7 +14,6 @@ import functools
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from gates.case import CaseError, CaseSpec, new_case
 
@@ -59,6 +58,4 @@ def _tokenized_corpus(vocab_size: int) -> tuple[list[torch.Tensor], int]:
 
 def new_corpus_case(out: str | Path, spec: CaseSpec) -> Path:
     """A case directory with random weights (seeded by spec.seed) and corpus batches."""
-    out = new_case(out, spec)
-    save_file(corpus_batches(spec, spec.seed), str(Path(out) / "batches.safetensors"))
-    return out
+    return new_case(out, spec, batches=corpus_batches(spec, spec.seed))

@@ -63,6 +63,7 @@ class GateRun:
         self._tmp: list[Path] = []
         self._shape_applied = False
         self._twins: dict[Path, Case] = {}
+        self._weights_files: dict[int, tuple[dict[str, torch.Tensor], Path]] = {}  # id(case.weights) -> (them, file)
 
     # ----- cases -----------------------------------------------------------------------------
     def is_preset(self) -> bool:
@@ -115,6 +116,7 @@ class GateRun:
         return self.record_case(case, label)
 
     def record_case(self, case: Case, label: str = "case") -> Case:
+        self._weights_files[id(case.weights)] = (case.weights, case.dir / "weights.safetensors")
         spec = case.spec
         info = {"label": label, "source": f"preset {self.options.case}" if self.is_preset() else str(Path(self.options.case).resolve()),
                 "hash": case_hash(case.dir), "seed": spec.seed, "model": spec.model.name, "dtype": spec.dtype,
@@ -137,13 +139,14 @@ class GateRun:
 
     def write_case(self, spec, batches: dict[str, torch.Tensor] | None = None,
                    weights: dict[str, torch.Tensor] | None = None, label: str = "derived") -> Case:
-        """Write a gate-made case (derived from another, or with corpus batches) and record it."""
-        from safetensors.torch import save_file
-
+        """Write a gate-made case (derived from another, or with corpus batches) and record it. `weights` that are
+        a recorded case's own (`case.weights`, never changed in place) link that case's file, not a new copy."""
         d = self.tmpdir("forge-case-")
-        case_mod.new_case(d, spec, weights)
-        if batches is not None:
-            save_file({k: v.contiguous() for k, v in batches.items()}, str(d / "batches.safetensors"))
+        known = self._weights_files.get(id(weights))
+        if known is not None and known[0] is weights:
+            case_mod.new_case(d, spec, batches=batches, weights_file=known[1])
+        else:
+            case_mod.new_case(d, spec, weights, batches=batches)
         try:
             return self.record_case(load_case(d), label)
         except CaseError as e:
