@@ -78,7 +78,7 @@ def candidate_ops(a: argparse.Namespace, key: dict[str, Any]) -> dict[str, dict[
 def candidate_engine(engine: Path, out: Path, key: dict[str, Any], ops: dict) -> Path:
     """A copy of `engine` under `out` whose tuned-config file holds `ops` under `key` (the engine checks every
     name and value against its declared spaces when it resolves its ops)."""
-    from gates.launch import discover_engine
+    from gates.launch import discover_engine, engine_cache_dir
     from gates.ops.harness import Candidate, OpSpecError, describe
     from harness.agents.tune import write_tuned
 
@@ -96,6 +96,12 @@ def candidate_engine(engine: Path, out: Path, key: dict[str, Any], ops: dict) ->
     for op, impls in ops.items():
         for impl, values in impls.items():
             write_tuned(tuned, key, op, impl, values, note="a candidate of stage 2's integration gate (elect.py)")
+    # The gates keep a compile cache per engine location: the copy starts from the engine's (its entries are keyed
+    # by content, so only what the candidate changes compiles anew) rather than compiling all of it cold.
+    src_cache, dst_cache = engine_cache_dir(discover_engine(engine)), engine_cache_dir(discover_engine(dst))
+    shutil.rmtree(dst_cache, ignore_errors=True)
+    if src_cache.is_dir():
+        shutil.copytree(src_cache, dst_cache, symlinks=True)
     return dst
 
 
@@ -156,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return elect(a, key, ops, after)
     finally:
+        from gates.launch import discover_engine, engine_cache_dir
+
         tuned = next((after / "src").glob("*/tuned/configs.json"), None)
         if tuned is not None:
             shutil.copyfile(tuned, a.out / "candidate_tuned.json")
+        shutil.rmtree(engine_cache_dir(discover_engine(after)), ignore_errors=True)
         shutil.rmtree(a.out / "candidate", ignore_errors=True)
 
 

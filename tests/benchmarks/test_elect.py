@@ -92,3 +92,30 @@ def test_undeclared_names_and_values_are_refused_before_any_timing(tmp_path, ext
     with pytest.raises(SystemExit, match=message):
         elect.main(["--out", str(tmp_path), "--device", "cpu", *extra])
     assert not (tmp_path / "election.json").exists()
+
+
+def test_the_candidate_starts_from_the_engines_compile_cache_and_leaves_none(tmp_path, monkeypatch):
+    """The gates' compile cache is per engine location: the copy gets the engine's (content-keyed entries, so only
+    what the candidate changes compiles), and elect removes the copy's cache with the copy."""
+    from gates.launch import discover_engine, engine_cache_dir
+
+    monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path / "cache"))
+    base = engine_cache_dir(discover_engine(ENGINE))
+    (base / "inductor").mkdir(parents=True)
+    (base / "inductor" / "entry").write_text("compiled")
+    seen: dict[str, str] = {}
+
+    def fake_time(engine, a):
+        cache = engine_cache_dir(discover_engine(engine))
+        seen[str(engine)] = (cache / "inductor" / "entry").read_text()
+        return {"verdict": "passed", "message": "", "numbers": {"step_time_s": 1.0}, "gate_s": 0.0}
+
+    monkeypatch.setattr(elect, "time_step", fake_time)
+    monkeypatch.setattr(elect, "idle_ops", lambda engine, ops, device: [])
+    out = tmp_path / "out"
+    assert elect.main(["--out", str(out), "--device", "cpu", "--set", "adamw=triton_fused", "--values",
+                       '{"num_warps": 8}']) == 0
+    after = out / "candidate" / ENGINE.name
+    assert seen == {str(ENGINE.resolve()): "compiled", str(after): "compiled"}
+    caches = sorted(p.name for p in (tmp_path / "cache" / "engine-cache").iterdir())
+    assert caches == [base.name]  # the candidate's went with it; the engine's stays
