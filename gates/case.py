@@ -134,14 +134,12 @@ def hf_param_shapes(cfg: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
 
 def random_weights(cfg: MiniCPMConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Fresh random weights: matrices ~ N(0, 0.02); norm weights 1 + N(0, 0.1) so a stack that ignores
-    a norm's weight is caught."""
+    a norm's weight is caught. Drawn in float32 (3x faster than float64: an 8B-shaped case has 2.5 B of them)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in hf_param_shapes(cfg).items():
-        if len(shape) == 1:
-            out[name] = (1.0 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
-        else:
-            out[name] = (0.02 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+        x = torch.randn(shape, generator=gen, dtype=torch.float32)
+        out[name] = (x.mul_(0.1).add_(1.0) if len(shape) == 1 else x.mul_(0.02)).to(dtype)
     return out
 
 
