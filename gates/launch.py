@@ -156,10 +156,22 @@ def forge_cache_root() -> Path:
     return Path(os.environ.get("FORGE_CACHE_DIR", Path.home() / ".cache" / "forge")).expanduser().resolve()
 
 
+def _location_key(root: Path) -> str:
+    return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+
+
 def engine_cache_dir(engine: Engine) -> Path:
     """The engine's own persistent cache directory: one per package and engine location."""
-    key = hashlib.sha256(str(engine.root.resolve()).encode()).hexdigest()[:12]
-    return forge_cache_root() / "engine-cache" / f"{engine.package}-{key}"
+    return forge_cache_root() / "engine-cache" / f"{engine.package}-{_location_key(engine.root)}"
+
+
+def remove_engine_caches(root: Path) -> list[Path]:
+    """Delete the compile caches of the engine at `root` (any package), when that location is gone for good (the
+    loop's round worktrees: one cache each, hundreds of MB on a GPU); returns what was removed."""
+    gone = sorted((forge_cache_root() / "engine-cache").glob(f"*-{_location_key(root)}"))
+    for d in gone:
+        shutil.rmtree(d, ignore_errors=True)
+    return gone
 
 
 def engine_cache_env(engine: Engine) -> dict[str, str]:

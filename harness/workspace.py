@@ -192,7 +192,11 @@ class Workspace:
         return RoundTree(name, path, base, path / self.engine_rel, git_admin=Path(gitdir).resolve())
 
     def remove_round(self, path: Path) -> None:
-        """Delete the worktree's files, then let git forget it (git never runs inside it)."""
+        """Delete the worktree's files and its engine's compile caches (the gates keep one per engine location,
+        so a round's would never be used again), then let git forget it (git never runs inside it)."""
+        from gates.launch import remove_engine_caches
+
+        remove_engine_caches(path / self.engine_rel)
         if path.exists():
             _rmtree(path)
         self._git("worktree", "prune")
