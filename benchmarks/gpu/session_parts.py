@@ -124,7 +124,11 @@ def _graph_check_env(ctx: Context, part: str, variants: list[str] | str | None, 
 
 # ---- the loop's gates ---------------------------------------------------------------------------------------
 
-ENGINES = (ENGINE, "exports/train_engine_8b")
+E8 = "exports/train_engine_8b"
+ENGINES = (ENGINE, E8)
+BENCH8 = (PY, "-m", "train_engine_8b", "bench", "--seq-length", "4096", "--steps", "10", "--warmup", "3")
+M8L, M8L_TP2 = "benchmarks/models/minicpm4-8b-8l.toml", "benchmarks/models/minicpm4-8b-8l-tp2-rank.toml"
+BENCH8_MODELS = {"minicpm4-8b-8l": M8L}  # the 8B gate presets whose model `bench` can take (m5's bench beside it)
 ENGINE_OPT = opt("--engine", default=ENGINE, choices=ENGINES, help=f"the engine the gates check (default {ENGINE})")
 CASE_OPT = fwd("--case", str, "the gates' model preset", "gate_stage.py")
 
@@ -147,7 +151,8 @@ def stage(ctx: Context, a: argparse.Namespace) -> Plan:
                       *PARTS["stage"].forwarded(a), timeout_s=a.timeout_s),))
 
 
-@part("m5", "the engine's bench at micro batch 8, then M5 (loss part and pretrain at its defaults) on the gate's clock",
+@part("m5", "the engine's bench (the 0.5B's at micro batch 8; the 8B's at the speed part's micro batch and case), then "
+      "M5 (loss part and pretrain at its defaults) on the gate's clock",
       opt("--speed-steps", type=int, default=10, help="M5 speed part's warm-run steps and fewest timed steps (default 10)"),
       opt("--speed-global-batch-size", type=int, default=64, help="M5 speed part's global batch (default 64)"),
       opt("--long-train-steps", type=int, default=20, help="M5 loss part's steps (default 20)"),
@@ -163,11 +168,16 @@ def stage(ctx: Context, a: argparse.Namespace) -> Plan:
       opt("--speed-micro-batch-size", type=int, default=8, help="M5 speed part's micro batch (default 8)"),
       ENGINE_OPT, CASE_OPT)
 def m5(ctx: Context, a: argparse.Namespace) -> Plan:
-    d = ctx.part_dir("m5")
-    bench = [] if a.no_bench else [
-        step(*BENCH, "--seq-length", 4096, "--micro-batch-size", 8, "--steps", 10, "--json", d / "bench_mb8.json",
-             timeout_s=150, note="[m5] bench exit {rc}")]
-    return with_env(ctx.engine_pythonpath(), [
+    d, mbs = ctx.part_dir("m5"), a.speed_micro_batch_size
+    if a.no_bench:
+        bench = []
+    elif a.engine == E8:
+        bench = [step(*BENCH8, "--micro-batch-size", mbs, "--model", BENCH8_MODELS[a.case], "--json",
+                      d / f"bench_mb{mbs}.json", timeout_s=240, note="[m5] bench exit {rc}")]
+    else:
+        bench = [step(*BENCH, "--seq-length", 4096, "--micro-batch-size", 8, "--steps", 10, "--json", d / "bench_mb8.json",
+                      timeout_s=150, note="[m5] bench exit {rc}")]
+    return with_env(ctx.engine_pythonpath(ctx.root / E8 / "src" if a.engine == E8 else None), [
         *bench,
         step(PY, "-m", "benchmarks.gpu.gate_stage", "--engine", a.engine, "--gates", "m5", "--out", d,
              "--speed-steps", a.speed_steps, "--speed-global-batch-size", a.speed_global_batch_size,
@@ -262,9 +272,6 @@ def mlp(ctx: Context, a: argparse.Namespace) -> Plan:
         step(PY, f"{ENGINE}/scripts/gpu_mlp.py", "--out", d, timeout_s=a.table_timeout_s)])
 
 
-E8 = "exports/train_engine_8b"
-BENCH8 = (PY, "-m", "train_engine_8b", "bench", "--seq-length", "4096", "--steps", "10", "--warmup", "3")
-M8L, M8L_TP2 = "benchmarks/models/minicpm4-8b-8l.toml", "benchmarks/models/minicpm4-8b-8l-tp2-rank.toml"
 
 
 # bench8b's runs: name -> (model TOML, bench --ops)
@@ -599,8 +606,8 @@ def check_gate_margin(a: argparse.Namespace, p: argparse.ArgumentParser) -> None
 
 def check_m5(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     check_gate_margin(a, p)
-    if a.engine != ENGINE and not a.no_bench:
-        p.error(f"the bench before M5 is {ENGINE}'s command; give --no-bench with --engine {a.engine}")
+    if a.engine == E8 and not a.no_bench and a.case not in BENCH8_MODELS:
+        p.error(f"the 8B's bench before M5 needs --case {' or '.join(BENCH8_MODELS)} (its model TOML), or --no-bench")
 
 
 CHECKS: dict[str, Callable[[argparse.Namespace, argparse.ArgumentParser], None]] = {

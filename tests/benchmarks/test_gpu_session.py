@@ -68,6 +68,17 @@ def test_m5_without_its_bench_runs_the_gate_alone(tmp_path: Path) -> None:
     assert [s.argv for s in gate_only.steps] == [with_bench.steps[1].argv]
 
 
+def test_m5_on_the_8b_runs_the_8bs_bench_on_the_cases_model(tmp_path: Path) -> None:
+    """The 8B's gate-timed figure beside its own bench in the same call: its micro batch, the case's model TOML."""
+    [(_, plan, _)] = _plans(["m5", "--engine", "exports/train_engine_8b", "--case", "minicpm4-8b-8l",
+                             "--speed-micro-batch-size", "2", "--speed-global-batch-size", "2"], tmp_path)
+    bench, gate = plan.steps
+    assert bench.argv[2] == "train_engine_8b" and "benchmarks/models/minicpm4-8b-8l.toml" in bench.argv
+    assert bench.argv[bench.argv.index("--micro-batch-size") + 1] == "2" and bench.argv[-1].endswith("bench_mb2.json")
+    assert bench.env["PYTHONPATH"].startswith(f"{ROOT}/exports/train_engine_8b/src")
+    assert gate.argv[gate.argv.index("--engine") + 1] == "exports/train_engine_8b"
+
+
 @pytest.mark.parametrize("words, message", [
     (["kernels", "bogus"], "unknown part 'bogus'"),
     (["kernels", "--budget", "9"], "unrecognized arguments: --budget"),
@@ -80,7 +91,7 @@ def test_m5_without_its_bench_runs_the_gate_alone(tmp_path: Path) -> None:
     (["--"], "expected a part name"),
     (["m5", "--timeout-s", "330", "--gate-timeout-s", "320"], "less than 30 s to write its report"),
     (["stage", "--timeout-s", "230", "--gate-timeout-s", "220"], "less than 30 s to write its report"),
-    (["m5", "--engine", "exports/train_engine_8b"], "give --no-bench"),
+    (["m5", "--engine", "exports/train_engine_8b"], "or --no-bench"),
     (["stage", "--engine", "exports/train_engine_8B"], "invalid choice"),
 ])
 def test_a_bad_word_fails_before_anything_runs(words, message, tmp_path: Path, capsys, monkeypatch) -> None:
