@@ -237,9 +237,10 @@ class GateRun:
         if cache is not None and (cache / TENSORS_FILE).is_file():
             self.report.artifacts[f"reference {probe}"] = f"from the reference cache {cache}"
             return self._read(cache, f"reference probe {probe}", engine=False)[0]
-        sandbox = self.sandbox(case.dir, prefix="forge-ref-")
+        # The reference (the workspace's own code) reads the case in place: an 8B-shaped case is 10 GB to copy.
+        sandbox = self.sandbox(None, prefix="forge-ref-")
         try:
-            argv = [*STACKS[ref], "probe", probe, "--case", str(sandbox.case), "--out", str(sandbox.out)]
+            argv = [*STACKS[ref], "probe", probe, "--case", str(case.dir), "--out", str(sandbox.out)]
             proc = run_process(argv, sandbox.root, reference_env(), self.deadline)
             self._record(f"reference probe {probe}", proc)
             if proc.rc == EXIT_UNSUPPORTED:

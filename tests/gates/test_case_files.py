@@ -55,3 +55,30 @@ def test_the_case_hash_follows_every_file_byte(tmp_path):
         f.write_bytes(bytes(data))
         assert case_hash(c) != case_hash(a), name
     assert load_case(a).spec == spec
+
+
+def test_the_reference_reads_the_case_in_place(monkeypatch):
+    """The reference stack (the workspace's code) is pointed at the recorded case itself, not a copy: an 8B-shaped
+    case is 10 GB. (Engines still get copies: tests/gates/test_sandbox.py.)"""
+    import pytest
+
+    from gates import context
+    from gates.context import GateStop
+    from gates.launch import Proc
+
+    seen: list[tuple[list[str], bool]] = []
+
+    def fake_run(argv, cwd, env, deadline):
+        seen.append((list(argv), (Path(cwd) / "case").exists()))  # while the reference would run
+        return Proc(argv=list(argv), cwd=Path(cwd), env_set={}, rc=1, time_s=0.0, timed_out=False, stdout="", stderr="x")
+
+    monkeypatch.setattr(context, "run_process", fake_run)
+    g = gate_run()
+    try:
+        case = g.make_case()
+        with pytest.raises(GateStop):
+            g.reference_probe("forward", case, twin=False)
+        [(argv, copied)] = seen
+        assert argv[argv.index("--case") + 1] == str(case.dir) and not copied
+    finally:
+        g.cleanup()
