@@ -165,6 +165,22 @@ def engine_cache_dir(engine: Engine) -> Path:
     return forge_cache_root() / "engine-cache" / f"{engine.package}-{_location_key(engine.root)}"
 
 
+def save_engine_cache(engine: Engine, to: Path) -> None:
+    """`to` becomes a copy of the engine's compile caches (nothing when it has none): a seed for another location of
+    the same code."""
+    shutil.rmtree(to, ignore_errors=True)
+    if engine_cache_dir(engine).is_dir():
+        shutil.copytree(engine_cache_dir(engine), to, symlinks=True)
+
+
+def seed_engine_cache(engine: Engine, seed: Path) -> None:
+    """The engine's compile caches start as a copy of `seed` (when it exists). Triton, Inductor and the CuTeDSL
+    libraries key their entries by content, so only what this copy of the code changes compiles anew."""
+    if seed.is_dir():
+        shutil.rmtree(engine_cache_dir(engine), ignore_errors=True)
+        shutil.copytree(seed, engine_cache_dir(engine), symlinks=True)
+
+
 def remove_engine_caches(root: Path) -> list[Path]:
     """Delete the compile caches of the engine at `root` (any package), when that location is gone for good (the
     loop's round worktrees: one cache each, hundreds of MB on a GPU); returns what was removed."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gates.launch import EngineLayoutError, discover_engine, save_engine_cache, seed_engine_cache
 from gates.ops.harness import CandidateResult, HarnessOptions, OpSpecError, check_candidate, describe
 from gates.ops.harness import record as record_op_result
 from harness.agents._env import agent_env
@@ -41,6 +42,24 @@ class Election(LoopParts):
         baseline = self.ledger.op_baseline(key)
         return (baseline.value, None) if baseline is not None else (None, None)
 
+
+    def _cache_seed(self, key: str) -> Path:
+        return self.state_dir / "compile-cache-seed" / key
+
+    def _save_cache_seed(self, key: str, rt: RoundTree) -> None:
+        """After the baseline timing, before any agent ran in the round: the compile caches of the branch's engine,
+        which every later round of `key` starts from (each round is a new location, and so a cold cache)."""
+        try:
+            save_engine_cache(discover_engine(rt.engine_dir), self._cache_seed(key))
+        except (EngineLayoutError, OSError) as e:
+            self.console.print(f"  [yellow]no compile-cache seed for {key}: {e}[/]")
+
+    def _seed_round_cache(self, key: str, rt: RoundTree) -> None:
+        """A new round of `key` starts from the baseline's compile caches (nothing before the baseline ran)."""
+        try:
+            seed_engine_cache(discover_engine(rt.engine_dir), self._cache_seed(key))
+        except (EngineLayoutError, OSError) as e:
+            self.console.print(f"  [yellow]round starts with a cold compile cache: {e}[/]")
 
     def _check_ops_stage(self, stage: StageSpec) -> None:
         """Before any state: the election's clock is the gates' own, and every op is one the engine declares."""
@@ -74,6 +93,7 @@ class Election(LoopParts):
             assert self.state is not None
             self.ledger.event(self.state.run_id, "op_baseline", key=key, op=op, value=best, note=note)
             self.console.print(f"op {op}: baseline {note}")
+            self._save_cache_seed(key, rt)
         return OpContext(name=op, metric=timing.metric, minimize=timing.minimize, best=best, best_round=best_round,
                          **op_material(rt.engine_dir, op))
 

@@ -130,6 +130,8 @@ class Rounds(LoopParts):
         prompt_file = round_dir / "prompt.md"
         box = self._box(agent_spec, rt, round_dir, prompt_file)
         rec.isolation = box.describe()
+        if op:
+            self._seed_round_cache(key, rt)
         op_ctx = self._op_context(stage, key, op, rt, box) if op else None
         prompt = render(self.spec, stage, prompts_dir=self.prompts_dir, round_no=rec.round,
                         max_rounds=self.spec.rounds_for(stage), engine_dir=rt.engine_dir, feedback=feedback, op=op_ctx)

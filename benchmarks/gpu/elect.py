@@ -78,7 +78,7 @@ def candidate_ops(a: argparse.Namespace, key: dict[str, Any]) -> dict[str, dict[
 def candidate_engine(engine: Path, out: Path, key: dict[str, Any], ops: dict) -> Path:
     """A copy of `engine` under `out` whose tuned-config file holds `ops` under `key` (the engine checks every
     name and value against its declared spaces when it resolves its ops)."""
-    from gates.launch import discover_engine, engine_cache_dir
+    from gates.launch import discover_engine, engine_cache_dir, seed_engine_cache
     from gates.ops.harness import Candidate, OpSpecError, describe
     from harness.agents.tune import write_tuned
 
@@ -96,12 +96,8 @@ def candidate_engine(engine: Path, out: Path, key: dict[str, Any], ops: dict) ->
     for op, impls in ops.items():
         for impl, values in impls.items():
             write_tuned(tuned, key, op, impl, values, note="a candidate of stage 2's integration gate (elect.py)")
-    # The gates keep a compile cache per engine location: the copy starts from the engine's (its entries are keyed
-    # by content, so only what the candidate changes compiles anew) rather than compiling all of it cold.
-    src_cache, dst_cache = engine_cache_dir(discover_engine(engine)), engine_cache_dir(discover_engine(dst))
-    shutil.rmtree(dst_cache, ignore_errors=True)
-    if src_cache.is_dir():
-        shutil.copytree(src_cache, dst_cache, symlinks=True)
+    # The gates keep a compile cache per engine location: the copy starts from the engine's, not cold.
+    seed_engine_cache(discover_engine(dst), engine_cache_dir(discover_engine(engine)))
     return dst
 
 

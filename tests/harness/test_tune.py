@@ -212,6 +212,31 @@ def test_a_step_within_the_margin_is_not_elected(tmp_path, workspace):
     assert r.verdict == "failed" and not r.elected
 
 
+@pytest.mark.slow  # a whole forge loop on a copy of the real engine: 20-60 s
+def test_every_round_of_an_op_starts_from_the_baselines_compile_cache(tmp_path, workspace, monkeypatch):
+    """The gates keep a compile cache per engine location and each round is a new worktree: what the baseline
+    timing compiled (before any agent ran) seeds every later round, and no round's cache outlives its worktree."""
+    from gates.launch import discover_engine, engine_cache_dir
+
+    monkeypatch.setenv("FORGE_CACHE_DIR", str(tmp_path / "cache"))
+    seen: list[tuple[str, bool]] = []
+
+    def step_clock(engine_dir, timing, spec):
+        cache = engine_cache_dir(discover_engine(engine_dir))
+        if not seen:  # the baseline: "compiles" into its location's cache
+            (cache / "inductor").mkdir(parents=True)
+            (cache / "inductor" / "graph").write_text("compiled by the baseline")
+        seen.append((engine_dir.parents[1].name, (cache / "inductor" / "graph").is_file()))
+        return 1.0, "fake"
+
+    loop = ForgeLoop(_spec(workspace, rounds=2), write_spec_file(tmp_path / "spec.toml"), engine=workspace / REL,
+                     state_dir=tmp_path / "s", gate_fn=_passing_gate, step_clock=step_clock, land=False, guard=[])
+    assert loop.run().ok
+    assert seen == [("ops-swiglu-r01", True), ("ops-swiglu-r01", True), ("ops-swiglu-r02", True)]
+    assert (tmp_path / "s" / "compile-cache-seed" / "ops-swiglu" / "inductor" / "graph").is_file()
+    assert not list((tmp_path / "cache" / "engine-cache").iterdir())  # the rounds' caches went with their worktrees
+
+
 @pytest.mark.parametrize("stage, message", [
     ({"ops": ["rmsnorm"]}, "unknown op(s) 'rmsnorm'"),
     ({"timing": {"command": "python bench.py {out}"}}, "[stages.timing].command is not read"),
