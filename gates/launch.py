@@ -247,14 +247,23 @@ def _remove_tree(root: Path) -> None:
 
 
 class Sandbox:
-    """A fresh temporary directory holding only `case/` (a copy; absent for None) and, after the run, `out/`."""
+    """A fresh temporary directory holding only `case/` (absent for None) and, after the run, `out/`. `case/` shows
+    `case_dir` read-only: bubblewrap binds it there for each command (gates/sandbox.py), an unsandboxed command
+    gets a copy made before it (`copy_case`). Either way the engine cannot change the gate's own case."""
 
     def __init__(self, case_dir: Path | None, prefix: str = "forge-engine-"):
         self.root = Path(tempfile.mkdtemp(prefix=prefix))
         self.case = self.root / "case"
-        if case_dir is not None:
-            shutil.copytree(case_dir, self.case)
+        self.case_source = Path(case_dir).resolve() if case_dir is not None else None
+        if self.case_source is not None:
+            self.case.mkdir()
         self.out = self.root / "out"
+
+    def copy_case(self) -> None:
+        """Fill `case/` with a copy of the case for a command that runs without the read-only bind."""
+        if self.case_source is not None:
+            shutil.rmtree(self.case, ignore_errors=True)
+            shutil.copytree(self.case_source, self.case)
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -6,7 +6,7 @@ Under bubblewrap (isolation method `bwrap`) an engine command:
 - sees the workspace, HOME, /tmp, /run, the gate's temp dir, the forge cache and the reference cache as
   empty tmpfs's (so `import gates` fails and no credential file or reference output is there to read); the
   interpreter and the engine's own tree are bound back read-only;
-- writes only its sandbox directory (case copy and outputs) and its private compile cache;
+- writes only its sandbox directory (its outputs; the case in it is bound read-only) and its private compile cache;
 - has its own PID namespace and /proc (no other process, hence no other environment, is visible; every
   process left when the command ends is killed), a network namespace with loopback only, no capabilities
   and no nested user namespaces (so the mounts above cannot be undone from inside).
@@ -50,7 +50,7 @@ INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap) 
 GUARANTEES = [
     "/ read-only: interpreter, site-packages and workspace unwritable",
     "workspace, HOME, /tmp, /run, forge and reference caches hidden (empty tmpfs)",
-    "writable: the command's sandbox directory and the engine's compile cache only",
+    "writable: the command's sandbox directory (its case read-only) and the engine's compile cache only",
     "the engine's own venv (read-only), never the reference's interpreter prefix",
     "own PID namespace and /proc: no other process or environment visible; all killed when the command ends",
     "no network: loopback only",
@@ -156,10 +156,11 @@ def _outermost(paths: list[Path]) -> list[Path]:
 
 
 def bwrap_argv(iso: Isolation, argv: list[str], box: Path, engine: Engine, cache: Path,
-               reference_cache: Path | None) -> list[str]:
+               reference_cache: Path | None, case: tuple[Path, Path] | None = None) -> list[str]:
     """`argv` wrapped in bwrap: / read-only; scratch paths (/tmp, the temp dir, HOME) as fresh writable
     tmpfs's and secret ones (workspace, /run, caches) as empty read-only ones; the interpreter, the engine's
-    tree and its venv bound back read-only; `box` and `cache` writable; cwd `box`."""
+    tree and its venv bound back read-only; `box` and `cache` writable; cwd `box`; `case` (source, mount point
+    inside `box`) bound read-only."""
     home = Path.home().resolve()
     scratch = _existing_dirs([Path("/tmp"), Path(tempfile.gettempdir())] + ([home] if home != Path("/") else []))
     empty = _existing_dirs([Path("/var/tmp"), Path("/run"), Path("/var/run"), WORKSPACE, forge_cache_root()]
@@ -181,6 +182,8 @@ def bwrap_argv(iso: Isolation, argv: list[str], box: Path, engine: Engine, cache
         out += ["--tmpfs", str(p)]
     box, cache = box.resolve(), cache.resolve()
     out += ["--bind", str(box), str(box), "--bind", str(cache), str(cache)]
+    if case is not None:
+        out += ["--ro-bind", str(case[0]), str(case[1].resolve())]
     for p in empty:
         if p in hidden or p in rehidden:
             out += ["--remount-ro", str(p)]
@@ -327,8 +330,9 @@ def _listed(items: list[str], n: int = 6) -> str:
 
 
 # ----- one engine command -----------------------------------------------------------------------------------
-def sandboxed_argv(g: GateRun, argv: list[str], box: Path) -> list[str]:
-    """`argv` as the sandbox runs it in `box`, per `g.options.sandbox` (the isolation goes into the report).
+def sandboxed_argv(g: GateRun, argv: list[str], box: Path, case: Sandbox | None = None) -> list[str]:
+    """`argv` as the sandbox runs it in `box`, per `g.options.sandbox` (the isolation goes into the report);
+    `case`: the Sandbox whose `case/` the command reads (bound read-only, or copied when unsandboxed).
     For a caller that drives the process itself; `run_engine_command` is the usual way. GateStop (`error`,
     sandbox) when a required sandbox is unavailable."""
     mode = g.options.sandbox
@@ -340,8 +344,11 @@ def sandboxed_argv(g: GateRun, argv: list[str], box: Path) -> list[str]:
     for d in (cache, *map(Path, engine_cache_env(g.engine).values())):
         d.mkdir(parents=True, exist_ok=True)
     if iso.method == "none":
+        if case is not None:
+            case.copy_case()
         return argv
-    return bwrap_argv(iso, argv, box, g.engine, cache, g.options.reference_cache)
+    bind = (case.case_source, case.case) if case is not None and case.case_source is not None else None
+    return bwrap_argv(iso, argv, box, g.engine, cache, g.options.reference_cache, bind)
 
 
 def verify_untouched(g: GateRun, role: str, before: Fingerprint, box: Path, proc: Proc | None = None) -> None:
@@ -367,7 +374,7 @@ def verify_untouched(g: GateRun, role: str, before: Fingerprint, box: Path, proc
 def run_engine_command(g: GateRun, argv: list[str], box: Sandbox, env_set: dict[str, str], role: str) -> Proc:
     """One engine command, sandboxed per `g.options.sandbox`, with the tripwire around it. The returned Proc
     (the caller records it) names the engine's argv; the report's `isolation` says what wrapped it."""
-    full = sandboxed_argv(g, argv, box.root)
+    full = sandboxed_argv(g, argv, box.root, box)
     before = fingerprint(watched_paths())
     proc = replace(run_process(full, box.root, env_set, g.deadline), argv=argv)
     verify_untouched(g, role, before, box.root, proc)

@@ -291,6 +291,39 @@ def test_filesystem_view(tmp_path, monkeypatch):
     assert not (home / "zz-forge-test").exists()  # HOME inside was a fresh tmpfs
 
 
+@pytest.mark.parametrize("sandbox, writes", [("required", 30), ("off", "written")])  # 30: EROFS
+def test_the_case_is_read_only_inside_and_a_copy_outside(tmp_path, sandbox, writes):
+    """Under bubblewrap the engine reads the gate's own case files through a read-only bind (no copy: an 8B-shaped
+    case is 10 GB); unsandboxed it gets a copy. Either way the gate's case is what it was."""
+    eng = fake_engine(tmp_path / "eng", """
+        import json, os, sys
+        case = sys.argv[sys.argv.index("--case") + 1]
+        def write(p):
+            try:
+                with open(p, "ab") as f:
+                    f.write(b"tampered")
+                return "written"
+            except OSError as e:
+                return e.errno
+        seen = {"files": sorted(os.listdir(case)), "weights": write(os.path.join(case, "weights.safetensors")),
+                "new": write(os.path.join(case, "planted"))}
+        json.dump(seen, open("seen.json", "w"))
+    """)
+    g = GateRun("m1_forward", discover_engine(eng), GateOptions(seed=1, timeout_s=180, sandbox=sandbox))
+    try:
+        case = g.make_case()
+        before = (case.dir / "weights.safetensors").read_bytes()
+        box = g.sandbox(case.dir)
+        g.run_engine(["probe", "forward", "--case", str(box.case), "--out", str(box.out)], box, "engine probe forward")
+        seen = json.loads((box.root / "seen.json").read_text())
+        assert seen["files"] == ["batches.safetensors", "case.json", "weights.safetensors"], seen
+        assert (seen["weights"], seen["new"]) == (writes, writes), seen
+        assert (case.dir / "weights.safetensors").read_bytes() == before and not (case.dir / "planted").exists()
+        assert g.report.isolation["method"] == ("bwrap" if sandbox == "required" else "none")
+    finally:
+        g.cleanup()
+
+
 def test_torchrun_rendezvous_works_inside(tmp_path):
     eng = fake_engine(tmp_path / "eng", """
         import torch, torch.distributed as dist
