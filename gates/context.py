@@ -193,7 +193,7 @@ class GateRun:
 
     def engine_probe(self, probe: str, case: Case, nproc: int = 1, role: str | None = None,
                      keep: bool = False) -> tuple[dict[str, torch.Tensor], dict, Sandbox]:
-        """Run the engine's probe on a sandboxed copy of `case`; read only the contract's two files.
+        """Run the engine's probe on `case`, read-only in its sandbox; read only the contract's two files.
         The sandbox is removed unless `keep` (the caller removes it then)."""
         role = role or f"engine probe {probe}"
         sandbox = self.sandbox(case.dir)

@@ -4,7 +4,7 @@ Engine: a directory ENGINE with exactly one package `ENGINE/src/<pkg>/` holding 
 as `python -m <pkg> ...` (under torchrun for more than one process), `python` being the engine's own venv's
 (gates/engine_venv.py), with PYTHONPATH=ENGINE/src and
 nothing else from the gate's environment on PYTHONPATH, in a fresh temporary directory that holds
-only a copy of the case and the output directory, inside the bubblewrap sandbox of gates/sandbox.py
+only the case (read-only; a copy when unsandboxed) and the output directory, inside the bubblewrap sandbox of gates/sandbox.py
 (read-only /, the workspace hidden, own PID and network namespaces; GateOptions.sandbox says whether
 running without one is allowed, the report's `isolation` says which it was). The engine always runs
 before the reference on a case, and reference outputs are deleted once compared, so no reference
