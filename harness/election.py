@@ -8,6 +8,7 @@ ELECTION_MARGIN. The engine's own timings are never read.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from gates.launch import EngineLayoutError, discover_engine, save_engine_cache, seed_engine_cache
@@ -48,7 +49,12 @@ class Election(LoopParts):
 
     def _save_cache_seed(self, key: str, rt: RoundTree) -> None:
         """After the baseline timing, before any agent ran in the round: the compile caches of the branch's engine,
-        which every later round of `key` starts from (each round is a new location, and so a cold cache)."""
+        which every later round of `key` starts from (each round is a new location, and so a cold cache). Ops run
+        one after another, so the seeds of earlier ops go (a GPU's caches are GBs)."""
+        seeds = self._cache_seed(key).parent
+        for old in seeds.iterdir() if seeds.is_dir() else ():
+            if old.name != key:
+                shutil.rmtree(old, ignore_errors=True)
         try:
             save_engine_cache(discover_engine(rt.engine_dir), self._cache_seed(key))
         except (EngineLayoutError, OSError) as e:

@@ -229,10 +229,12 @@ def test_every_round_of_an_op_starts_from_the_baselines_compile_cache(tmp_path, 
         seen.append((engine_dir.parents[1].name, (cache / "inductor" / "graph").is_file()))
         return 1.0, "fake"
 
+    (tmp_path / "s" / "compile-cache-seed" / "ops-rms_norm" / "triton").mkdir(parents=True)  # an earlier op's seed
     loop = ForgeLoop(_spec(workspace, rounds=2), write_spec_file(tmp_path / "spec.toml"), engine=workspace / REL,
                      state_dir=tmp_path / "s", gate_fn=_passing_gate, step_clock=step_clock, land=False, guard=[])
     assert loop.run().ok
     assert seen == [("ops-swiglu-r01", True), ("ops-swiglu-r01", True), ("ops-swiglu-r02", True)]
+    assert [d.name for d in (tmp_path / "s" / "compile-cache-seed").iterdir()] == ["ops-swiglu"]  # an older op's went
     assert (tmp_path / "s" / "compile-cache-seed" / "ops-swiglu" / "inductor" / "graph").is_file()
     assert not list((tmp_path / "cache" / "engine-cache").iterdir())  # the rounds' caches went with their worktrees
 
