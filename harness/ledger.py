@@ -8,7 +8,7 @@ State dir of a run (default `<repo>/.forge/<spec name>/`):
     ledger.jsonl    append-only; fsync'd; a torn last line (kill -9 mid-write) is skipped on read
     rounds/<key>-rNN/   prompt.md, agent logs, changes.patch, gate reports
     worktrees/<key>-rNN/  the round's git worktree (removed when the round ends, with its engine's compile caches)
-    compile-cache-seed/<key>/  an ops stage's baseline compile caches, copied into each of its rounds
+    compile-cache-seed/<key>/  the current op's baseline compile caches, copied into each of its rounds
     lock            flock'd by the live run
 
 The ledger is the source of truth for resume: a stage passed iff a `round` line says so with a commit.
