@@ -196,6 +196,9 @@ def gates(ctx: Context, a: argparse.Namespace) -> Plan:
 
 # ---- side by side -------------------------------------------------------------------------------------------
 
+SCRIPT_MARGIN_S = 30  # compare_0.5b.sh keeps to its BUDGET_S; the kill after it only stops a hung script
+
+
 @part("compare", "every stack side by side at seq 4096 (compare_0.5b.sh's compare part)",
       opt("--budget-s", type=int, default=300, help="compare_0.5b.sh's budget (default 300)"),
       opt("--stacks", default=None, help="comma-separated stacks in table order (default: compare_0.5b.sh's; "
@@ -207,14 +210,14 @@ def compare(ctx: Context, a: argparse.Namespace) -> Plan:
     env = {"OUT": str(ctx.part_dir("compare")), "PART": "compare", "BUDGET_S": str(a.budget_s)}
     env |= {"STACKS": a.stacks} if a.stacks else {}
     env |= {k: str(v) for k, v in (("MODEL", a.model), ("MBS", a.micro_batch_size), ("SEQ", a.seq_length)) if v}
-    return Plan((step("bash", "benchmarks/gpu/compare_0.5b.sh", env=env, timeout_s=360),))
+    return Plan((step("bash", "benchmarks/gpu/compare_0.5b.sh", env=env, timeout_s=a.budget_s + SCRIPT_MARGIN_S),))
 
 
 @part("agreement", "torch vs megatron stacks: bf16 probes and the fp32 steps probe (compare_0.5b.sh's agreement part)",
       opt("--budget-s", type=int, default=330, help="compare_0.5b.sh's budget (default 330)"))
 def agreement(ctx: Context, a: argparse.Namespace) -> Plan:
     env = {"OUT": str(ctx.part_dir("agreement")), "PART": "agreement", "BUDGET_S": str(a.budget_s)}
-    return Plan((step("bash", "benchmarks/gpu/compare_0.5b.sh", env=env, timeout_s=360),))
+    return Plan((step("bash", "benchmarks/gpu/compare_0.5b.sh", env=env, timeout_s=a.budget_s + SCRIPT_MARGIN_S),))
 
 
 # ---- the engine ---------------------------------------------------------------------------------------------

@@ -79,6 +79,14 @@ def test_m5_on_the_8b_runs_the_8bs_bench_on_the_cases_model(tmp_path: Path) -> N
     assert gate.argv[gate.argv.index("--engine") + 1] == "exports/train_engine_8b"
 
 
+@pytest.mark.parametrize("part", ["compare", "agreement"])
+def test_a_scripts_budget_sets_its_kill(part: str, tmp_path: Path) -> None:
+    """compare_0.5b.sh keeps to BUDGET_S: the part's kill comes after it, whatever the budget (never a fixed 360 s)."""
+    [(_, plan, _)] = _plans([part, "--budget-s", "500"], tmp_path)
+    [s] = plan.steps
+    assert s.env["BUDGET_S"] == "500" and s.timeout_s == 530
+
+
 @pytest.mark.parametrize("words, message", [
     (["kernels", "bogus"], "unknown part 'bogus'"),
     (["kernels", "--budget", "9"], "unrecognized arguments: --budget"),
