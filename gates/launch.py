@@ -249,7 +249,7 @@ def _remove_tree(root: Path) -> None:
 class Sandbox:
     """A fresh temporary directory holding only `case/` (absent for None) and, after the run, `out/`. `case/` shows
     `case_dir` read-only: bubblewrap binds it there for each command (gates/sandbox.py), an unsandboxed command
-    gets a copy made before it (`copy_case`). Either way the engine cannot change the gate's own case."""
+    gets a copy made before it (`copy_case`), so what it changes there is its copy only."""
 
     def __init__(self, case_dir: Path | None, prefix: str = "forge-engine-"):
         self.root = Path(tempfile.mkdtemp(prefix=prefix))
