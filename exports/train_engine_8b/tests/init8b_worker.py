@@ -164,6 +164,7 @@ def _rank(rank: int, world: int, port: int, jobs: list[dict], out: str) -> None:
             else:
                 res = run_job(job, ctx, Path(out))
             (Path(out) / f"{job['name']}-rank{rank}.json").write_text(json.dumps(res))
+        ctx.barrier()  # no rank tears its group down while another still works (as pretrain does)
     finally:
         ctx.close()
 
