@@ -158,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return elect(a, key, ops, after)
     finally:
-        from gates.launch import discover_engine, engine_cache_dir
+        from gates.launch import remove_engine_caches
 
         tuned = next((after / "src").glob("*/tuned/configs.json"), None)
         if tuned is not None:
             shutil.copyfile(tuned, a.out / "candidate_tuned.json")
-        shutil.rmtree(engine_cache_dir(discover_engine(after)), ignore_errors=True)
+        remove_engine_caches(after)
         shutil.rmtree(a.out / "candidate", ignore_errors=True)
 
 
