@@ -3,7 +3,7 @@
 - identity: `model_spec.toml` ([model], [engine], and [ops] when the engine lists one); the op registry
   from the engine's own `info` command (implementations, the default per device);
 - evidence: `manifest.json` (gates a forge run or `certify` accepted, with numbers, hardware and commit; elected ops), and the
-  gate reports it points to;
+  gate reports it points to; a note when the engine's code (src/, pyproject.toml) differs from the commit a gate judged;
 - history: the forge run that wrote the manifest (its rounds from the engine's `forge/ledger.jsonl` or the run's
   state dir under `<repo>/.git/forge/`), and ledgers given with --ledger; never another run on the same path;
 - figures the user names: training logs (JSONL lines with `step` and `loss`, and `eval_loss` where the engine
@@ -218,6 +218,55 @@ def _rounds(engine: Path, manifest: dict[str, Any], ledgers: list[Path]) -> tupl
     return out, note
 
 
+CODE_PATHS = ("src", "pyproject.toml")  # what the gates judge: the package and its dependencies, not docs or tests
+
+
+def code_changed_since(engine: Path, commit: str) -> list[str] | None:
+    """The engine's code files (CODE_PATHS) that differ in the working tree from `commit`, untracked ones included;
+    None when that cannot be told (not a git checkout, an unknown commit)."""
+    try:
+        import git
+
+        repo = git.Repo(engine, search_parent_directories=True)
+        paths = [str(engine / p) for p in CODE_PATHS if (engine / p).exists()]
+        changed = repo.git.diff("--name-only", commit, "--", *paths).splitlines()
+        changed += repo.git.ls_files("--others", "--exclude-standard", "--", *paths).splitlines()
+    except Exception:  # noqa: BLE001 - not a checkout, or the commit is not in it: nothing to compare with
+        return None
+    root = Path(repo.working_tree_dir)
+    return sorted({(root / f).resolve().relative_to(engine).as_posix() if (root / f).resolve().is_relative_to(engine)
+                   else f for f in changed if f})
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def drift_notes(engine: Path, manifest: dict[str, Any]) -> list[str]:
+    """One note per commit the manifest's gates judged whose code is no longer the engine's: those verdicts are
+    about other code until `certify` (or a forge round) judges this one."""
+    by_commit: dict[str, list[str]] = {}
+    for name, g in (manifest.get("gates") or {}).items():
+        if g.get("commit"):
+            by_commit.setdefault(str(g["commit"]), []).append(name)
+    spec = (manifest.get("spec") or {}).get("path")
+    rerun = f"bash agent-loop.sh certify {f'--spec {spec} ' if spec else ''}--engine {_shown_path(engine)}"
+    notes = []
+    for commit, gates in sorted(by_commit.items()):
+        changed = code_changed_since(engine, commit)
+        if changed is None:
+            notes.append(f"gates judged commit {commit[:10]}, which this checkout cannot compare with: "
+                         "whether they judged this code is unknown")
+        elif changed:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            notes.append(f"the engine's code changed since commit {commit[:10]}, which {', '.join(sorted(gates))} "
+                         f"judged: {len(changed)} file(s) ({shown}); `{rerun}` judges this code")
+    return notes
+
+
 def collect(engine: Path, *, ledgers: list[Path] = (), logs: list[Path] = (), bench: list[Path] = (),
             probe_ops: bool = True) -> Inspection:
     """Raises NotAnEngine for a folder that is not an engine."""
@@ -245,6 +294,7 @@ def collect(engine: Path, *, ledgers: list[Path] = (), logs: list[Path] = (), be
     else:
         ins.notes.append("no manifest.json")
     ins.gates = gate_rows(ins.manifest, engine)
+    ins.notes += drift_notes(engine, ins.manifest)
     if not ins.gates:
         ins.notes.append("no gate recorded in manifest.json: this engine has not been forged or certified here "
                          "(`bash agent-loop.sh certify --engine ...` runs the gates and records them)")

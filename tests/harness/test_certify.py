@@ -75,6 +75,8 @@ def test_certify_records_the_committed_engine_and_unsupported_as_unsupported(eng
     rows = {g["gate"]: g["verdict"] for g in ins.gates}
     assert rows["m5_long_train"] == "passed (mfu unsupported)" and rows["m1_forward"] == "passed"
     assert any("recorded by `certify`" in n and head[:10] in n for n in ins.notes)
+    # the working tree's uncommitted edit is not what certify judged, and inspect says so
+    assert any("changed since" in n and "1 file(s) (src/eng_pkg/__main__.py)" in n for n in ins.notes)
 
 
 def test_a_stage_not_accepted_is_not_recorded_and_stops_certify(engine: Path, tmp_path: Path) -> None:

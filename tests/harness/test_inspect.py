@@ -129,3 +129,45 @@ def test_no_manifest_history_means_no_history(tmp_path: Path) -> None:
 def test_benchmark_rows_ignore_bad_files(tmp_path: Path) -> None:
     (tmp_path / "x.json").write_text("[1, 2")
     assert benchmark_rows(tmp_path / "x.json") == []
+
+
+def test_a_manifest_about_other_code_says_so(tmp_path: Path) -> None:
+    """Gates judged a commit; once the engine's src/ or pyproject.toml differs from it (edited, or a new file),
+    inspect names the files and the certify command; docs, tests and the manifest itself do not count."""
+    import git
+
+    repo = git.Repo.init(tmp_path)
+    repo.config_writer().set_value("user", "name", "t").set_value("user", "email", "t@t").release()
+    eng = _engine(tmp_path)
+    (eng / "pyproject.toml").write_text("[project]\nname = 'eng'\n")
+    repo.git.add(A=True)
+    repo.git.commit(m="engine")
+    sha = repo.head.commit.hexsha
+    m = json.loads((eng / "manifest.json").read_text())
+    m["spec"]["path"] = "specs/tiny-cpu.toml"
+    for g in m["gates"].values():
+        g["commit"] = sha
+    (eng / "manifest.json").write_text(json.dumps(m))
+    (eng / "README.md").write_text("docs change\n")
+    (eng / "tests").mkdir()
+    (eng / "tests/test_x.py").write_text("")
+
+    def drift() -> list[str]:
+        return [n for n in collect(eng, probe_ops=False).notes if "changed since" in n or "cannot compare" in n]
+
+    assert drift() == []
+    (eng / "src/eng_pkg/__main__.py").write_text("print('other code')\n")
+    (eng / "src/eng_pkg/new_op.py").write_text("")
+    (note,) = drift()
+    assert f"commit {sha[:10]}" in note and "m1_forward, m5_long_train" in note
+    assert "2 file(s) (src/eng_pkg/__main__.py, src/eng_pkg/new_op.py)" in note
+    assert "certify --spec specs/tiny-cpu.toml --engine" in note
+    repo.git.add(A=True)
+    repo.git.commit(m="new code")  # committed or not, it is not what the gates judged
+    (note,) = drift()
+    assert "2 file(s)" in note
+    for g in m["gates"].values():
+        g["commit"] = "f" * 40
+    (eng / "manifest.json").write_text(json.dumps(m))
+    (note,) = drift()
+    assert note.startswith(f"gates judged commit {'f' * 10}, which this checkout cannot compare with")
