@@ -74,13 +74,12 @@ class Election(LoopParts):
             raise ForgeError(f"stage {stage.name}: [stages.timing].command is not read: elections run on the gates' "
                              "clock (M5's speed part); remove it (the tune backend's own figure is the per-op harness's)")
         try:
-            table = describe(self.engine)
+            table = describe(self.engine, tp=self.spec.hardware.tp)
         except OpSpecError as e:
             raise ForgeError(f"stage {stage.name}: {e}") from None
-        unknown = [op for op in stage.ops if op.partition(".")[0] not in table.table]
+        unknown = [why for op in stage.ops if (why := table.unknown(op)) is not None]
         if unknown:
-            raise ForgeError(f"stage {stage.name}: unknown op(s) {', '.join(map(repr, unknown))}; the engine's ops: "
-                             f"{', '.join(table.table)}")
+            raise ForgeError(f"stage {stage.name}: {'; '.join(unknown)}")
         agent = self.spec.agent_for(stage)
         if agent.backend == "tune" and self.backend_override is None:  # its space: names the engine declares
             options = TuneOptions.model_validate(agent.options)

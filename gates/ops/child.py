@@ -217,8 +217,10 @@ def _write(path: str, result: dict) -> int:
     return 0
 
 
-def describe(package: str, result_path: str) -> int:
-    """The engine's op table and this runtime's key, as JSON."""
+def describe(package: str, result_path: str, tp: int = 1) -> int:
+    """The engine's op table and this runtime's key, as JSON: the ops its model runs at tensor-parallel degree `tp`
+    (the package's `registry_ops(tp)` where it declares one, else every op of the table), and those it does not."""
+    runs = getattr(importlib.import_module(package), "registry_ops", None)
     table = importlib.import_module(f"{package}.ops.table")
     registry = importlib.import_module(f"{package}.ops.registry")
     space = importlib.import_module(f"{package}.ops.space")
@@ -226,11 +228,15 @@ def describe(package: str, result_path: str) -> int:
     for device in ("cpu", "cuda"):  # what `auto` runs, with the tuned values this runtime's entry gives
         ops = registry.resolve(registry.OpSelection(), device)
         resolved[device] = {"names": ops.names, "tuned": ops.tuned}
-    return _write(result_path, {"table": table.describe(), "runtime": {d: space.runtime_key(d).model_dump()
+    described = table.describe()
+    keep = set(runs(tp)) if runs is not None else set(described)
+    return _write(result_path, {"table": {op: d for op, d in described.items() if op in keep},
+                                "not_run": sorted(set(described) - keep), "runtime": {d: space.runtime_key(d).model_dump()
                                                                        for d in ("cpu", "cuda")},
                                 "registered": {op: sorted(impls) for op, impls in registry.OPS.items()},
                                 "resolved": resolved})
 
 
 if __name__ == "__main__":
-    sys.exit(describe(sys.argv[2], sys.argv[3]) if sys.argv[1] == "--describe" else main(sys.argv[1], sys.argv[2]))
+    sys.exit(describe(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:5])) if sys.argv[1] == "--describe"
+             else main(sys.argv[1], sys.argv[2]))

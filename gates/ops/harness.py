@@ -94,6 +94,16 @@ class EngineOps(BaseModel):
     runtime: dict[str, dict]
     registered: dict[str, list[str]]
     resolved: dict[str, dict] = Field(default_factory=dict)  # device -> {names, tuned}: what `auto` runs
+    not_run: list[str] = Field(default_factory=list)  # ops of the table the engine's model never calls (at this TP)
+
+    def unknown(self, op: str) -> str | None:
+        """Why `op` (or `op.site`) is no op of this engine's to check or tune, or None."""
+        base = op.partition(".")[0]
+        if base in self.table:
+            return None
+        if base in self.not_run:
+            return f"op {op!r}: the engine's model does not run it (at this tensor-parallel degree); it runs {', '.join(self.table)}"
+        return f"unknown op {op!r}; the engine's ops: {', '.join(self.table)}"
 
     def default_candidate(self, op: str, device: str) -> Candidate | None:
         """The candidate the engine runs by default for `op` on `device` (its implementation and tuned values),
@@ -108,10 +118,9 @@ class EngineOps(BaseModel):
         return self.impl(op, impl)["space"]
 
     def impl(self, op: str, impl: str) -> dict:
-        base = op.partition(".")[0]
-        if base not in self.table:
-            raise OpSpecError(f"unknown op {op!r}; the engine's ops: {', '.join(self.table)}")
-        impls = self.table[base]["impls"]
+        if (why := self.unknown(op)) is not None:
+            raise OpSpecError(why)
+        impls = self.table[op.partition(".")[0]]["impls"]
         if impl not in impls:
             raise OpSpecError(f"{op}: unknown implementation {impl!r}; declared: {', '.join(impls)}")
         return impls[impl]
@@ -138,11 +147,13 @@ def _same(a: Any, b: Any) -> bool:  # as the engine's table.same: a bool only eq
     return a == b
 
 
-def describe(engine_dir: Path, timeout_s: float = 300.0, runner: Runner = run_plain) -> EngineOps:
+def describe(engine_dir: Path, timeout_s: float = 300.0, runner: Runner = run_plain, tp: int = 1) -> EngineOps:
+    """The engine's op table, as its model runs at tensor-parallel degree `tp` (child.py --describe)."""
     engine = discover_engine(engine_dir)
     with tempfile.TemporaryDirectory(prefix="forge-ops-") as tmp:
         out = Path(tmp) / "table.json"
-        rc, _, stderr = runner([str(engine_python(engine)), str(CHILD), "--describe", engine.package, str(out)], engine_env(engine),
+        rc, _, stderr = runner([str(engine_python(engine)), str(CHILD), "--describe", engine.package, str(out), str(tp)],
+                               engine_env(engine),
                                Path(tmp), timeout_s)
         if rc != 0 or not out.is_file():
             raise OpSpecError(f"engine {engine_dir}: cannot read its op table (exit {rc}): {stderr[-800:]}")

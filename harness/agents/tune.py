@@ -71,8 +71,8 @@ def search_space(engine_ops: EngineOps, op: str, impl: str, chosen: dict[str, li
 def _pick_impl(engine_ops: EngineOps, op: str, impl: str | None, device: str) -> str:
     """`impl`, else what `auto` runs on `device` when it declares a space, else the first registered one that does."""
     base = op.partition(".")[0]
-    if base not in engine_ops.table:
-        raise OpSpecError(f"unknown op {op!r}; the engine's ops: {', '.join(engine_ops.table)}")
+    if (why := engine_ops.unknown(op)) is not None:
+        raise OpSpecError(why)
     if impl is not None:
         engine_ops.impl(op, impl)
         return impl

@@ -25,6 +25,22 @@ def test_shipped_specs_load() -> None:
     assert big.reference == "megatron" and big.hardware.tp == 2 and big.stage("ops").agent.backend == "tune"
 
 
+def test_shipped_ops_stages_name_ops_their_engine_runs() -> None:
+    """An ops stage tunes what the engine's model calls at the spec's TP degree (gates/ops describe), never an op of
+    the shared table it leaves unused: the loop refuses one before any round (election._check_ops_stage)."""
+    from gates.ops.harness import describe
+
+    checked = 0
+    for p in SPECS:
+        spec = load_spec(p)
+        ops = [op for s in spec.stages if s.kind == "ops" for op in s.ops]
+        if ops:
+            table = describe(p.parents[1] / spec.engine.path, tp=spec.hardware.tp)
+            assert [why for op in ops if (why := table.unknown(op))] == [], p.name
+            checked += 1
+    assert checked >= 3
+
+
 def _base() -> dict:
     return {"name": "x", "model": {"preset": "tiny"}, "engine": {"path": "exports/e", "package": "e"},
             "stages": [{"name": "m1", "gates": [{"name": "m1_forward"}]}]}

@@ -240,7 +240,7 @@ def test_every_round_of_an_op_starts_from_the_baselines_compile_cache(tmp_path, 
 
 
 @pytest.mark.parametrize("stage, message", [
-    ({"ops": ["rmsnorm"]}, "unknown op(s) 'rmsnorm'"),
+    ({"ops": ["rmsnorm"]}, "unknown op 'rmsnorm'; the engine's ops: "),
     ({"timing": {"command": "python bench.py {out}"}}, "[stages.timing].command is not read"),
     ({"agent": {"backend": "tune", "sandbox": "preferred", "options": {"impl": "triton_fused", "space": {"blocks": [512]}}}},
      "[stages.agent.options]: swiglu=triton_fused: unknown parameter 'blocks'"),

@@ -4,7 +4,7 @@ when asked, the MLP as one op (`mlp`: fc1 -> SwiGLU -> fc2; no election at the 8
 loss and gradients equal those of the plain modules. Checked on the CPU through each op's plain-PyTorch reference,
 which the fused kernels are tested against in the core's op tests; the log and checkpoints name what ran. Under
 TP the loss is the vocab-parallel cross-entropy and the MLP the parallel projections: asking for either fused op
-there is refused (slow: two gloo ranks)."""
+there is refused (slow: two gloo ranks), and so is naming an op this engine never runs (registry_ops)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from test_8b_cli import engine
 from train_engine_8b import config
 from train_engine_8b.build import build_trainer
 from train_engine_8b.core.dist import DistContext
+from train_engine_8b.core.errors import EngineError
 from train_engine_8b.model_config import preset
 from train_engine_8b.ops.registry import OpSelection
 
@@ -60,6 +61,28 @@ def test_a_fused_op_equals_the_plain_modules(ops, ran):
 def test_a_fused_op_is_refused_under_tensor_parallelism(tmp_path, op):
     res = engine(2, ["pretrain", "--model", "minicpm4-8b-reduced", "--device", "cpu", "--tp", "2", "--num-steps", "1",
                      "--global-batch-size", "2", "--micro-batch-size", "2", "--seq-length", "16",
-                     "--ops", f"{op}=reference"], tmp_path)
+                     "--save-dir", tmp_path / "ckpt", "--ops", f"{op}=reference"], tmp_path)
     assert res.returncode != 0
-    assert f"--ops {op}=reference: not under tensor parallelism" in res.stderr, res.stderr[-2000:]
+    assert (f"--ops {op}=reference: train_engine_8b at --tp 2 does not run this op through the op registry; "
+            "it runs attention, adamw") in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "ckpt").exists() and "[STEP" not in res.stdout  # refused before any step or save
+
+
+@pytest.mark.parametrize("ops, named", [
+    ("rms_norm=triton_fused", "rms_norm=triton_fused: train_engine_8b does not run this op"),
+    ("gemm.qkv=concat,swiglu=reference", "gemm.qkv=concat,swiglu=reference: train_engine_8b does not run these ops"),
+])
+def test_an_op_the_engine_never_runs_is_refused(ops, named):
+    cfg = config.build(model=preset("minicpm4-8b-reduced"), ops=OpSelection.parse(ops),
+                       train=dict(num_steps=1, global_batch_size=2, micro_batch_size=2, seq_length=24),
+                       runtime=dict(device="cpu", compile=False))
+    with pytest.raises(EngineError, match="through the op registry; it runs attention, adamw, linear_cross_entropy, mlp") as e:
+        build_trainer(cfg, DistContext(), dtype=torch.float32)
+    assert f"--ops {named}" in str(e.value)
+
+
+def test_info_lists_the_ops_it_runs_only(tmp_path):
+    res = engine(1, ["info"], tmp_path)
+    ops = [line.split(":")[0] for line in res.stdout.splitlines() if line.startswith("op ")]
+    assert res.returncode == 0 and ops == ["op attention", "op mlp", "op linear_cross_entropy", "op adamw"]
+    assert "under --tp > 1 it runs attention, adamw only" in res.stdout

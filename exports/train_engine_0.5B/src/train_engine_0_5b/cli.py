@@ -81,16 +81,4 @@ app.command("dump-state")(cli_commands.dump_state)
 app.command("prepare-data")(cli_commands.prepare_data)
 
 
-@app.command()
-def info() -> None:
-    """Presets, the op registry (with unavailable implementations and why), environment switches."""
-    from train_engine_0_5b.core import env
-    from train_engine_0_5b.ops.registry import DEVICE_DEFAULTS, OPS, UNAVAILABLE
-
-    typer.echo(f"presets: {', '.join(PRESETS)} (default {DEFAULT_MODEL})")
-    for op, impls in OPS.items():
-        typer.echo(f"op {op}: {', '.join(impls)}")
-    for (op, impl), why in sorted(UNAVAILABLE.items()):
-        typer.echo(f"  unavailable {op}.{impl}: {why}")
-    typer.echo(f"device defaults: {DEVICE_DEFAULTS}")
-    typer.echo((env.__doc__ or "").strip())
+app.command("info")(cli_commands.info_command(PRESETS, DEFAULT_MODEL))

@@ -7,3 +7,10 @@ minicpm/: trainer, optimizer, ZeRO-1, checkpoints, data, HF reader and export).
 """
 
 __version__ = "0.1.0"
+
+
+def registry_ops(tp: int = 1) -> tuple[str, ...]:
+    """The op-registry ops this engine's model calls at tensor-parallel degree `tp` (build.attach_ops); under TP the
+    vocab-parallel cross-entropy and the parallel projections run instead of linear_cross_entropy and mlp. `--ops`
+    naming any other op is an error, and stage 2 (gates/ops describe) is offered only these."""
+    return ("attention", "adamw") if tp > 1 else ("attention", "adamw", "linear_cross_entropy", "mlp")

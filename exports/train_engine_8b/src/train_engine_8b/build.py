@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from train_engine_8b import registry_ops
 from train_engine_8b.config import EngineConfig
 from train_engine_8b.core.dist import DistContext
 from train_engine_8b.core.errors import EngineError
@@ -21,7 +22,7 @@ from train_engine_8b.core.weights import Initial, local_masters
 from train_engine_8b.minicpm.init import FreshWeights
 from train_engine_8b.model import MiniCPM, build_model
 from train_engine_8b.ops.cases import Dims
-from train_engine_8b.ops.registry import UNFUSED, resolve
+from train_engine_8b.ops.registry import UNFUSED, refuse_unrun, resolve
 from train_engine_8b.parallelize import ParallelDims, ParallelError, parallelize_model
 
 
@@ -57,13 +58,9 @@ def attach_ops(model: MiniCPM, cfg: EngineConfig, ops, *, tp: bool) -> dict[str,
     """Hand `model` the registry ops it runs (`ops`, resolved from cfg.ops); returns what runs, by op. Attention and
     AdamW always. Without TP the output GEMM + loss as `linear_cross_entropy` (fused kernels by default on CUDA) and,
     when asked, the MLP as `mlp` (no election at the 8B's shapes yet); under TP the vocab-parallel cross-entropy and
-    the parallel projections, and asking for either fused op is an error."""
-    fused_ce = ops.names["linear_cross_entropy"] != UNFUSED
+    the parallel projections (registry_ops)."""
+    fused_ce = ops.names["linear_cross_entropy"] != UNFUSED  # under TP, build_trainer refused a named one
     fused_mlp = cfg.ops.mlp != "auto" and ops.names["mlp"] != UNFUSED
-    asked = {"linear_cross_entropy": fused_ce and cfg.ops.linear_cross_entropy != "auto", "mlp": fused_mlp}
-    for name in (n for n, yes in asked.items() if yes and tp):
-        raise EngineError(f"--ops {name}={getattr(cfg.ops, name)}: not under tensor parallelism (the vocab-parallel "
-                          "cross-entropy and the parallel projections run there); omit it, or --tp 1")
     run_ce, run_mlp = fused_ce and not tp, fused_mlp and not tp  # the fused ops this model runs
     for layer in model.model.layers:
         layer.self_attn.attention_op = ops.attention
@@ -85,6 +82,8 @@ def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: Initial | None =
     whatever layout wrote it."""
     t, o, r = cfg.train, cfg.optim, cfg.runtime
     layout = layout or Layout.of(cfg, ctx)
+    tp = layout.dims.tp  # before any memory is spent on the model: an op it would not run is an error
+    refuse_unrun(cfg.ops, registry_ops(tp), "train_engine_8b" + (f" at --tp {tp}" if tp > 1 else ""))
     try:
         model = parallelize_model(build_model(cfg.model), layout.mesh, r.recompute, r.resolved_compile(),
                                   r.async_tp)

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from train_engine_8b import registry_ops
 from train_engine_8b.cli_help import PlainHelpGroup
 from train_engine_8b.core import cli_commands
 from train_engine_8b.core.cli_guard import guard
@@ -67,10 +68,8 @@ app.command("dump-state")(cli_commands.dump_state)
 app.command("prepare-data")(cli_commands.prepare_data)
 
 
-@app.command()
-def info() -> None:
-    """Presets and environment switches."""
-    from train_engine_8b.core import env
-
-    typer.echo(f"presets: {', '.join(PRESETS)} (default {DEFAULT_MODEL})")
-    typer.echo((env.__doc__ or "").strip())
+app.command("info")(cli_commands.info_command(
+    PRESETS, DEFAULT_MODEL, runs=registry_ops(1),
+    note=f"this engine: mlp=auto runs unfused (a fused MLP runs only when named: no election at the 8B's shapes yet); "
+         f"under --tp > 1 it runs {', '.join(registry_ops(2))} only (the vocab-parallel cross-entropy and the "
+         "parallel projections replace the others; naming one is an error)"))

@@ -97,6 +97,23 @@ OpSelection = create_model(  # one field per op of the table: an implementation 
 OpSelection.__doc__ = "Which implementation runs each op: a name in OPS[op], or \"auto\" (the device's default)."
 
 
+def refuse_unrun(selection: BaseModel, runs: tuple[str, ...], engine: str) -> None:
+    """An engine whose model calls only the registry ops `runs` refuses a selection naming any other op (an
+    implementation that would not run is an error, never silently ignored). Raises EngineError."""
+    default, named = type(selection)(), []
+    for op in (op for op in type(selection).model_fields if op not in runs):
+        chosen, base = getattr(selection, op), getattr(default, op)
+        if isinstance(chosen, BaseModel):  # a sited op: gemm.qkv=...
+            named += [f"{op}.{site}={getattr(chosen, site)}" for site in type(chosen).model_fields
+                      if getattr(chosen, site) != getattr(base, site)]
+        elif chosen != base:
+            named.append(f"{op}={chosen}")
+    if named:
+        raise EngineError(f"--ops {','.join(named)}: {engine} does not run "
+                          f"{'this op' if len(named) == 1 else 'these ops'} through the op registry; it runs "
+                          f"{', '.join(runs)} (`info` lists their implementations)")
+
+
 def _field(label: str) -> str:
     return label.replace(".", "_")
 

@@ -1,5 +1,6 @@
 """Commands every engine's CLI registers as they are (`app.command("export-hf")(cli_commands.export_hf)`):
-export-hf, dump-state, prepare-data; `bench` made for the engine (`bench_command`); and `pretrain`'s shared part
+export-hf, dump-state, prepare-data; `bench` and `info` made for the engine (`bench_command`, `info_command`); and
+`pretrain`'s shared part
 (`pretrain_config`, `write_summary`). Each maps
 its options to a core call; errors are one line (cli_guard.py)."""
 
@@ -175,3 +176,31 @@ def bench_command(engine: Callable[[], "EngineParts"], presets: Presets, default
             typer.echo(text)
 
     return bench
+
+
+def info_command(presets: Presets, default_model: str, runs: tuple[str, ...] | None = None,
+                 note: str = "") -> Callable[[], None]:
+    """The engine's `info` command: its presets, the registry ops its model runs (`runs`, None: every op of the
+    table) with their implementations, the unavailable ones and why, the device defaults, the engine's `note` on
+    them, and the environment switches."""
+
+    def info() -> None:
+        """Presets, the op registry this engine runs (with unavailable implementations and why), environment switches."""
+        from ..ops.registry import DEVICE_DEFAULTS, OPS, UNAVAILABLE
+        from . import env
+
+        shown = lambda op: runs is None or op in runs  # noqa: E731
+        typer.echo(f"presets: {', '.join(presets)} (default {default_model})")
+        for op, impls in OPS.items():
+            if shown(op):
+                typer.echo(f"op {op}: {', '.join(impls)}")
+        for (op, impl), why in sorted(UNAVAILABLE.items()):
+            if shown(op):
+                typer.echo(f"  unavailable {op}.{impl}: {why}")
+        defaults = {dev: {op: v for op, v in ops.items() if shown(op)} for dev, ops in DEVICE_DEFAULTS.items()}
+        typer.echo(f"device defaults: {defaults}")
+        if note:
+            typer.echo(note)
+        typer.echo((env.__doc__ or "").strip())
+
+    return info
