@@ -277,25 +277,27 @@ def mlp(ctx: Context, a: argparse.Namespace) -> Plan:
 
 
 
-# bench8b's runs: name -> (model TOML, bench --ops)
-BENCH8_RUNS = {"default": (M8L, ""), "sdpa": (M8L, "attention=sdpa"), "quack_mlp": (M8L, "mlp=quack_dgated"),
-               "tp2_rank": (M8L_TP2, "")}
+# bench8b's runs: name -> (model TOML, bench --ops, more bench options); `optable` only when named
+BENCH8_RUNS = {"default": (M8L, "", ()), "sdpa": (M8L, "attention=sdpa", ()), "quack_mlp": (M8L, "mlp=quack_dgated", ()),
+               "tp2_rank": (M8L_TP2, "", ()), "optable": (M8L, "", ("--op-table",))}
+BENCH8_DEFAULT_RUNS = ["default", "sdpa", "quack_mlp", "tp2_rank"]
 
 
 @part("bench8b", "the 8B's graph tests, then its bench at 8 layers, seq 4096: the default ops, SDPA, the quack "
       "MLP, and one rank's shapes of TP=2 (benchmarks/models/)",
       opt("--micro-batch-size", type=int, default=2, help="the bench's micro batch (default 2, the anchors')"),
-      opt("--runs", nargs="+", choices=list(BENCH8_RUNS), default=list(BENCH8_RUNS), metavar="RUN",
-          help=f"which benches, in order (default all: {', '.join(BENCH8_RUNS)}); ~100 s each"),
+      opt("--runs", nargs="+", choices=list(BENCH8_RUNS), default=BENCH8_DEFAULT_RUNS, metavar="RUN",
+          help=f"which benches, in order (default {', '.join(BENCH8_DEFAULT_RUNS)}; optable: the default ops with "
+               "--op-table, each registry op alone and the profiler's kernel breakdown); ~100 s each"),
       opt("--no-tests", action="store_true", help="skip the graph tests"))
 def bench8b(ctx: Context, a: argparse.Namespace) -> Plan:
     d, m = ctx.part_dir("bench8b"), a.micro_batch_size
     steps = [] if a.no_tests else [step(*PYTEST, f"{E8}/tests/test_8b_cuda_graph.py", timeout_s=240)]
     for name in a.runs:
-        model, ops = BENCH8_RUNS[name]
+        model, ops, more = BENCH8_RUNS[name]
         out = d / f"{name}_8l_mb{m}.json"
         steps.append(step(*BENCH8, "--micro-batch-size", m, "--model", model, *(("--ops", ops) if ops else ()),
-                          "--json", out, timeout_s=240, json_summary=out))
+                          *more, "--json", out, timeout_s=300 if more else 240, json_summary=out))
     return with_env(ctx.engine_pythonpath(ctx.root / E8 / "src"), steps)
 
 

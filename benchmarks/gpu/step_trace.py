@@ -14,7 +14,7 @@ import runpy
 import sys
 import time
 
-import train_engine_0_5b.op_table as op_table_mod
+import train_engine_0_5b.core.op_table as op_table_mod
 
 _own_profile_steps = op_table_mod.profile_steps
 

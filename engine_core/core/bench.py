@@ -4,8 +4,8 @@ ones, each synchronized. Under torchrun every rank trains; each data-parallel ra
 ranks of one replica the same ones) and tokens are global. A bench figure is the engine's own clock: the gates
 time `pretrain` on theirs (M5), and only that figure counts.
 
-An engine adds what is its own through `Extra` (the 0.5B's per-op table): `profile` runs while the model lives,
-`finish` after it is freed."""
+An engine adds to the result through `Extra` (`--op-table`: op_table.OpTable over the engine's ops of a step):
+`profile` runs while the model lives, `finish` after it is freed."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def run(cfg: EngineConfig, engine: EngineParts, *, warmup: int, extra: Extra | N
         }
         if extra is not None:
             profiled = extra.profile(trainer, step, batch)
-            del trainer, train_step, step  # the engine's additions may need the memory (0.5B: GB-sized logits)
+            del trainer, train_step, step  # the per-op table's cases need the memory (the 0.5B's: GB-sized logits)
             extra.finish(profiled, result)
         return result, ctx.is_main
     finally:

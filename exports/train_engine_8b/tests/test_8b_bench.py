@@ -1,6 +1,6 @@
 """`python -m train_engine_8b bench` (the core's bench over this engine's Trainer) on the reduced 8B, float32 on
 the CPU: the result JSON of one process (TP=1) and, slow, of two gloo ranks at TP=2 (one replica, its
-vocab-parallel cross-entropy); refusals as one line. Timing itself is not checked here: a bench figure is the
+vocab-parallel cross-entropy); `--op-table` (the core's, over op_table.step_ops); refusals as one line. Timing itself is not checked here: a bench figure is the
 engine's own clock, the gates time `pretrain` (M5)."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_bench_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--op-table"], "--op-table: this engine has no per-op table"),
+    (["--op-table", "--tp", "2"], "--op-table times each op at one GPU's whole-model shapes: run it at --tp 1"),
     pytest.param(["--tp", "3"], "--tp 3 does not divide the world size (1 ranks)", marks=pytest.mark.slow),
     pytest.param(["--cuda-graph", "--warmup", "1"], "--cuda-graph needs --warmup >= 2", marks=pytest.mark.slow),
 ])
@@ -43,6 +43,24 @@ def test_bench_refusals_are_one_line(tmp_path, args, message):
     res = engine(1, [*BENCH, *args], tmp_path)
     assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("ops, rows", [
+    ("", {"attention": 2 * 2, "adamw": 1}),  # the CPU's defaults: the plain output layer and MLP, no registry op
+    ("linear_cross_entropy=reference,mlp=reference", {"attention": 2 * 2, "mlp": 2 * 2, "linear_cross_entropy": 2,
+                                                      "adamw": 1}),
+])
+def test_bench_op_table_rows_are_the_registry_ops_the_model_runs(tmp_path, ops, rows):
+    """2 layers x grad accum 2: each op the model calls through the registry, with its calls per step, timed alone
+    and against its reference; the projections, norms and RoPE are plain modules, in the profile only."""
+    out = _result(engine(1, [*BENCH, "--grad-accum", "2", "--ops", ops, "--op-table"], tmp_path))
+    table = out["op_table"]
+    assert {r["op"]: r["calls_per_step"] for r in table["ops"]} == rows
+    assert list(rows) == [r["op"] for r in table["ops"]]  # the order the model calls them
+    for r in table["ops"]:
+        assert r["error"] is None and r["ms_per_call"] > 0 and r["speedup"] is not None, r
+    assert table["shapes"]["head_dim"] == 128 and table["shapes"]["kv_heads"] == 2 and table["shapes"]["layers"] == 2
+    assert table["profile"]["categories"]["gemm"]["ms_per_step"] > 0
 
 
 def test_bench_needs_a_timed_step():

@@ -54,9 +54,10 @@ def _engine():
 
 
 def _op_table():
-    from train_engine_0_5b.bench import OpTable
+    from train_engine_0_5b.core.op_table import OpTable
+    from train_engine_0_5b.op_table import step_ops
 
-    return OpTable()
+    return OpTable(step_ops)
 
 
 app.command("bench")(cli_commands.bench_command(_engine, PRESETS, DEFAULT_MODEL, op_table=_op_table))

@@ -62,7 +62,14 @@ def _engine():
     return ENGINE
 
 
-app.command("bench")(cli_commands.bench_command(_engine, PRESETS, DEFAULT_MODEL))
+def _op_table():
+    from train_engine_8b.core.op_table import OpTable
+    from train_engine_8b.op_table import step_ops
+
+    return OpTable(step_ops)
+
+
+app.command("bench")(cli_commands.bench_command(_engine, PRESETS, DEFAULT_MODEL, op_table=_op_table))
 app.command("export-hf")(cli_commands.export_hf)  # one unsharded HF checkpoint from any layout, read whole
 app.command("dump-state")(cli_commands.dump_state)
 app.command("prepare-data")(cli_commands.prepare_data)

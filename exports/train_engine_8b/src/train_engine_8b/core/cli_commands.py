@@ -159,6 +159,9 @@ def bench_command(engine: Callable[[], "EngineParts"], presets: Presets, default
 
         if with_op_table and op_table is None:
             raise EngineError("--op-table: this engine has no per-op table")
+        if with_op_table and tp > 1:
+            raise EngineError("--op-table times each op at one GPU's whole-model shapes: run it at --tp 1 (one TP "
+                              "rank's shapes: a model .toml of them, as benchmarks/models/ has)")
         world = torchrun_world()[1]
         if world % tp:
             raise EngineError(f"--tp {tp} does not divide the world size ({world} ranks)")
