@@ -14,3 +14,8 @@ def registry_ops(tp: int = 1) -> tuple[str, ...]:
     vocab-parallel cross-entropy and the parallel projections run instead of linear_cross_entropy and mlp. `--ops`
     naming any other op is an error, and stage 2 (gates/ops describe) is offered only these."""
     return ("attention", "adamw") if tp > 1 else ("attention", "adamw", "linear_cross_entropy", "mlp")
+
+
+# Fused ops whose `auto` runs the plain modules in this engine, whatever the device's default: the fused MLP runs
+# only when named (no election at the 8B's shapes yet).
+AUTO_UNFUSED = ("mlp",)

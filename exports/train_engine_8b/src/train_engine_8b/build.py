@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from train_engine_8b import registry_ops
+from train_engine_8b import AUTO_UNFUSED, registry_ops
 from train_engine_8b.config import EngineConfig
 from train_engine_8b.core.dist import DistContext
 from train_engine_8b.core.errors import EngineError
@@ -22,7 +22,7 @@ from train_engine_8b.core.weights import Initial, local_masters
 from train_engine_8b.minicpm.init import FreshWeights
 from train_engine_8b.model import MiniCPM, build_model
 from train_engine_8b.ops.cases import Dims
-from train_engine_8b.ops.registry import UNFUSED, refuse_unrun, resolve
+from train_engine_8b.ops.registry import UNFUSED, OpSelection, refuse_unrun, resolve
 from train_engine_8b.parallelize import ParallelDims, ParallelError, parallelize_model
 
 
@@ -54,21 +54,26 @@ class Layout:
         return cls(dims, mesh, dp, ctx.subgroup(mesh["tp"].get_group()))
 
 
-def attach_ops(model: MiniCPM, cfg: EngineConfig, ops, *, tp: bool) -> dict[str, str]:
-    """Hand `model` the registry ops it runs (`ops`, resolved from cfg.ops); returns what runs, by op. Attention and
-    AdamW always. Without TP the output GEMM + loss as `linear_cross_entropy` (fused kernels by default on CUDA) and,
-    when asked, the MLP as `mlp` (no election at the 8B's shapes yet); under TP the vocab-parallel cross-entropy and
-    the parallel projections (registry_ops)."""
-    fused_ce = ops.names["linear_cross_entropy"] != UNFUSED  # under TP, build_trainer refused a named one
-    fused_mlp = cfg.ops.mlp != "auto" and ops.names["mlp"] != UNFUSED
-    run_ce, run_mlp = fused_ce and not tp, fused_mlp and not tp  # the fused ops this model runs
+def engine_selection(selection: OpSelection, tp: int) -> OpSelection:
+    """`selection` as this engine runs it: a fused op it does not run at this TP degree (registry_ops), or one left
+    `auto` of AUTO_UNFUSED, is the plain modules (UNFUSED), so the resolved names say what runs."""
+    runs = registry_ops(tp)
+    plain = [op for op in ("linear_cross_entropy", "mlp")
+             if op not in runs or (op in AUTO_UNFUSED and getattr(selection, op) == "auto")]
+    return selection.model_copy(update=dict.fromkeys(plain, UNFUSED))
+
+
+def attach_ops(model: MiniCPM, ops, *, tp: bool) -> dict[str, str]:
+    """Hand `model` the registry ops it runs (`ops`, resolved from engine_selection); returns what runs, by op.
+    Attention and AdamW always; the output GEMM + loss as `linear_cross_entropy` and the MLP as `mlp` where they
+    are not UNFUSED (without TP only); under TP the vocab-parallel cross-entropy and the parallel projections."""
     for layer in model.model.layers:
         layer.self_attn.attention_op = ops.attention
-        layer.mlp.mlp_op = ops.mlp if run_mlp else None
-    model.linear_cross_entropy = ops.linear_cross_entropy if run_ce else None
-    ce = "vocab_parallel" if tp else ops.names["linear_cross_entropy"] if run_ce else "torch"
+        layer.mlp.mlp_op = ops.mlp
+    model.linear_cross_entropy = ops.linear_cross_entropy
+    ce = "vocab_parallel" if tp else "torch" if ops.linear_cross_entropy is None else ops.names["linear_cross_entropy"]
     return {"attention": ops.names["attention"], "adamw": ops.names["adamw"], "cross_entropy": ce,
-            "mlp": ops.names["mlp"] if run_mlp else UNFUSED}
+            "mlp": ops.names["mlp"]}
 
 
 def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: Initial | None = None, *,
@@ -92,8 +97,9 @@ def build_trainer(cfg: EngineConfig, ctx: DistContext, initial: Initial | None =
     model = model.to_empty(device=ctx.device).to(dtype)
     params = dict(model.named_parameters())  # from a WeightSource each rank reads (or draws) only what it holds
     source = initial if initial is not None else FreshWeights(cfg.model, t.init_std, t.seed)
-    ops = resolve(cfg.ops, ctx.device.type, dtype, dims=Dims.of_model(cfg.model, t.micro_batch_size, t.seq_length))
-    model.op_record = {"names": attach_ops(model, cfg, ops, tp=layout.mesh is not None)}  # logs, checkpoints
+    ops = resolve(engine_selection(cfg.ops, tp), ctx.device.type, dtype,
+                  dims=Dims.of_model(cfg.model, t.micro_batch_size, t.seq_length))
+    model.op_record = {"names": attach_ops(model, ops, tp=layout.mesh is not None)}  # logs, checkpoints
     # the local masters unnamed: freed once AdamW has copied them, before the Trainer allocates its buffers
     optimizer = AdamW(params, local_masters(source, params), adamw_op=ops.adamw, betas=o.betas, eps=o.eps,
                       weight_decay=o.weight_decay, master_dtype=master_dtype)

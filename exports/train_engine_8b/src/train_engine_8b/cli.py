@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from train_engine_8b import registry_ops
+from train_engine_8b import AUTO_UNFUSED, registry_ops
 from train_engine_8b.cli_help import PlainHelpGroup
 from train_engine_8b.core import cli_commands
 from train_engine_8b.core.cli_guard import guard
@@ -76,7 +76,7 @@ app.command("prepare-data")(cli_commands.prepare_data)
 
 
 app.command("info")(cli_commands.info_command(
-    PRESETS, DEFAULT_MODEL, runs=registry_ops(1),
-    note=f"this engine: mlp=auto runs unfused (a fused MLP runs only when named: no election at the 8B's shapes yet); "
-         f"under --tp > 1 it runs {', '.join(registry_ops(2))} only (the vocab-parallel cross-entropy and the "
-         "parallel projections replace the others; naming one is an error)"))
+    PRESETS, DEFAULT_MODEL, runs=registry_ops(1), auto_unfused=AUTO_UNFUSED,
+    note=f"this engine: a fused MLP runs only when named (no election at the 8B's shapes yet); under --tp > 1 it "
+         f"runs {', '.join(registry_ops(2))} only (the vocab-parallel cross-entropy and the parallel projections "
+         "replace the others; naming one is an error)"))

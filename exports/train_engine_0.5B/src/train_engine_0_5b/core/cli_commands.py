@@ -182,26 +182,30 @@ def bench_command(engine: Callable[[], "EngineParts"], presets: Presets, default
 
 
 def info_command(presets: Presets, default_model: str, runs: tuple[str, ...] | None = None,
-                 note: str = "") -> Callable[[], None]:
+                 auto_unfused: tuple[str, ...] = (), note: str = "") -> Callable[[], None]:
     """The engine's `info` command: its presets, the registry ops its model runs (`runs`, None: every op of the
-    table) with their implementations, the unavailable ones and why, the device defaults, the engine's `note` on
-    them, and the environment switches."""
+    table) with their implementations, the unavailable ones and why, what `auto` runs per device (the preference
+    order, then the op's fallback; the plain modules for the engine's `auto_unfused` ops), the engine's `note`, and
+    the environment switches."""
 
     def info() -> None:
         """Presets, the op registry this engine runs (with unavailable implementations and why), environment switches."""
-        from ..ops.registry import DEVICE_DEFAULTS, OPS, UNAVAILABLE
+        from ..ops.registry import DEVICE_DEFAULTS, OPS, SPECS, UNAVAILABLE, UNFUSED
         from . import env
 
-        shown = lambda op: runs is None or op in runs  # noqa: E731
+        shown = [op for op in OPS if runs is None or op in runs]
         typer.echo(f"presets: {', '.join(presets)} (default {default_model})")
-        for op, impls in OPS.items():
-            if shown(op):
-                typer.echo(f"op {op}: {', '.join(impls)}")
+        for op in shown:
+            typer.echo(f"op {op}: {', '.join(OPS[op])}")
         for (op, impl), why in sorted(UNAVAILABLE.items()):
-            if shown(op):
+            if op in shown:
                 typer.echo(f"  unavailable {op}.{impl}: {why}")
-        defaults = {dev: {op: v for op, v in ops.items() if shown(op)} for dev, ops in DEVICE_DEFAULTS.items()}
-        typer.echo(f"device defaults: {defaults}")
+
+        def auto(device: str, op: str) -> tuple[str, ...]:
+            order = (UNFUSED,) if op in auto_unfused else (*DEVICE_DEFAULTS[device].get(op, ()), SPECS[op].fallback)
+            return tuple(dict.fromkeys(order))
+
+        typer.echo(f"device defaults: { {dev: {op: auto(dev, op) for op in shown} for dev in DEVICE_DEFAULTS} }")
         if note:
             typer.echo(note)
         typer.echo((env.__doc__ or "").strip())
