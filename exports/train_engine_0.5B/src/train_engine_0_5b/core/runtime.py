@@ -15,12 +15,16 @@ from .errors import EngineError
 def setup(device: str, deterministic: bool, reference_numerics: bool = False) -> None:
     """Check the device and pin the numerics: deterministic kernels and no TF32, so a resumed run
     repeats the straight one bit for bit on the same hardware. `reference_numerics` (the probes)
-    also keeps bf16 GEMM reductions in full precision, as the torch reference stack does."""
+    also keeps bf16 GEMM reductions in full precision, as the torch reference stack does, and has torch
+    NaN-fill every new tensor (a read of memory no kernel wrote then fails the gates); a deterministic
+    run does not pay for that fill: its kernels write all of their outputs (the op tests' poisoned outputs)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise EngineError("--device cuda was asked for, but torch sees no CUDA device")
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reproducibility (before its first use)
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # torch's default fills each allocation (GBs per step at 0.5B: MLP and logits buffers) with NaN
+        torch.utils.deterministic.fill_uninitialized_memory = reference_numerics
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
