@@ -219,14 +219,18 @@ def _write(path: str, result: dict) -> int:
 
 def describe(package: str, result_path: str, tp: int = 1) -> int:
     """The engine's op table and this runtime's key, as JSON: the ops its model runs at tensor-parallel degree `tp`
-    (the package's `registry_ops(tp)` where it declares one, else every op of the table), and those it does not."""
-    runs = getattr(importlib.import_module(package), "registry_ops", None)
+    (the package's `registry_ops(tp)` where it declares one, else every op of the table), those it does not, and
+    what `auto` runs (the package's AUTO_UNFUSED ops unfused)."""
+    engine = importlib.import_module(package)
+    runs = getattr(engine, "registry_ops", None)
     table = importlib.import_module(f"{package}.ops.table")
     registry = importlib.import_module(f"{package}.ops.registry")
     space = importlib.import_module(f"{package}.ops.space")
+    # what `auto` runs, with the tuned values this runtime's entry gives (fused ops the engine leaves unfused at auto)
+    selection = registry.OpSelection(**dict.fromkeys(getattr(engine, "AUTO_UNFUSED", ()), registry.UNFUSED))
     resolved = {}
-    for device in ("cpu", "cuda"):  # what `auto` runs, with the tuned values this runtime's entry gives
-        ops = registry.resolve(registry.OpSelection(), device)
+    for device in ("cpu", "cuda"):
+        ops = registry.resolve(selection, device)
         resolved[device] = {"names": ops.names, "tuned": ops.tuned}
     described = table.describe()
     keep = set(runs(tp)) if runs is not None else set(described)
