@@ -70,6 +70,34 @@ def test_probes_in_one_process(tmp_path):
     assert bwd["grad.model.embed_tokens.weight"][cfg.pad_token_id].abs().max() == 0
     metrics = json.loads((tmp_path / "fwd" / "metrics.json").read_text())
     assert metrics["stack"] == "train_engine_8b" and metrics["tp"] == 1
+    # metrics.json names the registry ops this model runs, no op of the shared table it leaves unused
+    assert metrics["ops"] == {"attention": "reference", "mlp": "unfused", "linear_cross_entropy": "unfused",
+                              "adamw": "reference"}
+
+
+def test_a_probe_runs_the_ops_it_is_asked_for_and_refuses_ops_the_engine_never_runs(tmp_path, monkeypatch):
+    """--ops reaches the model (a spy MLP is called, and the fused MLP and output layer + loss equal the plain
+    modules); an op outside registry_ops is an error, as in pretrain."""
+    from train_engine_8b.core.errors import EngineError
+    from train_engine_8b.ops.registry import OPS, OpSelection
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return OPS["mlp"]["reference"](*args, **kwargs)
+
+    monkeypatch.setitem(OPS["mlp"], "spy", spy)
+    case = make_case(tmp_path / "case", seed=int(torch.randint(0, 2**30, ())))
+    fused = OpSelection.parse("mlp=spy,linear_cross_entropy=reference")
+    got = load_file(str(run_probe("backward", case, tmp_path / "fused", fused) / "tensors.safetensors"))
+    assert len(calls) == preset("minicpm4-8b-reduced").num_layers  # each layer's MLP, once
+    want = load_file(str(run_probe("backward", case, tmp_path / "plain") / "tensors.safetensors"))
+    metrics = json.loads((tmp_path / "fused" / "metrics.json").read_text())
+    assert (metrics["ops"]["mlp"], metrics["ops"]["linear_cross_entropy"]) == ("spy", "reference")
+    assert got.keys() == want.keys() and all(_rel(got[k], want[k]) < 1e-12 for k in want)
+    with pytest.raises(EngineError, match="rms_norm=triton_fused: train_engine_8b does not run this op"):
+        run_probe("forward", case, tmp_path / "refused", OpSelection.parse("rms_norm=triton_fused"))
 
 
 @pytest.mark.slow

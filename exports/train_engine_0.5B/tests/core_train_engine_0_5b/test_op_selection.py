@@ -1,5 +1,6 @@
 """`--ops` against what an engine's model runs: an engine that calls only some registry ops (`registry_ops`)
-refuses a selection naming any other op or GEMM site, naming each; "auto" and the defaults pass."""
+refuses a selection naming any other op or GEMM site, naming each; "auto", the defaults and "unfused" (the plain
+modules, which is what runs) pass."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ OpSelection, refuse_unrun = engine_import("ops.registry", "OpSelection", "refuse
 def test_defaults_and_ops_it_runs_pass() -> None:
     refuse_unrun(OpSelection(), ("attention",), "an engine")
     refuse_unrun(OpSelection.parse("attention=reference,rms_norm=auto,gemm=auto"), ("attention",), "an engine")
+    refuse_unrun(OpSelection.parse("mlp=unfused,linear_cross_entropy=unfused"), ("attention",), "an engine")  # runs
 
 
 @pytest.mark.parametrize("text, named", [

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from train_engine_8b.build import Layout, build_trainer
+from train_engine_8b import registry_ops
+from train_engine_8b.build import Layout, build_trainer, engine_selection
 from train_engine_8b.core import probe as core_probe
 from train_engine_8b.core.dist import DistContext
 from train_engine_8b.core.probe import Case
@@ -26,7 +27,7 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(case: Case, ctx: DistContext, ops, tp: int) -> dict[str, torch.Tensor]:
-    cfg = case.engine_config(tp)
+    cfg = case.engine_config(tp).model_copy(update={"ops": ops.selection})
     layout = Layout.of(cfg, ctx)
     master = {k: v.to(case.master_dtype) for k, v in case.weights.items()}
     model = build_trainer(cfg, ctx, master, dtype=case.compute_dtype, master_dtype=case.master_dtype,
@@ -43,9 +44,9 @@ def _forward(case: Case, ctx: DistContext, ops, tp: int) -> dict[str, torch.Tens
 
 
 PARTS = core_probe.ProbeParts(
-    stack=STACK, forward=_forward,
+    stack=STACK, forward=_forward, selection=engine_selection, registry_ops=registry_ops,
     build_trainer=lambda cfg, ctx, ops, master, dtype, master_dtype: build_trainer(
-        cfg, ctx, master, dtype=dtype, master_dtype=master_dtype))
+        cfg.model_copy(update={"ops": ops.selection}), ctx, master, dtype=dtype, master_dtype=master_dtype))
 
 
 def run_probe(name: str, case_dir: Path, out: Path, ops_selection: OpSelection = OpSelection(), tp: int = 1) -> Path:

@@ -143,6 +143,10 @@ class ProbeParts:
     # (case, world context, resolved ops, tp) -> {"logits", "loss", "hidden_states.{i}"} of step 0's whole batch
     # (the residual stream after the embedding and after each layer), whole tensors on rank 0
     forward: Callable[["Case", DistContext, Any, int], dict[str, torch.Tensor]]
+    # (--ops, tp) -> the selection the engine runs (its own `auto` choices, the ops it leaves unfused at this TP)
+    selection: Callable[[OpSelection, int], OpSelection] = lambda ops, tp: ops
+    # tp -> the registry ops the model calls, the only ones metrics.json names (None: every op of the table)
+    registry_ops: Callable[[int], tuple[str, ...]] | None = None
 
 
 def forward_answer(dp: DistContext, logits: torch.Tensor, loss_sum: torch.Tensor, labels: torch.Tensor,
@@ -247,8 +251,10 @@ def run_probe(name: str, case_dir: Path, out: Path, parts: ProbeParts, ops_selec
     try:
         if ctx.world % tp or s.world_size % (ctx.world // tp):
             raise Unsupported(f"the case has world_size {s.world_size}, which {ctx.world} processes at TP={tp} cannot split")
-        ops = resolve(ops_selection, s.device, case.compute_dtype,
+        ops = resolve(parts.selection(ops_selection, tp), s.device, case.compute_dtype,
                       dims=Dims.of_model(s.model, s.micro_batch_size, s.seq_length))
+        ran = {label: impl for label, impl in ops.names.items()
+               if parts.registry_ops is None or label.partition(".")[0] in parts.registry_ops(tp)}
         t0 = time.perf_counter()
         if name == "forward":
             tensors = parts.forward(case, ctx, ops, tp)
@@ -261,7 +267,7 @@ def run_probe(name: str, case_dir: Path, out: Path, parts: ProbeParts, ops_selec
         if s.device == "cuda":
             torch.cuda.synchronize()
         metrics = {"probe": name, "stack": parts.stack, "time_s": time.perf_counter() - t0, "device": s.device,
-                   "dtype": s.dtype, "processes": ctx.world, "tp": tp, "ops": ops.names}
+                   "dtype": s.dtype, "processes": ctx.world, "tp": tp, "ops": ran}
         if "loss" in tensors:
             metrics["loss"] = float(tensors["loss"])
         if "losses" in tensors:

@@ -99,14 +99,15 @@ OpSelection.__doc__ = "Which implementation runs each op: a name in OPS[op], or 
 
 def refuse_unrun(selection: BaseModel, runs: tuple[str, ...], engine: str) -> None:
     """An engine whose model calls only the registry ops `runs` refuses a selection naming any other op (an
-    implementation that would not run is an error, never silently ignored). Raises EngineError."""
+    implementation that would not run is an error, never silently ignored); `unfused`, what runs there, is
+    accepted. Raises EngineError."""
     default, named = type(selection)(), []
     for op in (op for op in type(selection).model_fields if op not in runs):
         chosen, base = getattr(selection, op), getattr(default, op)
         if isinstance(chosen, BaseModel):  # a sited op: gemm.qkv=...
             named += [f"{op}.{site}={getattr(chosen, site)}" for site in type(chosen).model_fields
                       if getattr(chosen, site) != getattr(base, site)]
-        elif chosen != base:
+        elif chosen not in (base, UNFUSED):
             named.append(f"{op}={chosen}")
     if named:
         raise EngineError(f"--ops {','.join(named)}: {engine} does not run "
@@ -123,6 +124,7 @@ class _OpsBase:
     names: dict[str, str] = field(default_factory=dict)  # label -> implementation ("(in mlp=...)" when fused away)
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)  # "op=impl" -> parameter values it runs with
     tuned_key: dict[str, Any] = field(default_factory=dict)  # the runtime key looked up in the tuned configs
+    selection: Any = None  # the OpSelection these were resolved from
 
     def record(self) -> dict[str, Any]:
         """What ran, for logs and checkpoints."""
@@ -187,4 +189,4 @@ def resolve(selection: BaseModel, device: str, dtype: torch.dtype | None = None,
             names.update(dict.fromkeys(s.replaces, f"(in {s.name}={names[s.name]})"))
     space.activate(values)
     return Ops(**fns, names=names, tuned={f"{op}={impl}": v for (op, impl), v in sorted(values.items())},
-               tuned_key=key.model_dump())
+               tuned_key=key.model_dump(), selection=selection)
