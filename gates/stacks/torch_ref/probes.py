@@ -34,12 +34,16 @@ def make_deterministic() -> None:
 
 
 def build_model(case: Case, weights: dict[str, torch.Tensor] | None = None) -> MiniCPM:
+    """The case's model holding `weights` (default: the case's), in the case's dtype on its device. Built on the meta
+    device, so no parameter is initialized only to be overwritten (seconds per billion parameters on a CPU); each
+    weight is copied (never aliased: training must not change the case) straight to the device and dtype."""
     spec = case.spec
-    # Cast before loading: loading float64 weights into the default float32 parameters first would
-    # round them to float32 (fp64 cases); for float32 / bfloat16 the result is the same either way.
-    model = MiniCPM(spec.model, OPTIONS["attention"]).to(dtype=spec.torch_dtype)
-    model.load_state_dict(weights if weights is not None else case.weights, strict=True)
-    return model.to(device=spec.device)
+    with torch.device("meta"):
+        model = MiniCPM(spec.model, OPTIONS["attention"])
+    source = weights if weights is not None else case.weights
+    model.load_state_dict({k: v.to(device=spec.device, dtype=spec.torch_dtype, copy=True) for k, v in source.items()},
+                          strict=True, assign=True)
+    return model
 
 
 def _chunks(ids: torch.Tensor, labels: torch.Tensor, rows: int):
