@@ -224,6 +224,7 @@ CODE_PATHS = ("src", "pyproject.toml")  # what the gates judge: the package and 
 def code_changed_since(engine: Path, commit: str) -> list[str] | None:
     """The engine's code files (CODE_PATHS) that differ in the working tree from `commit`, untracked ones included;
     None when that cannot be told (not a git checkout, an unknown commit)."""
+    engine = engine.resolve()
     try:
         import git
 
@@ -233,9 +234,8 @@ def code_changed_since(engine: Path, commit: str) -> list[str] | None:
         changed += repo.git.ls_files("--others", "--exclude-standard", "--", *paths).splitlines()
     except Exception:  # noqa: BLE001 - not a checkout, or the commit is not in it: nothing to compare with
         return None
-    root = Path(repo.working_tree_dir)
-    return sorted({(root / f).resolve().relative_to(engine).as_posix() if (root / f).resolve().is_relative_to(engine)
-                   else f for f in changed if f})
+    root = Path(repo.working_tree_dir)  # git names files from there; each lies under `engine` (the paths asked)
+    return sorted({(root / f).resolve().relative_to(engine).as_posix() for f in changed if f})
 
 
 def _shown_path(path: Path) -> str:

@@ -280,7 +280,7 @@ def mlp(ctx: Context, a: argparse.Namespace) -> Plan:
 # bench8b's runs: name -> (model TOML, bench --ops, more bench options); `optable` only when named
 BENCH8_RUNS = {"default": (M8L, "", ()), "sdpa": (M8L, "attention=sdpa", ()), "quack_mlp": (M8L, "mlp=quack_dgated", ()),
                "tp2_rank": (M8L_TP2, "", ()), "optable": (M8L, "", ("--op-table",))}
-BENCH8_DEFAULT_RUNS = ["default", "sdpa", "quack_mlp", "tp2_rank"]
+BENCH8_DEFAULT_RUNS = [name for name in BENCH8_RUNS if name != "optable"]
 
 
 @part("bench8b", "the 8B's graph tests, then its bench at 8 layers, seq 4096: the default ops, SDPA, the quack "
