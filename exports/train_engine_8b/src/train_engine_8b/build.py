@@ -58,7 +58,7 @@ def engine_selection(selection: OpSelection, tp: int) -> OpSelection:
     """`selection` as this engine runs it: a fused op it does not run at this TP degree (registry_ops), or one left
     `auto` of AUTO_UNFUSED, is the plain modules (UNFUSED), so the resolved names say what runs."""
     runs = registry_ops(tp)
-    plain = [op for op in ("linear_cross_entropy", "mlp")
+    plain = [op for op in registry_ops(1)
              if op not in runs or (op in AUTO_UNFUSED and getattr(selection, op) == "auto")]
     return selection.model_copy(update=dict.fromkeys(plain, UNFUSED))
 
